@@ -1,0 +1,213 @@
+"""Audio preprocessing: path, encoded bytes or a sample array -> mono float32 at 16 kHz -> log-mel frames.
+
+Framing is causal and not centred: frame t covers samples [t * hop, t * hop + n_fft). A stream that has seen
+n samples can therefore emit exactly the frames whose window is complete, and offline processing of the same
+n samples (with the tail zero-padded to a whole frame) gives the same frames. The streaming layer relies on it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import soxr
+from polysense.errors import InputError
+
+AudioInput = str | os.PathLike | bytes | bytearray | memoryview | np.ndarray
+
+SAMPLE_RATE = 16_000  # the rate every model works at, in Hz
+N_FFT = 400  # 25 ms analysis window at 16 kHz
+HOP_LENGTH = 160  # 10 ms between frames at 16 kHz -> 100 frames per second
+N_MELS = 40  # mel bands per frame
+LOG_FLOOR = 1e-6  # added to mel power before the log, so silence stays finite
+
+_MAX_CHANNELS = 32  # more "channels" than this means the array is probably (channels, frames)
+
+
+def load_audio(audio: AudioInput, sample_rate: int | None = None) -> tuple[np.ndarray, int]:
+    """Decode any accepted audio input to mono float32 samples in [-1, 1] and their sample rate.
+
+    Arrays need `sample_rate`; they may be 1-D or 2-D as (frames, channels) like soundfile returns,
+    of dtype float32/float64 (taken as is), int16, int32 or uint8 (scaled to [-1, 1]).
+    """
+    if isinstance(audio, (str, os.PathLike)):
+        path = Path(audio)
+        if not path.is_file():
+            raise InputError(f"audio file not found: {path}")
+        samples, rate = _read_encoded(path, source=str(path))
+    elif isinstance(audio, (bytes, bytearray, memoryview)):
+        if not len(audio):
+            raise InputError("audio bytes are empty")
+        samples, rate = _read_encoded(io.BytesIO(bytes(audio)), source="audio bytes")
+    elif isinstance(audio, np.ndarray):
+        if sample_rate is None:
+            raise InputError("an audio array needs its sample rate: pass sample_rate=... (e.g. 16000)")
+        samples, rate = _array_to_float(audio), sample_rate
+    else:
+        raise InputError(
+            f"unsupported audio input of type {type(audio).__name__}; pass a path, encoded bytes or a numpy array"
+        )
+    rate = check_sample_rate(rate)
+    mono = samples.mean(axis=1, dtype=np.float32) if samples.ndim == 2 else samples
+    if mono.size == 0:
+        raise InputError("audio is empty (zero samples); pass at least one sample")
+    if not np.isfinite(mono).all():
+        raise InputError("audio contains NaN or Inf samples; clean or drop them before passing the audio")
+    return np.ascontiguousarray(mono, dtype=np.float32), rate
+
+
+def check_sample_rate(rate: object) -> int:
+    """A positive whole number of Hz, or an InputError."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)):
+        raise InputError(f"sample rate must be a number of Hz, got {rate!r}")
+    if not math.isfinite(rate) or rate <= 0 or float(rate) != int(rate):
+        raise InputError(f"sample rate must be a positive whole number of Hz, got {rate!r}")
+    return int(rate)
+
+
+def _read_encoded(file: Path | io.BytesIO, source: str) -> tuple[np.ndarray, int]:
+    try:
+        samples, rate = soundfile.read(file, dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as error:
+        raise InputError(f"{source}: cannot decode audio ({error}); expected WAV, FLAC or OGG") from error
+    return samples, rate
+
+
+def _array_to_float(array: np.ndarray) -> np.ndarray:
+    if array.ndim not in (1, 2):
+        raise InputError(f"audio array has {array.ndim} dimensions; pass [samples] or [samples, channels]")
+    if array.ndim == 2 and array.shape[1] > _MAX_CHANNELS:
+        raise InputError(
+            f"audio array has shape {array.shape}, read as [samples, channels] with {array.shape[1]} channels; "
+            "if it is [channels, samples], pass array.T"
+        )
+    if array.dtype == np.int16:
+        return array.astype(np.float32) / 32768.0
+    if array.dtype == np.int32:
+        return (array.astype(np.float64) / 2147483648.0).astype(np.float32)
+    if array.dtype == np.uint8:
+        return (array.astype(np.float32) - 128.0) / 128.0
+    if array.dtype in (np.float32, np.float64):
+        return array.astype(np.float32, copy=False)
+    raise InputError(f"audio array has dtype {array.dtype}; pass float32, float64, int16, int32 or uint8")
+
+
+def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    """Band-limited resampling with libsoxr (high quality), float32 in and out."""
+    if from_rate == to_rate:
+        return samples
+    return soxr.resample(samples, from_rate, to_rate, quality="HQ").astype(np.float32, copy=False)
+
+
+def hz_to_mel(hz: np.ndarray) -> np.ndarray:
+    """Slaney's mel scale: linear below 1 kHz, logarithmic above (librosa's default, htk=False)."""
+    hz = np.asarray(hz, dtype=np.float64)
+    linear = hz * 3.0 / 200.0
+    log_part = 15.0 + np.log(np.maximum(hz, 1e-10) / 1000.0) / (np.log(6.4) / 27.0)
+    return np.where(hz >= 1000.0, log_part, linear)
+
+
+def mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    mel = np.asarray(mel, dtype=np.float64)
+    linear = mel * 200.0 / 3.0
+    log_part = 1000.0 * np.exp((np.log(6.4) / 27.0) * (mel - 15.0))
+    return np.where(mel >= 15.0, log_part, linear)
+
+
+def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> np.ndarray:
+    """Triangular filters [n_mels, n_fft // 2 + 1] with Slaney area normalisation."""
+    fft_hz = np.linspace(0.0, sample_rate / 2.0, n_fft // 2 + 1)
+    edges_hz = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))
+    widths = np.diff(edges_hz)
+    distance = edges_hz[:, None] - fft_hz[None, :]
+    rising = -distance[:-2] / widths[:-1, None]
+    falling = distance[2:] / widths[1:, None]
+    weights = np.maximum(0.0, np.minimum(rising, falling))
+    weights *= (2.0 / (edges_hz[2:] - edges_hz[:-2]))[:, None]
+    return weights.astype(np.float32)
+
+
+class LogMel:
+    """Log-mel spectrogram of a mono float32 waveform; the window and filterbank are built once here."""
+
+    def __init__(
+        self,
+        sample_rate: int = SAMPLE_RATE,
+        n_fft: int = N_FFT,
+        hop_length: int = HOP_LENGTH,
+        n_mels: int = N_MELS,
+        fmin: float = 0.0,
+        fmax: float | None = None,
+    ) -> None:
+        self.sample_rate, self.n_fft, self.hop_length, self.n_mels = sample_rate, n_fft, hop_length, n_mels
+        # Periodic Hann window, as used for spectral analysis (scipy's get_window("hann"), librosa's default).
+        self.window = (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n_fft) / n_fft)).astype(np.float32)
+        self.filterbank = mel_filterbank(sample_rate, n_fft, n_mels, fmin, fmax or sample_rate / 2.0)
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames produced for `num_samples` samples, the tail zero-padded to a whole frame."""
+        if num_samples <= 0:
+            return 0
+        return 1 + math.ceil(max(num_samples - self.n_fft, 0) / self.hop_length)
+
+    def __call__(self, waveform: np.ndarray, pad_tail: bool = True) -> np.ndarray:
+        """[num_samples] float32 -> [num_frames, n_mels] float32 (natural log of mel power + LOG_FLOOR).
+
+        With pad_tail the last partial frame is zero-padded so no sample is dropped; without it only
+        complete frames are returned (what a stream can emit before its input is finished).
+        """
+        waveform = np.asarray(waveform, dtype=np.float32)
+        if pad_tail:
+            needed = self.n_fft + (self.num_frames(waveform.size) - 1) * self.hop_length
+            waveform = np.pad(waveform, (0, max(needed - waveform.size, 0)))
+        if waveform.size < self.n_fft:
+            return np.zeros((0, self.n_mels), dtype=np.float32)
+        frames = np.lib.stride_tricks.sliding_window_view(waveform, self.n_fft)[:: self.hop_length]
+        spectrum = np.fft.rfft(frames * self.window, axis=1)
+        power = spectrum.real**2 + spectrum.imag**2
+        mel = power.astype(np.float32) @ self.filterbank.T
+        return np.log(mel + LOG_FLOOR).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class AudioPreprocessor:
+    """Any audio input -> mono 16 kHz -> log-mel frames [T, n_mels] float32."""
+
+    sample_rate: int = SAMPLE_RATE  # rate the model works at; inputs are resampled to it
+    n_fft: int = N_FFT  # analysis window, in samples at `sample_rate`
+    hop_length: int = HOP_LENGTH  # samples between frames
+    n_mels: int = N_MELS  # mel bands
+    fmin: float = 0.0  # lowest mel edge, Hz
+    fmax: float | None = None  # highest mel edge, Hz (None: sample_rate / 2)
+    _logmel: LogMel = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.hop_length <= 0 or self.n_fft < self.hop_length:
+            raise InputError(
+                f"need 0 < hop_length <= n_fft, got hop {self.hop_length} and n_fft {self.n_fft}"
+            )
+        logmel = LogMel(self.sample_rate, self.n_fft, self.hop_length, self.n_mels, self.fmin, self.fmax)
+        object.__setattr__(self, "_logmel", logmel)
+
+    def waveform(self, audio: AudioInput, sample_rate: int | None = None) -> np.ndarray:
+        """Mono float32 samples at the model's rate."""
+        samples, rate = load_audio(audio, sample_rate)
+        return resample(samples, rate, self.sample_rate)
+
+    def __call__(self, audio: AudioInput, sample_rate: int | None = None) -> np.ndarray:
+        return self._logmel(self.waveform(audio, sample_rate))
+
+    def to_dict(self) -> dict:
+        return {
+            "sample_rate": self.sample_rate,
+            "n_fft": self.n_fft,
+            "hop_length": self.hop_length,
+            "n_mels": self.n_mels,
+            "fmin": self.fmin,
+            "fmax": self.fmax,
+        }

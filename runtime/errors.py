@@ -1,0 +1,33 @@
+"""Every error polysense raises on purpose. Each message names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class PolysenseError(Exception):
+    """Base class: catch this to handle any polysense failure caused by input or environment."""
+
+
+class InputError(PolysenseError, ValueError):
+    """An input (image, text, audio, array) cannot be used as given."""
+
+
+class ConfigError(PolysenseError, ValueError):
+    """An option or a combination of options is invalid."""
+
+
+class DependencyError(PolysenseError, ImportError):
+    """An optional dependency is missing or installed in a conflicting way."""
+
+
+class ManifestError(PolysenseError):
+    """A data manifest has bad rows. `problems` lists every one, not only the first."""
+
+    def __init__(self, path: str, problems: list) -> None:
+        self.path = path
+        self.problems = list(problems)
+        shown = "\n".join(f"  {p}" for p in self.problems[:50])
+        more = f"\n  ... and {len(self.problems) - 50} more" if len(self.problems) > 50 else ""
+        super().__init__(
+            f"{path}: {len(self.problems)} problem(s) found before training; fix these rows and run again:\n"
+            f"{shown}{more}"
+        )

@@ -1,0 +1,94 @@
+"""Text preprocessing with a Hugging Face `tokenizers` tokenizer trained on the training texts.
+
+Texts longer than `max_length` tokens are truncated (the first `max_length` tokens are kept); batches are
+padded with PAD_ID to their longest member, and the attention mask marks real tokens with 1.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from polysense.errors import InputError
+from tokenizers import Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import WordPiece
+from tokenizers.trainers import WordPieceTrainer
+
+PAD_TOKEN, UNK_TOKEN = "[PAD]", "[UNK]"
+PAD_ID = 0  # PAD_TOKEN is the first special token, so it gets id 0
+MAX_LENGTH = 64  # tokens kept per text by default
+VOCAB_SIZE = 4000  # upper bound; a small corpus yields fewer
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = VOCAB_SIZE) -> Tokenizer:
+    """A lower-casing WordPiece tokenizer learned from `texts` (deterministic for the same texts)."""
+    tokenizer = Tokenizer(WordPiece(unk_token=UNK_TOKEN))
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()]
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=[PAD_TOKEN, UNK_TOKEN], show_progress=False
+    )
+    tokenizer.train_from_iterator(list(texts), trainer=trainer)
+    if tokenizer.token_to_id(PAD_TOKEN) != PAD_ID:
+        raise RuntimeError("tokenizer training did not give [PAD] id 0")  # a tokenizers behaviour change
+    return tokenizer
+
+
+class TextPreprocessor:
+    """Text -> token ids (truncated to `max_length`); batches -> padded ids and attention mask."""
+
+    def __init__(self, tokenizer: Tokenizer | str | os.PathLike, max_length: int = MAX_LENGTH) -> None:
+        if max_length < 1:
+            raise InputError(f"max_length must be at least 1, got {max_length}")
+        if not isinstance(tokenizer, Tokenizer):
+            path = Path(tokenizer)
+            if not path.is_file():
+                raise InputError(f"tokenizer file not found: {path}")
+            try:
+                tokenizer = Tokenizer.from_file(str(path))
+            except Exception as error:  # tokenizers raises a bare Exception on malformed JSON
+                raise InputError(f"{path}: not a valid tokenizer.json ({error})") from error
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.vocab_size = tokenizer.get_vocab_size()
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(max_length)
+
+    def __call__(self, text: str) -> np.ndarray:
+        """Token ids [n] int64 with 1 <= n <= max_length."""
+        return self.encode_many([text])[0]
+
+    def encode_many(self, texts: Sequence[str]) -> list[np.ndarray]:
+        for text in texts:
+            if not isinstance(text, str):
+                raise InputError(f"text must be a str, got {type(text).__name__}")
+            if not text.strip():
+                raise InputError("text is empty; pass some words, or leave the text modality out")
+        encodings = self.tokenizer.encode_batch(list(texts))
+        ids = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+        for text, row in zip(texts, ids):
+            if row.size == 0:
+                raise InputError(f"text {text[:40]!r} has no tokens after normalisation; pass some words")
+        return ids
+
+    def batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Padded ids [B, L] int64 and attention mask [B, L] int64, L the longest text (<= max_length)."""
+        return pad_token_ids(self.encode_many(texts))
+
+    def save(self, path: str | os.PathLike) -> None:
+        self.tokenizer.save(str(path))
+
+
+def pad_token_ids(rows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad id rows with PAD_ID to the longest; mask is 1 on real tokens."""
+    length = max((len(r) for r in rows), default=0)
+    ids = np.full((len(rows), length), PAD_ID, dtype=np.int64)
+    mask = np.zeros((len(rows), length), dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return ids, mask
