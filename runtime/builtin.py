@@ -26,6 +26,7 @@ harmonics and background noise for audio; many sentence templates, synonyms and 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -166,7 +167,7 @@ def write_builtin(out: str | os.PathLike, spec: BuiltinSpec = BuiltinSpec(), pro
     (out / "audio").mkdir(parents=True, exist_ok=True)
     # Labels cycle through all 12 in a seeded order, so every label has n/12 samples (+-1).
     order = np.random.default_rng(spec.seed).permutation(spec.n) % len(LABELS)
-    lines = ["image,text,audio,label"]
+    rows = [("image", "text", "audio", "label")]
     for index in tqdm(range(spec.n), desc="writing built-in data", unit="sample", disable=not progress):
         label = LABELS[order[index]]
         shape, mood, sweep = label.split("-")
@@ -176,9 +177,10 @@ def write_builtin(out: str | os.PathLike, spec: BuiltinSpec = BuiltinSpec(), pro
         if not cv2.imwrite(str(out / image_path), bgr, [cv2.IMWRITE_JPEG_QUALITY, 90]):
             raise OSError(f"could not write {out / image_path}")
         soundfile.write(str(out / audio_path), make_audio(sweep, rng), SAMPLE_RATE, subtype="PCM_16")
-        lines.append(f"{image_path},{make_text(mood, rng)},{audio_path},{label}")
+        rows.append((image_path, make_text(mood, rng), audio_path, label))
     tmp = manifest.with_name("manifest.csv.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows(rows)
     (out / "builtin.json").write_text(json.dumps(asdict(spec)) + "\n")
     os.replace(tmp, manifest)
     return manifest

@@ -1,0 +1,101 @@
+"""Causal audio encoder over log-mel frames, with its streaming state as explicit inputs and outputs.
+
+    frames [B, T, n_mels] -> normalise -> causal conv (k=5) -> causal conv (k=5, dilation 2) -> GRU
+                          -> running mean of the GRU outputs -> linear -> embedding [B, embed_dim]
+
+State (all float32 tensors, zeros at the start of a recording):
+    conv1_cache  [B, n_mels,   4]   the last (k-1)*d input frames of the first convolution
+    conv2_cache  [B, channels, 8]   the same for the second convolution
+    gru_hidden   [1, B, hidden]     the GRU's hidden state
+    pool_sum     [B, hidden]        sum of GRU outputs over the frames seen so far
+    pool_count   [B, 1]             number of frames seen so far
+
+Nothing looks ahead, so feeding the frames in any number of chunks while carrying the state gives the
+embedding of a single pass over all of them. The streaming runtime runs the exported graph the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+from polysense.audio import N_MELS
+from polysense.models.registry import register_encoder
+from torch import nn
+
+AudioState = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+STATE_NAMES = ("conv1_cache", "conv2_cache", "gru_hidden", "pool_sum", "pool_count")
+
+
+class CausalConv1d(nn.Module):
+    """Conv1d that sees only the present and past frames; its left context comes from a cache."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1) -> None:
+        super().__init__()
+        self.context = (kernel_size - 1) * dilation  # past frames each output needs
+        self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, dilation=dilation)
+
+    def forward(self, x: torch.Tensor, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, C, T], cache [B, C, context] -> y [B, C_out, T], new cache [B, C, context]."""
+        extended = torch.cat([cache, x], dim=2)
+        return self.conv(extended), extended[:, :, extended.shape[2] - self.context :]
+
+
+class CausalAudioEncoder(nn.Module):
+    def __init__(
+        self, n_mels: int = N_MELS, embed_dim: int = 128, channels: int = 64, hidden: int = 96
+    ) -> None:
+        super().__init__()
+        self.embed_dim, self.n_mels, self.channels, self.hidden = embed_dim, n_mels, channels, hidden
+        # Per-band statistics of the training frames, set before training (see set_input_stats).
+        self.register_buffer("input_mean", torch.zeros(n_mels))
+        self.register_buffer("input_std", torch.ones(n_mels))
+        self.conv1 = CausalConv1d(n_mels, channels, kernel_size=5)
+        self.conv2 = CausalConv1d(channels, channels, kernel_size=5, dilation=2)
+        self.gru = nn.GRU(channels, hidden, batch_first=True)
+        self.project = nn.Linear(hidden, embed_dim)
+
+    def set_input_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.input_mean.copy_(mean)
+        self.input_std.copy_(std.clamp(min=1e-3))
+
+    def state_shapes(self, batch_size: int = 1) -> dict[str, tuple[int, ...]]:
+        return {
+            "conv1_cache": (batch_size, self.n_mels, self.conv1.context),
+            "conv2_cache": (batch_size, self.channels, self.conv2.context),
+            "gru_hidden": (1, batch_size, self.hidden),
+            "pool_sum": (batch_size, self.hidden),
+            "pool_count": (batch_size, 1),
+        }
+
+    def initial_state(self, batch_size: int, device: torch.device | None = None) -> AudioState:
+        device = device or self.input_mean.device
+        return tuple(torch.zeros(shape, device=device) for shape in self.state_shapes(batch_size).values())
+
+    def forward(
+        self, frames: torch.Tensor, state: AudioState | None = None, frame_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, AudioState]:
+        """frames [B, T, n_mels] -> embedding [B, embed_dim] of every frame seen so far, and the new state.
+
+        `frame_mask` [B, T] (1 = real frame) lets a padded batch pool only each row's real frames;
+        the state after padded frames is then meaningless, so streams pass no mask.
+        """
+        if state is None:
+            state = self.initial_state(frames.shape[0], frames.device)
+        conv1_cache, conv2_cache, gru_hidden, pool_sum, pool_count = state
+        if frames.shape[1] == 0:  # an empty chunk changes nothing
+            return self.project(pool_sum / pool_count.clamp(min=1.0)), state
+        x = ((frames - self.input_mean) / self.input_std).transpose(1, 2)
+        x, conv1_cache = self.conv1(x, conv1_cache)
+        x, conv2_cache = self.conv2(torch.relu(x), conv2_cache)
+        outputs, gru_hidden = self.gru(torch.relu(x).transpose(1, 2), gru_hidden)
+        if frame_mask is None:
+            frame_mask = torch.ones(frames.shape[:2], device=frames.device)
+        weights = frame_mask.to(outputs.dtype).unsqueeze(-1)
+        pool_sum = pool_sum + (outputs * weights).sum(dim=1)
+        pool_count = pool_count + weights.sum(dim=1)
+        embedding = self.project(pool_sum / pool_count.clamp(min=1.0))
+        return embedding, (conv1_cache, conv2_cache, gru_hidden, pool_sum, pool_count)
+
+
+@register_encoder("audio", "causal")
+def causal(embed_dim: int = 128, n_mels: int = N_MELS) -> CausalAudioEncoder:
+    return CausalAudioEncoder(n_mels=n_mels, embed_dim=embed_dim)

@@ -1,0 +1,129 @@
+"""From a manifest to in-memory feature sets per split, with every bad row reported before training."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from polysense.audio import AudioPreprocessor
+from polysense.builtin import BuiltinSpec, ensure_builtin
+from polysense.data import (
+    SPLITS,
+    Manifest,
+    check_labels,
+    preprocess_rows,
+    read_manifest,
+    stratified_split,
+    write_manifest,
+)
+from polysense.errors import ConfigError, ManifestError
+from polysense.image import ImagePreprocessor
+from polysense.models.dataset import FeatureSet
+from polysense.models.options import TrainOptions
+from polysense.text import TextPreprocessor, train_tokenizer
+
+log = logging.getLogger("polysense")
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass
+class PreparedData:
+    modalities: tuple[str, ...]
+    labels: list[str]
+    splits: dict[str, FeatureSet]
+    preprocessing: dict  # parameters of each modality's preprocessor, for the run config
+    vocab_size: int
+
+
+def resolve_manifest(options: TrainOptions, run_dir: Path) -> Path:
+    if options.data == "builtin":
+        spec = BuiltinSpec(n=options.builtin_n, seed=options.seed)
+        return ensure_builtin(run_dir / "builtin_data", spec, progress=options.progress)
+    return Path(options.data)
+
+
+def choose_modalities(manifest: Manifest, requested: tuple[str, ...] | None) -> tuple[str, ...]:
+    available = manifest.modalities()
+    if requested is None:
+        return available
+    missing = [m for m in requested if m not in available]
+    if missing:
+        raise ConfigError(
+            f"--modalities asks for {', '.join(missing)} but {manifest.path} has no {missing[0]} data; "
+            f"it has {', '.join(available) or 'none'}"
+        )
+    return requested
+
+
+def prepare_data(options: TrainOptions, run_dir: Path) -> PreparedData:
+    """Read, split and check the manifest, train the tokenizer, preprocess every sample once.
+
+    Raises ManifestError listing every bad row (structure, files, labels, undecodable files).
+    """
+    manifest = read_manifest(resolve_manifest(options, run_dir))
+    manifest.raise_if_problems()
+    modalities = choose_modalities(manifest, options.modalities)
+    rows = [r for r in manifest.rows if any(getattr(r, m) is not None for m in modalities)]
+    if len(rows) < len(manifest.rows):
+        log.warning(
+            "%d rows have none of %s and are left out", len(manifest.rows) - len(rows), "+".join(modalities)
+        )
+    # Drop cells of modalities the model does not use, so they are neither read nor required.
+    rows = [replace(r, **{m: None for m in ("image", "text", "audio") if m not in modalities}) for r in rows]
+    if not manifest.has_split:
+        rows = stratified_split(rows, options.seed)
+    by_split = {s: [r for r in rows if r.split == s] for s in SPLITS}
+    empty = [s for s in SPLITS if not by_split[s]]
+    if empty:
+        raise ConfigError(
+            f"{manifest.path}: the {' and '.join(empty)} split is empty; "
+            "give it rows in the split column, or drop the column for an automatic 80/10/10 split"
+        )
+    labels = sorted({r.label for r in by_split["train"]})
+    problems = check_labels(by_split["val"] + by_split["test"], labels, "it never occurs in the train split")
+
+    preprocessors: dict = {}
+    preprocessing: dict = {}
+    vocab_size = 0
+    if "image" in modalities:
+        preprocessors["image"] = ImagePreprocessor(size=options.image_size)
+        preprocessing["image"] = preprocessors["image"].to_dict()
+    if "text" in modalities:
+        tokenizer_path = run_dir / TOKENIZER_FILE
+        if not tokenizer_path.is_file():  # on --resume the run's tokenizer is reused as it is
+            train_texts = [r.text for r in by_split["train"] if r.text is not None]
+            if not train_texts:
+                raise ConfigError(
+                    "the train split has no text; add texts or leave text out with --modalities"
+                )
+            train_tokenizer(train_texts).save(str(tokenizer_path))
+        preprocessors["text"] = TextPreprocessor(tokenizer_path, max_length=options.max_text_length)
+        preprocessing["text"] = {"tokenizer": TOKENIZER_FILE, "max_length": options.max_text_length}
+        vocab_size = preprocessors["text"].vocab_size
+    if "audio" in modalities:
+        preprocessors["audio"] = AudioPreprocessor()
+        preprocessing["audio"] = preprocessors["audio"].to_dict()
+
+    ordered = [r for s in SPLITS for r in by_split[s]]
+    features, decode_problems = preprocess_rows(ordered, preprocessors, progress=options.progress)
+    problems = sorted(problems + decode_problems, key=lambda p: p.line)
+    if problems:
+        raise ManifestError(str(manifest.path), problems)
+    write_manifest(ordered, run_dir / "manifest.csv")
+
+    label_index = {label: i for i, label in enumerate(labels)}
+    splits, start = {}, 0
+    for split in SPLITS:
+        count = len(by_split[split])
+        split_features = {m: features[m][start : start + count] for m in modalities}
+        split_labels = np.array([label_index[r.label] for r in by_split[split]], dtype=np.int64)
+        splits[split] = FeatureSet(modalities, split_features, split_labels)
+        start += count
+    sizes = ", ".join(f"{s} {len(splits[s])}" for s in SPLITS)
+    log.info(
+        "data: %s; modalities %s; %d labels; %s", manifest.path, "+".join(modalities), len(labels), sizes
+    )
+    return PreparedData(modalities, labels, splits, preprocessing, vocab_size)

@@ -1,0 +1,95 @@
+"""The multimodal classifier: one encoder per modality, a fusion head, and its configuration."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from polysense.modalities import check_modalities
+
+# Importing the families registers them.
+from polysense.models import audio_causal, fusion, image_cnn, text_encoders  # noqa: F401
+from polysense.models.registry import create_encoder, create_fusion
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    modalities: tuple[str, ...]  # present in the model, canonical order (image, text, audio)
+    num_classes: int
+    embed_dim: int = 128  # every encoder's output size
+    image_encoder: str = "cnn"
+    image_width: int = 24  # channels of the CNN's first stage (then 2x, 4x)
+    text_encoder: str = "gru"  # gru | transformer
+    vocab_size: int = 0  # set from the trained tokenizer
+    max_text_length: int = 64  # tokens; also the transformer's position table size
+    audio_encoder: str = "causal"
+    n_mels: int = 40
+    fusion: str = "concat"  # concat | attention | transformer
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modalities", check_modalities(self.modalities))
+
+    def encoder_options(self, modality: str) -> dict:
+        if modality == "image":
+            return {"embed_dim": self.embed_dim, "width": self.image_width}
+        if modality == "text":
+            return {
+                "embed_dim": self.embed_dim,
+                "vocab_size": self.vocab_size,
+                "max_positions": self.max_text_length,
+            }
+        return {"embed_dim": self.embed_dim, "n_mels": self.n_mels}
+
+    def encoder_name(self, modality: str) -> str:
+        return getattr(self, f"{modality}_encoder")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "modalities": list(self.modalities)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        return cls(**{**values, "modalities": tuple(values["modalities"])})
+
+
+class MultimodalClassifier(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoders = nn.ModuleDict(
+            {
+                m: create_encoder(m, config.encoder_name(m), **config.encoder_options(m))
+                for m in config.modalities
+            }
+        )
+        self.fusion = create_fusion(
+            config.fusion,
+            num_modalities=len(config.modalities),
+            embed_dim=config.embed_dim,
+            num_classes=config.num_classes,
+        )
+
+    def encode(self, modality: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Embedding [B, D] of one modality from a collated batch."""
+        encoder = self.encoders[modality]
+        if modality == "image":
+            return encoder(batch["image"])
+        if modality == "text":
+            return encoder(batch["text_ids"], batch["text_mask"])
+        embedding, _ = encoder(batch["audio"], frame_mask=batch["audio_mask"])
+        return embedding
+
+    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, M, D]; rows whose modality is absent hold zeros (encoders run only where some row has it)."""
+        present = batch["present"]
+        rows = present.shape[0]
+        embeddings = []
+        for index, modality in enumerate(self.config.modalities):
+            if present[:, index].any():
+                embeddings.append(self.encode(modality, batch) * present[:, index : index + 1])
+            else:
+                embeddings.append(present.new_zeros(rows, self.config.embed_dim))
+        return torch.stack(embeddings, dim=1)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.fusion(self.embed(batch), batch["present"])
