@@ -90,35 +90,31 @@ def _rng(seed: int, index: int) -> np.random.Generator:
 
 
 def make_image(shape: str, rng: np.random.Generator) -> np.ndarray:
-    """An RGB uint8 image of one filled shape on a noisy gradient background."""
+    """An RGB uint8 image of one bright filled shape on a darker, noisy gradient background."""
     side = IMAGE_SIDE
-    low, high = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    low, high = rng.uniform(0, 110, 3), rng.uniform(0, 110, 3)
     ramp = np.linspace(0.0, 1.0, side)[:, None, None]
     background = low + (high - low) * ramp
     if rng.random() < 0.5:
         background = background.transpose(1, 0, 2)
     image = np.broadcast_to(background, (side, side, 3)).copy()
-    # Pick a fill colour far enough from the background mean to stay visible.
-    while True:
-        colour = rng.uniform(0, 255, 3)
-        if np.abs(colour - background.mean(axis=(0, 1))).sum() > 150:
-            break
-    radius = rng.uniform(13, 24)
-    centre = rng.uniform(radius + 2, side - radius - 2, 2)
+    # Any hue, but brighter than every background: the shape's outline is the signal, its colour is not.
+    colour = rng.uniform(0, 255, 3)
+    colour = colour + (190 - colour.mean()) if colour.mean() < 190 else colour
+    radius = rng.uniform(16, 26)
+    centre = rng.uniform(radius + 4, side - radius - 4, 2)
     angle = rng.uniform(0, 2 * np.pi)
     canvas = np.zeros((side, side), dtype=np.uint8)
     if shape == "circle":
         cv2.circle(canvas, (int(centre[0]), int(centre[1])), int(radius), 255, -1, lineType=cv2.LINE_AA)
     else:
         corners = 4 if shape == "square" else 3
-        # A square's circumradius is larger for the same visual size; scale so areas are comparable.
-        reach = radius * (1.15 if corners == 4 else 1.3)
         angles = angle + 2 * np.pi * np.arange(corners) / corners
-        points = np.stack([centre[0] + reach * np.cos(angles), centre[1] + reach * np.sin(angles)], axis=1)
+        points = np.stack([centre[0] + radius * np.cos(angles), centre[1] + radius * np.sin(angles)], axis=1)
         cv2.fillPoly(canvas, [np.round(points).astype(np.int32)], 255, lineType=cv2.LINE_AA)
     alpha = (canvas.astype(np.float64) / 255.0)[:, :, None]
-    image = image * (1 - alpha) + colour * alpha
-    image += rng.normal(0, rng.uniform(2, 12), image.shape)
+    image = image * (1 - alpha) + np.clip(colour, 0, 255) * alpha
+    image += rng.normal(0, rng.uniform(2, 10), image.shape)
     return np.clip(image, 0, 255).astype(np.uint8)
 
 

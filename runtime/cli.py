@@ -4,6 +4,7 @@ and the runtime-only commands work without torch."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -72,46 +73,19 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    return _training_module("polysense.models.cli").run_train(args)
+
+
+def _training_module(name: str):
+    """Training commands live in polysense.models (torch). The runtime never imports it statically, so an
+    edge install without torch still has a working `polysense` command; here it is loaded on demand."""
     try:
-        from polysense.models.options import TrainOptions
-        from polysense.models.train import train
+        return importlib.import_module(name)
     except ImportError as error:
         raise DependencyError(
-            f"training needs torch ({error}); install it with: pip install torch==2.13.0 && pip install 'polysense[train]'"
+            f"this command needs the training extra ({error}); install it with: "
+            "pip install torch==2.13.0 && pip install 'polysense[train]'"
         ) from error
-
-    options = TrainOptions(
-        data=args.data,
-        out=args.out,
-        modalities=tuple(m.strip() for m in args.modalities.split(",") if m.strip())
-        if args.modalities
-        else None,
-        strategy=args.strategy,
-        epochs=args.epochs,
-        pretrain_epochs=args.pretrain_epochs,
-        finetune_encoders=args.finetune_encoders,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        modality_dropout=args.modality_dropout,
-        patience=args.patience,
-        seed=args.seed,
-        device=args.device,
-        image_size=args.image_size,
-        image_width=args.image_width,
-        embed_dim=args.embed_dim,
-        text_encoder=args.text_encoder,
-        fusion=args.fusion,
-        max_text_length=args.max_text_length,
-        builtin_n=args.builtin_n,
-        progress=not args.no_progress,
-    )
-    result = train(options, resume=args.resume)
-    stop = "stopped early, " if result.stopped_early else ""
-    print(f"\ntest split of {result.run_dir} ({stop}best epoch {result.best_epoch} of {result.epochs_run}):")
-    print(result.table())
-    print(f"\nmetrics: {result.run_dir / 'metrics.json'}  model: {result.run_dir / 'model.pt'}")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ padded with PAD_ID to their longest member, and the attention mask marks real to
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -14,7 +15,6 @@ import numpy as np
 from polysense.errors import InputError
 from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordPiece
-from tokenizers.trainers import WordPieceTrainer
 
 PAD_TOKEN, UNK_TOKEN = "[PAD]", "[UNK]"
 PAD_ID = 0  # PAD_TOKEN is the first special token, so it gets id 0
@@ -23,18 +23,29 @@ VOCAB_SIZE = 4000  # upper bound; a small corpus yields fewer
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = VOCAB_SIZE) -> Tokenizer:
-    """A lower-casing WordPiece tokenizer learned from `texts` (deterministic for the same texts)."""
-    tokenizer = Tokenizer(WordPiece(unk_token=UNK_TOKEN))
-    tokenizer.normalizer = normalizers.Sequence(
-        [normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()]
+    """A lower-casing WordPiece tokenizer whose vocabulary is learned from `texts`, deterministically.
+
+    The vocabulary is the special tokens, every character seen (alone and as a "##" continuation, so an
+    unseen word still splits into known pieces instead of becoming [UNK]) and then the most frequent words,
+    ties broken alphabetically. (The `tokenizers` trainers iterate hash maps, so the same texts can give
+    different ids from one process to the next; a seeded training run must not.)
+    """
+    normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
+    pre_tokenizer = pre_tokenizers.Whitespace()
+    counts = Counter(
+        word for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
     )
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=[PAD_TOKEN, UNK_TOKEN], show_progress=False
-    )
-    tokenizer.train_from_iterator(list(texts), trainer=trainer)
-    if tokenizer.token_to_id(PAD_TOKEN) != PAD_ID:
-        raise RuntimeError("tokenizer training did not give [PAD] id 0")  # a tokenizers behaviour change
+    characters = sorted({c for word in counts for c in word})
+    vocab = [PAD_TOKEN, UNK_TOKEN, *characters, *(f"##{c}" for c in characters)]
+    known = set(vocab)
+    for word, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        if len(vocab) >= vocab_size:
+            break
+        if word not in known:
+            vocab.append(word)
+    tokenizer = Tokenizer(WordPiece({token: i for i, token in enumerate(vocab)}, unk_token=UNK_TOKEN))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
     return tokenizer
 
 

@@ -1,0 +1,37 @@
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        if os.environ.get("POLYSENSE_REQUIRE_DATA") == "1":
+            pytest.fail(f"{path} is missing and POLYSENSE_REQUIRE_DATA=1 (CI needs ../shared/data)")
+        pytest.skip(f"{path} is missing: real-data tests need ../shared/data beside the repository")
+    return path
+
+
+@pytest.fixture(scope="session")
+def fsdd_file() -> Path:
+    """A real 8 kHz FSDD recording."""
+    return _require(SHARED_DATA / "fsdd" / "recordings" / "3_theo_7.wav")
+
+
+@pytest.fixture(scope="session")
+def sign_photo() -> Path:
+    """A real phone-camera JPEG with EXIF."""
+    folder = _require(SHARED_DATA / "sign_digits" / "4")
+    return sorted(folder.glob("*.JPG"))[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_builtin(tmp_path_factory) -> Path:
+    """A small built-in dataset (manifest path), written once per test session."""
+    from polysense.builtin import BuiltinSpec, write_builtin
+
+    return write_builtin(
+        tmp_path_factory.mktemp("builtin") / "data", BuiltinSpec(n=240, seed=3), progress=False
+    )

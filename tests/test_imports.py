@@ -1,0 +1,28 @@
+import subprocess
+import sys
+
+FORBIDDEN = ("torch", "onnx", "onnxscript", "polysense.models", "polysense.export")
+
+
+def test_runtime_imports_neither_torch_nor_onnx():
+    code = (
+        "import sys, polysense, polysense.image, polysense.audio, polysense.text, polysense.data, "
+        "polysense.metrics, polysense.builtin, polysense.cli\n"
+        f"bad = [m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r} or m in {FORBIDDEN!r}]\n"
+        "print(','.join(bad))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
+
+
+def test_runtime_sources_do_not_import_training_code():
+    from pathlib import Path
+
+    runtime = Path(__file__).resolve().parents[1] / "runtime"
+    for source in runtime.glob("**/*.py"):
+        for line in source.read_text().splitlines():
+            stripped = line.strip()
+            if stripped.startswith(("import ", "from ")):
+                module = stripped.split()[1]
+                assert module.split(".")[0] not in ("torch", "onnx", "onnxscript"), f"{source}: {line}"
+                assert not module.startswith(("polysense.models", "polysense.export")), f"{source}: {line}"
