@@ -5,7 +5,7 @@ Run folder:
     config.json            options, model config, labels, preprocessing (written before the first epoch)
     manifest.csv           the manifest as used, split column filled (paths relative to the run folder)
     tokenizer.json         when the model reads text
-    checkpoints/epoch_NNN.pt, checkpoints/best.pt
+    checkpoints/epoch_NNN.pt (one per epoch, the newest KEEP_CHECKPOINTS kept), checkpoints/best.pt
     model.pt, metrics.json written last: a run without metrics.json did not finish
 All files are written to a temporary name and renamed, so an interrupted run never leaves a file that looks
 complete but is not.
@@ -36,6 +36,9 @@ from tqdm import tqdm
 log = logging.getLogger("polysense")
 
 CHECKPOINT_FORMAT = 1
+KEEP_CHECKPOINTS = (
+    2  # newest epoch checkpoints kept; older ones are deleted once a newer one is safely written
+)
 
 
 @dataclass(frozen=True)
@@ -337,6 +340,8 @@ def _run_phase(
             },
             run_dir / "checkpoints" / f"epoch_{epoch:03d}.pt",
         )
+        for stale in sorted((run_dir / "checkpoints").glob("epoch_*.pt"))[:-KEEP_CHECKPOINTS]:
+            stale.unlink()
     return phase.monitored and _early_stop_due(state, options)
 
 

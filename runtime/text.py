@@ -30,7 +30,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = VOCAB_SIZE) -> Token
     ties broken alphabetically. (The `tokenizers` trainers iterate hash maps, so the same texts can give
     different ids from one process to the next; a seeded training run must not.)
     """
-    normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
+    normalizer = normalizers.Sequence(
+        [normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()]
+    )
     pre_tokenizer = pre_tokenizers.Whitespace()
     counts = Counter(
         word for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))

@@ -33,5 +33,5 @@ def tiny_builtin(tmp_path_factory) -> Path:
     from polysense.builtin import BuiltinSpec, write_builtin
 
     return write_builtin(
-        tmp_path_factory.mktemp("builtin") / "data", BuiltinSpec(n=240, seed=3), progress=False
+        tmp_path_factory.mktemp("builtin") / "data", BuiltinSpec(n=360, seed=3), progress=False
     )

@@ -25,7 +25,7 @@ def test_deterministic_for_a_seed(tmp_path):
 
 def test_each_modality_carries_one_attribute(tiny_builtin):
     rows = list(csv.DictReader(tiny_builtin.open()))
-    assert len(rows) == 240 and {r["label"] for r in rows} == set(LABELS)
+    assert len(rows) == 360 and {r["label"] for r in rows} == set(LABELS)
     # The image attribute (shape) leaves 4 labels possible, text (mood) and audio (sweep) 6 each:
     # the single-modality ceilings of 25 %, 16.7 % and 16.7 % documented in polysense.builtin.
     labels_by = {i: defaultdict(set) for i in range(3)}

@@ -1,0 +1,121 @@
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from polysense.models import ENCODERS, create_encoder  # noqa: E402
+from polysense.models.audio_causal import STATE_NAMES  # noqa: E402
+from polysense.models.flops import count_macs  # noqa: E402
+from polysense.text import PAD_ID  # noqa: E402
+
+EMBED = 32
+VOCAB = 50
+N_MELS = 40
+
+
+def _make(modality, name):
+    options = {"embed_dim": EMBED}
+    if modality == "text":
+        options["vocab_size"] = VOCAB
+    if modality == "audio":
+        options["n_mels"] = N_MELS
+    torch.manual_seed(0)
+    return create_encoder(modality, name, **options).eval()
+
+
+def _text_batch(lengths, max_length=None):
+    max_length = max_length or max(lengths)
+    ids = torch.full((len(lengths), max_length), PAD_ID)
+    mask = torch.zeros(len(lengths), max_length, dtype=torch.long)
+    generator = torch.Generator().manual_seed(1)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = torch.randint(2, VOCAB, (length,), generator=generator)
+        mask[row, :length] = 1
+    return ids, mask
+
+
+ALL = [(m, n) for m, names in ENCODERS.items() for n in names]
+
+
+@pytest.mark.parametrize("modality, name", ALL)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_embedding_shapes(modality, name, batch):
+    encoder = _make(modality, name)
+    with torch.no_grad():
+        if modality == "image":
+            out = encoder(torch.randn(batch, 3, 64, 64))
+        elif modality == "text":
+            out = encoder(*_text_batch([5, 2, 7][:batch]))
+        else:
+            out, state = encoder(torch.randn(batch, 23, N_MELS))
+            assert [tuple(s.shape) for s in state] == list(encoder.state_shapes(batch).values())
+    assert out.shape == (batch, EMBED) and torch.isfinite(out).all()
+    assert encoder.embed_dim == EMBED
+
+
+@pytest.mark.parametrize("name", sorted(ENCODERS["text"]))
+def test_text_encoders_ignore_padding(name):
+    encoder = _make("text", name)
+    ids, mask = _text_batch([6, 3, 9])
+    with torch.no_grad():
+        batched = encoder(ids, mask)
+        padded_more = encoder(*(torch.nn.functional.pad(t, (0, 5)) for t in (ids, mask)))
+        for row, length in enumerate([6, 3, 9]):
+            alone = encoder(ids[row : row + 1, :length], mask[row : row + 1, :length])
+            torch.testing.assert_close(batched[row : row + 1], alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batched, padded_more, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_audio_chunked_with_state_equals_one_pass(seed):
+    encoder = _make("audio", "causal")
+    generator = torch.Generator().manual_seed(seed)
+    frames = torch.randn(2, 97, N_MELS, generator=generator)
+    with torch.no_grad():
+        whole, whole_state = encoder(frames)
+        cuts = sorted(
+            torch.randint(
+                1, 97, (int(torch.randint(1, 12, (1,), generator=generator)),), generator=generator
+            ).tolist()
+        )
+        state, start = None, 0
+        for end in [*cuts, 97]:
+            embedding, state = encoder(frames[:, start:end], state)
+            start = end
+    torch.testing.assert_close(embedding, whole, atol=1e-5, rtol=1e-5)
+    for name, a, b in zip(STATE_NAMES, state, whole_state):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_audio_frame_mask_pools_only_real_frames():
+    encoder = _make("audio", "causal")
+    frames = torch.randn(2, 30, N_MELS)
+    mask = torch.ones(2, 30)
+    mask[1, 12:] = 0
+    with torch.no_grad():
+        batched, _ = encoder(frames, frame_mask=mask)
+        short, _ = encoder(frames[1:, :12])
+    torch.testing.assert_close(batched[1:], short, atol=1e-5, rtol=1e-5)
+
+
+def test_audio_empty_chunk_changes_nothing():
+    encoder = _make("audio", "causal")
+    with torch.no_grad():
+        embedding, state = encoder(torch.randn(1, 10, N_MELS))
+        again, same_state = encoder(torch.zeros(1, 0, N_MELS), state)
+    torch.testing.assert_close(again, embedding)
+    assert all(a is b for a, b in zip(state, same_state))
+
+
+def test_default_image_cnn_flops_within_budget():
+    from polysense.models.image_cnn import ImageCNN
+
+    macs = count_macs(ImageCNN().eval(), torch.zeros(1, 3, 64, 64))
+    assert 2 * macs <= 400e6  # the budget; the README states the measured number
+    assert 2 * macs == pytest.approx(43.8e6, rel=0.01)
+
+
+def test_unknown_encoder_names_the_choices():
+    from polysense.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="choose from gru, transformer"):
+        create_encoder("text", "lstm", vocab_size=10)

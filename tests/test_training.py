@@ -1,0 +1,151 @@
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from polysense.cli import main  # noqa: E402
+from polysense.errors import ConfigError, ManifestError  # noqa: E402
+from polysense.models.options import TrainOptions  # noqa: E402
+from polysense.models.train import load_trained, train  # noqa: E402
+
+SMALL = {"image_width": 8, "embed_dim": 32, "batch_size": 32, "progress": False, "patience": 0}
+
+
+def _train(data, out, **options):
+    return train(TrainOptions(data=str(data), out=str(out), **{**SMALL, **options}))
+
+
+def test_training_beats_chance_and_writes_the_run(tiny_builtin, tmp_path):
+    result = _train(tiny_builtin, tmp_path / "run", epochs=8, lr=5e-3)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["accuracy"] == result.metrics["accuracy"]
+    # 12 balanced labels: chance is 1/12. Text alone can reach 1/6, so fusion must be working to pass 0.3.
+    assert metrics["accuracy"] > 0.3
+    assert set(metrics["subsets"]) == {
+        "image",
+        "text",
+        "audio",
+        "image+text",
+        "image+audio",
+        "text+audio",
+        "image+text+audio",
+    }
+    for key in ("accuracy", "macro_precision", "macro_recall", "macro_f1", "confusion_matrix"):
+        assert key in metrics and key in metrics["subsets"]["image+audio"]
+    assert len(metrics["confusion_matrix"]) == 12
+    for name in ("config.json", "manifest.csv", "tokenizer.json", "model.pt", "checkpoints/best.pt"):
+        assert (tmp_path / "run" / name).is_file(), name
+    assert len(list((tmp_path / "run" / "checkpoints").glob("epoch_*.pt"))) == 2  # the newest two are kept
+    model, config = load_trained(tmp_path / "run")
+    assert config["labels"] == metrics["labels"] and model.config.modalities == ("image", "text", "audio")
+
+
+def test_same_seed_gives_identical_metrics(tiny_builtin, tmp_path):
+    a = _train(tiny_builtin, tmp_path / "a", epochs=2)
+    b = _train(tiny_builtin, tmp_path / "b", epochs=2)
+    assert a.metrics == b.metrics
+
+
+def test_resume_after_an_interruption_matches_an_uninterrupted_run(tiny_builtin, tmp_path, monkeypatch):
+    straight = _train(tiny_builtin, tmp_path / "straight", epochs=3)
+
+    import polysense.models.train as training
+
+    real_evaluate, calls = training.evaluate, []
+
+    def interrupted_in_epoch_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate", interrupted_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_builtin, tmp_path / "resumed", epochs=3)
+    monkeypatch.setattr(training, "evaluate", real_evaluate)
+    run = tmp_path / "resumed"
+    # Nothing that looks finished is left behind; the last complete epoch is checkpointed.
+    assert not (run / "model.pt").exists() and not (run / "metrics.json").exists()
+    assert sorted(p.name for p in (run / "checkpoints").glob("epoch_*.pt")) == [
+        "epoch_001.pt",
+        "epoch_002.pt",
+    ]
+    assert not list(run.rglob("*.tmp"))
+
+    resumed = train(TrainOptions(data=str(tiny_builtin), out=str(run), **{**SMALL, "epochs": 3}), resume=True)
+    assert [h["epoch"] for h in resumed.metrics["history"]] == [1, 2, 3]
+    assert resumed.metrics == straight.metrics
+
+
+def test_staged_strategy_and_other_heads(tiny_builtin, tmp_path):
+    result = _train(
+        tiny_builtin,
+        tmp_path / "staged",
+        strategy="staged",
+        pretrain_epochs=1,
+        epochs=1,
+        fusion="transformer",
+        text_encoder="transformer",
+    )
+    phases = [h["phase"] for h in result.metrics["history"]]
+    assert phases == ["pretrain", "fusion"]
+    result = _train(
+        tiny_builtin,
+        tmp_path / "finetune",
+        strategy="staged",
+        pretrain_epochs=1,
+        epochs=1,
+        finetune_encoders=True,
+        fusion="attention",
+        modalities=("image", "audio"),
+    )
+    assert set(result.metrics["subsets"]) == {"image", "audio", "image+audio"}
+
+
+def test_early_stopping(tiny_builtin, tmp_path):
+    result = _train(tiny_builtin, tmp_path / "run", epochs=30, patience=1, lr=1e-6)
+    assert result.stopped_early and result.epochs_run < 30
+
+
+def test_user_mistakes_get_clear_errors(tiny_builtin, tmp_path):
+    _train(tiny_builtin, tmp_path / "run", epochs=1)
+    with pytest.raises(ConfigError, match="--resume"):
+        _train(tiny_builtin, tmp_path / "run", epochs=1)
+    with pytest.raises(ConfigError, match="holds no run"):
+        train(TrainOptions(data=str(tiny_builtin), out=str(tmp_path / "empty"), **SMALL), resume=True)
+    with pytest.raises(ConfigError, match="--strategy"):
+        TrainOptions(data="x", out="y", strategy="greedy")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,label\nnope.jpg,a\n,b\n")
+    with pytest.raises(ManifestError, match="line 2.*\n.*line 3"):
+        _train(bad, tmp_path / "bad_run", epochs=1)
+    only_text = tmp_path / "text.csv"
+    only_text.write_text("text,label\nhello,a\n")
+    with pytest.raises(ConfigError, match="no audio data"):
+        _train(only_text, tmp_path / "text_run", modalities=("audio",))
+
+
+def test_cli_trains_and_reports(tiny_builtin, tmp_path, capsys):
+    args = [
+        "--quiet",
+        "train",
+        "--data",
+        str(tiny_builtin),
+        "--out",
+        str(tmp_path / "cli"),
+        "--epochs",
+        "1",
+        "--image-width",
+        "8",
+        "--embed-dim",
+        "32",
+        "--no-progress",
+        "--modalities",
+        "text,audio",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "text+audio" in out and "accuracy" in out
+    assert main(args) == 2  # the run folder exists now
+    assert "already exists" in capsys.readouterr().err
