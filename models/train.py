@@ -303,6 +303,7 @@ def _run_phase(
             loss_sum += loss.item() * batch["labels"].shape[0]
             seen += batch["labels"].shape[0]
             batches.set_postfix(loss=f"{loss_sum / seen:.3f}")
+        recalibrate_batchnorm(model, train_set, options.batch_size, device)
         val = evaluate(model, data.splits["val"], options.batch_size, device)
         record = {
             "epoch": epoch,
@@ -343,6 +344,40 @@ def _run_phase(
         for stale in sorted((run_dir / "checkpoints").glob("epoch_*.pt"))[:-KEEP_CHECKPOINTS]:
             stale.unlink()
     return phase.monitored and _early_stop_due(state, options)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: MultimodalClassifier,
+    data: FeatureSet,
+    batch_size: int,
+    device: torch.device,
+    max_batches: int = 16,
+) -> None:
+    """Re-estimate every BatchNorm's running statistics for the current weights ("precise BN").
+
+    AdamW moves the weights so fast that the running averages trail them: measured on the built-in set,
+    validation accuracy in eval mode swung between 0.34 and 0.85 while the same weights with batch statistics
+    scored 0.99. Averaging exact statistics over a fixed, seeded sample of training batches removes the lag.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    was_training = model.training
+    model.eval()
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the batches below
+        norm.train()
+    generator = torch.Generator().manual_seed(0)
+    for index, batch in enumerate(data.batches(batch_size, device, generator)):
+        if index == max_batches:
+            break
+        model.embed(batch)  # BatchNorm lives in the encoders
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    model.train(was_training)
 
 
 def _unimodal_loss(model: MultimodalClassifier, heads: nn.ModuleDict, batch: dict) -> torch.Tensor:

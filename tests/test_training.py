@@ -149,3 +149,27 @@ def test_cli_trains_and_reports(tiny_builtin, tmp_path, capsys):
     assert "text+audio" in out and "accuracy" in out
     assert main(args) == 2  # the run folder exists now
     assert "already exists" in capsys.readouterr().err
+
+
+def test_batchnorm_recalibration_matches_batch_statistics(tiny_builtin, tmp_path):
+    from polysense.models.train import recalibrate_batchnorm
+
+    result = _train(tiny_builtin, tmp_path / "run", epochs=1, modalities=("image",))
+    model, _ = load_trained(result.run_dir)
+    from polysense.models.data_prep import prepare_data
+
+    data = prepare_data(
+        TrainOptions(data=str(tiny_builtin), out=str(tmp_path / "run"), **SMALL, modalities=("image",)),
+        tmp_path / "run",
+    ).splits["train"]
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.fill_(5.0)  # garbage the recalibration must replace
+    device = torch.device("cpu")
+    recalibrate_batchnorm(model, data, batch_size=len(data), device=device)
+    batch = data.collate(range(len(data)), device)
+    with torch.no_grad():
+        eval_mode = model.encode("image", batch)
+        model.encoders.train()
+        batch_stats = model.encode("image", batch)
+    torch.testing.assert_close(eval_mode, batch_stats, atol=1e-3, rtol=1e-3)
