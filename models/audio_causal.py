@@ -17,9 +17,10 @@ embedding of a single pass over all of them. The streaming runtime runs the expo
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from polysense.audio import N_MELS
 from polysense.models.registry import register_encoder
-from torch import nn
 
 AudioState = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 STATE_NAMES = ("conv1_cache", "conv2_cache", "gru_hidden", "pool_sum", "pool_count")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+
 from polysense.audio import AudioPreprocessor
 from polysense.builtin import BuiltinSpec, ensure_builtin
 from polysense.data import (
@@ -92,15 +93,12 @@ def prepare_data(options: TrainOptions, run_dir: Path) -> PreparedData:
         preprocessors["image"] = ImagePreprocessor(size=options.image_size)
         preprocessing["image"] = preprocessors["image"].to_dict()
     if "text" in modalities:
-        tokenizer_path = run_dir / TOKENIZER_FILE
-        if not tokenizer_path.is_file():  # on --resume the run's tokenizer is reused as it is
-            train_texts = [r.text for r in by_split["train"] if r.text is not None]
-            if not train_texts:
-                raise ConfigError(
-                    "the train split has no text; add texts or leave text out with --modalities"
-                )
-            train_tokenizer(train_texts).save(str(tokenizer_path))
-        preprocessors["text"] = TextPreprocessor(tokenizer_path, max_length=options.max_text_length)
+        train_texts = [r.text for r in by_split["train"] if r.text is not None]
+        if not train_texts:
+            raise ConfigError("the train split has no text; add texts or leave text out with --modalities")
+        # Deterministic for the same texts, so a resumed run rebuilds the very same tokenizer.
+        tokenizer = train_tokenizer(train_texts)
+        preprocessors["text"] = TextPreprocessor(tokenizer, max_length=options.max_text_length)
         preprocessing["text"] = {"tokenizer": TOKENIZER_FILE, "max_length": options.max_text_length}
         vocab_size = preprocessors["text"].vocab_size
     if "audio" in modalities:
@@ -112,7 +110,10 @@ def prepare_data(options: TrainOptions, run_dir: Path) -> PreparedData:
     problems = sorted(problems + decode_problems, key=lambda p: p.line)
     if problems:
         raise ManifestError(str(manifest.path), problems)
+    # Written only once every row passed, so a failed preparation leaves nothing that looks like a run.
     write_manifest(ordered, run_dir / "manifest.csv")
+    if "text" in preprocessors:
+        preprocessors["text"].save(run_dir / TOKENIZER_FILE)
 
     label_index = {label: i for i, label in enumerate(labels)}
     splits, start = {}, 0

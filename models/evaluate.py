@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch.nn import functional as F
+
 from polysense.metrics import classification_metrics
 from polysense.modalities import nonempty_subsets, subset_key
 from polysense.models.dataset import FeatureSet
 from polysense.models.model import MultimodalClassifier
-from torch.nn import functional as F
 
 
 @torch.no_grad()

@@ -7,8 +7,9 @@ is the same (a test checks this for every head and every subset).
 from __future__ import annotations
 
 import torch
-from polysense.models.registry import register_fusion
 from torch import nn
+
+from polysense.models.registry import register_fusion
 
 _MASKED = (
     -1e4

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from polysense.models.registry import register_encoder
 from torch import nn
+
+from polysense.models.registry import register_encoder
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:

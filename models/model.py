@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import nn
+
 from polysense.modalities import check_modalities
 
 # Importing the families registers them.
 from polysense.models import audio_causal, fusion, image_cnn, text_encoders  # noqa: F401
 from polysense.models.registry import create_encoder, create_fusion
-from torch import nn
 
 
 @dataclass(frozen=True)

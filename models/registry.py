@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from torch import nn
+
 from polysense.errors import ConfigError
 from polysense.modalities import MODALITIES
-from torch import nn
 
 ENCODERS: dict[str, dict[str, Callable[..., nn.Module]]] = {m: {} for m in MODALITIES}
 FUSIONS: dict[str, Callable[..., nn.Module]] = {}

@@ -22,6 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
 from polysense.errors import ConfigError
 from polysense.metrics import format_metrics_table
 from polysense.models.data_prep import PreparedData, prepare_data
@@ -29,16 +33,12 @@ from polysense.models.dataset import FeatureSet, modality_dropout
 from polysense.models.evaluate import evaluate
 from polysense.models.model import ModelConfig, MultimodalClassifier
 from polysense.models.options import TrainOptions
-from torch import nn
-from torch.nn import functional as F
-from tqdm import tqdm
 
 log = logging.getLogger("polysense")
 
 CHECKPOINT_FORMAT = 1
-KEEP_CHECKPOINTS = (
-    2  # newest epoch checkpoints kept; older ones are deleted once a newer one is safely written
-)
+# Newest epoch checkpoints kept; older ones are deleted once a newer one is safely written.
+KEEP_CHECKPOINTS = 2
 
 
 @dataclass(frozen=True)
@@ -117,233 +117,248 @@ def _set_audio_stats(model: MultimodalClassifier, train: FeatureSet) -> None:
     model.encoders["audio"].set_input_stats(frames.mean(0), frames.std(0))
 
 
-class _RunSetup:
-    """Options (stored ones on --resume), data, model and the config written to the run folder."""
+# Leftovers of a preparation that failed (bad manifest, say) that a fresh start may reuse.
+_REUSABLE_LEFTOVERS = {"builtin_data", "checkpoints"}
 
-    def __init__(self, options: TrainOptions, resume: bool) -> None:
-        run_dir = Path(options.out)
-        config_path = run_dir / "config.json"
-        if resume:
-            if not config_path.is_file():
-                raise ConfigError(
-                    f"--resume: {run_dir} holds no run (no config.json); start one without --resume"
-                )
-            stored = TrainOptions.from_dict(json.loads(config_path.read_text())["options"])
-            # A resumed run keeps its stored options; only how long to train and how to show it may change.
-            options = TrainOptions.from_dict(
-                {
-                    **stored.to_dict(),
-                    "epochs": options.epochs,
-                    "patience": options.patience,
-                    "progress": options.progress,
-                    "device": options.device,
-                }
-            )
-        elif run_dir.exists() and any(run_dir.iterdir()):
-            raise ConfigError(
-                f"{run_dir} already exists and is not empty; pass --resume to continue it or choose a new --out"
-            )
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "checkpoints").mkdir(exist_ok=True)
-        self.options, self.run_dir = options, run_dir
-        self.data: PreparedData = prepare_data(options, run_dir)
-        self.model_config = ModelConfig(
-            modalities=self.data.modalities,
-            num_classes=len(self.data.labels),
-            embed_dim=options.embed_dim,
-            image_width=options.image_width,
-            text_encoder=options.text_encoder,
-            vocab_size=self.data.vocab_size,
-            max_text_length=options.max_text_length,
-            fusion=options.fusion,
+
+def _check_fresh_run_dir(run_dir: Path) -> None:
+    if not run_dir.exists():
+        return
+    if (run_dir / "config.json").exists():
+        raise ConfigError(
+            f"{run_dir} already holds a run; pass --resume to continue it or choose a new --out"
         )
-        self.config = {
-            "options": options.to_dict(),
-            "model": self.model_config.to_dict(),
-            "labels": self.data.labels,
-            "preprocessing": self.data.preprocessing,
-        }
-        if resume:
-            stored_config = json.loads(config_path.read_text())
-            if stored_config["labels"] != self.data.labels or stored_config["model"] != self.config["model"]:
-                raise ConfigError(f"--resume: the data no longer gives the model stored in {config_path}")
-        atomic_write_json(self.config, config_path)
+    checkpoints = run_dir / "checkpoints"
+    unknown = [p.name for p in run_dir.iterdir() if p.name not in _REUSABLE_LEFTOVERS]
+    if unknown or (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        raise ConfigError(
+            f"{run_dir} already exists and is not empty ({', '.join(unknown) or 'checkpoints'}); "
+            "choose a new --out, or remove the folder"
+        )
 
 
-def train(options: TrainOptions, resume: bool = False) -> TrainResult:
-    """Train on options.data, write the run folder, return the test metrics."""
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    setup = _RunSetup(options, resume)
-    options, run_dir, data = setup.options, setup.run_dir, setup.data
+def _resumed_options(options: TrainOptions, config_path: Path) -> TrainOptions:
+    if not config_path.is_file():
+        raise ConfigError(
+            f"--resume: {config_path.parent} holds no run (no config.json); start without --resume"
+        )
+    stored = TrainOptions.from_dict(json.loads(config_path.read_text())["options"])
+    # A resumed run keeps its stored options; only how long to train, where, and how to show it may change.
+    changes = {k: getattr(options, k) for k in ("epochs", "patience", "progress", "device")}
+    return TrainOptions.from_dict({**stored.to_dict(), **changes})
+
+
+@dataclass
+class _Run:
+    """Everything one training run works on."""
+
+    options: TrainOptions
+    run_dir: Path
+    data: PreparedData
+    config: dict  # options, model config, labels, preprocessing: config.json, and inside model.pt
+    model: MultimodalClassifier
+    heads: nn.ModuleDict  # per-modality linear heads of staged pre-training
+    device: torch.device
+    state: dict  # epoch, best_score, best_epoch, stale_epochs, history
+    checkpoint: dict | None  # the checkpoint resumed from (its optimizer and schedule are reused)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+def _open_run(options: TrainOptions, resume: bool) -> _Run:
+    run_dir = Path(options.out)
+    config_path = run_dir / "config.json"
+    if resume:
+        options = _resumed_options(options, config_path)
+    else:
+        _check_fresh_run_dir(run_dir)
     device = pick_device(options.device)
-    torch.manual_seed(options.seed)
-    model = MultimodalClassifier(setup.model_config)
-    _set_audio_stats(model, data.splits["train"])
-    model.to(device)
-    heads = nn.ModuleDict({m: nn.Linear(options.embed_dim, len(data.labels)) for m in data.modalities}).to(
-        device
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    data = prepare_data(options, run_dir)
+    model_config = ModelConfig(
+        modalities=data.modalities,
+        num_classes=len(data.labels),
+        embed_dim=options.embed_dim,
+        image_width=options.image_width,
+        text_encoder=options.text_encoder,
+        vocab_size=data.vocab_size,
+        max_text_length=options.max_text_length,
+        fusion=options.fusion,
     )
+    config = {
+        "options": options.to_dict(),
+        "model": model_config.to_dict(),
+        "labels": data.labels,
+        "preprocessing": data.preprocessing,
+    }
+    if resume:
+        stored = json.loads(config_path.read_text())
+        if stored["labels"] != config["labels"] or stored["model"] != config["model"]:
+            raise ConfigError(f"--resume: the data no longer gives the model stored in {config_path}")
+    atomic_write_json(config, config_path)
 
+    torch.manual_seed(options.seed)
+    model = MultimodalClassifier(model_config)
+    _set_audio_stats(model, data.splits["train"])
+    heads = nn.ModuleDict({m: nn.Linear(options.embed_dim, len(data.labels)) for m in data.modalities})
+    model.to(device)
+    heads.to(device)
     state = {"epoch": 0, "best_score": -1.0, "best_epoch": 0, "stale_epochs": 0, "history": []}
-    optimizer_state = scheduler_state = None
+    checkpoint = None
     checkpoint_path = latest_checkpoint(run_dir) if resume else None
     if checkpoint_path is not None:
         checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
         model.load_state_dict(checkpoint["model"])
         heads.load_state_dict(checkpoint["heads"])
         state = checkpoint["state"]
-        optimizer_state, scheduler_state = checkpoint["optimizer"], checkpoint["scheduler"]
         log.info("resuming %s after epoch %d", run_dir, state["epoch"])
+    return _Run(options, run_dir, data, config, model, heads, device, state, checkpoint)
 
-    plan = phases(options)
+
+def train(options: TrainOptions, resume: bool = False) -> TrainResult:
+    """Train on options.data, write the run folder, return the test metrics."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    run = _open_run(options, resume)
+    plan = phases(run.options)
     total_epochs = sum(p.epochs for p in plan)
-    stopped_early = False
-    first_epoch_of_phase = 1
+    stopped_early, first = False, 1
     for phase in plan:
-        last_epoch_of_phase = first_epoch_of_phase + phase.epochs - 1
-        if state["epoch"] < last_epoch_of_phase and not stopped_early:
-            stopped_early = _run_phase(
-                phase,
-                first_epoch_of_phase,
-                last_epoch_of_phase,
-                total_epochs,
-                model,
-                heads,
-                data,
-                options,
-                device,
-                state,
-                run_dir,
-                optimizer_state,
-                scheduler_state,
-            )
-        first_epoch_of_phase = last_epoch_of_phase + 1
-    stopped_early = stopped_early or _early_stop_due(state, options)
+        last = first + phase.epochs - 1
+        if run.state["epoch"] < last and not stopped_early:
+            stopped_early = _run_phase(run, phase, first, last, total_epochs)
+        first = last + 1
+    stopped_early = stopped_early or _early_stop_due(run.state, run.options)
 
-    best_path = run_dir / "checkpoints" / "best.pt"
+    model, state = run.model, run.state
+    best_path = run.checkpoints / "best.pt"
     if best_path.is_file():
-        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
-    metrics = evaluate(model, data.splits["test"], options.batch_size, device)
-    metrics.update(split="test", labels=data.labels, best_epoch=state["best_epoch"], history=state["history"])
-    atomic_save(
-        {"format": CHECKPOINT_FORMAT, "config": setup.config, "model": model.cpu().state_dict()},
-        run_dir / "model.pt",
+        model.load_state_dict(torch.load(best_path, map_location=run.device, weights_only=True))
+    metrics = evaluate(model, run.data.splits["test"], run.options.batch_size, run.device)
+    metrics.update(
+        split="test", labels=run.data.labels, best_epoch=state["best_epoch"], history=state["history"]
     )
-    atomic_write_json(metrics, run_dir / "metrics.json")
-    return TrainResult(run_dir, metrics, state["best_epoch"], state["epoch"], stopped_early)
+    saved = {"format": CHECKPOINT_FORMAT, "config": run.config, "model": model.cpu().state_dict()}
+    atomic_save(saved, run.run_dir / "model.pt")
+    atomic_write_json(metrics, run.run_dir / "metrics.json")
+    return TrainResult(run.run_dir, metrics, state["best_epoch"], state["epoch"], stopped_early)
 
 
 def _early_stop_due(state: dict, options: TrainOptions) -> bool:
     return options.patience > 0 and state["stale_epochs"] >= options.patience
 
 
-def _run_phase(
-    phase: Phase,
-    first: int,
-    last: int,
-    total_epochs: int,
-    model: MultimodalClassifier,
-    heads: nn.ModuleDict,
-    data: PreparedData,
-    options: TrainOptions,
-    device: torch.device,
-    state: dict,
-    run_dir: Path,
-    optimizer_state: dict | None,
-    scheduler_state: dict | None,
-) -> bool:
-    """Train epochs first..last of one phase; True if stopped early.
+def _run_phase(run: _Run, phase: Phase, first: int, last: int, total_epochs: int) -> bool:
+    """Train epochs first..last of one phase; True if it stopped early.
 
-    Resuming inside the phase (state["epoch"] in [first, last)) restores the checkpoint's optimizer and schedule.
+    Resuming inside the phase (a checkpoint from epoch first..last-1) restores its optimizer and schedule.
     """
-    freeze_encoders = phase.name == "fusion" and not options.finetune_encoders
+    options, model = run.options, run.model
+    frozen = phase.name == "fusion" and not options.finetune_encoders
     for parameter in model.encoders.parameters():
-        parameter.requires_grad_(not freeze_encoders)
-    trainable = (
-        [p for p in model.parameters() if p.requires_grad]
-        if phase.name != "pretrain"
-        else [*model.encoders.parameters(), *heads.parameters()]
-    )
+        parameter.requires_grad_(not frozen)
+    if phase.name == "pretrain":
+        trainable = [*model.encoders.parameters(), *run.heads.parameters()]
+    else:
+        trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
-    train_set = data.splits["train"]
+    train_set = run.data.splits["train"]
     steps = phase.epochs * train_set.num_batches(options.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps))
-    if optimizer_state is not None and first <= state["epoch"] < last:
-        optimizer.load_state_dict(optimizer_state)
-        scheduler.load_state_dict(scheduler_state)
+    if run.checkpoint is not None and first <= run.checkpoint["state"]["epoch"] < last:
+        optimizer.load_state_dict(run.checkpoint["optimizer"])
+        scheduler.load_state_dict(run.checkpoint["scheduler"])
 
-    for epoch in range(max(first, state["epoch"] + 1), last + 1):
-        if phase.monitored and _early_stop_due(state, options):
+    for epoch in range(max(first, run.state["epoch"] + 1), last + 1):
+        if phase.monitored and _early_stop_due(run.state, options):
             return True
-        seed = _epoch_seed(options.seed, epoch)
-        torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
-        model.train()
-        if freeze_encoders:
-            model.encoders.eval()  # frozen BatchNorm statistics too
-        loss_sum, seen = 0.0, 0
-        batches = tqdm(
-            train_set.batches(options.batch_size, device, generator),
-            total=train_set.num_batches(options.batch_size),
-            desc=f"epoch {epoch}/{total_epochs} {phase.name}",
-            unit="batch",
-            disable=not options.progress,
-            leave=False,
-        )
-        for batch in batches:
-            if phase.name == "pretrain":
-                loss = _unimodal_loss(model, heads, batch)
-            else:
-                batch["present"] = modality_dropout(batch["present"], options.modality_dropout, generator)
-                loss = F.cross_entropy(model(batch), batch["labels"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.item() * batch["labels"].shape[0]
-            seen += batch["labels"].shape[0]
-            batches.set_postfix(loss=f"{loss_sum / seen:.3f}")
-        recalibrate_batchnorm(model, train_set, options.batch_size, device)
-        val = evaluate(model, data.splits["val"], options.batch_size, device)
-        record = {
-            "epoch": epoch,
-            "phase": phase.name,
-            "train_loss": loss_sum / max(seen, 1),
-            "val_loss": val["loss"],
-            "val_accuracy": val["accuracy"],
-        }
-        state["history"].append(record)
-        state["epoch"] = epoch
-        improved = phase.monitored and val["accuracy"] > state["best_score"]
-        if improved:
-            state.update(best_score=val["accuracy"], best_epoch=epoch, stale_epochs=0)
-            atomic_save(model.state_dict(), run_dir / "checkpoints" / "best.pt")
-        elif phase.monitored:
-            state["stale_epochs"] += 1
-        log.info(
-            "epoch %d/%d %s: train loss %.4f, val loss %.4f, val accuracy %.4f%s",
-            epoch,
-            total_epochs,
-            phase.name,
-            record["train_loss"],
-            val["loss"],
-            val["accuracy"],
-            " (best)" if improved else "",
-        )
-        atomic_save(
-            {
-                "format": CHECKPOINT_FORMAT,
-                "model": model.state_dict(),
-                "heads": heads.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "state": state,
-            },
-            run_dir / "checkpoints" / f"epoch_{epoch:03d}.pt",
-        )
-        for stale in sorted((run_dir / "checkpoints").glob("epoch_*.pt"))[:-KEEP_CHECKPOINTS]:
-            stale.unlink()
-    return phase.monitored and _early_stop_due(state, options)
+        train_loss = _train_epoch(run, phase, epoch, total_epochs, optimizer, scheduler, frozen)
+        if not frozen:
+            recalibrate_batchnorm(model, train_set, options.batch_size, run.device)
+        _end_epoch(run, phase, epoch, total_epochs, train_loss, optimizer, scheduler)
+    return phase.monitored and _early_stop_due(run.state, options)
+
+
+def _train_epoch(
+    run: _Run, phase: Phase, epoch: int, total_epochs: int, optimizer, scheduler, frozen: bool
+) -> float:
+    """One pass over the shuffled training set; returns the mean training loss."""
+    options, model, train_set = run.options, run.model, run.data.splits["train"]
+    seed = _epoch_seed(options.seed, epoch)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    if frozen:
+        model.encoders.eval()  # frozen BatchNorm statistics too
+    loss_sum, seen = 0.0, 0
+    batches = tqdm(
+        train_set.batches(options.batch_size, run.device, generator),
+        total=train_set.num_batches(options.batch_size),
+        desc=f"epoch {epoch}/{total_epochs} {phase.name}",
+        unit="batch",
+        disable=not options.progress,
+        leave=False,
+    )
+    for batch in batches:
+        if phase.name == "pretrain":
+            loss = _unimodal_loss(model, run.heads, batch)
+        else:
+            batch["present"] = modality_dropout(batch["present"], options.modality_dropout, generator)
+            loss = F.cross_entropy(model(batch), batch["labels"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.item() * batch["labels"].shape[0]
+        seen += batch["labels"].shape[0]
+        batches.set_postfix(loss=f"{loss_sum / seen:.3f}")
+    return loss_sum / max(seen, 1)
+
+
+def _end_epoch(
+    run: _Run, phase: Phase, epoch: int, total_epochs: int, train_loss: float, optimizer, scheduler
+) -> None:
+    """Validate, track the best model and early stopping, write the epoch's checkpoint."""
+    state = run.state
+    val = evaluate(run.model, run.data.splits["val"], run.options.batch_size, run.device)
+    record = {
+        "epoch": epoch,
+        "phase": phase.name,
+        "train_loss": train_loss,
+        "val_loss": val["loss"],
+        "val_accuracy": val["accuracy"],
+    }
+    state["history"].append(record)
+    state["epoch"] = epoch
+    improved = phase.monitored and val["accuracy"] > state["best_score"]
+    if improved:
+        state.update(best_score=val["accuracy"], best_epoch=epoch, stale_epochs=0)
+        atomic_save(run.model.state_dict(), run.checkpoints / "best.pt")
+    elif phase.monitored:
+        state["stale_epochs"] += 1
+    log.info(
+        "epoch %d/%d %s: train loss %.4f, val loss %.4f, val accuracy %.4f%s",
+        epoch,
+        total_epochs,
+        phase.name,
+        train_loss,
+        val["loss"],
+        val["accuracy"],
+        " (best)" if improved else "",
+    )
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "model": run.model.state_dict(),
+        "heads": run.heads.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "state": state,
+    }
+    atomic_save(checkpoint, run.checkpoints / f"epoch_{epoch:03d}.pt")
+    for stale in sorted(run.checkpoints.glob("epoch_*.pt"))[:-KEEP_CHECKPOINTS]:
+        stale.unlink()
 
 
 @torch.no_grad()

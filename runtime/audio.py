@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import soundfile
 import soxr
+
 from polysense.errors import InputError
 
 AudioInput = str | os.PathLike | bytes | bytearray | memoryview | np.ndarray

@@ -36,8 +36,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import soundfile
-from polysense.errors import InputError
 from tqdm import tqdm
+
+from polysense.errors import InputError
 
 SHAPES = ("circle", "square", "triangle")
 MOODS = ("calm", "busy")

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
+
 from polysense.errors import InputError, ManifestError
 from polysense.modalities import MODALITIES
-from tqdm import tqdm
 
 COLUMNS = (*MODALITIES, "label", "split")
 SPLITS = ("train", "val", "test")

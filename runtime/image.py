@@ -11,6 +11,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
 from polysense.errors import InputError
 
 ImageInput = str | os.PathLike | bytes | bytearray | memoryview | np.ndarray

@@ -12,9 +12,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-from polysense.errors import InputError
 from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordPiece
+
+from polysense.errors import InputError
 
 PAD_TOKEN, UNK_TOKEN = "[PAD]", "[UNK]"
 PAD_ID = 0  # PAD_TOKEN is the first special token, so it gets id 0

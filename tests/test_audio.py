@@ -3,6 +3,7 @@ import io
 import numpy as np
 import pytest
 import soundfile
+
 from polysense import AudioPreprocessor, InputError, LogMel, load_audio
 from polysense.audio import HOP_LENGTH, N_FFT, SAMPLE_RATE, resample
 

@@ -3,6 +3,7 @@ import hashlib
 from collections import defaultdict
 
 import pytest
+
 from polysense.builtin import LABELS, BuiltinSpec, write_builtin
 from polysense.errors import InputError
 

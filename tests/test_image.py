@@ -3,6 +3,7 @@ import struct
 import cv2
 import numpy as np
 import pytest
+
 from polysense import ImagePreprocessor, InputError, decode_image
 
 

@@ -3,6 +3,7 @@ import json
 import cv2
 import numpy as np
 import pytest
+
 from polysense import ImagePreprocessor, InputError, ManifestError
 from polysense.data import check_labels, preprocess_rows, read_manifest, stratified_split, write_manifest
 

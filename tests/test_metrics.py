@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from polysense.metrics import classification_metrics
 from polysense.modalities import nonempty_subsets, subset_key
 

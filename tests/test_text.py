@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from polysense import InputError, TextPreprocessor, train_tokenizer
 from polysense.text import PAD_ID
 

@@ -120,6 +120,10 @@ def test_user_mistakes_get_clear_errors(tiny_builtin, tmp_path):
     bad.write_text("image,label\nnope.jpg,a\n,b\n")
     with pytest.raises(ManifestError, match="line 2.*\n.*line 3"):
         _train(bad, tmp_path / "bad_run", epochs=1)
+    # Nothing of a run was written, so the same --out works once the manifest is fixed.
+    assert not (tmp_path / "bad_run" / "config.json").exists()
+    assert not (tmp_path / "bad_run" / "manifest.csv").exists()
+    _train(tiny_builtin, tmp_path / "bad_run", epochs=1)
     only_text = tmp_path / "text.csv"
     only_text.write_text("text,label\nhello,a\n")
     with pytest.raises(ConfigError, match="no audio data"):
@@ -148,7 +152,7 @@ def test_cli_trains_and_reports(tiny_builtin, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "text+audio" in out and "accuracy" in out
     assert main(args) == 2  # the run folder exists now
-    assert "already exists" in capsys.readouterr().err
+    assert "already holds a run" in capsys.readouterr().err
 
 
 def test_batchnorm_recalibration_matches_batch_statistics(tiny_builtin, tmp_path):
