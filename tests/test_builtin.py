@@ -48,3 +48,13 @@ def test_refuses_to_overwrite_and_too_small(tmp_path):
         write_builtin(tmp_path / "d", BuiltinSpec(n=12), progress=False)
     with pytest.raises(InputError, match="too small"):
         write_builtin(tmp_path / "e", BuiltinSpec(n=5), progress=False)
+
+
+def test_cli_writes_the_builtin_set(tmp_path, capsys):
+    from polysense.cli import main
+
+    assert main(["data", "builtin", "--out", str(tmp_path / "d"), "--n", "12", "--seed", "1"]) == 0
+    assert "wrote 12 samples" in capsys.readouterr().out
+    assert len(list(csv.DictReader((tmp_path / "d" / "manifest.csv").open()))) == 12
+    assert main(["data", "builtin", "--out", str(tmp_path / "d"), "--n", "12"]) == 2
+    assert "already holds a dataset" in capsys.readouterr().err
