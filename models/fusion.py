@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from polysense.models.blocks import transformer_encoder
 from polysense.models.registry import register_fusion
 
 _MASKED = (
@@ -78,10 +79,7 @@ class TransformerFusion(nn.Module):
         self.project = nn.Linear(embed_dim, model_dim)
         self.modality_embedding = nn.Parameter(torch.randn(num_modalities, model_dim) * 0.02)
         self.cls = nn.Parameter(torch.randn(1, 1, model_dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(
-            model_dim, heads, 2 * model_dim, dropout, batch_first=True, norm_first=True
-        )
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.encoder = transformer_encoder(model_dim, layers, heads, dropout)
         self.norm = nn.LayerNorm(model_dim)
         self.classifier = nn.Linear(model_dim, num_classes)
 

@@ -5,14 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from polysense.models.blocks import masked_mean, transformer_encoder
 from polysense.models.registry import register_encoder
 from polysense.text import PAD_ID
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of values [B, L, C] over positions where mask [B, L] is 1 (zeros for an all-zero row)."""
-    weights = mask.to(values.dtype).unsqueeze(-1)
-    return (values * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
 def reverse_within_length(lengths: torch.Tensor, max_length: int) -> torch.Tensor:
@@ -63,11 +58,7 @@ class TextTransformer(nn.Module):
         self.embed_dim = embed_dim
         self.tokens = nn.Embedding(vocab_size, model_dim, padding_idx=PAD_ID)
         self.positions = nn.Embedding(max_positions, model_dim)
-        layer = nn.TransformerEncoderLayer(
-            model_dim, heads, 2 * model_dim, dropout, batch_first=True, norm_first=True
-        )
-        # No nested-tensor fast path: it changes numerics with the amount of padding.
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.encoder = transformer_encoder(model_dim, layers, heads, dropout)
         self.norm = nn.LayerNorm(model_dim)
         self.project = nn.Linear(model_dim, embed_dim)
 
