@@ -37,7 +37,7 @@ class CausalConv1d(nn.Module):
     def forward(self, x: torch.Tensor, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, C, T], cache [B, C, context] -> y [B, C_out, T], new cache [B, C, context]."""
         extended = torch.cat([cache, x], dim=2)
-        return self.conv(extended), extended[:, :, extended.shape[2] - self.context :]
+        return self.conv(extended), extended[:, :, -self.context :]
 
 
 class CausalAudioEncoder(nn.Module):

@@ -1,13 +1,24 @@
 """polysense: multimodal classifiers served without torch.
 
-`import polysense` is the lightweight runtime (numpy, OpenCV, soundfile, soxr, tokenizers).
-Training lives in `polysense.models` and needs the `train` extra (torch).
+`import polysense` is the lightweight runtime (numpy, OpenCV, soundfile, soxr, tokenizers; onnxruntime from
+the `cpu` or `gpu` extra). Training lives in `polysense.models`, export in `polysense.export` (both need torch).
+
+    pipe = polysense.Pipeline.load("bundle/")
+    pipe.predict(image="photo.jpg", text="a calm morning", audio="clip.wav")
 """
 
 from polysense.audio import AudioPreprocessor, LogMel, load_audio
-from polysense.errors import ConfigError, DependencyError, InputError, ManifestError, PolysenseError
+from polysense.errors import (
+    BundleError,
+    ConfigError,
+    DependencyError,
+    InputError,
+    ManifestError,
+    PolysenseError,
+)
 from polysense.image import ImagePreprocessor, decode_image
 from polysense.modalities import MODALITIES, subset_key
+from polysense.pipeline import Pipeline, Prediction
 from polysense.text import TextPreprocessor, train_tokenizer
 
 __version__ = "0.1.0"
@@ -15,13 +26,16 @@ __version__ = "0.1.0"
 __all__ = [
     "MODALITIES",
     "AudioPreprocessor",
+    "BundleError",
     "ConfigError",
     "DependencyError",
     "ImagePreprocessor",
     "InputError",
     "LogMel",
     "ManifestError",
+    "Pipeline",
     "PolysenseError",
+    "Prediction",
     "TextPreprocessor",
     "decode_image",
     "load_audio",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -88,6 +89,111 @@ def _training_module(name: str):
         ) from error
 
 
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser(
+        "export", help="export a trained run to a verified ONNX bundle (needs torch)"
+    )
+    export.add_argument("run_dir", help="a finished training run folder")
+    export.add_argument("--out", required=True, help="bundle folder to write (must not exist)")
+    export.add_argument("--no-progress", action="store_true")
+    export.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    report = _training_module("polysense.export").export_run(
+        args.run_dir, args.out, progress=not args.no_progress
+    )
+    print(f"bundle: {report.bundle}")
+    for name, difference in report.parity.items():
+        print(f"  {name:<14} max |torch - onnxruntime| {difference:.1e}")
+    print(f"  end to end     max |probability difference| {report.end_to_end:.1e}")
+    print(f"  size           {sum(report.sizes.values()) / 1e6:.2f} MB in {len(report.sizes)} files")
+    return 0
+
+
+def _add_predict(commands: argparse._SubParsersAction) -> None:
+    predict = commands.add_parser("predict", help="predict one sample with a bundle (runtime only)")
+    predict.add_argument("bundle")
+    predict.add_argument("--image", help="image file")
+    predict.add_argument("--text", help="text")
+    predict.add_argument("--audio", help="audio file (WAV, FLAC, OGG)")
+    predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    predict.add_argument("--top", type=int, default=3, help="labels to show (default 3)")
+    predict.add_argument("--json", action="store_true", help="print the prediction as JSON")
+    predict.set_defaults(run=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from polysense.pipeline import Pipeline
+
+    pipeline = Pipeline.load(args.bundle, device=args.device)
+    prediction = pipeline.predict(image=args.image, text=args.text, audio=args.audio)
+    if args.json:
+        print(json.dumps(prediction.to_dict(), indent=2))
+        return 0
+    ranked = sorted(prediction.probabilities.items(), key=lambda item: -item[1])[: max(args.top, 1)]
+    print(f"{prediction.label}  ({', '.join(f'{k} {v:.3f}' for k, v in ranked)})")
+    stages = ", ".join(f"{k} {v:.2f}" for k, v in prediction.timings.items())
+    print(f"  modalities: {'+'.join(prediction.embeddings)}; ms: {stages}")
+    return 0
+
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    evaluate = commands.add_parser("eval", help="evaluate a bundle on a data manifest (runtime only)")
+    evaluate.add_argument("bundle")
+    evaluate.add_argument("--data", required=True, help="manifest (.csv/.jsonl), e.g. RUN_DIR/manifest.csv")
+    evaluate.add_argument("--split", choices=("train", "val", "test"), help="only rows of this split")
+    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.set_defaults(run=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from polysense.evaluate import evaluate_bundle
+    from polysense.metrics import format_metrics_table
+    from polysense.pipeline import Pipeline
+
+    pipeline = Pipeline.load(args.bundle, device=args.device)
+    metrics = evaluate_bundle(pipeline, args.data, args.split, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(f"{args.bundle} on {args.data}{f' (split {args.split})' if args.split else ''}, runtime only:")
+        print(format_metrics_table(metrics))
+    return 0
+
+
+def _add_info(commands: argparse._SubParsersAction) -> None:
+    info = commands.add_parser("info", help="describe a bundle")
+    info.add_argument("bundle")
+    info.add_argument("--json", action="store_true", help="print the whole manifest")
+    info.set_defaults(run=_run_info)
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from polysense.bundle import open_bundle
+
+    bundle = open_bundle(args.bundle)
+    manifest = bundle.manifest
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    print(
+        f"{bundle.path}: schema {manifest['schema_version']}, made by polysense {manifest['producer']['polysense']}"
+    )
+    print(f"  labels ({len(bundle.labels)}): {', '.join(bundle.labels)}")
+    print(f"  modalities: {', '.join(bundle.modalities)}; embedding size {manifest['embed_dim']}")
+    for name, component in manifest["components"].items():
+        files = ", ".join(f"{p} {v['bytes'] / 1e3:.0f} kB" for p, v in component["precisions"].items())
+        inputs = ", ".join(f"{i['name']}{i['shape']}" for i in component["inputs"])
+        print(f"  {name:<14} {files}; inputs {inputs}")
+    fp32 = manifest.get("metrics", {}).get("fp32", {})
+    if "accuracy" in fp32:
+        print(f"  test accuracy at export: {fp32['accuracy']:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="polysense", description="Multimodal classifiers, trained and served."
@@ -96,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_data(commands)
     _add_train(commands)
+    _add_export(commands)
+    _add_predict(commands)
+    _add_eval(commands)
+    _add_info(commands)
     return parser
 
 

@@ -31,3 +31,7 @@ class ManifestError(PolysenseError):
             f"{path}: {len(self.problems)} problem(s) found before training; fix these rows and run again:\n"
             f"{shown}{more}"
         )
+
+
+class BundleError(PolysenseError):
+    """A bundle is missing, damaged, tampered with, or of a schema this runtime does not read."""

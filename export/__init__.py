@@ -1,0 +1,7 @@
+"""polysense.export: ONNX export of each encoder and the fusion head, parity checks, and the bundle writer
+(needs the `train` extra: torch, onnx)."""
+
+from polysense.export.parity import ExportError
+from polysense.export.writer import ExportReport, export_run
+
+__all__ = ["ExportError", "ExportReport", "export_run"]
