@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	rm -rf runs/demo
-	$(BIN)/polysense train --data builtin --out runs/demo
+	$(BIN)/polysense demo --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/ruff check .

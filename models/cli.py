@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from polysense.models.options import TrainOptions
 from polysense.models.train import train
@@ -44,4 +45,46 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"\ntest split of {result.run_dir} ({stop}best epoch {result.best_epoch} of {result.epochs_run}):")
     print(result.table())
     print(f"\nmetrics: {result.run_dir / 'metrics.json'}  model: {result.run_dir / 'model.pt'}")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """The main job: built-in data -> training -> ONNX bundle -> runtime evaluation -> predictions from files."""
+    import polysense
+    from polysense.data import read_manifest
+    from polysense.evaluate import evaluate_bundle
+    from polysense.export import export_run
+    from polysense.metrics import format_metrics_table
+
+    run_dir = Path(args.out)
+    progress = not args.no_progress
+    print(f"== 1/4 train on the built-in data ({args.n} samples) -> {run_dir}")
+    options = TrainOptions(data="builtin", out=str(run_dir), builtin_n=args.n, progress=progress)
+    result = train(options)
+    print(f"torch, test split (best epoch {result.best_epoch} of {result.epochs_run}):")
+    print(result.table())
+
+    bundle = run_dir / "bundle"
+    print(f"\n== 2/4 export each encoder and the fusion head to ONNX -> {bundle}")
+    report = export_run(run_dir, bundle, progress=progress)
+    print(f"end to end: max |probability difference| torch vs runtime {report.end_to_end:.1e}")
+
+    print("\n== 3/4 evaluate the bundle on the test split with the runtime alone")
+    pipeline = polysense.Pipeline.load(bundle, device="cpu")
+    metrics = evaluate_bundle(pipeline, run_dir / "manifest.csv", split="test", progress=progress)
+    print(format_metrics_table(metrics))
+    same = "equal to" if metrics["accuracy"] == result.metrics["accuracy"] else "DIFFERENT from"
+    print(
+        f"runtime test accuracy {metrics['accuracy']:.4f} is {same} torch's {result.metrics['accuracy']:.4f}"
+    )
+
+    print("\n== 4/4 three predictions from files")
+    rows = [r for r in read_manifest(run_dir / "manifest.csv").rows if r.split == "test"][:3]
+    for row in rows:
+        prediction = pipeline.predict(image=row.image, text=row.text, audio=row.audio)
+        print(f"  {Path(row.image).name} + {Path(row.audio).name} + {row.text!r}")
+        print(
+            f"    -> {prediction.label} (p={prediction.probabilities[prediction.label]:.3f}; true {row.label}; "
+            f"{prediction.timings['total']:.1f} ms)"
+        )
     return 0

@@ -35,3 +35,34 @@ def tiny_builtin(tmp_path_factory) -> Path:
     return write_builtin(
         tmp_path_factory.mktemp("builtin") / "data", BuiltinSpec(n=360, seed=3), progress=False
     )
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_builtin, tmp_path_factory) -> Path:
+    """A small finished training run on the tiny built-in set (all three modalities)."""
+    pytest.importorskip("torch")
+    from polysense.models.options import TrainOptions
+    from polysense.models.train import train
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    options = TrainOptions(
+        data=str(tiny_builtin),
+        out=str(out),
+        epochs=3,
+        image_width=8,
+        embed_dim=32,
+        batch_size=32,
+        progress=False,
+        patience=0,
+        lr=5e-3,
+    )
+    train(options)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bundle(trained_run, tmp_path_factory) -> Path:
+    """The trained run exported to a bundle."""
+    from polysense.export import export_run
+
+    return export_run(trained_run, tmp_path_factory.mktemp("bundle") / "bundle", progress=False).bundle

@@ -1,0 +1,146 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+import polysense  # noqa: E402
+from polysense.bundle import MANIFEST_FILE, SCHEMA_VERSION, open_bundle  # noqa: E402
+from polysense.data import read_manifest  # noqa: E402
+from polysense.errors import BundleError, ConfigError  # noqa: E402
+from polysense.export import ExportError, export_run  # noqa: E402
+from polysense.export.parity import TOLERANCE  # noqa: E402
+from polysense.export.writer import _torch_logits  # noqa: E402
+from polysense.models.train import load_trained  # noqa: E402
+
+
+def _test_rows(run):
+    return [r for r in read_manifest(run / "manifest.csv").rows if r.split == "test"]
+
+
+def test_manifest_describes_every_component(bundle):
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    assert manifest["schema_version"] == SCHEMA_VERSION
+    assert set(manifest["components"]) == {"image_encoder", "text_encoder", "audio_encoder", "fusion"}
+    text = manifest["components"]["text_encoder"]
+    assert [i["name"] for i in text["inputs"]] == ["ids", "mask"]
+    assert text["inputs"][0]["shape"] == ["batch", "length"] and text["inputs"][0]["dtype"] == "int64"
+    audio = manifest["components"]["audio_encoder"]
+    assert audio["inputs"][0]["shape"] == ["batch", "frames", 40]
+    assert manifest["streaming"]["audio"]["state"]["gru_hidden"] == [1, 1, 96]
+    assert manifest["streaming"]["audio"]["hop_length"] == 160
+    assert all(d <= TOLERANCE for d in manifest["metrics"]["parity_max_abs_diff"].values())
+    assert "image+audio" in manifest["metrics"]["fp32"]["subsets"]
+    assert {"polysense", "torch", "onnx", "onnxruntime", "opset"} <= set(manifest["producer"])
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(bundle / "fusion.fp32.onnx")).metadata_props}
+    assert json.loads(props["polysense"])["labels"] == manifest["labels"]
+
+
+def test_runtime_predictions_equal_torch_on_the_test_split(trained_run, bundle):
+    model, _ = load_trained(trained_run)
+    pipeline = polysense.Pipeline.load(bundle, device="cpu")
+    rows = _test_rows(trained_run)
+    samples = [{"image": r.image, "text": r.text, "audio": r.audio} for r in rows]
+    predictions = pipeline.predict_batch(samples)
+    with torch.no_grad():
+        for sample, prediction in zip(samples, predictions):
+            expected = torch.softmax(_torch_logits(model, sample, pipeline), dim=1)[0].numpy()
+            got = np.array([prediction.probabilities[label] for label in pipeline.labels])
+            np.testing.assert_allclose(got, expected, atol=1e-4)
+            assert prediction.label == pipeline.labels[int(expected.argmax())]
+
+
+def test_runtime_eval_equals_training_metrics(trained_run, bundle):
+    from polysense.evaluate import evaluate_bundle
+
+    torch_metrics = json.loads((trained_run / "metrics.json").read_text())
+    runtime = evaluate_bundle(
+        polysense.Pipeline.load(bundle, device="cpu"), trained_run / "manifest.csv", "test", progress=False
+    )
+    for key in ("accuracy", "macro_precision", "macro_recall", "macro_f1"):
+        assert runtime[key] == pytest.approx(torch_metrics[key]), key
+    assert runtime["confusion_matrix"] == torch_metrics["confusion_matrix"]
+    assert set(runtime["subsets"]) == set(torch_metrics["subsets"])
+    for subset, values in torch_metrics["subsets"].items():
+        assert runtime["subsets"][subset]["accuracy"] == pytest.approx(values["accuracy"]), subset
+
+
+def test_export_failing_midway_leaves_no_bundle(trained_run, tmp_path, monkeypatch):
+    import polysense.export.writer as writer
+
+    real_check = writer.check_component
+
+    def failing_on_fusion(component, path, cases):
+        if component.name == "fusion":
+            raise ExportError("simulated failure")
+        return real_check(component, path, cases)
+
+    monkeypatch.setattr(writer, "check_component", failing_on_fusion)
+    with pytest.raises(ExportError, match="simulated"):
+        export_run(trained_run, tmp_path / "b", progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither the bundle nor its temporary folder
+
+
+def test_export_refuses_an_existing_folder_and_an_unfinished_run(trained_run, tmp_path):
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ConfigError, match="already exists"):
+        export_run(trained_run, tmp_path / "b", progress=False)
+    with pytest.raises(ConfigError, match="no finished run"):
+        export_run(tmp_path, tmp_path / "c", progress=False)
+
+
+def _copy(bundle, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    return copy
+
+
+def test_altered_truncated_or_missing_files_are_refused(bundle, tmp_path):
+    copy = _copy(bundle, tmp_path)
+    data = bytearray((copy / "image_encoder.fp32.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "image_encoder.fp32.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="does not match its sha256"):
+        polysense.Pipeline.load(copy)
+    (copy / "image_encoder.fp32.onnx").write_bytes(bytes(data[:1000]))
+    with pytest.raises(BundleError, match="truncated"):
+        open_bundle(copy)
+    (copy / "image_encoder.fp32.onnx").unlink()
+    with pytest.raises(BundleError, match="missing"):
+        open_bundle(copy)
+
+
+def test_corrupted_onnx_with_a_matching_hash_is_refused_cleanly(bundle, tmp_path):
+    from polysense.bundle import sha256_file
+
+    copy = _copy(bundle, tmp_path)
+    (copy / "fusion.fp32.onnx").write_bytes(b"not an onnx model at all")
+    manifest = json.loads((copy / MANIFEST_FILE).read_text())
+    manifest["components"]["fusion"]["precisions"]["fp32"]["sha256"] = sha256_file(copy / "fusion.fp32.onnx")
+    (copy / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="onnxruntime cannot load it"):
+        polysense.Pipeline.load(copy)
+
+
+def test_bad_bundle_folders(bundle, tmp_path):
+    with pytest.raises(polysense.InputError, match="not found"):
+        open_bundle(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BundleError, match="is a file"):
+        open_bundle(tmp_path / "file")
+    copy = _copy(bundle, tmp_path)
+    manifest = json.loads((copy / MANIFEST_FILE).read_text())
+    (copy / MANIFEST_FILE).write_text(json.dumps({**manifest, "schema_version": 99}))
+    with pytest.raises(BundleError, match="schema version 99"):
+        open_bundle(copy)
+    (copy / MANIFEST_FILE).write_text("{broken")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        open_bundle(copy)
+    (copy / MANIFEST_FILE).unlink()
+    with pytest.raises(BundleError, match="no manifest.json"):
+        open_bundle(copy)
