@@ -145,6 +145,9 @@ def _streaming(model: MultimodalClassifier, preprocessing: dict) -> dict:
             "hop_length": audio["hop_length"],
             "n_fft": audio["n_fft"],
             "frames_per_second": audio["sample_rate"] / audio["hop_length"],
+            # The encoder is causal with no look-ahead: any number of new frames (>= 1) makes a step.
+            "min_frames_per_step": 1,
+            "lookahead_frames": 0,
             # State tensors, batch axis as 1 (axis 1 for gru_hidden, 0 otherwise); zeros start a recording.
             "state": {name: list(shape) for name, shape in shapes.items()},
         }

@@ -54,12 +54,24 @@ def load_audio(audio: AudioInput, sample_rate: int | None = None) -> tuple[np.nd
             f"unsupported audio input of type {type(audio).__name__}; pass a path, encoded bytes or a numpy array"
         )
     rate = check_sample_rate(rate)
-    mono = samples.mean(axis=1, dtype=np.float32) if samples.ndim == 2 else samples
+    mono = mix_to_mono(samples)
     if mono.size == 0:
         raise InputError("audio is empty (zero samples); pass at least one sample")
+    return mono, rate
+
+
+def array_to_mono(array: np.ndarray) -> np.ndarray:
+    """A sample array of any accepted dtype and layout -> mono float32 (possibly empty), finite or InputError."""
+    if not isinstance(array, np.ndarray):
+        raise InputError(f"audio samples must be a numpy array, got {type(array).__name__}")
+    return mix_to_mono(_array_to_float(array))
+
+
+def mix_to_mono(samples: np.ndarray) -> np.ndarray:
+    mono = samples.mean(axis=1, dtype=np.float32) if samples.ndim == 2 else samples
     if not np.isfinite(mono).all():
         raise InputError("audio contains NaN or Inf samples; clean or drop them before passing the audio")
-    return np.ascontiguousarray(mono, dtype=np.float32), rate
+    return np.ascontiguousarray(mono, dtype=np.float32)
 
 
 def check_sample_rate(rate: object) -> int:

@@ -172,6 +172,42 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_stream(commands: argparse._SubParsersAction) -> None:
+    stream = commands.add_parser("stream", help="a timeline of predictions over streamed audio/video")
+    stream.add_argument("bundle")
+    stream.add_argument("--audio", help="audio file, or - for raw 16-bit little-endian mono PCM on stdin")
+    stream.add_argument("--video", help="video file (or camera index / URL) sampled at --fps")
+    stream.add_argument("--text", help="text fused with the stream")
+    stream.add_argument("--chunk-ms", type=float, default=100.0, help="audio chunk length (default 100 ms)")
+    stream.add_argument("--sample-rate", type=int, default=16000, help="rate of PCM on stdin (default 16000)")
+    stream.add_argument("--fps", type=float, default=5.0, help="video frames encoded per second (default 5)")
+    stream.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    stream.add_argument("--json", action="store_true", help="one JSON object per line")
+    stream.set_defaults(run=_run_stream)
+
+
+def _run_stream(args: argparse.Namespace) -> int:
+    from polysense.pipeline import Pipeline
+    from polysense.timeline import stream_timeline
+
+    pipeline = Pipeline.load(args.bundle, device=args.device)
+    video = int(args.video) if args.video is not None and args.video.isdigit() else args.video
+    events = stream_timeline(
+        pipeline, args.audio, video, args.text, args.chunk_ms, args.sample_rate, args.fps
+    )
+    for event in events:
+        if args.json:
+            print(json.dumps(event), flush=True)
+        else:
+            final = "  (final)" if event.get("final") else ""
+            print(
+                f"{event['time']:8.3f} s  {event['label']:<24} p={event['probability']:.3f}  "
+                f"{'+'.join(event['modalities'])}{final}",
+                flush=True,
+            )
+    return 0
+
+
 def _add_info(commands: argparse._SubParsersAction) -> None:
     info = commands.add_parser("info", help="describe a bundle")
     info.add_argument("bundle")
@@ -215,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(commands)
     _add_eval(commands)
     _add_info(commands)
+    _add_stream(commands)
     return parser
 
 

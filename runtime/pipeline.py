@@ -15,6 +15,7 @@ from polysense.bundle import FUSION, Bundle, encoder_name, open_bundle
 from polysense.errors import InputError
 from polysense.image import ImagePreprocessor
 from polysense.sessions import Session, SessionSettings, to_numpy
+from polysense.streaming import AudioStream, VideoStream
 from polysense.text import TextPreprocessor, pad_token_ids
 
 SAMPLE_KEYS = ("image", "text", "audio", "sample_rate")
@@ -220,6 +221,46 @@ class Pipeline:
             shape[1 if name == "gru_hidden" else 0] = batch_size
             state[name] = np.zeros(shape, np.float32)
         return state
+
+    def embed_one(self, modality: str, value: Any, sample_rate: int | None = None) -> np.ndarray:
+        """Embedding [D] of one input of one modality."""
+        sample = {modality: value}
+        if sample_rate is not None:
+            sample["sample_rate"] = sample_rate
+        embeddings, _, _ = self.embed([sample])
+        return to_numpy(embeddings[modality])[0]
+
+    def fuse_embeddings(self, embeddings: dict[str, np.ndarray | None]) -> Prediction:
+        """A prediction from one embedding [D] per modality (None or missing = absent)."""
+        present = {m: e for m, e in embeddings.items() if e is not None}
+        unknown = [m for m in present if m not in self.modalities]
+        if unknown:
+            raise InputError(
+                f"this bundle has no {unknown[0]} encoder; it takes {', '.join(self.modalities)}"
+            )
+        if not present:
+            raise InputError("nothing to fuse yet: no audio frame, image or text so far")
+        start = time.perf_counter()
+        mask = np.array([[float(m in present) for m in self.modalities]], dtype=np.float32)
+        batch = {m: present.get(m, np.zeros(self.embed_dim, np.float32))[None] for m in self.modalities}
+        probabilities = self.fuse(batch, mask)[0]
+        elapsed = (time.perf_counter() - start) * 1000
+        return Prediction(
+            label=self.labels[int(probabilities.argmax())],
+            probabilities={label: float(p) for label, p in zip(self.labels, probabilities)},
+            embeddings={m: present[m] for m in self.modalities if m in present},
+            timings={"fusion": elapsed, "total": elapsed},
+        )
+
+    def audio_stream(self, encode: bool = True) -> AudioStream:
+        """A new live audio stream sharing this pipeline's sessions. With encode=False its frames wait for
+        `polysense.streaming.encode_streams([...])`, which batches many streams into one encoder call."""
+        return AudioStream(self, encode=encode)
+
+    def video_stream(self, source: Any = None, fps: float = 5.0, window: int = 8) -> VideoStream:
+        """Video frames from `source` (file path, camera index, URL) or pushed with `push(frame, t)`,
+        sampled at `fps`, averaged over the last `window` sampled frames."""
+        return VideoStream(self, source, fps, window)
 
     def fuse(self, embeddings: dict[str, Any], mask: np.ndarray) -> np.ndarray:
         """Probabilities [B, C] from per-modality embeddings and the presence mask."""

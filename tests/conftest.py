@@ -16,8 +16,8 @@ def _require(path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def fsdd_file() -> Path:
-    """A real 8 kHz FSDD recording."""
-    return _require(SHARED_DATA / "fsdd" / "recordings" / "3_theo_7.wav")
+    """A real 8 kHz FSDD recording (2.2 s, one of the longest)."""
+    return _require(SHARED_DATA / "fsdd" / "recordings" / "7_theo_36.wav")
 
 
 @pytest.fixture(scope="session")

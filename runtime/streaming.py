@@ -1,0 +1,263 @@
+"""Streaming: live audio chunks and video frames through the same encoder graphs as offline prediction.
+
+Audio: samples of any rate and chunk size -> stateful resampler (libsoxr's stream, bit-exact with its
+one-shot resampling) -> a small sample buffer -> the log-mel frames whose window is complete -> the causal
+audio encoder on those new frames only, carrying its state tensors. `input_finished()` zero-pads the tail
+exactly as offline processing does, so the final embedding equals `Pipeline.predict(audio=...)` on the whole
+recording, whatever the chunking. A stream owns its buffer and state; the pipeline (sessions) is shared.
+
+Video: frames from cv2.VideoCapture (file, camera index, URL) or pushed by the caller, sampled at a target
+rate, each sampled frame through the image encoder, embeddings averaged over a sliding window.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import soxr
+
+from polysense.audio import LogMel, array_to_mono, check_sample_rate
+from polysense.errors import InputError
+from polysense.sessions import to_numpy
+
+if TYPE_CHECKING:
+    from polysense.pipeline import Pipeline, Prediction
+
+
+class FrameBuffer:
+    """Turns a growing signal at the model rate into log-mel frames, each exactly once.
+
+    Only the samples still needed by future frames are kept (at most n_fft - hop + the last chunk).
+    """
+
+    def __init__(self, logmel: LogMel) -> None:
+        self.logmel = logmel
+        self.reset()
+
+    def reset(self) -> None:
+        self.pending = np.zeros(0, np.float32)  # samples from the start of frame `next_frame` on
+        self.next_frame = 0  # index of the next frame to emit
+        self.total_samples = 0
+
+    def push(self, samples: np.ndarray) -> np.ndarray:
+        """Append samples; return the newly complete frames [k, n_mels] (k may be 0)."""
+        self.pending = np.concatenate([self.pending, samples]) if self.pending.size else samples
+        self.total_samples += samples.size
+        return self._emit(self.pending)
+
+    def flush(self) -> np.ndarray:
+        """The remaining frames with the tail zero-padded, as offline LogMel(pad_tail=True) makes them."""
+        wanted = self.logmel.num_frames(self.total_samples) - self.next_frame
+        if wanted <= 0:
+            return np.zeros((0, self.logmel.n_mels), np.float32)
+        needed = self.logmel.n_fft + (wanted - 1) * self.logmel.hop_length
+        return self._emit(np.pad(self.pending, (0, max(needed - self.pending.size, 0))))
+
+    def _emit(self, signal: np.ndarray) -> np.ndarray:
+        hop, n_fft = self.logmel.hop_length, self.logmel.n_fft
+        count = 0 if signal.size < n_fft else 1 + (signal.size - n_fft) // hop
+        if count == 0:
+            return np.zeros((0, self.logmel.n_mels), np.float32)
+        frames = self.logmel(signal[: n_fft + (count - 1) * hop], pad_tail=False)
+        self.next_frame += count
+        self.pending = signal[count * hop :].copy()
+        return frames
+
+
+class AudioStream:
+    """One live recording: feed chunks, read predictions. Create with `Pipeline.audio_stream()`."""
+
+    def __init__(self, pipeline: Pipeline, encode: bool = True) -> None:
+        if "audio" not in pipeline.modalities:
+            raise InputError(f"this bundle has no audio encoder; it takes {', '.join(pipeline.modalities)}")
+        self.pipeline = pipeline
+        self.encode_immediately = encode  # False: frames wait in `pending_frames` for encode_streams()
+        audio = pipeline.bundle.preprocessing["audio"]
+        self.model_rate = audio["sample_rate"]
+        self._frames = FrameBuffer(
+            LogMel(**{k: audio[k] for k in ("sample_rate", "n_fft", "hop_length", "n_mels", "fmin", "fmax")})
+        )
+        self.image_embedding: np.ndarray | None = None
+        self.text_embedding: np.ndarray | None = None
+        self.video: VideoStream | None = None
+        self.reset()
+
+    # -- life cycle ----------------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the audio (state, buffers, rate); image, text and an attached video stay."""
+        self.sample_rate: int | None = None
+        self._resampler: Any = None
+        self._frames.reset()
+        self.state = self.pipeline.initial_audio_state(1)
+        self.embedding: np.ndarray | None = None  # of all audio encoded so far
+        self.frames_processed = 0
+        self.pending_frames = np.zeros((0, self._frames.logmel.n_mels), np.float32)
+        self.finished = False
+
+    def accept_waveform(self, samples: np.ndarray, sample_rate: int) -> int:
+        """Add a chunk (any length, any common rate, int16/int32/uint8/float, mono or [n, channels]).
+
+        Returns the number of new log-mel frames (run through the encoder unless this stream defers them).
+        A rejected chunk raises InputError and leaves the stream exactly as it was.
+        """
+        if self.finished:
+            raise InputError("audio after input_finished(); call reset() to start a new recording")
+        rate = check_sample_rate(sample_rate)
+        if self.sample_rate is not None and rate != self.sample_rate:
+            raise InputError(
+                f"sample rate changed mid-stream from {self.sample_rate} to {rate} Hz; "
+                "call reset() (or use another stream) for audio at a different rate"
+            )
+        mono = array_to_mono(samples)  # checks dtype, rank and NaN/Inf before anything changes
+        if mono.size == 0:
+            return 0
+        if self.sample_rate is None:
+            self.sample_rate = rate
+            if rate != self.model_rate:
+                self._resampler = soxr.ResampleStream(rate, self.model_rate, 1, dtype="float32", quality="HQ")
+        resampled = self._resampler.resample_chunk(mono, last=False) if self._resampler else mono
+        return self._take(self._frames.push(resampled))
+
+    def input_finished(self) -> int:
+        """No more audio: flush the resampler and the last partial frame, so no sample is lost."""
+        if self.finished:
+            return 0
+        tail = np.zeros(0, np.float32)
+        if self._resampler is not None:
+            tail = self._resampler.resample_chunk(tail, last=True)
+        frames = (
+            self._frames.push(tail) if tail.size else np.zeros((0, self._frames.logmel.n_mels), np.float32)
+        )
+        frames = np.concatenate([frames, self._frames.flush()])
+        self.finished = True
+        return self._take(frames)
+
+    def _take(self, frames: np.ndarray) -> int:
+        if frames.shape[0] == 0:
+            return 0
+        if self.encode_immediately:
+            self._encode(frames)
+        else:
+            self.pending_frames = np.concatenate([self.pending_frames, frames])
+        return frames.shape[0]
+
+    def _encode(self, frames: np.ndarray) -> None:
+        feeds = {"frames": frames[None], **self.state}
+        outputs = self.pipeline.sessions["audio"].run(feeds)
+        self._update(to_numpy(outputs[0])[0], [to_numpy(o) for o in outputs[1:]], frames.shape[0])
+
+    def _update(self, embedding: np.ndarray, new_state: Sequence[np.ndarray], frames: int) -> None:
+        self.embedding = embedding
+        self.state = dict(zip(self.state, new_state))
+        self.frames_processed += frames
+
+    # -- other modalities and results ----------------------------------------------------------------------
+
+    def set_text(self, text: str | None) -> None:
+        """Text fused with the audio from now on (None removes it); encoded once here."""
+        self.text_embedding = None if text is None else self.pipeline.embed_one("text", text)
+
+    def set_image(self, image: Any) -> None:
+        """An image fused with the audio from now on (None removes it); encoded once here."""
+        self.image_embedding = None if image is None else self.pipeline.embed_one("image", image)
+
+    def attach_video(self, video: VideoStream | None) -> None:
+        """Fuse with the video stream's current window of frames instead of a fixed image."""
+        self.video = video
+
+    def result(self) -> Prediction:
+        """The prediction from everything so far: audio (if any frame yet), image or video, text."""
+        image = self.video.embedding if self.video is not None else self.image_embedding
+        return self.pipeline.fuse_embeddings(
+            {"audio": self.embedding, "image": image, "text": self.text_embedding}
+        )
+
+
+def encode_streams(streams: Sequence[AudioStream]) -> None:
+    """Run the pending frames of several deferred streams (`pipeline.audio_stream(encode=False)`) with one
+    encoder call per group of equal frame count, by stacking their state tensors along the batch axis."""
+    groups: dict[tuple[int, int], list[AudioStream]] = {}
+    for stream in streams:
+        if stream.pending_frames.shape[0]:
+            groups.setdefault((id(stream.pipeline), stream.pending_frames.shape[0]), []).append(stream)
+    for group in groups.values():
+        session = group[0].pipeline.sessions["audio"]
+        feeds = {"frames": np.stack([s.pending_frames for s in group])}
+        for name in group[0].state:
+            axis = 1 if name == "gru_hidden" else 0
+            feeds[name] = np.concatenate([s.state[name] for s in group], axis=axis)
+        outputs = [to_numpy(o) for o in session.run(feeds)]
+        names = list(group[0].state)
+        for index, stream in enumerate(group):
+            state = [
+                out[:, index : index + 1] if name == "gru_hidden" else out[index : index + 1]
+                for name, out in zip(names, outputs[1:])
+            ]
+            stream._update(outputs[0][index], state, stream.pending_frames.shape[0])
+            stream.pending_frames = stream.pending_frames[:0]
+
+
+class VideoStream:
+    """Sampled video frames through the image encoder, averaged over a sliding window."""
+
+    def __init__(self, pipeline: Pipeline, source: Any = None, fps: float = 5.0, window: int = 8) -> None:
+        if "image" not in pipeline.modalities:
+            raise InputError(f"this bundle has no image encoder; it takes {', '.join(pipeline.modalities)}")
+        if not fps > 0:
+            raise InputError(f"fps must be positive, got {fps}")
+        if window < 1:
+            raise InputError(f"window must be at least 1 frame, got {window}")
+        self.pipeline, self.source, self.fps, self.window = pipeline, source, float(fps), window
+        self.embeddings: deque[np.ndarray] = deque(maxlen=window)
+        self.next_time = 0.0  # seconds: the next frame at or after this time is sampled
+        self.frames_seen = 0
+        self.frames_encoded = 0
+
+    @property
+    def embedding(self) -> np.ndarray | None:
+        """Mean embedding of the last `window` sampled frames (None before the first)."""
+        return np.mean(np.stack(self.embeddings), axis=0) if self.embeddings else None
+
+    def push(self, frame: np.ndarray, timestamp: float) -> bool:
+        """Offer an RGB uint8 frame taken at `timestamp` seconds; True if it was sampled and encoded."""
+        self.frames_seen += 1
+        if timestamp + 1e-9 < self.next_time:
+            return False
+        self.embeddings.append(self.pipeline.embed_one("image", frame))
+        self.frames_encoded += 1
+        # Sample on a fixed grid (1/fps apart) so a jittery camera clock does not drift the rate.
+        self.next_time = max(self.next_time + 1.0 / self.fps, timestamp - 0.5 / self.fps)
+        return True
+
+    def frames(self) -> Iterator[tuple[float, np.ndarray]]:
+        """(timestamp in s, RGB frame) from the source: a file path, camera index or URL."""
+        import cv2
+
+        if self.source is None:
+            raise InputError("this video stream has no source; push frames with push(frame, timestamp)")
+        capture = cv2.VideoCapture(self.source if isinstance(self.source, int) else str(self.source))
+        if not capture.isOpened():
+            raise InputError(f"cannot open video source {self.source!r} (missing file, camera or codec?)")
+        native_fps = capture.get(cv2.CAP_PROP_FPS) or 0.0
+        index = 0
+        try:
+            while True:
+                ok, bgr = capture.read()
+                if not ok:
+                    return
+                position = capture.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
+                timestamp = index / native_fps if native_fps > 0 else position
+                index += 1
+                yield timestamp, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        finally:
+            capture.release()
+
+    def run(self) -> Iterator[float]:
+        """Read the source; yield the timestamp of each sampled (encoded) frame."""
+        for timestamp, frame in self.frames():
+            if self.push(frame, timestamp):
+                yield timestamp
