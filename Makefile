@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint
+.PHONY: demo test lint bench-streaming
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,3 +24,8 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# Streaming benchmark on the demo bundle (trains it first if runs/demo/bundle is missing).
+bench-streaming: $(STAMP)
+	test -d runs/demo/bundle || $(MAKE) demo
+	$(BIN)/python benchmarks/streaming.py --bundle runs/demo/bundle

@@ -51,7 +51,7 @@ class CausalAudioEncoder(nn.Module):
         self.register_buffer("input_std", torch.ones(n_mels))
         self.conv1 = CausalConv1d(n_mels, channels, kernel_size=5)
         self.conv2 = CausalConv1d(channels, channels, kernel_size=5, dilation=2)
-        self.gru = nn.GRU(channels, hidden, batch_first=True)
+        self.gru = nn.GRU(channels, hidden)
         self.project = nn.Linear(hidden, embed_dim)
 
     def set_input_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -87,12 +87,17 @@ class CausalAudioEncoder(nn.Module):
         x = ((frames - self.input_mean) / self.input_std).transpose(1, 2)
         x, conv1_cache = self.conv1(x, conv1_cache)
         x, conv2_cache = self.conv2(torch.relu(x), conv2_cache)
-        outputs, gru_hidden = self.gru(torch.relu(x).transpose(1, 2), gru_hidden)
+        # The GRU runs time-major, as ONNX's GRU does, so the exported graph needs no transposes around it.
+        outputs, gru_hidden = self.gru(torch.relu(x).permute(2, 0, 1), gru_hidden)  # [T, B, hidden]
         if frame_mask is None:
-            frame_mask = torch.ones(frames.shape[:2], device=frames.device)
-        weights = frame_mask.to(outputs.dtype).unsqueeze(-1)
-        pool_sum = pool_sum + (outputs * weights).sum(dim=1)
-        pool_count = pool_count + weights.sum(dim=1)
+            # The streaming and export path: every frame is real. Kept free of mask arithmetic because each
+            # extra node costs time on every chunk of every stream.
+            pool_sum = pool_sum + outputs.sum(dim=0)
+            pool_count = pool_count + frames.shape[1]
+        else:
+            weights = frame_mask.to(outputs.dtype).t().unsqueeze(-1)  # [T, B, 1]
+            pool_sum = pool_sum + (outputs * weights).sum(dim=0)
+            pool_count = pool_count + weights.sum(dim=0)
         embedding = self.project(pool_sum / pool_count.clamp(min=1.0))
         return embedding, (conv1_cache, conv2_cache, gru_hidden, pool_sum, pool_count)
 
