@@ -75,7 +75,7 @@ def run(bundle: Path, seconds: float, repeats: int, threads: int) -> dict:
     offline_frames = pipeline.preprocess("audio", signal, rate).shape[0]
     stream_once(pipeline, signal[: rate * 2], rate, 100)  # warm-up
     offline_once(pipeline, signal[: rate * 2], rate)
-    offline_ms = statistics.median(offline_once(pipeline, signal, rate)[0] for _ in range(repeats))
+    offline_ms = statistics.median(offline_once(pipeline, signal, rate)[0] for _ in range(3 * repeats))
     result = {"chunks": {}, "seconds": duration, "input_rate": rate, "intra_op_threads": threads}
     for chunk_ms in CHUNKS_MS:
         latencies, totals = [], []
@@ -144,7 +144,7 @@ def main() -> None:
     )
     parser.add_argument("--bundle", default=str(ROOT / "runs" / "demo" / "bundle"))
     parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     results = [run(Path(args.bundle), args.seconds, args.repeats, threads) for threads in (1, 0)]

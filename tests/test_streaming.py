@@ -30,13 +30,14 @@ def speech(fsdd_file):
 def _stream_in_chunks(pipe, samples, rate, sizes):
     stream = pipe.audio_stream()
     start, frames = 0, 0
-    for size in sizes:
+    for size in [*sizes, samples.shape[0]]:
         if start >= samples.shape[0]:
             break
         frames += stream.accept_waveform(samples[start : start + size], rate)
         start += size
-    if start < samples.shape[0]:
-        frames += stream.accept_waveform(samples[start:], rate)
+        # Never ahead of the input: no more frames than the audio so far holds (10 ms each). The resampler
+        # releases output in blocks, so a one-sample chunk may complete several frames at once.
+        assert frames <= min(start, samples.shape[0]) * 100 / rate + 1
     frames += stream.input_finished()
     return stream, frames
 
