@@ -61,41 +61,50 @@ def describe_io(model: onnx.ModelProto) -> dict:
 
 
 def _real_cases(run_dir: Path, config: dict, model: MultimodalClassifier) -> tuple[dict[str, list], dict]:
-    """Inputs per component built from real test-split samples, and the raw samples for the end-to-end check."""
-    rows = [r for r in read_manifest(run_dir / "manifest.csv").rows if r.split == "test"][:REAL_SAMPLES]
+    """Inputs per component built from real test-split samples, and the raw samples for the end-to-end check.
+
+    Each encoder gets up to REAL_SAMPLES test rows that have its modality; the fusion head gets their
+    embeddings (zeros for a modality no test row has) under every subset mask.
+    """
+    test_rows = [r for r in read_manifest(run_dir / "manifest.csv").rows if r.split == "test"]
+    modalities = model.config.modalities
     pre = config["preprocessing"]
+    having = {
+        m: [getattr(r, m) for r in test_rows if getattr(r, m) is not None][:REAL_SAMPLES] for m in modalities
+    }
     cases: dict[str, list] = {}
-    samples = [{m: getattr(r, m) for m in model.config.modalities if getattr(r, m) is not None} for r in rows]
-    embeddings = {}
+    embeddings: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        if "image" in pre:
+        if having.get("image"):
             image = ImagePreprocessor(
                 pre["image"]["size"], tuple(pre["image"]["mean"]), tuple(pre["image"]["std"])
             )
-            batch = torch.from_numpy(np.stack([image(r.image) for r in rows if r.image]))
+            batch = torch.from_numpy(np.stack([image(path) for path in having["image"]]))
             cases["image_encoder"] = [(batch,)]
             embeddings["image"] = model.encoders["image"](batch)
-        if "text" in pre:
+        if having.get("text"):
             text = TextPreprocessor(run_dir / pre["text"]["tokenizer"], pre["text"]["max_length"])
-            ids, mask = (
-                torch.from_numpy(a) for a in pad_token_ids(text.encode_many([r.text for r in rows if r.text]))
-            )
+            ids, mask = (torch.from_numpy(a) for a in pad_token_ids(text.encode_many(having["text"])))
             cases["text_encoder"] = [(ids, mask)]
             embeddings["text"] = model.encoders["text"](ids, mask)
-        if "audio" in pre:
+        if having.get("audio"):
             audio = AudioPreprocessor(**pre["audio"])
             encoder = model.encoders["audio"]
-            cases["audio_encoder"] = []
-            for row in rows:
-                frames = torch.from_numpy(audio(row.audio)).unsqueeze(0)
-                cases["audio_encoder"].append((frames, *encoder.initial_state(1)))
-            embeddings["audio"] = torch.cat([encoder(c[0])[0] for c in cases["audio_encoder"]])
-    count = min(len(e) for e in embeddings.values())
-    stacked = [embeddings[m][:count] for m in model.config.modalities]
-    cases[FUSION] = [
-        (*stacked, torch.tensor([[float(m in subset) for m in model.config.modalities]] * count))
-        for subset in nonempty_subsets(model.config.modalities)
-    ]
+            clips = [torch.from_numpy(audio(path)).unsqueeze(0) for path in having["audio"]]
+            cases["audio_encoder"] = [(clip, *encoder.initial_state(1)) for clip in clips]
+            embeddings["audio"] = torch.cat([encoder(clip)[0] for clip in clips])
+    count = min((len(e) for e in embeddings.values()), default=0)
+    if count:
+        stacked = [
+            embeddings[m][:count] if m in embeddings else torch.zeros(count, model.config.embed_dim)
+            for m in modalities
+        ]
+        cases[FUSION] = [
+            (*stacked, torch.tensor([[float(m in subset) for m in modalities]] * count))
+            for subset in nonempty_subsets(modalities)
+        ]
+    rows = test_rows[:REAL_SAMPLES]
+    samples = [{m: getattr(r, m) for m in modalities if getattr(r, m) is not None} for r in rows]
     return cases, {"samples": samples, "labels": [r.label for r in rows]}
 
 

@@ -144,3 +144,30 @@ def test_bad_bundle_folders(bundle, tmp_path):
     (copy / MANIFEST_FILE).unlink()
     with pytest.raises(BundleError, match="no manifest.json"):
         open_bundle(copy)
+
+
+def test_missing_modalities_train_export_and_evaluate(tiny_builtin, tmp_path):
+    """Rows with empty cells (a modality missing) flow through training, export and runtime evaluation."""
+    import csv
+
+    from polysense.evaluate import evaluate_bundle
+    from polysense.models.options import TrainOptions
+    from polysense.models.train import train
+
+    rows = list(csv.DictReader(tiny_builtin.open()))
+    for index, row in enumerate(rows):
+        row["image"] = str(tiny_builtin.parent / row["image"])
+        row["audio"] = "" if index % 3 == 0 else str(tiny_builtin.parent / row["audio"])
+        row["text"] = "" if index % 3 == 1 else row["text"]
+    manifest = tmp_path / "gappy.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "text", "audio", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    result = train(TrainOptions(data=str(manifest), out=str(tmp_path / "run"), epochs=1, image_width=8,
+                                embed_dim=32, progress=False))
+    bundle = export_run(tmp_path / "run", tmp_path / "bundle", progress=False).bundle
+    runtime = evaluate_bundle(polysense.Pipeline.load(bundle, device="cpu"), tmp_path / "run" / "manifest.csv",
+                              "test", progress=False)
+    assert runtime["accuracy"] == pytest.approx(result.metrics["accuracy"])
+    assert runtime["subsets"]["image+text+audio"]["count"] < runtime["subsets"]["image"]["count"]
