@@ -2,6 +2,7 @@
 (needs the `train` extra: torch, onnx)."""
 
 from polysense.export.parity import ExportError
+from polysense.export.variants import VariantPolicy
 from polysense.export.writer import ExportReport, export_run
 
-__all__ = ["ExportError", "ExportReport", "export_run"]
+__all__ = ["ExportError", "ExportReport", "VariantPolicy", "export_run"]

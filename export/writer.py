@@ -26,6 +26,16 @@ from polysense.data import read_manifest
 from polysense.errors import ConfigError
 from polysense.export.components import OPSET, Component, components
 from polysense.export.parity import TOLERANCE, ExportError, check_component, export_component
+from polysense.export.variants import (
+    CALIBRATION_SAMPLES,
+    VariantPolicy,
+    VariantReport,
+    convert_fp16,
+    file_entry,
+    measure_latency,
+    quantize_int8_dynamic,
+    quantize_int8_static,
+)
 from polysense.image import ImagePreprocessor
 from polysense.modalities import nonempty_subsets
 from polysense.models.model import MultimodalClassifier
@@ -35,6 +45,7 @@ from polysense.text import TextPreprocessor, pad_token_ids
 log = logging.getLogger("polysense")
 
 REAL_SAMPLES = 4  # test-split samples used for parity on real inputs
+DEFAULT_POLICY = VariantPolicy()
 
 
 @dataclass
@@ -43,6 +54,7 @@ class ExportReport:
     parity: dict[str, float]  # component -> worst |torch - onnxruntime| over all checks
     end_to_end: float  # worst |probability difference| between torch and the runtime on real samples
     sizes: dict[str, int] = field(default_factory=dict)  # file -> bytes
+    variants: dict[str, list] = field(default_factory=dict)  # component -> every variant measured
 
 
 def describe_io(model: onnx.ModelProto) -> dict:
@@ -163,8 +175,17 @@ def _streaming(model: MultimodalClassifier, preprocessing: dict) -> dict:
     }
 
 
-def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, progress: bool = True) -> ExportReport:
-    """Export the finished run in `run_dir` to the bundle folder `out` (which must not exist yet)."""
+def export_run(
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    progress: bool = True,
+    policy: VariantPolicy | None = DEFAULT_POLICY,
+) -> ExportReport:
+    """Export the finished run in `run_dir` to the bundle folder `out` (which must not exist yet).
+
+    With a `policy` (the default), int8 and fp16 variants are tried and kept where they pay (variants.py);
+    policy=None exports fp32 only.
+    """
     run_dir, out = Path(run_dir), Path(out)
     if out.exists():
         raise ConfigError(f"{out} already exists; choose another --out or remove it")
@@ -176,7 +197,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, progress: boo
         shutil.rmtree(work)
     work.mkdir(parents=True)
     try:
-        report = _write_bundle(run_dir, work, model, config, metrics, progress)
+        report = _write_bundle(run_dir, work, model, config, metrics, progress, policy)
         os.rename(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -186,7 +207,13 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, progress: boo
 
 
 def _write_bundle(
-    run_dir: Path, work: Path, model: MultimodalClassifier, config: dict, metrics: dict, progress: bool
+    run_dir: Path,
+    work: Path,
+    model: MultimodalClassifier,
+    config: dict,
+    metrics: dict,
+    progress: bool,
+    policy: VariantPolicy | None,
 ) -> ExportReport:
     preprocessing = json.loads(json.dumps(config["preprocessing"]))  # a copy to add hashes to
     image_size = preprocessing.get("image", {}).get("size", 0)
@@ -220,10 +247,139 @@ def _write_bundle(
         "metrics": {"fp32": _headline(metrics), "parity_max_abs_diff": parity},
         "producer": _producer(),
     }
-    (work / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    _write_manifest(work, manifest)
     end_to_end = _check_end_to_end(work, model, real)
+    if policy is not None and policy.precisions:
+        latency_feeds = {name: _first_row(cases[0]) for name, cases in real_cases.items() if cases}
+        _add_variants(work, manifest, run_dir, parts, latency_feeds, policy, progress)
     sizes = {p.name: p.stat().st_size for p in sorted(work.iterdir())}
-    return ExportReport(work, parity, end_to_end, sizes)
+    return ExportReport(
+        work,
+        parity,
+        end_to_end,
+        sizes,
+        variants={name: entry.get("variants", []) for name, entry in manifest["components"].items()},
+    )
+
+
+def _write_manifest(work: Path, manifest: dict) -> None:
+    (work / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _first_row(case: tuple[torch.Tensor, ...]) -> tuple[np.ndarray, ...]:
+    """Batch-1 numpy inputs from a batch of real inputs (audio cases are batch 1 already)."""
+    return tuple(tensor.numpy()[:1] for tensor in case)
+
+
+def _calibration_images(run_dir: Path, preprocessing: dict) -> list[np.ndarray]:
+    """Real training images for static int8 calibration, preprocessed by the runtime."""
+    image = preprocessing["image"]
+    pre = ImagePreprocessor(image["size"], tuple(image["mean"]), tuple(image["std"]))
+    rows = [r for r in read_manifest(run_dir / "manifest.csv").rows if r.split == "train" and r.image]
+    step = max(1, len(rows) // CALIBRATION_SAMPLES)
+    return [pre(r.image) for r in rows[::step][:CALIBRATION_SAMPLES]]
+
+
+def _validation_accuracy(work: Path, run_dir: Path, precisions: dict[str, str]) -> dict:
+    from polysense.evaluate import evaluate_bundle
+
+    pipeline = polysense.Pipeline.load(work, device="cpu", precision=precisions)
+    return evaluate_bundle(pipeline, run_dir / "manifest.csv", "val", progress=False)
+
+
+def _add_variants(
+    work: Path,
+    manifest: dict,
+    run_dir: Path,
+    parts: list[Component],
+    latency_feeds: dict[str, tuple[np.ndarray, ...]],
+    policy: VariantPolicy,
+    progress: bool,
+) -> None:
+    """Try each variant of each component, keep those that pay, record every measurement in the manifest."""
+    baseline = _validation_accuracy(work, run_dir, {})
+    base_accuracy = baseline["accuracy"]
+    steps = tqdm(parts, desc="precision variants", unit="graph", disable=not progress, leave=False)
+    for component in steps:
+        entry = manifest["components"][component.name]
+        fp32_path = work / entry["precisions"]["fp32"]["file"]
+        feeds = dict(zip(component.inputs, latency_feeds[component.name]))
+        fp32_ms = measure_latency(fp32_path, feeds, policy.latency_runs)
+        entry["precisions"]["fp32"].update(device="any", latency_ms=fp32_ms)
+        reports = []
+        for precision, method, device, path in _candidates(component, fp32_path, run_dir, manifest, policy):
+            entry["precisions"][precision] = file_entry(path, device)
+            _write_manifest(work, manifest)
+            metrics = _validation_accuracy(work, run_dir, {component.name: precision})
+            latency = measure_latency(path, feeds, policy.latency_runs)
+            drop = (base_accuracy - metrics["accuracy"]) * 100
+            speedup = fp32_ms / latency
+            kept, reason = _decide(device, drop, speedup, policy)
+            reports.append(
+                VariantReport(
+                    precision,
+                    method,
+                    device,
+                    kept,
+                    reason,
+                    path.name if kept else None,
+                    path.stat().st_size,
+                    metrics["accuracy"],
+                    base_accuracy,
+                    drop,
+                    {k: v["accuracy"] for k, v in metrics["subsets"].items()},
+                    latency,
+                    fp32_ms,
+                    speedup,
+                )
+            )
+            if kept:
+                entry["precisions"][precision]["latency_ms"] = latency
+            else:
+                del entry["precisions"][precision]
+                path.unlink()
+            log.info(
+                "%s %s (%s): accuracy drop %.2f points, %.2fx fp32 speed: %s",
+                component.name,
+                precision,
+                method,
+                drop,
+                speedup,
+                reason,
+            )
+        entry["variants"] = [r.to_dict() for r in reports]
+        _write_manifest(work, manifest)
+
+
+def _candidates(component: Component, fp32_path: Path, run_dir: Path, manifest: dict, policy: VariantPolicy):
+    """(precision, method, device, path) of each variant to try for one component."""
+    if "int8" in policy.precisions:
+        path = fp32_path.with_name(f"{component.name}.int8.onnx")
+        if component.name == "image_encoder":
+            samples = _calibration_images(run_dir, manifest["preprocessing"])
+            quantize_int8_static(fp32_path, path, "image", samples)
+            yield "int8", f"static QDQ, per-channel weights, {len(samples)} training images", "cpu", path
+        elif quantize_int8_dynamic(fp32_path, path):
+            yield "int8", "dynamic, MatMul/Gemm only", "cpu", path
+        else:
+            path.unlink(missing_ok=True)
+    if "fp16" in policy.precisions:
+        path = fp32_path.with_name(f"{component.name}.fp16.onnx")
+        convert_fp16(fp32_path, path)
+        yield "fp16", "fp16 weights and activations, fp32 inputs/outputs", "cuda", path
+
+
+def _decide(device: str, drop: float, speedup: float, policy: VariantPolicy) -> tuple[bool, str]:
+    if drop > policy.max_accuracy_drop:
+        return (
+            False,
+            f"rejected: loses {drop:.2f} points of validation accuracy (> {policy.max_accuracy_drop})",
+        )
+    if device == "cpu" and speedup < policy.min_speedup:
+        return False, f"rejected: {speedup:.2f}x fp32 speed on CPU (< {policy.min_speedup}x)"
+    if device == "cuda":
+        return True, "kept for CUDA: accuracy within budget (CUDA latency not measured at export)"
+    return True, "kept: accuracy within budget and faster than fp32"
 
 
 def _check_end_to_end(bundle: Path, model: MultimodalClassifier, real: dict) -> float:

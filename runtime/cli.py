@@ -10,7 +10,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from polysense.errors import DependencyError, PolysenseError
+from polysense.errors import ConfigError, DependencyError, PolysenseError
 
 log = logging.getLogger("polysense")
 
@@ -105,17 +105,46 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
     )
     export.add_argument("run_dir", help="a finished training run folder")
     export.add_argument("--out", required=True, help="bundle folder to write (must not exist)")
+    export.add_argument(
+        "--precisions",
+        default="int8,fp16",
+        help="variants to try besides fp32, comma-separated, or 'fp32' for none (default int8,fp16)",
+    )
+    export.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=1.0,
+        help="validation accuracy points a variant may lose (default 1.0)",
+    )
+    export.add_argument(
+        "--min-speedup",
+        type=float,
+        default=1.1,
+        help="how much faster than fp32 a CPU variant must be to be kept (default 1.1)",
+    )
     export.add_argument("--no-progress", action="store_true")
     export.set_defaults(run=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    report = _training_module("polysense.export").export_run(
-        args.run_dir, args.out, progress=not args.no_progress
+    export = _training_module("polysense.export")
+    precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip() and p.strip() != "fp32")
+    unknown = [p for p in precisions if p not in ("int8", "fp16")]
+    if unknown:
+        raise ConfigError(f"--precisions: {unknown[0]!r} is unknown; choose from int8, fp16 (or fp32 alone)")
+    policy = (
+        export.VariantPolicy(args.max_accuracy_drop, args.min_speedup, precisions) if precisions else None
     )
+    report = export.export_run(args.run_dir, args.out, progress=not args.no_progress, policy=policy)
     print(f"bundle: {report.bundle}")
     print(f"  end to end     max |probability difference| {report.end_to_end:.1e}")
     print(f"  size           {sum(report.sizes.values()) / 1e6:.2f} MB in {len(report.sizes)} files")
+    for name, variants in report.variants.items():
+        for v in variants:
+            print(
+                f"  {name:<14} {v['precision']:<5} {v['speedup']:.2f}x fp32 speed, "
+                f"{v['accuracy_drop_points']:+.2f} points: {v['reason']}"
+            )
     return 0
 
 

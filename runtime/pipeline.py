@@ -14,6 +14,7 @@ from polysense.audio import AudioPreprocessor
 from polysense.bundle import FUSION, Bundle, encoder_name, open_bundle
 from polysense.errors import InputError
 from polysense.image import ImagePreprocessor
+from polysense.precision import choose_precisions
 from polysense.sessions import Session, SessionSettings, to_numpy
 from polysense.streaming import AudioStream, VideoStream
 from polysense.text import TextPreprocessor, pad_token_ids
@@ -45,7 +46,9 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 class Pipeline:
     """Load once, predict many times. Not thread-safe per instance; make one per thread if needed."""
 
-    def __init__(self, bundle: Bundle, settings: SessionSettings) -> None:
+    def __init__(
+        self, bundle: Bundle, settings: SessionSettings, precision: str | dict[str, str] = "auto"
+    ) -> None:
         self.bundle = bundle
         self.settings = settings
         self.labels: list[str] = list(bundle.labels)
@@ -63,17 +66,32 @@ class Pipeline:
             self.preprocessors["text"] = TextPreprocessor(bundle.path / text["tokenizer"], text["max_length"])
         if "audio" in self.modalities:
             self.preprocessors["audio"] = AudioPreprocessor(**pre["audio"])
-        self.sessions = {m: Session(bundle.file(encoder_name(m)), settings) for m in self.modalities}
-        self.sessions[FUSION] = Session(bundle.file(FUSION), settings)
+        names = [*(encoder_name(m) for m in self.modalities), FUSION]
+        self.precisions: dict[str, str] = choose_precisions(bundle, names, settings.device, precision)
+        sessions = {name: Session(bundle.file(name, self.precisions[name]), settings) for name in names}
+        self.sessions = {m: sessions[encoder_name(m)] for m in self.modalities}
+        self.sessions[FUSION] = sessions[FUSION]
         if "audio" in self.modalities:
             state = bundle.manifest["streaming"]["audio"]["state"]
             self._audio_state = {name: np.array(shape) for name, shape in state.items()}
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str = "auto", intra_op_threads: int = 0) -> Pipeline:
-        """Open and verify the bundle at `path`, create one session per component on `device`."""
+    def load(
+        cls,
+        path: str | os.PathLike,
+        device: str = "auto",
+        precision: str | dict[str, str] = "auto",
+        intra_op_threads: int = 0,
+    ) -> Pipeline:
+        """Open and verify the bundle at `path`, create one session per component on `device`.
+
+        precision: "auto" takes per component the fastest variant the bundle kept for the device (int8 on CPU,
+        fp16 on CUDA, where they passed export's accuracy and speed checks; else fp32); "fp32", "int8" or
+        "fp16" forces one wherever the bundle has it (a warning names components that lack it); a dict
+        {component: precision} sets components one by one (the others auto).
+        """
         settings = SessionSettings(device=device, intra_op_threads=intra_op_threads)
-        return cls(open_bundle(path), settings)
+        return cls(open_bundle(path), settings, precision)
 
     @property
     def providers(self) -> dict[str, str]:

@@ -64,5 +64,10 @@ def trained_run(tiny_builtin, tmp_path_factory) -> Path:
 def bundle(trained_run, tmp_path_factory) -> Path:
     """The trained run exported to a bundle."""
     from polysense.export import export_run
+    from polysense.export.variants import VariantPolicy
 
-    return export_run(trained_run, tmp_path_factory.mktemp("bundle") / "bundle", progress=False).bundle
+    # Variants are tried as in a real export, with fewer latency runs to keep the suite fast.
+    policy = VariantPolicy(latency_runs=20)
+    return export_run(
+        trained_run, tmp_path_factory.mktemp("bundle") / "bundle", progress=False, policy=policy
+    ).bundle

@@ -164,10 +164,22 @@ def test_missing_modalities_train_export_and_evaluate(tiny_builtin, tmp_path):
         writer = csv.DictWriter(handle, fieldnames=["image", "text", "audio", "label"])
         writer.writeheader()
         writer.writerows(rows)
-    result = train(TrainOptions(data=str(manifest), out=str(tmp_path / "run"), epochs=1, image_width=8,
-                                embed_dim=32, progress=False))
+    result = train(
+        TrainOptions(
+            data=str(manifest),
+            out=str(tmp_path / "run"),
+            epochs=1,
+            image_width=8,
+            embed_dim=32,
+            progress=False,
+        )
+    )
     bundle = export_run(tmp_path / "run", tmp_path / "bundle", progress=False).bundle
-    runtime = evaluate_bundle(polysense.Pipeline.load(bundle, device="cpu"), tmp_path / "run" / "manifest.csv",
-                              "test", progress=False)
+    runtime = evaluate_bundle(
+        polysense.Pipeline.load(bundle, device="cpu"),
+        tmp_path / "run" / "manifest.csv",
+        "test",
+        progress=False,
+    )
     assert runtime["accuracy"] == pytest.approx(result.metrics["accuracy"])
     assert runtime["subsets"]["image+text+audio"]["count"] < runtime["subsets"]["image"]["count"]

@@ -1,0 +1,98 @@
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+import polysense  # noqa: E402
+from polysense.bundle import Bundle, open_bundle  # noqa: E402
+from polysense.data import read_manifest  # noqa: E402
+from polysense.errors import ConfigError  # noqa: E402
+from polysense.precision import choose_precisions  # noqa: E402
+
+NAMES = ["image_encoder", "text_encoder", "audio_encoder", "fusion"]
+
+
+@pytest.fixture(scope="module")
+def permissive_bundle(trained_run, tmp_path_factory):
+    """Every variant kept, whatever its accuracy or speed, so each one can be loaded and run."""
+    from polysense.export import VariantPolicy, export_run
+
+    policy = VariantPolicy(max_accuracy_drop=100.0, min_speedup=0.0, latency_runs=5)
+    return export_run(trained_run, tmp_path_factory.mktemp("perm") / "bundle", progress=False, policy=policy).bundle
+
+
+def test_every_variant_is_measured_and_only_kept_ones_ship(bundle):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for name, component in manifest["components"].items():
+        assert {v["precision"] for v in component["variants"]} == {"int8", "fp16"}, name
+        for variant in component["variants"]:
+            for key in ("val_accuracy", "accuracy_drop_points", "latency_ms", "fp32_latency_ms", "speedup", "reason"):
+                assert variant[key] is not None, (name, key)
+            shipped = variant["precision"] in component["precisions"]
+            assert shipped == variant["kept"], (name, variant)
+            assert (bundle / f"{name}.{variant['precision']}.onnx").exists() == variant["kept"]
+
+
+def test_auto_never_picks_a_rejected_variant(bundle):
+    pipe = polysense.Pipeline.load(bundle, device="cpu")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for name, precision in pipe.precisions.items():
+        entry = manifest["components"][name]["precisions"][precision]
+        assert entry.get("device", "any") in ("cpu", "any")
+        rejected = {v["precision"] for v in manifest["components"][name]["variants"] if not v["kept"]}
+        assert precision not in rejected
+
+
+def _fake_bundle(precisions: dict[str, dict]) -> Bundle:
+    components = {name: {"precisions": precisions} for name in NAMES}
+    return Bundle(path=None, manifest={"components": components, "labels": [], "modalities": []})
+
+
+def test_auto_takes_the_fastest_kept_variant_for_the_device():
+    fast_int8 = _fake_bundle({
+        "fp32": {"device": "any", "latency_ms": 1.0},
+        "int8": {"device": "cpu", "latency_ms": 0.4},
+        "fp16": {"device": "cuda", "latency_ms": 2.0},
+    })
+    assert set(choose_precisions(fast_int8, NAMES, "cpu", "auto").values()) == {"int8"}
+    assert set(choose_precisions(fast_int8, NAMES, "cuda", "auto").values()) == {"fp16"}
+    fp32_only = _fake_bundle({"fp32": {"device": "any"}})
+    assert set(choose_precisions(fp32_only, NAMES, "cpu", "auto").values()) == {"fp32"}
+    assert set(choose_precisions(fp32_only, NAMES, "cuda", "auto").values()) == {"fp32"}
+
+
+def test_forcing_a_precision_says_when_it_does_not_exist():
+    partial = _fake_bundle({"fp32": {}})
+    partial.manifest["components"]["fusion"]["precisions"] = {"fp32": {}, "int8": {"device": "cpu"}}
+    with pytest.warns(UserWarning, match="no int8 variant of image_encoder, text_encoder, audio_encoder"):
+        chosen = choose_precisions(partial, NAMES, "cpu", "int8")
+    assert chosen["fusion"] == "int8" and chosen["image_encoder"] == "fp32"
+    with pytest.raises(ConfigError, match="no fp16 variant of any component"):
+        choose_precisions(partial, NAMES, "cpu", "fp16")
+    with pytest.raises(ConfigError, match="image_encoder has no int8 variant"):
+        choose_precisions(partial, NAMES, "cpu", {"image_encoder": "int8"})
+    with pytest.raises(ConfigError, match="unknown"):
+        choose_precisions(partial, NAMES, "cpu", "int4")
+
+
+def test_every_variant_loads_and_predicts(permissive_bundle, trained_run):
+    row = [r for r in read_manifest(trained_run / "manifest.csv").rows if r.split == "test"][0]
+    sample = {"image": row.image, "text": row.text, "audio": row.audio}
+    reference = polysense.Pipeline.load(permissive_bundle, device="cpu", precision="fp32").predict(**sample)
+    bundle = open_bundle(permissive_bundle)
+    for name in NAMES:
+        for precision in bundle.precisions(name):
+            pipe = polysense.Pipeline.load(permissive_bundle, device="cpu", precision={name: precision})
+            assert pipe.precisions[name] == precision
+            prediction = pipe.predict(**sample)
+            probabilities = np.array(list(prediction.probabilities.values()))
+            assert probabilities.sum() == pytest.approx(1.0, abs=1e-4)
+            if precision == "fp16":  # fp16 stays close to fp32; int8 may move more (that is what export measures)
+                np.testing.assert_allclose(probabilities, list(reference.probabilities.values()), atol=2e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        polysense.Pipeline.load(permissive_bundle, device="cpu", precision="int8")  # every component has int8
