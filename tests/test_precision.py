@@ -22,7 +22,9 @@ def permissive_bundle(trained_run, tmp_path_factory):
     from polysense.export import VariantPolicy, export_run
 
     policy = VariantPolicy(max_accuracy_drop=100.0, min_speedup=0.0, latency_runs=5)
-    return export_run(trained_run, tmp_path_factory.mktemp("perm") / "bundle", progress=False, policy=policy).bundle
+    return export_run(
+        trained_run, tmp_path_factory.mktemp("perm") / "bundle", progress=False, policy=policy
+    ).bundle
 
 
 def test_every_variant_is_measured_and_only_kept_ones_ship(bundle):
@@ -30,7 +32,14 @@ def test_every_variant_is_measured_and_only_kept_ones_ship(bundle):
     for name, component in manifest["components"].items():
         assert {v["precision"] for v in component["variants"]} == {"int8", "fp16"}, name
         for variant in component["variants"]:
-            for key in ("val_accuracy", "accuracy_drop_points", "latency_ms", "fp32_latency_ms", "speedup", "reason"):
+            for key in (
+                "val_accuracy",
+                "accuracy_drop_points",
+                "latency_ms",
+                "fp32_latency_ms",
+                "speedup",
+                "reason",
+            ):
                 assert variant[key] is not None, (name, key)
             shipped = variant["precision"] in component["precisions"]
             assert shipped == variant["kept"], (name, variant)
@@ -53,11 +62,13 @@ def _fake_bundle(precisions: dict[str, dict]) -> Bundle:
 
 
 def test_auto_takes_the_fastest_kept_variant_for_the_device():
-    fast_int8 = _fake_bundle({
-        "fp32": {"device": "any", "latency_ms": 1.0},
-        "int8": {"device": "cpu", "latency_ms": 0.4},
-        "fp16": {"device": "cuda", "latency_ms": 2.0},
-    })
+    fast_int8 = _fake_bundle(
+        {
+            "fp32": {"device": "any", "latency_ms": 1.0},
+            "int8": {"device": "cpu", "latency_ms": 0.4},
+            "fp16": {"device": "cuda", "latency_ms": 2.0},
+        }
+    )
     assert set(choose_precisions(fast_int8, NAMES, "cpu", "auto").values()) == {"int8"}
     assert set(choose_precisions(fast_int8, NAMES, "cuda", "auto").values()) == {"fp16"}
     fp32_only = _fake_bundle({"fp32": {"device": "any"}})
@@ -91,7 +102,9 @@ def test_every_variant_loads_and_predicts(permissive_bundle, trained_run):
             prediction = pipe.predict(**sample)
             probabilities = np.array(list(prediction.probabilities.values()))
             assert probabilities.sum() == pytest.approx(1.0, abs=1e-4)
-            if precision == "fp16":  # fp16 stays close to fp32; int8 may move more (that is what export measures)
+            if (
+                precision == "fp16"
+            ):  # fp16 stays close to fp32; int8 may move more (that is what export measures)
                 np.testing.assert_allclose(probabilities, list(reference.probabilities.values()), atol=2e-2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

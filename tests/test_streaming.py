@@ -18,7 +18,7 @@ from polysense.streaming import encode_streams  # noqa: E402
 
 @pytest.fixture(scope="module")
 def pipe(bundle):
-    return polysense.Pipeline.load(bundle, device="cpu")
+    return polysense.Pipeline.load(bundle, device="cpu", precision="fp32")
 
 
 @pytest.fixture(scope="module")
