@@ -69,14 +69,25 @@ def run_demo(args: argparse.Namespace) -> int:
     report = export_run(run_dir, bundle, progress=progress)
     print(f"end to end: max |probability difference| torch vs runtime {report.end_to_end:.1e}")
 
-    print("\n== 3/4 evaluate the bundle on the test split with the runtime alone")
-    pipeline = polysense.Pipeline.load(bundle, device="cpu")
+    for name, variants in report.variants.items():
+        for v in variants:
+            print(
+                f"  {name:<14} {v['precision']:<5} {v['speedup']:.2f}x fp32 speed, "
+                f"{v['accuracy_drop_points']:+.2f} points: {v['reason']}"
+            )
+
+    print("\n== 3/4 evaluate the bundle on the test split with the runtime alone (fp32)")
+    pipeline = polysense.Pipeline.load(bundle, device="cpu", precision="fp32")
     metrics = evaluate_bundle(pipeline, run_dir / "manifest.csv", split="test", progress=progress)
     print(format_metrics_table(metrics))
     same = "equal to" if metrics["accuracy"] == result.metrics["accuracy"] else "DIFFERENT from"
     print(
         f"runtime test accuracy {metrics['accuracy']:.4f} is {same} torch's {result.metrics['accuracy']:.4f}"
     )
+    pipeline = polysense.Pipeline.load(bundle, device="cpu")  # precision="auto"
+    chosen = evaluate_bundle(pipeline, run_dir / "manifest.csv", split="test", progress=progress)
+    picks = ", ".join(f"{name} {precision}" for name, precision in pipeline.precisions.items())
+    print(f"precision auto on this CPU: {picks}; test accuracy {chosen['accuracy']:.4f}")
 
     print("\n== 4/4 three predictions from files")
     rows = [r for r in read_manifest(run_dir / "manifest.csv").rows if r.split == "test"][:3]
