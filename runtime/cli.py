@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from polysense.errors import ConfigError, DependencyError, PolysenseError
 
@@ -237,6 +238,42 @@ def _run_stream(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench(commands: argparse._SubParsersAction) -> None:
+    bench = commands.add_parser("bench", help="latency, throughput, cold start, memory and size of a bundle")
+    bench.add_argument("bundle")
+    bench.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
+    bench.add_argument("--precision", default="auto", help="auto, fp32, int8 or fp16 (default auto)")
+    bench.add_argument("--json", metavar="OUT", help="write the full report as JSON")
+    bench.add_argument("--plot", metavar="OUT.png", help="write a PNG of stage latencies and throughput")
+    bench.add_argument("--quick", action="store_true", help="few runs (a smoke test, not a measurement)")
+    bench.add_argument("--no-progress", action="store_true")
+    bench.set_defaults(run=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from polysense.bench import BenchOptions, format_report, plot_report, run_bench
+
+    options = BenchOptions(device=args.device, precision=args.precision)
+    if args.quick:
+        options = BenchOptions(
+            device=args.device,
+            precision=args.precision,
+            warmup_runs=2,
+            window_runs=5,
+            max_windows=3,
+            batch_sizes=(1, 4),
+            throughput_seconds=0.05,
+            cold_start_runs=1,
+        )
+    report = run_bench(args.bundle, options, progress=not args.no_progress)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        plot_report(report, args.plot)
+    return 0
+
+
 def _add_info(commands: argparse._SubParsersAction) -> None:
     info = commands.add_parser("info", help="describe a bundle")
     info.add_argument("bundle")
@@ -281,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(commands)
     _add_info(commands)
     _add_stream(commands)
+    _add_bench(commands)
     return parser
 
 

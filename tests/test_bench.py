@@ -1,0 +1,48 @@
+import json
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+
+def test_bench_reports_every_field(bundle, tmp_path, capsys):
+    from polysense.cli import main
+
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = ["bench", str(bundle), "--quick", "--no-progress", "--json", str(out)]
+    if pytest.importorskip("matplotlib"):
+        args += ["--plot", str(plot)]
+    assert main(args) == 0
+    assert "end to end" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    expected_stages = {f"{kind}_{m}" for kind in ("preprocess", "encode") for m in ("image", "text", "audio")}
+    assert set(report["stages"]) == expected_stages | {"fusion"}
+    for stats in [*report["stages"].values(), report["end_to_end"]]:
+        assert {"p50_ms", "p90_ms", "p99_ms", "mean_ms", "runs", "stable", "windows"} <= set(stats)
+        assert 0 < stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"]
+    assert set(report["throughput_samples_per_s"]) == {"1", "4"}
+    assert report["cold_start"]["seconds"] > 0 and report["cold_start"]["peak_rss_mb"] > 0
+    assert report["peak_rss_mb"] > 0 and 0 <= report["orchestration_overhead_share"] < 1
+    assert {"fp32", "int8", "fp16", "loaded"} <= set(report["bundle_bytes"])
+    assert set(report["precisions"]) == {"image_encoder", "text_encoder", "audio_encoder", "fusion"}
+    assert plot.stat().st_size > 1000
+
+
+def test_windows_that_never_agree_are_reported():
+    import itertools
+
+    from polysense.bench import BenchOptions, measure
+
+    durations = itertools.cycle([0.0, 0.002])  # alternate windows of fast and slow runs
+    state = {"delay": 0.0, "count": 0}
+
+    def unstable():
+        state["count"] += 1
+        if state["count"] % 5 == 1:
+            state["delay"] = next(durations)
+        import time
+
+        time.sleep(state["delay"])
+
+    result = measure(unstable, BenchOptions(warmup_runs=0, window_runs=5, max_windows=4, tolerance=0.01))
+    assert result["stable"] is False and result["windows"] == 4
