@@ -43,7 +43,7 @@ def test_manifest_describes_every_component(bundle):
 
 def test_runtime_predictions_equal_torch_on_the_test_split(trained_run, bundle):
     model, _ = load_trained(trained_run)
-    pipeline = polysense.Pipeline.load(bundle, device="cpu")
+    pipeline = polysense.Pipeline.load(bundle, device="cpu", precision="fp32")
     rows = _test_rows(trained_run)
     samples = [{"image": r.image, "text": r.text, "audio": r.audio} for r in rows]
     predictions = pipeline.predict_batch(samples)
@@ -60,7 +60,7 @@ def test_runtime_eval_equals_training_metrics(trained_run, bundle):
 
     torch_metrics = json.loads((trained_run / "metrics.json").read_text())
     runtime = evaluate_bundle(
-        polysense.Pipeline.load(bundle, device="cpu"), trained_run / "manifest.csv", "test", progress=False
+        polysense.Pipeline.load(bundle, device="cpu", precision="fp32"), trained_run / "manifest.csv", "test", progress=False
     )
     for key in ("accuracy", "macro_precision", "macro_recall", "macro_f1"):
         assert runtime[key] == pytest.approx(torch_metrics[key]), key
@@ -176,7 +176,7 @@ def test_missing_modalities_train_export_and_evaluate(tiny_builtin, tmp_path):
     )
     bundle = export_run(tmp_path / "run", tmp_path / "bundle", progress=False).bundle
     runtime = evaluate_bundle(
-        polysense.Pipeline.load(bundle, device="cpu"),
+        polysense.Pipeline.load(bundle, device="cpu", precision="fp32"),
         tmp_path / "run" / "manifest.csv",
         "test",
         progress=False,

@@ -146,7 +146,7 @@ def test_runtime_works_where_torch_and_onnx_cannot_be_imported(bundle, trained_r
         f"""
         import json, polysense
         from polysense.evaluate import evaluate_bundle
-        pipe = polysense.Pipeline.load({str(bundle)!r}, device="cpu")
+        pipe = polysense.Pipeline.load({str(bundle)!r}, device="cpu", precision="fp32")
         p = pipe.predict(image={row.image!r}, text={row.text!r}, audio={row.audio!r})
         m = evaluate_bundle(pipe, {str(trained_run / "manifest.csv")!r}, "test", progress=False)
         print(json.dumps({{"label": p.label, "accuracy": m["accuracy"]}}))
