@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-streaming
+.PHONY: demo test lint bench-streaming bench-pytorch
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,3 +29,8 @@ lint: $(STAMP)
 bench-streaming: $(STAMP)
 	test -d runs/demo/bundle || $(MAKE) demo
 	$(BIN)/python benchmarks/streaming.py --bundle runs/demo/bundle
+
+# Runtime vs PyTorch eager on the demo run (trains it first if runs/demo/bundle is missing).
+bench-pytorch: $(STAMP)
+	test -d runs/demo/bundle || $(MAKE) demo
+	$(BIN)/python benchmarks/vs_pytorch.py --run runs/demo

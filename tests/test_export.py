@@ -60,7 +60,10 @@ def test_runtime_eval_equals_training_metrics(trained_run, bundle):
 
     torch_metrics = json.loads((trained_run / "metrics.json").read_text())
     runtime = evaluate_bundle(
-        polysense.Pipeline.load(bundle, device="cpu", precision="fp32"), trained_run / "manifest.csv", "test", progress=False
+        polysense.Pipeline.load(bundle, device="cpu", precision="fp32"),
+        trained_run / "manifest.csv",
+        "test",
+        progress=False,
     )
     for key in ("accuracy", "macro_precision", "macro_recall", "macro_f1"):
         assert runtime[key] == pytest.approx(torch_metrics[key]), key
