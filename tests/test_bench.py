@@ -46,3 +46,42 @@ def test_windows_that_never_agree_are_reported():
 
     result = measure(unstable, BenchOptions(warmup_runs=0, window_runs=5, max_windows=4, tolerance=0.01))
     assert result["stable"] is False and result["windows"] == 4
+
+
+def test_pytorch_comparison_runs_in_small_mode(trained_run, bundle, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "vs_pytorch.py"
+    subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--run",
+            str(trained_run),
+            "--bundle",
+            str(bundle),
+            "--quick",
+            "--out",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    results = json.loads((tmp_path / "vs_pytorch.json").read_text())["results"]
+    for engine in ("pytorch_eager", "runtime_fp32", "runtime_auto"):
+        assert {"models", "end_to_end"} <= set(results[engine])
+        assert results[engine]["models"]["p50_ms"] > 0
+    assert set(results["int8_variants"]) == {"image_encoder", "text_encoder", "audio_encoder", "fusion"}
+    assert {
+        "models_auto_vs_eager",
+        "end_to_end_auto_vs_eager",
+        "orchestration_overhead_share",
+        "cold_start_seconds",
+        "int8_bundle_share_of_fp32",
+    } <= set(results["ratios"])
+    assert (tmp_path / "vs_pytorch.md").read_text().startswith("# polysense runtime vs PyTorch eager")
+    assert (tmp_path / "vs_pytorch.png").stat().st_size > 1000
