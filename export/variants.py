@@ -97,6 +97,10 @@ def quantize_int8_static(source: Path, target: Path, input_name: str, samples: l
                 per_channel=True,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
+                # 7-bit weights: x86 CPUs without VNNI saturate u8 x s8 products in their int8 kernels. Measured
+                # on this AVX2 machine for the image encoder: max embedding error 50 % of its range without it
+                # (5.3 points of accuracy lost), 1.7 % with it, at the same 1.6x speed-up over fp32.
+                reduce_range=True,
             )
     finally:
         prepared.unlink(missing_ok=True)
@@ -106,9 +110,14 @@ def quantize_int8_dynamic(source: Path, target: Path) -> int:
     """MatMul/Gemm-only dynamic quantization; returns how many nodes became integer ops."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(
-        str(source), str(target), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8
-    )
+    with _quiet():
+        quantize_dynamic(
+            str(source),
+            str(target),
+            op_types_to_quantize=["MatMul", "Gemm"],
+            weight_type=QuantType.QInt8,
+            reduce_range=True,  # see quantize_int8_static
+        )
     return sum(
         1
         for node in onnx.load(str(target)).graph.node
