@@ -18,7 +18,9 @@ from polysense.pipeline import Pipeline
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--bundle", default="runs/demo/bundle")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()

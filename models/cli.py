@@ -51,6 +51,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     """The main job: built-in data -> training -> ONNX bundle -> runtime evaluation -> predictions from files."""
     import polysense
+    from polysense.bench import BenchOptions, format_report, run_bench
     from polysense.data import read_manifest
     from polysense.evaluate import evaluate_bundle
     from polysense.export import export_run
@@ -58,14 +59,14 @@ def run_demo(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.out)
     progress = not args.no_progress
-    print(f"== 1/4 train on the built-in data ({args.n} samples) -> {run_dir}")
+    print(f"== 1/5 train on the built-in data ({args.n} samples) -> {run_dir}")
     options = TrainOptions(data="builtin", out=str(run_dir), builtin_n=args.n, progress=progress)
     result = train(options)
     print(f"torch, test split (best epoch {result.best_epoch} of {result.epochs_run}):")
     print(result.table())
 
     bundle = run_dir / "bundle"
-    print(f"\n== 2/4 export each encoder and the fusion head to ONNX -> {bundle}")
+    print(f"\n== 2/5 export each encoder and the fusion head to ONNX -> {bundle}")
     report = export_run(run_dir, bundle, progress=progress)
     print(f"end to end: max |probability difference| torch vs runtime {report.end_to_end:.1e}")
 
@@ -76,7 +77,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 f"{v['accuracy_drop_points']:+.2f} points: {v['reason']}"
             )
 
-    print("\n== 3/4 evaluate the bundle on the test split with the runtime alone (fp32)")
+    print("\n== 3/5 evaluate the bundle on the test split with the runtime alone (fp32)")
     pipeline = polysense.Pipeline.load(bundle, device="cpu", precision="fp32")
     metrics = evaluate_bundle(pipeline, run_dir / "manifest.csv", split="test", progress=progress)
     print(format_metrics_table(metrics))
@@ -89,7 +90,13 @@ def run_demo(args: argparse.Namespace) -> int:
     picks = ", ".join(f"{name} {precision}" for name, precision in pipeline.precisions.items())
     print(f"precision auto on this CPU: {picks}; test accuracy {chosen['accuracy']:.4f}")
 
-    print("\n== 4/4 three predictions from files")
+    print("\n== 4/5 a short benchmark of the bundle at precision auto (polysense bench, fewer runs)")
+    quick = BenchOptions(
+        window_runs=20, max_windows=5, batch_sizes=(1, 8, 32), throughput_seconds=0.2, cold_start_runs=1
+    )
+    print(format_report(run_bench(bundle, quick, progress=progress)))
+
+    print("\n== 5/5 three predictions from files")
     rows = [r for r in read_manifest(run_dir / "manifest.csv").rows if r.split == "test"][:3]
     for row in rows:
         prediction = pipeline.predict(image=row.image, text=row.text, audio=row.audio)

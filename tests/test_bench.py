@@ -85,3 +85,18 @@ def test_pytorch_comparison_runs_in_small_mode(trained_run, bundle, tmp_path):
     } <= set(results["ratios"])
     assert (tmp_path / "vs_pytorch.md").read_text().startswith("# polysense runtime vs PyTorch eager")
     assert (tmp_path / "vs_pytorch.png").stat().st_size > 1000
+
+
+def test_bench_runs_where_torch_and_onnx_cannot_be_imported(bundle):
+    from blocking import run_blocked
+
+    result = run_blocked(
+        ("torch", "onnx", "onnxscript"),
+        f"""
+        import sys
+        from polysense.cli import main
+        sys.exit(main(["bench", {str(bundle)!r}, "--quick", "--no-progress"]))
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "end to end" in result.stdout

@@ -1,13 +1,12 @@
 import json
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 import soundfile
 
 pytest.importorskip("onnxruntime")
+
+from blocking import run_blocked  # noqa: E402
 
 import polysense  # noqa: E402
 from polysense.data import read_manifest  # noqa: E402
@@ -124,24 +123,8 @@ def test_onnxruntime_twice_installed_is_explained(monkeypatch):
         sessions.import_onnxruntime()
 
 
-BLOCKER = """
-import importlib.abc, sys
-class Blocker(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {blocked!r}:
-            raise ImportError(f"blocked import of {{name}}")
-        return None
-sys.meta_path.insert(0, Blocker())
-"""
-
-
-def _run_blocked(blocked, body):
-    code = BLOCKER.format(blocked=blocked) + textwrap.dedent(body)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-
-
 def test_runtime_works_where_torch_and_onnx_cannot_be_imported(bundle, trained_run, row):
-    result = _run_blocked(
+    result = run_blocked(
         ("torch", "onnx", "onnxscript"),
         f"""
         import json, polysense
@@ -157,7 +140,7 @@ def test_runtime_works_where_torch_and_onnx_cannot_be_imported(bundle, trained_r
     torch_metrics = json.loads((trained_run / "metrics.json").read_text())
     assert out["accuracy"] == pytest.approx(torch_metrics["accuracy"])
 
-    cli = _run_blocked(
+    cli = run_blocked(
         ("torch", "onnx"),
         f"""
         import sys
@@ -170,7 +153,7 @@ def test_runtime_works_where_torch_and_onnx_cannot_be_imported(bundle, trained_r
 
 
 def test_missing_onnxruntime_gives_an_install_hint(bundle):
-    result = _run_blocked(
+    result = run_blocked(
         ("onnxruntime",),
         f"""
         import polysense
