@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-streaming bench-pytorch
+.PHONY: demo test lint bench-streaming bench-pytorch bench-avdigits
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,3 +34,7 @@ bench-streaming: $(STAMP)
 bench-pytorch: $(STAMP)
 	test -d runs/demo/bundle || $(MAKE) demo
 	$(BIN)/python benchmarks/vs_pytorch.py --run runs/demo
+
+# AV-digits on ../shared/data: data, unimodal and fused models, leave-one-speaker-out, robustness (~20 min).
+bench-avdigits: $(STAMP)
+	$(BIN)/python benchmarks/avdigits/run.py

@@ -93,10 +93,16 @@ def _text_example(component: Component, batch: int, length: int, generator: torc
 
 def _audio_example(component: Component, batch: int, length: int, generator: torch.Generator) -> tuple:
     encoder: CausalAudioEncoder = component.module.encoder
-    frames = torch.randn(batch, length, encoder.n_mels, generator=generator) * 2 + encoder.input_mean
+    # Random frames on the scale of the training data (per-band mean and std), as log-mel frames are; unit
+    # noise on a band with a tiny std would be thousands of standard deviations out.
+    def frames_of(count: int) -> torch.Tensor:
+        noise = torch.randn(batch, count, encoder.n_mels, generator=generator)
+        return noise * encoder.input_std + encoder.input_mean
+
+    frames = frames_of(length)
     # A state as a stream would carry it: the state after some random earlier frames.
     with torch.no_grad():
-        _, state = encoder(torch.randn(batch, 7, encoder.n_mels, generator=generator) + encoder.input_mean)
+        _, state = encoder(frames_of(7))
     return (frames, *state)
 
 

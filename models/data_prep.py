@@ -16,6 +16,7 @@ from polysense.data import (
     check_labels,
     preprocess_rows,
     read_manifest,
+    report_skipped,
     stratified_split,
     write_manifest,
 )
@@ -65,13 +66,11 @@ def prepare_data(options: TrainOptions, run_dir: Path) -> PreparedData:
     Raises ManifestError listing every bad row (structure, files, labels, undecodable files).
     """
     manifest = read_manifest(resolve_manifest(options, run_dir))
-    manifest.raise_if_problems()
+    usable, skipped = manifest.usable_rows()
     modalities = choose_modalities(manifest, options.modalities)
-    rows = [r for r in manifest.rows if any(getattr(r, m) is not None for m in modalities)]
-    if len(rows) < len(manifest.rows):
-        log.warning(
-            "%d rows have none of %s and are left out", len(manifest.rows) - len(rows), "+".join(modalities)
-        )
+    rows = [r for r in usable if any(getattr(r, m) is not None for m in modalities)]
+    if len(rows) < len(usable):
+        log.warning("%d rows have none of %s and are left out", len(usable) - len(rows), "+".join(modalities))
     # Drop cells of modalities the model does not use, so they are neither read nor required.
     rows = [replace(r, **{m: None for m in ("image", "text", "audio") if m not in modalities}) for r in rows]
     if not manifest.has_split:
@@ -105,11 +104,17 @@ def prepare_data(options: TrainOptions, run_dir: Path) -> PreparedData:
         preprocessors["audio"] = AudioPreprocessor()
         preprocessing["audio"] = preprocessors["audio"].to_dict()
 
-    ordered = [r for s in SPLITS for r in by_split[s]]
-    features, decode_problems = preprocess_rows(ordered, preprocessors, progress=options.progress)
-    problems = sorted(problems + decode_problems, key=lambda p: p.line)
     if problems:
         raise ManifestError(str(manifest.path), problems)
+    ordered = [r for s in SPLITS for r in by_split[s]]
+    features, decode_problems = preprocess_rows(ordered, preprocessors, progress=options.progress)
+    report_skipped(skipped + decode_problems, len(manifest.rows), str(manifest.path))
+    if decode_problems:  # drop the rows whose files could not be decoded
+        bad = {p.line for p in decode_problems}
+        keep = [i for i, r in enumerate(ordered) if r.line not in bad]
+        ordered = [ordered[i] for i in keep]
+        features = {m: [values[i] for i in keep] for m, values in features.items()}
+        by_split = {s: [r for r in ordered if r.split == s] for s in SPLITS}
     # Written only once every row passed, so a failed preparation leaves nothing that looks like a run.
     write_manifest(ordered, run_dir / "manifest.csv")
     if "text" in preprocessors:

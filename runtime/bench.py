@@ -104,7 +104,13 @@ def _cold_start(bundle: Path, sample: dict, options: BenchOptions) -> dict:
         f"pipe = polysense.Pipeline.load({str(bundle)!r}, device={options.device!r}, precision={options.precision!r})\n"
         f"pipe.predict(**{sample!r})\n"
         "elapsed = time.perf_counter() - start\n"
-        "print(json.dumps({'seconds': elapsed, 'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
+        # VmHWM is this process's own peak; ru_maxrss would carry over the parent's peak across fork + exec.
+        "try:\n"
+        "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+        "    peak = int(hwm) / 1024\n"
+        "except OSError:\n"
+        "    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "print(json.dumps({'seconds': elapsed, 'peak_rss_mb': peak}))\n"
     )
     runs = []
     for _ in range(options.cold_start_runs):

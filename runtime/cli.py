@@ -28,6 +28,17 @@ def _add_data(commands: argparse._SubParsersAction) -> None:
         "--seed", type=int, default=0, help="the same seed writes the same files (default 0)"
     )
     builtin.set_defaults(run=_run_data_builtin)
+    avdigits = kinds.add_parser(
+        "avdigits", help="pair FSDD spoken digits with sign-digit photos (a manifest)"
+    )
+    avdigits.add_argument("--fsdd", required=True, help="FSDD folder (e.g. ../shared/data/fsdd)")
+    avdigits.add_argument("--images", required=True, help="photo folder with sub-folders 0-9")
+    avdigits.add_argument("--out", required=True, help="folder for manifest.csv (files are not copied)")
+    avdigits.add_argument("--seed", type=int, default=0)
+    avdigits.add_argument(
+        "--holdout-speaker", help="put every recording of this speaker in test, none in train/val"
+    )
+    avdigits.set_defaults(run=_run_data_avdigits)
 
 
 def _run_data_builtin(args: argparse.Namespace) -> int:
@@ -35,6 +46,18 @@ def _run_data_builtin(args: argparse.Namespace) -> int:
 
     manifest = write_builtin(args.out, BuiltinSpec(n=args.n, seed=args.seed))
     print(f"wrote {args.n} samples; manifest: {manifest}")
+    return 0
+
+
+def _run_data_avdigits(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from polysense.avdigits import AVDigitsSpec, write_avdigits
+    from polysense.data import read_manifest
+
+    manifest = write_avdigits(AVDigitsSpec(args.fsdd, args.images, args.seed, args.holdout_speaker), args.out)
+    counts = Counter(row.split for row in read_manifest(manifest).rows)
+    print(f"wrote {manifest}: " + ", ".join(f"{split} {counts[split]}" for split in ("train", "val", "test")))
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -19,6 +20,8 @@ from tqdm import tqdm
 
 from polysense.errors import InputError, ManifestError
 from polysense.modalities import MODALITIES
+
+log = logging.getLogger("polysense")
 
 COLUMNS = (*MODALITIES, "label", "split")
 SPLITS = ("train", "val", "test")
@@ -46,6 +49,9 @@ class Problem:
 
     line: int
     reason: str
+    # A missing or undecodable file: the row is skipped (and reported) rather than stopping the run, so one
+    # damaged recording does not cost a whole training or evaluation. Other problems stop it.
+    skippable: bool = False
 
     def __str__(self) -> str:
         return f"line {self.line}: {self.reason}" if self.line else self.reason
@@ -66,8 +72,28 @@ class Manifest:
         return sorted({r.label for r in self.rows if r.label is not None})
 
     def raise_if_problems(self) -> None:
+        """Stop on every problem, skippable ones included."""
         if self.problems:
             raise ManifestError(str(self.path), self.problems)
+
+    def usable_rows(self) -> tuple[list[Row], list[Problem]]:
+        """Rows without file problems, and those problems; raises ManifestError on any other problem."""
+        fatal = [p for p in self.problems if not p.skippable]
+        if fatal:
+            raise ManifestError(str(self.path), fatal)
+        skipped = [p for p in self.problems if p.skippable]
+        bad = {p.line for p in skipped}
+        return [r for r in self.rows if r.line not in bad], skipped
+
+
+def report_skipped(problems: Sequence[Problem], total: int, source: str) -> None:
+    """Log each skipped row with its reason, then the count."""
+    if not problems:
+        return
+    for problem in problems:
+        log.warning("%s: skipped %s", source, problem)
+    lines = len({p.line for p in problems})
+    log.warning("%s: skipped %d of %d rows whose files are missing or unreadable", source, lines, total)
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:
@@ -187,7 +213,11 @@ def _parse_record(line: int, record: dict, root: Path) -> tuple[Row | None, list
         file = (root / cells[modality]).resolve()
         if not file.is_file():
             problems.append(
-                Problem(line, f"{modality}: file not found: {cells[modality]} (looked in {file.parent})")
+                Problem(
+                    line,
+                    f"{modality}: file not found: {cells[modality]} (looked in {file.parent})",
+                    skippable=True,
+                )
             )
         cells[modality] = str(file)
     return Row(line=line, **cells), problems
@@ -239,7 +269,7 @@ def preprocess_rows(
                 try:
                     result = preprocess(value)
                 except InputError as error:
-                    problems.append(Problem(row.line, f"{modality}: {error}"))
+                    problems.append(Problem(row.line, f"{modality}: {error}", skippable=True))
             features[modality].append(result)
     return features, problems
 

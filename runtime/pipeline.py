@@ -180,25 +180,38 @@ class Pipeline:
         timings. Encoders run only for modalities some sample has."""
         for index, sample in enumerate(samples):
             self._check_sample(sample, index if len(samples) > 1 else None)
-        rows = len(samples)
-        mask = np.array(
-            [[float(s.get(m) is not None) for m in self.modalities] for s in samples], dtype=np.float32
-        )
+        features: dict[str, list[np.ndarray | None]] = {}
+        timings: dict[str, float] = {}
+        for modality in self.modalities:
+            if not any(s.get(modality) is not None for s in samples):
+                continue
+            tick = time.perf_counter()
+            features[modality] = [
+                None
+                if s.get(modality) is None
+                else self.preprocess(modality, s[modality], s.get("sample_rate"))
+                for s in samples
+            ]
+            timings[f"preprocess_{modality}"] = (time.perf_counter() - tick) * 1000
+        embeddings, mask, encode_timings = self.embed_features(features, len(samples))
+        return embeddings, mask, {**timings, **encode_timings}
+
+    def embed_features(
+        self, features: dict[str, list[np.ndarray | None]], rows: int
+    ) -> tuple[dict[str, Any], np.ndarray, dict[str, float]]:
+        """Like embed() for already preprocessed inputs: per modality a list of `rows` features (None = absent)."""
+        mask = np.zeros((rows, len(self.modalities)), np.float32)
         embeddings: dict[str, Any] = {}
         timings: dict[str, float] = {}
         for column, modality in enumerate(self.modalities):
-            present = [i for i in range(rows) if mask[i, column] > 0]
+            values = features.get(modality, [None] * rows)
+            present = [i for i in range(rows) if values[i] is not None]
+            mask[present, column] = 1.0
             if not present:
                 embeddings[modality] = np.zeros((rows, self.embed_dim), np.float32)
                 continue
             tick = time.perf_counter()
-            features = [
-                self.preprocess(modality, samples[i][modality], samples[i].get("sample_rate"))
-                for i in present
-            ]
-            timings[f"preprocess_{modality}"] = (time.perf_counter() - tick) * 1000
-            tick = time.perf_counter()
-            encoded = self._encode(modality, features)
+            encoded = self._encode(modality, [values[i] for i in present])
             timings[f"encode_{modality}"] = (time.perf_counter() - tick) * 1000
             if len(present) == rows:
                 embeddings[modality] = encoded  # may live on the device under CUDA

@@ -118,8 +118,8 @@ def test_user_mistakes_get_clear_errors(tiny_builtin, tmp_path):
         TrainOptions(data="x", out="y", strategy="greedy")
     bad = tmp_path / "bad.csv"
     bad.write_text("image,label\nnope.jpg,a\n,b\n")
-    with pytest.raises(ManifestError, match="line 2.*\n.*line 3"):
-        _train(bad, tmp_path / "bad_run", epochs=1)
+    with pytest.raises(ManifestError, match="1 problem.*\n  line 3: no modality present"):
+        _train(bad, tmp_path / "bad_run", epochs=1)  # line 2's missing file alone would be skipped
     # Nothing of a run was written, so the same --out works once the manifest is fixed.
     assert not (tmp_path / "bad_run" / "config.json").exists()
     assert not (tmp_path / "bad_run" / "manifest.csv").exists()
@@ -177,3 +177,28 @@ def test_batchnorm_recalibration_matches_batch_statistics(tiny_builtin, tmp_path
         model.encoders.train()
         batch_stats = model.encode("image", batch)
     torch.testing.assert_close(eval_mode, batch_stats, atol=1e-3, rtol=1e-3)
+
+
+def test_rows_with_unreadable_files_are_skipped_and_reported(tiny_builtin, tmp_path, caplog):
+    import csv
+
+    rows = list(csv.DictReader(tiny_builtin.open()))
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (tmp_path / "broken.wav").write_bytes(b"RIFF but not a wav")
+    for row in rows:
+        row["image"], row["audio"] = (str(tiny_builtin.parent / row[k]) for k in ("image", "audio"))
+    rows[3]["image"] = str(tmp_path / "broken.jpg")
+    rows[7]["audio"] = str(tmp_path / "broken.wav")
+    rows[9]["audio"] = str(tmp_path / "missing.wav")
+    manifest = tmp_path / "m.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "text", "audio", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    with caplog.at_level("WARNING", logger="polysense"):
+        result = _train(manifest, tmp_path / "run", epochs=1)
+    log = caplog.text
+    assert "line 5: image" in log and "broken.jpg" in log and "cannot decode" in log
+    assert "line 9: audio" in log and "line 11: audio: file not found" in log
+    assert "skipped 3 of 360 rows" in log
+    assert sum(m["count"] for k, m in result.metrics["subsets"].items() if k == "image") < 360
