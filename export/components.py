@@ -93,6 +93,7 @@ def _text_example(component: Component, batch: int, length: int, generator: torc
 
 def _audio_example(component: Component, batch: int, length: int, generator: torch.Generator) -> tuple:
     encoder: CausalAudioEncoder = component.module.encoder
+
     # Random frames on the scale of the training data (per-band mean and std), as log-mel frames are; unit
     # noise on a band with a tiny std would be thousands of standard deviations out.
     def frames_of(count: int) -> torch.Tensor:

@@ -56,6 +56,15 @@ class ExportReport:
     sizes: dict[str, int] = field(default_factory=dict)  # file -> bytes
     variants: dict[str, list] = field(default_factory=dict)  # component -> every variant measured
 
+    def variants_table(self) -> str:
+        """One line per variant tried: speed, accuracy change and the verdict."""
+        return "\n".join(
+            f"  {name:<14} {v['precision']:<5} {v['speedup']:.2f}x fp32 speed, "
+            f"{v['accuracy_drop_points']:.2f} accuracy points lost: {v['reason']}"
+            for name, variants in self.variants.items()
+            for v in variants
+        )
+
 
 def describe_io(model: onnx.ModelProto) -> dict:
     """Names, dtypes and shapes (symbolic names for dynamic axes) of a graph's inputs and outputs."""

@@ -25,6 +25,7 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
         lr=args.lr,
         weight_decay=args.weight_decay,
         modality_dropout=args.modality_dropout,
+        aux_loss_weight=args.aux_loss_weight,
         patience=args.patience,
         seed=args.seed,
         device=args.device,
@@ -69,13 +70,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"\n== 2/5 export each encoder and the fusion head to ONNX -> {bundle}")
     report = export_run(run_dir, bundle, progress=progress)
     print(f"end to end: max |probability difference| torch vs runtime {report.end_to_end:.1e}")
-
-    for name, variants in report.variants.items():
-        for v in variants:
-            print(
-                f"  {name:<14} {v['precision']:<5} {v['speedup']:.2f}x fp32 speed, "
-                f"{v['accuracy_drop_points']:+.2f} points: {v['reason']}"
-            )
+    print(report.variants_table())
 
     print("\n== 3/5 evaluate the bundle on the test split with the runtime alone (fp32)")
     pipeline = polysense.Pipeline.load(bundle, device="cpu", precision="fp32")

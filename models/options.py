@@ -24,6 +24,7 @@ class TrainOptions:
     lr: float = 3e-3  # peak learning rate of AdamW (linear warm-up, then cosine decay)
     weight_decay: float = 1e-4
     modality_dropout: float = 0.5  # share of training samples shown a random subset of their modalities
+    aux_loss_weight: float = 0.5  # weight of each encoder's own loss (joint/fine-tuned fusion training)
     patience: int = 4  # stop after this many epochs without a better validation accuracy (0: never)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -51,8 +52,8 @@ class TrainOptions:
             problems.append("--finetune-encoders only applies to --strategy staged")
         if not self.lr > 0:
             problems.append(f"--lr must be positive, got {self.lr}")
-        if self.weight_decay < 0 or self.patience < 0:
-            problems.append("--weight-decay and --patience cannot be negative")
+        if self.weight_decay < 0 or self.patience < 0 or self.aux_loss_weight < 0:
+            problems.append("--weight-decay, --patience and --aux-loss-weight cannot be negative")
         if not 0 <= self.modality_dropout <= 1:
             problems.append(f"--modality-dropout must be in [0, 1], got {self.modality_dropout}")
         if self.device not in ("auto", "cpu", "cuda"):

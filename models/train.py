@@ -263,6 +263,8 @@ def _run_phase(run: _Run, phase: Phase, first: int, last: int, total_epochs: int
         trainable = [*model.encoders.parameters(), *run.heads.parameters()]
     else:
         trainable = [p for p in model.parameters() if p.requires_grad]
+        if options.aux_loss_weight > 0 and not frozen:
+            trainable += list(run.heads.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
     train_set = run.data.splits["train"]
     steps = phase.epochs * train_set.num_batches(options.batch_size)
@@ -305,8 +307,7 @@ def _train_epoch(
         if phase.name == "pretrain":
             loss = _unimodal_loss(model, run.heads, batch)
         else:
-            batch["present"] = modality_dropout(batch["present"], options.modality_dropout, generator)
-            loss = F.cross_entropy(model(batch), batch["labels"])
+            loss = _fused_loss(model, run.heads, batch, options, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -393,6 +394,37 @@ def recalibrate_batchnorm(
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
     model.train(was_training)
+
+
+def _fused_loss(
+    model: MultimodalClassifier,
+    heads: nn.ModuleDict,
+    batch: dict,
+    options: TrainOptions,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Cross-entropy of the fusion under modality dropout, plus (aux_loss_weight) each encoder's own
+    cross-entropy through its linear head on every sample that has the modality: without it the encoder of
+    the stronger modality does the work and the others stay weak, which shows when a modality is missing."""
+    available = batch["present"]
+    present = modality_dropout(available, options.modality_dropout, generator)
+    rows = available.shape[0]
+    raw, stacked = {}, []
+    for index, modality in enumerate(model.config.modalities):
+        if available[:, index].any():
+            raw[modality] = model.encode(modality, batch)
+            stacked.append(raw[modality] * present[:, index : index + 1])
+        else:
+            stacked.append(available.new_zeros(rows, model.config.embed_dim))
+    loss = F.cross_entropy(model.fusion(torch.stack(stacked, dim=1), present), batch["labels"])
+    if options.aux_loss_weight > 0 and raw:
+        auxiliary = []
+        for index, modality in enumerate(model.config.modalities):
+            has = available[:, index] > 0
+            if modality in raw and has.any():
+                auxiliary.append(F.cross_entropy(heads[modality](raw[modality][has]), batch["labels"][has]))
+        loss = loss + options.aux_loss_weight * torch.stack(auxiliary).mean()
+    return loss
 
 
 def _unimodal_loss(model: MultimodalClassifier, heads: nn.ModuleDict, batch: dict) -> torch.Tensor:

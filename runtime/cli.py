@@ -80,6 +80,12 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
     train.add_argument("--weight-decay", type=float, default=1e-4)
     train.add_argument("--modality-dropout", type=float, default=0.5, help="share of samples shown a subset")
+    train.add_argument(
+        "--aux-loss-weight",
+        type=float,
+        default=0.5,
+        help="weight of each encoder's own loss (0: fusion loss only)",
+    )
     train.add_argument("--patience", type=int, default=4, help="early stopping patience in epochs (0: off)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -163,12 +169,7 @@ def _run_export(args: argparse.Namespace) -> int:
     print(f"bundle: {report.bundle}")
     print(f"  end to end     max |probability difference| {report.end_to_end:.1e}")
     print(f"  size           {sum(report.sizes.values()) / 1e6:.2f} MB in {len(report.sizes)} files")
-    for name, variants in report.variants.items():
-        for v in variants:
-            print(
-                f"  {name:<14} {v['precision']:<5} {v['speedup']:.2f}x fp32 speed, "
-                f"{v['accuracy_drop_points']:+.2f} points: {v['reason']}"
-            )
+    print(report.variants_table())
     return 0
 
 
