@@ -47,7 +47,7 @@ def torch_forward(model, pipeline: polysense.Pipeline, features: dict[str, np.nd
 
 
 def runtime_forward(pipeline: polysense.Pipeline, features: dict[str, np.ndarray]) -> np.ndarray:
-    embeddings = {m: pipeline._encode(m, [features[m]]) for m in pipeline.modalities}
+    embeddings = {m: pipeline.encode(m, [features[m]]) for m in pipeline.modalities}
     return pipeline.fuse(embeddings, np.ones((1, len(pipeline.modalities)), np.float32))
 
 
@@ -82,10 +82,10 @@ def run(run_dir: Path, bundle: Path, options: BenchOptions) -> dict:
             single = polysense.Pipeline.load(bundle, device="cpu", precision={component: "int8"})
             modality = next((m for m in single.modalities if encoder_name(m) == component), None)
             if modality:
-                run_int8 = lambda p=single, m=modality: p._encode(m, [features[m]])  # noqa: E731
-                run_fp32 = lambda m=modality: fp32._encode(m, [features[m]])  # noqa: E731
+                run_int8 = lambda p=single, m=modality: p.encode(m, [features[m]])  # noqa: E731
+                run_fp32 = lambda m=modality: fp32.encode(m, [features[m]])  # noqa: E731
             else:
-                embeddings = {m: fp32._encode(m, [features[m]]) for m in fp32.modalities}
+                embeddings = {m: fp32.encode(m, [features[m]]) for m in fp32.modalities}
                 mask = np.ones((1, len(fp32.modalities)), np.float32)
                 run_int8 = lambda p=single, e=embeddings, k=mask: p.fuse(e, k)  # noqa: E731
                 run_fp32 = lambda e=embeddings, k=mask: fp32.fuse(e, k)  # noqa: E731
@@ -189,16 +189,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--quick", action="store_true", help="few runs: a smoke test, not a measurement")
     args = parser.parse_args()
-    options = BenchOptions()
-    if args.quick:
-        options = BenchOptions(
-            warmup_runs=2,
-            window_runs=5,
-            max_windows=3,
-            batch_sizes=(1, 2),
-            throughput_seconds=0.05,
-            cold_start_runs=1,
-        )
+    options = BenchOptions.quick(batch_sizes=(1, 2)) if args.quick else BenchOptions()
     results = run(Path(args.run), Path(args.bundle or Path(args.run) / "bundle"), options)
     meta = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",

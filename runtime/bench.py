@@ -41,6 +41,19 @@ class BenchOptions:
     throughput_seconds: float = 0.5  # per batch size
     cold_start_runs: int = 3
 
+    @classmethod
+    def quick(cls, **overrides: object) -> BenchOptions:
+        """Few runs: a smoke test of the whole report, not a measurement."""
+        values = {
+            "warmup_runs": 2,
+            "window_runs": 5,
+            "max_windows": 3,
+            "batch_sizes": (1, 4),
+            "throughput_seconds": 0.05,
+            "cold_start_runs": 1,
+        }
+        return cls(**{**values, **overrides})
+
 
 def _stats(times_ms: list[float]) -> dict:
     array = np.asarray(times_ms)
@@ -158,9 +171,9 @@ def run_bench(
         embeddings = {}
         for modality, feature in features.items():
             stages[f"encode_{modality}"] = measure(
-                lambda m=modality, f=feature: pipeline._encode(m, [f]), options
+                lambda m=modality, f=feature: pipeline.encode(m, [f]), options
             )
-            embeddings[modality] = pipeline._encode(modality, [feature])
+            embeddings[modality] = pipeline.encode(modality, [feature])
         mask = np.ones((1, len(pipeline.modalities)), np.float32)
         stages["fusion"] = measure(lambda: pipeline.fuse(embeddings, mask), options)
         steps.update()

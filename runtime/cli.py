@@ -277,18 +277,8 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
 def _run_bench(args: argparse.Namespace) -> int:
     from polysense.bench import BenchOptions, format_report, plot_report, run_bench
 
-    options = BenchOptions(device=args.device, precision=args.precision)
-    if args.quick:
-        options = BenchOptions(
-            device=args.device,
-            precision=args.precision,
-            warmup_runs=2,
-            window_runs=5,
-            max_windows=3,
-            batch_sizes=(1, 4),
-            throughput_seconds=0.05,
-            cold_start_runs=1,
-        )
+    make = BenchOptions.quick if args.quick else BenchOptions
+    options = make(device=args.device, precision=args.precision)
     report = run_bench(args.bundle, options, progress=not args.no_progress)
     print(format_report(report))
     if args.json:

@@ -211,7 +211,7 @@ class Pipeline:
                 embeddings[modality] = np.zeros((rows, self.embed_dim), np.float32)
                 continue
             tick = time.perf_counter()
-            encoded = self._encode(modality, [values[i] for i in present])
+            encoded = self.encode(modality, [values[i] for i in present])
             timings[f"encode_{modality}"] = (time.perf_counter() - tick) * 1000
             if len(present) == rows:
                 embeddings[modality] = encoded  # may live on the device under CUDA
@@ -221,7 +221,8 @@ class Pipeline:
                 embeddings[modality] = full
         return embeddings, mask, timings
 
-    def _encode(self, modality: str, features: list[np.ndarray]) -> Any:
+    def encode(self, modality: str, features: list[np.ndarray]) -> Any:
+        """Embeddings of preprocessed inputs of one modality, batched (device-resident under CUDA)."""
         session = self.sessions[modality]
         if modality == "image":
             return session.run({"image": np.stack(features)})[0]

@@ -9,9 +9,8 @@ def test_bench_reports_every_field(bundle, tmp_path, capsys):
     from polysense.cli import main
 
     out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
-    args = ["bench", str(bundle), "--quick", "--no-progress", "--json", str(out)]
-    if pytest.importorskip("matplotlib"):
-        args += ["--plot", str(plot)]
+    pytest.importorskip("matplotlib")
+    args = ["bench", str(bundle), "--quick", "--no-progress", "--json", str(out), "--plot", str(plot)]
     assert main(args) == 0
     assert "end to end" in capsys.readouterr().out
     report = json.loads(out.read_text())
