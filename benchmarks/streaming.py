@@ -22,6 +22,8 @@ import numpy as np
 import soundfile
 
 import polysense
+from polysense.bench import machine
+from polysense.preprocessing import build_preprocessors
 
 ROOT = Path(__file__).resolve().parents[1]
 FSDD = ROOT.parent / "shared" / "data" / "fsdd" / "recordings"
@@ -72,7 +74,8 @@ def run(bundle: Path, seconds: float, repeats: int, threads: int) -> dict:
     pipeline = polysense.Pipeline.load(bundle, device="cpu", intra_op_threads=threads)
     signal, rate = speech_signal(seconds)
     duration = signal.size / rate
-    offline_frames = pipeline.preprocess("audio", signal, rate).shape[0]
+    audio = build_preprocessors(pipeline.description.preprocessing, ["audio"], bundle)["audio"]
+    offline_frames = audio(signal, rate).shape[0]
     stream_once(pipeline, signal[: rate * 2], rate, 100)  # warm-up
     offline_once(pipeline, signal[: rate * 2], rate)
     offline_ms = statistics.median(offline_once(pipeline, signal, rate)[0] for _ in range(3 * repeats))
@@ -150,7 +153,7 @@ def main() -> None:
     results = [run(Path(args.bundle), args.seconds, args.repeats, threads) for threads in (1, 0)]
     meta = {
         "seconds": args.seconds,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {'/'.join(machine()['isa']) or 'no AVX2'}",
         "command": "make bench-streaming",
         "onnxruntime": importlib.metadata.version("onnxruntime"),
     }

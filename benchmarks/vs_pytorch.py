@@ -4,7 +4,9 @@
 
 Measures, batch 1, on real test-split samples of the run: encoders + fusion (preprocessed inputs) and end to end
 from files (preprocessing included on both sides; PyTorch gets the very same numpy preprocessing), for PyTorch
-eager, the runtime at fp32, the runtime with each kept int8 variant, and the runtime at precision "auto".
+eager, the runtime at fp32, the runtime with each kept int8 variant, and the runtime at precision "auto". The
+runtime is measured through its public API only: encoders + fusion is the sum of the encode and fusion stages
+that Pipeline.predict times inside the same end-to-end runs.
 Writes results/vs_pytorch.json, .md and .png. Latency statistics come from polysense.bench.measure (windows
 repeated until two consecutive medians agree within 5 %).
 """
@@ -18,37 +20,59 @@ import os
 import platform
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import polysense
-from polysense.bench import BenchOptions, bundle_sizes, measure, run_bench
-from polysense.bundle import encoder_name, open_bundle
+from polysense.bench import (
+    MODELS_STAGE,
+    BenchOptions,
+    bundle_sizes,
+    machine,
+    measure,
+    run_bench,
+    stage_latencies,
+)
+from polysense.bundle import open_bundle
 from polysense.data import read_manifest
-from polysense.models.train import load_trained
+from polysense.export.reference import torch_logits
+from polysense.models.run_folder import load_trained
+from polysense.preprocessing import build_preprocessors
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def torch_forward(model, pipeline: polysense.Pipeline, features: dict[str, np.ndarray]) -> torch.Tensor:
-    """Logits of the torch model for one sample's preprocessed features (batch 1)."""
-    embeddings = []
-    for modality in model.config.modalities:
-        feature = torch.from_numpy(features[modality])[None]
-        encoder = model.encoders[modality]
-        if modality == "image":
-            embeddings.append(encoder(feature))
-        elif modality == "text":
-            embeddings.append(encoder(feature, torch.ones_like(feature)))
-        else:
-            embeddings.append(encoder(feature)[0])
-    mask = torch.ones(1, len(embeddings))
-    return model.fusion(torch.stack(embeddings, dim=1), mask)
+def _component_stage(description, component: str) -> str:
+    """The Prediction.timings key of a component: encode_<modality>, or fusion."""
+    modality = description.component(component).modality
+    return "fusion" if modality is None else f"encode_{modality}"
 
 
-def runtime_forward(pipeline: polysense.Pipeline, features: dict[str, np.ndarray]) -> np.ndarray:
-    embeddings = {m: pipeline.encode(m, [features[m]]) for m in pipeline.modalities}
-    return pipeline.fuse(embeddings, np.ones((1, len(pipeline.modalities)), np.float32))
+def _runtime(pipeline: polysense.Pipeline, sample: dict, options: BenchOptions) -> dict:
+    """Encoders + fusion and end to end, both from the same predict() runs (the pipeline's own stage timings)."""
+    end_to_end, stages, _ = stage_latencies(pipeline, sample, options)
+    return {
+        "models": stages[MODELS_STAGE],
+        "end_to_end": end_to_end,
+        "stages": stages,
+        "precisions": pipeline.precisions,
+    }
+
+
+def _int8_variants(bundle: Path, sample: dict, options: BenchOptions, fp32: dict) -> dict:
+    """Each component's kept int8 variant against fp32, measured as that component's stage inside predict()."""
+    description = open_bundle(bundle).description
+    int8 = {}
+    for name, component in description.components.items():
+        measured = {v["precision"]: v for v in component.measurements}
+        entry = {"kept": "int8" in component.variants, "export_measurement": measured.get("int8")}
+        if entry["kept"]:
+            single = polysense.Pipeline.load(bundle, device="cpu", precision={name: "int8"})
+            stage = _component_stage(description, name)
+            entry["fp32"] = fp32["stages"][stage]
+            entry["int8"] = _runtime(single, sample, options)["stages"][stage]
+            entry["speedup"] = entry["fp32"]["p50_ms"] / entry["int8"]["p50_ms"]
+        int8[name] = entry
+    return int8
 
 
 def run(run_dir: Path, bundle: Path, options: BenchOptions) -> dict:
@@ -57,53 +81,29 @@ def run(run_dir: Path, bundle: Path, options: BenchOptions) -> dict:
     sample = {m: getattr(row, m) for m in model.config.modalities}
     fp32 = polysense.Pipeline.load(bundle, device="cpu", precision="fp32")
     auto = polysense.Pipeline.load(bundle, device="cpu")
-    features = {m: fp32.preprocess(m, v) for m, v in sample.items()}
+    preprocessors = build_preprocessors(fp32.description.preprocessing, fp32.modalities, bundle)
+    features = {m: preprocessors[m](v) for m, v in sample.items()}
     results: dict[str, dict] = {}
     with torch.inference_mode():
         results["pytorch_eager"] = {
-            "models": measure(lambda: torch_forward(model, fp32, features), options),
+            "models": measure(lambda: torch_logits(model, features), options),
             "end_to_end": measure(
-                lambda: torch_forward(model, fp32, {m: fp32.preprocess(m, v) for m, v in sample.items()}),
-                options,
+                lambda: torch_logits(model, {m: preprocessors[m](v) for m, v in sample.items()}), options
             ),
         }
-    for name, pipeline in (("runtime_fp32", fp32), ("runtime_auto", auto)):
-        results[name] = {
-            "models": measure(lambda p=pipeline: runtime_forward(p, features), options),
-            "end_to_end": measure(lambda p=pipeline: p.predict(**sample), options),
-            "precisions": pipeline.precisions,
-        }
-    opened = open_bundle(bundle)
-    int8 = {}
-    for component in opened.manifest["components"]:
-        variants = {v["precision"]: v for v in opened.component(component).get("variants", [])}
-        entry = {"kept": "int8" in opened.precisions(component), "export_measurement": variants.get("int8")}
-        if entry["kept"]:
-            single = polysense.Pipeline.load(bundle, device="cpu", precision={component: "int8"})
-            modality = next((m for m in single.modalities if encoder_name(m) == component), None)
-            if modality:
-                run_int8 = lambda p=single, m=modality: p.encode(m, [features[m]])  # noqa: E731
-                run_fp32 = lambda m=modality: fp32.encode(m, [features[m]])  # noqa: E731
-            else:
-                embeddings = {m: fp32.encode(m, [features[m]]) for m in fp32.modalities}
-                mask = np.ones((1, len(fp32.modalities)), np.float32)
-                run_int8 = lambda p=single, e=embeddings, k=mask: p.fuse(e, k)  # noqa: E731
-                run_fp32 = lambda e=embeddings, k=mask: fp32.fuse(e, k)  # noqa: E731
-            entry["fp32"] = measure(run_fp32, options)
-            entry["int8"] = measure(run_int8, options)
-            entry["speedup"] = entry["fp32"]["p50_ms"] / entry["int8"]["p50_ms"]
-        int8[component] = entry
-    results["int8_variants"] = int8
+    results["runtime_fp32"] = _runtime(fp32, sample, options)
+    results["runtime_auto"] = _runtime(auto, sample, options)
+    results["int8_variants"] = _int8_variants(bundle, sample, options, results["runtime_fp32"])
     bench = run_bench(bundle, options, progress=False)
     eager, best = results["pytorch_eager"], results["runtime_auto"]
+    sizes = bundle_sizes(bundle, auto.precisions)
     results["ratios"] = {
         "models_auto_vs_eager": eager["models"]["p50_ms"] / best["models"]["p50_ms"],
         "end_to_end_auto_vs_eager": eager["end_to_end"]["p50_ms"] / best["end_to_end"]["p50_ms"],
         "models_fp32_vs_eager": eager["models"]["p50_ms"] / results["runtime_fp32"]["models"]["p50_ms"],
         "orchestration_overhead_share": bench["orchestration_overhead_share"],
         "cold_start_seconds": bench["cold_start"]["seconds"],
-        "int8_bundle_share_of_fp32": bundle_sizes(bundle, auto.precisions)["int8"]
-        / bundle_sizes(bundle, auto.precisions)["fp32"],
+        "int8_bundle_share_of_fp32": sizes["int8"] / sizes["fp32"],
     }
     results["bench"] = bench
     return results
@@ -192,7 +192,7 @@ def main() -> None:
     options = BenchOptions.quick(batch_sizes=(1, 2)) if args.quick else BenchOptions()
     results = run(Path(args.run), Path(args.bundle or Path(args.run) / "bundle"), options)
     meta = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {'/'.join(machine()['isa']) or 'no AVX2'}",
         "command": "make bench-pytorch",
         "torch": torch.__version__,
         "onnxruntime": importlib.metadata.version("onnxruntime"),

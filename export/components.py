@@ -1,5 +1,9 @@
 """What each exported graph is: a thin wrapper module, its input/output names, dynamic axes, example inputs.
 
+Names and dynamic axes of an encoder's inputs come from the modality table (polysense.modalities.SPECS); a
+streaming encoder adds its state tensors (from the encoder's own `state_layout()`) as inputs and outputs.
+Example inputs, which only export needs, are built per modality by EXAMPLES below.
+
 Exporter: the TorchScript-based `torch.onnx.export(..., dynamo=False)` at opset 17. Measured with torch 2.13
 on these models: it exports each component in well under a second and keeps batch, text length and audio
 frames dynamic for the GRU and convolution graphs used here; the dynamo exporter took up to 30 s for the
@@ -10,44 +14,39 @@ convolution. Whatever the exporter, parity is checked on several batch sizes and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from polysense.models.audio_causal import STATE_NAMES, CausalAudioEncoder
+from polysense.modalities import SPECS, component_name
 from polysense.models.model import MultimodalClassifier
+from polysense.schema import FUSION, StateTensor
 
 OPSET = 17
 
 
-class ImageEncoderGraph(nn.Module):
+class EncoderGraph(nn.Module):
+    """An encoder as one graph: its inputs in, the embedding out."""
+
     def __init__(self, encoder: nn.Module) -> None:
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.encoder(image)
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.encoder(*inputs)
 
 
-class TextEncoderGraph(nn.Module):
+class StreamingEncoderGraph(nn.Module):
+    """A streaming encoder as one graph: new frames + the state tensors in; embedding + new state out."""
+
     def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.encoder(ids, mask)
-
-
-class AudioEncoderGraph(nn.Module):
-    """frames + the five state tensors in; embedding + the five new state tensors out."""
-
-    def __init__(self, encoder: CausalAudioEncoder) -> None:
         super().__init__()
         self.encoder = encoder
 
     def forward(self, frames: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        embedding, new_state = self.encoder(frames, tuple(state))
+        embedding, new_state = self.encoder.step(frames, tuple(state))
         return (embedding, *new_state)
 
 
@@ -71,114 +70,109 @@ class Component:
     inputs: list[str]
     outputs: list[str]
     dynamic_axes: dict[str, dict[int, str]]
+    example_builder: Callable[[int, int, torch.Generator], tuple[torch.Tensor, ...]]
+    state: tuple[StateTensor, ...] = ()  # a streaming encoder's state tensors
+
+    @property
+    def has_length_axis(self) -> bool:
+        """True when an input has a dynamic axis besides the batch (text tokens, audio frames)."""
+        return any(set(axes.values()) - {"batch"} for axes in self.dynamic_axes.values())
 
     def example(self, batch: int, length: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         """Random inputs of the given batch size (and text length / audio frames)."""
-        return EXAMPLES[self.name](self, batch, length, generator)
+        return self.example_builder(batch, length, generator)
 
 
-def _image_example(component: Component, batch: int, length: int, generator: torch.Generator) -> tuple:
-    size = component.module.image_size
-    return (torch.randn(batch, 3, size, size, generator=generator),)
+def _image_example(encoder: nn.Module, image_size: int) -> Callable:
+    def build(batch: int, length: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        return (torch.randn(batch, 3, image_size, image_size, generator=generator),)
+
+    return build
 
 
-def _text_example(component: Component, batch: int, length: int, generator: torch.Generator) -> tuple:
-    vocab = component.module.encoder.tokens.num_embeddings
-    ids = torch.randint(2, vocab, (batch, length), generator=generator)
-    lengths = torch.randint(1, length + 1, (batch,), generator=generator)
-    lengths[0] = length  # one row uses the whole width
-    mask = (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).long()
-    return ids * mask, mask
+def _text_example(encoder: nn.Module, image_size: int) -> Callable:
+    def build(batch: int, length: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        ids = torch.randint(2, encoder.vocab_size, (batch, length), generator=generator)
+        lengths = torch.randint(1, length + 1, (batch,), generator=generator)
+        lengths[0] = length  # one row uses the whole width
+        mask = (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).long()
+        return ids * mask, mask
+
+    return build
 
 
-def _audio_example(component: Component, batch: int, length: int, generator: torch.Generator) -> tuple:
-    encoder: CausalAudioEncoder = component.module.encoder
-
+def _audio_example(encoder: nn.Module, image_size: int) -> Callable:
     # Random frames on the scale of the training data (per-band mean and std), as log-mel frames are; unit
     # noise on a band with a tiny std would be thousands of standard deviations out.
-    def frames_of(count: int) -> torch.Tensor:
+    def frames_of(batch: int, count: int, generator: torch.Generator) -> torch.Tensor:
         noise = torch.randn(batch, count, encoder.n_mels, generator=generator)
         return noise * encoder.input_std + encoder.input_mean
 
-    frames = frames_of(length)
-    # A state as a stream would carry it: the state after some random earlier frames.
-    with torch.no_grad():
-        _, state = encoder(frames_of(7))
-    return (frames, *state)
+    def build(batch: int, length: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        frames = frames_of(batch, length, generator)
+        # A state as a stream would carry it: the state after some random earlier frames.
+        with torch.no_grad():
+            _, state = encoder.step(frames_of(batch, 7, generator))
+        return (frames, *state)
+
+    return build
 
 
-def _fusion_example(component: Component, batch: int, length: int, generator: torch.Generator) -> tuple:
-    modalities = len(component.inputs) - 1
-    embed_dim = component.module.embed_dim
-    embeddings = [torch.randn(batch, embed_dim, generator=generator) for _ in range(modalities)]
-    mask = (torch.rand(batch, modalities, generator=generator) < 0.6).float()
-    mask[:, 0] = torch.where(mask.sum(1) == 0, 1.0, mask[:, 0])  # at least one present
-    return (*[e * mask[:, i : i + 1] for i, e in enumerate(embeddings)], mask)
-
-
-EXAMPLES = {
-    "image_encoder": _image_example,
-    "text_encoder": _text_example,
-    "audio_encoder": _audio_example,
-    "fusion": _fusion_example,
+# modality -> (encoder, image size) -> example builder; the one place export needs per modality.
+EXAMPLES: dict[str, Callable[[nn.Module, int], Callable]] = {
+    "image": _image_example,
+    "text": _text_example,
+    "audio": _audio_example,
 }
+
+
+def _fusion_example(modalities: int, embed_dim: int) -> Callable:
+    def build(batch: int, length: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        embeddings = [torch.randn(batch, embed_dim, generator=generator) for _ in range(modalities)]
+        mask = (torch.rand(batch, modalities, generator=generator) < 0.6).float()
+        mask[:, 0] = torch.where(mask.sum(1) == 0, 1.0, mask[:, 0])  # at least one present
+        return (*[e * mask[:, i : i + 1] for i, e in enumerate(embeddings)], mask)
+
+    return build
+
+
+def encoder_component(modality: str, encoder: nn.Module, image_size: int) -> Component:
+    spec = SPECS[modality]
+    axes = {**spec.dynamic_axes, "embedding": {0: "batch"}}
+    example = EXAMPLES[modality](encoder, image_size)
+    if not spec.streaming:
+        return Component(
+            component_name(modality),
+            modality,
+            EncoderGraph(encoder),
+            list(spec.graph_inputs),
+            ["embedding"],
+            axes,
+            example,
+        )
+    state = tuple(StateTensor(name, shape, axis) for name, (shape, axis) in encoder.state_layout().items())
+    for tensor in state:
+        axes[tensor.name] = axes[tensor.output_name] = {tensor.batch_axis: "batch"}
+    return Component(
+        component_name(modality),
+        modality,
+        StreamingEncoderGraph(encoder),
+        [*spec.graph_inputs, *(t.name for t in state)],
+        ["embedding", *(t.output_name for t in state)],
+        axes,
+        example,
+        state,
+    )
 
 
 def components(model: MultimodalClassifier, image_size: int) -> list[Component]:
     """The graphs to export for a trained model, encoders in canonical modality order, then the fusion."""
     model = model.eval()
-    found = []
-    for modality in model.config.modalities:
-        encoder = model.encoders[modality]
-        if modality == "image":
-            module = ImageEncoderGraph(encoder)
-            module.image_size = image_size
-            found.append(
-                Component(
-                    "image_encoder",
-                    "image",
-                    module,
-                    ["image"],
-                    ["embedding"],
-                    {"image": {0: "batch"}, "embedding": {0: "batch"}},
-                )
-            )
-        elif modality == "text":
-            found.append(
-                Component(
-                    "text_encoder",
-                    "text",
-                    TextEncoderGraph(encoder),
-                    ["ids", "mask"],
-                    ["embedding"],
-                    {
-                        "ids": {0: "batch", 1: "length"},
-                        "mask": {0: "batch", 1: "length"},
-                        "embedding": {0: "batch"},
-                    },
-                )
-            )
-        else:
-            state_in = list(STATE_NAMES)
-            state_out = [f"{name}_out" for name in STATE_NAMES]
-            axes = {"frames": {0: "batch", 1: "frames"}, "embedding": {0: "batch"}}
-            for name in state_in + state_out:
-                axes[name] = {1: "batch"} if name.startswith("gru_hidden") else {0: "batch"}
-            found.append(
-                Component(
-                    "audio_encoder",
-                    "audio",
-                    AudioEncoderGraph(encoder),
-                    ["frames", *state_in],
-                    ["embedding", *state_out],
-                    axes,
-                )
-            )
-    fusion = FusionGraph(model.fusion)
-    fusion.embed_dim = model.config.embed_dim
+    found = [encoder_component(m, model.encoders[m], image_size) for m in model.config.modalities]
     inputs = [f"embedding_{m}" for m in model.config.modalities] + ["mask"]
     axes = {name: {0: "batch"} for name in [*inputs, "logits"]}
-    found.append(Component("fusion", None, fusion, inputs, ["logits"], axes))
+    example = _fusion_example(len(model.config.modalities), model.config.embed_dim)
+    found.append(Component(FUSION, None, FusionGraph(model.fusion), inputs, ["logits"], axes, example))
     for component in found:
         # A new wrapper starts in training mode, and the exporter restores that mode recursively after
         # exporting, which would switch the wrapped encoder's BatchNorm and dropout back to training.

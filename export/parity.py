@@ -71,7 +71,7 @@ def check_component(
         raise ExportError(f"{component.name}: the exported graph is not valid ONNX: {error}") from error
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(1)
-    lengths = LENGTHS if component.name in ("text_encoder", "audio_encoder") else LENGTHS[:1]
+    lengths = LENGTHS if component.has_length_axis else LENGTHS[:1]
     random_cases = [component.example(b, n, generator) for b in BATCHES for n in lengths]
     worst = max_difference(component, session, [*random_cases, *real_cases])
     if worst > TOLERANCE:

@@ -6,24 +6,25 @@ ConvInteger); int8 *dynamic* quantization restricted to MatMul/Gemm for the recu
 fp16 (inputs and outputs kept fp32) for CUDA. Each variant's validation accuracy is measured with the real
 runtime (the other components at fp32) and its latency on this machine; a variant is kept only if it loses at
 most `max_accuracy_drop` points of accuracy and, for CPU variants, is at least `min_speedup` times faster than
-fp32. Every measurement, kept or not, goes into the manifest.
+fp32. Every measurement, kept or not, goes into the bundle description.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import statistics
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import onnx
+from tqdm import tqdm
 
 from polysense.bundle import sha256_file
+from polysense.export.components import Component
+from polysense.export.quantize import convert_fp16, quantize_int8_dynamic, quantize_int8_static
+from polysense.schema import BundleDescription, Variant
 
 log = logging.getLogger("polysense")
 
@@ -38,6 +39,14 @@ class VariantPolicy:
     min_speedup: float = 1.1  # a CPU variant must be this much faster than fp32 (batch 1, this machine)
     precisions: tuple[str, ...] = ("int8", "fp16")  # variants to try besides fp32
     latency_runs: int = 200  # timed batch-1 runs per variant (after 20 warm-up runs); the median counts
+
+
+@dataclass(frozen=True)
+class Candidate:
+    precision: str
+    method: str
+    device: str  # where the variant is meant to run: cpu | cuda
+    path: Path
 
 
 @dataclass
@@ -61,77 +70,6 @@ class VariantReport:
         return asdict(self)
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """onnxruntime's quantizer prints advice and per-tensor notes on stdout and the root logger."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        root.setLevel(level)
-
-
-def quantize_int8_static(source: Path, target: Path, input_name: str, samples: list[np.ndarray]) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.feeds: Iterator[dict] = iter({input_name: s[None]} for s in samples)
-
-        def get_next(self) -> dict | None:
-            return next(self.feeds, None)
-
-    prepared = target.with_name(target.stem + ".prep.onnx")
-    try:
-        with _quiet():
-            quant_pre_process(str(source), str(prepared))
-            quantize_static(
-                str(prepared),
-                str(target),
-                Reader(),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                # 7-bit weights: x86 CPUs without VNNI saturate u8 x s8 products in their int8 kernels. Measured
-                # on this AVX2 machine for the image encoder: max embedding error 50 % of its range without it
-                # (5.3 points of accuracy lost), 1.7 % with it, at the same 1.6x speed-up over fp32.
-                reduce_range=True,
-            )
-    finally:
-        prepared.unlink(missing_ok=True)
-
-
-def quantize_int8_dynamic(source: Path, target: Path) -> int:
-    """MatMul/Gemm-only dynamic quantization; returns how many nodes became integer ops."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    with _quiet():
-        quantize_dynamic(
-            str(source),
-            str(target),
-            op_types_to_quantize=["MatMul", "Gemm"],
-            weight_type=QuantType.QInt8,
-            reduce_range=True,  # see quantize_int8_static
-        )
-    return sum(
-        1
-        for node in onnx.load(str(target)).graph.node
-        if "Integer" in node.op_type or "Quant" in node.op_type
-    )
-
-
-def convert_fp16(source: Path, target: Path) -> None:
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
-    onnx.save(model, str(target))
-
-
 def measure_latency(path: Path, feeds: dict[str, np.ndarray], runs: int) -> float:
     """Median milliseconds of one batch-1 run with the runtime's default session settings."""
     from polysense.sessions import Session, SessionSettings
@@ -147,5 +85,132 @@ def measure_latency(path: Path, feeds: dict[str, np.ndarray], runs: int) -> floa
     return statistics.median(times)
 
 
-def file_entry(path: Path, device: str) -> dict:
-    return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size, "device": device}
+def variant_of(path: Path, precision: str, device: str, latency_ms: float | None = None) -> Variant:
+    return Variant(precision, path.name, sha256_file(path), path.stat().st_size, device, latency_ms)
+
+
+def candidates(
+    component: Component, fp32_path: Path, policy: VariantPolicy, calibration: Callable[[], list[np.ndarray]]
+) -> Iterator[Candidate]:
+    """Each variant of one component worth trying, written next to its fp32 file."""
+    if "int8" in policy.precisions:
+        path = fp32_path.with_name(f"{component.name}.int8.onnx")
+        if component.modality == "image":  # convolutions: static QDQ (dynamic would give slow ConvInteger)
+            samples = calibration()
+            quantize_int8_static(fp32_path, path, component.inputs[0], samples)
+            yield Candidate(
+                "int8", f"static QDQ, per-channel weights, {len(samples)} training images", "cpu", path
+            )
+        elif quantize_int8_dynamic(fp32_path, path):
+            yield Candidate("int8", "dynamic, MatMul/Gemm only", "cpu", path)
+        else:
+            path.unlink(missing_ok=True)
+    if "fp16" in policy.precisions:
+        path = fp32_path.with_name(f"{component.name}.fp16.onnx")
+        convert_fp16(fp32_path, path)
+        yield Candidate("fp16", "fp16 weights and activations, fp32 inputs/outputs", "cuda", path)
+
+
+def decide(device: str, drop: float, speedup: float, policy: VariantPolicy) -> tuple[bool, str]:
+    if drop > policy.max_accuracy_drop:
+        return (
+            False,
+            f"rejected: loses {drop:.2f} points of validation accuracy (> {policy.max_accuracy_drop})",
+        )
+    if device == "cpu" and speedup < policy.min_speedup:
+        return False, f"rejected: {speedup:.2f}x fp32 speed on CPU (< {policy.min_speedup}x)"
+    if device == "cuda":
+        return True, "kept for CUDA: accuracy within budget (CUDA latency not measured at export)"
+    return True, "kept: accuracy within budget and faster than fp32"
+
+
+@dataclass(frozen=True)
+class VariantTrial:
+    """How add_variants measures: validation accuracy of a description written to the bundle folder."""
+
+    folder: Path
+    write: Callable[[BundleDescription], None]  # writes the description into `folder`
+    validate: Callable[[dict[str, str]], dict]  # {component: precision} -> validation metrics
+    calibration: Callable[[], list[np.ndarray]]  # real training images for static int8
+
+
+def _with_component(description: BundleDescription, name: str, **changes) -> BundleDescription:
+    components = dict(description.components)
+    components[name] = replace(components[name], **changes)
+    return replace(description, components=components)
+
+
+def add_variants(
+    description: BundleDescription,
+    parts: list[Component],
+    latency_feeds: dict[str, tuple[np.ndarray, ...]],
+    policy: VariantPolicy,
+    trial: VariantTrial,
+    progress: bool,
+) -> BundleDescription:
+    """Try each variant of each component, keep those that pay, record every measurement."""
+    base_accuracy = trial.validate({})["accuracy"]
+    for component in tqdm(parts, desc="precision variants", unit="graph", disable=not progress, leave=False):
+        spec = description.component(component.name)
+        fp32_path = trial.folder / spec.variant("fp32").file
+        feeds = dict(zip(component.inputs, latency_feeds[component.name]))
+        fp32_ms = measure_latency(fp32_path, feeds, policy.latency_runs)
+        kept = {"fp32": replace(spec.variant("fp32"), device="any", latency_ms=fp32_ms)}
+        reports = []
+        for candidate in candidates(component, fp32_path, policy, trial.calibration):
+            trying = variant_of(candidate.path, candidate.precision, candidate.device)
+            trial.write(
+                _with_component(description, component.name, variants={**kept, candidate.precision: trying})
+            )
+            report = _measure(candidate, trial, feeds, policy, base_accuracy, fp32_ms, component.name)
+            reports.append(report)
+            if report.kept:
+                kept[candidate.precision] = replace(trying, latency_ms=report.latency_ms)
+            else:
+                candidate.path.unlink()
+        description = _with_component(
+            description, component.name, variants=kept, measurements=tuple(r.to_dict() for r in reports)
+        )
+        trial.write(description)
+    return description
+
+
+def _measure(
+    candidate: Candidate,
+    trial: VariantTrial,
+    feeds: dict[str, np.ndarray],
+    policy: VariantPolicy,
+    base_accuracy: float,
+    fp32_ms: float,
+    component: str,
+) -> VariantReport:
+    metrics = trial.validate({component: candidate.precision})
+    latency = measure_latency(candidate.path, feeds, policy.latency_runs)
+    drop = (base_accuracy - metrics["accuracy"]) * 100
+    speedup = fp32_ms / latency
+    kept, reason = decide(candidate.device, drop, speedup, policy)
+    log.info(
+        "%s %s (%s): accuracy drop %.2f points, %.2fx fp32 speed: %s",
+        component,
+        candidate.precision,
+        candidate.method,
+        drop,
+        speedup,
+        reason,
+    )
+    return VariantReport(
+        precision=candidate.precision,
+        method=candidate.method,
+        device=candidate.device,
+        kept=kept,
+        reason=reason,
+        file=candidate.path.name if kept else None,
+        bytes=candidate.path.stat().st_size,
+        val_accuracy=metrics["accuracy"],
+        fp32_val_accuracy=base_accuracy,
+        accuracy_drop_points=drop,
+        val_subsets={k: v["accuracy"] for k, v in metrics["subsets"].items()},
+        latency_ms=latency,
+        fp32_latency_ms=fp32_ms,
+        speedup=speedup,
+    )

@@ -58,29 +58,48 @@ class CausalAudioEncoder(nn.Module):
         self.input_mean.copy_(mean)
         self.input_std.copy_(std.clamp(min=1e-3))
 
-    def state_shapes(self, batch_size: int = 1) -> dict[str, tuple[int, ...]]:
+    def state_layout(self) -> dict[str, tuple[tuple[int, ...], int]]:
+        """name -> (shape with a batch of one, batch axis) of each state tensor, in STATE_NAMES order.
+
+        The export writes this into the bundle, and the runtime stacks streams' states along these axes.
+        """
         return {
-            "conv1_cache": (batch_size, self.n_mels, self.conv1.context),
-            "conv2_cache": (batch_size, self.channels, self.conv2.context),
-            "gru_hidden": (1, batch_size, self.hidden),
-            "pool_sum": (batch_size, self.hidden),
-            "pool_count": (batch_size, 1),
+            "conv1_cache": ((1, self.n_mels, self.conv1.context), 0),
+            "conv2_cache": ((1, self.channels, self.conv2.context), 0),
+            "gru_hidden": ((1, 1, self.hidden), 1),  # torch's GRU keeps the batch on axis 1 of its state
+            "pool_sum": ((1, self.hidden), 0),
+            "pool_count": ((1, 1), 0),
         }
+
+    def state_shapes(self, batch_size: int = 1) -> dict[str, tuple[int, ...]]:
+        shapes = {}
+        for name, (shape, axis) in self.state_layout().items():
+            sized = list(shape)
+            sized[axis] = batch_size
+            shapes[name] = tuple(sized)
+        return shapes
 
     def initial_state(self, batch_size: int, device: torch.device | None = None) -> AudioState:
         device = device or self.input_mean.device
         return tuple(torch.zeros(shape, device=device) for shape in self.state_shapes(batch_size).values())
 
-    def forward(
-        self, frames: torch.Tensor, state: AudioState | None = None, frame_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, AudioState]:
-        """frames [B, T, n_mels] -> embedding [B, embed_dim] of every frame seen so far, and the new state.
+    def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Training and offline use: frames [B, T, n_mels] of whole recordings -> embedding [B, embed_dim].
 
-        `frame_mask` [B, T] (1 = real frame) lets a padded batch pool only each row's real frames;
-        the state after padded frames is then meaningless, so streams pass no mask.
+        `frame_mask` [B, T] (1 = real frame) lets a padded batch pool only each row's real frames.
         """
+        return self._run(frames, self.initial_state(frames.shape[0], frames.device), frame_mask)[0]
+
+    def step(self, frames: torch.Tensor, state: AudioState | None = None) -> tuple[torch.Tensor, AudioState]:
+        """Streaming: new frames [B, T, n_mels] after `state` (None: a new recording) -> the embedding of every
+        frame seen so far, and the new state. What the exported graph computes."""
         if state is None:
             state = self.initial_state(frames.shape[0], frames.device)
+        return self._run(frames, state, None)
+
+    def _run(
+        self, frames: torch.Tensor, state: AudioState, frame_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, AudioState]:
         conv1_cache, conv2_cache, gru_hidden, pool_sum, pool_count = state
         if frames.shape[1] == 0:  # an empty chunk changes nothing
             return self.project(pool_sum / pool_count.clamp(min=1.0)), state

@@ -1,103 +1,41 @@
-"""The torch side of the `polysense` command: the runtime's CLI parses, this module runs training."""
+"""`polysense train`: the runtime's CLI hands the arguments after "train" to run_train, which parses them with
+flags generated from TrainOptions (polysense.models.flags) and trains."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+from collections.abc import Sequence
 
-from polysense.models.options import TrainOptions
+from polysense.models.flags import add_arguments
+from polysense.models.flags import options_from_args as _options_from_args
+from polysense.models.options import TrainOptions, option_choices
 from polysense.models.train import train
 
 
+def build_train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="polysense train",
+        description="Train a multimodal classifier; the run folder (--out) receives checkpoints, config and "
+        "metrics. Export it afterwards with `polysense export RUN_DIR --out BUNDLE`.",
+    )
+    add_arguments(parser, TrainOptions, option_choices())
+    # Not an option of the run itself: it says where the run comes from.
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+    )
+    return parser
+
+
 def options_from_args(args: argparse.Namespace) -> TrainOptions:
-    modalities = (
-        tuple(m.strip() for m in args.modalities.split(",") if m.strip()) if args.modalities else None
-    )
-    return TrainOptions(
-        data=args.data,
-        out=args.out,
-        modalities=modalities,
-        strategy=args.strategy,
-        epochs=args.epochs,
-        pretrain_epochs=args.pretrain_epochs,
-        finetune_encoders=args.finetune_encoders,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        modality_dropout=args.modality_dropout,
-        aux_loss_weight=args.aux_loss_weight,
-        patience=args.patience,
-        seed=args.seed,
-        device=args.device,
-        image_size=args.image_size,
-        image_width=args.image_width,
-        embed_dim=args.embed_dim,
-        text_encoder=args.text_encoder,
-        fusion=args.fusion,
-        max_text_length=args.max_text_length,
-        builtin_n=args.builtin_n,
-        progress=not args.no_progress,
-    )
+    return _options_from_args(args, TrainOptions)
 
 
-def run_train(args: argparse.Namespace) -> int:
+def run_train(argv: Sequence[str]) -> int:
+    """Parse `polysense train` arguments, train, print the test metrics. argparse exits on bad flags."""
+    args = build_train_parser().parse_args(argv)
     result = train(options_from_args(args), resume=args.resume)
     stop = "stopped early, " if result.stopped_early else ""
     print(f"\ntest split of {result.run_dir} ({stop}best epoch {result.best_epoch} of {result.epochs_run}):")
     print(result.table())
     print(f"\nmetrics: {result.run_dir / 'metrics.json'}  model: {result.run_dir / 'model.pt'}")
-    return 0
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    """The main job: built-in data -> training -> ONNX bundle -> runtime evaluation -> predictions from files."""
-    import polysense
-    from polysense.bench import BenchOptions, format_report, run_bench
-    from polysense.data import read_manifest
-    from polysense.evaluate import evaluate_bundle
-    from polysense.export import export_run
-    from polysense.metrics import format_metrics_table
-
-    run_dir = Path(args.out)
-    progress = not args.no_progress
-    print(f"== 1/5 train on the built-in data ({args.n} samples) -> {run_dir}")
-    options = TrainOptions(data="builtin", out=str(run_dir), builtin_n=args.n, progress=progress)
-    result = train(options)
-    print(f"torch, test split (best epoch {result.best_epoch} of {result.epochs_run}):")
-    print(result.table())
-
-    bundle = run_dir / "bundle"
-    print(f"\n== 2/5 export each encoder and the fusion head to ONNX -> {bundle}")
-    report = export_run(run_dir, bundle, progress=progress)
-    print(f"end to end: max |probability difference| torch vs runtime {report.end_to_end:.1e}")
-    print(report.variants_table())
-
-    print("\n== 3/5 evaluate the bundle on the test split with the runtime alone (fp32)")
-    pipeline = polysense.Pipeline.load(bundle, device="cpu", precision="fp32")
-    metrics = evaluate_bundle(pipeline, run_dir / "manifest.csv", split="test", progress=progress)
-    print(format_metrics_table(metrics))
-    same = "equal to" if metrics["accuracy"] == result.metrics["accuracy"] else "DIFFERENT from"
-    print(
-        f"runtime test accuracy {metrics['accuracy']:.4f} is {same} torch's {result.metrics['accuracy']:.4f}"
-    )
-    pipeline = polysense.Pipeline.load(bundle, device="cpu")  # precision="auto"
-    chosen = evaluate_bundle(pipeline, run_dir / "manifest.csv", split="test", progress=progress)
-    picks = ", ".join(f"{name} {precision}" for name, precision in pipeline.precisions.items())
-    print(f"precision auto on this CPU: {picks}; test accuracy {chosen['accuracy']:.4f}")
-
-    print("\n== 4/5 a short benchmark of the bundle at precision auto (polysense bench, fewer runs)")
-    quick = BenchOptions(
-        window_runs=20, max_windows=5, batch_sizes=(1, 8, 32), throughput_seconds=0.2, cold_start_runs=1
-    )
-    print(format_report(run_bench(bundle, quick, progress=progress)))
-
-    print("\n== 5/5 three predictions from files")
-    rows = [r for r in read_manifest(run_dir / "manifest.csv").rows if r.split == "test"][:3]
-    for row in rows:
-        prediction = pipeline.predict(image=row.image, text=row.text, audio=row.audio)
-        print(f"  {Path(row.image).name} + {Path(row.audio).name} + {row.text!r}")
-        print(
-            f"    -> {prediction.label} (p={prediction.probabilities[prediction.label]:.3f}; true {row.label}; "
-            f"{prediction.timings['total']:.1f} ms)"
-        )
     return 0

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from polysense.audio import AudioPreprocessor
-from polysense.builtin import BuiltinSpec, ensure_builtin
 from polysense.data import (
     SPLITS,
     Manifest,
+    Row,
     check_labels,
     preprocess_rows,
     read_manifest,
@@ -20,8 +20,10 @@ from polysense.data import (
     stratified_split,
     write_manifest,
 )
+from polysense.datasets.builtin import BuiltinSpec, ensure_builtin
 from polysense.errors import ConfigError, ManifestError
 from polysense.image import ImagePreprocessor
+from polysense.modalities import MODALITIES
 from polysense.models.dataset import FeatureSet
 from polysense.models.options import TrainOptions
 from polysense.text import TextPreprocessor, train_tokenizer
@@ -68,13 +70,45 @@ def prepare_data(options: TrainOptions, run_dir: Path) -> PreparedData:
     manifest = read_manifest(resolve_manifest(options, run_dir))
     usable, skipped = manifest.usable_rows()
     modalities = choose_modalities(manifest, options.modalities)
+    by_split = _split_rows(manifest, usable, modalities, options.seed)
+    labels = sorted({r.label for r in by_split["train"]})
+    problems = check_labels(by_split["val"] + by_split["test"], labels, "it never occurs in the train split")
+    preprocessors, preprocessing, vocab_size = _make_preprocessors(modalities, by_split["train"], options)
+    if problems:
+        raise ManifestError(str(manifest.path), problems)
+
+    ordered = [r for s in SPLITS for r in by_split[s]]
+    features, decode_problems = preprocess_rows(ordered, preprocessors, progress=options.progress)
+    report_skipped(skipped + decode_problems, len(manifest.rows), str(manifest.path))
+    if decode_problems:  # drop the rows whose files could not be decoded
+        bad = {p.line for p in decode_problems}
+        keep = [i for i, r in enumerate(ordered) if r.line not in bad]
+        ordered = [ordered[i] for i in keep]
+        features = {m: [values[i] for i in keep] for m, values in features.items()}
+    # Written only once every row passed, so a failed preparation leaves nothing that looks like a run.
+    write_manifest(ordered, run_dir / "manifest.csv")
+    if "text" in preprocessors:
+        preprocessors["text"].save(run_dir / TOKENIZER_FILE)
+
+    splits = _feature_sets(modalities, labels, ordered, features)
+    sizes = ", ".join(f"{s} {len(splits[s])}" for s in SPLITS)
+    log.info(
+        "data: %s; modalities %s; %d labels; %s", manifest.path, "+".join(modalities), len(labels), sizes
+    )
+    return PreparedData(modalities, labels, splits, preprocessing, vocab_size)
+
+
+def _split_rows(
+    manifest: Manifest, usable: list[Row], modalities: tuple[str, ...], seed: int
+) -> dict[str, list[Row]]:
+    """The usable rows that have one of `modalities` (other cells cleared), by split; every split non-empty."""
     rows = [r for r in usable if any(getattr(r, m) is not None for m in modalities)]
     if len(rows) < len(usable):
         log.warning("%d rows have none of %s and are left out", len(usable) - len(rows), "+".join(modalities))
     # Drop cells of modalities the model does not use, so they are neither read nor required.
-    rows = [replace(r, **{m: None for m in ("image", "text", "audio") if m not in modalities}) for r in rows]
+    rows = [replace(r, **{m: None for m in MODALITIES if m not in modalities}) for r in rows]
     if not manifest.has_split:
-        rows = stratified_split(rows, options.seed)
+        rows = stratified_split(rows, seed)
     by_split = {s: [r for r in rows if r.split == s] for s in SPLITS}
     empty = [s for s in SPLITS if not by_split[s]]
     if empty:
@@ -82,9 +116,14 @@ def prepare_data(options: TrainOptions, run_dir: Path) -> PreparedData:
             f"{manifest.path}: the {' and '.join(empty)} split is empty; "
             "give it rows in the split column, or drop the column for an automatic 80/10/10 split"
         )
-    labels = sorted({r.label for r in by_split["train"]})
-    problems = check_labels(by_split["val"] + by_split["test"], labels, "it never occurs in the train split")
+    return by_split
 
+
+def _make_preprocessors(
+    modalities: tuple[str, ...], train_rows: list[Row], options: TrainOptions
+) -> tuple[dict, dict, int]:
+    """Each modality's preprocessor (the tokenizer trained on the train split's texts), their parameters
+    for the run config, and the vocabulary size (0 without text)."""
     preprocessors: dict = {}
     preprocessing: dict = {}
     vocab_size = 0
@@ -92,7 +131,7 @@ def prepare_data(options: TrainOptions, run_dir: Path) -> PreparedData:
         preprocessors["image"] = ImagePreprocessor(size=options.image_size)
         preprocessing["image"] = preprocessors["image"].to_dict()
     if "text" in modalities:
-        train_texts = [r.text for r in by_split["train"] if r.text is not None]
+        train_texts = [r.text for r in train_rows if r.text is not None]
         if not train_texts:
             raise ConfigError("the train split has no text; add texts or leave text out with --modalities")
         # Deterministic for the same texts, so a resumed run rebuilds the very same tokenizer.
@@ -103,33 +142,19 @@ def prepare_data(options: TrainOptions, run_dir: Path) -> PreparedData:
     if "audio" in modalities:
         preprocessors["audio"] = AudioPreprocessor()
         preprocessing["audio"] = preprocessors["audio"].to_dict()
+    return preprocessors, preprocessing, vocab_size
 
-    if problems:
-        raise ManifestError(str(manifest.path), problems)
-    ordered = [r for s in SPLITS for r in by_split[s]]
-    features, decode_problems = preprocess_rows(ordered, preprocessors, progress=options.progress)
-    report_skipped(skipped + decode_problems, len(manifest.rows), str(manifest.path))
-    if decode_problems:  # drop the rows whose files could not be decoded
-        bad = {p.line for p in decode_problems}
-        keep = [i for i, r in enumerate(ordered) if r.line not in bad]
-        ordered = [ordered[i] for i in keep]
-        features = {m: [values[i] for i in keep] for m, values in features.items()}
-        by_split = {s: [r for r in ordered if r.split == s] for s in SPLITS}
-    # Written only once every row passed, so a failed preparation leaves nothing that looks like a run.
-    write_manifest(ordered, run_dir / "manifest.csv")
-    if "text" in preprocessors:
-        preprocessors["text"].save(run_dir / TOKENIZER_FILE)
 
+def _feature_sets(
+    modalities: tuple[str, ...], labels: list[str], ordered: list[Row], features: dict[str, list]
+) -> dict[str, FeatureSet]:
+    """One FeatureSet per split from the rows in split order and their features (same order)."""
     label_index = {label: i for i, label in enumerate(labels)}
     splits, start = {}, 0
     for split in SPLITS:
-        count = len(by_split[split])
-        split_features = {m: features[m][start : start + count] for m in modalities}
-        split_labels = np.array([label_index[r.label] for r in by_split[split]], dtype=np.int64)
+        rows = [r for r in ordered if r.split == split]
+        split_features = {m: features[m][start : start + len(rows)] for m in modalities}
+        split_labels = np.array([label_index[r.label] for r in rows], dtype=np.int64)
         splits[split] = FeatureSet(modalities, split_features, split_labels)
-        start += count
-    sizes = ", ".join(f"{s} {len(splits[s])}" for s in SPLITS)
-    log.info(
-        "data: %s; modalities %s; %d labels; %s", manifest.path, "+".join(modalities), len(labels), sizes
-    )
-    return PreparedData(modalities, labels, splits, preprocessing, vocab_size)
+        start += len(rows)
+    return splits

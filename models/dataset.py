@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from polysense.text import pad_token_ids
+from polysense.modalities import SPECS
 
 
 @dataclass
@@ -34,21 +34,15 @@ class FeatureSet:
         )
 
     def collate(self, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
-        """A batch dict: image [B,3,H,W]; text_ids/text_mask [B,L]; audio [B,T,F] + audio_mask [B,T];
-        present [B,M]; labels [B]. Absent entries are zeros (and masked out)."""
+        """A batch dict: each modality's batch keys (polysense.modalities.SPECS, e.g. image [B,3,H,W];
+        text_ids/text_mask [B,L]; audio [B,T,F] + audio_mask [B,T]); present [B,M]; labels [B].
+        Absent entries are zeros (and masked out)."""
         indices = list(indices)
         batch: dict[str, torch.Tensor] = {}
-        if "image" in self.modalities:
-            batch["image"] = torch.from_numpy(_stack_images([self.features["image"][i] for i in indices]))
-        if "text" in self.modalities:
-            rows = [self.features["text"][i] for i in indices]
-            ids, mask = pad_token_ids([np.zeros(0, np.int64) if r is None else r for r in rows])
-            if ids.shape[1] == 0:  # no text in this batch: one pad column keeps shapes valid
-                ids, mask = np.zeros((len(rows), 1), np.int64), np.zeros((len(rows), 1), np.int64)
-            batch["text_ids"], batch["text_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
-        if "audio" in self.modalities:
-            frames, mask = _pad_frames([self.features["audio"][i] for i in indices])
-            batch["audio"], batch["audio_mask"] = torch.from_numpy(frames), torch.from_numpy(mask)
+        for modality in self.modalities:
+            spec = SPECS[modality]
+            arrays = spec.collate([self.features[modality][i] for i in indices])
+            batch.update((key, torch.from_numpy(array)) for key, array in zip(spec.batch_keys, arrays))
         present = [[self.features[m][i] is not None for m in self.modalities] for i in indices]
         batch["present"] = torch.tensor(present, dtype=torch.float32)
         batch["labels"] = torch.from_numpy(self.labels[indices])
@@ -66,23 +60,6 @@ class FeatureSet:
 
     def num_batches(self, batch_size: int) -> int:
         return -(-len(self) // batch_size)
-
-
-def _stack_images(images: list[np.ndarray | None]) -> np.ndarray:
-    shape = next((x.shape for x in images if x is not None), (3, 1, 1))
-    return np.stack([np.zeros(shape, np.float32) if x is None else x for x in images])
-
-
-def _pad_frames(rows: list[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
-    n_mels = next((x.shape[1] for x in rows if x is not None), 1)
-    longest = max([1] + [x.shape[0] for x in rows if x is not None])
-    frames = np.zeros((len(rows), longest, n_mels), np.float32)
-    mask = np.zeros((len(rows), longest), np.float32)
-    for i, x in enumerate(rows):
-        if x is not None:
-            frames[i, : x.shape[0]] = x
-            mask[i, : x.shape[0]] = 1.0
-    return frames, mask
 
 
 def modality_dropout(present: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:

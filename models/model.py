@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from polysense.modalities import check_modalities
+from polysense.modalities import SPECS, check_modalities
 
 # Importing the families registers them.
 from polysense.models import audio_causal, fusion, image_cnn, text_encoders  # noqa: F401
@@ -31,18 +31,17 @@ class ModelConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "modalities", check_modalities(self.modalities))
 
-    def encoder_options(self, modality: str) -> dict:
-        if modality == "image":
-            return {"embed_dim": self.embed_dim, "width": self.image_width}
-        if modality == "text":
-            return {
-                "embed_dim": self.embed_dim,
-                "vocab_size": self.vocab_size,
-                "max_positions": self.max_text_length,
-            }
-        return {"embed_dim": self.embed_dim, "n_mels": self.n_mels}
+    def encoder_options(self) -> dict:
+        """Options offered to every encoder family; each family takes those its factory names."""
+        return {
+            "embed_dim": self.embed_dim,
+            "width": self.image_width,
+            "vocab_size": self.vocab_size,
+            "max_positions": self.max_text_length,
+            "n_mels": self.n_mels,
+        }
 
-    def encoder_name(self, modality: str) -> str:
+    def encoder_family(self, modality: str) -> str:
         return getattr(self, f"{modality}_encoder")
 
     def to_dict(self) -> dict:
@@ -59,7 +58,7 @@ class MultimodalClassifier(nn.Module):
         self.config = config
         self.encoders = nn.ModuleDict(
             {
-                m: create_encoder(m, config.encoder_name(m), **config.encoder_options(m))
+                m: create_encoder(m, config.encoder_family(m), **config.encoder_options())
                 for m in config.modalities
             }
         )
@@ -71,14 +70,8 @@ class MultimodalClassifier(nn.Module):
         )
 
     def encode(self, modality: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Embedding [B, D] of one modality from a collated batch."""
-        encoder = self.encoders[modality]
-        if modality == "image":
-            return encoder(batch["image"])
-        if modality == "text":
-            return encoder(batch["text_ids"], batch["text_mask"])
-        embedding, _ = encoder(batch["audio"], frame_mask=batch["audio_mask"])
-        return embedding
+        """Embedding [B, D] of one modality from a collated batch (the modality's batch keys, in order)."""
+        return self.encoders[modality](*(batch[key] for key in SPECS[modality].batch_keys))
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """[B, M, D]; rows whose modality is absent hold zeros (encoders run only where some row has it)."""

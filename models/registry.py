@@ -3,11 +3,14 @@
     @register_encoder("image", "cnn")
     def cnn(embed_dim: int = 128, **options) -> nn.Module: ...
 
-Every encoder maps its modality's input to an embedding [B, embed_dim] and exposes `embed_dim`.
+Every encoder's forward() takes its modality's training inputs (polysense.modalities.SPECS[m].batch_keys, in
+order) and returns an embedding [B, embed_dim]; it exposes `embed_dim`. A family's factory names the options it
+takes; create_encoder passes it only those, so one set of model options serves every family.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from torch import nn
@@ -41,7 +44,9 @@ def create_encoder(modality: str, name: str, **options) -> nn.Module:
     if name not in ENCODERS[modality]:
         choices = ", ".join(sorted(ENCODERS[modality]))
         raise ConfigError(f"unknown {modality} encoder {name!r}; choose from {choices}")
-    return ENCODERS[modality][name](**options)
+    factory = ENCODERS[modality][name]
+    accepted = inspect.signature(factory).parameters
+    return factory(**{key: value for key, value in options.items() if key in accepted})
 
 
 def create_fusion(name: str, **options) -> nn.Module:

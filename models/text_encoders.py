@@ -26,7 +26,7 @@ class TextBiGRU(nn.Module):
 
     def __init__(self, vocab_size: int, embed_dim: int = 128, token_dim: int = 64, hidden: int = 96) -> None:
         super().__init__()
-        self.embed_dim = embed_dim
+        self.embed_dim, self.vocab_size = embed_dim, vocab_size
         self.tokens = nn.Embedding(vocab_size, token_dim, padding_idx=PAD_ID)
         self.forward_gru = nn.GRU(token_dim, hidden, batch_first=True)
         self.backward_gru = nn.GRU(token_dim, hidden, batch_first=True)
@@ -55,7 +55,7 @@ class TextTransformer(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        self.embed_dim = embed_dim
+        self.embed_dim, self.vocab_size = embed_dim, vocab_size
         self.tokens = nn.Embedding(vocab_size, model_dim, padding_idx=PAD_ID)
         self.positions = nn.Embedding(max_positions, model_dim)
         self.encoder = transformer_encoder(model_dim, layers, heads, dropout)
@@ -70,8 +70,7 @@ class TextTransformer(nn.Module):
 
 
 @register_encoder("text", "gru")
-def gru(vocab_size: int, embed_dim: int = 128, max_positions: int = 512) -> TextBiGRU:
-    del max_positions  # a GRU has no position limit
+def gru(vocab_size: int, embed_dim: int = 128) -> TextBiGRU:
     return TextBiGRU(vocab_size, embed_dim)
 
 

@@ -16,9 +16,11 @@ from polysense.errors import (
     ManifestError,
     PolysenseError,
 )
+from polysense.fusion import Embeddings, Prediction
 from polysense.image import ImagePreprocessor, decode_image
 from polysense.modalities import MODALITIES, subset_key
-from polysense.pipeline import Pipeline, Prediction
+from polysense.pipeline import Pipeline
+from polysense.schema import BundleDescription
 from polysense.text import TextPreprocessor, train_tokenizer
 
 __version__ = "0.1.0"
@@ -26,9 +28,11 @@ __version__ = "0.1.0"
 __all__ = [
     "MODALITIES",
     "AudioPreprocessor",
+    "BundleDescription",
     "BundleError",
     "ConfigError",
     "DependencyError",
+    "Embeddings",
     "ImagePreprocessor",
     "InputError",
     "LogMel",

@@ -1,7 +1,8 @@
 """`polysense bench BUNDLE`: latency per stage and end to end, throughput, cold start, memory and size.
 
-Runtime only (no torch). Latency is measured in windows of runs, repeated until two consecutive windows agree
-on the median within a tolerance (as Triton's perf_analyzer does); when they never agree the report says so.
+Runtime only (no torch), public Pipeline API only. Latency is measured in windows of runs, repeated until
+two consecutive windows agree on the median within a tolerance (as Triton's perf_analyzer does); when they never agree the report says so.
+Stage latencies (preprocess, encode, fusion) are the pipeline's own timings inside those end-to-end runs.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from polysense.bundle import open_bundle
 from polysense.pipeline import Pipeline
 
 SAMPLE_TEXT = "a calm quiet morning at the market after the rain"
+MODELS_STAGE = "encoders + fusion"  # per run, the sum of the encode_* stages and the fusion
 
 
 @dataclass(frozen=True)
@@ -92,20 +94,20 @@ def measure(run: Callable[[], object], options: BenchOptions) -> dict:
 def _sample_files(pipeline: Pipeline, folder: Path) -> dict:
     """One input per modality of the bundle, as files where the modality has files (what users pass)."""
     rng = np.random.default_rng(0)
-    sample: dict = {}
-    if "image" in pipeline.modalities:
-        path = folder / "sample.jpg"
-        cv2.imwrite(str(path), rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))
-        sample["image"] = str(path)
-    if "text" in pipeline.modalities:
-        sample["text"] = SAMPLE_TEXT
-    if "audio" in pipeline.modalities:
-        path = folder / "sample.wav"
-        soundfile.write(
-            str(path), (rng.standard_normal(16000) * 0.1).astype(np.float32), 16000, subtype="PCM_16"
-        )
-        sample["audio"] = str(path)
-    return sample
+    writers = {"image": _write_image, "text": lambda folder, rng: SAMPLE_TEXT, "audio": _write_audio}
+    return {m: writers[m](folder, rng) for m in pipeline.modalities}
+
+
+def _write_image(folder: Path, rng: np.random.Generator) -> str:
+    path = folder / "sample.jpg"
+    cv2.imwrite(str(path), rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))
+    return str(path)
+
+
+def _write_audio(folder: Path, rng: np.random.Generator) -> str:
+    path = folder / "sample.wav"
+    soundfile.write(str(path), (rng.standard_normal(16000) * 0.1).astype(np.float32), 16000, subtype="PCM_16")
+    return str(path)
 
 
 def _cold_start(bundle: Path, sample: dict, options: BenchOptions) -> dict:
@@ -139,18 +141,43 @@ def _cold_start(bundle: Path, sample: dict, options: BenchOptions) -> dict:
 def bundle_sizes(bundle: Path, chosen: dict[str, str]) -> dict:
     """Bytes of the component files per precision (fp32 standing in where a component lacks a variant),
     and of the set `auto` (or the forced precision) loads."""
-    opened = open_bundle(bundle)
-    names = list(opened.manifest["components"])
+    components = open_bundle(bundle).description.components
     sizes = {}
     for precision in ("fp32", "int8", "fp16"):
         sizes[precision] = sum(
-            opened.component(n)["precisions"].get(precision, opened.component(n)["precisions"]["fp32"])[
-                "bytes"
-            ]
-            for n in names
+            c.variants.get(precision, c.variants["fp32"]).bytes for c in components.values()
         )
-    sizes["loaded"] = sum(opened.component(n)["precisions"][chosen[n]]["bytes"] for n in names)
+    sizes["loaded"] = sum(c.variant(chosen[name]).bytes for name, c in components.items())
     return sizes
+
+
+def stage_latencies(pipeline: Pipeline, sample: dict, options: BenchOptions) -> tuple[dict, dict, float]:
+    """End-to-end latency of predict(**sample), each stage's latency as the pipeline timed it inside those
+    same runs, and the median orchestration overhead (end to end minus the stages) in ms."""
+    timings: list[dict] = []
+    end_to_end = measure(lambda: timings.append(pipeline.predict(**sample).timings), options)
+    recent = timings[-end_to_end["runs"] :]
+    stability = {"stable": end_to_end["stable"], "windows": end_to_end["windows"]}
+    stages = {
+        name: {**_stats([t[name] for t in recent]), **stability} for name in recent[0] if name != "total"
+    }
+    models = [sum(v for k, v in t.items() if k.startswith("encode_") or k == "fusion") for t in recent]
+    stages[MODELS_STAGE] = {**_stats(models), **stability}
+    parts = [sum(v for k, v in t.items() if k != "total") for t in recent]  # the stages, each counted once
+    overhead = statistics.median(t["total"] - p for t, p in zip(recent, parts))
+    return end_to_end, stages, overhead
+
+
+def _throughput(pipeline: Pipeline, sample: dict, options: BenchOptions) -> dict[str, float]:
+    throughput = {}
+    for batch in options.batch_sizes:
+        samples = [sample] * batch
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < options.throughput_seconds or count == 0:
+            pipeline.predict_batch(samples)
+            count += batch
+        throughput[str(batch)] = count / (time.perf_counter() - start)
+    return throughput
 
 
 def run_bench(
@@ -158,41 +185,12 @@ def run_bench(
 ) -> dict:
     bundle = Path(bundle)
     pipeline = Pipeline.load(bundle, device=options.device, precision=options.precision)
-    steps = tqdm(total=4, desc="bench", unit="step", disable=not progress, leave=False)
+    steps = tqdm(total=3, desc="bench", unit="step", disable=not progress, leave=False)
     with tempfile.TemporaryDirectory() as folder:
         sample = _sample_files(pipeline, Path(folder))
-        stages: dict[str, dict] = {}
-        features = {}
-        for modality, value in sample.items():
-            stages[f"preprocess_{modality}"] = measure(
-                lambda m=modality, v=value: pipeline.preprocess(m, v), options
-            )
-            features[modality] = pipeline.preprocess(modality, value)
-        embeddings = {}
-        for modality, feature in features.items():
-            stages[f"encode_{modality}"] = measure(
-                lambda m=modality, f=feature: pipeline.encode(m, [f]), options
-            )
-            embeddings[modality] = pipeline.encode(modality, [feature])
-        mask = np.ones((1, len(pipeline.modalities)), np.float32)
-        stages["fusion"] = measure(lambda: pipeline.fuse(embeddings, mask), options)
+        end_to_end, stages, overhead = stage_latencies(pipeline, sample, options)
         steps.update()
-
-        timings: list[dict] = []
-        end_to_end = measure(lambda: timings.append(pipeline.predict(**sample).timings), options)
-        recent = timings[-end_to_end["runs"] :]
-        parts = [sum(v for k, v in t.items() if k != "total") for t in recent]
-        overhead = statistics.median(t["total"] - p for t, p in zip(recent, parts))
-        steps.update()
-
-        throughput = {}
-        for batch in options.batch_sizes:
-            samples = [sample] * batch
-            count, start = 0, time.perf_counter()
-            while time.perf_counter() - start < options.throughput_seconds or count == 0:
-                pipeline.predict_batch(samples)
-                count += batch
-            throughput[str(batch)] = count / (time.perf_counter() - start)
+        throughput = _throughput(pipeline, sample, options)
         steps.update()
         cold = _cold_start(bundle, sample, options)
         steps.update()
@@ -210,8 +208,22 @@ def run_bench(
         "cold_start": cold,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "bundle_bytes": bundle_sizes(bundle, pipeline.precisions),
-        "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
+        "machine": machine(),
     }
+
+
+def machine() -> dict:
+    """CPU count, platform and the x86 vector instruction sets int8 and fp32 kernels depend on."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next(
+                (set(line.split(":", 1)[1].split()) for line in handle if line.startswith("flags")), set()
+            )
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+    return {"cpus": os.cpu_count(), "platform": sys.platform, "isa": [f for f in wanted if f in flags]}
 
 
 def format_report(report: dict) -> str:

@@ -1,7 +1,8 @@
-"""The bundle: a folder with manifest.json, one ONNX file per component and precision, tokenizer.json.
+"""The bundle: a folder with bundle.json, one ONNX file per component and precision, tokenizer.json.
 
 Export writes it (polysense.export); the runtime opens it here, refusing anything it cannot trust: a missing
-file, a hash that does not match, a schema version it does not know. Nothing in a bundle is ever unpickled.
+file, a hash that does not match, a description it cannot read or of a schema version it does not know.
+Nothing in a bundle is ever unpickled. The description itself is typed in polysense.schema.
 """
 
 from __future__ import annotations
@@ -13,14 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from polysense.errors import BundleError, InputError
+from polysense.schema import DESCRIPTION_FILE, LEGACY_DESCRIPTION_FILE, BundleDescription
 
-SCHEMA_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-FUSION = "fusion"
-
-
-def encoder_name(modality: str) -> str:
-    return f"{modality}_encoder"
+_EXPORT_AGAIN = "export it again with `polysense export RUN_DIR --out BUNDLE`"
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -34,76 +30,50 @@ def sha256_file(path: str | os.PathLike) -> str:
 @dataclass(frozen=True)
 class Bundle:
     path: Path
-    manifest: dict
+    description: BundleDescription
 
-    @property
-    def labels(self) -> list[str]:
-        return self.manifest["labels"]
-
-    @property
-    def modalities(self) -> tuple[str, ...]:
-        return tuple(self.manifest["modalities"])
-
-    @property
-    def preprocessing(self) -> dict:
-        return self.manifest["preprocessing"]
-
-    def component(self, name: str) -> dict:
-        return self.manifest["components"][name]
-
-    def precisions(self, name: str) -> list[str]:
-        return list(self.component(name)["precisions"])
-
-    def file(self, name: str, precision: str = "fp32") -> Path:
-        return self.path / self.component(name)["precisions"][precision]["file"]
+    def file(self, component: str, precision: str = "fp32") -> Path:
+        return self.path / self.description.component(component).variant(precision).file
 
 
-def _listed_files(manifest: dict) -> list[dict]:
-    """Every {file, sha256} entry the manifest vouches for."""
-    entries = [p for c in manifest["components"].values() for p in c["precisions"].values()]
-    text = manifest["preprocessing"].get("text")
-    if text:
-        entries.append({"file": text["tokenizer"], "sha256": text["sha256"]})
-    return entries
+def read_description(path: Path) -> BundleDescription:
+    """The typed description in bundle folder `path` (no file checks)."""
+    description_path = path / DESCRIPTION_FILE
+    if not description_path.is_file():
+        if (path / LEGACY_DESCRIPTION_FILE).is_file():
+            raise BundleError(
+                f"{path} was exported by an older polysense (bundle schema 1, {LEGACY_DESCRIPTION_FILE}); "
+                f"this version reads schema 2: {_EXPORT_AGAIN}"
+            )
+        raise BundleError(
+            f"{path} has no {DESCRIPTION_FILE}: not a polysense bundle (or an export that did not finish); "
+            f"{_EXPORT_AGAIN}"
+        )
+    try:
+        data = json.loads(description_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise BundleError(f"{description_path} is not valid JSON ({error}); {_EXPORT_AGAIN}") from error
+    try:
+        return BundleDescription.from_dict(data)
+    except BundleError as error:
+        raise BundleError(f"{path}: {error}; {_EXPORT_AGAIN}") from error
 
 
 def open_bundle(path: str | os.PathLike) -> Bundle:
-    """Open and verify a bundle folder: schema version, every listed file present with its sha256."""
+    """Open and verify a bundle folder: its description, every listed file present with its sha256."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"bundle not found: {path}")
     if not path.is_dir():
         raise BundleError(f"{path} is a file; a bundle is the folder `polysense export` writes")
-    manifest_path = path / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise BundleError(
-            f"{path} has no {MANIFEST_FILE}: not a polysense bundle (or an export that did not finish); "
-            "export it again with `polysense export RUN_DIR --out BUNDLE`"
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise BundleError(f"{manifest_path} is not valid JSON ({error}); export the bundle again") from error
-    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-    if version != SCHEMA_VERSION:
-        raise BundleError(
-            f"{path}: bundle schema version {version!r}, but this polysense reads version {SCHEMA_VERSION}; "
-            "export it again with this version of polysense, or use the polysense version that made it"
-        )
-    try:
-        entries = _listed_files(manifest)
-        manifest["labels"], manifest["modalities"]  # noqa: B018 - presence check
-    except (KeyError, TypeError, AttributeError) as error:
-        raise BundleError(f"{manifest_path} lacks {error}; export the bundle again") from error
-    for entry in entries:
-        file = path / entry["file"]
+    description = read_description(path)
+    for name, sha256 in description.files():
+        file = path / name
         if not file.is_file():
+            raise BundleError(f"{path}: {name} is missing; copy the whole bundle folder, or export it again")
+        if sha256_file(file) != sha256:
             raise BundleError(
-                f"{path}: {entry['file']} is missing; copy the whole bundle folder, or export it again"
-            )
-        if sha256_file(file) != entry["sha256"]:
-            raise BundleError(
-                f"{path}: {entry['file']} does not match its sha256 in {MANIFEST_FILE}: the file was altered "
+                f"{path}: {name} does not match its sha256 in {DESCRIPTION_FILE}: the file was altered "
                 "or corrupted (truncated copy?); copy the bundle again or export it again"
             )
-    return Bundle(path, manifest)
+    return Bundle(path, description)

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from polysense.errors import ConfigError, DependencyError, PolysenseError
+from polysense.modalities import MODALITIES
+from polysense.sessions import DEVICES
 
 log = logging.getLogger("polysense")
 
@@ -42,7 +44,7 @@ def _add_data(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_data_builtin(args: argparse.Namespace) -> int:
-    from polysense.builtin import BuiltinSpec, write_builtin
+    from polysense.datasets.builtin import BuiltinSpec, write_builtin
 
     manifest = write_builtin(args.out, BuiltinSpec(n=args.n, seed=args.seed))
     print(f"wrote {args.n} samples; manifest: {manifest}")
@@ -52,8 +54,8 @@ def _run_data_builtin(args: argparse.Namespace) -> int:
 def _run_data_avdigits(args: argparse.Namespace) -> int:
     from collections import Counter
 
-    from polysense.avdigits import AVDigitsSpec, write_avdigits
     from polysense.data import read_manifest
+    from polysense.datasets.avdigits import AVDigitsSpec, write_avdigits
 
     manifest = write_avdigits(AVDigitsSpec(args.fsdd, args.images, args.seed, args.holdout_speaker), args.out)
     counts = Counter(row.split for row in read_manifest(manifest).rows)
@@ -62,49 +64,16 @@ def _run_data_avdigits(args: argparse.Namespace) -> int:
 
 
 def _add_train(commands: argparse._SubParsersAction) -> None:
-    train = commands.add_parser("train", help="train a multimodal classifier (needs the train extra: torch)")
-    train.add_argument(
-        "--data", required=True, help="manifest (.csv/.jsonl), or 'builtin' for the built-in set"
+    # The flags are generated from polysense.models' TrainOptions (torch), so this parser takes none: main()
+    # forwards everything after "train", --help included, to polysense.models.cli.run_train.
+    train = commands.add_parser(
+        "train", help="train a multimodal classifier (needs the train extra: torch)", add_help=False
     )
-    train.add_argument("--out", required=True, help="run folder for checkpoints, config and metrics")
-    train.add_argument(
-        "--modalities", help="comma-separated subset, e.g. image,audio (default: all in the data)"
-    )
-    train.add_argument("--strategy", choices=("joint", "staged"), default="joint")
-    train.add_argument("--epochs", type=int, default=12, help="joint epochs, or fusion epochs when staged")
-    train.add_argument("--pretrain-epochs", type=int, default=4, help="staged: encoder pre-training epochs")
-    train.add_argument(
-        "--finetune-encoders", action="store_true", help="staged: train encoders with the fusion"
-    )
-    train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
-    train.add_argument("--weight-decay", type=float, default=1e-4)
-    train.add_argument("--modality-dropout", type=float, default=0.5, help="share of samples shown a subset")
-    train.add_argument(
-        "--aux-loss-weight",
-        type=float,
-        default=0.5,
-        help="weight of each encoder's own loss (0: fusion loss only)",
-    )
-    train.add_argument("--patience", type=int, default=4, help="early stopping patience in epochs (0: off)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    train.add_argument("--image-size", type=int, default=64)
-    train.add_argument("--image-width", type=int, default=24, help="CNN width")
-    train.add_argument("--embed-dim", type=int, default=128)
-    train.add_argument("--text-encoder", default="gru", help="gru or transformer")
-    train.add_argument("--fusion", default="concat", help="concat, attention or transformer")
-    train.add_argument("--max-text-length", type=int, default=64, help="tokens kept per text")
-    train.add_argument("--n", dest="builtin_n", type=int, default=3000, help="samples for --data builtin")
-    train.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
-    )
-    train.add_argument("--no-progress", action="store_true", help="no progress bars")
-    train.set_defaults(run=_run_train)
+    train.set_defaults(run=_run_train, forwards_arguments=True)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    return _training_module("polysense.models.cli").run_train(args)
+    return _training_module("polysense.models.cli").run_train(args.forwarded)
 
 
 def _training_module(name: str):
@@ -126,7 +95,7 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--out", default="runs/demo", help="run folder (must not exist; default runs/demo)")
     demo.add_argument("--n", type=int, default=3000, help="built-in samples (default 3000)")
     demo.add_argument("--no-progress", action="store_true")
-    demo.set_defaults(run=lambda args: _training_module("polysense.models.cli").run_demo(args))
+    demo.set_defaults(run=lambda args: _training_module("polysense.export.demo").run_demo(args))
 
 
 def _add_export(commands: argparse._SubParsersAction) -> None:
@@ -173,15 +142,27 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+_INPUT_HELP = {"image": "image file", "text": "text", "audio": "audio file (WAV, FLAC, OGG)"}
+
+
+def _bundle_command(
+    commands: argparse._SubParsersAction, name: str, help: str, json_help: str
+) -> argparse.ArgumentParser:
+    """A runtime command on one bundle: BUNDLE, --device and --json (what it prints as JSON differs)."""
+    command = commands.add_parser(name, help=help)
+    command.add_argument("bundle", help="bundle folder (what `polysense export` writes)")
+    command.add_argument("--device", choices=DEVICES, default="auto")
+    command.add_argument("--json", action="store_true", help=json_help)
+    return command
+
+
 def _add_predict(commands: argparse._SubParsersAction) -> None:
-    predict = commands.add_parser("predict", help="predict one sample with a bundle (runtime only)")
-    predict.add_argument("bundle")
-    predict.add_argument("--image", help="image file")
-    predict.add_argument("--text", help="text")
-    predict.add_argument("--audio", help="audio file (WAV, FLAC, OGG)")
-    predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    predict = _bundle_command(
+        commands, "predict", "predict one sample with a bundle (runtime only)", "print the prediction as JSON"
+    )
+    for modality in MODALITIES:
+        predict.add_argument(f"--{modality}", help=_INPUT_HELP[modality])
     predict.add_argument("--top", type=int, default=3, help="labels to show (default 3)")
-    predict.add_argument("--json", action="store_true", help="print the prediction as JSON")
     predict.set_defaults(run=_run_predict)
 
 
@@ -201,12 +182,11 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _add_eval(commands: argparse._SubParsersAction) -> None:
-    evaluate = commands.add_parser("eval", help="evaluate a bundle on a data manifest (runtime only)")
-    evaluate.add_argument("bundle")
+    evaluate = _bundle_command(
+        commands, "eval", "evaluate a bundle on a data manifest (runtime only)", "print the metrics as JSON"
+    )
     evaluate.add_argument("--data", required=True, help="manifest (.csv/.jsonl), e.g. RUN_DIR/manifest.csv")
     evaluate.add_argument("--split", choices=("train", "val", "test"), help="only rows of this split")
-    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(run=_run_eval)
 
@@ -227,16 +207,15 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _add_stream(commands: argparse._SubParsersAction) -> None:
-    stream = commands.add_parser("stream", help="a timeline of predictions over streamed audio/video")
-    stream.add_argument("bundle")
+    stream = _bundle_command(
+        commands, "stream", "a timeline of predictions over streamed audio/video", "one JSON object per line"
+    )
     stream.add_argument("--audio", help="audio file, or - for raw 16-bit little-endian mono PCM on stdin")
     stream.add_argument("--video", help="video file (or camera index / URL) sampled at --fps")
     stream.add_argument("--text", help="text fused with the stream")
     stream.add_argument("--chunk-ms", type=float, default=100.0, help="audio chunk length (default 100 ms)")
     stream.add_argument("--sample-rate", type=int, default=16000, help="rate of PCM on stdin (default 16000)")
     stream.add_argument("--fps", type=float, default=5.0, help="video frames encoded per second (default 5)")
-    stream.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    stream.add_argument("--json", action="store_true", help="one JSON object per line")
     stream.set_defaults(run=_run_stream)
 
 
@@ -265,7 +244,7 @@ def _run_stream(args: argparse.Namespace) -> int:
 def _add_bench(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser("bench", help="latency, throughput, cold start, memory and size of a bundle")
     bench.add_argument("bundle")
-    bench.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
+    bench.add_argument("--device", choices=DEVICES, default="cpu")
     bench.add_argument("--precision", default="auto", help="auto, fp32, int8 or fp16 (default auto)")
     bench.add_argument("--json", metavar="OUT", help="write the full report as JSON")
     bench.add_argument("--plot", metavar="OUT.png", help="write a PNG of stage latencies and throughput")
@@ -291,7 +270,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 def _add_info(commands: argparse._SubParsersAction) -> None:
     info = commands.add_parser("info", help="describe a bundle")
     info.add_argument("bundle")
-    info.add_argument("--json", action="store_true", help="print the whole manifest")
+    info.add_argument("--json", action="store_true", help="print the whole bundle description (bundle.json)")
     info.set_defaults(run=_run_info)
 
 
@@ -299,20 +278,19 @@ def _run_info(args: argparse.Namespace) -> int:
     from polysense.bundle import open_bundle
 
     bundle = open_bundle(args.bundle)
-    manifest = bundle.manifest
+    description = bundle.description
     if args.json:
-        print(json.dumps(manifest, indent=2))
+        print(json.dumps(description.to_dict(), indent=2))
         return 0
-    print(
-        f"{bundle.path}: schema {manifest['schema_version']}, made by polysense {manifest['producer']['polysense']}"
-    )
-    print(f"  labels ({len(bundle.labels)}): {', '.join(bundle.labels)}")
-    print(f"  modalities: {', '.join(bundle.modalities)}; embedding size {manifest['embed_dim']}")
-    for name, component in manifest["components"].items():
-        files = ", ".join(f"{p} {v['bytes'] / 1e3:.0f} kB" for p, v in component["precisions"].items())
-        inputs = ", ".join(f"{i['name']}{i['shape']}" for i in component["inputs"])
+    made_by = description.producer.get("polysense", "?")
+    print(f"{bundle.path}: schema {description.schema_version}, made by polysense {made_by}")
+    print(f"  labels ({len(description.labels)}): {', '.join(description.labels)}")
+    print(f"  modalities: {', '.join(description.modalities)}; embedding size {description.embed_dim}")
+    for name, component in description.components.items():
+        files = ", ".join(f"{p} {v.bytes / 1e3:.0f} kB" for p, v in component.variants.items())
+        inputs = ", ".join(f"{t.name}{list(t.shape)}" for t in component.inputs)
         print(f"  {name:<14} {files}; inputs {inputs}")
-    fp32 = manifest.get("metrics", {}).get("fp32", {})
+    fp32 = description.metrics.get("fp32", {})
     if "accuracy" in fp32:
         print(f"  test accuracy at export: {fp32['accuracy']:.4f}")
     return 0
@@ -337,7 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "forwards_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.forwarded = rest
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     from tqdm.contrib.logging import logging_redirect_tqdm
 

@@ -19,13 +19,13 @@ import numpy as np
 from tqdm import tqdm
 
 from polysense.errors import InputError, ManifestError
-from polysense.modalities import MODALITIES
+from polysense.modalities import MODALITIES, SPECS
 
 log = logging.getLogger("polysense")
 
 COLUMNS = (*MODALITIES, "label", "split")
 SPLITS = ("train", "val", "test")
-FILE_MODALITIES = ("image", "audio")  # cells holding paths; text cells hold the text itself
+FILE_MODALITIES = tuple(m for m in MODALITIES if SPECS[m].cell_is_path)  # text cells hold the text itself
 
 
 @dataclass(frozen=True)

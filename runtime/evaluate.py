@@ -1,4 +1,8 @@
-"""Evaluate a bundle on a data manifest with the runtime alone: the same keys as training's metrics.json."""
+"""Evaluate a bundle on a data manifest with the runtime alone: the same keys as training's metrics.json.
+
+Uses only the Pipeline's public API: each batch is embedded once (`Pipeline.embed`), then classified with all
+its modalities and under every subset of them (`Pipeline.predict_batch` on narrowed Embeddings).
+"""
 
 from __future__ import annotations
 
@@ -7,21 +11,17 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from polysense.data import SPLITS, check_labels, preprocess_rows, read_manifest, report_skipped
-from polysense.errors import ConfigError, ManifestError
+from polysense.data import SPLITS, Problem, Row, check_labels, read_manifest, report_skipped
+from polysense.errors import ConfigError, InputError, ManifestError
+from polysense.fusion import Embeddings
 from polysense.metrics import classification_metrics
 from polysense.modalities import nonempty_subsets, subset_key
 from polysense.pipeline import Pipeline
-from polysense.sessions import to_numpy
 
 BATCH = 32
 
 
-def evaluate_bundle(
-    pipeline: Pipeline, manifest: str | os.PathLike, split: str | None = None, progress: bool = True
-) -> dict:
-    """accuracy, macro precision/recall/F1, confusion matrix, and `subsets`: each sample is evaluated on every
-    non-empty subset of the bundle's modalities that it has (encoders run once per sample)."""
+def _rows_to_evaluate(pipeline: Pipeline, manifest: str | os.PathLike, split: str | None):
     data = read_manifest(manifest)
     rows, skipped = data.usable_rows()
     if split is not None:
@@ -36,45 +36,77 @@ def evaluate_bundle(
     problems = check_labels(rows, pipeline.labels, "the bundle's model does not know it")
     if problems:
         raise ManifestError(str(manifest), problems)
-    preprocessors = {m: (lambda value, m=m: pipeline.preprocess(m, value)) for m in pipeline.modalities}
+    return rows, skipped
+
+
+def _sample(row: Row, modalities: tuple[str, ...]) -> dict:
+    return {m: getattr(row, m) for m in modalities if getattr(row, m) is not None}
+
+
+def _embed_rows(pipeline: Pipeline, rows: list[Row]) -> tuple[list[Row], Embeddings | None, list[Problem]]:
+    """Embeddings of the rows that could be read; a batch that fails is retried row by row, so an unreadable
+    file costs only its own row (reported as a Problem)."""
+    samples = [_sample(r, pipeline.modalities) for r in rows]
+    try:
+        return rows, pipeline.embed(samples), []
+    except InputError:
+        pass
+    kept, problems = [], []
+    for row, sample in zip(rows, samples):
+        try:
+            pipeline.embed([sample])
+            kept.append(row)
+        except InputError as error:
+            problems.append(Problem(row.line, str(error), skippable=True))
+    if not kept:
+        return [], None, problems
+    return kept, pipeline.embed([_sample(r, pipeline.modalities) for r in kept]), problems
+
+
+def _predicted(pipeline: Pipeline, embeddings: Embeddings) -> list[int]:
+    index = {label: i for i, label in enumerate(pipeline.labels)}
+    return [index[p.label] for p in pipeline.predict_batch(embeddings)]
+
+
+def evaluate_bundle(
+    pipeline: Pipeline, manifest: str | os.PathLike, split: str | None = None, progress: bool = True
+) -> dict:
+    """accuracy, macro precision/recall/F1, confusion matrix, and `subsets`: each sample is evaluated on every
+    non-empty subset of the bundle's modalities that it has (encoders run once per sample)."""
+    rows, skipped = _rows_to_evaluate(pipeline, manifest, split)
     total = len(rows) + len({p.line for p in skipped})
-    features, unreadable = preprocess_rows(rows, preprocessors, progress=progress)
-    skipped += unreadable
-    report_skipped(skipped, total, str(manifest))
-    bad = {p.line for p in unreadable}
-    keep = [i for i, r in enumerate(rows) if r.line not in bad]
-    rows = [rows[i] for i in keep]
-    features = {m: [values[i] for i in keep] for m, values in features.items()}
-    if not rows:
-        raise ConfigError(
-            f"{manifest}: no rows{f' in split {split}' if split else ''} with "
-            f"{' or '.join(pipeline.modalities)} to evaluate"
-        )
     label_index = {label: i for i, label in enumerate(pipeline.labels)}
     subsets = nonempty_subsets(pipeline.modalities)
     truth: dict[str | None, list[int]] = {key: [] for key in [None, *map(subset_key, subsets)]}
     guess: dict[str | None, list[int]] = {key: [] for key in truth}
+    unreadable: list[Problem] = []
     for start in tqdm(
         range(0, len(rows), BATCH), desc="evaluating", unit="batch", disable=not progress, leave=False
     ):
-        batch = rows[start : start + BATCH]
-        chunk = {m: values[start : start + BATCH] for m, values in features.items()}
-        embeddings, mask, _ = pipeline.embed_features(chunk, len(batch))
+        batch, embeddings, problems = _embed_rows(pipeline, rows[start : start + BATCH])
+        unreadable += problems
+        if embeddings is None:
+            continue
         labels = np.array([label_index[r.label] for r in batch])
         truth[None].extend(labels)
-        guess[None].extend(pipeline.fuse(embeddings, mask).argmax(1))
+        guess[None].extend(_predicted(pipeline, embeddings))
         for subset in subsets:
             selector = np.array([m in subset for m in pipeline.modalities], dtype=np.float32)
-            has_all = (mask * selector).sum(1) == selector.sum()
+            has_all = (embeddings.mask * selector).sum(1) == selector.sum()
             if has_all.any():
-                rows_mask = np.broadcast_to(selector, (int(has_all.sum()), len(selector))).copy()
-                chosen = {m: to_numpy(e)[has_all] for m, e in embeddings.items()}
                 truth[subset_key(subset)].extend(labels[has_all])
-                guess[subset_key(subset)].extend(pipeline.fuse(chosen, rows_mask).argmax(1))
+                guess[subset_key(subset)].extend(_predicted(pipeline, embeddings.select(has_all, subset)))
+    report_skipped(skipped + unreadable, total, str(manifest))
+    if not truth[None]:
+        raise ConfigError(
+            f"{manifest}: no rows{f' in split {split}' if split else ''} with "
+            f"{' or '.join(pipeline.modalities)} to evaluate"
+        )
     classes = len(pipeline.labels)
     metrics = classification_metrics(truth[None], guess[None], classes)
     metrics["subsets"] = {
         key: classification_metrics(truth[key], guess[key], classes) for key in truth if key and truth[key]
     }
-    metrics.update(split=split, labels=pipeline.labels, skipped=[str(p) for p in skipped])
+    skipped_all = skipped + unreadable
+    metrics.update(split=split, labels=list(pipeline.labels), skipped=[str(p) for p in skipped_all])
     return metrics

@@ -1,14 +1,36 @@
-"""The modalities polysense knows, in their canonical order, and how subsets of them are named."""
+"""The modalities polysense knows: their canonical order, how subsets are named, and one spec per modality.
+
+The spec table (SPECS) is the one place that says how a modality flows through the system: which
+preprocessor turns an input into features, what the encoder graph's inputs and dynamic axes are, how a batch of
+features becomes session feeds, and how training collates a batch for the encoder. Runtime, training and export
+look modalities up here instead of branching on their names, so a new modality is one entry below (plus an
+encoder family in polysense.models and an example-input builder in polysense.export.components).
+
+Preprocessors are imported lazily, so a runtime that serves only images never imports the audio or text stacks.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from polysense.errors import ConfigError
 
 # Canonical order: embeddings are stacked, masks laid out and subset keys written in this order.
 MODALITIES: tuple[str, ...] = ("image", "text", "audio")
+
+# A preprocessor as the pipeline calls it: (input, sample rate or None) -> features.
+Preprocess = Callable[..., np.ndarray]
+
+
+def component_name(modality: str) -> str:
+    """The bundle component (ONNX graph) that encodes `modality`, e.g. "audio_encoder"."""
+    return f"{modality}_encoder"
 
 
 def check_modalities(names: Iterable[str]) -> tuple[str, ...]:
@@ -32,3 +54,105 @@ def nonempty_subsets(modalities: Iterable[str]) -> list[tuple[str, ...]]:
     """Every non-empty subset of `modalities`, smallest first, each in canonical order."""
     ordered = check_modalities(modalities)
     return [s for r in range(1, len(ordered) + 1) for s in combinations(ordered, r)]
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    name: str
+    dynamic_axes: dict[str, dict[int, str]]  # the encoder graph's inputs in order, each with its dynamic axes
+    batch_keys: tuple[str, ...]  # training-batch entries passed to the encoder's forward(), in order
+    cell_is_path: bool  # a data-manifest cell holds a file path (else the value itself, as text does)
+    streaming: bool  # the encoder carries state from call to call (run by the audio engine)
+    make_preprocessor: Callable[[Any, Path], Preprocess]  # (settings, folder of its files) -> preprocessor
+    feeds: Callable[[Sequence[np.ndarray]], tuple[np.ndarray, ...]]  # features of a batch -> graph_inputs
+    collate: Callable[[Sequence[np.ndarray | None]], tuple[np.ndarray, ...]]  # None = absent -> batch_keys
+
+    @property
+    def component(self) -> str:
+        return component_name(self.name)
+
+    @property
+    def graph_inputs(self) -> tuple[str, ...]:
+        """The encoder graph's inputs, in order (a streaming encoder's state tensors follow them)."""
+        return tuple(self.dynamic_axes)
+
+
+# -- image --------------------------------------------------------------------------------------------------
+
+
+def _image_preprocessor(settings: Any, folder: Path) -> Preprocess:
+    from polysense.image import ImagePreprocessor
+
+    preprocessor = ImagePreprocessor(settings.size, tuple(settings.mean), tuple(settings.std))
+    return lambda image, sample_rate=None: preprocessor(image)
+
+
+def _image_feeds(features: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+    return (np.stack(features),)
+
+
+def _image_collate(rows: Sequence[np.ndarray | None]) -> tuple[np.ndarray, ...]:
+    shape = next((x.shape for x in rows if x is not None), (3, 1, 1))
+    return (np.stack([np.zeros(shape, np.float32) if x is None else x for x in rows]),)
+
+
+# -- text ---------------------------------------------------------------------------------------------------
+
+
+def _text_preprocessor(settings: Any, folder: Path) -> Preprocess:
+    from polysense.text import TextPreprocessor
+
+    preprocessor = TextPreprocessor(folder / settings.tokenizer, settings.max_length)
+    return lambda text, sample_rate=None: preprocessor(text)
+
+
+def _text_feeds(features: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+    from polysense.text import pad_token_ids
+
+    return pad_token_ids(features)
+
+
+def _text_collate(rows: Sequence[np.ndarray | None]) -> tuple[np.ndarray, ...]:
+    ids, mask = _text_feeds([np.zeros(0, np.int64) if r is None else r for r in rows])
+    if ids.shape[1] == 0:  # no text in this batch: one pad column keeps the shapes valid
+        ids, mask = np.zeros((len(rows), 1), np.int64), np.zeros((len(rows), 1), np.int64)
+    return ids, mask
+
+
+# -- audio --------------------------------------------------------------------------------------------------
+
+
+def _audio_preprocessor(settings: Any, folder: Path) -> Preprocess:
+    from polysense.audio import AudioPreprocessor
+
+    preprocessor = AudioPreprocessor(**settings.to_dict())
+    return lambda audio, sample_rate=None: preprocessor(audio, sample_rate=sample_rate)
+
+
+def _audio_feeds(features: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+    return (np.stack(features),)  # clips of equal frame count; padding would enter the causal state
+
+
+def _audio_collate(rows: Sequence[np.ndarray | None]) -> tuple[np.ndarray, ...]:
+    """Frames zero-padded to the longest [B, T, n_mels] and the frame mask [B, T] (1 = real frame)."""
+    n_mels = next((x.shape[1] for x in rows if x is not None), 1)
+    longest = max([1] + [x.shape[0] for x in rows if x is not None])
+    frames = np.zeros((len(rows), longest, n_mels), np.float32)
+    mask = np.zeros((len(rows), longest), np.float32)
+    for i, x in enumerate(rows):
+        if x is not None:
+            frames[i, : x.shape[0]] = x
+            mask[i, : x.shape[0]] = 1.0
+    return frames, mask
+
+
+# One row per modality: name, encoder-graph inputs with their dynamic axes, training batch keys, whether a
+# data-manifest cell holds a path, whether the encoder streams, and its preprocessor, feeds and collate.
+# fmt: off
+SPECS: dict[str, ModalitySpec] = {spec.name: spec for spec in (
+    ModalitySpec("image", {"image": {0: "batch"}}, ("image",), True, False, _image_preprocessor, _image_feeds, _image_collate),
+    ModalitySpec("text", {"ids": {0: "batch", 1: "length"}, "mask": {0: "batch", 1: "length"}}, ("text_ids", "text_mask"), False, False, _text_preprocessor, _text_feeds, _text_collate),
+    ModalitySpec("audio", {"frames": {0: "batch", 1: "frames"}}, ("audio", "audio_mask"), True, True, _audio_preprocessor, _audio_feeds, _audio_collate),
+)}
+# fmt: on
+assert tuple(SPECS) == MODALITIES  # the table and the canonical order must agree

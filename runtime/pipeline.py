@@ -1,79 +1,63 @@
-"""The runtime pipeline: preprocess -> one encoder session per present modality -> fusion -> probabilities."""
+"""The runtime pipeline: preprocess -> one encoder session per present modality -> fusion -> probabilities.
+
+One Pipeline serves predictions, embeddings and live streams from one bundle. Below it: the preprocessors
+(polysense.preprocessing), the sessions (polysense.sessions), the audio engine (polysense.audio_engine) and the
+fusion head (polysense.fusion); none of them is part of the Pipeline's public surface.
+"""
 
 from __future__ import annotations
 
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from polysense.audio import AudioPreprocessor
-from polysense.bundle import FUSION, Bundle, encoder_name, open_bundle
+from polysense.audio_engine import AudioEngine
+from polysense.bundle import Bundle, open_bundle
 from polysense.errors import InputError
-from polysense.image import ImagePreprocessor
+from polysense.fusion import Embeddings, FusionHead, Prediction
+from polysense.modalities import MODALITIES, SPECS, component_name
 from polysense.precision import choose_precisions
+from polysense.preprocessing import build_preprocessors
+from polysense.schema import FUSION, BundleDescription
 from polysense.sessions import Session, SessionSettings, to_numpy
 from polysense.streaming import AudioStream, VideoStream
-from polysense.text import TextPreprocessor, pad_token_ids
 
-SAMPLE_KEYS = ("image", "text", "audio", "sample_rate")
+SAMPLE_KEYS = (*MODALITIES, "sample_rate")
 
-
-@dataclass
-class Prediction:
-    label: str
-    probabilities: dict[str, float]  # every label, summing to 1
-    embeddings: dict[str, np.ndarray]  # per present modality, [embed_dim] float32
-    timings: dict[str, float] = field(default_factory=dict)  # milliseconds per stage (of the whole batch)
-
-    def to_dict(self) -> dict:
-        return {
-            "label": self.label,
-            "probabilities": self.probabilities,
-            "timings_ms": self.timings,
-            "modalities": list(self.embeddings),
-        }
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
+__all__ = ["Embeddings", "Pipeline", "Prediction"]
 
 
 class Pipeline:
-    """Load once, predict many times. Not thread-safe per instance; make one per thread if needed."""
+    """Load once, predict many times."""
 
     def __init__(
         self, bundle: Bundle, settings: SessionSettings, precision: str | dict[str, str] = "auto"
     ) -> None:
-        self.bundle = bundle
-        self.settings = settings
-        self.labels: list[str] = list(bundle.labels)
-        self.modalities: tuple[str, ...] = bundle.modalities
-        self.embed_dim: int = bundle.manifest["embed_dim"]
-        pre = bundle.preprocessing
-        self.preprocessors: dict[str, Any] = {}
-        if "image" in self.modalities:
-            image = pre["image"]
-            self.preprocessors["image"] = ImagePreprocessor(
-                image["size"], tuple(image["mean"]), tuple(image["std"])
+        description = bundle.description
+        self._description = description
+        self._preprocessors = build_preprocessors(
+            description.preprocessing, description.modalities, bundle.path
+        )
+        names = list(description.components)
+        self._precisions = choose_precisions(description, names, settings.device, precision)
+        self._sessions = {
+            name: Session(bundle.file(name, self._precisions[name]), settings) for name in names
+        }
+        self._fusion = FusionHead(
+            self._sessions[FUSION], description.component(FUSION), description.modalities, description.labels
+        )
+        self._audio: AudioEngine | None = None
+        if description.streaming is not None:
+            audio = SPECS["audio"]
+            self._audio = AudioEngine(
+                self._sessions[audio.component],
+                description.streaming,
+                audio.graph_inputs[0],
+                description.embed_dim,
             )
-        if "text" in self.modalities:
-            text = pre["text"]
-            self.preprocessors["text"] = TextPreprocessor(bundle.path / text["tokenizer"], text["max_length"])
-        if "audio" in self.modalities:
-            self.preprocessors["audio"] = AudioPreprocessor(**pre["audio"])
-        names = [*(encoder_name(m) for m in self.modalities), FUSION]
-        self.precisions: dict[str, str] = choose_precisions(bundle, names, settings.device, precision)
-        sessions = {name: Session(bundle.file(name, self.precisions[name]), settings) for name in names}
-        self.sessions = {m: sessions[encoder_name(m)] for m in self.modalities}
-        self.sessions[FUSION] = sessions[FUSION]
-        if "audio" in self.modalities:
-            state = bundle.manifest["streaming"]["audio"]["state"]
-            self._audio_state = {name: np.array(shape) for name, shape in state.items()}
 
     @classmethod
     def load(
@@ -93,40 +77,34 @@ class Pipeline:
         settings = SessionSettings(device=device, intra_op_threads=intra_op_threads)
         return cls(open_bundle(path), settings, precision)
 
+    # -- read-only properties ------------------------------------------------------------------------------
+
+    @property
+    def description(self) -> BundleDescription:
+        """The bundle's typed description (labels, components, preprocessing, streaming state, metrics)."""
+        return self._description
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self._description.labels
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self._description.modalities
+
+    @property
+    def embed_dim(self) -> int:
+        return self._description.embed_dim
+
+    @property
+    def precisions(self) -> dict[str, str]:
+        """component -> the precision it runs at."""
+        return dict(self._precisions)
+
     @property
     def providers(self) -> dict[str, str]:
-        """The execution provider each component actually runs on."""
-        return {name: session.provider for name, session in self.sessions.items()}
-
-    # -- preprocessing -------------------------------------------------------------------------------------
-
-    def preprocess(self, modality: str, value: Any, sample_rate: int | None = None) -> np.ndarray:
-        """The runtime's preprocessing of one input (the same code training used)."""
-        if modality == "audio":
-            return self.preprocessors["audio"](value, sample_rate=sample_rate)
-        return self.preprocessors[modality](value)
-
-    def _check_sample(self, sample: dict, index: int | None = None) -> None:
-        where = "" if index is None else f"sample {index}: "
-        if not isinstance(sample, dict):
-            raise InputError(
-                f"{where}each sample is a dict like {{'image': ..., 'text': ...}}, got {type(sample).__name__}"
-            )
-        unknown = [k for k in sample if k not in SAMPLE_KEYS]
-        if unknown:
-            raise InputError(
-                f"{where}unknown input {unknown[0]!r}; the inputs are image, text, audio (and sample_rate)"
-            )
-        given = [m for m in ("image", "text", "audio") if sample.get(m) is not None]
-        if not given:
-            raise InputError(f"{where}no input given; pass one or more of {', '.join(self.modalities)}")
-        missing = [m for m in given if m not in self.modalities]
-        if missing:
-            raise InputError(
-                f"{where}this bundle has no {missing[0]} encoder; it takes {', '.join(self.modalities)}"
-            )
-        if sample.get("sample_rate") is not None and sample.get("audio") is None:
-            raise InputError(f"{where}sample_rate was given without audio")
+        """component -> the execution provider it actually runs on."""
+        return {name: session.provider for name, session in self._sessions.items()}
 
     # -- inference -----------------------------------------------------------------------------------------
 
@@ -151,151 +129,114 @@ class Pipeline:
         sample = {"image": image, "text": text, "audio": audio, "sample_rate": sample_rate}
         return self.predict_batch([{k: v for k, v in sample.items() if v is not None}])[0]
 
-    def predict_batch(self, samples: Sequence[dict]) -> list[Prediction]:
-        """Predict many samples at once; each is a dict with some of image, text, audio (+ sample_rate)."""
-        if isinstance(samples, dict) or not len(samples):
-            raise InputError("predict_batch takes a non-empty list of sample dicts")
-        start = time.perf_counter()
-        embeddings, mask, timings = self.embed(samples)
-        tick = time.perf_counter()
-        probabilities = self.fuse(embeddings, mask)
-        timings["fusion"] = (time.perf_counter() - tick) * 1000
-        host = {m: to_numpy(e) for m, e in embeddings.items()}
-        timings["total"] = (time.perf_counter() - start) * 1000
-        predictions = []
-        for row, probs in enumerate(probabilities):
-            present = {m: host[m][row] for i, m in enumerate(self.modalities) if mask[row, i] > 0}
-            predictions.append(
-                Prediction(
-                    label=self.labels[int(probs.argmax())],
-                    probabilities={label: float(p) for label, p in zip(self.labels, probs)},
-                    embeddings=present,
-                    timings=dict(timings),
-                )
-            )
-        return predictions
+    def predict_batch(self, samples: Sequence[dict] | Embeddings) -> list[Prediction]:
+        """Predict many samples at once; each is a dict with some of image, text, audio (+ sample_rate).
 
-    def embed(self, samples: Sequence[dict]) -> tuple[dict[str, Any], np.ndarray, dict[str, float]]:
-        """Embeddings per modality [B, D] (zeros where a sample lacks it), the presence mask [B, M] and
-        timings. Encoders run only for modalities some sample has."""
+        Also takes the Embeddings that embed() returned (optionally narrowed with `Embeddings.select`), so
+        embeddings computed once can be classified under several subsets of modalities.
+        """
+        start = time.perf_counter()
+        if isinstance(samples, Embeddings):
+            vectors, mask, timings = samples.vectors, samples.mask, {}
+        else:
+            vectors, mask, timings = self._embed(samples)
+        tick = time.perf_counter()
+        probabilities = self._fusion.probabilities(vectors, mask)
+        timings["fusion"] = (time.perf_counter() - tick) * 1000
+        host = {m: to_numpy(v) for m, v in vectors.items()}
+        timings["total"] = (time.perf_counter() - start) * 1000
+        return self._fusion.predictions(probabilities, host, mask, timings)
+
+    def embed(self, samples: Sequence[dict]) -> Embeddings:
+        """Embeddings of each sample's modalities (no fusion): [B, D] per modality, zeros where absent."""
+        vectors, mask, timings = self._embed(samples)
+        return Embeddings(self.modalities, {m: to_numpy(v) for m, v in vectors.items()}, mask, timings)
+
+    def audio_stream(self, encode: bool = True) -> AudioStream:
+        """A new live audio stream sharing this pipeline's audio engine. With encode=False its frames wait for
+        `polysense.streaming.encode_streams([...])`, which batches many streams into one encoder call."""
+        if self._audio is None:
+            raise InputError(f"this bundle has no audio encoder; it takes {', '.join(self.modalities)}")
+        settings = self._description.preprocessing.of("audio")
+        return AudioStream(self._audio, settings, self._embed_one, self._fusion.predict_one, encode=encode)
+
+    def video_stream(self, source: Any = None, fps: float = 5.0, window: int = 8) -> VideoStream:
+        """Video frames from `source` (file path, camera index, URL) or pushed with `push(frame, t)`,
+        sampled at `fps`, averaged over the last `window` sampled frames."""
+        if "image" not in self.modalities:
+            raise InputError(f"this bundle has no image encoder; it takes {', '.join(self.modalities)}")
+        return VideoStream(self._embed_one, self._fusion.predict_one, source, fps, window)
+
+    # -- internals -----------------------------------------------------------------------------------------
+
+    def _check_sample(self, sample: Any, where: str) -> None:
+        if not isinstance(sample, dict):
+            raise InputError(
+                f"{where}each sample is a dict like {{'image': ..., 'text': ...}}, got {type(sample).__name__}"
+            )
+        unknown = [k for k in sample if k not in SAMPLE_KEYS]
+        if unknown:
+            raise InputError(
+                f"{where}unknown input {unknown[0]!r}; the inputs are image, text, audio (and sample_rate)"
+            )
+        given = [m for m in MODALITIES if sample.get(m) is not None]
+        if not given:
+            raise InputError(f"{where}no input given; pass one or more of {', '.join(self.modalities)}")
+        missing = [m for m in given if m not in self.modalities]
+        if missing:
+            raise InputError(
+                f"{where}this bundle has no {missing[0]} encoder; it takes {', '.join(self.modalities)}"
+            )
+        if sample.get("sample_rate") is not None and sample.get("audio") is None:
+            raise InputError(f"{where}sample_rate was given without audio")
+
+    def _embed(self, samples: Sequence[dict]) -> tuple[dict[str, Any], np.ndarray, dict[str, float]]:
+        """Embeddings per modality [B, D] (device-resident under CUDA where every row has the modality),
+        the presence mask [B, M] and timings. Encoders run only for modalities some sample has."""
+        if isinstance(samples, dict) or not isinstance(samples, Sequence) or not len(samples):
+            raise InputError("pass a non-empty list of sample dicts")
         for index, sample in enumerate(samples):
-            self._check_sample(sample, index if len(samples) > 1 else None)
+            self._check_sample(sample, f"sample {index}: " if len(samples) > 1 else "")
         features: dict[str, list[np.ndarray | None]] = {}
         timings: dict[str, float] = {}
         for modality in self.modalities:
             if not any(s.get(modality) is not None for s in samples):
                 continue
+            preprocess = self._preprocessors[modality]
             tick = time.perf_counter()
             features[modality] = [
-                None
-                if s.get(modality) is None
-                else self.preprocess(modality, s[modality], s.get("sample_rate"))
+                None if s.get(modality) is None else preprocess(s[modality], s.get("sample_rate"))
                 for s in samples
             ]
             timings[f"preprocess_{modality}"] = (time.perf_counter() - tick) * 1000
-        embeddings, mask, encode_timings = self.embed_features(features, len(samples))
-        return embeddings, mask, {**timings, **encode_timings}
-
-    def embed_features(
-        self, features: dict[str, list[np.ndarray | None]], rows: int
-    ) -> tuple[dict[str, Any], np.ndarray, dict[str, float]]:
-        """Like embed() for already preprocessed inputs: per modality a list of `rows` features (None = absent)."""
-        mask = np.zeros((rows, len(self.modalities)), np.float32)
-        embeddings: dict[str, Any] = {}
-        timings: dict[str, float] = {}
-        for column, modality in enumerate(self.modalities):
-            values = features.get(modality, [None] * rows)
-            present = [i for i in range(rows) if values[i] is not None]
-            mask[present, column] = 1.0
+        mask = np.zeros((len(samples), len(self.modalities)), np.float32)
+        vectors: dict[str, Any] = {}
+        for index, modality in enumerate(self.modalities):
+            values = features.get(modality, [None] * len(samples))
+            present = [row for row, value in enumerate(values) if value is not None]
+            mask[present, index] = 1.0
             if not present:
-                embeddings[modality] = np.zeros((rows, self.embed_dim), np.float32)
+                vectors[modality] = np.zeros((len(samples), self.embed_dim), np.float32)
                 continue
             tick = time.perf_counter()
-            encoded = self.encode(modality, [values[i] for i in present])
+            encoded = self._encode(modality, [values[row] for row in present])
             timings[f"encode_{modality}"] = (time.perf_counter() - tick) * 1000
-            if len(present) == rows:
-                embeddings[modality] = encoded  # may live on the device under CUDA
+            if len(present) == len(samples):
+                vectors[modality] = encoded  # may live on the device under CUDA
             else:
-                full = np.zeros((rows, self.embed_dim), np.float32)
-                full[present] = to_numpy(encoded)
-                embeddings[modality] = full
-        return embeddings, mask, timings
+                vectors[modality] = np.zeros((len(samples), self.embed_dim), np.float32)
+                vectors[modality][present] = to_numpy(encoded)
+        return vectors, mask, timings
 
-    def encode(self, modality: str, features: list[np.ndarray]) -> Any:
+    def _encode(self, modality: str, features: list[np.ndarray]) -> Any:
         """Embeddings of preprocessed inputs of one modality, batched (device-resident under CUDA)."""
-        session = self.sessions[modality]
-        if modality == "image":
-            return session.run({"image": np.stack(features)})[0]
-        if modality == "text":
-            ids, mask = pad_token_ids(features)
-            return session.run({"ids": ids, "mask": mask})[0]
-        return self._encode_audio(features)
+        spec = SPECS[modality]
+        if spec.streaming:
+            return self._audio.encode_clips(features)
+        feeds = dict(zip(spec.graph_inputs, spec.feeds(features)))
+        return self._sessions[component_name(modality)].run(feeds)[0]
 
-    def _encode_audio(self, features: list[np.ndarray]) -> np.ndarray:
-        """Audio clips of equal frame count run as one batch from the zero state; others in their own runs
-        (padding would enter the causal state)."""
-        session = self.sessions["audio"]
-        out = np.zeros((len(features), self.embed_dim), np.float32)
-        by_length: dict[int, list[int]] = {}
-        for index, frames in enumerate(features):
-            by_length.setdefault(frames.shape[0], []).append(index)
-        for indices in by_length.values():
-            feeds = {"frames": np.stack([features[i] for i in indices])}
-            feeds.update(self.initial_audio_state(len(indices)))
-            out[indices] = to_numpy(session.run(feeds)[0])
-        return out
-
-    def initial_audio_state(self, batch_size: int = 1) -> dict[str, np.ndarray]:
-        """Zero state tensors for `batch_size` recordings (gru_hidden has its batch on axis 1)."""
-        state = {}
-        for name, shape in self._audio_state.items():
-            shape = list(shape)
-            shape[1 if name == "gru_hidden" else 0] = batch_size
-            state[name] = np.zeros(shape, np.float32)
-        return state
-
-    def embed_one(self, modality: str, value: Any, sample_rate: int | None = None) -> np.ndarray:
-        """Embedding [D] of one input of one modality."""
-        sample = {modality: value}
-        if sample_rate is not None:
-            sample["sample_rate"] = sample_rate
-        embeddings, _, _ = self.embed([sample])
-        return to_numpy(embeddings[modality])[0]
-
-    def fuse_embeddings(self, embeddings: dict[str, np.ndarray | None]) -> Prediction:
-        """A prediction from one embedding [D] per modality (None or missing = absent)."""
-        present = {m: e for m, e in embeddings.items() if e is not None}
-        unknown = [m for m in present if m not in self.modalities]
-        if unknown:
-            raise InputError(
-                f"this bundle has no {unknown[0]} encoder; it takes {', '.join(self.modalities)}"
-            )
-        if not present:
-            raise InputError("nothing to fuse yet: no audio frame, image or text so far")
-        start = time.perf_counter()
-        mask = np.array([[float(m in present) for m in self.modalities]], dtype=np.float32)
-        batch = {m: present.get(m, np.zeros(self.embed_dim, np.float32))[None] for m in self.modalities}
-        probabilities = self.fuse(batch, mask)[0]
-        elapsed = (time.perf_counter() - start) * 1000
-        return Prediction(
-            label=self.labels[int(probabilities.argmax())],
-            probabilities={label: float(p) for label, p in zip(self.labels, probabilities)},
-            embeddings={m: present[m] for m in self.modalities if m in present},
-            timings={"fusion": elapsed, "total": elapsed},
-        )
-
-    def audio_stream(self, encode: bool = True) -> AudioStream:
-        """A new live audio stream sharing this pipeline's sessions. With encode=False its frames wait for
-        `polysense.streaming.encode_streams([...])`, which batches many streams into one encoder call."""
-        return AudioStream(self, encode=encode)
-
-    def video_stream(self, source: Any = None, fps: float = 5.0, window: int = 8) -> VideoStream:
-        """Video frames from `source` (file path, camera index, URL) or pushed with `push(frame, t)`,
-        sampled at `fps`, averaged over the last `window` sampled frames."""
-        return VideoStream(self, source, fps, window)
-
-    def fuse(self, embeddings: dict[str, Any], mask: np.ndarray) -> np.ndarray:
-        """Probabilities [B, C] from per-modality embeddings and the presence mask."""
-        feeds = {f"embedding_{m}": embeddings[m] for m in self.modalities}
-        feeds["mask"] = mask
-        return _softmax(to_numpy(self.sessions[FUSION].run(feeds)[0]))
+    def _embed_one(self, modality: str, value: Any) -> np.ndarray:
+        """Embedding [D] of one input of one modality (what streams use for a set image, text or frame)."""
+        vectors, _, _ = self._embed([{modality: value}])
+        return to_numpy(vectors[modality])[0]

@@ -5,11 +5,9 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
-from polysense.bundle import Bundle
 from polysense.errors import ConfigError
+from polysense.schema import PRECISIONS, BundleDescription, ComponentSpec
 from polysense.sessions import CUDA, import_onnxruntime
-
-PRECISIONS = ("fp32", "int8", "fp16")
 
 
 def target_device(device: str) -> str:
@@ -19,37 +17,40 @@ def target_device(device: str) -> str:
     return device
 
 
-def _fastest_for(bundle: Bundle, name: str, device: str) -> str:
-    kept = bundle.component(name)["precisions"]
+def _fastest_for(component: ComponentSpec, device: str) -> str:
+    kept = component.variants
     if device == "cuda":
         return "fp16" if "fp16" in kept else "fp32"
-    usable = {p: e for p, e in kept.items() if e.get("device", "any") in ("cpu", "any")}
+    usable = {p: v for p, v in kept.items() if v.device in ("cpu", "any")}
     # fp32 first, so without latency figures (an fp32-only bundle) fp32 is the choice.
-    return min(usable, key=lambda p: (usable[p].get("latency_ms", float("inf")), p != "fp32"))
+    latency = {p: float("inf") if v.latency_ms is None else v.latency_ms for p, v in usable.items()}
+    return min(usable, key=lambda p: (latency[p], p != "fp32"))
 
 
 def choose_precisions(
-    bundle: Bundle, names: Sequence[str], device: str, requested: str | dict[str, str]
+    description: BundleDescription, names: Sequence[str], device: str, requested: str | dict[str, str]
 ) -> dict[str, str]:
     """component -> precision. Never returns a variant the bundle does not hold (rejected ones are not kept)."""
     device = target_device(device)
+    components = {n: description.component(n) for n in names}
     if isinstance(requested, dict):
         unknown = [n for n in requested if n not in names]
         if unknown:
             raise ConfigError(f"unknown component {unknown[0]!r}; this bundle has {', '.join(names)}")
-        chosen = {n: _fastest_for(bundle, n, device) for n in names}
+        chosen = {n: _fastest_for(c, device) for n, c in components.items()}
         for name, precision in requested.items():
-            if precision not in bundle.precisions(name):
+            if precision not in components[name].variants:
                 raise ConfigError(
-                    f"{name} has no {precision} variant in this bundle (it has {', '.join(bundle.precisions(name))})"
+                    f"{name} has no {precision} variant in this bundle "
+                    f"(it has {', '.join(components[name].precisions)})"
                 )
             chosen[name] = precision
         return chosen
     if requested == "auto":
-        return {n: _fastest_for(bundle, n, device) for n in names}
+        return {n: _fastest_for(c, device) for n, c in components.items()}
     if requested not in PRECISIONS:
         raise ConfigError(f"precision {requested!r} is unknown; choose auto, {', '.join(PRECISIONS)}")
-    having = [n for n in names if requested in bundle.precisions(n)]
+    having = [n for n, c in components.items() if requested in c.variants]
     if not having:
         raise ConfigError(
             f"this bundle has no {requested} variant of any component (export keeps a variant only where it was "

@@ -4,7 +4,7 @@ Audio: samples of any rate and chunk size -> stateful resampler (libsoxr's strea
 one-shot resampling) -> a small sample buffer -> the log-mel frames whose window is complete -> the causal
 audio encoder on those new frames only, carrying its state tensors. `input_finished()` zero-pads the tail
 exactly as offline processing does, so the final embedding equals `Pipeline.predict(audio=...)` on the whole
-recording, whatever the chunking. A stream owns its buffer and state; the pipeline (sessions) is shared.
+recording, whatever the chunking. A stream owns its buffer and state; the engine (the encoder session) is shared.
 
 Video: frames from cv2.VideoCapture (file, camera index, URL) or pushed by the caller, sampled at a target
 rate, each sampled frame through the image encoder, embeddings averaged over a sliding window.
@@ -13,18 +13,21 @@ rate, each sampled frame through the image encoder, embeddings averaged over a s
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import soxr
 
 from polysense.audio import LogMel, array_to_mono, check_sample_rate
+from polysense.audio_engine import AudioEngine, State
 from polysense.errors import InputError
-from polysense.sessions import to_numpy
+from polysense.fusion import Prediction
+from polysense.settings import AudioSettings
 
-if TYPE_CHECKING:
-    from polysense.pipeline import Pipeline, Prediction
+# The narrow calls a stream makes besides the engine's: encode one image or text, fuse embeddings.
+Embed = Callable[[str, Any], np.ndarray]
+Fuse = Callable[[Mapping[str, "np.ndarray | None"]], Prediction]
 
 
 class FrameBuffer:
@@ -70,20 +73,32 @@ class FrameBuffer:
 class AudioStream:
     """One live recording: feed chunks, read predictions. Create with `Pipeline.audio_stream()`."""
 
-    def __init__(self, pipeline: Pipeline, encode: bool = True) -> None:
-        if "audio" not in pipeline.modalities:
-            raise InputError(f"this bundle has no audio encoder; it takes {', '.join(pipeline.modalities)}")
-        self.pipeline = pipeline
+    def __init__(
+        self, engine: AudioEngine, settings: AudioSettings, embed: Embed, fuse: Fuse, encode: bool = True
+    ) -> None:
+        self._engine = engine
+        self._embed, self._fuse = embed, fuse
         self.encode_immediately = encode  # False: frames wait in `pending_frames` for encode_streams()
-        audio = pipeline.bundle.preprocessing["audio"]
-        self.model_rate = audio["sample_rate"]
-        self._frames = FrameBuffer(
-            LogMel(**{k: audio[k] for k in ("sample_rate", "n_fft", "hop_length", "n_mels", "fmin", "fmax")})
-        )
+        self.model_rate = settings.sample_rate
+        self._frames = FrameBuffer(LogMel(**settings.to_dict()))
         self.image_embedding: np.ndarray | None = None
         self.text_embedding: np.ndarray | None = None
         self.video: VideoStream | None = None
         self.reset()
+
+    @property
+    def engine(self) -> AudioEngine:
+        return self._engine
+
+    @property
+    def state(self) -> State:
+        """The encoder state after every frame encoded so far (zeros before the first)."""
+        return self._state
+
+    @property
+    def pending_frames(self) -> np.ndarray:
+        """Frames [k, n_mels] waiting for `encode_streams` (always empty when the stream encodes at once)."""
+        return self._pending
 
     # -- life cycle ----------------------------------------------------------------------------------------
 
@@ -92,10 +107,10 @@ class AudioStream:
         self.sample_rate: int | None = None
         self._resampler: Any = None
         self._frames.reset()
-        self.state = self.pipeline.initial_audio_state(1)
+        self._state = self._engine.initial_state(1)
         self.embedding: np.ndarray | None = None  # of all audio encoded so far
         self.frames_processed = 0
-        self.pending_frames = np.zeros((0, self._frames.logmel.n_mels), np.float32)
+        self._pending = np.zeros((0, self._frames.logmel.n_mels), np.float32)
         self.finished = False
 
     def accept_waveform(self, samples: np.ndarray, sample_rate: int) -> int:
@@ -139,31 +154,28 @@ class AudioStream:
     def _take(self, frames: np.ndarray) -> int:
         if frames.shape[0] == 0:
             return 0
+        self._pending = np.concatenate([self._pending, frames]) if self._pending.size else frames
         if self.encode_immediately:
-            self._encode(frames)
-        else:
-            self.pending_frames = np.concatenate([self.pending_frames, frames])
+            embedding, state = self._engine.run(self._pending[None], self._state)
+            self.absorb(embedding[0], state)
         return frames.shape[0]
 
-    def _encode(self, frames: np.ndarray) -> None:
-        feeds = {"frames": frames[None], **self.state}
-        outputs = self.pipeline.sessions["audio"].run(feeds)
-        self._update(to_numpy(outputs[0])[0], [to_numpy(o) for o in outputs[1:]], frames.shape[0])
-
-    def _update(self, embedding: np.ndarray, new_state: Sequence[np.ndarray], frames: int) -> None:
+    def absorb(self, embedding: np.ndarray, state: State) -> None:
+        """The engine's result for the pending frames: the embedding so far and the state after them."""
         self.embedding = embedding
-        self.state = dict(zip(self.state, new_state))
-        self.frames_processed += frames
+        self._state = state
+        self.frames_processed += self._pending.shape[0]
+        self._pending = self._pending[:0]
 
     # -- other modalities and results ----------------------------------------------------------------------
 
     def set_text(self, text: str | None) -> None:
         """Text fused with the audio from now on (None removes it); encoded once here."""
-        self.text_embedding = None if text is None else self.pipeline.embed_one("text", text)
+        self.text_embedding = None if text is None else self._embed("text", text)
 
     def set_image(self, image: Any) -> None:
         """An image fused with the audio from now on (None removes it); encoded once here."""
-        self.image_embedding = None if image is None else self.pipeline.embed_one("image", image)
+        self.image_embedding = None if image is None else self._embed("image", image)
 
     def attach_video(self, video: VideoStream | None) -> None:
         """Fuse with the video stream's current window of frames instead of a fixed image."""
@@ -172,46 +184,32 @@ class AudioStream:
     def result(self) -> Prediction:
         """The prediction from everything so far: audio (if any frame yet), image or video, text."""
         image = self.video.embedding if self.video is not None else self.image_embedding
-        return self.pipeline.fuse_embeddings(
-            {"audio": self.embedding, "image": image, "text": self.text_embedding}
-        )
+        return self._fuse({"audio": self.embedding, "image": image, "text": self.text_embedding})
 
 
 def encode_streams(streams: Sequence[AudioStream]) -> None:
-    """Run the pending frames of several deferred streams (`pipeline.audio_stream(encode=False)`) with one
-    encoder call per group of equal frame count, by stacking their state tensors along the batch axis."""
-    groups: dict[tuple[int, int], list[AudioStream]] = {}
+    """Encode the pending frames of deferred streams (`pipeline.audio_stream(encode=False)`), batched per
+    engine: a convenience over `AudioEngine.encode_streams` for streams of one or several pipelines."""
+    by_engine: dict[int, list[AudioStream]] = {}
     for stream in streams:
-        if stream.pending_frames.shape[0]:
-            groups.setdefault((id(stream.pipeline), stream.pending_frames.shape[0]), []).append(stream)
-    for group in groups.values():
-        session = group[0].pipeline.sessions["audio"]
-        feeds = {"frames": np.stack([s.pending_frames for s in group])}
-        for name in group[0].state:
-            axis = 1 if name == "gru_hidden" else 0
-            feeds[name] = np.concatenate([s.state[name] for s in group], axis=axis)
-        outputs = [to_numpy(o) for o in session.run(feeds)]
-        names = list(group[0].state)
-        for index, stream in enumerate(group):
-            state = [
-                out[:, index : index + 1] if name == "gru_hidden" else out[index : index + 1]
-                for name, out in zip(names, outputs[1:])
-            ]
-            stream._update(outputs[0][index], state, stream.pending_frames.shape[0])
-            stream.pending_frames = stream.pending_frames[:0]
+        by_engine.setdefault(id(stream.engine), []).append(stream)
+    for group in by_engine.values():
+        group[0].engine.encode_streams(group)
 
 
 class VideoStream:
     """Sampled video frames through the image encoder, averaged over a sliding window."""
 
-    def __init__(self, pipeline: Pipeline, source: Any = None, fps: float = 5.0, window: int = 8) -> None:
-        if "image" not in pipeline.modalities:
-            raise InputError(f"this bundle has no image encoder; it takes {', '.join(pipeline.modalities)}")
+    def __init__(
+        self, embed: Embed, fuse: Fuse, source: Any = None, fps: float = 5.0, window: int = 8
+    ) -> None:
         if not fps > 0:
             raise InputError(f"fps must be positive, got {fps}")
         if window < 1:
             raise InputError(f"window must be at least 1 frame, got {window}")
-        self.pipeline, self.source, self.fps, self.window = pipeline, source, float(fps), window
+        self._embed, self._fuse = embed, fuse
+        self.source, self.fps, self.window = source, float(fps), window
+        self.text_embedding: np.ndarray | None = None
         self.embeddings: deque[np.ndarray] = deque(maxlen=window)
         self.next_time = 0.0  # seconds: the next frame at or after this time is sampled
         self.frames_seen = 0
@@ -222,12 +220,20 @@ class VideoStream:
         """Mean embedding of the last `window` sampled frames (None before the first)."""
         return np.mean(np.stack(self.embeddings), axis=0) if self.embeddings else None
 
+    def set_text(self, text: str | None) -> None:
+        """Text fused with the video from now on (None removes it); encoded once here."""
+        self.text_embedding = None if text is None else self._embed("text", text)
+
+    def result(self) -> Prediction:
+        """The prediction from the current window of frames (and the text, if set)."""
+        return self._fuse({"image": self.embedding, "text": self.text_embedding})
+
     def push(self, frame: np.ndarray, timestamp: float) -> bool:
         """Offer an RGB uint8 frame taken at `timestamp` seconds; True if it was sampled and encoded."""
         self.frames_seen += 1
         if timestamp + 1e-9 < self.next_time:
             return False
-        self.embeddings.append(self.pipeline.embed_one("image", frame))
+        self.embeddings.append(self._embed("image", frame))
         self.frames_encoded += 1
         # Sample on a fixed grid (1/fps apart) so a jittery camera clock does not drift the rate.
         self.next_time = max(self.next_time + 1.0 / self.fps, timestamp - 0.5 / self.fps)

@@ -65,16 +65,20 @@ def stream_timeline(
     if audio is None and video is None:
         raise InputError("nothing to stream: give --audio FILE (or - for stdin) and/or --video FILE")
     video_stream = pipeline.video_stream(video, fps=fps) if video is not None else None
-    text_embedding = pipeline.embed_one("text", text) if text else None
     if audio is None:
+        video_stream.set_text(text or None)
         for time_s in video_stream.run():
-            prediction = pipeline.fuse_embeddings({"image": video_stream.embedding, "text": text_embedding})
-            yield _event(time_s, prediction, video_frames=video_stream.frames_encoded)
-        yield {"final": True, **_event(time_s, prediction, video_frames=video_stream.frames_encoded)}
+            yield _event(time_s, video_stream.result(), video_frames=video_stream.frames_encoded)
+        if video_stream.frames_encoded == 0:
+            raise InputError(f"{video}: no video frame could be read")
+        yield {
+            "final": True,
+            **_event(time_s, video_stream.result(), video_frames=video_stream.frames_encoded),
+        }
         return
 
     stream = pipeline.audio_stream()
-    stream.text_embedding = text_embedding
+    stream.set_text(text or None)
     frames = video_stream.frames() if video_stream else iter(())
     next_frame = next(frames, None)
     stream.attach_video(video_stream)
@@ -85,7 +89,7 @@ def stream_timeline(
         while next_frame is not None and next_frame[0] <= time_s:
             video_stream.push(next_frame[1], next_frame[0])
             next_frame = next(frames, None)
-        if stream.embedding is not None or video_stream is not None or text_embedding is not None:
+        if stream.embedding is not None or video_stream is not None or stream.text_embedding is not None:
             yield _event(time_s, stream.result(), audio_frames=new_frames)
     new_frames = stream.input_finished()
     if stream.embedding is None:

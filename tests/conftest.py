@@ -30,7 +30,7 @@ def sign_photo() -> Path:
 @pytest.fixture(scope="session")
 def tiny_builtin(tmp_path_factory) -> Path:
     """A small built-in dataset (manifest path), written once per test session."""
-    from polysense.builtin import BuiltinSpec, write_builtin
+    from polysense.datasets.builtin import BuiltinSpec, write_builtin
 
     return write_builtin(
         tmp_path_factory.mktemp("builtin") / "data", BuiltinSpec(n=360, seed=3), progress=False

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from conftest import SHARED_DATA, _require
 
-from polysense.avdigits import AVDigitsSpec, build_rows, write_avdigits
+from polysense.datasets.avdigits import AVDigitsSpec, build_rows, write_avdigits
 from polysense.errors import InputError
 
 
@@ -80,7 +80,7 @@ def test_small_end_to_end_run_on_real_data(sources, tmp_path):
     pipeline = polysense.Pipeline.load(bundle, device="cpu")
     metrics = evaluate_bundle(pipeline, tmp_path / "run" / "manifest.csv", "test", progress=False)
     assert metrics["accuracy"] == pytest.approx(result.metrics["accuracy"])
-    assert pipeline.bundle.preprocessing["audio"]["sample_rate"] == 16000
+    assert pipeline.description.preprocessing.audio.sample_rate == 16000
 
 
 def test_exif_rotated_photo_is_upright(sources, tmp_path):

@@ -15,7 +15,8 @@ def test_bench_reports_every_field(bundle, tmp_path, capsys):
     assert "end to end" in capsys.readouterr().out
     report = json.loads(out.read_text())
     expected_stages = {f"{kind}_{m}" for kind in ("preprocess", "encode") for m in ("image", "text", "audio")}
-    assert set(report["stages"]) == expected_stages | {"fusion"}
+    assert set(report["stages"]) == expected_stages | {"fusion", "encoders + fusion"}
+    assert isinstance(report["machine"]["isa"], list)  # the CPU's vector instruction sets, recorded
     for stats in [*report["stages"].values(), report["end_to_end"]]:
         assert {"p50_ms", "p90_ms", "p99_ms", "mean_ms", "runs", "stable", "windows"} <= set(stats)
         assert 0 < stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"]

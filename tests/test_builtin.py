@@ -4,7 +4,7 @@ from collections import defaultdict
 
 import pytest
 
-from polysense.builtin import LABELS, BuiltinSpec, write_builtin
+from polysense.datasets.builtin import LABELS, BuiltinSpec, write_builtin
 from polysense.errors import InputError
 
 
@@ -28,7 +28,7 @@ def test_each_modality_carries_one_attribute(tiny_builtin):
     rows = list(csv.DictReader(tiny_builtin.open()))
     assert len(rows) == 360 and {r["label"] for r in rows} == set(LABELS)
     # The image attribute (shape) leaves 4 labels possible, text (mood) and audio (sweep) 6 each:
-    # the single-modality ceilings of 25 %, 16.7 % and 16.7 % documented in polysense.builtin.
+    # the single-modality ceilings of 25 %, 16.7 % and 16.7 % documented in polysense.datasets.builtin.
     labels_by = {i: defaultdict(set) for i in range(3)}
     for r in rows:
         for i, value in enumerate(r["label"].split("-")):

@@ -1,7 +1,9 @@
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
+from polysense.modalities import SPECS  # noqa: E402
 from polysense.models import ENCODERS, create_encoder  # noqa: E402
 from polysense.models.audio_causal import STATE_NAMES  # noqa: E402
 from polysense.models.flops import count_macs  # noqa: E402
@@ -13,13 +15,8 @@ N_MELS = 40
 
 
 def _make(modality, name):
-    options = {"embed_dim": EMBED}
-    if modality == "text":
-        options["vocab_size"] = VOCAB
-    if modality == "audio":
-        options["n_mels"] = N_MELS
-    torch.manual_seed(0)
-    return create_encoder(modality, name, **options).eval()
+    torch.manual_seed(0)  # every family is offered every option and takes those it names
+    return create_encoder(modality, name, embed_dim=EMBED, vocab_size=VOCAB, n_mels=N_MELS).eval()
 
 
 def _text_batch(lengths, max_length=None):
@@ -36,20 +33,37 @@ def _text_batch(lengths, max_length=None):
 ALL = [(m, n) for m, names in ENCODERS.items() for n in names]
 
 
+# One random preprocessed input per modality, as the runtime's preprocessors make them.
+_FEATURES = {
+    "image": lambda rng, i: rng.standard_normal((3, 64, 64)).astype(np.float32),
+    "text": lambda rng, i: rng.integers(2, 50, 3 + 2 * i).astype(np.int64),
+    "audio": lambda rng, i: rng.standard_normal((23 + i, N_MELS)).astype(np.float32),
+}
+
+
 @pytest.mark.parametrize("modality, name", ALL)
 @pytest.mark.parametrize("batch", [1, 3])
 def test_embedding_shapes(modality, name, batch):
+    """Every family takes its modality's collated training batch (SPECS[m].batch_keys) and embeds it."""
     encoder = _make(modality, name)
+    rng = np.random.default_rng(batch)
+    rows = [_FEATURES[modality](rng, i) for i in range(batch)]
+    inputs = [torch.from_numpy(a) for a in SPECS[modality].collate(rows)]
+    assert len(inputs) == len(SPECS[modality].batch_keys)
     with torch.no_grad():
-        if modality == "image":
-            out = encoder(torch.randn(batch, 3, 64, 64))
-        elif modality == "text":
-            out = encoder(*_text_batch([5, 2, 7][:batch]))
-        else:
-            out, state = encoder(torch.randn(batch, 23, N_MELS))
-            assert [tuple(s.shape) for s in state] == list(encoder.state_shapes(batch).values())
+        out = encoder(*inputs)
     assert out.shape == (batch, EMBED) and torch.isfinite(out).all()
     assert encoder.embed_dim == EMBED
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_audio_step_state_has_the_declared_layout(batch):
+    encoder = _make("audio", "causal")
+    with torch.no_grad():
+        _, state = encoder.step(torch.randn(batch, 23, N_MELS))
+    assert [tuple(s.shape) for s in state] == list(encoder.state_shapes(batch).values())
+    for (name, (shape, axis)), tensor in zip(encoder.state_layout().items(), state):
+        assert shape[axis] == 1 and tensor.shape[axis] == batch, name
 
 
 @pytest.mark.parametrize("name", sorted(ENCODERS["text"]))
@@ -71,7 +85,7 @@ def test_audio_chunked_with_state_equals_one_pass(seed):
     generator = torch.Generator().manual_seed(seed)
     frames = torch.randn(2, 97, N_MELS, generator=generator)
     with torch.no_grad():
-        whole, whole_state = encoder(frames)
+        whole, whole_state = encoder.step(frames)
         cuts = sorted(
             torch.randint(
                 1, 97, (int(torch.randint(1, 12, (1,), generator=generator)),), generator=generator
@@ -79,7 +93,7 @@ def test_audio_chunked_with_state_equals_one_pass(seed):
         )
         state, start = None, 0
         for end in [*cuts, 97]:
-            embedding, state = encoder(frames[:, start:end], state)
+            embedding, state = encoder.step(frames[:, start:end], state)
             start = end
     torch.testing.assert_close(embedding, whole, atol=1e-5, rtol=1e-5)
     for name, a, b in zip(STATE_NAMES, state, whole_state):
@@ -92,16 +106,16 @@ def test_audio_frame_mask_pools_only_real_frames():
     mask = torch.ones(2, 30)
     mask[1, 12:] = 0
     with torch.no_grad():
-        batched, _ = encoder(frames, frame_mask=mask)
-        short, _ = encoder(frames[1:, :12])
+        batched = encoder(frames, frame_mask=mask)
+        short = encoder(frames[1:, :12])
     torch.testing.assert_close(batched[1:], short, atol=1e-5, rtol=1e-5)
 
 
 def test_audio_empty_chunk_changes_nothing():
     encoder = _make("audio", "causal")
     with torch.no_grad():
-        embedding, state = encoder(torch.randn(1, 10, N_MELS))
-        again, same_state = encoder(torch.zeros(1, 0, N_MELS), state)
+        embedding, state = encoder.step(torch.randn(1, 10, N_MELS))
+        again, same_state = encoder.step(torch.zeros(1, 0, N_MELS), state)
     torch.testing.assert_close(again, embedding)
     assert all(a is b for a, b in zip(state, same_state))
 

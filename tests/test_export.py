@@ -8,20 +8,24 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 import polysense  # noqa: E402
-from polysense.bundle import MANIFEST_FILE, SCHEMA_VERSION, open_bundle  # noqa: E402
+from polysense.bundle import open_bundle  # noqa: E402
 from polysense.data import read_manifest  # noqa: E402
 from polysense.errors import BundleError, ConfigError  # noqa: E402
 from polysense.export import ExportError, export_run  # noqa: E402
 from polysense.export.parity import TOLERANCE  # noqa: E402
-from polysense.export.writer import _torch_logits  # noqa: E402
-from polysense.models.train import load_trained  # noqa: E402
+from polysense.export.reference import torch_logits  # noqa: E402
+from polysense.models.run_folder import load_trained  # noqa: E402
+from polysense.preprocessing import build_preprocessors  # noqa: E402
+from polysense.schema import DESCRIPTION_FILE, SCHEMA_VERSION  # noqa: E402
+
+MANIFEST_FILE = DESCRIPTION_FILE  # the bundle description (bundle.json)
 
 
 def _test_rows(run):
     return [r for r in read_manifest(run / "manifest.csv").rows if r.split == "test"]
 
 
-def test_manifest_describes_every_component(bundle):
+def test_description_describes_every_component(bundle):
     manifest = json.loads((bundle / MANIFEST_FILE).read_text())
     assert manifest["schema_version"] == SCHEMA_VERSION
     assert set(manifest["components"]) == {"image_encoder", "text_encoder", "audio_encoder", "fusion"}
@@ -30,8 +34,11 @@ def test_manifest_describes_every_component(bundle):
     assert text["inputs"][0]["shape"] == ["batch", "length"] and text["inputs"][0]["dtype"] == "int64"
     audio = manifest["components"]["audio_encoder"]
     assert audio["inputs"][0]["shape"] == ["batch", "frames", 40]
-    assert manifest["streaming"]["audio"]["state"]["gru_hidden"] == [1, 1, 96]
-    assert manifest["streaming"]["audio"]["hop_length"] == 160
+    state = {s["name"]: s for s in manifest["streaming"]["audio"]["state"]}
+    assert state["gru_hidden"] == {"name": "gru_hidden", "shape": [1, 1, 96], "batch_axis": 1}
+    assert state["pool_sum"]["batch_axis"] == 0
+    assert manifest["streaming"]["audio"]["frames_per_second"] == 100
+    assert manifest["preprocessing"]["audio"]["hop_length"] == 160
     assert all(d <= TOLERANCE for d in manifest["metrics"]["parity_max_abs_diff"].values())
     assert "image+audio" in manifest["metrics"]["fp32"]["subsets"]
     assert {"polysense", "torch", "onnx", "onnxruntime", "opset"} <= set(manifest["producer"])
@@ -41,18 +48,25 @@ def test_manifest_describes_every_component(bundle):
     assert json.loads(props["polysense"])["labels"] == manifest["labels"]
 
 
+def test_description_round_trips_through_its_dict(bundle):
+    description = open_bundle(bundle).description
+    assert polysense.BundleDescription.from_dict(description.to_dict()) == description
+    assert description.to_dict() == json.loads((bundle / MANIFEST_FILE).read_text())
+
+
 def test_runtime_predictions_equal_torch_on_the_test_split(trained_run, bundle):
     model, _ = load_trained(trained_run)
     pipeline = polysense.Pipeline.load(bundle, device="cpu", precision="fp32")
+    preprocessors = build_preprocessors(pipeline.description.preprocessing, pipeline.modalities, bundle)
     rows = _test_rows(trained_run)
     samples = [{"image": r.image, "text": r.text, "audio": r.audio} for r in rows]
     predictions = pipeline.predict_batch(samples)
-    with torch.no_grad():
-        for sample, prediction in zip(samples, predictions):
-            expected = torch.softmax(_torch_logits(model, sample, pipeline), dim=1)[0].numpy()
-            got = np.array([prediction.probabilities[label] for label in pipeline.labels])
-            np.testing.assert_allclose(got, expected, atol=1e-4)
-            assert prediction.label == pipeline.labels[int(expected.argmax())]
+    for sample, prediction in zip(samples, predictions):
+        features = {m: preprocessors[m](value) for m, value in sample.items()}
+        expected = torch.softmax(torch_logits(model, features), dim=1)[0].numpy()
+        got = np.array([prediction.probabilities[label] for label in pipeline.labels])
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+        assert prediction.label == pipeline.labels[int(expected.argmax())]
 
 
 def test_runtime_eval_equals_training_metrics(trained_run, bundle):
@@ -145,7 +159,10 @@ def test_bad_bundle_folders(bundle, tmp_path):
     with pytest.raises(BundleError, match="not valid JSON"):
         open_bundle(copy)
     (copy / MANIFEST_FILE).unlink()
-    with pytest.raises(BundleError, match="no manifest.json"):
+    with pytest.raises(BundleError, match="no bundle.json"):
+        open_bundle(copy)
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 1}))
+    with pytest.raises(BundleError, match="older polysense.*export it again"):
         open_bundle(copy)
 
 
@@ -186,3 +203,25 @@ def test_missing_modalities_train_export_and_evaluate(tiny_builtin, tmp_path):
     )
     assert runtime["accuracy"] == pytest.approx(result.metrics["accuracy"])
     assert runtime["subsets"]["image+text+audio"]["count"] < runtime["subsets"]["image"]["count"]
+
+
+def test_runtime_eval_skips_and_reports_an_unreadable_file(trained_run, bundle, tmp_path):
+    """A damaged image costs only its own row: reported with its line, the rest evaluated."""
+    import csv
+
+    from polysense.evaluate import evaluate_bundle
+
+    rows = [r for r in _test_rows(trained_run)][:10]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    manifest = tmp_path / "manifest.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "text", "audio", "label"])
+        for index, row in enumerate(rows):
+            writer.writerow([broken if index == 3 else row.image, row.text, row.audio, row.label])
+    pipeline = polysense.Pipeline.load(bundle, device="cpu", precision="fp32")
+    metrics = evaluate_bundle(pipeline, manifest, progress=False)
+    assert metrics["count"] == len(rows) - 1
+    assert len(metrics["skipped"]) == 1 and metrics["skipped"][0].startswith("line 5: ")
+    assert "cannot decode image" in metrics["skipped"][0]

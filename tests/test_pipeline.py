@@ -79,11 +79,13 @@ def test_predict_batch_equals_repeated_predict(pipe, trained_run):
             np.testing.assert_allclose(prediction.embeddings[modality], embedding, atol=1e-5)
 
 
-def test_long_text_is_truncated_to_max_length(pipe, row):
-    max_length = pipe.preprocessors["text"].max_length
+def test_long_text_is_truncated_to_max_length(pipe, bundle, row):
+    from polysense.text import TextPreprocessor
+
+    settings = pipe.description.preprocessing.text
     words = (row.text + " ") * 100
-    truncated = pipe.preprocessors["text"](words)
-    assert truncated.size == max_length
+    truncated = TextPreprocessor(bundle / settings.tokenizer, settings.max_length)(words)
+    assert truncated.size == settings.max_length
     pipe.predict(text=words)  # no error
 
 
@@ -149,7 +151,7 @@ def test_runtime_works_where_torch_and_onnx_cannot_be_imported(bundle, trained_r
         """,
     )
     assert cli.returncode == 0, cli.stderr
-    assert json.loads(cli.stdout)["label"] in json.loads((bundle / "manifest.json").read_text())["labels"]
+    assert json.loads(cli.stdout)["label"] in json.loads((bundle / "bundle.json").read_text())["labels"]
 
 
 def test_missing_onnxruntime_gives_an_install_hint(bundle):

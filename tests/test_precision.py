@@ -8,10 +8,17 @@ pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 import polysense  # noqa: E402
-from polysense.bundle import Bundle, open_bundle  # noqa: E402
+from polysense.bundle import open_bundle  # noqa: E402
 from polysense.data import read_manifest  # noqa: E402
 from polysense.errors import ConfigError  # noqa: E402
 from polysense.precision import choose_precisions  # noqa: E402
+from polysense.schema import (  # noqa: E402
+    DESCRIPTION_FILE,
+    BundleDescription,
+    ComponentSpec,
+    Variant,
+)
+from polysense.settings import Preprocessing  # noqa: E402
 
 NAMES = ["image_encoder", "text_encoder", "audio_encoder", "fusion"]
 
@@ -28,8 +35,8 @@ def permissive_bundle(trained_run, tmp_path_factory):
 
 
 def test_every_variant_is_measured_and_only_kept_ones_ship(bundle):
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    for name, component in manifest["components"].items():
+    description = json.loads((bundle / DESCRIPTION_FILE).read_text())
+    for name, component in description["components"].items():
         assert {v["precision"] for v in component["variants"]} == {"int8", "fp16"}, name
         for variant in component["variants"]:
             for key in (
@@ -48,17 +55,28 @@ def test_every_variant_is_measured_and_only_kept_ones_ship(bundle):
 
 def test_auto_never_picks_a_rejected_variant(bundle):
     pipe = polysense.Pipeline.load(bundle, device="cpu")
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    description = open_bundle(bundle).description
     for name, precision in pipe.precisions.items():
-        entry = manifest["components"][name]["precisions"][precision]
-        assert entry.get("device", "any") in ("cpu", "any")
-        rejected = {v["precision"] for v in manifest["components"][name]["variants"] if not v["kept"]}
+        component = description.component(name)
+        assert component.variant(precision).device in ("cpu", "any")
+        rejected = {v["precision"] for v in component.measurements if not v["kept"]}
         assert precision not in rejected
 
 
-def _fake_bundle(precisions: dict[str, dict]) -> Bundle:
-    components = {name: {"precisions": precisions} for name in NAMES}
-    return Bundle(path=None, manifest={"components": components, "labels": [], "modalities": []})
+def _fake_bundle(precisions: dict[str, dict]) -> BundleDescription:
+    def component(name: str, variants: dict[str, dict]) -> ComponentSpec:
+        kept = {p: Variant(p, f"{name}.{p}.onnx", "", 0, **entry) for p, entry in variants.items()}
+        return ComponentSpec(name, None, (), (), {}, kept)
+
+    components = {name: component(name, precisions) for name in NAMES}
+    return BundleDescription(("a",), ("image", "text", "audio"), 8, components, Preprocessing())
+
+
+def _with_fusion(description: BundleDescription, precisions: dict[str, dict]) -> BundleDescription:
+    from dataclasses import replace
+
+    fusion = _fake_bundle(precisions).components["fusion"]
+    return replace(description, components={**description.components, "fusion": fusion})
 
 
 def test_auto_takes_the_fastest_kept_variant_for_the_device():
@@ -77,8 +95,7 @@ def test_auto_takes_the_fastest_kept_variant_for_the_device():
 
 
 def test_forcing_a_precision_says_when_it_does_not_exist():
-    partial = _fake_bundle({"fp32": {}})
-    partial.manifest["components"]["fusion"]["precisions"] = {"fp32": {}, "int8": {"device": "cpu"}}
+    partial = _with_fusion(_fake_bundle({"fp32": {}}), {"fp32": {}, "int8": {"device": "cpu"}})
     with pytest.warns(UserWarning, match="no int8 variant of image_encoder, text_encoder, audio_encoder"):
         chosen = choose_precisions(partial, NAMES, "cpu", "int8")
     assert chosen["fusion"] == "int8" and chosen["image_encoder"] == "fp32"
@@ -94,9 +111,9 @@ def test_every_variant_loads_and_predicts(permissive_bundle, trained_run):
     row = [r for r in read_manifest(trained_run / "manifest.csv").rows if r.split == "test"][0]
     sample = {"image": row.image, "text": row.text, "audio": row.audio}
     reference = polysense.Pipeline.load(permissive_bundle, device="cpu", precision="fp32").predict(**sample)
-    bundle = open_bundle(permissive_bundle)
+    description = open_bundle(permissive_bundle).description
     for name in NAMES:
-        for precision in bundle.precisions(name):
+        for precision in description.component(name).precisions:
             pipe = polysense.Pipeline.load(permissive_bundle, device="cpu", precision={name: precision})
             assert pipe.precisions[name] == precision
             prediction = pipe.predict(**sample)

@@ -27,6 +27,12 @@ def speech(fsdd_file):
     return samples, rate
 
 
+def _offline_frames(pipe, samples, rate):
+    """Log-mel frames offline preprocessing makes of the recording (the bundle's own audio settings)."""
+    settings = pipe.description.preprocessing.audio
+    return polysense.AudioPreprocessor(**settings.to_dict())(samples, sample_rate=rate).shape[0]
+
+
 def _stream_in_chunks(pipe, samples, rate, sizes):
     stream = pipe.audio_stream()
     start, frames = 0, 0
@@ -55,7 +61,7 @@ def test_streaming_equals_offline_for_any_chunking_and_rate(pipe, speech, rate):
     if rate != native:  # the same real recording, delivered at another rate
         samples = soxr.resample(samples.astype(np.float32) / 32768, native, rate).astype(np.float32)
     offline = pipe.predict(audio=samples, sample_rate=rate)
-    offline_frames = pipe.preprocess("audio", samples, rate).shape[0]
+    offline_frames = _offline_frames(pipe, samples, rate)
     rng = np.random.default_rng(rate)
     for name, sizes in _chunkings(samples.shape[0], rate, rng):
         if name == "one sample" and rate > 16000:
@@ -193,7 +199,7 @@ def test_video_stream_samples_at_the_target_rate_and_averages_a_window(pipe, sig
     assert video.frames_seen == 40
     assert times == pytest.approx([0.5 * i for i in range(8)])
     frames = [frame for t, frame in video.frames() if any(abs(t - s) < 1e-6 for s in times[-3:])]
-    expected = np.mean([pipe.embed_one("image", f) for f in frames], axis=0)
+    expected = np.mean([pipe.embed([{"image": f}]).vectors["image"][0] for f in frames], axis=0)
     np.testing.assert_allclose(video.embedding, expected, atol=1e-5)
     with pytest.raises(InputError, match="cannot open"):
         list(pipe.video_stream("missing.avi").run())
@@ -231,7 +237,7 @@ def test_cli_stream_prints_a_timeline(bundle, fsdd_file, sign_video, speech):
     assert [e["time"] for e in events[:-1]] == sorted(e["time"] for e in events[:-1])
     samples, rate = speech
     pipe = polysense.Pipeline.load(bundle, device="cpu")
-    assert sum(e["audio_frames"] for e in events) == pipe.preprocess("audio", samples, rate).shape[0]
+    assert sum(e["audio_frames"] for e in events) == _offline_frames(pipe, samples, rate)
 
 
 def test_cli_stream_reads_pcm_from_stdin(bundle, speech):

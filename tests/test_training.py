@@ -7,7 +7,9 @@ torch = pytest.importorskip("torch")
 from polysense.cli import main  # noqa: E402
 from polysense.errors import ConfigError, ManifestError  # noqa: E402
 from polysense.models.options import TrainOptions  # noqa: E402
-from polysense.models.train import load_trained, train  # noqa: E402
+from polysense.models.run_folder import load_trained  # noqa: E402
+from polysense.models.train import train  # noqa: E402
+from polysense.models.train_state import TrainState  # noqa: E402
 
 SMALL = {"image_width": 8, "embed_dim": 32, "batch_size": 32, "progress": False, "patience": 0}
 
@@ -156,7 +158,7 @@ def test_cli_trains_and_reports(tiny_builtin, tmp_path, capsys):
 
 
 def test_batchnorm_recalibration_matches_batch_statistics(tiny_builtin, tmp_path):
-    from polysense.models.train import recalibrate_batchnorm
+    from polysense.models.batchnorm import recalibrate_batchnorm
 
     result = _train(tiny_builtin, tmp_path / "run", epochs=1, modalities=("image",))
     model, _ = load_trained(result.run_dir)
@@ -202,3 +204,15 @@ def test_rows_with_unreadable_files_are_skipped_and_reported(tiny_builtin, tmp_p
     assert "line 9: audio" in log and "line 11: audio: file not found" in log
     assert "skipped 3 of 360 rows" in log
     assert sum(m["count"] for k, m in result.metrics["subsets"].items() if k == "image") < 360
+
+
+def test_train_state_tracks_the_best_epoch_and_round_trips():
+    state = TrainState()
+    assert not state.record_epoch({"epoch": 1, "val_accuracy": 0.9}, monitored=False)  # pre-training
+    assert state.record_epoch({"epoch": 2, "val_accuracy": 0.5}, monitored=True)
+    assert not state.record_epoch({"epoch": 3, "val_accuracy": 0.5}, monitored=True)  # not better
+    assert (state.epoch, state.best_epoch, state.best_score, state.stale_epochs) == (3, 2, 0.5, 1)
+    assert state.early_stop_due(1) and not state.early_stop_due(2) and not state.early_stop_due(0)
+    assert TrainState.from_dict(state.to_dict()) == state
+    with pytest.raises(ConfigError, match="damaged"):
+        TrainState.from_dict({"epoch": 1})

@@ -24,8 +24,8 @@ import numpy as np
 import soundfile
 
 import polysense
-from polysense.avdigits import AVDigitsSpec, write_avdigits
 from polysense.data import read_manifest
+from polysense.datasets.avdigits import AVDigitsSpec, write_avdigits
 from polysense.evaluate import evaluate_bundle
 from polysense.metrics import classification_metrics
 from polysense.models.options import TrainOptions
@@ -169,12 +169,11 @@ def run(work: Path, epochs: int, speakers: tuple[str, ...]) -> dict:
 
     auto = polysense.Pipeline.load(runs["fused"], device="cpu")
     auto_metrics = evaluate_bundle(auto, work / "fused" / "manifest.csv", "test", progress=False)
-    manifest_json = json.loads((runs["fused"] / "manifest.json").read_text())
     results["precision"] = {
         "chosen": auto.precisions,
         "fp32_accuracy": evaluations["fused"]["accuracy"],
         "auto_accuracy": auto_metrics["accuracy"],
-        "variants": {n: c.get("variants", []) for n, c in manifest_json["components"].items()},
+        "variants": {n: list(c.measurements) for n, c in auto.description.components.items()},
     }
 
     rows = [r for r in read_manifest(work / "fused" / "manifest.csv").rows if r.split == "test"]

@@ -1,0 +1,43 @@
+"""BatchNorm re-estimation ("precise BN") after each epoch of training."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from polysense.models.dataset import FeatureSet
+from polysense.models.model import MultimodalClassifier
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: MultimodalClassifier,
+    data: FeatureSet,
+    batch_size: int,
+    device: torch.device,
+    max_batches: int = 16,
+) -> None:
+    """Re-estimate every BatchNorm's running statistics for the current weights.
+
+    AdamW moves the weights so fast that the running averages trail them: measured on the built-in set,
+    validation accuracy in eval mode swung between 0.34 and 0.85 while the same weights with batch statistics
+    scored 0.99. Averaging exact statistics over a fixed, seeded sample of training batches removes the lag.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    was_training = model.training
+    model.eval()
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the batches below
+        norm.train()
+    generator = torch.Generator().manual_seed(0)
+    for index, batch in enumerate(data.batches(batch_size, device, generator)):
+        if index == max_batches:
+            break
+        model.embed(batch)  # BatchNorm lives in the encoders
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    model.train(was_training)

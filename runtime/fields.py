@@ -1,0 +1,42 @@
+"""Typed reads from parsed JSON: a missing key or a wrong type is a BundleError naming where it is."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from polysense.errors import BundleError
+
+T = TypeVar("T")
+
+
+def typed(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
+    if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else ()):
+        raise BundleError(f"{where} should be {_kind_name(kind)}, got a boolean")
+    if not isinstance(value, kind):
+        raise BundleError(f"{where} should be {_kind_name(kind)}, got {type(value).__name__}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)
+
+
+def get(data: Any, key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
+    """data[key] checked against `kind` (the default when given and the key is absent)."""
+    typed(data, dict, where)
+    if key not in data:
+        if default is not ...:
+            return default
+        raise BundleError(f"{where} lacks {key!r}")
+    return typed(data[key], kind, f"{where}.{key}")
+
+
+def items(data: Any, key: str, parse: Callable[[Any, str], T], where: str) -> tuple[T, ...]:
+    values = get(data, key, list, where)
+    return tuple(parse(value, f"{where}.{key}[{i}]") for i, value in enumerate(values))
+
+
+def strings(values: Iterable[Any], where: str) -> tuple[str, ...]:
+    return tuple(typed(v, str, f"{where}[{i}]") for i, v in enumerate(values))

@@ -1,0 +1,100 @@
+"""Preprocessing settings per modality, as a bundle description (and a training run's config) records them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from polysense.errors import BundleError
+from polysense.fields import get, typed
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    size: int  # side of the square the encoder sees, in pixels
+    mean: tuple[float, float, float]  # per-channel RGB mean on a 0-1 scale
+    std: tuple[float, float, float]  # per-channel RGB std on a 0-1 scale
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> ImageSettings:
+        mean = tuple(typed(v, (int, float), f"{where}.mean") for v in get(data, "mean", list, where))
+        std = tuple(typed(v, (int, float), f"{where}.std") for v in get(data, "std", list, where))
+        return cls(get(data, "size", int, where), mean, std)
+
+    def to_dict(self) -> dict:
+        return {"size": self.size, "mean": list(self.mean), "std": list(self.std)}
+
+
+@dataclass(frozen=True)
+class TextSettings:
+    tokenizer: str  # tokenizer.json, a plain file name inside the bundle (or run) folder
+    max_length: int  # tokens kept per text
+    sha256: str = ""  # of the tokenizer file; set in a bundle, empty in a training run's config
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> TextSettings:
+        return cls(
+            get(data, "tokenizer", str, where),
+            get(data, "max_length", int, where),
+            get(data, "sha256", str, where, ""),
+        )
+
+    def to_dict(self) -> dict:
+        values = {"tokenizer": self.tokenizer, "max_length": self.max_length}
+        return {**values, "sha256": self.sha256} if self.sha256 else values
+
+
+@dataclass(frozen=True)
+class AudioSettings:
+    """The log-mel front end; polysense.audio.AudioPreprocessor documents each field."""
+
+    sample_rate: int
+    n_fft: int
+    hop_length: int
+    n_mels: int
+    fmin: float = 0.0
+    fmax: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> AudioSettings:
+        number = (int, float)
+        return cls(
+            get(data, "sample_rate", int, where),
+            get(data, "n_fft", int, where),
+            get(data, "hop_length", int, where),
+            get(data, "n_mels", int, where),
+            float(get(data, "fmin", number, where, 0.0)),
+            get(data, "fmax", (*number, type(None)), where, None),
+        )
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+_SETTINGS = {"image": ImageSettings, "text": TextSettings, "audio": AudioSettings}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Settings of each modality's preprocessor (None where the model lacks the modality)."""
+
+    image: ImageSettings | None = None
+    text: TextSettings | None = None
+    audio: AudioSettings | None = None
+
+    def of(self, modality: str) -> Any:
+        settings = getattr(self, modality, None)
+        if settings is None:
+            raise BundleError(f"the preprocessing settings lack {modality}")
+        return settings
+
+    def to_dict(self) -> dict:
+        return {m: getattr(self, m).to_dict() for m in _SETTINGS if getattr(self, m) is not None}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "preprocessing") -> Preprocessing:
+        typed(data, dict, where)
+        unknown = [m for m in data if m not in _SETTINGS]
+        if unknown:
+            raise BundleError(f"{where}: unknown modality {unknown[0]!r}")
+        return cls(**{m: _SETTINGS[m].from_dict(v, f"{where}.{m}") for m, v in data.items()})
