@@ -72,6 +72,9 @@ class Component:
     dynamic_axes: dict[str, dict[int, str]]
     example_builder: Callable[[int, int, torch.Generator], tuple[torch.Tensor, ...]]
     state: tuple[StateTensor, ...] = ()  # a streaming encoder's state tensors
+    # The int8 method the encoder family asks for: "static" (QDQ, calibrated; for dense convolutions, where
+    # dynamic quantization gives slow ConvInteger) or "dynamic" (MatMul/Gemm only; recurrent, linear layers).
+    int8_method: str = "dynamic"
 
     @property
     def has_length_axis(self) -> bool:
@@ -140,16 +143,11 @@ def encoder_component(modality: str, encoder: nn.Module, image_size: int) -> Com
     spec = SPECS[modality]
     axes = {**spec.dynamic_axes, "embedding": {0: "batch"}}
     example = EXAMPLES[modality](encoder, image_size)
+    int8_method = getattr(encoder, "int8_method", "dynamic")
+    name = component_name(modality)
     if not spec.streaming:
-        return Component(
-            component_name(modality),
-            modality,
-            EncoderGraph(encoder),
-            list(spec.graph_inputs),
-            ["embedding"],
-            axes,
-            example,
-        )
+        graph, inputs = EncoderGraph(encoder), list(spec.graph_inputs)
+        return Component(name, modality, graph, inputs, ["embedding"], axes, example, (), int8_method)
     state = tuple(StateTensor(name, shape, axis) for name, (shape, axis) in encoder.state_layout().items())
     for tensor in state:
         axes[tensor.name] = axes[tensor.output_name] = {tensor.batch_axis: "batch"}
@@ -162,6 +160,7 @@ def encoder_component(modality: str, encoder: nn.Module, image_size: int) -> Com
         axes,
         example,
         state,
+        int8_method,
     )
 
 

@@ -28,13 +28,14 @@ def _quiet() -> Iterator[None]:
         root.setLevel(level)
 
 
-def quantize_int8_static(source: Path, target: Path, input_name: str, samples: list[np.ndarray]) -> None:
+def quantize_int8_static(source: Path, target: Path, feeds: list[dict[str, np.ndarray]]) -> None:
+    """Static QDQ int8, activations calibrated on `feeds` (one dict of graph inputs per calibration sample)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.feeds: Iterator[dict] = iter({input_name: s[None]} for s in samples)
+            self.feeds: Iterator[dict] = iter(feeds)
 
         def get_next(self) -> dict | None:
             return next(self.feeds, None)

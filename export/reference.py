@@ -13,7 +13,7 @@ from polysense.models.model import MultimodalClassifier
 
 def torch_inputs(modality: str, features: list[np.ndarray]) -> tuple[torch.Tensor, ...]:
     """The encoder's inputs for a batch of the runtime's preprocessed features (as the sessions get them)."""
-    return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in SPECS[modality].feeds(features))
+    return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in SPECS[modality].codec.feeds(features))
 
 
 @torch.no_grad()

@@ -22,9 +22,10 @@ import numpy as np
 from tqdm import tqdm
 
 from polysense.bundle import sha256_file
+from polysense.errors import ConfigError
 from polysense.export.components import Component
 from polysense.export.quantize import convert_fp16, quantize_int8_dynamic, quantize_int8_static
-from polysense.schema import BundleDescription, Variant
+from polysense.schema import PRECISIONS, BundleDescription, Variant
 
 log = logging.getLogger("polysense")
 
@@ -33,12 +34,22 @@ CALIBRATION_SAMPLES = 200  # training samples per modality for static quantizati
 
 @dataclass(frozen=True)
 class VariantPolicy:
-    max_accuracy_drop: float = (
-        1.0  # points of validation accuracy (all modalities present) a variant may lose
-    )
-    min_speedup: float = 1.1  # a CPU variant must be this much faster than fp32 (batch 1, this machine)
-    precisions: tuple[str, ...] = ("int8", "fp16")  # variants to try besides fp32
+    max_accuracy_drop: float = 1.0  # validation accuracy points a variant may lose (all modalities present)
+    min_speedup: float = 1.1  # how much faster than fp32 a CPU variant must be (batch 1, this machine)
+    precisions: tuple[str, ...] = ("int8", "fp16")  # variants to try besides fp32 ('fp32' alone: none)
     latency_runs: int = 200  # timed batch-1 runs per variant (after 20 warm-up runs); the median counts
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.precisions if p not in PRECISIONS]
+        if unknown:
+            raise ConfigError(
+                f"--precisions: {unknown[0]!r} is unknown; choose from {', '.join(PRECISIONS[1:])} (or fp32 alone)"
+            )
+        object.__setattr__(self, "precisions", tuple(p for p in self.precisions if p != "fp32"))
+        if not (self.max_accuracy_drop >= 0 and self.min_speedup >= 0 and self.latency_runs >= 1):
+            raise ConfigError(
+                "--max-accuracy-drop and --min-speedup cannot be negative, and --latency-runs must be at least 1"
+            )
 
 
 @dataclass(frozen=True)
@@ -90,17 +101,19 @@ def variant_of(path: Path, precision: str, device: str, latency_ms: float | None
 
 
 def candidates(
-    component: Component, fp32_path: Path, policy: VariantPolicy, calibration: Callable[[], list[np.ndarray]]
+    component: Component,
+    fp32_path: Path,
+    policy: VariantPolicy,
+    calibration: Callable[[Component], list[dict[str, np.ndarray]]],
 ) -> Iterator[Candidate]:
     """Each variant of one component worth trying, written next to its fp32 file."""
     if "int8" in policy.precisions:
         path = fp32_path.with_name(f"{component.name}.int8.onnx")
-        if component.modality == "image":  # convolutions: static QDQ (dynamic would give slow ConvInteger)
-            samples = calibration()
-            quantize_int8_static(fp32_path, path, component.inputs[0], samples)
-            yield Candidate(
-                "int8", f"static QDQ, per-channel weights, {len(samples)} training images", "cpu", path
-            )
+        if component.int8_method == "static":  # the encoder family asks for it: dense convolutions
+            feeds = calibration(component)
+            quantize_int8_static(fp32_path, path, feeds)
+            method = f"static QDQ, per-channel weights, {len(feeds)} training samples"
+            yield Candidate("int8", method, "cpu", path)
         elif quantize_int8_dynamic(fp32_path, path):
             yield Candidate("int8", "dynamic, MatMul/Gemm only", "cpu", path)
         else:
@@ -131,7 +144,7 @@ class VariantTrial:
     folder: Path
     write: Callable[[BundleDescription], None]  # writes the description into `folder`
     validate: Callable[[dict[str, str]], dict]  # {component: precision} -> validation metrics
-    calibration: Callable[[], list[np.ndarray]]  # real training images for static int8
+    calibration: Callable[[Component], list[dict[str, np.ndarray]]]  # real training inputs for static int8
 
 
 def _with_component(description: BundleDescription, name: str, **changes) -> BundleDescription:

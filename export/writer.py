@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 import polysense
-from polysense.bundle import sha256_file
+from polysense.bundle import read_description, sha256_file
 from polysense.data import read_manifest
 from polysense.errors import ConfigError
 from polysense.export.checks import check_end_to_end, real_samples
@@ -27,6 +27,7 @@ from polysense.export.components import Component, components
 from polysense.export.description import build_description, component_spec, headline, write_description
 from polysense.export.parity import check_component, export_component
 from polysense.export.variants import CALIBRATION_SAMPLES, VariantPolicy, VariantTrial, add_variants
+from polysense.modalities import SPECS
 from polysense.models.model import MultimodalClassifier
 from polysense.models.run_folder import load_trained
 from polysense.preprocessing import build_preprocessors
@@ -165,13 +166,21 @@ def _trial(work: Path, run_dir: Path, rows: list, preprocessors: dict) -> Varian
     def validate(precisions: dict[str, str]) -> dict:
         from polysense.evaluate import evaluate_bundle
 
-        pipeline = polysense.Pipeline.load(work, device="cpu", precision=precisions)
+        # Every other component at fp32, so each variant is judged alone against the fp32 baseline.
+        fp32 = {name: "fp32" for name in read_description(work).components}
+        pipeline = polysense.Pipeline.load(work, device="cpu", precision={**fp32, **precisions})
         return evaluate_bundle(pipeline, run_dir / RUN_MANIFEST, "val", progress=False)
 
-    def calibration() -> list[np.ndarray]:
-        """Real training images for static int8 calibration, preprocessed by the runtime."""
-        images = [r.image for r in rows if r.split == "train" and r.image]
-        step = max(1, len(images) // CALIBRATION_SAMPLES)
-        return [preprocessors["image"](image) for image in images[::step][:CALIBRATION_SAMPLES]]
+    def calibration(component: Component) -> list[dict[str, np.ndarray]]:
+        """Feeds of real training samples for static int8 calibration, preprocessed by the runtime."""
+        values = [getattr(r, component.modality) for r in rows if r.split == "train"]
+        values = [v for v in values if v is not None]
+        step = max(1, len(values) // CALIBRATION_SAMPLES)
+        zero_state = [np.zeros(t.shape, np.float32) for t in component.state]
+        feeds = []
+        for value in values[::step][:CALIBRATION_SAMPLES]:
+            inputs = SPECS[component.modality].codec.feeds([preprocessors[component.modality](value)])
+            feeds.append(dict(zip(component.inputs, [*inputs, *zero_state])))
+        return feeds
 
     return VariantTrial(work, lambda d: write_description(work, d), validate, calibration)

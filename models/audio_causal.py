@@ -16,6 +16,7 @@ embedding of a single pass over all of them. The streaming runtime runs the expo
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -46,7 +47,7 @@ class CausalAudioEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.embed_dim, self.n_mels, self.channels, self.hidden = embed_dim, n_mels, channels, hidden
-        # Per-band statistics of the training frames, set before training (see set_input_stats).
+        # Per-band statistics of the training frames, set before training (see fit_input_stats).
         self.register_buffer("input_mean", torch.zeros(n_mels))
         self.register_buffer("input_std", torch.ones(n_mels))
         self.conv1 = CausalConv1d(n_mels, channels, kernel_size=5)
@@ -54,9 +55,11 @@ class CausalAudioEncoder(nn.Module):
         self.gru = nn.GRU(channels, hidden)
         self.project = nn.Linear(hidden, embed_dim)
 
-    def set_input_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        self.input_mean.copy_(mean)
-        self.input_std.copy_(std.clamp(min=1e-3))
+    def fit_input_stats(self, clips: list[np.ndarray]) -> None:
+        """Per-band mean and std of the training clips' frames [T, n_mels], used to normalise the input."""
+        frames = torch.from_numpy(np.concatenate(clips))
+        self.input_mean.copy_(frames.mean(0))
+        self.input_std.copy_(frames.std(0).clamp(min=1e-3))
 
     def state_layout(self) -> dict[str, tuple[tuple[int, ...], int]]:
         """name -> (shape with a batch of one, batch axis) of each state tensor, in STATE_NAMES order.

@@ -7,8 +7,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 
-from polysense.audio import AudioPreprocessor
+from polysense.audio import HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE
 from polysense.data import (
     SPLITS,
     Manifest,
@@ -22,11 +23,13 @@ from polysense.data import (
 )
 from polysense.datasets.builtin import BuiltinSpec, ensure_builtin
 from polysense.errors import ConfigError, ManifestError
-from polysense.image import ImagePreprocessor
+from polysense.image import IMAGENET_MEAN, IMAGENET_STD
 from polysense.modalities import MODALITIES
 from polysense.models.dataset import FeatureSet
 from polysense.models.options import TrainOptions
-from polysense.text import TextPreprocessor, train_tokenizer
+from polysense.preprocessing import build_preprocessors
+from polysense.settings import AudioSettings, ImageSettings, Preprocessing, TextSettings
+from polysense.text import train_tokenizer
 
 log = logging.getLogger("polysense")
 
@@ -38,7 +41,7 @@ class PreparedData:
     modalities: tuple[str, ...]
     labels: list[str]
     splits: dict[str, FeatureSet]
-    preprocessing: dict  # parameters of each modality's preprocessor, for the run config
+    preprocessing: Preprocessing  # each modality's preprocessing settings, for the run config
     vocab_size: int
 
 
@@ -73,9 +76,11 @@ def prepare_data(options: TrainOptions, run_dir: Path) -> PreparedData:
     by_split = _split_rows(manifest, usable, modalities, options.seed)
     labels = sorted({r.label for r in by_split["train"]})
     problems = check_labels(by_split["val"] + by_split["test"], labels, "it never occurs in the train split")
-    preprocessors, preprocessing, vocab_size = _make_preprocessors(modalities, by_split["train"], options)
     if problems:
         raise ManifestError(str(manifest.path), problems)
+    # The tokenizer is written now (the preprocessors read it); the rest of the run only once every row passed.
+    preprocessing, vocab_size = _preprocessing(modalities, by_split["train"], options, run_dir)
+    preprocessors = build_preprocessors(preprocessing, modalities, run_dir)
 
     ordered = [r for s in SPLITS for r in by_split[s]]
     features, decode_problems = preprocess_rows(ordered, preprocessors, progress=options.progress)
@@ -87,8 +92,6 @@ def prepare_data(options: TrainOptions, run_dir: Path) -> PreparedData:
         features = {m: [values[i] for i in keep] for m, values in features.items()}
     # Written only once every row passed, so a failed preparation leaves nothing that looks like a run.
     write_manifest(ordered, run_dir / "manifest.csv")
-    if "text" in preprocessors:
-        preprocessors["text"].save(run_dir / TOKENIZER_FILE)
 
     splits = _feature_sets(modalities, labels, ordered, features)
     sizes = ", ".join(f"{s} {len(splits[s])}" for s in SPLITS)
@@ -119,30 +122,37 @@ def _split_rows(
     return by_split
 
 
-def _make_preprocessors(
-    modalities: tuple[str, ...], train_rows: list[Row], options: TrainOptions
-) -> tuple[dict, dict, int]:
-    """Each modality's preprocessor (the tokenizer trained on the train split's texts), their parameters
-    for the run config, and the vocabulary size (0 without text)."""
-    preprocessors: dict = {}
-    preprocessing: dict = {}
+def _image_settings(options: TrainOptions, train_rows: list[Row], run_dir: Path) -> ImageSettings:
+    return ImageSettings(options.image_size, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _text_settings(options: TrainOptions, train_rows: list[Row], run_dir: Path) -> TextSettings:
+    """Trains the tokenizer on the train split's texts and saves it in the run folder."""
+    train_texts = [r.text for r in train_rows if r.text is not None]
+    if not train_texts:
+        raise ConfigError("the train split has no text; add texts or leave text out with --modalities")
+    # Deterministic for the same texts, so a resumed run rebuilds the very same tokenizer.
+    train_tokenizer(train_texts).save(str(run_dir / TOKENIZER_FILE))
+    return TextSettings(TOKENIZER_FILE, options.max_text_length)
+
+
+def _audio_settings(options: TrainOptions, train_rows: list[Row], run_dir: Path) -> AudioSettings:
+    return AudioSettings(SAMPLE_RATE, N_FFT, HOP_LENGTH, N_MELS)
+
+
+# How a training run chooses each modality's preprocessing settings (recorded in config.json, then the bundle).
+_SETTINGS = {"image": _image_settings, "text": _text_settings, "audio": _audio_settings}
+
+
+def _preprocessing(
+    modalities: tuple[str, ...], train_rows: list[Row], options: TrainOptions, run_dir: Path
+) -> tuple[Preprocessing, int]:
+    """The run's preprocessing settings and the text vocabulary size (0 without text)."""
+    settings = Preprocessing(**{m: _SETTINGS[m](options, train_rows, run_dir) for m in modalities})
     vocab_size = 0
-    if "image" in modalities:
-        preprocessors["image"] = ImagePreprocessor(size=options.image_size)
-        preprocessing["image"] = preprocessors["image"].to_dict()
-    if "text" in modalities:
-        train_texts = [r.text for r in train_rows if r.text is not None]
-        if not train_texts:
-            raise ConfigError("the train split has no text; add texts or leave text out with --modalities")
-        # Deterministic for the same texts, so a resumed run rebuilds the very same tokenizer.
-        tokenizer = train_tokenizer(train_texts)
-        preprocessors["text"] = TextPreprocessor(tokenizer, max_length=options.max_text_length)
-        preprocessing["text"] = {"tokenizer": TOKENIZER_FILE, "max_length": options.max_text_length}
-        vocab_size = preprocessors["text"].vocab_size
-    if "audio" in modalities:
-        preprocessors["audio"] = AudioPreprocessor()
-        preprocessing["audio"] = preprocessors["audio"].to_dict()
-    return preprocessors, preprocessing, vocab_size
+    if settings.text is not None:
+        vocab_size = Tokenizer.from_file(str(run_dir / settings.text.tokenizer)).get_vocab_size()
+    return settings, vocab_size
 
 
 def _feature_sets(

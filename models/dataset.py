@@ -41,7 +41,7 @@ class FeatureSet:
         batch: dict[str, torch.Tensor] = {}
         for modality in self.modalities:
             spec = SPECS[modality]
-            arrays = spec.collate([self.features[modality][i] for i in indices])
+            arrays = spec.codec.collate([self.features[modality][i] for i in indices])
             batch.update((key, torch.from_numpy(array)) for key, array in zip(spec.batch_keys, arrays))
         present = [[self.features[m][i] is not None for m in self.modalities] for i in indices]
         batch["present"] = torch.tensor(present, dtype=torch.float32)

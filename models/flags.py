@@ -27,7 +27,7 @@ from dataclasses import MISSING, Field, fields
 
 @functools.cache
 def field_comments(cls: type) -> dict[str, str]:
-    """Each field's trailing `# comment` (on the last line of its definition) in the source of `cls`."""
+    """Each field's trailing `# comment` (the last comment within its definition) in the source of `cls`."""
     source = textwrap.dedent(inspect.getsource(cls))
     (class_def,) = ast.parse(source).body
     comments = {
@@ -35,13 +35,16 @@ def field_comments(cls: type) -> dict[str, str]:
         for token in tokenize.generate_tokens(io.StringIO(source).readline)
         if token.type == tokenize.COMMENT
     }
-    return {
-        node.target.id: comments[node.end_lineno]
-        for node in class_def.body
-        if isinstance(node, ast.AnnAssign)
-        and isinstance(node.target, ast.Name)
-        and comments.get(node.end_lineno)
-    }
+    found = {}
+    for node in class_def.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            # The formatter may wrap a long field over several lines; its comment is the last one inside.
+            inside = [
+                comments[line] for line in range(node.lineno, node.end_lineno + 1) if comments.get(line)
+            ]
+            if inside:
+                found[node.target.id] = inside[-1]
+    return found
 
 
 def flag_name(field: Field) -> str:

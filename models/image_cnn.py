@@ -19,6 +19,9 @@ def _conv_bn_relu(in_channels: int, out_channels: int, stride: int) -> nn.Sequen
 class ImageCNN(nn.Module):
     """[B, 3, H, W] normalised RGB -> [B, embed_dim]. Any H, W >= 8 works (global pooling)."""
 
+    # Dense convolutions: static QDQ int8 (dynamic quantization would give slow ConvInteger); see export.
+    int8_method = "static"
+
     def __init__(self, width: int = 24, embed_dim: int = 128) -> None:
         super().__init__()
         self.embed_dim = embed_dim
@@ -37,5 +40,5 @@ class ImageCNN(nn.Module):
 
 
 @register_encoder("image", "cnn")
-def cnn(embed_dim: int = 128, width: int = 24) -> ImageCNN:
-    return ImageCNN(width=width, embed_dim=embed_dim)
+def cnn(embed_dim: int = 128, image_width: int = 24) -> ImageCNN:
+    return ImageCNN(width=image_width, embed_dim=embed_dim)

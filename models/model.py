@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from polysense.modalities import SPECS, check_modalities
+from polysense.modalities import MODALITIES, SPECS, check_modalities
 
 # Importing the families registers them.
 from polysense.models import audio_causal, fusion, image_cnn, text_encoders  # noqa: F401
@@ -19,12 +19,12 @@ class ModelConfig:
     modalities: tuple[str, ...]  # present in the model, canonical order (image, text, audio)
     num_classes: int
     embed_dim: int = 128  # every encoder's output size
-    image_encoder: str = "cnn"
+    image_family: str = "cnn"  # encoder family per modality (polysense.models.ENCODERS)
     image_width: int = 24  # channels of the CNN's first stage (then 2x, 4x)
-    text_encoder: str = "gru"  # gru | transformer
+    text_family: str = "gru"  # gru | transformer
     vocab_size: int = 0  # set from the trained tokenizer
     max_text_length: int = 64  # tokens; also the transformer's position table size
-    audio_encoder: str = "causal"
+    audio_family: str = "causal"
     n_mels: int = 40
     fusion: str = "concat"  # concat | attention | transformer
 
@@ -35,20 +35,23 @@ class ModelConfig:
         """Options offered to every encoder family; each family takes those its factory names."""
         return {
             "embed_dim": self.embed_dim,
-            "width": self.image_width,
+            "image_width": self.image_width,
             "vocab_size": self.vocab_size,
             "max_positions": self.max_text_length,
             "n_mels": self.n_mels,
         }
 
     def encoder_family(self, modality: str) -> str:
-        return getattr(self, f"{modality}_encoder")
+        return getattr(self, f"{modality}_family")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "modalities": list(self.modalities)}
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:
+        # Runs made before the families were named so stored them as image_encoder, text_encoder, ...
+        renamed = {f"{m}_encoder": f"{m}_family" for m in MODALITIES}
+        values = {renamed.get(key, key): value for key, value in values.items()}
         return cls(**{**values, "modalities": tuple(values["modalities"])})
 
 

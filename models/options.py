@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from polysense.errors import ConfigError
-from polysense.modalities import check_modalities
+from polysense.modalities import MODALITIES, check_modalities
 from polysense.models.flags import flag_name
 from polysense.models.registry import ENCODERS, FUSIONS
 from polysense.sessions import DEVICES
@@ -39,7 +39,9 @@ class TrainOptions:
     image_size: int = 64  # pixels, square
     image_width: int = 24  # CNN width (channels of its first stage)
     embed_dim: int = 128  # size of each encoder's embedding
+    image_encoder: str = "cnn"  # image encoder family
     text_encoder: str = "gru"  # text encoder family
+    audio_encoder: str = "causal"  # audio encoder family
     fusion: str = "concat"  # fusion head over the encoders' embeddings
     max_text_length: int = 64  # tokens kept per text
     builtin_n: int = field(default=3000, metadata={"flag": "--n"})  # samples when data is "builtin"
@@ -95,7 +97,7 @@ def option_choices() -> dict[str, tuple[str, ...]]:
     return {
         "strategy": STRATEGIES,
         "device": DEVICES,
-        "text_encoder": tuple(ENCODERS["text"]),
+        **{f"{m}_encoder": tuple(ENCODERS[m]) for m in MODALITIES},
         "fusion": tuple(FUSIONS),
     }
 

@@ -1,11 +1,17 @@
 """Registries of encoders (per modality) and fusion heads, so new ones slot in by name.
 
     @register_encoder("image", "cnn")
-    def cnn(embed_dim: int = 128, **options) -> nn.Module: ...
+    def cnn(embed_dim: int = 128, image_width: int = 24) -> nn.Module: ...
 
-Every encoder's forward() takes its modality's training inputs (polysense.modalities.SPECS[m].batch_keys, in
-order) and returns an embedding [B, embed_dim]; it exposes `embed_dim`. A family's factory names the options it
-takes; create_encoder passes it only those, so one set of model options serves every family.
+The contract of an encoder family:
+- forward() takes its modality's training inputs (polysense.modalities.SPECS[m].batch_keys, in order) and
+  returns an embedding [B, embed_dim]; the module exposes `embed_dim`;
+- its factory names the model options it takes (ModelConfig.encoder_options(): embed_dim, image_width,
+  vocab_size, max_positions, n_mels) and gets only those (all of them if it takes **options);
+- optional: `fit_input_stats(features)`, called once with the training split's features before training;
+  `int8_method = "static"` to have export calibrate static QDQ int8 (dense convolutions) instead of dynamic;
+- what export needs per modality: text encoders expose `vocab_size`; a streaming (audio) encoder exposes
+  `n_mels`, `input_mean`/`input_std`, `step(frames, state)` and `state_layout()`.
 """
 
 from __future__ import annotations
@@ -45,8 +51,10 @@ def create_encoder(modality: str, name: str, **options) -> nn.Module:
         choices = ", ".join(sorted(ENCODERS[modality]))
         raise ConfigError(f"unknown {modality} encoder {name!r}; choose from {choices}")
     factory = ENCODERS[modality][name]
-    accepted = inspect.signature(factory).parameters
-    return factory(**{key: value for key, value in options.items() if key in accepted})
+    parameters = inspect.signature(factory).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        options = {key: value for key, value in options.items() if key in parameters}
+    return factory(**options)
 
 
 def create_fusion(name: str, **options) -> nn.Module:

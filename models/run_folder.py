@@ -34,7 +34,8 @@ METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
 BEST_FILE = "best.pt"  # inside CHECKPOINT_DIR: the weights of the best monitored epoch so far
 # Leftovers of a preparation that failed (bad manifest, say) that a fresh start may reuse.
-_REUSABLE_LEFTOVERS = {"builtin_data", CHECKPOINT_DIR}
+# The tokenizer is written before the rows are decoded; it is rebuilt identically from the same texts.
+_REUSABLE_LEFTOVERS = {"builtin_data", CHECKPOINT_DIR, "tokenizer.json"}
 # Options a resumed run may change: how long to train, where, and how to show it. The rest are the stored ones.
 RESUME_MAY_CHANGE = ("epochs", "patience", "progress", "device")
 
@@ -136,7 +137,8 @@ def write_config(run_dir: Path, config: dict, resume: bool) -> None:
     config_path = run_dir / CONFIG_FILE
     if resume:
         stored = json.loads(config_path.read_text())
-        if stored["labels"] != config["labels"] or stored["model"] != config["model"]:
+        stored_model = ModelConfig.from_dict(stored["model"]).to_dict()  # older runs: older key names
+        if stored["labels"] != config["labels"] or stored_model != config["model"]:
             raise ConfigError(f"--resume: the data no longer gives the model stored in {config_path}")
     atomic_write_json(config, config_path)
 

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -86,11 +85,11 @@ def _lr_lambda(total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def _set_audio_stats(model: MultimodalClassifier, train: FeatureSet) -> None:
-    if "audio" not in model.encoders:
-        return
-    frames = torch.from_numpy(np.concatenate([x for x in train.features["audio"] if x is not None]))
-    model.encoders["audio"].set_input_stats(frames.mean(0), frames.std(0))
+def _fit_input_statistics(model: MultimodalClassifier, train: FeatureSet) -> None:
+    """Encoders that normalise their input with training statistics (`fit_input_stats`) get them here."""
+    for modality, encoder in model.encoders.items():
+        if hasattr(encoder, "fit_input_stats"):
+            encoder.fit_input_stats([x for x in train.features[modality] if x is not None])
 
 
 @dataclass
@@ -113,8 +112,10 @@ def _model_config(options: TrainOptions, data: PreparedData) -> ModelConfig:
         modalities=data.modalities,
         num_classes=len(data.labels),
         embed_dim=options.embed_dim,
+        image_family=options.image_encoder,
         image_width=options.image_width,
-        text_encoder=options.text_encoder,
+        text_family=options.text_encoder,
+        audio_family=options.audio_encoder,
         vocab_size=data.vocab_size,
         max_text_length=options.max_text_length,
         fusion=options.fusion,
@@ -131,12 +132,12 @@ def _open_run(options: TrainOptions, resume: bool) -> _Run:
     run_folder.create_run_dir(run_dir)
     data = prepare_data(options, run_dir)
     model_config = _model_config(options, data)
-    config = run_folder.run_config(options, model_config, data.labels, data.preprocessing)
+    config = run_folder.run_config(options, model_config, data.labels, data.preprocessing.to_dict())
     run_folder.write_config(run_dir, config, resume)
 
     torch.manual_seed(options.seed)
     model = MultimodalClassifier(model_config)
-    _set_audio_stats(model, data.splits["train"])
+    _fit_input_statistics(model, data.splits["train"])
     heads = nn.ModuleDict({m: nn.Linear(options.embed_dim, len(data.labels)) for m in data.modalities})
     model.to(device)
     heads.to(device)

@@ -39,7 +39,7 @@ class AudioEngine:
         self, session: Session, streaming: AudioStreaming, frames_input: str, embed_dim: int
     ) -> None:
         self._session = session
-        self._state = streaming.state
+        self._layout = streaming.state
         self._frames_input = frames_input
         self._embedding_output = session.output_names[0]
         self.embed_dim = embed_dim
@@ -47,7 +47,7 @@ class AudioEngine:
     def initial_state(self, batch_size: int = 1) -> State:
         """Zero state tensors for `batch_size` recordings."""
         state = {}
-        for tensor in self._state:
+        for tensor in self._layout:
             shape = list(tensor.shape)
             shape[tensor.batch_axis] = batch_size
             state[tensor.name] = np.zeros(shape, np.float32)
@@ -57,17 +57,17 @@ class AudioEngine:
         """frames [B, T, n_mels] after `state` -> embeddings [B, D] of everything so far, and the new state."""
         outputs = self._session.run({self._frames_input: frames, **state})
         named = dict(zip(self._session.output_names, outputs))
-        new_state = {t.name: to_numpy(named[t.output_name]) for t in self._state}
+        new_state = {t.name: to_numpy(named[t.output_name]) for t in self._layout}
         return to_numpy(named[self._embedding_output]), new_state
 
     def stack(self, states: Sequence[State]) -> State:
         """Several streams' states as one batch, in the given order."""
-        return {t.name: np.concatenate([s[t.name] for s in states], axis=t.batch_axis) for t in self._state}
+        return {t.name: np.concatenate([s[t.name] for s in states], axis=t.batch_axis) for t in self._layout}
 
     def unstack(self, state: State, count: int) -> list[State]:
         """The inverse of stack(): one state per stream."""
         return [
-            {t.name: np.take(state[t.name], [i], axis=t.batch_axis) for t in self._state}
+            {t.name: np.take(state[t.name], [i], axis=t.batch_axis) for t in self._layout}
             for i in range(count)
         ]
 

@@ -1,7 +1,8 @@
 """`polysense bench BUNDLE`: latency per stage and end to end, throughput, cold start, memory and size.
 
 Runtime only (no torch), public Pipeline API only. Latency is measured in windows of runs, repeated until
-two consecutive windows agree on the median within a tolerance (as Triton's perf_analyzer does); when they never agree the report says so.
+two consecutive windows agree on the median within a tolerance (as Triton's perf_analyzer does); when they
+never agree the report says so.
 Stage latencies (preprocess, encode, fusion) are the pipeline's own timings inside those end-to-end runs.
 """
 
@@ -19,15 +20,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
-import soundfile
 from tqdm import tqdm
 
 from polysense.bundle import open_bundle
+from polysense.modalities import SPECS
 from polysense.pipeline import Pipeline
+from polysense.schema import PRECISIONS
 
-SAMPLE_TEXT = "a calm quiet morning at the market after the rain"
 MODELS_STAGE = "encoders + fusion"  # per run, the sum of the encode_* stages and the fusion
 
 
@@ -94,20 +94,7 @@ def measure(run: Callable[[], object], options: BenchOptions) -> dict:
 def _sample_files(pipeline: Pipeline, folder: Path) -> dict:
     """One input per modality of the bundle, as files where the modality has files (what users pass)."""
     rng = np.random.default_rng(0)
-    writers = {"image": _write_image, "text": lambda folder, rng: SAMPLE_TEXT, "audio": _write_audio}
-    return {m: writers[m](folder, rng) for m in pipeline.modalities}
-
-
-def _write_image(folder: Path, rng: np.random.Generator) -> str:
-    path = folder / "sample.jpg"
-    cv2.imwrite(str(path), rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))
-    return str(path)
-
-
-def _write_audio(folder: Path, rng: np.random.Generator) -> str:
-    path = folder / "sample.wav"
-    soundfile.write(str(path), (rng.standard_normal(16000) * 0.1).astype(np.float32), 16000, subtype="PCM_16")
-    return str(path)
+    return {m: SPECS[m].codec.sample_input(folder, rng) for m in pipeline.modalities}
 
 
 def _cold_start(bundle: Path, sample: dict, options: BenchOptions) -> dict:
@@ -143,7 +130,7 @@ def bundle_sizes(bundle: Path, chosen: dict[str, str]) -> dict:
     and of the set `auto` (or the forced precision) loads."""
     components = open_bundle(bundle).description.components
     sizes = {}
-    for precision in ("fp32", "int8", "fp16"):
+    for precision in PRECISIONS:
         sizes[precision] = sum(
             c.variants.get(precision, c.variants["fp32"]).bytes for c in components.values()
         )

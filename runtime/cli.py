@@ -11,8 +11,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from polysense.errors import ConfigError, DependencyError, PolysenseError
-from polysense.modalities import MODALITIES
+from polysense.data import SPLITS
+from polysense.errors import DependencyError, PolysenseError
+from polysense.modalities import MODALITIES, SPECS
+from polysense.schema import PRECISIONS
 from polysense.sessions import DEVICES
 
 log = logging.getLogger("polysense")
@@ -59,21 +61,19 @@ def _run_data_avdigits(args: argparse.Namespace) -> int:
 
     manifest = write_avdigits(AVDigitsSpec(args.fsdd, args.images, args.seed, args.holdout_speaker), args.out)
     counts = Counter(row.split for row in read_manifest(manifest).rows)
-    print(f"wrote {manifest}: " + ", ".join(f"{split} {counts[split]}" for split in ("train", "val", "test")))
+    print(f"wrote {manifest}: " + ", ".join(f"{split} {counts[split]}" for split in SPLITS))
     return 0
 
 
-def _add_train(commands: argparse._SubParsersAction) -> None:
-    # The flags are generated from polysense.models' TrainOptions (torch), so this parser takes none: main()
-    # forwards everything after "train", --help included, to polysense.models.cli.run_train.
-    train = commands.add_parser(
-        "train", help="train a multimodal classifier (needs the train extra: torch)", add_help=False
+def _forwarding_command(commands: argparse._SubParsersAction, name: str, help: str, runner: str) -> None:
+    """A command whose flags are generated in polysense.models / polysense.export (torch) from an options
+    dataclass: this parser takes none, and main() forwards everything after the command name, --help
+    included, to `runner` ("module:function"), loaded on demand."""
+    module, function = runner.split(":")
+    command = commands.add_parser(name, help=help, add_help=False)
+    command.set_defaults(
+        run=lambda args: getattr(_training_module(module), function)(args.forwarded), forwards_arguments=True
     )
-    train.set_defaults(run=_run_train, forwards_arguments=True)
-
-
-def _run_train(args: argparse.Namespace) -> int:
-    return _training_module("polysense.models.cli").run_train(args.forwarded)
 
 
 def _training_module(name: str):
@@ -98,53 +98,6 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
     demo.set_defaults(run=lambda args: _training_module("polysense.export.demo").run_demo(args))
 
 
-def _add_export(commands: argparse._SubParsersAction) -> None:
-    export = commands.add_parser(
-        "export", help="export a trained run to a verified ONNX bundle (needs torch)"
-    )
-    export.add_argument("run_dir", help="a finished training run folder")
-    export.add_argument("--out", required=True, help="bundle folder to write (must not exist)")
-    export.add_argument(
-        "--precisions",
-        default="int8,fp16",
-        help="variants to try besides fp32, comma-separated, or 'fp32' for none (default int8,fp16)",
-    )
-    export.add_argument(
-        "--max-accuracy-drop",
-        type=float,
-        default=1.0,
-        help="validation accuracy points a variant may lose (default 1.0)",
-    )
-    export.add_argument(
-        "--min-speedup",
-        type=float,
-        default=1.1,
-        help="how much faster than fp32 a CPU variant must be to be kept (default 1.1)",
-    )
-    export.add_argument("--no-progress", action="store_true")
-    export.set_defaults(run=_run_export)
-
-
-def _run_export(args: argparse.Namespace) -> int:
-    export = _training_module("polysense.export")
-    precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip() and p.strip() != "fp32")
-    unknown = [p for p in precisions if p not in ("int8", "fp16")]
-    if unknown:
-        raise ConfigError(f"--precisions: {unknown[0]!r} is unknown; choose from int8, fp16 (or fp32 alone)")
-    policy = (
-        export.VariantPolicy(args.max_accuracy_drop, args.min_speedup, precisions) if precisions else None
-    )
-    report = export.export_run(args.run_dir, args.out, progress=not args.no_progress, policy=policy)
-    print(f"bundle: {report.bundle}")
-    print(f"  end to end     max |probability difference| {report.end_to_end:.1e}")
-    print(f"  size           {sum(report.sizes.values()) / 1e6:.2f} MB in {len(report.sizes)} files")
-    print(report.variants_table())
-    return 0
-
-
-_INPUT_HELP = {"image": "image file", "text": "text", "audio": "audio file (WAV, FLAC, OGG)"}
-
-
 def _bundle_command(
     commands: argparse._SubParsersAction, name: str, help: str, json_help: str
 ) -> argparse.ArgumentParser:
@@ -161,7 +114,7 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
         commands, "predict", "predict one sample with a bundle (runtime only)", "print the prediction as JSON"
     )
     for modality in MODALITIES:
-        predict.add_argument(f"--{modality}", help=_INPUT_HELP[modality])
+        predict.add_argument(f"--{modality}", help=SPECS[modality].help)
     predict.add_argument("--top", type=int, default=3, help="labels to show (default 3)")
     predict.set_defaults(run=_run_predict)
 
@@ -186,7 +139,7 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
         commands, "eval", "evaluate a bundle on a data manifest (runtime only)", "print the metrics as JSON"
     )
     evaluate.add_argument("--data", required=True, help="manifest (.csv/.jsonl), e.g. RUN_DIR/manifest.csv")
-    evaluate.add_argument("--split", choices=("train", "val", "test"), help="only rows of this split")
+    evaluate.add_argument("--split", choices=SPLITS, help="only rows of this split")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(run=_run_eval)
 
@@ -245,7 +198,7 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser("bench", help="latency, throughput, cold start, memory and size of a bundle")
     bench.add_argument("bundle")
     bench.add_argument("--device", choices=DEVICES, default="cpu")
-    bench.add_argument("--precision", default="auto", help="auto, fp32, int8 or fp16 (default auto)")
+    bench.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto", help="(default auto)")
     bench.add_argument("--json", metavar="OUT", help="write the full report as JSON")
     bench.add_argument("--plot", metavar="OUT.png", help="write a PNG of stage latencies and throughput")
     bench.add_argument("--quick", action="store_true", help="few runs (a smoke test, not a measurement)")
@@ -303,8 +256,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="only warnings and errors on stderr")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_data(commands)
-    _add_train(commands)
-    _add_export(commands)
+    _forwarding_command(
+        commands,
+        "train",
+        "train a multimodal classifier (needs the train extra: torch)",
+        "polysense.models.cli:run_train",
+    )
+    _forwarding_command(
+        commands,
+        "export",
+        "export a trained run to a verified ONNX bundle (needs torch)",
+        "polysense.export.cli:run_export",
+    )
     _add_demo(commands)
     _add_predict(commands)
     _add_eval(commands)

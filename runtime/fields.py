@@ -40,3 +40,10 @@ def items(data: Any, key: str, parse: Callable[[Any, str], T], where: str) -> tu
 
 def strings(values: Iterable[Any], where: str) -> tuple[str, ...]:
     return tuple(typed(v, str, f"{where}[{i}]") for i, v in enumerate(values))
+
+
+def plain_file_name(name: str, where: str) -> str:
+    """`name` if it names a file directly inside its folder (no path separators, not . or ..)."""
+    if not name or "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
+        raise BundleError(f"{where}: {name!r} is not a plain file name inside the bundle")
+    return name

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from polysense.errors import InputError
+from polysense.errors import BundleError, InputError
 from polysense.schema import ComponentSpec
 from polysense.sessions import Session, to_numpy
 
@@ -72,19 +72,25 @@ class FusionHead:
     device under CUDA) and the mask, named as the bundle describes them."""
 
     def __init__(
-        self, session: Session, spec: ComponentSpec, modalities: tuple[str, ...], labels: tuple[str, ...]
-    ):
+        self,
+        session: Session,
+        spec: ComponentSpec,
+        modalities: tuple[str, ...],
+        labels: tuple[str, ...],
+        embed_dim: int,
+    ) -> None:
         *embedding_inputs, mask_input = (tensor.name for tensor in spec.inputs)
         if len(embedding_inputs) != len(modalities):
-            raise InputError(
-                f"the fusion graph takes {len(embedding_inputs)} embeddings for {len(modalities)} modalities"
+            raise BundleError(
+                f"the fusion graph takes {len(embedding_inputs)} embeddings for {len(modalities)} modalities; "
+                "export the bundle again"
             )
         self._session = session
         self._inputs = dict(zip(modalities, embedding_inputs))
         self._mask_input = mask_input
         self.modalities = modalities
         self.labels = labels
-        self.embed_dim = int(spec.inputs[0].shape[1])
+        self.embed_dim = embed_dim
 
     def probabilities(self, vectors: Mapping[str, Any], mask: np.ndarray) -> np.ndarray:
         """[B, C] from per-modality embeddings [B, D] (arrays or device values) and the mask [B, M]."""

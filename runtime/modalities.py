@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -56,6 +56,22 @@ def nonempty_subsets(modalities: Iterable[str]) -> list[tuple[str, ...]]:
     return [s for r in range(1, len(ordered) + 1) for s in combinations(ordered, r)]
 
 
+class Codec(Protocol):
+    """How one modality's data is turned into model inputs (a small class per modality below)."""
+
+    def preprocessor(self, settings: Any, folder: Path) -> Preprocess:
+        """(settings, folder of the files they name) -> the runtime preprocessor (input, sample_rate) -> features."""
+
+    def feeds(self, features: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+        """Features of a batch -> the encoder graph's inputs (graph_inputs order)."""
+
+    def collate(self, rows: Sequence[np.ndarray | None]) -> tuple[np.ndarray, ...]:
+        """A training batch (None = the sample lacks the modality) -> the encoder's batch keys, zeros where absent."""
+
+    def sample_input(self, folder: Path, rng: np.random.Generator) -> Any:
+        """An input as a user passes it (a file where the modality comes in files), for benchmarks."""
+
+
 @dataclass(frozen=True)
 class ModalitySpec:
     name: str
@@ -63,9 +79,8 @@ class ModalitySpec:
     batch_keys: tuple[str, ...]  # training-batch entries passed to the encoder's forward(), in order
     cell_is_path: bool  # a data-manifest cell holds a file path (else the value itself, as text does)
     streaming: bool  # the encoder carries state from call to call (run by the audio engine)
-    make_preprocessor: Callable[[Any, Path], Preprocess]  # (settings, folder of its files) -> preprocessor
-    feeds: Callable[[Sequence[np.ndarray]], tuple[np.ndarray, ...]]  # features of a batch -> graph_inputs
-    collate: Callable[[Sequence[np.ndarray | None]], tuple[np.ndarray, ...]]  # None = absent -> batch_keys
+    help: str  # what a user passes, e.g. for the CLI's --image
+    codec: Codec
 
     @property
     def component(self) -> str:
@@ -77,82 +92,92 @@ class ModalitySpec:
         return tuple(self.dynamic_axes)
 
 
-# -- image --------------------------------------------------------------------------------------------------
+class ImageCodec:
+    def preprocessor(self, settings: Any, folder: Path) -> Preprocess:
+        from polysense.image import ImagePreprocessor
+
+        preprocessor = ImagePreprocessor(settings.size, tuple(settings.mean), tuple(settings.std))
+        return lambda image, sample_rate=None: preprocessor(image)
+
+    def feeds(self, features: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+        return (np.stack(features),)
+
+    def collate(self, rows: Sequence[np.ndarray | None]) -> tuple[np.ndarray, ...]:
+        shape = next((x.shape for x in rows if x is not None), (3, 1, 1))
+        return (np.stack([np.zeros(shape, np.float32) if x is None else x for x in rows]),)
+
+    def sample_input(self, folder: Path, rng: np.random.Generator) -> Any:
+        import cv2
+
+        path = folder / "sample.jpg"
+        cv2.imwrite(str(path), rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))
+        return str(path)
 
 
-def _image_preprocessor(settings: Any, folder: Path) -> Preprocess:
-    from polysense.image import ImagePreprocessor
+class TextCodec:
+    def preprocessor(self, settings: Any, folder: Path) -> Preprocess:
+        from polysense.text import TextPreprocessor
 
-    preprocessor = ImagePreprocessor(settings.size, tuple(settings.mean), tuple(settings.std))
-    return lambda image, sample_rate=None: preprocessor(image)
+        preprocessor = TextPreprocessor(folder / settings.tokenizer, settings.max_length)
+        return lambda text, sample_rate=None: preprocessor(text)
 
+    def feeds(self, features: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+        from polysense.text import pad_token_ids
 
-def _image_feeds(features: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
-    return (np.stack(features),)
+        return pad_token_ids(features)
 
+    def collate(self, rows: Sequence[np.ndarray | None]) -> tuple[np.ndarray, ...]:
+        ids, mask = self.feeds([np.zeros(0, np.int64) if r is None else r for r in rows])
+        if ids.shape[1] == 0:  # no text in this batch: one pad column keeps the shapes valid
+            ids, mask = np.zeros((len(rows), 1), np.int64), np.zeros((len(rows), 1), np.int64)
+        return ids, mask
 
-def _image_collate(rows: Sequence[np.ndarray | None]) -> tuple[np.ndarray, ...]:
-    shape = next((x.shape for x in rows if x is not None), (3, 1, 1))
-    return (np.stack([np.zeros(shape, np.float32) if x is None else x for x in rows]),)
-
-
-# -- text ---------------------------------------------------------------------------------------------------
-
-
-def _text_preprocessor(settings: Any, folder: Path) -> Preprocess:
-    from polysense.text import TextPreprocessor
-
-    preprocessor = TextPreprocessor(folder / settings.tokenizer, settings.max_length)
-    return lambda text, sample_rate=None: preprocessor(text)
+    def sample_input(self, folder: Path, rng: np.random.Generator) -> Any:
+        return "a calm quiet morning at the market after the rain"
 
 
-def _text_feeds(features: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
-    from polysense.text import pad_token_ids
+class AudioCodec:
+    def preprocessor(self, settings: Any, folder: Path) -> Preprocess:
+        from polysense.audio import AudioPreprocessor
 
-    return pad_token_ids(features)
+        preprocessor = AudioPreprocessor(**settings.to_dict())
+        return lambda audio, sample_rate=None: preprocessor(audio, sample_rate=sample_rate)
 
+    def feeds(self, features: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+        return (np.stack(features),)  # clips of equal frame count; padding would enter the causal state
 
-def _text_collate(rows: Sequence[np.ndarray | None]) -> tuple[np.ndarray, ...]:
-    ids, mask = _text_feeds([np.zeros(0, np.int64) if r is None else r for r in rows])
-    if ids.shape[1] == 0:  # no text in this batch: one pad column keeps the shapes valid
-        ids, mask = np.zeros((len(rows), 1), np.int64), np.zeros((len(rows), 1), np.int64)
-    return ids, mask
+    def collate(self, rows: Sequence[np.ndarray | None]) -> tuple[np.ndarray, ...]:
+        """Frames zero-padded to the longest [B, T, n_mels] and the frame mask [B, T] (1 = real frame)."""
+        n_mels = next((x.shape[1] for x in rows if x is not None), 1)
+        longest = max([1] + [x.shape[0] for x in rows if x is not None])
+        frames = np.zeros((len(rows), longest, n_mels), np.float32)
+        mask = np.zeros((len(rows), longest), np.float32)
+        for i, x in enumerate(rows):
+            if x is not None:
+                frames[i, : x.shape[0]] = x
+                mask[i, : x.shape[0]] = 1.0
+        return frames, mask
 
+    def sample_input(self, folder: Path, rng: np.random.Generator) -> Any:
+        import soundfile
 
-# -- audio --------------------------------------------------------------------------------------------------
-
-
-def _audio_preprocessor(settings: Any, folder: Path) -> Preprocess:
-    from polysense.audio import AudioPreprocessor
-
-    preprocessor = AudioPreprocessor(**settings.to_dict())
-    return lambda audio, sample_rate=None: preprocessor(audio, sample_rate=sample_rate)
-
-
-def _audio_feeds(features: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
-    return (np.stack(features),)  # clips of equal frame count; padding would enter the causal state
-
-
-def _audio_collate(rows: Sequence[np.ndarray | None]) -> tuple[np.ndarray, ...]:
-    """Frames zero-padded to the longest [B, T, n_mels] and the frame mask [B, T] (1 = real frame)."""
-    n_mels = next((x.shape[1] for x in rows if x is not None), 1)
-    longest = max([1] + [x.shape[0] for x in rows if x is not None])
-    frames = np.zeros((len(rows), longest, n_mels), np.float32)
-    mask = np.zeros((len(rows), longest), np.float32)
-    for i, x in enumerate(rows):
-        if x is not None:
-            frames[i, : x.shape[0]] = x
-            mask[i, : x.shape[0]] = 1.0
-    return frames, mask
+        path = folder / "sample.wav"
+        samples = (rng.standard_normal(16000) * 0.1).astype(np.float32)
+        soundfile.write(str(path), samples, 16000, subtype="PCM_16")
+        return str(path)
 
 
-# One row per modality: name, encoder-graph inputs with their dynamic axes, training batch keys, whether a
-# data-manifest cell holds a path, whether the encoder streams, and its preprocessor, feeds and collate.
+# One row per modality: name, the encoder graph's inputs with their dynamic axes, the training batch keys the
+# encoder's forward() takes, whether a data-manifest cell holds a path, whether the encoder streams, what a
+# user passes, and the codec.
 # fmt: off
 SPECS: dict[str, ModalitySpec] = {spec.name: spec for spec in (
-    ModalitySpec("image", {"image": {0: "batch"}}, ("image",), True, False, _image_preprocessor, _image_feeds, _image_collate),
-    ModalitySpec("text", {"ids": {0: "batch", 1: "length"}, "mask": {0: "batch", 1: "length"}}, ("text_ids", "text_mask"), False, False, _text_preprocessor, _text_feeds, _text_collate),
-    ModalitySpec("audio", {"frames": {0: "batch", 1: "frames"}}, ("audio", "audio_mask"), True, True, _audio_preprocessor, _audio_feeds, _audio_collate),
+    ModalitySpec("image", {"image": {0: "batch"}}, ("image",), True, False, "image file", ImageCodec()),
+    ModalitySpec("text", {"ids": {0: "batch", 1: "length"}, "mask": {0: "batch", 1: "length"}},
+                 ("text_ids", "text_mask"), False, False, "text", TextCodec()),
+    ModalitySpec("audio", {"frames": {0: "batch", 1: "frames"}}, ("audio", "audio_mask"), True, True,
+                 "audio file (WAV, FLAC, OGG)", AudioCodec()),
 )}
 # fmt: on
 assert tuple(SPECS) == MODALITIES  # the table and the canonical order must agree
+STREAMING = tuple(m for m in MODALITIES if SPECS[m].streaming)  # modalities whose encoder carries state

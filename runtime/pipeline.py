@@ -47,16 +47,17 @@ class Pipeline:
             name: Session(bundle.file(name, self._precisions[name]), settings) for name in names
         }
         self._fusion = FusionHead(
-            self._sessions[FUSION], description.component(FUSION), description.modalities, description.labels
+            self._sessions[FUSION],
+            description.component(FUSION),
+            description.modalities,
+            description.labels,
+            description.embed_dim,
         )
         self._audio: AudioEngine | None = None
-        if description.streaming is not None:
-            audio = SPECS["audio"]
+        for spec in (SPECS[m] for m in description.modalities if SPECS[m].streaming):
+            frames_input = spec.graph_inputs[0]
             self._audio = AudioEngine(
-                self._sessions[audio.component],
-                description.streaming,
-                audio.graph_inputs[0],
-                description.embed_dim,
+                self._sessions[spec.component], description.streaming, frames_input, description.embed_dim
             )
 
     @classmethod
@@ -193,7 +194,7 @@ class Pipeline:
     def _embed(self, samples: Sequence[dict]) -> tuple[dict[str, Any], np.ndarray, dict[str, float]]:
         """Embeddings per modality [B, D] (device-resident under CUDA where every row has the modality),
         the presence mask [B, M] and timings. Encoders run only for modalities some sample has."""
-        if isinstance(samples, dict) or not isinstance(samples, Sequence) or not len(samples):
+        if isinstance(samples, (dict, str, bytes)) or not isinstance(samples, Sequence) or not len(samples):
             raise InputError("pass a non-empty list of sample dicts")
         for index, sample in enumerate(samples):
             self._check_sample(sample, f"sample {index}: " if len(samples) > 1 else "")
@@ -233,7 +234,7 @@ class Pipeline:
         spec = SPECS[modality]
         if spec.streaming:
             return self._audio.encode_clips(features)
-        feeds = dict(zip(spec.graph_inputs, spec.feeds(features)))
+        feeds = dict(zip(spec.graph_inputs, spec.codec.feeds(features)))
         return self._sessions[component_name(modality)].run(feeds)[0]
 
     def _embed_one(self, modality: str, value: Any) -> np.ndarray:

@@ -16,4 +16,4 @@ def build_preprocessors(
 
     `folder` holds the files the settings name (the bundle's tokenizer.json, or a training run's).
     """
-    return {m: SPECS[m].make_preprocessor(settings.of(m), Path(folder)) for m in modalities}
+    return {m: SPECS[m].codec.preprocessor(settings.of(m), Path(folder)) for m in modalities}

@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from polysense.errors import BundleError
-from polysense.fields import get, items, strings, typed
-from polysense.modalities import component_name
+from polysense.fields import get, items, plain_file_name, strings, typed
+from polysense.modalities import STREAMING, component_name
 from polysense.settings import Preprocessing
 
 # 2: bundle.json with typed components, variants and streaming state (1 was manifest.json, read by hand).
 SCHEMA_VERSION = 2
 DESCRIPTION_FILE = "bundle.json"
-LEGACY_DESCRIPTION_FILE = "manifest.json"  # what schema 1 bundles hold instead
+LEGACY_DESCRIPTION_FILE = "manifest.json"  # what schema 1 bundles hold instead (read as a legacy marker only)
 FUSION = "fusion"  # the fusion head's component name
 PRECISIONS = ("fp32", "int8", "fp16")
 
@@ -70,12 +70,23 @@ class Variant:
         latency = get(data, "latency_ms", (int, float), where, None)
         return cls(
             precision,
-            get(data, "file", str, where),
+            plain_file_name(get(data, "file", str, where), where),
             get(data, "sha256", str, where),
             get(data, "bytes", int, where),
             get(data, "device", str, where, "any"),
             None if latency is None else float(latency),
         )
+
+
+def _dynamic_axes(data: dict, where: str) -> dict[str, dict[int, str]]:
+    """{tensor: {axis: name}} with the axes (JSON object keys) back to integers."""
+    axes = {}
+    for tensor, named in data.items():
+        typed(named, dict, f"{where}.{tensor}")
+        if not all(isinstance(a, str) and a.isdigit() for a in named):
+            raise BundleError(f"{where}.{tensor}: axes must be whole numbers, got {list(named)}")
+        axes[tensor] = {int(a): typed(n, str, f"{where}.{tensor}.{a}") for a, n in named.items()}
+    return axes
 
 
 @dataclass(frozen=True)
@@ -105,22 +116,15 @@ class ComponentSpec:
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
             "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in self.dynamic_axes.items()},
-            "precisions": {p: v.to_dict() for p, v in self.variants.items()},
-            "variants": list(self.measurements),
+            "variants": {p: v.to_dict() for p, v in self.variants.items()},
+            "measurements": list(self.measurements),
         }
 
     @classmethod
     def from_dict(cls, name: str, data: Any, where: str) -> ComponentSpec:
-        axes = get(data, "dynamic_axes", dict, where)
-        dynamic_axes = {
-            tensor: {
-                int(axis): typed(n, str, f"{where}.dynamic_axes") for axis, n in typed(a, dict, where).items()
-            }
-            for tensor, a in axes.items()
-        }
         variants = {
-            precision: Variant.from_dict(precision, entry, f"{where}.precisions.{precision}")
-            for precision, entry in get(data, "precisions", dict, where).items()
+            precision: Variant.from_dict(precision, entry, f"{where}.variants.{precision}")
+            for precision, entry in get(data, "variants", dict, where).items()
         }
         if "fp32" not in variants:
             raise BundleError(f"{where} has no fp32 variant")
@@ -129,9 +133,11 @@ class ComponentSpec:
             get(data, "modality", (str, type(None)), where),
             items(data, "inputs", TensorSpec.from_dict, where),
             items(data, "outputs", TensorSpec.from_dict, where),
-            dynamic_axes,
+            _dynamic_axes(get(data, "dynamic_axes", dict, where), f"{where}.dynamic_axes"),
             variants,
-            tuple(typed(m, dict, f"{where}.variants") for m in get(data, "variants", list, where, [])),
+            tuple(
+                typed(m, dict, f"{where}.measurements") for m in get(data, "measurements", list, where, [])
+            ),
         )
 
 
@@ -186,6 +192,14 @@ class AudioStreaming:
         )
 
 
+def _streaming_from_dict(streaming: dict, where: str) -> AudioStreaming | None:
+    unknown = [m for m in streaming if m not in STREAMING]
+    if unknown:
+        raise BundleError(f"{where}.streaming: {unknown[0]!r} is not a streaming modality")
+    entries = [AudioStreaming.from_dict(v, f"{where}.streaming.{m}") for m, v in streaming.items()]
+    return entries[0] if entries else None
+
+
 @dataclass(frozen=True)
 class BundleDescription:
     """Everything a bundle says about itself (bundle.json)."""
@@ -220,7 +234,7 @@ class BundleDescription:
             "embed_dim": self.embed_dim,
             "components": {name: c.to_dict() for name, c in self.components.items()},
             "preprocessing": self.preprocessing.to_dict(),
-            "streaming": {"audio": self.streaming.to_dict()} if self.streaming else {},
+            "streaming": {m: self.streaming.to_dict() for m in self.modalities if m in STREAMING},
             "metrics": self.metrics,
             "producer": self.producer,
         }
@@ -231,8 +245,8 @@ class BundleDescription:
         version = get(data, "schema_version", int, where)
         if version != SCHEMA_VERSION:
             raise BundleError(
-                f"bundle schema version {version}, but this polysense reads version {SCHEMA_VERSION}; "
-                "export the bundle again with this version of polysense"
+                f"bundle schema version {version}, but this polysense reads version {SCHEMA_VERSION} "
+                "(for a newer bundle, use the polysense version that made it)"
             )
         components = {
             name: ComponentSpec.from_dict(name, entry, f"{where}.components.{name}")
@@ -245,9 +259,7 @@ class BundleDescription:
             get(data, "embed_dim", int, where),
             components,
             Preprocessing.from_dict(get(data, "preprocessing", dict, where)),
-            AudioStreaming.from_dict(streaming["audio"], f"{where}.streaming.audio")
-            if "audio" in streaming
-            else None,
+            _streaming_from_dict(streaming, where),
             get(data, "metrics", dict, where, {}),
             get(data, "producer", dict, where, {}),
             version,
@@ -267,5 +279,15 @@ class BundleDescription:
             )
         for modality in self.modalities:
             self.preprocessing.of(modality)
-        if "audio" in self.modalities and self.streaming is None:
-            raise BundleError(f"{DESCRIPTION_FILE} has an audio encoder but no streaming state")
+        streaming = [m for m in self.modalities if m in STREAMING]
+        if bool(streaming) != (self.streaming is not None):
+            raise BundleError(
+                f"{DESCRIPTION_FILE}: the streaming state must be there exactly when a streaming encoder is "
+                f"({', '.join(streaming) or 'none here'})"
+            )
+        for modality in streaming:
+            component = self.components[component_name(modality)]
+            names = {t.name for t in component.inputs} | {t.name for t in component.outputs}
+            missing = [n for t in self.streaming.state for n in (t.name, t.output_name) if n not in names]
+            if missing:
+                raise BundleError(f"{DESCRIPTION_FILE}: {component.name} has no state tensor {missing[0]!r}")

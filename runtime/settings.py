@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from polysense.errors import BundleError
-from polysense.fields import get, typed
+from polysense.fields import get, plain_file_name, typed
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class TextSettings:
     @classmethod
     def from_dict(cls, data: Any, where: str) -> TextSettings:
         return cls(
-            get(data, "tokenizer", str, where),
+            plain_file_name(get(data, "tokenizer", str, where), where),
             get(data, "max_length", int, where),
             get(data, "sha256", str, where, ""),
         )

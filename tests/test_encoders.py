@@ -48,7 +48,7 @@ def test_embedding_shapes(modality, name, batch):
     encoder = _make(modality, name)
     rng = np.random.default_rng(batch)
     rows = [_FEATURES[modality](rng, i) for i in range(batch)]
-    inputs = [torch.from_numpy(a) for a in SPECS[modality].collate(rows)]
+    inputs = [torch.from_numpy(a) for a in SPECS[modality].codec.collate(rows)]
     assert len(inputs) == len(SPECS[modality].batch_keys)
     with torch.no_grad():
         out = encoder(*inputs)

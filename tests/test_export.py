@@ -18,40 +18,38 @@ from polysense.models.run_folder import load_trained  # noqa: E402
 from polysense.preprocessing import build_preprocessors  # noqa: E402
 from polysense.schema import DESCRIPTION_FILE, SCHEMA_VERSION  # noqa: E402
 
-MANIFEST_FILE = DESCRIPTION_FILE  # the bundle description (bundle.json)
-
 
 def _test_rows(run):
     return [r for r in read_manifest(run / "manifest.csv").rows if r.split == "test"]
 
 
 def test_description_describes_every_component(bundle):
-    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
-    assert manifest["schema_version"] == SCHEMA_VERSION
-    assert set(manifest["components"]) == {"image_encoder", "text_encoder", "audio_encoder", "fusion"}
-    text = manifest["components"]["text_encoder"]
+    description = json.loads((bundle / DESCRIPTION_FILE).read_text())
+    assert description["schema_version"] == SCHEMA_VERSION
+    assert set(description["components"]) == {"image_encoder", "text_encoder", "audio_encoder", "fusion"}
+    text = description["components"]["text_encoder"]
     assert [i["name"] for i in text["inputs"]] == ["ids", "mask"]
     assert text["inputs"][0]["shape"] == ["batch", "length"] and text["inputs"][0]["dtype"] == "int64"
-    audio = manifest["components"]["audio_encoder"]
+    audio = description["components"]["audio_encoder"]
     assert audio["inputs"][0]["shape"] == ["batch", "frames", 40]
-    state = {s["name"]: s for s in manifest["streaming"]["audio"]["state"]}
+    state = {s["name"]: s for s in description["streaming"]["audio"]["state"]}
     assert state["gru_hidden"] == {"name": "gru_hidden", "shape": [1, 1, 96], "batch_axis": 1}
     assert state["pool_sum"]["batch_axis"] == 0
-    assert manifest["streaming"]["audio"]["frames_per_second"] == 100
-    assert manifest["preprocessing"]["audio"]["hop_length"] == 160
-    assert all(d <= TOLERANCE for d in manifest["metrics"]["parity_max_abs_diff"].values())
-    assert "image+audio" in manifest["metrics"]["fp32"]["subsets"]
-    assert {"polysense", "torch", "onnx", "onnxruntime", "opset"} <= set(manifest["producer"])
+    assert description["streaming"]["audio"]["frames_per_second"] == 100
+    assert description["preprocessing"]["audio"]["hop_length"] == 160
+    assert all(d <= TOLERANCE for d in description["metrics"]["parity_max_abs_diff"].values())
+    assert "image+audio" in description["metrics"]["fp32"]["subsets"]
+    assert {"polysense", "torch", "onnx", "onnxruntime", "opset"} <= set(description["producer"])
     import onnx
 
     props = {p.key: p.value for p in onnx.load(str(bundle / "fusion.fp32.onnx")).metadata_props}
-    assert json.loads(props["polysense"])["labels"] == manifest["labels"]
+    assert json.loads(props["polysense"])["labels"] == description["labels"]
 
 
 def test_description_round_trips_through_its_dict(bundle):
     description = open_bundle(bundle).description
     assert polysense.BundleDescription.from_dict(description.to_dict()) == description
-    assert description.to_dict() == json.loads((bundle / MANIFEST_FILE).read_text())
+    assert description.to_dict() == json.loads((bundle / DESCRIPTION_FILE).read_text())
 
 
 def test_runtime_predictions_equal_torch_on_the_test_split(trained_run, bundle):
@@ -137,9 +135,9 @@ def test_corrupted_onnx_with_a_matching_hash_is_refused_cleanly(bundle, tmp_path
 
     copy = _copy(bundle, tmp_path)
     (copy / "fusion.fp32.onnx").write_bytes(b"not an onnx model at all")
-    manifest = json.loads((copy / MANIFEST_FILE).read_text())
-    manifest["components"]["fusion"]["precisions"]["fp32"]["sha256"] = sha256_file(copy / "fusion.fp32.onnx")
-    (copy / MANIFEST_FILE).write_text(json.dumps(manifest))
+    description = json.loads((copy / DESCRIPTION_FILE).read_text())
+    description["components"]["fusion"]["variants"]["fp32"]["sha256"] = sha256_file(copy / "fusion.fp32.onnx")
+    (copy / DESCRIPTION_FILE).write_text(json.dumps(description))
     with pytest.raises(BundleError, match="onnxruntime cannot load it"):
         polysense.Pipeline.load(copy, precision="fp32")  # auto might pick a fusion variant instead
 
@@ -151,17 +149,17 @@ def test_bad_bundle_folders(bundle, tmp_path):
     with pytest.raises(BundleError, match="is a file"):
         open_bundle(tmp_path / "file")
     copy = _copy(bundle, tmp_path)
-    manifest = json.loads((copy / MANIFEST_FILE).read_text())
-    (copy / MANIFEST_FILE).write_text(json.dumps({**manifest, "schema_version": 99}))
+    description = json.loads((copy / DESCRIPTION_FILE).read_text())
+    (copy / DESCRIPTION_FILE).write_text(json.dumps({**description, "schema_version": 99}))
     with pytest.raises(BundleError, match="schema version 99"):
         open_bundle(copy)
-    (copy / MANIFEST_FILE).write_text("{broken")
+    (copy / DESCRIPTION_FILE).write_text("{broken")
     with pytest.raises(BundleError, match="not valid JSON"):
         open_bundle(copy)
-    (copy / MANIFEST_FILE).unlink()
+    (copy / DESCRIPTION_FILE).unlink()
     with pytest.raises(BundleError, match="no bundle.json"):
         open_bundle(copy)
-    (copy / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 1}))
+    (copy / "manifest.json").write_text(json.dumps({**description, "schema_version": 1}))
     with pytest.raises(BundleError, match="older polysense.*export it again"):
         open_bundle(copy)
 
@@ -225,3 +223,19 @@ def test_runtime_eval_skips_and_reports_an_unreadable_file(trained_run, bundle, 
     assert metrics["count"] == len(rows) - 1
     assert len(metrics["skipped"]) == 1 and metrics["skipped"][0].startswith("line 5: ")
     assert "cannot decode image" in metrics["skipped"][0]
+
+
+def test_cli_export_with_generated_flags_and_its_errors(trained_run, tmp_path, capsys):
+    from polysense.cli import main
+
+    out = tmp_path / "b"
+    assert main(["export", str(trained_run), "--out", str(out), "--precisions", "fp32", "--no-progress"]) == 0
+    assert "end to end" in capsys.readouterr().out
+    assert set(open_bundle(out).description.component("fusion").precisions) == {"fp32"}
+    assert main(["export", str(trained_run), "--out", str(tmp_path / "c"), "--precisions", "int4"]) == 2
+    assert capsys.readouterr().err.startswith("error: --precisions: 'int4' is unknown")
+    assert main(["export", str(trained_run), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--help"])
+    assert exit_info.value.code == 0 and "--max-accuracy-drop" in capsys.readouterr().out

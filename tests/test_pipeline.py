@@ -195,3 +195,37 @@ def test_cli_predict_eval_info(bundle, trained_run, row, capsys):
     assert "audio_encoder" in capsys.readouterr().out
     assert main(["predict", str(bundle)]) == 2
     assert "no input given" in capsys.readouterr().err
+
+
+def test_embed_then_classify_subsets_equals_predicting_the_subset(pipe, trained_run):
+    """embed() once, then predict_batch on narrowed Embeddings == predicting with only those inputs."""
+    rows = [r for r in read_manifest(trained_run / "manifest.csv").rows if r.split == "test"][:4]
+    samples = [{"image": r.image, "text": r.text, "audio": r.audio} for r in rows]
+    embeddings = pipe.embed(samples)
+    assert len(embeddings) == 4 and embeddings.mask.tolist() == [[1.0, 1.0, 1.0]] * 4
+    assert {m: v.shape for m, v in embeddings.vectors.items()} == {
+        m: (4, pipe.embed_dim) for m in pipe.modalities
+    }
+    for subset in (("image",), ("text", "audio")):
+        narrowed = embeddings.select(np.array([True, False, True, True]), subset)
+        assert narrowed.mask.tolist() == [[float(m in subset) for m in pipe.modalities]] * 3
+        for prediction, row in zip(pipe.predict_batch(narrowed), [rows[0], rows[2], rows[3]]):
+            alone = pipe.predict(**{m: getattr(row, m) for m in subset})
+            assert prediction.label == alone.label and set(prediction.embeddings) == set(subset)
+            np.testing.assert_allclose(_probs(prediction), _probs(alone), atol=1e-5)
+    with pytest.raises(InputError, match="unknown modality"):
+        embeddings.select(None, ("smell",))
+
+
+def test_public_surface_is_small(pipe):
+    public = {name for name in dir(polysense.Pipeline) if not name.startswith("_")}
+    methods = {"load", "predict", "predict_batch", "embed", "audio_stream", "video_stream"}
+    properties = {"labels", "modalities", "embed_dim", "description", "precisions", "providers"}
+    assert public == methods | properties
+    assert set(pipe.precisions) == set(pipe.providers) == set(pipe.description.components)
+
+
+@pytest.mark.parametrize("bad", [None, "text", {"text": "a"}, iter([{"text": "a"}]), []])
+def test_predict_batch_rejects_what_is_not_a_list_of_samples(pipe, bad):
+    with pytest.raises(InputError, match="non-empty list of sample dicts"):
+        pipe.predict_batch(bad)

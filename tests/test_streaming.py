@@ -205,6 +205,38 @@ def test_video_stream_samples_at_the_target_rate_and_averages_a_window(pipe, sig
         list(pipe.video_stream("missing.avi").run())
 
 
+def test_video_stream_result_fuses_the_window_and_text(pipe, sign_video, trained_run):
+    from polysense.data import read_manifest
+
+    text = [r for r in read_manifest(trained_run / "manifest.csv").rows if r.split == "test"][0].text
+    video = pipe.video_stream(sign_video, fps=2.0, window=3)
+    with pytest.raises(InputError, match="nothing to fuse"):
+        video.result()
+    list(video.run())
+    video.set_text(text)
+    fused = video.result()
+    assert set(fused.embeddings) == {"image", "text"}
+    np.testing.assert_allclose(fused.embeddings["image"], video.embedding)
+    video.set_text(None)
+    assert set(video.result().embeddings) == {"image"}
+
+
+def test_streams_of_two_pipelines_are_encoded_by_their_own_engines(pipe, bundle, speech):
+    samples, rate = speech
+    other = polysense.Pipeline.load(bundle, device="cpu", precision="fp32")
+    streams = [pipe.audio_stream(encode=False), other.audio_stream(encode=False)]
+    for stream in streams:
+        stream.accept_waveform(samples, rate)
+        stream.input_finished()
+    with pytest.raises(InputError, match="another pipeline"):
+        streams[0].engine.encode_streams(streams)
+    encode_streams(streams)  # groups them by engine
+    expected = pipe.predict(audio=samples, sample_rate=rate).embeddings["audio"]
+    for stream in streams:
+        assert stream.pending_frames.shape[0] == 0
+        np.testing.assert_allclose(stream.result().embeddings["audio"], expected, atol=1e-5)
+
+
 def test_cli_stream_prints_a_timeline(bundle, fsdd_file, sign_video, speech):
     from polysense.cli import main
 

@@ -56,7 +56,8 @@ def test_todays_flag_names_are_kept(train_cli):
     expected = (
         "--data --out --modalities --strategy --epochs --pretrain-epochs --finetune-encoders --batch-size --lr "
         "--weight-decay --modality-dropout --aux-loss-weight --patience --seed --device --image-size "
-        "--image-width --embed-dim --text-encoder --fusion --max-text-length --n --resume --no-progress"
+        "--image-width --embed-dim --image-encoder --text-encoder --audio-encoder --fusion --max-text-length --n "
+        "--resume --no-progress"
     )
     assert set(expected.split()) | {"-h", "--help"} == flags
 
@@ -74,7 +75,8 @@ def _non_default(name: str) -> tuple[list[str], object]:
     if name == "finetune_encoders":  # only valid with the staged strategy
         return [flag, "--strategy", "staged"], True
     if name in option_choices():
-        value = next(c for c in option_choices()[name] if c != default)
+        # a field with a single choice (one registered family) can only be set to its default
+        value = next((c for c in option_choices()[name] if c != default), default)
         return [flag, value], value
     if kind is bool:
         return [flag], not default
