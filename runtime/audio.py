@@ -222,13 +222,3 @@ class AudioPreprocessor:
 
     def __call__(self, audio: AudioInput, sample_rate: int | None = None) -> np.ndarray:
         return self._logmel(self.waveform(audio, sample_rate))
-
-    def to_dict(self) -> dict:
-        return {
-            "sample_rate": self.sample_rate,
-            "n_fft": self.n_fft,
-            "hop_length": self.hop_length,
-            "n_mels": self.n_mels,
-            "fmin": self.fmin,
-            "fmax": self.fmax,
-        }

@@ -105,6 +105,3 @@ class ImagePreprocessor:
             rgb = cv2.resize(rgb, (new_w, new_h), interpolation=interpolation)
         top, left = (new_h - self.size) // 2, (new_w - self.size) // 2
         return rgb[top : top + self.size, left : left + self.size]
-
-    def to_dict(self) -> dict:
-        return {"size": self.size, "mean": list(self.mean), "std": list(self.std)}
