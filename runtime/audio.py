@@ -34,8 +34,14 @@ def load_audio(audio: AudioInput, sample_rate: int | None = None) -> tuple[np.nd
     """Decode any accepted audio input to mono float32 samples in [-1, 1] and their sample rate.
 
     Arrays need `sample_rate`; they may be 1-D or 2-D as (frames, channels) like soundfile returns,
-    of dtype float32/float64 (taken as is), int16, int32 or uint8 (scaled to [-1, 1]).
+    of dtype float32/float64 (taken as is), int16, int32 or uint8 (scaled to [-1, 1]). A file or encoded bytes
+    carry their own rate, so `sample_rate` with them is refused rather than silently ignored.
     """
+    if sample_rate is not None and not isinstance(audio, np.ndarray):
+        raise InputError(
+            "sample_rate is for sample arrays; an audio file or encoded bytes carries its own rate "
+            "(drop sample_rate, or pass the decoded samples as an array)"
+        )
     if isinstance(audio, (str, os.PathLike)):
         path = Path(audio)
         if not path.is_file():

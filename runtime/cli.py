@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from polysense.data import SPLITS
-from polysense.errors import DependencyError, PolysenseError
+from polysense.errors import ConfigError, DependencyError, PolysenseError
 from polysense.modalities import MODALITIES, SPECS
 from polysense.schema import PRECISIONS
 from polysense.sessions import DEVICES
@@ -98,6 +100,15 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
     demo.set_defaults(run=lambda args: _training_module("polysense.export.demo").run_demo(args))
 
 
+class _Once(argparse.Action):
+    """An option that may be given once: a second --image would otherwise silently replace the first."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option_string} given twice; one prediction takes one {self.dest}")
+        setattr(namespace, self.dest, values)
+
+
 def _bundle_command(
     commands: argparse._SubParsersAction, name: str, help: str, json_help: str
 ) -> argparse.ArgumentParser:
@@ -114,7 +125,7 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
         commands, "predict", "predict one sample with a bundle (runtime only)", "print the prediction as JSON"
     )
     for modality in MODALITIES:
-        predict.add_argument(f"--{modality}", help=SPECS[modality].help)
+        predict.add_argument(f"--{modality}", action=_Once, help=SPECS[modality].help)
     predict.add_argument("--top", type=int, default=3, help="labels to show (default 3)")
     predict.set_defaults(run=_run_predict)
 
@@ -209,6 +220,7 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
 def _run_bench(args: argparse.Namespace) -> int:
     from polysense.bench import BenchOptions, format_report, plot_report, run_bench
 
+    _check_outputs(args.json, args.plot)
     make = BenchOptions.quick if args.quick else BenchOptions
     options = make(device=args.device, precision=args.precision)
     report = run_bench(args.bundle, options, progress=not args.no_progress)
@@ -218,6 +230,17 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.plot:
         plot_report(report, args.plot)
     return 0
+
+
+def _check_outputs(json_path: str | None, plot_path: str | None) -> None:
+    """Before the benchmark runs: where its results go must exist, and --plot needs matplotlib."""
+    for path in (p for p in (json_path, plot_path) if p):
+        if not Path(path).parent.is_dir():
+            raise ConfigError(
+                f"{path}: the folder {Path(path).parent} does not exist; create it or choose another"
+            )
+    if plot_path and importlib.util.find_spec("matplotlib") is None:
+        raise DependencyError("--plot needs matplotlib: pip install matplotlib (or leave out --plot)")
 
 
 def _add_info(commands: argparse._SubParsersAction) -> None:
@@ -253,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="polysense", description="Multimodal classifiers, trained and served."
     )
-    parser.add_argument("--quiet", action="store_true", help="only warnings and errors on stderr")
+    parser.add_argument(
+        "--quiet", action="store_true", help="only warnings and errors on stderr, no progress bars (anywhere)"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_data(commands)
     _forwarding_command(
@@ -277,13 +302,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _progress_wanted(quiet: bool) -> bool:
+    """Progress bars on a terminal only (a log file would fill with carriage returns), unless forced with
+    POLYSENSE_PROGRESS=1; never with --quiet."""
+    return not quiet and (sys.stderr.isatty() or os.environ.get("POLYSENSE_PROGRESS") == "1")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quiet = "--quiet" in argv  # a global flag, accepted before or after the command
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
+    args, rest = parser.parse_known_args([a for a in argv if a != "--quiet"])
     if rest and not getattr(args, "forwards_arguments", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if not _progress_wanted(quiet):
+        if hasattr(args, "no_progress"):
+            args.no_progress = True
+        elif getattr(args, "forwards_arguments", False) and "--no-progress" not in rest:
+            rest.append("--no-progress")
     args.forwarded = rest
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     try:
@@ -292,6 +330,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PolysenseError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`polysense info --json | head`): stop quietly, as shell tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("interrupted; a training run continues with --resume", file=sys.stderr)
         return 130

@@ -111,6 +111,9 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         records, problems = _read_jsonl(path)
     else:
         raise InputError(f"{path}: unknown manifest type {suffix!r}; use a .csv or .jsonl file")
+    header = [p for p in problems if p.line == 0]
+    if header:  # a header typo would otherwise repeat as one problem per row ("label is empty", ...)
+        return Manifest(path, [], False, header)
     rows = []
     for line, record in records:
         row, row_problems = _parse_record(line, record, path.parent)
@@ -144,7 +147,8 @@ def _check_columns(columns: Sequence[str]) -> list[Problem]:
 
 def _read_csv(path: Path) -> tuple[list[tuple[int, dict]], list[Problem]]:
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
+        # utf-8-sig: spreadsheet programs (Excel) start a UTF-8 CSV with a byte-order mark
+        with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             columns = [c.strip() for c in (reader.fieldnames or [])]
             problems = _check_columns(columns)
@@ -164,7 +168,7 @@ def _read_csv(path: Path) -> tuple[list[tuple[int, dict]], list[Problem]]:
 def _read_jsonl(path: Path) -> tuple[list[tuple[int, dict]], list[Problem]]:
     records, problems, columns = [], [], set()
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as error:
         raise InputError(f"{path}: not UTF-8 text ({error}); save the manifest as UTF-8") from error
     for number, text in enumerate(lines, start=1):

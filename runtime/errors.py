@@ -28,8 +28,7 @@ class ManifestError(PolysenseError):
         shown = "\n".join(f"  {p}" for p in self.problems[:50])
         more = f"\n  ... and {len(self.problems) - 50} more" if len(self.problems) > 50 else ""
         super().__init__(
-            f"{path}: {len(self.problems)} problem(s) found before training; fix these rows and run again:\n"
-            f"{shown}{more}"
+            f"{path}: {len(self.problems)} problem(s) found; fix these rows and run again:\n{shown}{more}"
         )
 
 

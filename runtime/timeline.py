@@ -9,6 +9,7 @@ from typing import BinaryIO
 import numpy as np
 import soundfile
 
+from polysense.audio import check_sample_rate
 from polysense.errors import InputError
 from polysense.pipeline import Pipeline, Prediction
 
@@ -17,8 +18,9 @@ def audio_chunks(
     source: str, chunk_ms: float, stdin_rate: int, stdin: BinaryIO | None = None
 ) -> Iterator[tuple]:
     """(samples, sample_rate) chunks of `chunk_ms` from a file, or raw 16-bit PCM from stdin when source is '-'."""
-    if chunk_ms <= 0:
-        raise InputError(f"--chunk-ms must be positive, got {chunk_ms}")
+    if not 0 < chunk_ms < float("inf"):  # also refuses NaN
+        raise InputError(f"--chunk-ms must be a positive number of milliseconds, got {chunk_ms}")
+    stdin_rate = check_sample_rate(stdin_rate)
     if source == "-":
         stream = stdin or sys.stdin.buffer
         size = max(1, round(stdin_rate * chunk_ms / 1000)) * 2  # bytes of int16 mono

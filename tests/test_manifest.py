@@ -60,6 +60,7 @@ def test_unreadable_file_is_reported_by_preprocessing(files):
 def test_unknown_label_and_columns(files):
     parsed = read_manifest(_write(files / "m.csv", "image,label,colour\ngood.jpg,a,red\n"))
     assert any("unknown column 'colour'" in str(p) for p in parsed.problems)
+    parsed = read_manifest(_write(files / "m.csv", "image,label\ngood.jpg,a\n"))
     problems = check_labels(parsed.rows, ["b"], "it never occurs in the train split")
     assert problems[0].line == 2 and "unknown label 'a'" in problems[0].reason
 
@@ -111,3 +112,20 @@ def test_written_manifest_reads_back(files, tmp_path):
     write_manifest(rows, out)
     again = read_manifest(out)
     assert again.problems == [] and again.rows[0].image == rows[0].image and again.rows[0].split == "test"
+
+
+def test_a_csv_saved_with_a_byte_order_mark_reads(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_text("text,label\na calm day,calm\n", encoding="utf-8-sig")
+    manifest = read_manifest(path)
+    assert not manifest.problems and manifest.rows[0].text == "a calm day"
+
+
+def test_a_header_typo_is_one_problem_not_one_per_row(tmp_path):
+    path = tmp_path / "typo.csv"
+    path.write_text("text,lable\n" + "".join(f"text {i},calm\n" for i in range(200)))
+    manifest = read_manifest(path)
+    assert [p.line for p in manifest.problems] == [0, 0]  # the unknown column and the missing label column
+    with pytest.raises(ManifestError) as error:
+        manifest.raise_if_problems()
+    assert "before training" not in str(error.value) and "unknown column 'lable'" in str(error.value)
