@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 from polysense.models.flags import add_arguments
 from polysense.models.flags import options_from_args as _options_from_args
-from polysense.models.options import TrainOptions, option_choices
+from polysense.models.options import TrainOptions, flag, option_choices
+from polysense.models.run_folder import RESUME_MAY_CHANGE
 from polysense.models.train import train
 
 
@@ -33,7 +34,8 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
 def run_train(argv: Sequence[str]) -> int:
     """Parse `polysense train` arguments, train, print the test metrics. argparse exits on bad flags."""
     args = build_train_parser().parse_args(argv)
-    result = train(options_from_args(args), resume=args.resume)
+    given = {name for name in RESUME_MAY_CHANGE if any(a.split("=")[0] == flag(name) for a in argv)}
+    result = train(options_from_args(args), resume=args.resume, changed=given)
     stop = "stopped early, " if result.stopped_early else ""
     print(f"\ntest split of {result.run_dir} ({stop}best epoch {result.best_epoch} of {result.epochs_run}):")
     print(result.table())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,14 +106,26 @@ def check_fresh_run_dir(run_dir: Path) -> None:
         )
 
 
-def resumed_options(options: TrainOptions, run_dir: Path) -> TrainOptions:
-    """The options stored in the run, with those of RESUME_MAY_CHANGE taken from `options`."""
+def resumed_options(
+    options: TrainOptions, run_dir: Path, changed: Collection[str] = RESUME_MAY_CHANGE
+) -> TrainOptions:
+    """The options stored in the run, with those of RESUME_MAY_CHANGE that are in `changed` taken from `options`
+    (the CLI names the flags actually given, so an absent --epochs keeps the stored count).
+
+    A finished run (metrics.json written) is extended only when `changed` asks for more epochs than it has.
+    """
     config_path = run_dir / CONFIG_FILE
     if not config_path.is_file():
         raise ConfigError(f"--resume: {run_dir} holds no run (no {CONFIG_FILE}); start without --resume")
     stored = TrainOptions.from_dict(json.loads(config_path.read_text())["options"])
-    changes = {name: getattr(options, name) for name in RESUME_MAY_CHANGE}
-    return TrainOptions.from_dict({**stored.to_dict(), **changes})
+    changes = {name: getattr(options, name) for name in RESUME_MAY_CHANGE if name in changed}
+    resumed = TrainOptions.from_dict({**stored.to_dict(), **changes})
+    if (run_dir / METRICS_FILE).is_file() and resumed.epochs <= stored.epochs:
+        raise ConfigError(
+            f"--resume: {run_dir} already finished its {stored.epochs} epochs; to train it further pass "
+            f"--epochs with more than {stored.epochs} (it continues from its last checkpoint)"
+        )
+    return resumed
 
 
 def create_run_dir(run_dir: Path) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,10 +122,10 @@ def _model_config(options: TrainOptions, data: PreparedData) -> ModelConfig:
     )
 
 
-def _open_run(options: TrainOptions, resume: bool) -> _Run:
+def _open_run(options: TrainOptions, resume: bool, changed: Collection[str]) -> _Run:
     run_dir = Path(options.out)
     if resume:
-        options = run_folder.resumed_options(options, run_dir)
+        options = run_folder.resumed_options(options, run_dir, changed)
     else:
         run_folder.check_fresh_run_dir(run_dir)
     device = pick_device(options.device)
@@ -152,10 +152,16 @@ def _open_run(options: TrainOptions, resume: bool) -> _Run:
     return _Run(options, run_dir, data, config, model, heads, device, state, checkpoint)
 
 
-def train(options: TrainOptions, resume: bool = False) -> TrainResult:
-    """Train on options.data, write the run folder, return the test metrics."""
+def train(
+    options: TrainOptions, resume: bool = False, changed: Collection[str] = run_folder.RESUME_MAY_CHANGE
+) -> TrainResult:
+    """Train on options.data, write the run folder, return the test metrics.
+
+    resume: continue the run in options.out with its stored options, except the RESUME_MAY_CHANGE options named
+    in `changed`, taken from `options` (all of them by default; the CLI passes the flags actually given).
+    """
     torch.use_deterministic_algorithms(True, warn_only=True)
-    run = _open_run(options, resume)
+    run = _open_run(options, resume, changed)
     plan = phases(run.options)
     total_epochs = sum(p.epochs for p in plan)
     stopped_early, first = False, 1

@@ -216,3 +216,31 @@ def test_train_state_tracks_the_best_epoch_and_round_trips():
     assert TrainState.from_dict(state.to_dict()) == state
     with pytest.raises(ConfigError, match="damaged"):
         TrainState.from_dict({"epoch": 1})
+
+
+def test_cli_resume_keeps_the_stored_epochs_and_extends_only_on_request(tiny_builtin, tmp_path):
+    from polysense.models.cli import run_train
+
+    run = tmp_path / "run"
+    small = [
+        "--image-width",
+        "8",
+        "--embed-dim",
+        "32",
+        "--batch-size",
+        "32",
+        "--patience",
+        "0",
+        "--no-progress",
+    ]
+    base = ["--data", str(tiny_builtin), "--out", str(run), *small]
+    assert run_train([*base, "--epochs", "2"]) == 0
+    finished = (run / "metrics.json").read_text()
+    with pytest.raises(ConfigError, match="already finished its 2 epochs.*--epochs"):
+        run_train([*base, "--resume"])  # without --epochs: nothing silently retrained or overwritten
+    assert (run / "metrics.json").read_text() == finished
+    with pytest.raises(ConfigError, match="already finished"):
+        run_train([*base, "--resume", "--epochs", "2"])
+    assert run_train([*base, "--resume", "--epochs=3"]) == 0
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
