@@ -22,7 +22,7 @@ from polysense.modalities import MODALITIES, SPECS, component_name
 from polysense.precision import choose_precisions
 from polysense.preprocessing import build_preprocessors
 from polysense.schema import FUSION, BundleDescription
-from polysense.sessions import Session, SessionSettings, to_numpy
+from polysense.sessions import Session, SessionSettings, runnable, to_numpy
 from polysense.streaming import AudioStream, VideoStream
 
 SAMPLE_KEYS = (*MODALITIES, "sample_rate")
@@ -37,6 +37,7 @@ class Pipeline:
         self, bundle: Bundle, settings: SessionSettings, precision: str | dict[str, str] = "auto"
     ) -> None:
         description = bundle.description
+        settings = runnable(settings)
         self._description = description
         self._preprocessors = build_preprocessors(
             description.preprocessing, description.modalities, bundle.path

@@ -60,6 +60,24 @@ class SessionSettings:
             raise ConfigError("intra_op_threads cannot be negative (0 = onnxruntime's default)")
 
 
+def runnable(settings: SessionSettings) -> SessionSettings:
+    """The settings with `device` resolved to what this onnxruntime can run: cuda asked for without CUDA support
+    becomes cpu, with one warning for the whole pipeline (not one per session), so precision "auto" then picks
+    the CPU variants instead of fp16 ones that are slow on a CPU."""
+    available = import_onnxruntime().get_available_providers()
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if CUDA in available else "cpu"
+    elif device == "cuda" and CUDA not in available:
+        warnings.warn(
+            "CUDA was asked for but this onnxruntime has no CUDA support; running on CPU "
+            "(install 'polysense[gpu]' instead of 'polysense[cpu]' for CUDA)",
+            stacklevel=4,  # the caller of Pipeline.load
+        )
+        device = "cpu"
+    return SessionSettings(device, settings.intra_op_threads, settings.graph_optimization)
+
+
 class Session:
     """One component's inference session. On CUDA it runs through IO binding, so outputs can stay on the
     device and feed the next session without a round trip through host memory."""

@@ -229,3 +229,19 @@ def test_public_surface_is_small(pipe):
 def test_predict_batch_rejects_what_is_not_a_list_of_samples(pipe, bad):
     with pytest.raises(InputError, match="non-empty list of sample dicts"):
         pipe.predict_batch(bad)
+
+
+def test_cuda_without_cuda_support_warns_once_and_picks_cpu_variants(bundle):
+    import warnings
+
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA: the fallback cannot be shown here")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = polysense.Pipeline.load(bundle, device="cuda")
+    assert len(caught) == 1, [str(w.message) for w in caught]  # one warning for the pipeline, not per session
+    assert "no CUDA support" in str(caught[0].message)
+    assert "fp16" not in pipe.precisions.values()  # fp16 variants are for CUDA; on a CPU they are slower
+    assert set(pipe.providers.values()) == {"CPUExecutionProvider"}
