@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from polysense.errors import BundleError, InputError
@@ -59,6 +59,16 @@ def read_description(path: Path) -> BundleDescription:
         raise BundleError(f"{path}: {error}; {_EXPORT_AGAIN}") from error
 
 
+def _without_removed_variants(path: Path, description: BundleDescription) -> BundleDescription:
+    """Only fp32 is required: a variant whose file was deleted (to slim a bundle for its device) is dropped
+    from the description instead of making the bundle unloadable."""
+    components = {}
+    for name, component in description.components.items():
+        kept = {p: v for p, v in component.variants.items() if p == "fp32" or (path / v.file).is_file()}
+        components[name] = replace(component, variants=kept)
+    return replace(description, components=components)
+
+
 def open_bundle(path: str | os.PathLike) -> Bundle:
     """Open and verify a bundle folder: its description, every listed file present with its sha256."""
     path = Path(path)
@@ -66,7 +76,7 @@ def open_bundle(path: str | os.PathLike) -> Bundle:
         raise InputError(f"bundle not found: {path}")
     if not path.is_dir():
         raise BundleError(f"{path} is a file; a bundle is the folder `polysense export` writes")
-    description = read_description(path)
+    description = _without_removed_variants(path, read_description(path))
     for name, sha256 in description.files():
         file = path / name
         if not file.is_file():

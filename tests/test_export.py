@@ -239,3 +239,17 @@ def test_cli_export_with_generated_flags_and_its_errors(trained_run, tmp_path, c
     with pytest.raises(SystemExit) as exit_info:
         main(["export", "--help"])
     assert exit_info.value.code == 0 and "--max-accuracy-drop" in capsys.readouterr().out
+
+
+def test_a_deleted_optional_variant_slims_the_bundle_instead_of_breaking_it(bundle, tmp_path):
+    from polysense.errors import ConfigError
+
+    copy = _copy(bundle, tmp_path)
+    (copy / "image_encoder.fp16.onnx").unlink()
+    assert "fp16" not in open_bundle(copy).description.component("image_encoder").precisions
+    assert polysense.Pipeline.load(copy, device="cpu").predict(text="a calm day").probabilities
+    with pytest.raises(ConfigError, match="image_encoder has no fp16 variant"):
+        polysense.Pipeline.load(copy, device="cpu", precision={"image_encoder": "fp16"})
+    (copy / "image_encoder.fp32.onnx").unlink()
+    with pytest.raises(BundleError, match="missing"):
+        open_bundle(copy)  # fp32 is required
