@@ -21,6 +21,9 @@ PAD_TOKEN, UNK_TOKEN = "[PAD]", "[UNK]"
 PAD_ID = 0  # PAD_TOKEN is the first special token, so it gets id 0
 MAX_LENGTH = 64  # tokens kept per text by default
 VOCAB_SIZE = 4000  # upper bound; a small corpus yields fewer
+# Characters kept per token of max_length before tokenizing: a word-piece token covers at most 100 characters
+# (longer words become one [UNK]); only text that is mostly whitespace could need more.
+CHARS_PER_TOKEN = 100
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = VOCAB_SIZE) -> Tokenizer:
@@ -82,12 +85,19 @@ class TextPreprocessor:
                 raise InputError(f"text must be a str, got {type(text).__name__}")
             if not text.strip():
                 raise InputError("text is empty; pass some words, or leave the text modality out")
-        encodings = self.tokenizer.encode_batch(list(texts))
+        encodings = self.tokenizer.encode_batch([self._clean(text) for text in texts])
         ids = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
         for text, row in zip(texts, ids):
             if row.size == 0:
                 raise InputError(f"text {text[:40]!r} has no tokens after normalisation; pass some words")
         return ids
+
+    def _clean(self, text: str) -> str:
+        """Cut to CHARS_PER_TOKEN characters per kept token before tokenizing (10 MB of text would otherwise cost
+        seconds and gigabytes for max_length tokens), and replace code points that are not valid Unicode text
+        (lone surrogates) with "?", which the tokenizer would otherwise reject with a TypeError."""
+        cut = text[: self.max_length * CHARS_PER_TOKEN]
+        return cut.encode("utf-8", errors="replace").decode("utf-8")
 
     def batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Padded ids [B, L] int64 and attention mask [B, L] int64, L the longest text (<= max_length)."""

@@ -45,3 +45,13 @@ def test_bad_tokenizer_file(tmp_path):
         TextPreprocessor(tmp_path / "t.json")
     with pytest.raises(InputError, match="not found"):
         TextPreprocessor(tmp_path / "missing.json")
+
+
+def test_invalid_code_points_and_huge_texts_are_handled():
+    from polysense.text import CHARS_PER_TOKEN
+
+    pre = TextPreprocessor(train_tokenizer(["a calm day", "a busy street"]), max_length=8)
+    assert pre("a calm \ud800 day").size > 0  # a lone surrogate: replaced, not a TypeError from tokenizers
+    huge = "a calm day " * 1_000_000  # 11 MB: cut before tokenizing, same tokens as its beginning
+    np.testing.assert_array_equal(pre(huge), pre(huge[: 8 * CHARS_PER_TOKEN]))
+    assert pre(huge).size == 8
