@@ -227,4 +227,10 @@ class AudioPreprocessor:
         return resample(samples, rate, self.sample_rate)
 
     def __call__(self, audio: AudioInput, sample_rate: int | None = None) -> np.ndarray:
-        return self._logmel(self.waveform(audio, sample_rate))
+        frames = self._logmel(self.waveform(audio, sample_rate))
+        if frames.shape[0] == 0:  # a few samples at a high rate can resample to none at the model's rate
+            raise InputError(
+                f"audio too short: nothing is left after resampling to {self.sample_rate} Hz; "
+                "pass at least a millisecond of audio"
+            )
+        return frames

@@ -214,6 +214,12 @@ def _parse_record(line: int, record: dict, root: Path) -> tuple[Row | None, list
     for modality in FILE_MODALITIES:
         if cells[modality] is None:
             continue
+        if "\0" in cells[modality]:
+            problems.append(
+                Problem(line, f"{modality}: the file name contains a NUL character; fix the cell")
+            )
+            cells[modality] = None
+            continue
         file = (root / cells[modality]).resolve()
         if not file.is_file():
             problems.append(

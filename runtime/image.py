@@ -45,7 +45,10 @@ def _decode_bytes(data: bytes, source: str) -> np.ndarray:
         raise InputError(f"{source}: empty image data")
     buffer = np.frombuffer(data, dtype=np.uint8)
     # IMREAD_COLOR applies the EXIF orientation tag (unlike IMREAD_UNCHANGED), so phone photos come out upright.
-    bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+    try:
+        bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+    except cv2.error as error:  # e.g. more pixels than OpenCV's limit (OPENCV_IO_MAX_IMAGE_PIXELS)
+        raise InputError(f"{source}: OpenCV refused to decode it ({str(error).strip()[:200]})") from error
     if bgr is None:
         raise InputError(f"{source}: cannot decode image data (not a JPEG/PNG/BMP/WebP image, or corrupted)")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

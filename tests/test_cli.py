@@ -59,3 +59,33 @@ def test_an_audio_file_with_a_sample_rate_is_refused(tmp_path):
     with pytest.raises(InputError, match="sample_rate is for sample arrays"):
         load_audio(str(path), sample_rate=16000)
     assert load_audio(str(path))[1] == 8000
+
+
+def test_audio_too_short_for_one_frame_is_an_input_error():
+    from polysense.audio import AudioPreprocessor
+
+    with pytest.raises(InputError, match="audio too short"):
+        AudioPreprocessor()(np.zeros(1, np.float32), sample_rate=48_000)
+    assert AudioPreprocessor()(np.zeros(3, np.float32), sample_rate=48_000).shape[0] == 1
+
+
+def test_opencv_errors_become_input_errors(monkeypatch):
+    import cv2
+
+    from polysense.image import decode_image
+
+    def refuse(*args):
+        raise cv2.error("OpenCV(4) imgcodecs: image too large")
+
+    monkeypatch.setattr(cv2, "imdecode", refuse)
+    with pytest.raises(InputError, match="OpenCV refused to decode it"):
+        decode_image(b"\x89PNG not really")
+
+
+def test_a_nul_character_in_a_manifest_path_is_a_row_problem(tmp_path):
+    from polysense.data import read_manifest
+
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"image": "a\\u0000.jpg", "label": "x"}\n{"text": "fine", "label": "y"}\n')
+    manifest = read_manifest(path)
+    assert [(p.line, "NUL" in p.reason) for p in manifest.problems] == [(1, True)]
