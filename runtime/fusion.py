@@ -131,5 +131,4 @@ class FusionHead:
         vectors = {m: present.get(m, zeros)[None] for m in self.modalities}
         probabilities = self.probabilities(vectors, mask)
         elapsed = (time.perf_counter() - start) * 1000
-        ordered = {m: vectors[m] for m in self.modalities}
-        return self.predictions(probabilities, ordered, mask, {"fusion": elapsed, "total": elapsed})[0]
+        return self.predictions(probabilities, vectors, mask, {"fusion": elapsed, "total": elapsed})[0]

@@ -18,7 +18,7 @@ from polysense.audio_engine import AudioEngine
 from polysense.bundle import Bundle, open_bundle
 from polysense.errors import InputError
 from polysense.fusion import Embeddings, FusionHead, Prediction
-from polysense.modalities import MODALITIES, SPECS, component_name
+from polysense.modalities import MODALITIES, SPECS
 from polysense.precision import choose_precisions
 from polysense.preprocessing import build_preprocessors
 from polysense.schema import FUSION, BundleDescription
@@ -236,7 +236,7 @@ class Pipeline:
         if spec.streaming:
             return self._audio.encode_clips(features)
         feeds = dict(zip(spec.graph_inputs, spec.codec.feeds(features)))
-        return self._sessions[component_name(modality)].run(feeds)[0]
+        return self._sessions[spec.component].run(feeds)[0]
 
     def _embed_one(self, modality: str, value: Any) -> np.ndarray:
         """Embedding [D] of one input of one modality (what streams use for a set image, text or frame)."""

@@ -7,14 +7,6 @@ from collections.abc import Sequence
 
 from polysense.errors import ConfigError
 from polysense.schema import PRECISIONS, BundleDescription, ComponentSpec
-from polysense.sessions import CUDA, import_onnxruntime
-
-
-def target_device(device: str) -> str:
-    """cpu or cuda: what `device` means with the installed onnxruntime."""
-    if device == "auto":
-        return "cuda" if CUDA in import_onnxruntime().get_available_providers() else "cpu"
-    return device
 
 
 def _fastest_for(component: ComponentSpec, device: str) -> str:
@@ -30,8 +22,8 @@ def _fastest_for(component: ComponentSpec, device: str) -> str:
 def choose_precisions(
     description: BundleDescription, names: Sequence[str], device: str, requested: str | dict[str, str]
 ) -> dict[str, str]:
-    """component -> precision. Never returns a variant the bundle does not hold (rejected ones are not kept)."""
-    device = target_device(device)
+    """component -> precision for `device` ("cpu" or "cuda", as sessions.runnable resolved it). Never returns a
+    variant the bundle does not hold (rejected ones are not kept)."""
     components = {n: description.component(n) for n in names}
     if isinstance(requested, dict):
         unknown = [n for n in requested if n not in names]
