@@ -7,6 +7,8 @@ the `cpu` or `gpu` extra). Training lives in `polysense.models`, export in `poly
     pipe.predict(image="photo.jpg", text="a calm morning", audio="clip.wav")
 """
 
+# First: onnxruntime must not be imported before telemetry is switched off (see polysense.privacy).
+from polysense import privacy  # noqa: F401, I001
 from polysense.audio import AudioPreprocessor, LogMel, load_audio
 from polysense.errors import (
     BundleError,
