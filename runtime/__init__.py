@@ -20,6 +20,7 @@ from polysense.errors import (
 )
 from polysense.fusion import Embeddings, Prediction
 from polysense.image import ImagePreprocessor, decode_image
+from polysense.limits import Limits
 from polysense.modalities import MODALITIES, subset_key
 from polysense.pipeline import Pipeline
 from polysense.schema import BundleDescription
@@ -37,6 +38,7 @@ __all__ = [
     "Embeddings",
     "ImagePreprocessor",
     "InputError",
+    "Limits",
     "LogMel",
     "ManifestError",
     "Pipeline",

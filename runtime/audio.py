@@ -18,6 +18,7 @@ import soundfile
 import soxr
 
 from polysense.errors import InputError
+from polysense.limits import DEFAULT_LIMITS, Limits
 
 AudioInput = str | os.PathLike | bytes | bytearray | memoryview | np.ndarray
 
@@ -27,15 +28,19 @@ HOP_LENGTH = 160  # 10 ms between frames at 16 kHz -> 100 frames per second
 N_MELS = 40  # mel bands per frame
 LOG_FLOOR = 1e-6  # added to mel power before the log, so silence stays finite
 
+_BLOCK = 4096  # frames whose spectrum is computed at once (~12 MB)
 _MAX_CHANNELS = 32  # more "channels" than this means the array is probably (channels, frames)
 
 
-def load_audio(audio: AudioInput, sample_rate: int | None = None) -> tuple[np.ndarray, int]:
+def load_audio(
+    audio: AudioInput, sample_rate: int | None = None, limits: Limits = DEFAULT_LIMITS
+) -> tuple[np.ndarray, int]:
     """Decode any accepted audio input to mono float32 samples in [-1, 1] and their sample rate.
 
     Arrays need `sample_rate`; they may be 1-D or 2-D as (frames, channels) like soundfile returns,
     of dtype float32/float64 (taken as is), int16, int32 or uint8 (scaled to [-1, 1]). A file or encoded bytes
-    carry their own rate, so `sample_rate` with them is refused rather than silently ignored.
+    carry their own rate, so `sample_rate` with them is refused rather than silently ignored. Size, rate,
+    channels and duration are checked against `limits` before decoding (from the header for a file).
     """
     if sample_rate is not None and not isinstance(audio, np.ndarray):
         raise InputError(
@@ -46,24 +51,41 @@ def load_audio(audio: AudioInput, sample_rate: int | None = None) -> tuple[np.nd
         path = Path(audio)
         if not path.is_file():
             raise InputError(f"audio file not found: {path}")
-        samples, rate = _read_encoded(path, source=str(path))
+        limits.check_bytes(path.stat().st_size, f"audio file {path}")
+        samples, rate = _read_encoded(path, str(path), limits)
     elif isinstance(audio, (bytes, bytearray, memoryview)):
         if not len(audio):
             raise InputError("audio bytes are empty")
-        samples, rate = _read_encoded(io.BytesIO(bytes(audio)), source="audio bytes")
+        limits.check_bytes(len(audio), "audio bytes")
+        samples, rate = _read_encoded(io.BytesIO(bytes(audio)), "audio bytes", limits)
     elif isinstance(audio, np.ndarray):
         if sample_rate is None:
             raise InputError("an audio array needs its sample rate: pass sample_rate=... (e.g. 16000)")
-        samples, rate = _array_to_float(audio), sample_rate
+        rate = check_sample_rate(sample_rate)
+        samples = _array_to_float(audio)  # checks the layout first; costs what the array already costs
+        channels = samples.shape[1] if samples.ndim == 2 else 1
+        _check_size(samples.shape[0], channels, rate, limits, "audio array")
     else:
         raise InputError(
             f"unsupported audio input of type {type(audio).__name__}; pass a path, encoded bytes or a numpy array"
         )
-    rate = check_sample_rate(rate)
     mono = mix_to_mono(samples)
     if mono.size == 0:
         raise InputError("audio is empty (zero samples); pass at least one sample")
     return mono, rate
+
+
+def _check_size(frames: int, channels: int, rate: int, limits: Limits, source: str) -> None:
+    """Rate, channels, duration and decoded samples within `limits`, before any sample is decoded or resampled."""
+    limits.check_sample_rate(rate, source)
+    if channels > limits.max_audio_channels:
+        raise limits.refuse(f"{source} has {channels} channels", "max_audio_channels")
+    seconds = frames / rate
+    if seconds > limits.max_audio_seconds:
+        raise limits.refuse(f"{source} lasts {seconds:,.1f} s", "max_audio_seconds")
+    if frames * channels > limits.max_audio_samples:
+        what = f"{source} holds {frames * channels:,} samples ({channels} channels at {rate} Hz)"
+        raise limits.refuse(what, "max_audio_samples")
 
 
 def array_to_mono(array: np.ndarray) -> np.ndarray:
@@ -76,7 +98,10 @@ def array_to_mono(array: np.ndarray) -> np.ndarray:
 
 def mix_to_mono(samples: np.ndarray, finite: bool = False) -> np.ndarray:
     """Average the channels of float32 samples; NaN or Inf is an InputError (unless known `finite`)."""
-    mono = samples.mean(axis=1, dtype=np.float32) if samples.ndim == 2 else samples
+    if samples.ndim == 2 and samples.shape[1] == 1:
+        mono = samples[:, 0]  # a view: averaging one channel would copy the whole clip
+    else:
+        mono = samples.mean(axis=1, dtype=np.float32) if samples.ndim == 2 else samples
     if not finite and not np.isfinite(mono).all():
         raise InputError("audio contains NaN or Inf samples; clean or drop them before passing the audio")
     return np.ascontiguousarray(mono, dtype=np.float32)
@@ -91,10 +116,16 @@ def check_sample_rate(rate: object) -> int:
     return int(rate)
 
 
-def _read_encoded(file: Path | io.BytesIO, source: str) -> tuple[np.ndarray, int]:
+def _read_encoded(file: Path | io.BytesIO, source: str, limits: Limits) -> tuple[np.ndarray, int]:
     try:
-        samples, rate = soundfile.read(file, dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as error:
+        with soundfile.SoundFile(file) as handle:
+            rate = check_sample_rate(handle.samplerate)
+            _check_size(handle.frames, handle.channels, rate, limits, source)
+            # At most the frames the header declares (checked above), however long the data really is.
+            samples = handle.read(handle.frames, dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError, OverflowError) as error:
+        if isinstance(error, InputError):
+            raise
         raise InputError(f"{source}: cannot decode audio ({error}); expected WAV, FLAC or OGG") from error
     return samples, rate
 
@@ -195,6 +226,11 @@ class LogMel:
         frames = np.lib.stride_tricks.as_strided(
             waveform, shape=(count, self.n_fft), strides=(self.hop_length * step, step), writeable=False
         )
+        # In blocks: the spectrum of all frames at once would take ~3 KB per frame (200 MB for 10 minutes).
+        blocks = [self._log_mel(frames[start : start + _BLOCK]) for start in range(0, count, _BLOCK)]
+        return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+
+    def _log_mel(self, frames: np.ndarray) -> np.ndarray:
         spectrum = np.fft.rfft(frames * self.window, axis=1)
         power = spectrum.real**2 + spectrum.imag**2
         mel = power.astype(np.float32) @ self.filterbank.T
@@ -211,6 +247,7 @@ class AudioPreprocessor:
     n_mels: int = N_MELS  # mel bands
     fmin: float = 0.0  # lowest mel edge, Hz
     fmax: float | None = None  # highest mel edge, Hz (None: sample_rate / 2)
+    limits: Limits = field(default=DEFAULT_LIMITS, compare=False)  # what one input may cost
     _logmel: LogMel = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -223,7 +260,7 @@ class AudioPreprocessor:
 
     def waveform(self, audio: AudioInput, sample_rate: int | None = None) -> np.ndarray:
         """Mono float32 samples at the model's rate."""
-        samples, rate = load_audio(audio, sample_rate)
+        samples, rate = load_audio(audio, sample_rate, self.limits)
         return resample(samples, rate, self.sample_rate)
 
     def __call__(self, audio: AudioInput, sample_rate: int | None = None) -> np.ndarray:

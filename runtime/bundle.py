@@ -16,6 +16,7 @@ from pathlib import Path
 from polysense.errors import BundleError, InputError
 from polysense.schema import DESCRIPTION_FILE, LEGACY_DESCRIPTION_FILE, BundleDescription
 
+MAX_DESCRIPTION_BYTES = 4 << 20
 _EXPORT_AGAIN = "export it again with `polysense export RUN_DIR --out BUNDLE`"
 
 
@@ -48,6 +49,12 @@ def read_description(path: Path) -> BundleDescription:
         raise BundleError(
             f"{path} has no {DESCRIPTION_FILE}: not a polysense bundle (or an export that did not finish); "
             f"{_EXPORT_AGAIN}"
+        )
+    size = description_path.stat().st_size
+    if size > MAX_DESCRIPTION_BYTES:
+        raise BundleError(
+            f"{description_path} is {size:,} bytes; a bundle description is a few KB (at most "
+            f"{MAX_DESCRIPTION_BYTES:,}): it is not one polysense wrote; {_EXPORT_AGAIN}"
         )
     try:
         data = json.loads(description_path.read_text(encoding="utf-8"))

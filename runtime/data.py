@@ -11,7 +11,7 @@ import csv
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -25,6 +25,7 @@ log = logging.getLogger("polysense")
 
 COLUMNS = (*MODALITIES, "label", "split")
 SPLITS = ("train", "val", "test")
+MAX_LINE_CHARS = 1 << 20  # one JSONL row; longer lines are a problem, never held in memory whole
 FILE_MODALITIES = tuple(m for m in MODALITIES if SPECS[m].cell_is_path)  # text cells hold the text itself
 
 
@@ -165,19 +166,36 @@ def _read_csv(path: Path) -> tuple[list[tuple[int, dict]], list[Problem]]:
     return records, problems
 
 
-def _read_jsonl(path: Path) -> tuple[list[tuple[int, dict]], list[Problem]]:
-    records, problems, columns = [], [], set()
+def _lines(path: Path) -> Iterator[str | None]:
+    """The manifest's lines, one at a time; None for a line over MAX_LINE_CHARS (not kept in memory)."""
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        with path.open(encoding="utf-8-sig", newline=None) as handle:
+            while line := handle.readline(MAX_LINE_CHARS + 1):
+                if len(line) > MAX_LINE_CHARS and not line.endswith("\n"):
+                    while (rest := handle.readline(MAX_LINE_CHARS)) and not rest.endswith("\n"):
+                        pass
+                    yield None
+                else:
+                    yield line
     except UnicodeDecodeError as error:
         raise InputError(f"{path}: not UTF-8 text ({error}); save the manifest as UTF-8") from error
-    for number, text in enumerate(lines, start=1):
+
+
+def _read_jsonl(path: Path) -> tuple[list[tuple[int, dict]], list[Problem]]:
+    records, problems, columns = [], [], set()
+    for number, text in enumerate(_lines(path), start=1):
+        if text is None:
+            problems.append(Problem(number, f"line longer than {MAX_LINE_CHARS:,} characters"))
+            continue
         if not text.strip():
             continue
         try:
             record = json.loads(text)
         except json.JSONDecodeError as error:
             problems.append(Problem(number, f"not valid JSON ({error.msg})"))
+            continue
+        except RecursionError:
+            problems.append(Problem(number, "JSON nested too deeply; a row is one flat {...} object"))
             continue
         if not isinstance(record, dict):
             problems.append(Problem(number, "not a JSON object; write one {...} per line"))

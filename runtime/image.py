@@ -13,6 +13,8 @@ import cv2
 import numpy as np
 
 from polysense.errors import InputError
+from polysense.image_header import read_header
+from polysense.limits import DEFAULT_LIMITS, Limits
 
 ImageInput = str | os.PathLike | bytes | bytearray | memoryview | np.ndarray
 
@@ -20,38 +22,54 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def decode_image(image: ImageInput) -> np.ndarray:
+def decode_image(image: ImageInput, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
     """Decode any accepted image input to an RGB uint8 array [H, W, 3], EXIF orientation applied.
 
+    Encoded images may be JPEG, PNG, BMP or WebP, within `limits` (bytes, pixels read from the header).
     Arrays are taken as RGB (grey [H, W] and [H, W, 1] are expanded; RGBA loses alpha).
     """
+    pixels, is_bgr = _decode(image, limits)
+    return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB) if is_bgr else pixels
+
+
+def _decode(image: ImageInput, limits: Limits) -> tuple[np.ndarray, bool]:
+    """Pixels [H, W, 3] uint8 and whether they are in OpenCV's BGR order (decoded) or RGB (an array)."""
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
             raise InputError(f"image file not found: {path}")
-        return _decode_bytes(path.read_bytes(), source=str(path))
+        limits.check_bytes(path.stat().st_size, f"image file {path}")
+        return _decode_bytes(path.read_bytes(), str(path), limits), True
     if isinstance(image, (bytes, bytearray, memoryview)):
-        return _decode_bytes(bytes(image), source="image bytes")
+        data = bytes(image)
+        limits.check_bytes(len(data), "image bytes")
+        return _decode_bytes(data, "image bytes", limits), True
     if isinstance(image, np.ndarray):
-        return _check_array(image)
+        return _check_array(image), False
     raise InputError(
         f"unsupported image input of type {type(image).__name__}; pass a path, encoded bytes "
         "or an HxWxC uint8 RGB array"
     )
 
 
-def _decode_bytes(data: bytes, source: str) -> np.ndarray:
+def _decode_bytes(data: bytes, source: str, limits: Limits) -> np.ndarray:
     if not data:
         raise InputError(f"{source}: empty image data")
+    header = read_header(data, source)
+    if header.pixels > limits.max_image_pixels:
+        what = f"{source} is a {header.width}x{header.height} {header.format} ({header.pixels:,} pixels)"
+        raise limits.refuse(what, "max_image_pixels")
     buffer = np.frombuffer(data, dtype=np.uint8)
     # IMREAD_COLOR applies the EXIF orientation tag (unlike IMREAD_UNCHANGED), so phone photos come out upright.
     try:
         bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
-    except cv2.error as error:  # e.g. more pixels than OpenCV's limit (OPENCV_IO_MAX_IMAGE_PIXELS)
+    except cv2.error as error:
         raise InputError(f"{source}: OpenCV refused to decode it ({str(error).strip()[:200]})") from error
     if bgr is None:
-        raise InputError(f"{source}: cannot decode image data (not a JPEG/PNG/BMP/WebP image, or corrupted)")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        raise InputError(f"{source}: cannot decode the {header.format} data (corrupted or truncated)")
+    if bgr.shape[0] * bgr.shape[1] > limits.max_image_pixels:  # the header parsed above lied to us
+        raise InputError(f"{source}: decoded to more pixels than its {header.format} header declares")
+    return bgr
 
 
 def _check_array(array: np.ndarray) -> np.ndarray:
@@ -82,6 +100,7 @@ class ImagePreprocessor:
     size: int = 64  # side of the square the encoder sees, in pixels
     mean: tuple[float, float, float] = field(default=IMAGENET_MEAN)  # per-channel RGB mean, on a 0-1 scale
     std: tuple[float, float, float] = field(default=IMAGENET_STD)  # per-channel RGB std, on a 0-1 scale
+    limits: Limits = field(default=DEFAULT_LIMITS, compare=False)  # what one input may cost
 
     def __post_init__(self) -> None:
         if self.size < 8:
@@ -90,8 +109,12 @@ class ImagePreprocessor:
             raise InputError("image mean and std need three values each, std all positive")
 
     def __call__(self, image: ImageInput) -> np.ndarray:
-        rgb = decode_image(image)
-        square = self.resize_and_crop(rgb)
+        pixels, is_bgr = _decode(image, self.limits)
+        # Resize first, then reorder the channels of the small square: a full-size BGR->RGB copy would double
+        # the peak memory of a large photo.
+        square = self.resize_and_crop(pixels)
+        if is_bgr:
+            square = cv2.cvtColor(square, cv2.COLOR_BGR2RGB)
         scale = np.float32(1.0 / 255.0)
         mean = np.asarray(self.mean, dtype=np.float32)
         std = np.asarray(self.std, dtype=np.float32)

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from polysense.errors import ConfigError
+from polysense.limits import Limits
 
 # Canonical order: embeddings are stacked, masks laid out and subset keys written in this order.
 MODALITIES: tuple[str, ...] = ("image", "text", "audio")
@@ -59,8 +60,9 @@ def nonempty_subsets(modalities: Iterable[str]) -> list[tuple[str, ...]]:
 class Codec(Protocol):
     """How one modality's data is turned into model inputs (a small class per modality below)."""
 
-    def preprocessor(self, settings: Any, folder: Path) -> Preprocess:
-        """(settings, folder of the files they name) -> the runtime preprocessor (input, sample_rate) -> features."""
+    def preprocessor(self, settings: Any, folder: Path, limits: Limits) -> Preprocess:
+        """(settings, folder of the files they name, what one input may cost) -> the runtime preprocessor
+        (input, sample_rate) -> features."""
 
     def feeds(self, features: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
         """Features of a batch -> the encoder graph's inputs (graph_inputs order)."""
@@ -93,10 +95,10 @@ class ModalitySpec:
 
 
 class ImageCodec:
-    def preprocessor(self, settings: Any, folder: Path) -> Preprocess:
+    def preprocessor(self, settings: Any, folder: Path, limits: Limits) -> Preprocess:
         from polysense.image import ImagePreprocessor
 
-        preprocessor = ImagePreprocessor(settings.size, tuple(settings.mean), tuple(settings.std))
+        preprocessor = ImagePreprocessor(settings.size, tuple(settings.mean), tuple(settings.std), limits)
         return lambda image, sample_rate=None: preprocessor(image)
 
     def feeds(self, features: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
@@ -115,7 +117,7 @@ class ImageCodec:
 
 
 class TextCodec:
-    def preprocessor(self, settings: Any, folder: Path) -> Preprocess:
+    def preprocessor(self, settings: Any, folder: Path, limits: Limits) -> Preprocess:
         from polysense.text import TextPreprocessor
 
         preprocessor = TextPreprocessor(folder / settings.tokenizer, settings.max_length)
@@ -137,10 +139,10 @@ class TextCodec:
 
 
 class AudioCodec:
-    def preprocessor(self, settings: Any, folder: Path) -> Preprocess:
+    def preprocessor(self, settings: Any, folder: Path, limits: Limits) -> Preprocess:
         from polysense.audio import AudioPreprocessor
 
-        preprocessor = AudioPreprocessor(**settings.to_dict())
+        preprocessor = AudioPreprocessor(**settings.to_dict(), limits=limits)
         return lambda audio, sample_rate=None: preprocessor(audio, sample_rate=sample_rate)
 
     def feeds(self, features: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:

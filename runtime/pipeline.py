@@ -16,8 +16,9 @@ import numpy as np
 
 from polysense.audio_engine import AudioEngine
 from polysense.bundle import Bundle, open_bundle
-from polysense.errors import InputError
+from polysense.errors import ConfigError, InputError
 from polysense.fusion import Embeddings, FusionHead, Prediction
+from polysense.limits import DEFAULT_LIMITS, Limits
 from polysense.modalities import MODALITIES, SPECS
 from polysense.precision import choose_precisions
 from polysense.preprocessing import build_preprocessors
@@ -34,13 +35,18 @@ class Pipeline:
     """Load once, predict many times."""
 
     def __init__(
-        self, bundle: Bundle, settings: SessionSettings, precision: str | dict[str, str] = "auto"
+        self,
+        bundle: Bundle,
+        settings: SessionSettings,
+        precision: str | dict[str, str] = "auto",
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         description = bundle.description
         settings = runnable(settings)
         self._description = description
+        self._limits = limits
         self._preprocessors = build_preprocessors(
-            description.preprocessing, description.modalities, bundle.path
+            description.preprocessing, description.modalities, bundle.path, limits
         )
         names = list(description.components)
         self._precisions = choose_precisions(description, names, settings.device, precision)
@@ -68,6 +74,7 @@ class Pipeline:
         device: str = "auto",
         precision: str | dict[str, str] = "auto",
         intra_op_threads: int = 0,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> Pipeline:
         """Open and verify the bundle at `path`, create one session per component on `device`.
 
@@ -75,9 +82,13 @@ class Pipeline:
         fp16 on CUDA, where they passed export's accuracy and speed checks; else fp32); "fp32", "int8" or
         "fp16" forces one wherever the bundle has it (a warning names components that lack it); a dict
         {component: precision} sets components one by one (the others auto).
+        limits: what one input may cost before it is refused (polysense.Limits: image pixels, audio duration,
+        sample rates, bytes); raise one when genuine inputs exceed it.
         """
+        if not isinstance(limits, Limits):
+            raise ConfigError(f"limits must be a polysense.Limits, got {type(limits).__name__}")
         settings = SessionSettings(device=device, intra_op_threads=intra_op_threads)
-        return cls(open_bundle(path), settings, precision)
+        return cls(open_bundle(path), settings, precision, limits)
 
     # -- read-only properties ------------------------------------------------------------------------------
 
@@ -97,6 +108,11 @@ class Pipeline:
     @property
     def embed_dim(self) -> int:
         return self._description.embed_dim
+
+    @property
+    def limits(self) -> Limits:
+        """What one input may cost before it is refused."""
+        return self._limits
 
     @property
     def precisions(self) -> dict[str, str]:
@@ -160,7 +176,14 @@ class Pipeline:
         if self._audio is None:
             raise InputError(f"this bundle has no audio encoder; it takes {', '.join(self.modalities)}")
         settings = self._description.preprocessing.of("audio")
-        return AudioStream(self._audio, settings, self._embed_one, self._fusion.predict_one, encode=encode)
+        return AudioStream(
+            self._audio,
+            settings,
+            self._embed_one,
+            self._fusion.predict_one,
+            encode=encode,
+            limits=self._limits,
+        )
 
     def video_stream(self, source: Any = None, fps: float = 5.0, window: int = 8) -> VideoStream:
         """Video frames from `source` (file path, camera index, URL) or pushed with `push(frame, t)`,

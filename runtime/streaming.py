@@ -23,6 +23,7 @@ from polysense.audio import LogMel, array_to_mono, check_sample_rate
 from polysense.audio_engine import AudioEngine, State
 from polysense.errors import InputError
 from polysense.fusion import Prediction
+from polysense.limits import DEFAULT_LIMITS, Limits
 from polysense.settings import AudioSettings
 
 # The narrow calls a stream makes besides the engine's: encode one image or text, fuse embeddings.
@@ -74,9 +75,16 @@ class AudioStream:
     """One live recording: feed chunks, read predictions. Create with `Pipeline.audio_stream()`."""
 
     def __init__(
-        self, engine: AudioEngine, settings: AudioSettings, embed: Embed, fuse: Fuse, encode: bool = True
+        self,
+        engine: AudioEngine,
+        settings: AudioSettings,
+        embed: Embed,
+        fuse: Fuse,
+        encode: bool = True,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self._engine = engine
+        self._limits = limits
         self._embed, self._fuse = embed, fuse
         self.encode_immediately = encode  # False: frames wait in `pending_frames` for encode_streams()
         self.model_rate = settings.sample_rate
@@ -122,6 +130,7 @@ class AudioStream:
         if self.finished:
             raise InputError("audio after input_finished(); call reset() to start a new recording")
         rate = check_sample_rate(sample_rate)
+        self._limits.check_sample_rate(rate, "the audio stream")
         if self.sample_rate is not None and rate != self.sample_rate:
             raise InputError(
                 f"sample rate changed mid-stream from {self.sample_rate} to {rate} Hz; "

@@ -77,9 +77,10 @@ def test_opencv_errors_become_input_errors(monkeypatch):
     def refuse(*args):
         raise cv2.error("OpenCV(4) imgcodecs: image too large")
 
+    ok, png = cv2.imencode(".png", np.zeros((4, 4, 3), np.uint8))
     monkeypatch.setattr(cv2, "imdecode", refuse)
     with pytest.raises(InputError, match="OpenCV refused to decode it"):
-        decode_image(b"\x89PNG not really")
+        decode_image(png.tobytes())
 
 
 def test_a_nul_character_in_a_manifest_path_is_a_row_problem(tmp_path):
