@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,11 +31,53 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 @dataclass(frozen=True)
 class Bundle:
-    path: Path
+    path: Path  # resolved: every file of the bundle lies inside it
     description: BundleDescription
 
     def file(self, component: str, precision: str = "fp32") -> Path:
         return self.path / self.description.component(component).variant(precision).file
+
+    def read(self, name: str) -> bytes:
+        """The bytes of file `name`, read once and checked against the sha256 the description lists for it:
+        callers hand these same bytes on (to onnxruntime, to the tokenizer), so the file cannot change
+        between the check and its use."""
+        data = _inside(self.path, name).read_bytes()
+        if hashlib.sha256(data).hexdigest() != self._sha256(name):
+            raise _altered(self.path, name)
+        return data
+
+    def verify(self, skip: Iterable[str] = ()) -> None:
+        """Hash every listed file (but `skip`, read with `read`) against the description."""
+        skipped = set(skip)
+        for name, sha256 in self.description.files():
+            if name not in skipped and sha256_file(_inside(self.path, name)) != sha256:
+                raise _altered(self.path, name)
+
+    def _sha256(self, name: str) -> str:
+        listed = dict(self.description.files())
+        if name not in listed:
+            raise BundleError(f"{self.path}: {name} is not listed in {DESCRIPTION_FILE}")
+        return listed[name]
+
+
+def _altered(path: Path, name: str) -> BundleError:
+    return BundleError(
+        f"{path}: {name} does not match its sha256 in {DESCRIPTION_FILE}: the file was altered "
+        "or corrupted; copy the bundle again or export it again"
+    )
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """folder/name with links resolved, refused unless it is a file inside `folder` (itself resolved)."""
+    resolved = (folder / name).resolve()
+    if not resolved.is_relative_to(folder):
+        raise BundleError(
+            f"{folder}: {name} links to {resolved}, outside the bundle folder; a bundle must hold its own "
+            "files (copy them in instead of linking)"
+        )
+    if not resolved.is_file():
+        raise BundleError(f"{folder}: {name} is missing; copy the whole bundle folder, or export it again")
+    return resolved
 
 
 def read_description(path: Path) -> BundleDescription:
@@ -76,21 +119,27 @@ def _without_removed_variants(path: Path, description: BundleDescription) -> Bun
     return replace(description, components=components)
 
 
-def open_bundle(path: str | os.PathLike) -> Bundle:
-    """Open and verify a bundle folder: its description, every listed file present with its sha256."""
+def open_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
+    """Open a bundle folder: its description, every listed file present inside the folder at its listed size
+    and, with `verify`, its sha256. (Pipeline.load verifies as it reads, each file once: `Bundle.read`.)"""
     path = Path(path)
     if not path.exists():
         raise InputError(f"bundle not found: {path}")
     if not path.is_dir():
         raise BundleError(f"{path} is a file; a bundle is the folder `polysense export` writes")
+    path = path.resolve()
+    if (path / DESCRIPTION_FILE).exists():
+        _inside(path, DESCRIPTION_FILE)
     description = _without_removed_variants(path, read_description(path))
-    for name, sha256 in description.files():
-        file = path / name
-        if not file.is_file():
-            raise BundleError(f"{path}: {name} is missing; copy the whole bundle folder, or export it again")
-        if sha256_file(file) != sha256:
+    sizes = {v.file: v.bytes for c in description.components.values() for v in c.variants.values()}
+    for name, _ in description.files():
+        size = _inside(path, name).stat().st_size
+        if name in sizes and size != sizes[name]:
             raise BundleError(
-                f"{path}: {name} does not match its sha256 in {DESCRIPTION_FILE}: the file was altered "
-                "or corrupted (truncated copy?); copy the bundle again or export it again"
+                f"{path}: {name} has {size:,} bytes but {DESCRIPTION_FILE} lists {sizes[name]:,} "
+                "(a truncated or altered copy?); copy the bundle again or export it again"
             )
-    return Bundle(path, description)
+    bundle = Bundle(path, description)
+    if verify:
+        bundle.verify()
+    return bundle

@@ -27,6 +27,7 @@ MODALITIES: tuple[str, ...] = ("image", "text", "audio")
 
 # A preprocessor as the pipeline calls it: (input, sample rate or None) -> features.
 Preprocess = Callable[..., np.ndarray]
+ReadFile = Callable[[str], bytes]  # file name -> its bytes (verified, for a bundle)
 
 
 def component_name(modality: str) -> str:
@@ -60,8 +61,8 @@ def nonempty_subsets(modalities: Iterable[str]) -> list[tuple[str, ...]]:
 class Codec(Protocol):
     """How one modality's data is turned into model inputs (a small class per modality below)."""
 
-    def preprocessor(self, settings: Any, folder: Path, limits: Limits) -> Preprocess:
-        """(settings, folder of the files they name, what one input may cost) -> the runtime preprocessor
+    def preprocessor(self, settings: Any, files: ReadFile, limits: Limits) -> Preprocess:
+        """(settings, a reader of the files they name, what one input may cost) -> the runtime preprocessor
         (input, sample_rate) -> features."""
 
     def feeds(self, features: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
@@ -95,7 +96,7 @@ class ModalitySpec:
 
 
 class ImageCodec:
-    def preprocessor(self, settings: Any, folder: Path, limits: Limits) -> Preprocess:
+    def preprocessor(self, settings: Any, files: ReadFile, limits: Limits) -> Preprocess:
         from polysense.image import ImagePreprocessor
 
         preprocessor = ImagePreprocessor(settings.size, tuple(settings.mean), tuple(settings.std), limits)
@@ -117,10 +118,11 @@ class ImageCodec:
 
 
 class TextCodec:
-    def preprocessor(self, settings: Any, folder: Path, limits: Limits) -> Preprocess:
-        from polysense.text import TextPreprocessor
+    def preprocessor(self, settings: Any, files: ReadFile, limits: Limits) -> Preprocess:
+        from polysense.text import TextPreprocessor, tokenizer_from_bytes
 
-        preprocessor = TextPreprocessor(folder / settings.tokenizer, settings.max_length)
+        tokenizer = tokenizer_from_bytes(files(settings.tokenizer), settings.tokenizer)
+        preprocessor = TextPreprocessor(tokenizer, settings.max_length)
         return lambda text, sample_rate=None: preprocessor(text)
 
     def feeds(self, features: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
@@ -139,7 +141,7 @@ class TextCodec:
 
 
 class AudioCodec:
-    def preprocessor(self, settings: Any, folder: Path, limits: Limits) -> Preprocess:
+    def preprocessor(self, settings: Any, files: ReadFile, limits: Limits) -> Preprocess:
         from polysense.audio import AudioPreprocessor
 
         preprocessor = AudioPreprocessor(**settings.to_dict(), limits=limits)

@@ -18,6 +18,7 @@ from polysense.audio_engine import AudioEngine
 from polysense.bundle import Bundle, open_bundle
 from polysense.errors import ConfigError, InputError
 from polysense.fusion import Embeddings, FusionHead, Prediction
+from polysense.graph_check import check_graph
 from polysense.limits import DEFAULT_LIMITS, Limits
 from polysense.modalities import MODALITIES, SPECS
 from polysense.precision import choose_precisions
@@ -46,13 +47,15 @@ class Pipeline:
         self._description = description
         self._limits = limits
         self._preprocessors = build_preprocessors(
-            description.preprocessing, description.modalities, bundle.path, limits
+            description.preprocessing, description.modalities, bundle.read, limits
         )
         names = list(description.components)
         self._precisions = choose_precisions(description, names, settings.device, precision)
-        self._sessions = {
-            name: Session(bundle.file(name, self._precisions[name]), settings) for name in names
-        }
+        self._sessions = {name: self._session(bundle, name, settings) for name in names}
+        used = [description.component(n).variant(p).file for n, p in self._precisions.items()]
+        if description.preprocessing.text is not None:
+            used.append(description.preprocessing.text.tokenizer)
+        bundle.verify(skip=used)  # the used files were verified as they were read, each once
         self._fusion = FusionHead(
             self._sessions[FUSION],
             description.component(FUSION),
@@ -88,7 +91,7 @@ class Pipeline:
         if not isinstance(limits, Limits):
             raise ConfigError(f"limits must be a polysense.Limits, got {type(limits).__name__}")
         settings = SessionSettings(device=device, intra_op_threads=intra_op_threads)
-        return cls(open_bundle(path), settings, precision, limits)
+        return cls(open_bundle(path, verify=False), settings, precision, limits)
 
     # -- read-only properties ------------------------------------------------------------------------------
 
@@ -193,6 +196,15 @@ class Pipeline:
         return VideoStream(self._embed_one, self._fusion.predict_one, source, fps, window)
 
     # -- internals -----------------------------------------------------------------------------------------
+
+    def _session(self, bundle: Bundle, name: str, settings: SessionSettings) -> Session:
+        """The component's session from the chosen variant's verified bytes, its graph checked against the
+        description."""
+        component = self._description.component(name)
+        file = component.variant(self._precisions[name]).file
+        session = Session(bundle.read(file), settings, name=file)
+        check_graph(self._description, component, file, session.signature())
+        return session
 
     def _check_sample(self, sample: Any, where: str) -> None:
         if not isinstance(sample, dict):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from polysense.limits import DEFAULT_LIMITS, Limits
@@ -11,11 +11,17 @@ from polysense.settings import Preprocessing
 
 
 def build_preprocessors(
-    settings: Preprocessing, modalities: Sequence[str], folder: str | Path, limits: Limits = DEFAULT_LIMITS
+    settings: Preprocessing,
+    modalities: Sequence[str],
+    files: str | Path | Callable[[str], bytes],
+    limits: Limits = DEFAULT_LIMITS,
 ) -> dict[str, Preprocess]:
     """modality -> preprocessor `(input, sample_rate=None) -> features`, for each of `modalities`.
 
-    `folder` holds the files the settings name (the bundle's tokenizer.json, or a training run's); `limits`
-    bound what one input may cost.
+    `files` gives the files the settings name (a tokenizer.json): the folder that holds them (a training run)
+    or a reader of verified bytes by name (`Bundle.read`). `limits` bound what one input may cost.
     """
-    return {m: SPECS[m].codec.preprocessor(settings.of(m), Path(folder), limits) for m in modalities}
+    if not callable(files):
+        folder = Path(files)
+        files = lambda name: (folder / name).read_bytes()  # noqa: E731
+    return {m: SPECS[m].codec.preprocessor(settings.of(m), files, limits) for m in modalities}

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from polysense.errors import BundleError, ConfigError, DependencyError
+from polysense.schema import TensorSpec
 
 log = logging.getLogger("polysense")
 
@@ -82,7 +83,10 @@ class Session:
     """One component's inference session. On CUDA it runs through IO binding, so outputs can stay on the
     device and feed the next session without a round trip through host memory."""
 
-    def __init__(self, path: Path, settings: SessionSettings) -> None:
+    def __init__(self, model: bytes | Path, settings: SessionSettings, name: str = "") -> None:
+        """`model`: the ONNX graph's bytes (as read and verified from a bundle) or a file path; `name` names
+        it in errors and warnings."""
+        name = name or Path(model).name
         ort = import_onnxruntime()
         options = ort.SessionOptions()
         options.intra_op_num_threads = settings.intra_op_threads
@@ -101,10 +105,11 @@ class Session:
         wants_cuda = settings.device == "cuda" or (settings.device == "auto" and CUDA in available)
         providers = [CUDA, CPU] if wants_cuda and CUDA in available else [CPU]
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            source = model if isinstance(model, bytes) else str(model)
+            self.session = ort.InferenceSession(source, options, providers=providers)
         except Exception as error:  # onnxruntime raises its own exception types for bad models
             raise BundleError(
-                f"{path.name}: onnxruntime cannot load it ({error}); export the bundle again"
+                f"{name}: onnxruntime cannot load it ({error}); export the bundle again"
             ) from error
         got = self.session.get_providers()
         self.on_cuda = got[0] == CUDA
@@ -115,12 +120,22 @@ class Session:
                 else "the CUDA provider failed to start (CUDA or cuDNN libraries missing or not matching "
                 "this onnxruntime-gpu build)"
             )
-            warnings.warn(
-                f"{path.name}: CUDA was asked for but the session runs on CPU: {reason}", stacklevel=3
-            )
+            warnings.warn(f"{name}: CUDA was asked for but the session runs on CPU: {reason}", stacklevel=3)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._ort = ort
+
+    def signature(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        """The graph's inputs and outputs as it declares them (dtype as numpy names them; a symbolic or
+        unknown axis as a string)."""
+
+        def specs(args: list) -> list[TensorSpec]:
+            return [
+                TensorSpec(a.name, _ONNX_TYPES.get(a.type, a.type), tuple(_axis(d) for d in a.shape or ()))
+                for a in args
+            ]
+
+        return specs(self.session.get_inputs()), specs(self.session.get_outputs())
 
     @property
     def provider(self) -> str:
@@ -143,6 +158,20 @@ class Session:
             binding.bind_output(name, "cuda")
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()
+
+
+_ONNX_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(bool)": "bool",
+}
+
+
+def _axis(dim: Any) -> int | str:
+    return dim if isinstance(dim, int) else str(dim or "?")
 
 
 def to_numpy(value: Any) -> np.ndarray:

@@ -55,6 +55,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = VOCAB_SIZE) -> Token
     return tokenizer
 
 
+def tokenizer_from_bytes(data: bytes, source: str) -> Tokenizer:
+    """A tokenizer from the bytes of a tokenizer.json (as read, and verified, from a bundle)."""
+    try:
+        return Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as error:  # tokenizers raises a bare Exception on malformed JSON
+        raise InputError(f"{source}: not a valid tokenizer.json ({str(error)[:200]})") from error
+
+
 class TextPreprocessor:
     """Text -> token ids (truncated to `max_length`); batches -> padded ids and attention mask."""
 
@@ -65,10 +73,7 @@ class TextPreprocessor:
             path = Path(tokenizer)
             if not path.is_file():
                 raise InputError(f"tokenizer file not found: {path}")
-            try:
-                tokenizer = Tokenizer.from_file(str(path))
-            except Exception as error:  # tokenizers raises a bare Exception on malformed JSON
-                raise InputError(f"{path}: not a valid tokenizer.json ({error})") from error
+            tokenizer = tokenizer_from_bytes(path.read_bytes(), str(path))
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.vocab_size = tokenizer.get_vocab_size()

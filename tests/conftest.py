@@ -3,6 +3,10 @@ from pathlib import Path
 
 import pytest
 
+# Before anything imports onnxruntime: polysense switches its telemetry off (polysense.privacy), so the suite
+# writes nothing into ~/.cache either.
+import polysense  # noqa: F401
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 

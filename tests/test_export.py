@@ -136,7 +136,8 @@ def test_corrupted_onnx_with_a_matching_hash_is_refused_cleanly(bundle, tmp_path
     copy = _copy(bundle, tmp_path)
     (copy / "fusion.fp32.onnx").write_bytes(b"not an onnx model at all")
     description = json.loads((copy / DESCRIPTION_FILE).read_text())
-    description["components"]["fusion"]["variants"]["fp32"]["sha256"] = sha256_file(copy / "fusion.fp32.onnx")
+    fp32 = description["components"]["fusion"]["variants"]["fp32"]
+    fp32.update(sha256=sha256_file(copy / "fusion.fp32.onnx"), bytes=24)
     (copy / DESCRIPTION_FILE).write_text(json.dumps(description))
     with pytest.raises(BundleError, match="onnxruntime cannot load it"):
         polysense.Pipeline.load(copy, precision="fp32")  # auto might pick a fusion variant instead

@@ -1,0 +1,213 @@
+"""A bundle is refused at Pipeline.load when its graphs are not the ones its description promises, when a file
+leads outside the folder, or when any field of the description is removed or mistyped."""
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+import polysense  # noqa: E402
+from polysense.bundle import sha256_file  # noqa: E402
+from polysense.cli import main  # noqa: E402
+from polysense.errors import BundleError  # noqa: E402
+from polysense.schema import DESCRIPTION_FILE  # noqa: E402
+
+
+@pytest.fixture
+def copied(bundle, tmp_path):
+    folder = tmp_path / "bundle"
+    shutil.copytree(bundle, folder)
+    return folder
+
+
+def _description(folder):
+    return json.loads((folder / DESCRIPTION_FILE).read_text())
+
+
+def _rewrite(folder, description):
+    """Write the description back with each variant's hash and size made to match its file again."""
+    for component in description["components"].values():
+        for variant in component["variants"].values():
+            path = folder / variant["file"]
+            if path.is_file():
+                variant.update(sha256=sha256_file(path), bytes=path.stat().st_size)
+    text = description["preprocessing"].get("text")
+    if text:
+        text["sha256"] = sha256_file(folder / text["tokenizer"])
+    (folder / DESCRIPTION_FILE).write_text(json.dumps(description))
+
+
+@pytest.mark.parametrize(
+    "target, source, message",
+    [
+        ("image_encoder", "text_encoder", r"inputs are \['ids', 'mask'\]"),
+        ("text_encoder", "image_encoder", r"inputs are \['image'\]"),
+        ("fusion", "image_encoder", r"inputs are \['image'\]"),
+        ("audio_encoder", "text_encoder", r"inputs are \['ids', 'mask'\]"),
+    ],
+)
+def test_a_swapped_component_is_refused_at_load(copied, target, source, message):
+    shutil.copyfile(copied / f"{source}.fp32.onnx", copied / f"{target}.fp32.onnx")
+    _rewrite(
+        copied, _description(copied)
+    )  # the hashes vouch for the swapped file: only the graph check is left
+    with pytest.raises(BundleError, match=message + r".*export the bundle again"):
+        polysense.Pipeline.load(copied, precision="fp32")
+
+
+def _edit(path, value):
+    def edit(description):
+        *parents, last = path
+        node = description
+        for key in parents:
+            node = node[key]
+        node[last] = value(node[last]) if callable(value) else value
+
+    return edit
+
+
+EDITS = {
+    "a label fewer than the fusion outputs": (
+        _edit(("labels",), lambda labels: labels[:-1]),
+        "values per sample but bundle.json needs .*one logit per label",
+    ),
+    "fusion output size edited to match": (
+        lambda d: (
+            d.__setitem__("labels", d["labels"][:-1]),
+            d["components"]["fusion"]["outputs"][0].__setitem__("shape", ["batch", len(d["labels"])]),
+        ),
+        "output logits has size .* on axis 1",
+    ),
+    "embed_dim": (_edit(("embed_dim",), lambda dim: dim + 1), r"needs \d+ \(embed_dim\)"),
+    "an input dtype": (
+        _edit(("components", "image_encoder", "inputs", 0, "dtype"), "float16"),
+        "input image is float32 of rank 4, bundle.json says float16",
+    ),
+    "an input rank": (
+        _edit(("components", "image_encoder", "inputs", 0, "shape"), ["batch", 3, 64]),
+        "rank 4, bundle.json says float32 of rank 3",
+    ),
+    "a state shape": (
+        _edit(("streaming", "audio", "state", 0, "shape"), lambda shape: [*shape[:-1], shape[-1] + 1]),
+        "state tensor conv1_cache has size",
+    ),
+    "an output name": (
+        _edit(("components", "text_encoder", "outputs", 0, "name"), "vector"),
+        r"outputs are \['embedding'\], bundle.json lists \['vector'\]",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", EDITS)
+def test_a_description_that_does_not_match_its_graphs_is_refused(copied, name):
+    edit, message = EDITS[name]
+    description = _description(copied)
+    edit(description)
+    _rewrite(copied, description)
+    with pytest.raises(BundleError, match=message):
+        polysense.Pipeline.load(copied, precision="fp32")
+
+
+def test_a_file_linking_outside_the_bundle_is_refused(copied, tmp_path):
+    outside = tmp_path / "outside.json"
+    shutil.copyfile(copied / "tokenizer.json", outside)
+    (copied / "tokenizer.json").unlink()
+    os.symlink(outside, copied / "tokenizer.json")  # same bytes, same hash: only the location is wrong
+    with pytest.raises(BundleError, match="outside the bundle folder"):
+        polysense.Pipeline.load(copied)
+    (copied / "tokenizer.json").unlink()
+    os.symlink(copied / DESCRIPTION_FILE, copied / "tokenizer.json")  # inside: allowed, then hash-checked
+    with pytest.raises(BundleError, match="tokenizer.json does not match its sha256"):
+        polysense.Pipeline.load(copied)
+
+
+def test_the_bytes_handed_to_onnxruntime_are_the_bytes_hashed(copied, monkeypatch):
+    """Each used file is read once: altering it after the check cannot reach onnxruntime."""
+    from polysense import bundle as bundle_module
+
+    reads = []
+    original = bundle_module.Bundle.read
+
+    def counting_read(self, name):
+        reads.append(name)
+        return original(self, name)
+
+    monkeypatch.setattr(bundle_module.Bundle, "read", counting_read)
+    opened = []
+    real_open, real_read_bytes = open, Path.read_bytes
+
+    def tracking_open(file, *args, **kwargs):
+        opened.append(os.path.basename(str(file)))
+        return real_open(file, *args, **kwargs)
+
+    def tracking_read_bytes(path):
+        opened.append(path.name)
+        return real_read_bytes(path)
+
+    monkeypatch.setattr(bundle_module, "open", tracking_open, raising=False)  # how sha256_file reads
+    monkeypatch.setattr(Path, "read_bytes", tracking_read_bytes)
+    pipe = polysense.Pipeline.load(copied, device="cpu")
+    used = [pipe.description.component(n).variant(p).file for n, p in pipe.precisions.items()]
+    assert sorted(reads) == sorted([*used, "tokenizer.json"])
+    for name, _ in pipe.description.files():
+        assert opened.count(name) == 1, f"{name} opened {opened.count(name)} times"
+
+
+def _paths(node, prefix=()):
+    """Every key path of the description, except inside the free-form metrics, producer and measurements."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list):
+        items = enumerate(node)
+    else:
+        return
+    for key, value in items:
+        path = (*prefix, key)
+        if key in ("metrics", "producer", "measurements"):
+            yield path
+            continue
+        yield path
+        yield from _paths(value, path)
+
+
+def _mistyped(value):
+    if isinstance(value, str):
+        return 7
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "x"
+    return "7"
+
+
+def test_every_field_removed_or_mistyped_is_refused_or_harmless(copied, capsys):
+    """Each field of the description removed, then mistyped: Pipeline.load raises BundleError or, for an
+    optional field, loads; `polysense info` prints one error line or the description; nothing else escapes."""
+    original = _description(copied)
+    outcomes = {"refused": 0, "loaded": 0}
+    for path in list(_paths(original)):
+        for change in ("remove", "mistype"):
+            description = copy.deepcopy(original)
+            *parents, last = path
+            node = description
+            for key in parents:
+                node = node[key]
+            if change == "remove":
+                if isinstance(node, list):
+                    continue  # removing a list item shifts the others: covered by the checks above
+                del node[last]
+            else:
+                node[last] = _mistyped(node[last])
+            (copied / DESCRIPTION_FILE).write_text(json.dumps(description))
+            try:
+                polysense.Pipeline.load(copied, device="cpu")
+                outcomes["loaded"] += 1
+            except BundleError:
+                outcomes["refused"] += 1
+            code = main(["info", str(copied)])
+            assert code in (0, 2), (path, change)
+            capsys.readouterr()
+    assert outcomes["refused"] > 100
