@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from polysense.cli_bundle import add_bundle, add_info
 from polysense.data import SPLITS
 from polysense.errors import ConfigError, DependencyError, PolysenseError
 from polysense.modalities import MODALITIES, SPECS
@@ -243,35 +244,6 @@ def _check_outputs(json_path: str | None, plot_path: str | None) -> None:
         raise DependencyError("--plot needs matplotlib: pip install matplotlib (or leave out --plot)")
 
 
-def _add_info(commands: argparse._SubParsersAction) -> None:
-    info = commands.add_parser("info", help="describe a bundle")
-    info.add_argument("bundle")
-    info.add_argument("--json", action="store_true", help="print the whole bundle description (bundle.json)")
-    info.set_defaults(run=_run_info)
-
-
-def _run_info(args: argparse.Namespace) -> int:
-    from polysense.bundle import open_bundle
-
-    bundle = open_bundle(args.bundle)
-    description = bundle.description
-    if args.json:
-        print(json.dumps(description.to_dict(), indent=2))
-        return 0
-    made_by = description.producer.get("polysense", "?")
-    print(f"{bundle.path}: schema {description.schema_version}, made by polysense {made_by}")
-    print(f"  labels ({len(description.labels)}): {', '.join(description.labels)}")
-    print(f"  modalities: {', '.join(description.modalities)}; embedding size {description.embed_dim}")
-    for name, component in description.components.items():
-        files = ", ".join(f"{p} {v.bytes / 1e3:.0f} kB" for p, v in component.variants.items())
-        inputs = ", ".join(f"{t.name}{list(t.shape)}" for t in component.inputs)
-        print(f"  {name:<14} {files}; inputs {inputs}")
-    fp32 = description.metrics.get("fp32", {})
-    if "accuracy" in fp32:
-        print(f"  test accuracy at export: {fp32['accuracy']:.4f}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="polysense", description="Multimodal classifiers, trained and served."
@@ -296,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(commands)
     _add_predict(commands)
     _add_eval(commands)
-    _add_info(commands)
+    add_info(commands)
+    add_bundle(commands)
     _add_stream(commands)
     _add_bench(commands)
     return parser

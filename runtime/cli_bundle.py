@@ -1,0 +1,63 @@
+"""The commands about a bundle folder itself: `polysense info` and `polysense bundle slim`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from polysense.slim import KEEP
+
+
+def add_info(commands: argparse._SubParsersAction) -> None:
+    info = commands.add_parser("info", help="describe a bundle")
+    info.add_argument("bundle")
+    info.add_argument("--json", action="store_true", help="print the whole bundle description (bundle.json)")
+    info.set_defaults(run=_run_info)
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from polysense.bundle import open_bundle
+
+    bundle = open_bundle(args.bundle)
+    description = bundle.description
+    if args.json:
+        print(json.dumps(description.to_dict(), indent=2))
+        return 0
+    made_by = description.producer.get("polysense", "?")
+    print(f"{bundle.path}: schema {description.schema_version}, made by polysense {made_by}")
+    print(f"  labels ({len(description.labels)}): {', '.join(description.labels)}")
+    print(f"  modalities: {', '.join(description.modalities)}; embedding size {description.embed_dim}")
+    for name, component in description.components.items():
+        files = ", ".join(f"{p} {v.bytes / 1e3:.0f} kB" for p, v in component.variants.items())
+        inputs = ", ".join(f"{t.name}{list(t.shape)}" for t in component.inputs)
+        print(f"  {name:<14} {files}; inputs {inputs}")
+    fp32 = description.metrics.get("fp32", {})
+    if isinstance(fp32, dict) and isinstance(fp32.get("accuracy"), (int, float)):
+        print(f"  test accuracy at export: {fp32['accuracy']:.4f}")
+    return 0
+
+
+def add_bundle(commands: argparse._SubParsersAction) -> None:
+    bundle = commands.add_parser("bundle", help="manage a bundle folder")
+    actions = bundle.add_subparsers(dest="action", required=True, metavar="ACTION")
+    slim = actions.add_parser(
+        "slim",
+        help="remove the variants a device never uses (fp32 always stays)",
+        description="Remove the variants a device never uses and rewrite bundle.json atomically. "
+        "cpu keeps fp32 and int8, cuda keeps fp32 and fp16, fp32 keeps fp32 only.",
+    )
+    slim.add_argument("bundle", help="bundle folder (changed in place)")
+    slim.add_argument("--keep", choices=tuple(KEEP), required=True, help="the device the bundle is for")
+    slim.set_defaults(run=_run_slim)
+
+
+def _run_slim(args: argparse.Namespace) -> int:
+    from polysense.slim import slim_bundle
+
+    result = slim_bundle(args.bundle, args.keep)
+    kept = "; ".join(f"{name} {', '.join(precisions)}" for name, precisions in result.kept.items())
+    print(
+        f"removed {len(result.removed)} file(s), {result.freed_bytes / 1e6:.1f} MB: {', '.join(result.removed) or '-'}"
+    )
+    print(f"kept: {kept}")
+    return 0
