@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-streaming bench-pytorch bench-avdigits
+.PHONY: demo test lint fuzz bench-streaming bench-pytorch bench-avdigits
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,3 +38,9 @@ bench-pytorch: $(STAMP)
 # AV-digits on ../shared/data: data, unimodal and fused models, leave-one-speaker-out, robustness (~20 min).
 bench-avdigits: $(STAMP)
 	$(BIN)/python benchmarks/avdigits/run.py
+
+# 100,000 fuzzed inputs in worker processes (crashes, hangs and memory watched), ~10 min; results in
+# benchmarks/results/fuzz.{json,md}. Trains the demo bundle first if runs/demo/bundle is missing.
+fuzz: $(STAMP)
+	test -d runs/demo/bundle || $(MAKE) demo
+	$(BIN)/python benchmarks/fuzz.py --bundle runs/demo/bundle --inputs 100000

@@ -28,6 +28,8 @@ HOP_LENGTH = 160  # 10 ms between frames at 16 kHz -> 100 frames per second
 N_MELS = 40  # mel bands per frame
 LOG_FLOOR = 1e-6  # added to mel power before the log, so silence stays finite
 
+# Float samples beyond this are not audio on a [-1, 1] scale (and would overflow the power spectrum).
+MAX_FLOAT_AMPLITUDE = 1e6
 _BLOCK = 4096  # frames whose spectrum is computed at once (~12 MB)
 _MAX_CHANNELS = 32  # more "channels" than this means the array is probably (channels, frames)
 
@@ -122,12 +124,25 @@ def _read_encoded(file: Path | io.BytesIO, source: str, limits: Limits) -> tuple
             rate = check_sample_rate(handle.samplerate)
             _check_size(handle.frames, handle.channels, rate, limits, source)
             # At most the frames the header declares (checked above), however long the data really is.
-            samples = handle.read(handle.frames, dtype="float32", always_2d=True)
+            samples = _checked_floats(handle.read(handle.frames, dtype="float32", always_2d=True), source)
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError, OverflowError) as error:
         if isinstance(error, InputError):
             raise
         raise InputError(f"{source}: cannot decode audio ({error}); expected WAV, FLAC or OGG") from error
     return samples, rate
+
+
+def _checked_floats(samples: np.ndarray, source: str) -> np.ndarray:
+    """Float samples that are finite and on an audio scale, or an InputError (before any arithmetic on them)."""
+    peak = float(np.max(np.abs(samples))) if samples.size else 0.0
+    if not math.isfinite(peak):
+        raise InputError(f"{source} contains NaN or Inf samples; clean or drop them before passing the audio")
+    if peak > MAX_FLOAT_AMPLITUDE:
+        raise InputError(
+            f"{source}: float samples reach {peak:.3g}; float samples are expected in [-1, 1] "
+            "(int16 values as floats: divide by 32768)"
+        )
+    return samples
 
 
 def _array_to_float(array: np.ndarray) -> np.ndarray:
@@ -145,7 +160,7 @@ def _array_to_float(array: np.ndarray) -> np.ndarray:
     if array.dtype == np.uint8:
         return (array.astype(np.float32) - 128.0) / 128.0
     if array.dtype in (np.float32, np.float64):
-        return array.astype(np.float32, copy=False)
+        return _checked_floats(array, "audio").astype(np.float32, copy=False)
     raise InputError(f"audio array has dtype {array.dtype}; pass float32, float64, int16, int32 or uint8")
 
 

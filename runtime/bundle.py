@@ -69,13 +69,17 @@ def _altered(path: Path, name: str) -> BundleError:
 
 def _inside(folder: Path, name: str) -> Path:
     """folder/name with links resolved, refused unless it is a file inside `folder` (itself resolved)."""
-    resolved = (folder / name).resolve()
+    try:
+        resolved = (folder / name).resolve()
+        is_file = resolved.is_file()
+    except (OSError, RuntimeError) as error:  # a link loop, a name the file system refuses
+        raise BundleError(f"{folder}: {name!r} cannot be opened ({error})") from error
     if not resolved.is_relative_to(folder):
         raise BundleError(
             f"{folder}: {name} links to {resolved}, outside the bundle folder; a bundle must hold its own "
             "files (copy them in instead of linking)"
         )
-    if not resolved.is_file():
+    if not is_file:
         raise BundleError(f"{folder}: {name} is missing; copy the whole bundle folder, or export it again")
     return resolved
 

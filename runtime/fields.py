@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from polysense.errors import BundleError
 
 T = TypeVar("T")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
 def typed(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
@@ -33,6 +35,12 @@ def get(data: Any, key: str, kind: type | tuple[type, ...], where: str, default:
     return typed(data[key], kind, f"{where}.{key}")
 
 
+def within(value: int, low: int, high: int, where: str) -> int:
+    if not low <= value <= high:
+        raise BundleError(f"{where} is {value}, outside {low}..{high}")
+    return value
+
+
 def items(data: Any, key: str, parse: Callable[[Any, str], T], where: str) -> tuple[T, ...]:
     values = get(data, key, list, where)
     return tuple(parse(value, f"{where}.{key}[{i}]") for i, value in enumerate(values))
@@ -43,7 +51,8 @@ def strings(values: Iterable[Any], where: str) -> tuple[str, ...]:
 
 
 def plain_file_name(name: str, where: str) -> str:
-    """`name` if it names a file directly inside its folder (no path separators, not . or ..)."""
-    if not name or "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
+    """`name` if it names a file directly inside its folder: letters, digits, ".", "_" and "-", not starting
+    with "." (so no path separator, no "..", nothing hidden), at most 128 characters."""
+    if not _PLAIN_NAME.fullmatch(name):
         raise BundleError(f"{where}: {name!r} is not a plain file name inside the bundle")
     return name

@@ -13,7 +13,7 @@ def _fastest_for(component: ComponentSpec, device: str) -> str:
     kept = component.variants
     if device == "cuda":
         return "fp16" if "fp16" in kept else "fp32"
-    usable = {p: v for p, v in kept.items() if v.device in ("cpu", "any")}
+    usable = {p: v for p, v in kept.items() if p == "fp32" or v.device in ("cpu", "any")}
     # fp32 first, so without latency figures (an fp32-only bundle) fp32 is the choice.
     latency = {p: float("inf") if v.latency_ms is None else v.latency_ms for p, v in usable.items()}
     return min(usable, key=lambda p: (latency[p], p != "fp32"))

@@ -68,12 +68,15 @@ class Variant:
         if precision not in PRECISIONS:
             raise BundleError(f"{where}: unknown precision {precision!r}")
         latency = get(data, "latency_ms", (int, float), where, None)
+        device = get(data, "device", str, where, "any")
+        if device not in ("cpu", "cuda", "any"):
+            raise BundleError(f"{where}.device: {device!r} is not cpu, cuda or any")
         return cls(
             precision,
             plain_file_name(get(data, "file", str, where), where),
             get(data, "sha256", str, where),
             get(data, "bytes", int, where),
-            get(data, "device", str, where, "any"),
+            device,
             None if latency is None else float(latency),
         )
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from polysense.errors import BundleError
-from polysense.fields import get, plain_file_name, typed
+from polysense.fields import get, plain_file_name, typed, within
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,9 @@ class ImageSettings:
     def from_dict(cls, data: Any, where: str) -> ImageSettings:
         mean = tuple(typed(v, (int, float), f"{where}.mean") for v in get(data, "mean", list, where))
         std = tuple(typed(v, (int, float), f"{where}.std") for v in get(data, "std", list, where))
-        return cls(get(data, "size", int, where), mean, std)
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise BundleError(f"{where}: mean and std need three values each, std all positive")
+        return cls(within(get(data, "size", int, where), 8, 4096, f"{where}.size"), mean, std)
 
     def to_dict(self) -> dict:
         return {"size": self.size, "mean": list(self.mean), "std": list(self.std)}
@@ -35,7 +37,7 @@ class TextSettings:
     def from_dict(cls, data: Any, where: str) -> TextSettings:
         return cls(
             plain_file_name(get(data, "tokenizer", str, where), where),
-            get(data, "max_length", int, where),
+            within(get(data, "max_length", int, where), 1, 65536, f"{where}.max_length"),
             get(data, "sha256", str, where, ""),
         )
 
@@ -58,14 +60,15 @@ class AudioSettings:
     @classmethod
     def from_dict(cls, data: Any, where: str) -> AudioSettings:
         number = (int, float)
-        return cls(
-            get(data, "sample_rate", int, where),
-            get(data, "n_fft", int, where),
-            get(data, "hop_length", int, where),
-            get(data, "n_mels", int, where),
-            float(get(data, "fmin", number, where, 0.0)),
-            get(data, "fmax", (*number, type(None)), where, None),
-        )
+        rate = within(get(data, "sample_rate", int, where), 1000, 768_000, f"{where}.sample_rate")
+        n_fft = within(get(data, "n_fft", int, where), 16, 65536, f"{where}.n_fft")
+        hop = within(get(data, "hop_length", int, where), 1, n_fft, f"{where}.hop_length")
+        n_mels = within(get(data, "n_mels", int, where), 1, 512, f"{where}.n_mels")
+        fmin = float(get(data, "fmin", number, where, 0.0))
+        fmax = get(data, "fmax", (*number, type(None)), where, None)
+        if not 0 <= fmin < (rate / 2 if fmax is None else fmax) <= rate / 2:
+            raise BundleError(f"{where}: need 0 <= fmin < fmax <= sample_rate / 2, got {fmin} and {fmax}")
+        return cls(rate, n_fft, hop, n_mels, fmin, fmax)
 
     def to_dict(self) -> dict:
         return dict(vars(self))

@@ -1,0 +1,181 @@
+"""The long fuzz run: 100,000+ seeded inputs in worker processes that also catch crashes, hangs and memory.
+
+    python benchmarks/fuzz.py --bundle runs/demo/bundle --inputs 100000      (or: make fuzz)
+
+The inputs are those of tests/fuzzing.py (mutated images and audio, random text, arrays, data manifests, bundle
+descriptions). A worker runs a slice of them and reports each outcome on a line; a worker that dies is a crash
+(the input it was on is recorded, and a new worker goes on after it), one silent for --hang-seconds is a hang.
+Memory: each worker's peak RSS above its RSS after warming up (one input of each kind), so the largest value is
+an upper bound on the extra peak memory of any single input. Results go to benchmarks/results/fuzz.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import resource
+import selectors
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+COMMAND = "python benchmarks/fuzz.py --bundle runs/demo/bundle --inputs 100000"
+
+
+def worker(bundle: Path, seed: int, start: int, stop: int) -> None:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fuzzing import KINDS, Fuzzer
+
+    with tempfile.TemporaryDirectory() as folder:
+        fuzzer = Fuzzer(bundle, Path(folder), seed=seed)
+        fuzzer.seed = seed + 1  # warm up with inputs of another seed, then take the baseline
+        for index in range(len(KINDS)):
+            fuzzer.run_one(index)
+        fuzzer.seed = seed
+        print(f"ready {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", flush=True)
+        for index in range(start, stop):
+            tick = time.perf_counter()
+            kind, outcome = fuzzer.run_one(index)
+            seconds = time.perf_counter() - tick
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            print(json.dumps([index, kind, outcome, seconds, peak]), flush=True)
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.outcomes: collections.Counter = collections.Counter()
+        self.failures: list[dict] = []
+        self.crashes: list[int] = []
+        self.hangs: list[int] = []
+        self.slowest: dict[str, tuple[float, int]] = {}
+        self.over_2s = 0
+        self.peak_extra_mb = 0.0
+
+    def add(self, index: int, kind: str, outcome: str, seconds: float) -> None:
+        self.outcomes[kind, outcome.split(":")[0]] += 1
+        if outcome.startswith("failure"):
+            self.failures.append({"index": index, "kind": kind, "outcome": outcome})
+        if seconds > self.slowest.get(kind, (0.0, -1))[0]:
+            self.slowest[kind] = (seconds, index)
+        self.over_2s += seconds > 2.0
+
+
+def supervise(bundle: Path, seed: int, inputs: int, per_worker: int, hang_seconds: float) -> Tally:
+    tally, index = Tally(), 0
+    while index < inputs:
+        stop = min(index + per_worker, inputs)
+        command = [sys.executable, __file__, "--worker", "--bundle", str(bundle), "--seed", str(seed)]
+        process = subprocess.Popen(
+            [*command, "--start", str(index), "--stop", str(stop)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,  # decoders print warnings about corrupt data
+            text=True,
+        )
+        selector = selectors.DefaultSelector()
+        selector.register(process.stdout, selectors.EVENT_READ)
+        baseline = None
+        while True:
+            if not selector.select(timeout=hang_seconds):
+                process.kill()
+                process.wait()
+                tally.hangs.append(index)
+                index += 1
+                break
+            line = process.stdout.readline()
+            if not line:
+                code = process.wait()
+                if index < stop:  # died before finishing its slice
+                    tally.crashes.append(index)
+                    print(f"crash at input {index} (exit {code})", file=sys.stderr)
+                    index += 1
+                break
+            if line.startswith("ready"):
+                baseline = int(line.split()[1])
+                continue
+            number, kind, outcome, seconds, peak = json.loads(line)
+            tally.add(number, kind, outcome, seconds)
+            tally.peak_extra_mb = max(tally.peak_extra_mb, (peak - baseline) / 1024)
+            index = number + 1
+        selector.close()
+        print(f"{index:,}/{inputs:,} inputs", file=sys.stderr, flush=True)
+    return tally
+
+
+def report(tally: Tally, inputs: int, seed: int, seconds: float) -> dict:
+    from polysense.bench import machine
+
+    kinds = sorted({kind for kind, _ in tally.outcomes})
+    return {
+        "command": COMMAND,
+        "machine": machine(),
+        "seed": seed,
+        "inputs": inputs,
+        "wall_seconds": round(seconds, 1),
+        "by_kind": {k: {o: tally.outcomes[k, o] for o in ("ok", "refused", "failure")} for k in kinds},
+        "non_polysense_exceptions": len(tally.failures),
+        "crashes": tally.crashes,
+        "hangs": tally.hangs,
+        "failures": tally.failures[:50],
+        "slowest_seconds": {k: {"seconds": round(s, 3), "input": i} for k, (s, i) in tally.slowest.items()},
+        "inputs_over_2s": tally.over_2s,
+        "peak_extra_memory_mb": round(tally.peak_extra_mb, 1),
+    }
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "# Fuzzing: every input ends in success or a PolysenseError",
+        "",
+        f"`{result['command']}` — {result['inputs']:,} inputs, seed {result['seed']}, "
+        f"{result['wall_seconds']:.0f} s on {result['machine']['cpus']} CPUs "
+        f"({', '.join(result['machine']['isa'])}).",
+        "",
+        f"- non-polysense exceptions: **{result['non_polysense_exceptions']}**",
+        f"- crashes: **{len(result['crashes'])}**, hangs: **{len(result['hangs'])}**",
+        f"- peak extra memory of any input (upper bound): **{result['peak_extra_memory_mb']} MB**",
+        f"- inputs over 2 s: **{result['inputs_over_2s']}**",
+        "",
+        "| kind | ok | refused (PolysenseError) | failure | slowest s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for kind, counts in result["by_kind"].items():
+        slowest = result["slowest_seconds"][kind]["seconds"]
+        lines.append(f"| {kind} | {counts['ok']} | {counts['refused']} | {counts['failure']} | {slowest} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, default=ROOT / "runs" / "demo" / "bundle")
+    parser.add_argument("--inputs", type=int, default=100_000)
+    parser.add_argument("--seed", type=int, default=20261129)
+    parser.add_argument("--per-worker", type=int, default=10_000, help="inputs before a fresh worker")
+    parser.add_argument("--hang-seconds", type=float, default=30.0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--stop", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.bundle, args.seed, args.start, args.stop)
+        return 0
+    if not (args.bundle / "bundle.json").is_file():
+        raise SystemExit(f"{args.bundle} is not a bundle; run `make demo` first (or pass --bundle)")
+    started = time.perf_counter()
+    tally = supervise(args.bundle, args.seed, args.inputs, args.per_worker, args.hang_seconds)
+    result = report(tally, args.inputs, args.seed, time.perf_counter() - started)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "fuzz.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "fuzz.md").write_text(markdown(result))
+    print(markdown(result))
+    clean = not (result["non_polysense_exceptions"] or result["crashes"] or result["hangs"])
+    return 0 if clean else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
