@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint fuzz bench-streaming bench-pytorch bench-avdigits
+.PHONY: demo test lint fuzz bench-limits bench-streaming bench-pytorch bench-avdigits
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,3 +44,9 @@ bench-avdigits: $(STAMP)
 fuzz: $(STAMP)
 	test -d runs/demo/bundle || $(MAKE) demo
 	$(BIN)/python benchmarks/fuzz.py --bundle runs/demo/bundle --inputs 100000
+
+# Worst-case inputs (largest accepted, hostile refused) against +256 MB / 2 s, each in a fresh process;
+# results in benchmarks/results/limits.{json,md}.
+bench-limits: $(STAMP)
+	test -d runs/demo/bundle || $(MAKE) demo
+	$(BIN)/python benchmarks/limits.py --bundle runs/demo/bundle

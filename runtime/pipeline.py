@@ -193,7 +193,7 @@ class Pipeline:
         sampled at `fps`, averaged over the last `window` sampled frames."""
         if "image" not in self.modalities:
             raise InputError(f"this bundle has no image encoder; it takes {', '.join(self.modalities)}")
-        return VideoStream(self._embed_one, self._fusion.predict_one, source, fps, window)
+        return VideoStream(self._embed_one, self._fusion.predict_one, source, fps, window, self._limits)
 
     # -- internals -----------------------------------------------------------------------------------------
 

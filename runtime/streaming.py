@@ -210,7 +210,13 @@ class VideoStream:
     """Sampled video frames through the image encoder, averaged over a sliding window."""
 
     def __init__(
-        self, embed: Embed, fuse: Fuse, source: Any = None, fps: float = 5.0, window: int = 8
+        self,
+        embed: Embed,
+        fuse: Fuse,
+        source: Any = None,
+        fps: float = 5.0,
+        window: int = 8,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         if not fps > 0:
             raise InputError(f"fps must be positive, got {fps}")
@@ -218,6 +224,7 @@ class VideoStream:
             raise InputError(f"window must be at least 1 frame, got {window}")
         self._embed, self._fuse = embed, fuse
         self.source, self.fps, self.window = source, float(fps), window
+        self._limits = limits
         self.text_embedding: np.ndarray | None = None
         self.embeddings: deque[np.ndarray] = deque(maxlen=window)
         self.next_time = 0.0  # seconds: the next frame at or after this time is sampled
@@ -257,6 +264,12 @@ class VideoStream:
         capture = cv2.VideoCapture(self.source if isinstance(self.source, int) else str(self.source))
         if not capture.isOpened():
             raise InputError(f"cannot open video source {self.source!r} (missing file, camera or codec?)")
+        width, height = capture.get(cv2.CAP_PROP_FRAME_WIDTH), capture.get(cv2.CAP_PROP_FRAME_HEIGHT)
+        if width * height > self._limits.max_image_pixels:  # each frame is decoded at full size
+            capture.release()
+            raise self._limits.refuse(
+                f"video {self.source!r} has {width:.0f}x{height:.0f} frames", "max_image_pixels"
+            )
         native_fps = capture.get(cv2.CAP_PROP_FPS) or 0.0
         index = 0
         try:

@@ -187,3 +187,15 @@ def test_an_oversized_bundle_description_is_refused(bundle, tmp_path):
     (copy / "bundle.json").write_text(" " * (5 << 20) + (copy / "bundle.json").read_text())
     with pytest.raises(polysense.BundleError, match="a bundle description is a few KB"):
         polysense.Pipeline.load(copy)
+
+
+def test_a_video_with_frames_over_the_pixel_limit_is_refused(bundle, tmp_path):
+    path = tmp_path / "wide.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 5.0, (320, 240))
+    for _ in range(3):
+        writer.write(np.zeros((240, 320, 3), np.uint8))
+    writer.release()
+    small = polysense.Pipeline.load(bundle, limits=Limits(max_image_pixels=320 * 240 - 1))
+    with pytest.raises(InputError, match="320x240 frames.*max_image_pixels"):
+        list(small.video_stream(str(path)).run())
+    assert len(list(polysense.Pipeline.load(bundle).video_stream(str(path), fps=5).run())) == 3
