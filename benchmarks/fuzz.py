@@ -5,8 +5,8 @@
 The inputs are those of tests/fuzzing.py (mutated images and audio, random text, arrays, data manifests, bundle
 descriptions). A worker runs a slice of them and reports each outcome on a line; a worker that dies is a crash
 (the input it was on is recorded, and a new worker goes on after it), one silent for --hang-seconds is a hang.
-Memory: each worker's peak RSS above its RSS after warming up (one input of each kind), so the largest value is
-an upper bound on the extra peak memory of any single input. Results go to benchmarks/results/fuzz.{json,md}.
+Memory: for each input, the worker's peak RSS during it above its RSS before it (the peak is reset before each
+input through /proc/self/clear_refs); the largest is reported with the input it came from. Results go to benchmarks/results/fuzz.{json,md}.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import resource
 import selectors
 import subprocess
 import sys
@@ -31,19 +30,22 @@ def worker(bundle: Path, seed: int, start: int, stop: int) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from fuzzing import KINDS, Fuzzer
 
+    from polysense.bench import peak_rss_mb, reset_peak_rss, rss_mb
+
     with tempfile.TemporaryDirectory() as folder:
         fuzzer = Fuzzer(bundle, Path(folder), seed=seed)
         fuzzer.seed = seed + 1  # warm up with inputs of another seed, then take the baseline
         for index in range(len(KINDS)):
             fuzzer.run_one(index)
         fuzzer.seed = seed
-        print(f"ready {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", flush=True)
+        print("ready", flush=True)
         for index in range(start, stop):
+            reset_peak_rss()
+            before = rss_mb()
             tick = time.perf_counter()
             kind, outcome = fuzzer.run_one(index)
             seconds = time.perf_counter() - tick
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            print(json.dumps([index, kind, outcome, seconds, peak]), flush=True)
+            print(json.dumps([index, kind, outcome, seconds, peak_rss_mb() - before]), flush=True)
 
 
 class Tally:
@@ -55,6 +57,7 @@ class Tally:
         self.slowest: dict[str, tuple[float, int]] = {}
         self.over_2s = 0
         self.peak_extra_mb = 0.0
+        self.peak_input = -1
 
     def add(self, index: int, kind: str, outcome: str, seconds: float) -> None:
         self.outcomes[kind, outcome.split(":")[0]] += 1
@@ -78,7 +81,6 @@ def supervise(bundle: Path, seed: int, inputs: int, per_worker: int, hang_second
         )
         selector = selectors.DefaultSelector()
         selector.register(process.stdout, selectors.EVENT_READ)
-        baseline = None
         while True:
             if not selector.select(timeout=hang_seconds):
                 process.kill()
@@ -95,11 +97,11 @@ def supervise(bundle: Path, seed: int, inputs: int, per_worker: int, hang_second
                     index += 1
                 break
             if line.startswith("ready"):
-                baseline = int(line.split()[1])
                 continue
-            number, kind, outcome, seconds, peak = json.loads(line)
+            number, kind, outcome, seconds, extra_mb = json.loads(line)
             tally.add(number, kind, outcome, seconds)
-            tally.peak_extra_mb = max(tally.peak_extra_mb, (peak - baseline) / 1024)
+            if extra_mb > tally.peak_extra_mb:
+                tally.peak_extra_mb, tally.peak_input = extra_mb, number
             index = number + 1
         selector.close()
         print(f"{index:,}/{inputs:,} inputs", file=sys.stderr, flush=True)
@@ -124,6 +126,7 @@ def report(tally: Tally, inputs: int, seed: int, seconds: float) -> dict:
         "slowest_seconds": {k: {"seconds": round(s, 3), "input": i} for k, (s, i) in tally.slowest.items()},
         "inputs_over_2s": tally.over_2s,
         "peak_extra_memory_mb": round(tally.peak_extra_mb, 1),
+        "peak_extra_memory_input": tally.peak_input,
     }
 
 
@@ -137,7 +140,8 @@ def markdown(result: dict) -> str:
         "",
         f"- non-polysense exceptions: **{result['non_polysense_exceptions']}**",
         f"- crashes: **{len(result['crashes'])}**, hangs: **{len(result['hangs'])}**",
-        f"- peak extra memory of any input (upper bound): **{result['peak_extra_memory_mb']} MB**",
+        f"- peak extra memory of any input: **{result['peak_extra_memory_mb']} MB** "
+        f"(input {result['peak_extra_memory_input']})",
         f"- inputs over 2 s: **{result['inputs_over_2s']}**",
         "",
         "| kind | ok | refused (PolysenseError) | failure | slowest s |",

@@ -30,7 +30,10 @@ LOG_FLOOR = 1e-6  # added to mel power before the log, so silence stays finite
 
 # Float samples beyond this are not audio on a [-1, 1] scale (and would overflow the power spectrum).
 MAX_FLOAT_AMPLITUDE = 1e6
-_BLOCK = 4096  # frames whose spectrum is computed at once (~12 MB)
+_BLOCK = 4096
+_READ_BLOCK = (
+    1 << 18
+)  # frames decoded at once from a file  # frames whose spectrum is computed at once (~12 MB)
 _MAX_CHANNELS = 32  # more "channels" than this means the array is probably (channels, frames)
 
 
@@ -123,8 +126,19 @@ def _read_encoded(file: Path | io.BytesIO, source: str, limits: Limits) -> tuple
         with soundfile.SoundFile(file) as handle:
             rate = check_sample_rate(handle.samplerate)
             _check_size(handle.frames, handle.channels, rate, limits, source)
-            # At most the frames the header declares (checked above), however long the data really is.
-            samples = _checked_floats(handle.read(handle.frames, dtype="float32", always_2d=True), source)
+            # At most the frames the header declares (checked above), however long the data really is; mixed
+            # to mono block by block, so all channels are never held at once.
+            samples = np.empty(handle.frames, dtype=np.float32)
+            filled = 0
+            while filled < handle.frames:
+                block = handle.read(min(_READ_BLOCK, handle.frames - filled), dtype="float32", always_2d=True)
+                if not len(block):
+                    break
+                samples[filled : filled + len(block)] = mix_to_mono(
+                    _checked_floats(block, source), finite=True
+                )
+                filled += len(block)
+            samples = samples[:filled]
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError, OverflowError) as error:
         if isinstance(error, InputError):
             raise
@@ -134,7 +148,8 @@ def _read_encoded(file: Path | io.BytesIO, source: str, limits: Limits) -> tuple
 
 def _checked_floats(samples: np.ndarray, source: str) -> np.ndarray:
     """Float samples that are finite and on an audio scale, or an InputError (before any arithmetic on them)."""
-    peak = float(np.max(np.abs(samples))) if samples.size else 0.0
+    # max and min rather than abs(): no copy of the samples (NaN propagates through both)
+    peak = max(abs(float(samples.max())), abs(float(samples.min()))) if samples.size else 0.0
     if not math.isfinite(peak):
         raise InputError(f"{source} contains NaN or Inf samples; clean or drop them before passing the audio")
     if peak > MAX_FLOAT_AMPLITUDE:
@@ -229,21 +244,33 @@ class LogMel:
         complete frames are returned (what a stream can emit before its input is finished).
         """
         waveform = np.asarray(waveform, dtype=np.float32)
-        if pad_tail:
-            needed = self.n_fft + (self.num_frames(waveform.size) - 1) * self.hop_length
-            waveform = np.pad(waveform, (0, max(needed - waveform.size, 0)))
-        if waveform.size < self.n_fft:
-            return np.zeros((0, self.n_mels), dtype=np.float32)
-        count = 1 + (waveform.size - self.n_fft) // self.hop_length
+        complete = self._complete_frames(waveform.size)
+        total = self.num_frames(waveform.size) if pad_tail else complete
+        out = np.empty((total, self.n_mels), dtype=np.float32)
+        self._fill(out[:complete], waveform)
+        if total > complete:  # the frames running past the end: zero-pad a copy of the tail only
+            start = complete * self.hop_length
+            tail = np.zeros(self.n_fft + (total - complete - 1) * self.hop_length, dtype=np.float32)
+            tail[: waveform.size - start] = waveform[start:]
+            self._fill(out[complete:], tail)
+        return out
+
+    def _complete_frames(self, num_samples: int) -> int:
+        return 0 if num_samples < self.n_fft else 1 + (num_samples - self.n_fft) // self.hop_length
+
+    def _fill(self, out: np.ndarray, signal: np.ndarray) -> None:
+        """out[i] = log-mel of the frame starting at sample i * hop_length of `signal`."""
+        if not len(out):
+            return
         # A strided view of the overlapping frames (no copy); as_strided directly, since sliding_window_view
         # costs ~45 us of checks per call, which adds up over the many small calls of a stream.
-        step = waveform.strides[0]
+        step = signal.strides[0]
         frames = np.lib.stride_tricks.as_strided(
-            waveform, shape=(count, self.n_fft), strides=(self.hop_length * step, step), writeable=False
+            signal, shape=(len(out), self.n_fft), strides=(self.hop_length * step, step), writeable=False
         )
         # In blocks: the spectrum of all frames at once would take ~3 KB per frame (200 MB for 10 minutes).
-        blocks = [self._log_mel(frames[start : start + _BLOCK]) for start in range(0, count, _BLOCK)]
-        return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+        for first in range(0, len(out), _BLOCK):
+            out[first : first + _BLOCK] = self._log_mel(frames[first : first + _BLOCK])
 
     def _log_mel(self, frames: np.ndarray) -> np.ndarray:
         spectrum = np.fft.rfft(frames * self.window, axis=1)

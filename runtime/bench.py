@@ -106,13 +106,8 @@ def _cold_start(bundle: Path, sample: dict, options: BenchOptions) -> dict:
         f"pipe = polysense.Pipeline.load({str(bundle)!r}, device={options.device!r}, precision={options.precision!r})\n"
         f"pipe.predict(**{sample!r})\n"
         "elapsed = time.perf_counter() - start\n"
-        # VmHWM is this process's own peak; ru_maxrss would carry over the parent's peak across fork + exec.
-        "try:\n"
-        "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
-        "    peak = int(hwm) / 1024\n"
-        "except OSError:\n"
-        "    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
-        "print(json.dumps({'seconds': elapsed, 'peak_rss_mb': peak}))\n"
+        "from polysense.bench import peak_rss_mb\n"
+        "print(json.dumps({'seconds': elapsed, 'peak_rss_mb': peak_rss_mb()}))\n"
     )
     runs = []
     for _ in range(options.cold_start_runs):
@@ -193,10 +188,40 @@ def run_bench(
         "orchestration_overhead_share": overhead / end_to_end["p50_ms"],
         "throughput_samples_per_s": throughput,
         "cold_start": cold,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "bundle_bytes": bundle_sizes(bundle, pipeline.precisions),
         "machine": machine(),
     }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: VmHWM, which is its own (ru_maxrss would carry over the parent's
+    peak across fork + exec) and which `reset_peak_rss` can reset."""
+    try:
+        with open("/proc/self/status") as handle:
+            return next(int(line.split()[1]) for line in handle if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    """This process's resident memory now, in MB (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as handle:
+            return next(int(line.split()[1]) for line in handle if line.startswith("VmRSS")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak to the current RSS (Linux: "5" into /proc/self/clear_refs), so the next `peak_rss_mb`
+    measures only what follows. False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def machine() -> dict:

@@ -44,10 +44,11 @@ class Limits:
             raise ConfigError("Limits.min_sample_rate is above Limits.max_sample_rate")
 
     def refuse(self, what: str, limit: str) -> InputError:
-        """The error for an input over `limit` (a field name), naming how to raise it."""
+        """The error for an input beyond `limit` (a field name), naming how to change it."""
         value = getattr(self, limit)
+        side = "under" if limit.startswith("min_") else "over"
         return InputError(
-            f"{what}: over the limit {limit}={value:,}; if the input is genuine, allow it with "
+            f"{what}: {side} the limit {limit}={value:,}; if the input is genuine, allow it with "
             f"Pipeline.load(..., limits=polysense.Limits({limit}=...))"
         )
 
@@ -57,9 +58,7 @@ class Limits:
 
     def check_sample_rate(self, rate: int, what: str) -> None:
         if rate < self.min_sample_rate:
-            raise self.refuse(
-                f"{what} has a sample rate of {rate} Hz, below min_sample_rate", "min_sample_rate"
-            )
+            raise self.refuse(f"{what} has a sample rate of {rate} Hz", "min_sample_rate")
         if rate > self.max_sample_rate:
             raise self.refuse(f"{what} has a sample rate of {rate} Hz", "max_sample_rate")
 
