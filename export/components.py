@@ -73,7 +73,7 @@ class Component:
     example_builder: Callable[[int, int, torch.Generator], tuple[torch.Tensor, ...]]
     state: tuple[StateTensor, ...] = ()  # a streaming encoder's state tensors
     # The int8 method the encoder family asks for: "static" (QDQ, calibrated; for dense convolutions, where
-    # dynamic quantization gives slow ConvInteger) or "dynamic" (MatMul/Gemm only; recurrent, linear layers).
+    # dynamic quantization gives slow ConvInteger) or "dynamic" (per-channel MatMul/Gemm and embedding tables).
     int8_method: str = "dynamic"
 
     @property

@@ -115,7 +115,7 @@ def candidates(
             method = f"static QDQ, per-channel weights, {len(feeds)} training samples"
             yield Candidate("int8", method, "cpu", path)
         elif quantize_int8_dynamic(fp32_path, path):
-            yield Candidate("int8", "dynamic, MatMul/Gemm only", "cpu", path)
+            yield Candidate("int8", "dynamic, per-channel MatMul/Gemm + Gather", "cpu", path)
         else:
             path.unlink(missing_ok=True)
     if "fp16" in policy.precisions:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from polysense.image import IMAGENET_MEAN, IMAGENET_STD
 from polysense.modalities import MODALITIES
 from polysense.models.dataset import FeatureSet
 from polysense.models.options import TrainOptions
+from polysense.models.registry import family_tokenizer
 from polysense.preprocessing import build_preprocessors
 from polysense.settings import AudioSettings, ImageSettings, Preprocessing, TextSettings
 from polysense.text import train_tokenizer
@@ -127,12 +129,17 @@ def _image_settings(options: TrainOptions, train_rows: list[Row], run_dir: Path)
 
 
 def _text_settings(options: TrainOptions, train_rows: list[Row], run_dir: Path) -> TextSettings:
-    """Trains the tokenizer on the train split's texts and saves it in the run folder."""
+    """The text family's own tokenizer (a pretrained one) or one trained on the train split's texts, saved in
+    the run folder."""
     train_texts = [r.text for r in train_rows if r.text is not None]
     if not train_texts:
         raise ConfigError("the train split has no text; add texts or leave text out with --modalities")
-    # Deterministic for the same texts, so a resumed run rebuilds the very same tokenizer.
-    train_tokenizer(train_texts).save(str(run_dir / TOKENIZER_FILE))
+    pretrained = family_tokenizer(options.text_encoder)
+    if pretrained is not None:
+        shutil.copyfile(pretrained, run_dir / TOKENIZER_FILE)
+    else:
+        # Deterministic for the same texts, so a resumed run rebuilds the very same tokenizer.
+        train_tokenizer(train_texts).save(str(run_dir / TOKENIZER_FILE))
     return TextSettings(TOKENIZER_FILE, options.max_text_length)
 
 

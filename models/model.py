@@ -10,7 +10,7 @@ from torch import nn
 from polysense.modalities import MODALITIES, SPECS, check_modalities
 
 # Importing the families registers them.
-from polysense.models import audio_causal, fusion, image_cnn, text_encoders  # noqa: F401
+from polysense.models import audio_causal, fusion, image_cnn, minilm, text_encoders  # noqa: F401
 from polysense.models.registry import create_encoder, create_fusion
 
 
@@ -27,6 +27,7 @@ class ModelConfig:
     audio_family: str = "causal"
     n_mels: int = 40
     fusion: str = "concat"  # concat | attention | transformer
+    pretrained: bool = True  # families with pretrained weights start from them (False: random weights)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modalities", check_modalities(self.modalities))
@@ -39,6 +40,7 @@ class ModelConfig:
             "vocab_size": self.vocab_size,
             "max_positions": self.max_text_length,
             "n_mels": self.n_mels,
+            "pretrained": self.pretrained,
         }
 
     def encoder_family(self, modality: str) -> str:
@@ -56,14 +58,14 @@ class ModelConfig:
 
 
 class MultimodalClassifier(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, load_pretrained: bool = True) -> None:
+        """`load_pretrained=False` when a checkpoint's weights replace them anyway (export, evaluation), so
+        loading a trained run does not need the pretrained weight packages."""
         super().__init__()
         self.config = config
+        options = {**config.encoder_options(), "pretrained": config.pretrained and load_pretrained}
         self.encoders = nn.ModuleDict(
-            {
-                m: create_encoder(m, config.encoder_family(m), **config.encoder_options())
-                for m in config.modalities
-            }
+            {m: create_encoder(m, config.encoder_family(m), **options) for m in config.modalities}
         )
         self.fusion = create_fusion(
             config.fusion,

@@ -11,12 +11,13 @@ from dataclasses import dataclass, field, fields
 from polysense.errors import ConfigError
 from polysense.modalities import MODALITIES, check_modalities
 from polysense.models.flags import flag_name
-from polysense.models.registry import ENCODERS, FUSIONS
+from polysense.models.registry import ENCODERS, FUSIONS, family_defaults
 from polysense.sessions import DEVICES
 
 STRATEGIES = ("joint", "staged")
+DEFAULT_EPOCHS = 12
 # Fields that must be at least 1.
-_POSITIVE_INTS = ("epochs", "batch_size", "image_size", "image_width", "embed_dim", "max_text_length")
+_POSITIVE_INTS = ("batch_size", "image_size", "image_width", "embed_dim", "max_text_length")
 
 
 @dataclass(frozen=True)
@@ -25,11 +26,15 @@ class TrainOptions:
     out: str  # run folder for checkpoints, tokenizer, config and metrics
     modalities: tuple[str, ...] | None = None  # subset to train, e.g. image,audio (default: all in the data)
     strategy: str = "joint"  # joint: everything end to end; staged: encoders first, then the fusion
-    epochs: int = 12  # joint epochs, or fusion epochs after pre-training when staged
+    epochs: int = 0  # joint (or staged fusion) epochs; 0: 12, or a pretrained family's own (minilm-l6: 3)
     pretrain_epochs: int = 4  # staged only: epochs of each encoder with its own head
     finetune_encoders: bool = False  # staged only: keep training the encoders with the fusion (else frozen)
     batch_size: int = 64  # training samples per optimizer step
     lr: float = 3e-3  # peak learning rate of AdamW (linear warm-up, then cosine decay)
+    pretrained_lr: float = (
+        0.0  # peak learning rate of pretrained layers; 0: the family's own (minilm-l6: 5e-5)
+    )
+    from_scratch: bool = False  # start families with pretrained weights (minilm-l6) from random weights
     weight_decay: float = 1e-4  # AdamW's decoupled weight decay
     modality_dropout: float = 0.5  # share of training samples shown a random subset of their modalities
     aux_loss_weight: float = 0.5  # weight of each encoder's own loss (0: the fusion's loss only)
@@ -50,6 +55,7 @@ class TrainOptions:
     def __post_init__(self) -> None:
         if self.modalities is not None:
             object.__setattr__(self, "modalities", check_modalities(self.modalities))
+        self._resolve_family_defaults()
         problems = [
             f"{flag(name)} {getattr(self, name)!r} is unknown; choose {_one_of(allowed)}"
             for name, allowed in option_choices().items()
@@ -64,8 +70,10 @@ class TrainOptions:
             problems.append(f"{flag('pretrain_epochs')} must be at least 1 with --strategy staged")
         if self.finetune_encoders and self.strategy != "staged":
             problems.append(f"{flag('finetune_encoders')} only applies to --strategy staged")
-        if not self.lr > 0:
-            problems.append(f"{flag('lr')} must be positive, got {self.lr}")
+        if not self.lr > 0 or not self.pretrained_lr > 0:
+            problems.append(f"{flag('lr')} and {flag('pretrained_lr')} must be positive")
+        if self.epochs < 1:
+            problems.append(f"{flag('epochs')} must be at least 1, got {self.epochs}")
         if self.weight_decay < 0 or self.patience < 0 or self.aux_loss_weight < 0:
             problems.append("--weight-decay, --patience and --aux-loss-weight cannot be negative")
         if not 0 <= self.modality_dropout <= 1:
@@ -76,6 +84,21 @@ class TrainOptions:
             )
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _resolve_family_defaults(self) -> None:
+        """0 for epochs or pretrained_lr means: what the chosen pretrained families ask for (few epochs, a small
+        learning rate), else the general default. Resolved here, so a run's config records the numbers."""
+        pretrained = [] if self.from_scratch else [family_defaults(m, self.encoder(m)) for m in MODALITIES]
+        pretrained = [d for d in pretrained if d]
+        if self.epochs == 0:
+            epochs = min((d["epochs"] for d in pretrained), default=DEFAULT_EPOCHS)
+            object.__setattr__(self, "epochs", epochs)
+        if self.pretrained_lr == 0:
+            lr = min((d["pretrained_lr"] for d in pretrained), default=self.lr)
+            object.__setattr__(self, "pretrained_lr", lr)
+
+    def encoder(self, modality: str) -> str:
+        return getattr(self, f"{modality}_encoder")
 
     def to_dict(self) -> dict:
         values = {f.name: getattr(self, f.name) for f in fields(self)}

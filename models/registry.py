@@ -10,6 +10,10 @@ The contract of an encoder family:
   vocab_size, max_positions, n_mels) and gets only those (all of them if it takes **options);
 - optional: `fit_input_stats(features)`, called once with the training split's features before training;
   `int8_method = "static"` to have export calibrate static QDQ int8 (dense convolutions) instead of dynamic;
+- pretrained families: the factory takes `pretrained` (load the weights; False trains from random weights),
+  the module lists `pretrained_prefixes` (its parameters that came pretrained, fine-tuned at --pretrained-lr),
+  and a text family's factory carries `tokenizer_file()` (its vocabulary, copied into the run instead of
+  learning one);
 - what export needs per modality: text encoders expose `vocab_size`; a streaming (audio) encoder exposes
   `n_mels`, `input_mean`/`input_std`, `step(frames, state)` and `state_layout()`.
 """
@@ -55,6 +59,17 @@ def create_encoder(modality: str, name: str, **options) -> nn.Module:
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         options = {key: value for key, value in options.items() if key in parameters}
     return factory(**options)
+
+
+def family_defaults(modality: str, name: str) -> dict:
+    """{"epochs": ..., "pretrained_lr": ...} that a pretrained family asks for; {} for the others."""
+    return dict(getattr(ENCODERS.get(modality, {}).get(name), "defaults", {}))
+
+
+def family_tokenizer(name: str):
+    """The pretrained tokenizer.json of text family `name`, or None when the family learns its vocabulary."""
+    tokenizer_file = getattr(ENCODERS["text"].get(name), "tokenizer_file", None)
+    return tokenizer_file() if tokenizer_file is not None else None
 
 
 def create_fusion(name: str, **options) -> nn.Module:

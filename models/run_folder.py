@@ -198,6 +198,6 @@ def load_trained(run_dir: str | os.PathLike) -> tuple[MultimodalClassifier, dict
             f"{run_dir} holds no finished run (no {MODEL_FILE}); train it, or finish it with --resume"
         )
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    model = MultimodalClassifier(ModelConfig.from_dict(saved["config"]["model"]))
+    model = MultimodalClassifier(ModelConfig.from_dict(saved["config"]["model"]), load_pretrained=False)
     model.load_state_dict(saved["model"])
     return model.eval(), saved["config"]

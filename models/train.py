@@ -119,6 +119,7 @@ def _model_config(options: TrainOptions, data: PreparedData) -> ModelConfig:
         vocab_size=data.vocab_size,
         max_text_length=options.max_text_length,
         fusion=options.fusion,
+        pretrained=not options.from_scratch,
     )
 
 
@@ -191,9 +192,24 @@ def _optimizer_and_schedule(
         trainable = [p for p in model.parameters() if p.requires_grad]
         if options.aux_loss_weight > 0 and not frozen:
             trainable += list(run.heads.parameters())
-    optimizer = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
+    optimizer = torch.optim.AdamW(
+        _parameter_groups(model, trainable, options), lr=options.lr, weight_decay=options.weight_decay
+    )
     steps = phase.epochs * run.data.splits["train"].num_batches(options.batch_size)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps))
+
+
+def _parameter_groups(model: MultimodalClassifier, trainable: list, options: TrainOptions) -> list[dict]:
+    """The pretrained layers of pretrained encoders at --pretrained-lr, everything else at --lr."""
+    pretrained = set()
+    if model.config.pretrained:
+        for encoder in model.encoders.values():
+            prefixes = getattr(encoder, "pretrained_prefixes", ())
+            pretrained |= {id(p) for name, p in encoder.named_parameters() if name.startswith(prefixes)}
+    slow = [p for p in trainable if id(p) in pretrained]
+    fast = [p for p in trainable if id(p) not in pretrained]
+    groups = [{"params": fast}]
+    return groups + [{"params": slow, "lr": options.pretrained_lr}] if slow else groups
 
 
 def _run_phase(run: _Run, phase: Phase, first: int, last: int, total_epochs: int) -> bool:

@@ -46,6 +46,12 @@ def _add_data(commands: argparse._SubParsersAction) -> None:
         "--holdout-speaker", help="put every recording of this speaker in test, none in train/val"
     )
     avdigits.set_defaults(run=_run_data_avdigits)
+    sst2 = kinds.add_parser("sst2", help="SST-2 sentences (text, label): dev as test, part of train as val")
+    sst2.add_argument("--dir", required=True, help="folder with train.tsv and dev.tsv (../shared/data/sst2)")
+    sst2.add_argument("--out", required=True, help="folder for manifest.csv")
+    sst2.add_argument("--val-share", type=float, default=0.1, help="share of train held out (default 0.1)")
+    sst2.add_argument("--seed", type=int, default=0)
+    sst2.set_defaults(run=_run_data_sst2)
 
 
 def _run_data_builtin(args: argparse.Namespace) -> int:
@@ -56,13 +62,25 @@ def _run_data_builtin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_data_sst2(args: argparse.Namespace) -> int:
+    from polysense.datasets.sst2 import SST2Spec, write_sst2
+
+    return _wrote(write_sst2(SST2Spec(args.dir, args.val_share, args.seed), args.out))
+
+
 def _run_data_avdigits(args: argparse.Namespace) -> int:
+    from polysense.datasets.avdigits import AVDigitsSpec, write_avdigits
+
+    spec = AVDigitsSpec(args.fsdd, args.images, args.seed, args.holdout_speaker)
+    return _wrote(write_avdigits(spec, args.out))
+
+
+def _wrote(manifest: Path) -> int:
+    """Say where a data manifest was written and how many rows each split got."""
     from collections import Counter
 
     from polysense.data import read_manifest
-    from polysense.datasets.avdigits import AVDigitsSpec, write_avdigits
 
-    manifest = write_avdigits(AVDigitsSpec(args.fsdd, args.images, args.seed, args.holdout_speaker), args.out)
     counts = Counter(row.split for row in read_manifest(manifest).rows)
     print(f"wrote {manifest}: " + ", ".join(f"{split} {counts[split]}" for split in SPLITS))
     return 0

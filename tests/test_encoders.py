@@ -131,5 +131,5 @@ def test_default_image_cnn_flops_within_budget():
 def test_unknown_encoder_names_the_choices():
     from polysense.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="choose from gru, transformer"):
+    with pytest.raises(ConfigError, match="choose from gru, minilm-l6, transformer"):
         create_encoder("text", "lstm", vocab_size=10)

@@ -57,7 +57,7 @@ def test_todays_flag_names_are_kept(train_cli):
         "--data --out --modalities --strategy --epochs --pretrain-epochs --finetune-encoders --batch-size --lr "
         "--weight-decay --modality-dropout --aux-loss-weight --patience --seed --device --image-size "
         "--image-width --embed-dim --image-encoder --text-encoder --audio-encoder --fusion --max-text-length --n "
-        "--resume --no-progress"
+        "--resume --no-progress --pretrained-lr --from-scratch"
     )
     assert set(expected.split()) | {"-h", "--help"} == flags
 
@@ -83,7 +83,8 @@ def _non_default(name: str) -> tuple[list[str], object]:
     if kind is int:
         return [flag, str(default + 1)], default + 1
     if kind is float:
-        return [flag, str(default / 2)], default / 2
+        value = default / 2 if default else 1e-4  # 0 means "the family's own"
+        return [flag, str(value)], value
     assert kind is str, f"add a value for {name} ({kind}) to this test"
     return [flag, "elsewhere"], "elsewhere"
 

