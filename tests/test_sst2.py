@@ -30,5 +30,5 @@ def test_a_malformed_sst2_file_is_refused(tmp_path):
     (tmp_path / "dev.tsv").write_text("ok\t0\n")
     with pytest.raises(InputError, match=r"train.tsv:2: expected 'sentence<TAB>0\|1'"):
         write_sst2(SST2Spec(str(tmp_path)), tmp_path / "out")
-    with pytest.raises(InputError, match="dev.tsv is missing"):
+    with pytest.raises(InputError, match="train.tsv is missing; --dir must hold"):
         write_sst2(SST2Spec(str(tmp_path / "nowhere")), tmp_path / "out")
