@@ -28,7 +28,7 @@ from polysense.image import IMAGENET_MEAN, IMAGENET_STD
 from polysense.modalities import MODALITIES
 from polysense.models.dataset import FeatureSet
 from polysense.models.options import TrainOptions
-from polysense.models.registry import family_tokenizer
+from polysense.models.registry import family_defaults, family_tokenizer
 from polysense.preprocessing import build_preprocessors
 from polysense.settings import AudioSettings, ImageSettings, Preprocessing, TextSettings
 from polysense.text import train_tokenizer
@@ -125,7 +125,10 @@ def _split_rows(
 
 
 def _image_settings(options: TrainOptions, train_rows: list[Row], run_dir: Path) -> ImageSettings:
-    return ImageSettings(options.image_size, IMAGENET_MEAN, IMAGENET_STD)
+    """The image family's own input scale (EfficientNet-Lite: [-1, 1]), else ImageNet's mean and std."""
+    family = family_defaults("image", options.image_encoder)
+    mean, std = family.get("image_mean", IMAGENET_MEAN), family.get("image_std", IMAGENET_STD)
+    return ImageSettings(options.image_size, tuple(mean), tuple(std))
 
 
 def _text_settings(options: TrainOptions, train_rows: list[Row], run_dir: Path) -> TextSettings:

@@ -10,7 +10,14 @@ from torch import nn
 from polysense.modalities import MODALITIES, SPECS, check_modalities
 
 # Importing the families registers them.
-from polysense.models import audio_causal, fusion, image_cnn, minilm, text_encoders  # noqa: F401
+from polysense.models import (  # noqa: F401
+    audio_causal,
+    efficientnet_lite,
+    fusion,
+    image_cnn,
+    minilm,
+    text_encoders,
+)
 from polysense.models.registry import create_encoder, create_fusion
 
 

@@ -16,6 +16,7 @@ from polysense.sessions import DEVICES
 
 STRATEGIES = ("joint", "staged")
 DEFAULT_EPOCHS = 12
+DEFAULT_IMAGE_SIZE = 64
 # Fields that must be at least 1.
 _POSITIVE_INTS = ("batch_size", "image_size", "image_width", "embed_dim", "max_text_length")
 
@@ -41,7 +42,7 @@ class TrainOptions:
     patience: int = 4  # stop after this many epochs without a better validation accuracy (0: never)
     seed: int = 0  # seeds the split, the weights and each epoch's draws: the same seed gives the same run
     device: str = "auto"  # where to train (auto: CUDA when torch sees a device, else CPU)
-    image_size: int = 64  # pixels, square
+    image_size: int = 0  # pixels, square; 0: 64, or the image family's own (efficientnet-lite0: 128)
     image_width: int = 24  # CNN width (channels of its first stage)
     embed_dim: int = 128  # size of each encoder's embedding
     image_encoder: str = "cnn"  # image encoder family
@@ -86,10 +87,14 @@ class TrainOptions:
             raise ConfigError("; ".join(problems))
 
     def _resolve_family_defaults(self) -> None:
-        """0 for epochs or pretrained_lr means: what the chosen pretrained families ask for (few epochs, a small
-        learning rate), else the general default. Resolved here, so a run's config records the numbers."""
+        """0 for epochs, pretrained_lr or image_size means: what the chosen families ask for (a pretrained one:
+        few epochs, a small learning rate; an image family: its resolution), else the general default.
+        Resolved here, so a run's config records the numbers."""
         pretrained = [] if self.from_scratch else [family_defaults(m, self.encoder(m)) for m in MODALITIES]
-        pretrained = [d for d in pretrained if d]
+        pretrained = [d for d in pretrained if "epochs" in d]
+        if self.image_size == 0:
+            size = family_defaults("image", self.image_encoder).get("image_size", DEFAULT_IMAGE_SIZE)
+            object.__setattr__(self, "image_size", size)
         if self.epochs == 0:
             epochs = min((d["epochs"] for d in pretrained), default=DEFAULT_EPOCHS)
             object.__setattr__(self, "epochs", epochs)

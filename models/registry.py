@@ -10,6 +10,8 @@ The contract of an encoder family:
   vocab_size, max_positions, n_mels) and gets only those (all of them if it takes **options);
 - optional: `fit_input_stats(features)`, called once with the training split's features before training;
   `int8_method = "static"` to have export calibrate static QDQ int8 (dense convolutions) instead of dynamic;
+- a factory may carry `defaults`, what the family asks of training when the user leaves it to it: "epochs" and
+  "pretrained_lr" (pretrained families), "image_size", "image_mean", "image_std" (image families);
 - pretrained families: the factory takes `pretrained` (load the weights; False trains from random weights),
   the module lists `pretrained_prefixes` (its parameters that came pretrained, fine-tuned at --pretrained-lr),
   and a text family's factory carries `tokenizer_file()` (its vocabulary, copied into the run instead of

