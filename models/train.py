@@ -52,8 +52,8 @@ class TrainResult:
 
 
 def phases(options: TrainOptions) -> list[Phase]:
-    if options.strategy == "joint":
-        return [Phase("joint", options.epochs, True)]
+    if options.strategy in ("joint", "frozen"):
+        return [Phase(options.strategy, options.epochs, True)]
     return [Phase("pretrain", options.pretrain_epochs, False), Phase("fusion", options.epochs, True)]
 
 
@@ -199,13 +199,20 @@ def _optimizer_and_schedule(
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps))
 
 
+def pretrained_parameters(model: MultimodalClassifier) -> list[nn.Parameter]:
+    """The parameters that came pretrained (none when the model was built --from-scratch)."""
+    if not model.config.pretrained:
+        return []
+    found = []
+    for encoder in model.encoders.values():
+        prefixes = getattr(encoder, "pretrained_prefixes", ())
+        found += [p for name, p in encoder.named_parameters() if prefixes and name.startswith(prefixes)]
+    return found
+
+
 def _parameter_groups(model: MultimodalClassifier, trainable: list, options: TrainOptions) -> list[dict]:
     """The pretrained layers of pretrained encoders at --pretrained-lr, everything else at --lr."""
-    pretrained = set()
-    if model.config.pretrained:
-        for encoder in model.encoders.values():
-            prefixes = getattr(encoder, "pretrained_prefixes", ())
-            pretrained |= {id(p) for name, p in encoder.named_parameters() if name.startswith(prefixes)}
+    pretrained = {id(p) for p in pretrained_parameters(model)}
     slow = [p for p in trainable if id(p) in pretrained]
     fast = [p for p in trainable if id(p) not in pretrained]
     groups = [{"params": fast}]
@@ -221,6 +228,10 @@ def _run_phase(run: _Run, phase: Phase, first: int, last: int, total_epochs: int
     frozen = phase.name == "fusion" and not options.finetune_encoders
     for parameter in run.model.encoders.parameters():
         parameter.requires_grad_(not frozen)
+    # Feature extraction: the pretrained weights stay fixed (BatchNorm statistics still adapt to the data).
+    if options.strategy == "frozen":
+        for parameter in pretrained_parameters(run.model):
+            parameter.requires_grad_(False)
     optimizer, scheduler = _optimizer_and_schedule(run, phase, frozen)
     if run.checkpoint is not None and first <= run.checkpoint.state.epoch < last:
         optimizer.load_state_dict(run.checkpoint.optimizer)

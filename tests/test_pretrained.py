@@ -172,3 +172,36 @@ def test_image_family_defaults_set_resolution_and_input_scale(tmp_path):
 
     settings = _image_settings(options, [], tmp_path)
     assert (settings.size, settings.mean, settings.std) == (128, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def test_the_frozen_strategy_trains_around_fixed_pretrained_weights(tmp_path):
+    _require_package(MINILM.package)
+    import csv
+
+    from polysense.models.minilm import minilm_l6
+    from polysense.models.run_folder import load_trained
+    from polysense.models.train import train
+
+    manifest = tmp_path / "data.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label", "split"])
+        for index in range(24):
+            text, label = ("a wonderful film", "positive") if index % 2 else ("a dull mess", "negative")
+            writer.writerow([text, label, ("train", "train", "val", "test")[index % 4]])
+    options = TrainOptions(
+        data=str(manifest),
+        out=str(tmp_path / "run"),
+        text_encoder="minilm-l6",
+        strategy="frozen",
+        epochs=1,
+        batch_size=8,
+        progress=False,
+    )
+    train(options)
+    trained, _ = load_trained(tmp_path / "run")
+    original = minilm_l6()
+    encoder = trained.encoders["text"]
+    for name, parameter in original.named_parameters():
+        same = torch.equal(parameter, dict(encoder.named_parameters())[name])
+        assert same != name.startswith("project"), name  # pretrained layers kept, the projection trained
