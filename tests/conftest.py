@@ -64,6 +64,16 @@ def trained_run(tiny_builtin, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def copied_bundle(bundle, tmp_path) -> Path:
+    """A copy of the session's bundle that a test may alter."""
+    import shutil
+
+    folder = tmp_path / "bundle"
+    shutil.copytree(bundle, folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def bundle(trained_run, tmp_path_factory) -> Path:
     """The trained run exported to a bundle."""

@@ -18,13 +18,6 @@ from polysense.errors import BundleError  # noqa: E402
 from polysense.schema import DESCRIPTION_FILE  # noqa: E402
 
 
-@pytest.fixture
-def copied(bundle, tmp_path):
-    folder = tmp_path / "bundle"
-    shutil.copytree(bundle, folder)
-    return folder
-
-
 def _description(folder):
     return json.loads((folder / DESCRIPTION_FILE).read_text())
 
@@ -51,13 +44,13 @@ def _rewrite(folder, description):
         ("audio_encoder", "text_encoder", r"inputs are \['ids', 'mask'\]"),
     ],
 )
-def test_a_swapped_component_is_refused_at_load(copied, target, source, message):
-    shutil.copyfile(copied / f"{source}.fp32.onnx", copied / f"{target}.fp32.onnx")
+def test_a_swapped_component_is_refused_at_load(copied_bundle, target, source, message):
+    shutil.copyfile(copied_bundle / f"{source}.fp32.onnx", copied_bundle / f"{target}.fp32.onnx")
     _rewrite(
-        copied, _description(copied)
+        copied_bundle, _description(copied_bundle)
     )  # the hashes vouch for the swapped file: only the graph check is left
     with pytest.raises(BundleError, match=message + r".*export the bundle again"):
-        polysense.Pipeline.load(copied, precision="fp32")
+        polysense.Pipeline.load(copied_bundle, precision="fp32")
 
 
 def _edit(path, value):
@@ -104,29 +97,31 @@ EDITS = {
 
 
 @pytest.mark.parametrize("name", EDITS)
-def test_a_description_that_does_not_match_its_graphs_is_refused(copied, name):
+def test_a_description_that_does_not_match_its_graphs_is_refused(copied_bundle, name):
     edit, message = EDITS[name]
-    description = _description(copied)
+    description = _description(copied_bundle)
     edit(description)
-    _rewrite(copied, description)
+    _rewrite(copied_bundle, description)
     with pytest.raises(BundleError, match=message):
-        polysense.Pipeline.load(copied, precision="fp32")
+        polysense.Pipeline.load(copied_bundle, precision="fp32")
 
 
-def test_a_file_linking_outside_the_bundle_is_refused(copied, tmp_path):
+def test_a_file_linking_outside_the_bundle_is_refused(copied_bundle, tmp_path):
     outside = tmp_path / "outside.json"
-    shutil.copyfile(copied / "tokenizer.json", outside)
-    (copied / "tokenizer.json").unlink()
-    os.symlink(outside, copied / "tokenizer.json")  # same bytes, same hash: only the location is wrong
+    shutil.copyfile(copied_bundle / "tokenizer.json", outside)
+    (copied_bundle / "tokenizer.json").unlink()
+    os.symlink(outside, copied_bundle / "tokenizer.json")  # same bytes, same hash: only the location is wrong
     with pytest.raises(BundleError, match="outside the bundle folder"):
-        polysense.Pipeline.load(copied)
-    (copied / "tokenizer.json").unlink()
-    os.symlink(copied / DESCRIPTION_FILE, copied / "tokenizer.json")  # inside: allowed, then hash-checked
+        polysense.Pipeline.load(copied_bundle)
+    (copied_bundle / "tokenizer.json").unlink()
+    os.symlink(
+        copied_bundle / DESCRIPTION_FILE, copied_bundle / "tokenizer.json"
+    )  # inside: allowed, then hash-checked
     with pytest.raises(BundleError, match="tokenizer.json does not match its sha256"):
-        polysense.Pipeline.load(copied)
+        polysense.Pipeline.load(copied_bundle)
 
 
-def test_the_bytes_handed_to_onnxruntime_are_the_bytes_hashed(copied, monkeypatch):
+def test_the_bytes_handed_to_onnxruntime_are_the_bytes_hashed(copied_bundle, monkeypatch):
     """Each used file is read once: altering it after the check cannot reach onnxruntime."""
     from polysense import bundle as bundle_module
 
@@ -151,7 +146,7 @@ def test_the_bytes_handed_to_onnxruntime_are_the_bytes_hashed(copied, monkeypatc
 
     monkeypatch.setattr(bundle_module, "open", tracking_open, raising=False)  # how sha256_file reads
     monkeypatch.setattr(Path, "read_bytes", tracking_read_bytes)
-    pipe = polysense.Pipeline.load(copied, device="cpu")
+    pipe = polysense.Pipeline.load(copied_bundle, device="cpu")
     used = [pipe.description.component(n).variant(p).file for n, p in pipe.precisions.items()]
     assert sorted(reads) == sorted([*used, "tokenizer.json"])
     for name, _ in pipe.description.files():
@@ -183,10 +178,10 @@ def _mistyped(value):
     return "7"
 
 
-def test_every_field_removed_or_mistyped_is_refused_or_harmless(copied, capsys):
+def test_every_field_removed_or_mistyped_is_refused_or_harmless(copied_bundle, capsys):
     """Each field of the description removed, then mistyped: Pipeline.load raises BundleError or, for an
     optional field, loads; `polysense info` prints one error line or the description; nothing else escapes."""
-    original = _description(copied)
+    original = _description(copied_bundle)
     outcomes = {"refused": 0, "loaded": 0}
     for path in list(_paths(original)):
         for change in ("remove", "mistype"):
@@ -201,13 +196,13 @@ def test_every_field_removed_or_mistyped_is_refused_or_harmless(copied, capsys):
                 del node[last]
             else:
                 node[last] = _mistyped(node[last])
-            (copied / DESCRIPTION_FILE).write_text(json.dumps(description))
+            (copied_bundle / DESCRIPTION_FILE).write_text(json.dumps(description))
             try:
-                polysense.Pipeline.load(copied, device="cpu")
+                polysense.Pipeline.load(copied_bundle, device="cpu")
                 outcomes["loaded"] += 1
             except BundleError:
                 outcomes["refused"] += 1
-            code = main(["info", str(copied)])
+            code = main(["info", str(copied_bundle)])
             assert code in (0, 2), (path, change)
             capsys.readouterr()
     assert outcomes["refused"] > 100

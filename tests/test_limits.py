@@ -179,14 +179,11 @@ def test_manifest_lines_too_long_or_nested_too_deeply_are_row_problems(tmp_path)
     assert [(p.line, p.reason.split(" ")[0]) for p in found.problems] == [(2, "line"), (3, "JSON")]
 
 
-def test_an_oversized_bundle_description_is_refused(bundle, tmp_path):
-    import shutil
-
-    copy = tmp_path / "bundle"
-    shutil.copytree(bundle, copy)
-    (copy / "bundle.json").write_text(" " * (5 << 20) + (copy / "bundle.json").read_text())
+def test_an_oversized_bundle_description_is_refused(copied_bundle):
+    description = copied_bundle / "bundle.json"
+    description.write_text(" " * (5 << 20) + description.read_text())
     with pytest.raises(polysense.BundleError, match="a bundle description is a few KB"):
-        polysense.Pipeline.load(copy)
+        polysense.Pipeline.load(copied_bundle)
 
 
 def test_a_video_with_frames_over_the_pixel_limit_is_refused(bundle, tmp_path):
