@@ -95,9 +95,34 @@ def test_cli_predict_and_info_write_nothing_and_open_no_socket(bundle, tmp_path,
     assert _network_calls(trace_file) == []
 
 
-def test_the_check_sees_telemetry_when_it_is_allowed(bundle, tmp_path):
-    """The opt-in works, and shows that the checks above would catch onnxruntime writing into HOME."""
+# What an unwanted library would do: write under HOME and keep a socket open. The self-test below proves the
+# checks above see both, without depending on whether onnxruntime records telemetry on this machine (it does on
+# some machines and not on others, even with the opt-in).
+LEAKY_RUN = LIBRARY_RUN.replace(
+    "open_sockets =",
+    "import pathlib, socket\n"
+    "pathlib.Path(os.environ['HOME'], '.cache', 'leak').mkdir(parents=True)\n"
+    "kept = socket.socket()\n"
+    "open_sockets =",
+)
+
+
+def test_the_checks_catch_a_write_into_home_and_a_socket(bundle, tmp_path, trace_file):
     home = tmp_path / "home"
     home.mkdir()
-    _run([sys.executable, "-c", LIBRARY_RUN, str(bundle)], home, None, allow=True)
-    assert any("onnxruntime" in path for path in _written(home))
+    out = _run([sys.executable, "-c", LEAKY_RUN, str(bundle)], home, trace_file)
+    assert "SOCKETS 0" not in out
+    assert ".cache/leak" in _written(home)
+    if trace_file is not None:
+        assert _network_calls(trace_file) != []
+
+
+def test_the_opt_in_leaves_onnxruntime_telemetry_on():
+    script = "import os, polysense.privacy as p; print(os.environ.get('ORT_DISABLE_TELEMETRY'), p.telemetry_disabled())"
+    environment = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    for allow, expected in ((True, "None False"), (False, "1 True")):
+        environment.pop("POLYSENSE_ALLOW_TELEMETRY", None)
+        if allow:
+            environment["POLYSENSE_ALLOW_TELEMETRY"] = "1"
+        done = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True)
+        assert done.stdout.strip() == expected, done.stderr
