@@ -1,6 +1,6 @@
 """Causal audio encoder over log-mel frames, with its streaming state as explicit inputs and outputs.
 
-    frames [B, T, n_mels] -> normalise -> causal conv (k=5) -> causal conv (k=5, dilation 2) -> GRU
+    frames [B, T, n_mels] -> normalise -> [running mean removed] -> causal conv (k=5) -> causal conv (k=5, dilation 2) -> GRU
                           -> running mean of the GRU outputs -> linear -> embedding [B, embed_dim]
 
 State (all float32 tensors, zeros at the start of a recording):
@@ -9,6 +9,13 @@ State (all float32 tensors, zeros at the start of a recording):
     gru_hidden   [1, B, hidden]     the GRU's hidden state
     pool_sum     [B, hidden]        sum of GRU outputs over the frames seen so far
     pool_count   [B, 1]             number of frames seen so far
+    band_sum     [B, n_mels]        with running normalisation only: sum of the normalised frames seen so far
+
+Running normalisation (`norm_frames` > 0) subtracts from each normalised frame the mean of the frames up to and
+including it, shrunk towards the training mean as if `norm_frames` frames of it came first:
+    z_t - (z_1 + ... + z_t) / (norm_frames + t)
+It removes what stays constant over a recording (microphone, room, loudness, much of a voice's timbre), the
+causal counterpart of per-utterance mean normalisation, so streaming still equals offline.
 
 Nothing looks ahead, so feeding the frames in any number of chunks while carrying the state gives the
 embedding of a single pass over all of them. The streaming runtime runs the exported graph the same way.
@@ -23,8 +30,8 @@ from torch import nn
 from polysense.audio import N_MELS
 from polysense.models.registry import register_encoder
 
-AudioState = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-STATE_NAMES = ("conv1_cache", "conv2_cache", "gru_hidden", "pool_sum", "pool_count")
+AudioState = tuple[torch.Tensor, ...]
+STATE_NAMES = ("conv1_cache", "conv2_cache", "gru_hidden", "pool_sum", "pool_count", "band_sum")
 
 
 class CausalConv1d(nn.Module):
@@ -43,10 +50,16 @@ class CausalConv1d(nn.Module):
 
 class CausalAudioEncoder(nn.Module):
     def __init__(
-        self, n_mels: int = N_MELS, embed_dim: int = 128, channels: int = 64, hidden: int = 96
+        self,
+        n_mels: int = N_MELS,
+        embed_dim: int = 128,
+        channels: int = 64,
+        hidden: int = 96,
+        norm_frames: int = 0,
     ) -> None:
         super().__init__()
         self.embed_dim, self.n_mels, self.channels, self.hidden = embed_dim, n_mels, channels, hidden
+        self.norm_frames = norm_frames  # 0: no running normalisation (runs made before it existed)
         # Per-band statistics of the training frames, set before training (see fit_input_stats).
         self.register_buffer("input_mean", torch.zeros(n_mels))
         self.register_buffer("input_std", torch.ones(n_mels))
@@ -59,7 +72,10 @@ class CausalAudioEncoder(nn.Module):
         """Per-band mean and std of the training clips' frames [T, n_mels], used to normalise the input."""
         frames = torch.from_numpy(np.concatenate(clips))
         self.input_mean.copy_(frames.mean(0))
-        self.input_std.copy_(frames.std(0).clamp(min=1e-3))
+        # A band the training audio never reaches (above 4 kHz in 8 kHz recordings) sits at the log floor with a
+        # std near 0; dividing by that turned any energy there (noise, gain, another microphone) into values in
+        # the thousands. One nat (4.3 dB) is the least spread a band is assumed to have.
+        self.input_std.copy_(frames.std(0).clamp(min=1.0))
 
     def state_layout(self) -> dict[str, tuple[tuple[int, ...], int]]:
         """name -> (shape with a batch of one, batch axis) of each state tensor, in STATE_NAMES order.
@@ -72,6 +88,7 @@ class CausalAudioEncoder(nn.Module):
             "gru_hidden": ((1, 1, self.hidden), 1),  # torch's GRU keeps the batch on axis 1 of its state
             "pool_sum": ((1, self.hidden), 0),
             "pool_count": ((1, 1), 0),
+            **({"band_sum": ((1, self.n_mels), 0)} if self.norm_frames else {}),
         }
 
     def state_shapes(self, batch_size: int = 1) -> dict[str, tuple[int, ...]]:
@@ -103,10 +120,14 @@ class CausalAudioEncoder(nn.Module):
     def _run(
         self, frames: torch.Tensor, state: AudioState, frame_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, AudioState]:
-        conv1_cache, conv2_cache, gru_hidden, pool_sum, pool_count = state
+        conv1_cache, conv2_cache, gru_hidden, pool_sum, pool_count = state[:5]
+        band_sum = state[5:]
         if frames.shape[1] == 0:  # an empty chunk changes nothing
             return self.project(pool_sum / pool_count.clamp(min=1.0)), state
-        x = ((frames - self.input_mean) / self.input_std).transpose(1, 2)
+        x = (frames - self.input_mean) / self.input_std
+        if self.norm_frames:
+            x, band_sum = self._remove_running_mean(x, band_sum[0], pool_count)
+        x = x.transpose(1, 2)
         x, conv1_cache = self.conv1(x, conv1_cache)
         x, conv2_cache = self.conv2(torch.relu(x), conv2_cache)
         # The GRU runs time-major, as ONNX's GRU does, so the exported graph needs no transposes around it.
@@ -121,9 +142,21 @@ class CausalAudioEncoder(nn.Module):
             pool_sum = pool_sum + (outputs * weights).sum(dim=0)
             pool_count = pool_count + weights.sum(dim=0)
         embedding = self.project(pool_sum / pool_count.clamp(min=1.0))
-        return embedding, (conv1_cache, conv2_cache, gru_hidden, pool_sum, pool_count)
+        return embedding, (conv1_cache, conv2_cache, gru_hidden, pool_sum, pool_count, *band_sum)
+
+    def _remove_running_mean(
+        self, x: torch.Tensor, band_sum: torch.Tensor, seen: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor]]:
+        """x [B, T, n_mels] normalised frames after `seen` [B, 1] frames whose sum is band_sum [B, n_mels].
+
+        Padded frames of a training batch come after the real ones, so they never enter a real frame's mean.
+        """
+        sums = band_sum.unsqueeze(1) + torch.cumsum(x, dim=1)  # [B, T, n_mels]
+        positions = torch.arange(1, x.shape[1] + 1, dtype=x.dtype, device=x.device).view(1, -1, 1)
+        counts = seen.unsqueeze(1) + positions + self.norm_frames  # [B, T, 1]
+        return x - sums / counts, (sums[:, -1],)
 
 
 @register_encoder("audio", "causal")
-def causal(embed_dim: int = 128, n_mels: int = N_MELS) -> CausalAudioEncoder:
-    return CausalAudioEncoder(n_mels=n_mels, embed_dim=embed_dim)
+def causal(embed_dim: int = 128, n_mels: int = N_MELS, audio_norm_frames: int = 0) -> CausalAudioEncoder:
+    return CausalAudioEncoder(n_mels=n_mels, embed_dim=embed_dim, norm_frames=audio_norm_frames)

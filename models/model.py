@@ -33,6 +33,7 @@ class ModelConfig:
     max_text_length: int = 64  # tokens; also the transformer's position table size
     audio_family: str = "causal"
     n_mels: int = 40
+    audio_norm_frames: int = 0  # causal running normalisation of the audio encoder (0: off, as older runs)
     fusion: str = "concat"  # concat | attention | transformer
     pretrained: bool = True  # families with pretrained weights start from them (False: random weights)
 
@@ -47,6 +48,7 @@ class ModelConfig:
             "vocab_size": self.vocab_size,
             "max_positions": self.max_text_length,
             "n_mels": self.n_mels,
+            "audio_norm_frames": self.audio_norm_frames,
             "pretrained": self.pretrained,
         }
 

@@ -39,6 +39,7 @@ class TrainOptions:
     )
     from_scratch: bool = False  # start families with pretrained weights (minilm-l6) from random weights
     weight_decay: float = 1e-4  # AdamW's decoupled weight decay
+    augment: bool = True  # perturb training audio (tempo, vocal tract, gain, noise, masks) and images
     modality_dropout: float = 0.5  # share of training samples shown a random subset of their modalities
     aux_loss_weight: float = 0.5  # weight of each encoder's own loss (0: the fusion's loss only)
     patience: int = 4  # stop after this many epochs without a better validation accuracy (0: never)
@@ -51,6 +52,9 @@ class TrainOptions:
     text_encoder: str = "gru"  # text encoder family
     audio_encoder: str = "causal"  # audio encoder family
     fusion: str = "concat"  # fusion head over the encoders' embeddings
+    audio_norm_frames: int = (
+        20  # causal audio encoder: running-mean normalisation's prior, in frames (0: off)
+    )
     max_text_length: int = 64  # tokens kept per text
     builtin_n: int = field(default=3000, metadata={"flag": "--n"})  # samples when data is "builtin"
     progress: bool = True  # progress bars
@@ -77,8 +81,10 @@ class TrainOptions:
             problems.append(f"{flag('lr')} and {flag('pretrained_lr')} must be positive")
         if self.epochs < 1:
             problems.append(f"{flag('epochs')} must be at least 1, got {self.epochs}")
-        if self.weight_decay < 0 or self.patience < 0 or self.aux_loss_weight < 0:
-            problems.append("--weight-decay, --patience and --aux-loss-weight cannot be negative")
+        if min(self.weight_decay, self.patience, self.aux_loss_weight, self.audio_norm_frames) < 0:
+            problems.append(
+                "--weight-decay, --patience, --aux-loss-weight and --audio-norm-frames cannot be negative"
+            )
         if not 0 <= self.modality_dropout <= 1:
             problems.append(f"{flag('modality_dropout')} must be in [0, 1], got {self.modality_dropout}")
         if self.builtin_n < 12:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from polysense.errors import ConfigError
 from polysense.metrics import format_metrics_table
 from polysense.models import run_folder
+from polysense.models.augment import augment_batch
 from polysense.models.batchnorm import recalibrate_batchnorm
 from polysense.models.data_prep import PreparedData, prepare_data
 from polysense.models.dataset import FeatureSet
@@ -116,6 +117,7 @@ def _model_config(options: TrainOptions, data: PreparedData) -> ModelConfig:
         image_width=options.image_width,
         text_family=options.text_encoder,
         audio_family=options.audio_encoder,
+        audio_norm_frames=options.audio_norm_frames,
         vocab_size=data.vocab_size,
         max_text_length=options.max_text_length,
         fusion=options.fusion,
@@ -274,6 +276,8 @@ def _train_epoch(
         leave=False,
     )
     for batch in batches:
+        if options.augment:
+            batch = augment_batch(batch, run.data.preprocessing, generator)
         if phase.name == "pretrain":
             loss = unimodal_loss(model, run.heads, batch)
         else:

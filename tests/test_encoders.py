@@ -14,9 +14,14 @@ VOCAB = 50
 N_MELS = 40
 
 
-def _make(modality, name):
+def _make(modality, name, **extra):
     torch.manual_seed(0)  # every family is offered every option and takes those it names
-    return create_encoder(modality, name, embed_dim=EMBED, vocab_size=VOCAB, n_mels=N_MELS).eval()
+    options = {"embed_dim": EMBED, "vocab_size": VOCAB, "n_mels": N_MELS, **extra}
+    return create_encoder(modality, name, **options).eval()
+
+
+# The causal audio encoder without and with its running normalisation (which adds a state tensor).
+AUDIO_NORMS = pytest.mark.parametrize("norm_frames", [0, 20])
 
 
 def _text_batch(lengths, max_length=None):
@@ -57,8 +62,9 @@ def test_embedding_shapes(modality, name, batch):
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_audio_step_state_has_the_declared_layout(batch):
-    encoder = _make("audio", "causal")
+@AUDIO_NORMS
+def test_audio_step_state_has_the_declared_layout(batch, norm_frames):
+    encoder = _make("audio", "causal", audio_norm_frames=norm_frames)
     with torch.no_grad():
         _, state = encoder.step(torch.randn(batch, 23, N_MELS))
     assert [tuple(s.shape) for s in state] == list(encoder.state_shapes(batch).values())
@@ -80,8 +86,9 @@ def test_text_encoders_ignore_padding(name):
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_audio_chunked_with_state_equals_one_pass(seed):
-    encoder = _make("audio", "causal")
+@AUDIO_NORMS
+def test_audio_chunked_with_state_equals_one_pass(seed, norm_frames):
+    encoder = _make("audio", "causal", audio_norm_frames=norm_frames)
     generator = torch.Generator().manual_seed(seed)
     frames = torch.randn(2, 97, N_MELS, generator=generator)
     with torch.no_grad():
@@ -100,8 +107,9 @@ def test_audio_chunked_with_state_equals_one_pass(seed):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_audio_frame_mask_pools_only_real_frames():
-    encoder = _make("audio", "causal")
+@AUDIO_NORMS
+def test_audio_frame_mask_pools_only_real_frames(norm_frames):
+    encoder = _make("audio", "causal", audio_norm_frames=norm_frames)
     frames = torch.randn(2, 30, N_MELS)
     mask = torch.ones(2, 30)
     mask[1, 12:] = 0
@@ -111,8 +119,9 @@ def test_audio_frame_mask_pools_only_real_frames():
     torch.testing.assert_close(batched[1:], short, atol=1e-5, rtol=1e-5)
 
 
-def test_audio_empty_chunk_changes_nothing():
-    encoder = _make("audio", "causal")
+@AUDIO_NORMS
+def test_audio_empty_chunk_changes_nothing(norm_frames):
+    encoder = _make("audio", "causal", audio_norm_frames=norm_frames)
     with torch.no_grad():
         embedding, state = encoder.step(torch.randn(1, 10, N_MELS))
         again, same_state = encoder.step(torch.zeros(1, 0, N_MELS), state)

@@ -1,0 +1,137 @@
+"""Training-time perturbations of preprocessed batches, so encoders learn what must not matter.
+
+Features are preprocessed once before training (polysense.models.dataset), so the perturbations work on the
+preprocessed tensors, per sample, with the epoch's generator (a resumed run repeats them):
+
+    audio (log-mel frames [B, T, n_mels]), for voices never heard in training:
+        tempo         the time axis stretched by 0.85-1.15 (speaking rate)
+        vocal tract   the frequency axis warped by 0.85-1.15 in Hz (VTLP: vocal-tract length differs by speaker)
+        gain          -20 to +10 dB (an additive constant of the log power; quiet microphones are common)
+        noise         white noise at 10-40 dB SNR, added in the power domain, on half of the clips
+        masking       two frequency bands of up to 5 mel bins and two spans of up to 10 % of the frames
+                      (SpecAugment), filled with the clip's mean
+
+    image (normalised [B, 3, H, W]):
+        affine        rotation +-12 degrees, scale 0.85-1.15, shift +-8 % (edges repeat the border)
+        photometric   contrast x0.75-1.25 and brightness +-0.25 (in normalised units)
+
+Nothing here changes inference: the exported graphs and the streaming path never see it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from polysense.audio import hz_to_mel, mel_to_hz
+from polysense.settings import AudioSettings, Preprocessing
+
+TEMPO = (0.85, 1.15)
+VOCAL_TRACT = (0.85, 1.15)
+GAIN_DB = (-20.0, 10.0)
+NOISE_SNR_DB = (10.0, 40.0)
+NOISE_SHARE = 0.5
+FREQUENCY_MASKS, FREQUENCY_MASK_BINS = 2, 5
+TIME_MASKS, TIME_MASK_SHARE = 2, 0.10
+ROTATION_DEGREES, SCALE, SHIFT = 12.0, (0.85, 1.15), 0.08
+CONTRAST, BRIGHTNESS = (0.75, 1.25), 0.25
+
+
+def augment_batch(batch: dict, preprocessing: Preprocessing, generator: torch.Generator) -> dict:
+    """A copy of a training batch with its image and audio perturbed (other keys unchanged)."""
+    batch = dict(batch)
+    if "image" in batch:
+        batch["image"] = augment_images(batch["image"], generator)
+    if "audio" in batch and preprocessing.audio is not None:
+        batch["audio"], batch["audio_mask"] = augment_log_mel(
+            batch["audio"], batch["audio_mask"], preprocessing.audio, generator
+        )
+    return batch
+
+
+def _uniform(generator: torch.Generator, low: float, high: float, size: int = 1) -> torch.Tensor:
+    return low + (high - low) * torch.rand(size, generator=generator)
+
+
+def augment_images(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    rows = images.shape[0]
+    angle = _uniform(generator, -ROTATION_DEGREES, ROTATION_DEGREES, rows) * (math.pi / 180)
+    scale = _uniform(generator, *SCALE, rows)
+    shift = _uniform(generator, -2 * SHIFT, 2 * SHIFT, rows * 2).view(rows, 2)  # grid units span 2
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+    )
+    grid = F.affine_grid(theta.to(images), list(images.shape), align_corners=False)
+    moved = F.grid_sample(images, grid, padding_mode="border", align_corners=False)
+    contrast = _uniform(generator, *CONTRAST, rows).view(rows, 1, 1, 1).to(images)
+    brightness = _uniform(generator, -BRIGHTNESS, BRIGHTNESS, rows).view(rows, 1, 1, 1).to(images)
+    return moved * contrast + brightness
+
+
+def augment_log_mel(
+    frames: torch.Tensor, mask: torch.Tensor, settings: AudioSettings, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """frames [B, T, n_mels] (natural log of mel power), mask [B, T] -> perturbed frames and their new mask
+    (tempo changes each clip's length)."""
+    clips = []
+    for row in range(frames.shape[0]):
+        length = int(mask[row].sum().item())
+        if length == 0:  # the sample lacks audio: keep its zeros
+            clips.append(frames[row, :0])
+            continue
+        clips.append(_perturb_clip(frames[row, :length], settings, generator))
+    longest = max([1] + [clip.shape[0] for clip in clips])
+    out = frames.new_zeros(frames.shape[0], longest, frames.shape[2])
+    new_mask = mask.new_zeros(frames.shape[0], longest)
+    for row, clip in enumerate(clips):
+        out[row, : clip.shape[0]] = clip
+        new_mask[row, : clip.shape[0]] = 1
+    return out, new_mask
+
+
+def _perturb_clip(clip: torch.Tensor, settings: AudioSettings, generator: torch.Generator) -> torch.Tensor:
+    """One clip [T, n_mels] -> its perturbed copy [T', n_mels]."""
+    tempo = float(_uniform(generator, *TEMPO))
+    length = max(1, round(clip.shape[0] / tempo))
+    clip = F.interpolate(clip.t()[None], size=length, mode="linear", align_corners=False)[0].t()
+    clip = _warp_frequencies(clip, float(_uniform(generator, *VOCAL_TRACT)), settings)
+    clip = clip + float(_uniform(generator, *GAIN_DB)) * math.log(10) / 10
+    if float(torch.rand(1, generator=generator)) < NOISE_SHARE:
+        power = clip.exp()
+        snr_db = float(_uniform(generator, *NOISE_SNR_DB))
+        noise = power.mean() * 10 ** (-snr_db / 10) * torch.rand(clip.shape, generator=generator).to(clip) * 2
+        clip = (power + noise).log()
+    return _mask(clip, generator)
+
+
+def _warp_frequencies(clip: torch.Tensor, factor: float, settings: AudioSettings) -> torch.Tensor:
+    """Vocal-tract length perturbation: the spectrum scaled by `factor` along Hz, read at the mel centres."""
+    fmax = settings.fmax if settings.fmax is not None else settings.sample_rate / 2
+    n_mels = clip.shape[1]
+    centres_mel = np.linspace(hz_to_mel(settings.fmin), hz_to_mel(fmax), n_mels + 2)[1:-1]
+    # The bin that showed frequency f / factor now shows f: read each centre from where it came from.
+    source_mel = hz_to_mel(mel_to_hz(centres_mel) / factor)
+    position = np.interp(source_mel, centres_mel, np.arange(n_mels))  # clamped at both ends
+    low = np.floor(position).astype(np.int64)
+    high = np.minimum(low + 1, n_mels - 1)
+    weight = torch.from_numpy((position - low).astype(np.float32)).to(clip)
+    return clip[:, low] * (1 - weight) + clip[:, high] * weight
+
+
+def _mask(clip: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    clip = clip.clone()
+    fill = clip.mean()
+    length, n_mels = clip.shape
+    for _ in range(FREQUENCY_MASKS):
+        width = int(torch.randint(0, FREQUENCY_MASK_BINS + 1, (1,), generator=generator))
+        start = int(torch.randint(0, max(1, n_mels - width), (1,), generator=generator))
+        clip[:, start : start + width] = fill
+    for _ in range(TIME_MASKS):
+        width = int(torch.randint(0, max(1, int(length * TIME_MASK_SHARE)) + 1, (1,), generator=generator))
+        start = int(torch.randint(0, max(1, length - width), (1,), generator=generator))
+        clip[start : start + width] = fill
+    return clip
