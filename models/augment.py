@@ -5,7 +5,7 @@ preprocessed tensors, per sample, with the epoch's generator (a resumed run repe
 
     audio (log-mel frames [B, T, n_mels]), for voices never heard in training:
         tempo         the time axis stretched by 0.85-1.15 (speaking rate)
-        vocal tract   the frequency axis warped by 0.85-1.15 in Hz (VTLP: vocal-tract length differs by speaker)
+        vocal tract   the frequency axis warped by 0.88-1.12 in Hz (VTLP: vocal-tract length differs by speaker)
         gain          -20 to +10 dB (an additive constant of the log power; quiet microphones are common)
         noise         white noise at 10-40 dB SNR, added in the power domain, on half of the clips
         masking       two frequency bands of up to 5 mel bins and two spans of up to 10 % of the frames
@@ -30,7 +30,7 @@ from polysense.audio import hz_to_mel, mel_to_hz
 from polysense.settings import AudioSettings, Preprocessing
 
 TEMPO = (0.85, 1.15)
-VOCAL_TRACT = (0.85, 1.15)
+VOCAL_TRACT = (0.88, 1.12)
 GAIN_DB = (-20.0, 10.0)
 NOISE_SNR_DB = (10.0, 40.0)
 NOISE_SHARE = 0.5
