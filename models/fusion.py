@@ -1,4 +1,4 @@
-"""Fusion heads: per-modality embeddings [B, M, D] + presence mask [B, M] (1 = present) -> logits [B, C].
+"""Fusion heads (concat, attention, transformer, reliability): per-modality embeddings [B, M, D] + presence mask [B, M] (1 = present) -> logits [B, C].
 
 Every head ignores absent modalities exactly: whatever the embedding of an absent modality holds, the output
 is the same (a test checks this for every head and every subset).
@@ -90,6 +90,43 @@ class TransformerFusion(nn.Module):
         return self.classifier(self.norm(self.encoder(tokens, src_key_padding_mask=padding)[:, 0]))
 
 
+class ReliabilityFusion(nn.Module):
+    """Calibrated late fusion: each present modality classifies on its own, and the fused log-probabilities are
+    the sum of theirs, each scaled by a reliability the head reads from that modality's embedding:
+
+        logits = sum over present m of  r_m(e_m) * log_softmax(W_m e_m)      r_m = softplus(a_m . e_m + b_m)
+
+    A product of experts with per-sample temperatures: a modality whose embedding looks unlike what it was
+    trained to trust (noise, an unheard voice under augmentation) can be turned down instead of outvoting the
+    others, and an unsure modality's flat distribution moves the sum little. Absent modalities add nothing.
+    """
+
+    def __init__(self, num_modalities: int, embed_dim: int, num_classes: int, dropout: float = 0.1):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.classifiers = nn.ModuleList(nn.Linear(embed_dim, num_classes) for _ in range(num_modalities))
+        self.reliability = nn.ModuleList(nn.Linear(embed_dim, 1) for _ in range(num_modalities))
+        for gate in self.reliability:  # start every modality at weight softplus(0.55) = 1
+            nn.init.zeros_(gate.weight)
+            nn.init.constant_(gate.bias, 0.5413)
+
+    def forward(self, embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        mask = mask.to(embeddings.dtype)
+        total = None
+        for index, (classify, gate) in enumerate(zip(self.classifiers, self.reliability)):
+            embedding = self.dropout(embeddings[:, index])
+            weight = nn.functional.softplus(gate(embedding)) * mask[:, index : index + 1]
+            vote = weight * torch.log_softmax(classify(embedding), dim=-1)
+            total = vote if total is None else total + vote
+        return total
+
+    def reliabilities(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """[B, M] the weight each modality gets (before the presence mask): what the fusion trusts."""
+        return torch.cat(
+            [nn.functional.softplus(g(embeddings[:, i])) for i, g in enumerate(self.reliability)], dim=1
+        )
+
+
 @register_fusion("concat")
 def concat(num_modalities: int, embed_dim: int, num_classes: int) -> ConcatFusion:
     return ConcatFusion(num_modalities, embed_dim, num_classes)
@@ -103,3 +140,8 @@ def attention(num_modalities: int, embed_dim: int, num_classes: int) -> Attentio
 @register_fusion("transformer")
 def transformer(num_modalities: int, embed_dim: int, num_classes: int) -> TransformerFusion:
     return TransformerFusion(num_modalities, embed_dim, num_classes)
+
+
+@register_fusion("reliability")
+def reliability(num_modalities: int, embed_dim: int, num_classes: int) -> ReliabilityFusion:
+    return ReliabilityFusion(num_modalities, embed_dim, num_classes)

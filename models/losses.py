@@ -17,18 +17,19 @@ def fused_loss(
     dropout: float,
     aux_loss_weight: float,
     generator: torch.Generator,
+    embeddings: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of the fusion under modality dropout (share `dropout` of the samples), plus
     (aux_loss_weight) each encoder's own cross-entropy through its linear head on every sample that has the
     modality: without it the encoder of the stronger modality does the work and the others stay weak, which
-    shows when a modality is missing."""
+    shows when a modality is missing. `embeddings` (per modality, already encoded) skips the encoders."""
     available = batch["present"]
     present = modality_dropout(available, dropout, generator)
     rows = available.shape[0]
     raw, stacked = {}, []
     for index, modality in enumerate(model.config.modalities):
         if available[:, index].any():
-            raw[modality] = model.encode(modality, batch)
+            raw[modality] = embeddings[modality] if embeddings else model.encode(modality, batch)
             stacked.append(raw[modality] * present[:, index : index + 1])
         else:
             stacked.append(available.new_zeros(rows, model.config.embed_dim))

@@ -14,7 +14,7 @@ from polysense.models.flags import flag_name
 from polysense.models.registry import ENCODERS, FUSIONS, family_defaults
 from polysense.sessions import DEVICES
 
-STRATEGIES = ("joint", "staged", "frozen")
+STRATEGIES = ("joint", "staged", "frozen", "alternating")
 DEFAULT_EPOCHS = 12
 DEFAULT_IMAGE_SIZE = 64
 # Fields that must be at least 1.
@@ -26,9 +26,7 @@ class TrainOptions:
     data: str  # manifest (.csv / .jsonl), or "builtin" to generate the built-in set in the run folder
     out: str  # run folder for checkpoints, tokenizer, config and metrics
     modalities: tuple[str, ...] | None = None  # subset to train, e.g. image,audio (default: all in the data)
-    strategy: str = (
-        "joint"  # joint: all end to end; staged: encoders, then fusion; frozen: pretrained layers fixed
-    )
+    strategy: str = "joint"  # joint, staged, frozen (pretrained layers fixed), alternating (encoders|fusion)
     epochs: int = 0  # joint (or staged fusion) epochs; 0: 12, or a pretrained family's own (minilm-l6: 3)
     pretrain_epochs: int = 4  # staged only: epochs of each encoder with its own head
     finetune_encoders: bool = False  # staged only: keep training the encoders with the fusion (else frozen)

@@ -53,7 +53,7 @@ class TrainResult:
 
 
 def phases(options: TrainOptions) -> list[Phase]:
-    if options.strategy in ("joint", "frozen"):
+    if options.strategy in ("joint", "frozen", "alternating"):
         return [Phase(options.strategy, options.epochs, True)]
     return [Phase("pretrain", options.pretrain_epochs, False), Phase("fusion", options.epochs, True)]
 
@@ -192,7 +192,7 @@ def _optimizer_and_schedule(
         trainable = [*model.encoders.parameters(), *run.heads.parameters()]
     else:
         trainable = [p for p in model.parameters() if p.requires_grad]
-        if options.aux_loss_weight > 0 and not frozen:
+        if (options.aux_loss_weight > 0 or options.strategy == "alternating") and not frozen:
             trainable += list(run.heads.parameters())
     optimizer = torch.optim.AdamW(
         _parameter_groups(model, trainable, options), lr=options.lr, weight_decay=options.weight_decay
@@ -275,23 +275,38 @@ def _train_epoch(
         disable=not options.progress,
         leave=False,
     )
-    for batch in batches:
+    for step, batch in enumerate(batches):
         if options.augment:
             batch = augment_batch(batch, run.data.preprocessing, generator)
         if phase.name == "pretrain":
             loss = unimodal_loss(model, run.heads, batch)
+        elif phase.name == "alternating":
+            loss = _alternating_loss(run, batch, step, generator)
         else:
             loss = fused_loss(
                 model, run.heads, batch, options.modality_dropout, options.aux_loss_weight, generator
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        optimizer.step()  # parameters left without a gradient this step (set_to_none) are not touched
         scheduler.step()
         loss_sum += loss.item() * batch["labels"].shape[0]
         seen += batch["labels"].shape[0]
         batches.set_postfix(loss=f"{loss_sum / seen:.3f}")
     return loss_sum / max(seen, 1)
+
+
+def _alternating_loss(run: _Run, batch: dict, step: int, generator: torch.Generator) -> torch.Tensor:
+    """Even steps train the modality branches (each encoder through its own head), odd steps the fusion on the
+    encoders' current embeddings (the encoders get no gradient, so the optimizer leaves them alone)."""
+    model, options = run.model, run.options
+    if step % 2 == 0:
+        return unimodal_loss(model, run.heads, batch)
+    with torch.no_grad():  # the fusion's turn: embeddings as constants, no backward through the encoders
+        embeddings = {m: model.encode(m, batch) for m in model.config.modalities}
+    return fused_loss(
+        model, run.heads, batch, options.modality_dropout, 0.0, generator, embeddings=embeddings
+    )
 
 
 def _end_epoch(
