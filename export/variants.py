@@ -73,7 +73,7 @@ class VariantReport:
     fp32_val_accuracy: float | None
     accuracy_drop_points: float | None
     val_subsets: dict
-    latency_ms: float | None  # batch 1 on this machine's CPU
+    latency_ms: float | None  # batch 1 where the variant runs (CPU; CUDA only when export had CUDA)
     fp32_latency_ms: float | None
     speedup: float | None
 
@@ -81,19 +81,26 @@ class VariantReport:
         return asdict(self)
 
 
-def measure_latency(path: Path, feeds: dict[str, np.ndarray], runs: int) -> float:
-    """Median milliseconds of one batch-1 run with the runtime's default session settings."""
-    from polysense.sessions import Session, SessionSettings
+def measure_latency(path: Path, feeds: dict[str, np.ndarray], runs: int, device: str = "cpu") -> float:
+    """Median milliseconds of one batch-1 run with the runtime's default session settings on `device`."""
+    from polysense.sessions import Session, SessionSettings, to_numpy
 
-    session = Session(path, SessionSettings(device="cpu"))
+    session = Session(path, SessionSettings(device=device))
     for _ in range(20):
         session.run(feeds)
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        session.run(feeds)
+        to_numpy(session.run(feeds)[0])  # under CUDA the outputs stay on the device until asked for
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
+
+
+def cuda_available() -> bool:
+    """Whether this onnxruntime can run on CUDA here (a CUDA variant's speed is measured only then)."""
+    from polysense.sessions import CUDA, import_onnxruntime
+
+    return CUDA in import_onnxruntime().get_available_providers()
 
 
 def variant_of(path: Path, precision: str, device: str, latency_ms: float | None = None) -> Variant:
@@ -124,17 +131,22 @@ def candidates(
         yield Candidate("fp16", "fp16 weights and activations, fp32 inputs/outputs", "cuda", path)
 
 
-def decide(device: str, drop: float, speedup: float, policy: VariantPolicy) -> tuple[bool, str]:
+def decide(device: str, drop: float, speedup: float | None, policy: VariantPolicy) -> tuple[bool, str]:
+    """Keep a variant that loses at most the accuracy budget and is measured faster where it runs; a CUDA variant
+    without a CUDA measurement is kept (for those who ask for it) but never counted as paying."""
     if drop > policy.max_accuracy_drop:
         return (
             False,
             f"rejected: loses {drop:.2f} points of validation accuracy (> {policy.max_accuracy_drop})",
         )
-    if device == "cpu" and speedup < policy.min_speedup:
-        return False, f"rejected: {speedup:.2f}x fp32 speed on CPU (< {policy.min_speedup}x)"
-    if device == "cuda":
-        return True, "kept for CUDA: accuracy within budget (CUDA latency not measured at export)"
-    return True, "kept: accuracy within budget and faster than fp32"
+    if device == "cuda" and speedup is None:
+        return True, (
+            "kept for CUDA, speed not measured (no CUDA at export): `auto` runs fp32 on CUDA until it is; "
+            "precision fp16 asks for it"
+        )
+    if speedup < policy.min_speedup:
+        return False, f"rejected: {speedup:.2f}x fp32 speed on {device.upper()} (< {policy.min_speedup}x)"
+    return True, f"kept: accuracy within budget and faster than fp32 on {device.upper()}"
 
 
 @dataclass(frozen=True)
@@ -175,7 +187,9 @@ def add_variants(
             trial.write(
                 _with_component(description, component.name, variants={**kept, candidate.precision: trying})
             )
-            report = _measure(candidate, trial, feeds, policy, base_accuracy, fp32_ms, component.name)
+            report = _measure(
+                candidate, trial, feeds, policy, base_accuracy, fp32_ms, component.name, fp32_path
+            )
             reports.append(report)
             if report.kept:
                 kept[candidate.precision] = replace(trying, latency_ms=report.latency_ms)
@@ -196,19 +210,24 @@ def _measure(
     base_accuracy: float,
     fp32_ms: float,
     component: str,
+    fp32_path: Path,
 ) -> VariantReport:
     metrics = trial.validate({component: candidate.precision})
-    latency = measure_latency(candidate.path, feeds, policy.latency_runs)
+    latency: float | None = None
+    if candidate.device == "cpu":
+        latency = measure_latency(candidate.path, feeds, policy.latency_runs)
+    elif cuda_available():  # a CUDA variant against fp32, both on CUDA: a CPU figure says nothing about it
+        fp32_ms = measure_latency(fp32_path, feeds, policy.latency_runs, "cuda")
+        latency = measure_latency(candidate.path, feeds, policy.latency_runs, "cuda")
     drop = (base_accuracy - metrics["accuracy"]) * 100
-    speedup = fp32_ms / latency
+    speedup = None if latency is None else fp32_ms / latency
     kept, reason = decide(candidate.device, drop, speedup, policy)
     log.info(
-        "%s %s (%s): accuracy drop %.2f points, %.2fx fp32 speed: %s",
+        "%s %s (%s): accuracy drop %.2f points: %s",
         component,
         candidate.precision,
         candidate.method,
         drop,
-        speedup,
         reason,
     )
     return VariantReport(
@@ -224,6 +243,6 @@ def _measure(
         accuracy_drop_points=drop,
         val_subsets={k: v["accuracy"] for k, v in metrics["subsets"].items()},
         latency_ms=latency,
-        fp32_latency_ms=fp32_ms,
+        fp32_latency_ms=fp32_ms if latency is not None else None,
         speedup=speedup,
     )

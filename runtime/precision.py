@@ -12,7 +12,9 @@ from polysense.schema import PRECISIONS, BundleDescription, ComponentSpec
 def _fastest_for(component: ComponentSpec, device: str) -> str:
     kept = component.variants
     if device == "cuda":
-        return "fp16" if "fp16" in kept else "fp32"
+        # Only a CUDA measurement says fp16 pays there; export records one (latency_ms) only when it had CUDA.
+        fp16 = kept.get("fp16")
+        return "fp16" if fp16 is not None and fp16.latency_ms is not None else "fp32"
     usable = {p: v for p, v in kept.items() if p == "fp32" or v.device in ("cpu", "any")}
     # fp32 first, so without latency figures (an fp32-only bundle) fp32 is the choice.
     latency = {p: float("inf") if v.latency_ms is None else v.latency_ms for p, v in usable.items()}

@@ -11,6 +11,7 @@ import polysense  # noqa: E402
 from polysense.bundle import open_bundle  # noqa: E402
 from polysense.data import read_manifest  # noqa: E402
 from polysense.errors import ConfigError  # noqa: E402
+from polysense.export.variants import cuda_available  # noqa: E402
 from polysense.precision import choose_precisions  # noqa: E402
 from polysense.schema import (  # noqa: E402
     DESCRIPTION_FILE,
@@ -39,15 +40,12 @@ def test_every_variant_is_measured_and_only_kept_ones_ship(bundle):
     for name, component in description["components"].items():
         assert {v["precision"] for v in component["measurements"]} == {"int8", "fp16"}, name
         for variant in component["measurements"]:
-            for key in (
-                "val_accuracy",
-                "accuracy_drop_points",
-                "latency_ms",
-                "fp32_latency_ms",
-                "speedup",
-                "reason",
-            ):
+            for key in ("val_accuracy", "accuracy_drop_points", "reason"):
                 assert variant[key] is not None, (name, key)
+            # Speed is measured where the variant runs: always for CPU ones, for CUDA ones only with CUDA.
+            measured = variant["device"] == "cpu" or cuda_available()
+            for key in ("latency_ms", "fp32_latency_ms", "speedup"):
+                assert (variant[key] is not None) == measured, (name, key)
             shipped = variant["precision"] in component["variants"]
             assert shipped == variant["kept"], (name, variant)
             assert (bundle / f"{name}.{variant['precision']}.onnx").exists() == variant["kept"]
@@ -89,6 +87,10 @@ def test_auto_takes_the_fastest_kept_variant_for_the_device():
     )
     assert set(choose_precisions(fast_int8, NAMES, "cpu", "auto").values()) == {"int8"}
     assert set(choose_precisions(fast_int8, NAMES, "cuda", "auto").values()) == {"fp16"}
+    # fp16 kept without a CUDA measurement (export had no CUDA): not counted as paying, so auto runs fp32.
+    unmeasured = _fake_bundle({"fp32": {"device": "any"}, "fp16": {"device": "cuda", "latency_ms": None}})
+    assert set(choose_precisions(unmeasured, NAMES, "cuda", "auto").values()) == {"fp32"}
+    assert set(choose_precisions(unmeasured, NAMES, "cuda", "fp16").values()) == {"fp16"}
     fp32_only = _fake_bundle({"fp32": {"device": "any"}})
     assert set(choose_precisions(fp32_only, NAMES, "cpu", "auto").values()) == {"fp32"}
     assert set(choose_precisions(fp32_only, NAMES, "cuda", "auto").values()) == {"fp32"}
@@ -126,3 +128,18 @@ def test_every_variant_loads_and_predicts(permissive_bundle, trained_run):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         polysense.Pipeline.load(permissive_bundle, device="cpu", precision="int8")  # every component has int8
+
+
+def test_a_cuda_variant_pays_only_from_a_cuda_measurement():
+    from polysense.export.variants import VariantPolicy, decide
+
+    policy = VariantPolicy()
+    kept, reason = decide("cuda", 0.0, None, policy)
+    assert kept and "not measured" in reason
+    assert decide("cuda", 0.0, 0.8, policy)[0] is False  # measured on CUDA and slower: rejected
+    assert decide("cuda", 0.0, 1.5, policy) == (
+        True,
+        "kept: accuracy within budget and faster than fp32 on CUDA",
+    )
+    assert decide("cpu", 0.0, 0.9, policy)[0] is False
+    assert decide("cuda", 50.0, None, policy)[0] is False  # accuracy first
