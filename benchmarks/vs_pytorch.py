@@ -1,6 +1,7 @@
 """polysense runtime vs PyTorch eager on the same weights and inputs, measured side by side in ONE process.
 
     python benchmarks/vs_pytorch.py --run runs/demo      (or: make bench-pytorch)
+    make bench-pytorch-pretrained                        (the pretrained tri-modal model: results/pretrained/)
 
 Measures, batch 1, on real test-split samples of the run: encoders + fusion (preprocessed inputs) and end to end
 from files (preprocessing included on both sides; PyTorch gets the very same numpy preprocessing), for PyTorch
@@ -188,12 +189,15 @@ def main() -> None:
     parser.add_argument("--bundle", help="its bundle (default RUN/bundle)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--quick", action="store_true", help="few runs: a smoke test, not a measurement")
+    parser.add_argument(
+        "--command", default="make bench-pytorch", help="the command to record in the results"
+    )
     args = parser.parse_args()
     options = BenchOptions.quick(batch_sizes=(1, 2)) if args.quick else BenchOptions()
     results = run(Path(args.run), Path(args.bundle or Path(args.run) / "bundle"), options)
     meta = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {'/'.join(machine()['isa']) or 'no AVX2'}",
-        "command": "make bench-pytorch",
+        "command": args.command,
         "torch": torch.__version__,
         "onnxruntime": importlib.metadata.version("onnxruntime"),
         "torch_threads": torch.get_num_threads(),

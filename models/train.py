@@ -309,6 +309,15 @@ def _alternating_loss(run: _Run, batch: dict, step: int, generator: torch.Genera
     )
 
 
+def validation_score(val: dict) -> float:
+    """What early stopping and best-model selection maximise: validation accuracy averaged over every subset of
+    the model's modalities (all present, and each one missing), so a fused model is also chosen for how it does
+    when a modality is absent. Monitoring the full set alone stopped AV-digits training while the audio branch
+    was still learning: the fused model without its image scored 12.8 points below an audio-only model."""
+    subsets = val.get("subsets") or {}
+    return sum(s["accuracy"] for s in subsets.values()) / len(subsets) if subsets else val["accuracy"]
+
+
 def _end_epoch(
     run: _Run,
     phase: Phase,
@@ -326,18 +335,20 @@ def _end_epoch(
         "train_loss": train_loss,
         "val_loss": val["loss"],
         "val_accuracy": val["accuracy"],
+        "val_score": validation_score(val),
     }
     improved = run.state.record_epoch(record, phase.monitored)
     if improved:
         run_folder.save_best(run.run_dir, run.model)
     log.info(
-        "epoch %d/%d %s: train loss %.4f, val loss %.4f, val accuracy %.4f%s",
+        "epoch %d/%d %s: train loss %.4f, val loss %.4f, val accuracy %.4f, mean over subsets %.4f%s",
         epoch,
         total_epochs,
         phase.name,
         train_loss,
         val["loss"],
         val["accuracy"],
+        record["val_score"],
         " (best)" if improved else "",
     )
     checkpoint = Checkpoint(

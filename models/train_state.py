@@ -11,19 +11,20 @@ from polysense.errors import ConfigError
 @dataclass
 class TrainState:
     epoch: int = 0  # last finished epoch (0: none yet)
-    best_score: float = -1.0  # best validation accuracy of a monitored epoch (-1: none yet)
+    best_score: float = -1.0  # best validation score (train.validation_score) of a monitored epoch (-1: none)
     best_epoch: int = 0  # the epoch that scored best_score, whose weights are checkpoints/best.pt
     stale_epochs: int = 0  # monitored epochs since the last improvement (early stopping counts these)
     history: list[dict] = field(default_factory=list)  # one record per epoch: phase, losses, val accuracy
 
     def record_epoch(self, record: dict, monitored: bool) -> bool:
-        """Add an epoch's record (with "epoch" and "val_accuracy"); True if it is the new best model."""
+        """Add an epoch's record (with "epoch", "val_accuracy" and "val_score"); True if it is the new best model."""
         self.history.append(record)
         self.epoch = record["epoch"]
         if not monitored:
             return False
-        if record["val_accuracy"] > self.best_score:
-            self.best_score, self.best_epoch, self.stale_epochs = record["val_accuracy"], self.epoch, 0
+        score = record.get("val_score", record["val_accuracy"])  # runs recorded before val_score had accuracy
+        if score > self.best_score:
+            self.best_score, self.best_epoch, self.stale_epochs = score, self.epoch, 0
             return True
         self.stale_epochs += 1
         return False

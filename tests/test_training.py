@@ -265,3 +265,17 @@ def test_alternating_strategy_trains_branches_and_fusion_in_turn(tiny_builtin, t
         _alternating_loss(run, batch, step, torch.Generator().manual_seed(0)).backward()
         assert all(p.grad is not None for p in trained.parameters()), step
         assert all(p.grad is None for p in untouched.parameters()), step
+
+
+def test_best_model_is_chosen_on_validation_accuracy_over_every_modality_subset():
+    from polysense.models.train import validation_score
+
+    subsets = {"image": {"accuracy": 0.9}, "audio": {"accuracy": 0.6}, "image+audio": {"accuracy": 1.0}}
+    assert validation_score({"accuracy": 1.0, "subsets": subsets}) == pytest.approx(2.5 / 3)
+    assert validation_score({"accuracy": 0.7, "subsets": {}}) == 0.7
+    state = TrainState()
+    assert state.record_epoch({"epoch": 1, "val_accuracy": 1.0, "val_score": 0.8}, monitored=True)
+    # The full set is as good, but the model got worse with a modality missing: not the new best.
+    assert not state.record_epoch({"epoch": 2, "val_accuracy": 1.0, "val_score": 0.7}, monitored=True)
+    assert state.record_epoch({"epoch": 3, "val_accuracy": 0.99, "val_score": 0.9}, monitored=True)
+    assert state.best_epoch == 3
