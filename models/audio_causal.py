@@ -126,7 +126,7 @@ class CausalAudioEncoder(nn.Module):
             return self.project(pool_sum / pool_count.clamp(min=1.0)), state
         x = (frames - self.input_mean) / self.input_std
         if self.norm_frames:
-            x, band_sum = self._remove_running_mean(x, band_sum[0], pool_count)
+            x, band_sum = self._remove_running_mean(x, band_sum[0], pool_count, frame_mask)
         x = x.transpose(1, 2)
         x, conv1_cache = self.conv1(x, conv1_cache)
         x, conv2_cache = self.conv2(torch.relu(x), conv2_cache)
@@ -145,13 +145,19 @@ class CausalAudioEncoder(nn.Module):
         return embedding, (conv1_cache, conv2_cache, gru_hidden, pool_sum, pool_count, *band_sum)
 
     def _remove_running_mean(
-        self, x: torch.Tensor, band_sum: torch.Tensor, seen: torch.Tensor
+        self,
+        x: torch.Tensor,
+        band_sum: torch.Tensor,
+        seen: torch.Tensor,
+        frame_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor]]:
         """x [B, T, n_mels] normalised frames after `seen` [B, 1] frames whose sum is band_sum [B, n_mels].
 
-        Padded frames of a training batch come after the real ones, so they never enter a real frame's mean.
+        Padded frames of a training batch come after the real ones, so they never enter a real frame's mean;
+        with `frame_mask` they are left out of the returned sum too.
         """
-        sums = band_sum.unsqueeze(1) + torch.cumsum(x, dim=1)  # [B, T, n_mels]
+        real = x if frame_mask is None else x * frame_mask.unsqueeze(-1).to(x.dtype)
+        sums = band_sum.unsqueeze(1) + torch.cumsum(real, dim=1)  # [B, T, n_mels]
         positions = torch.arange(1, x.shape[1] + 1, dtype=x.dtype, device=x.device).view(1, -1, 1)
         counts = seen.unsqueeze(1) + positions + self.norm_frames  # [B, T, 1]
         return x - sums / counts, (sums[:, -1],)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from polysense.audio import hz_to_mel, mel_to_hz
+from polysense.audio import LOG_FLOOR, hz_to_mel, mel_to_hz
 from polysense.settings import AudioSettings, Preprocessing
 
 TEMPO = (0.85, 1.15)
@@ -44,7 +44,9 @@ def augment_batch(batch: dict, preprocessing: Preprocessing, generator: torch.Ge
     """A copy of a training batch with its image and audio perturbed (other keys unchanged)."""
     batch = dict(batch)
     if "image" in batch:
-        batch["image"] = augment_images(batch["image"], generator)
+        moved = augment_images(batch["image"], generator)
+        absent = batch["image"].flatten(1).eq(0).all(dim=1)  # rows of samples without an image stay zeros
+        batch["image"] = torch.where(absent.view(-1, 1, 1, 1), batch["image"], moved)
     if "audio" in batch and preprocessing.audio is not None:
         batch["audio"], batch["audio_mask"] = augment_log_mel(
             batch["audio"], batch["audio_mask"], preprocessing.audio, generator
@@ -99,13 +101,14 @@ def _perturb_clip(clip: torch.Tensor, settings: AudioSettings, generator: torch.
     length = max(1, round(clip.shape[0] / tempo))
     clip = F.interpolate(clip.t()[None], size=length, mode="linear", align_corners=False)[0].t()
     clip = _warp_frequencies(clip, float(_uniform(generator, *VOCAL_TRACT)), settings)
-    clip = clip + float(_uniform(generator, *GAIN_DB)) * math.log(10) / 10
+    # Gain and noise act on the mel power above the floor the runtime adds, so silence stays at the floor
+    # (log(LOG_FLOOR)) exactly as a quieter recording would show it.
+    power = (clip.exp() - LOG_FLOOR).clamp(min=0) * 10 ** (float(_uniform(generator, *GAIN_DB)) / 10)
     if float(torch.rand(1, generator=generator)) < NOISE_SHARE:
-        power = clip.exp()
         snr_db = float(_uniform(generator, *NOISE_SNR_DB))
         noise = power.mean() * 10 ** (-snr_db / 10) * torch.rand(clip.shape, generator=generator).to(clip) * 2
-        clip = (power + noise).log()
-    return _mask(clip, generator)
+        power = power + noise
+    return _mask((power + LOG_FLOOR).log(), generator)
 
 
 def _warp_frequencies(clip: torch.Tensor, factor: float, settings: AudioSettings) -> torch.Tensor:
@@ -127,11 +130,11 @@ def _mask(clip: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     fill = clip.mean()
     length, n_mels = clip.shape
     for _ in range(FREQUENCY_MASKS):
-        width = int(torch.randint(0, FREQUENCY_MASK_BINS + 1, (1,), generator=generator))
-        start = int(torch.randint(0, max(1, n_mels - width), (1,), generator=generator))
+        width = int(torch.randint(0, min(FREQUENCY_MASK_BINS, n_mels) + 1, (1,), generator=generator))
+        start = int(torch.randint(0, n_mels - width + 1, (1,), generator=generator))
         clip[:, start : start + width] = fill
     for _ in range(TIME_MASKS):
         width = int(torch.randint(0, max(1, int(length * TIME_MASK_SHARE)) + 1, (1,), generator=generator))
-        start = int(torch.randint(0, max(1, length - width), (1,), generator=generator))
+        start = int(torch.randint(0, max(1, length - width + 1), (1,), generator=generator))
         clip[start : start + width] = fill
     return clip

@@ -29,7 +29,7 @@ def fused_loss(
     raw, stacked = {}, []
     for index, modality in enumerate(model.config.modalities):
         if available[:, index].any():
-            raw[modality] = embeddings[modality] if embeddings else model.encode(modality, batch)
+            raw[modality] = embeddings[modality] if embeddings is not None else model.encode(modality, batch)
             stacked.append(raw[modality] * present[:, index : index + 1])
         else:
             stacked.append(available.new_zeros(rows, model.config.embed_dim))

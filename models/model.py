@@ -34,7 +34,7 @@ class ModelConfig:
     audio_family: str = "causal"
     n_mels: int = 40
     audio_norm_frames: int = 0  # causal running normalisation of the audio encoder (0: off, as older runs)
-    fusion: str = "concat"  # concat | attention | transformer
+    fusion: str = "concat"  # concat | attention | transformer | reliability
     pretrained: bool = True  # families with pretrained weights start from them (False: random weights)
 
     def __post_init__(self) -> None:

@@ -39,6 +39,8 @@ BEST_FILE = "best.pt"  # inside CHECKPOINT_DIR: the weights of the best monitore
 _REUSABLE_LEFTOVERS = {"builtin_data", CHECKPOINT_DIR, "tokenizer.json"}
 # Options a resumed run may change: how long to train, where, and how to show it. The rest are the stored ones.
 RESUME_MAY_CHANGE = ("epochs", "patience", "progress", "device")
+# What a run stored before these options existed did, for resuming it as it was trained.
+OPTIONS_BEFORE_THEY_EXISTED = {"augment": False, "audio_norm_frames": 0}
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,9 @@ def resumed_options(
     config_path = run_dir / CONFIG_FILE
     if not config_path.is_file():
         raise ConfigError(f"--resume: {run_dir} holds no run (no {CONFIG_FILE}); start without --resume")
-    stored = TrainOptions.from_dict(json.loads(config_path.read_text())["options"])
+    stored_values = json.loads(config_path.read_text())["options"]
+    # Runs made before an option existed trained without it: their value is "off", not today's default.
+    stored = TrainOptions.from_dict({**OPTIONS_BEFORE_THEY_EXISTED, **stored_values})
     changes = {name: getattr(options, name) for name in RESUME_MAY_CHANGE if name in changed}
     resumed = TrainOptions.from_dict({**stored.to_dict(), **changes})
     if (run_dir / METRICS_FILE).is_file() and resumed.epochs <= stored.epochs:

@@ -303,16 +303,17 @@ def _alternating_loss(run: _Run, batch: dict, step: int, generator: torch.Genera
     if step % 2 == 0:
         return unimodal_loss(model, run.heads, batch)
     with torch.no_grad():  # the fusion's turn: embeddings as constants, no backward through the encoders
-        embeddings = {m: model.encode(m, batch) for m in model.config.modalities}
+        present = batch["present"].any(dim=0).tolist()
+        embeddings = {m: model.encode(m, batch) for m, has in zip(model.config.modalities, present) if has}
     return fused_loss(
         model, run.heads, batch, options.modality_dropout, 0.0, generator, embeddings=embeddings
     )
 
 
 def validation_score(val: dict) -> float:
-    """What early stopping and best-model selection maximise: validation accuracy averaged over every subset of
-    the model's modalities (all present, and each one missing), so a fused model is also chosen for how it does
-    when a modality is absent. Monitoring the full set alone stopped AV-digits training while the audio branch
+    """What early stopping and best-model selection maximise: validation accuracy averaged, with equal weights,
+    over every non-empty subset of the model's modalities (for image+audio: both, image alone, audio alone), so a
+    fused model is also chosen for how it does when modalities are absent. Monitoring the full set alone stopped AV-digits training while the audio branch
     was still learning: the fused model without its image scored 12.8 points below an audio-only model."""
     subsets = val.get("subsets") or {}
     return sum(s["accuracy"] for s in subsets.values()) / len(subsets) if subsets else val["accuracy"]
@@ -337,6 +338,8 @@ def _end_epoch(
         "val_accuracy": val["accuracy"],
         "val_score": validation_score(val),
     }
+    if any("val_score" not in h for h in run.state.history):  # resumed from a run scored on accuracy alone
+        record["val_score"] = val["accuracy"]
     improved = run.state.record_epoch(record, phase.monitored)
     if improved:
         run_folder.save_best(run.run_dir, run.model)

@@ -55,7 +55,9 @@ class Variant:
     sha256: str
     bytes: int
     device: str = "any"  # where it is meant to run: cpu | cuda | any
-    latency_ms: float | None = None  # batch-1 median on the export machine's CPU, when measured
+    latency_ms: float | None = (
+        None  # batch-1 median where it runs (CPU, or CUDA when export had CUDA), if measured
+    )
 
     def to_dict(self) -> dict:
         values = {"file": self.file, "sha256": self.sha256, "bytes": self.bytes, "device": self.device}

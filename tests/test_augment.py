@@ -78,3 +78,17 @@ def test_running_normalisation_removes_a_constant_offset_as_frames_accumulate():
     expected = 2.0 * 10 / (10 + torch.arange(1, 201, dtype=torch.float32))  # z_t - t z / (10 + t)
     torch.testing.assert_close(normalised[0, :, 0], expected)
     assert float(normalised[0, -1].abs().max()) < 0.11
+
+
+def test_rows_without_an_image_stay_zeros_and_silence_stays_at_the_floor():
+    images = torch.randn(3, 3, 16, 16)
+    images[1] = 0  # this sample has no image
+    frames = torch.full((1, 30, 40), float(np.log(1e-6)))  # silence: the runtime's log floor
+    batch = {"image": images, "audio": frames, "audio_mask": torch.ones(1, 30)}
+    augment.NOISE_SHARE, share = 0.0, augment.NOISE_SHARE
+    try:
+        out = augment.augment_batch(batch, Preprocessing(audio=SETTINGS), torch.Generator().manual_seed(0))
+    finally:
+        augment.NOISE_SHARE = share
+    assert out["image"][1].eq(0).all() and not out["image"][0].eq(images[0]).all()
+    torch.testing.assert_close(out["audio"], torch.full_like(out["audio"], float(np.log(1e-6))))

@@ -279,3 +279,27 @@ def test_best_model_is_chosen_on_validation_accuracy_over_every_modality_subset(
     assert not state.record_epoch({"epoch": 2, "val_accuracy": 1.0, "val_score": 0.7}, monitored=True)
     assert state.record_epoch({"epoch": 3, "val_accuracy": 0.99, "val_score": 0.9}, monitored=True)
     assert state.best_epoch == 3
+
+
+def test_a_run_stored_before_augmentation_and_audio_normalisation_resumes_as_it_was_trained(tmp_path):
+    from polysense.models.run_folder import resumed_options
+
+    stored = TrainOptions(data="x", out=str(tmp_path)).to_dict()
+    del stored["augment"], stored["audio_norm_frames"]  # what config.json held before they existed
+    (tmp_path / "config.json").write_text(json.dumps({"options": stored}))
+    resumed = resumed_options(TrainOptions(data="x", out=str(tmp_path)), tmp_path)
+    assert resumed.augment is False and resumed.audio_norm_frames == 0
+
+
+def test_the_fusion_turn_of_alternating_skips_a_modality_no_sample_in_the_batch_has(tiny_builtin, tmp_path):
+    options = TrainOptions(data=str(tiny_builtin), out=str(tmp_path), **{**SMALL, "strategy": "alternating"})
+    batch = next(prepare_data(options, tmp_path).splits["train"].batches(8, torch.device("cpu")))
+    batch["present"][:, 0] = 0  # no image in this batch
+    from polysense.models.model import ModelConfig, MultimodalClassifier
+
+    model = MultimodalClassifier(ModelConfig(("image", "text", "audio"), 12, embed_dim=32, vocab_size=200))
+    encoded = []
+    model.encoders["image"].register_forward_hook(lambda *args: encoded.append(1))
+    run = SimpleNamespace(model=model.train(), heads=None, options=options)
+    _alternating_loss(run, batch, 1, torch.Generator().manual_seed(0)).backward()
+    assert encoded == []
