@@ -50,11 +50,16 @@ class ExportReport:
     def variants_table(self) -> str:
         """One line per variant tried: speed, accuracy change and the verdict."""
         return "\n".join(
-            f"  {name:<14} {v['precision']:<5} {v['speedup']:.2f}x fp32 speed, "
+            f"  {name:<14} {v['precision']:<5} {_speed(v)}, "
             f"{v['accuracy_drop_points']:.2f} accuracy points lost: {v['reason']}"
             for name, variants in self.variants.items()
             for v in variants
         )
+
+
+def _speed(measurement: dict) -> str:
+    speedup = measurement.get("speedup")
+    return "speed not measured" if speedup is None else f"{speedup:.2f}x fp32 speed"
 
 
 def export_run(

@@ -143,3 +143,19 @@ def test_a_cuda_variant_pays_only_from_a_cuda_measurement():
     )
     assert decide("cpu", 0.0, 0.9, policy)[0] is False
     assert decide("cuda", 50.0, None, policy)[0] is False  # accuracy first
+
+
+def test_the_export_report_prints_a_variant_whose_speed_was_not_measured(tmp_path):
+    from polysense.export.writer import ExportReport
+
+    unmeasured = {
+        "precision": "fp16",
+        "speedup": None,
+        "accuracy_drop_points": 0.0,
+        "reason": "kept for CUDA",
+    }
+    measured = {"precision": "int8", "speedup": 1.7, "accuracy_drop_points": 0.1, "reason": "kept"}
+    table = ExportReport(
+        tmp_path, {}, 0.0, variants={"text_encoder": [measured, unmeasured]}
+    ).variants_table()
+    assert "1.70x fp32 speed" in table and "fp16  speed not measured" in table
