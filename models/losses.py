@@ -60,3 +60,22 @@ def unimodal_loss(model: MultimodalClassifier, heads: nn.ModuleDict, batch: dict
             logits = heads[modality](model.encode(modality, batch))[rows]
             losses.append(F.cross_entropy(logits, batch["labels"][rows]))
     return torch.stack(losses).sum()
+
+
+def alternating_loss(
+    model: MultimodalClassifier,
+    heads: nn.ModuleDict,
+    batch: dict,
+    step: int,
+    dropout: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """--strategy alternating: even steps train the modality branches (each encoder through its own head), odd
+    steps the fusion on the encoders' current embeddings (the encoders get no gradient, so the optimizer leaves
+    them alone)."""
+    if step % 2 == 0:
+        return unimodal_loss(model, heads, batch)
+    with torch.no_grad():  # the fusion's turn: embeddings as constants, no backward through the encoders
+        present = batch["present"].any(dim=0).tolist()
+        embeddings = {m: model.encode(m, batch) for m, has in zip(model.config.modalities, present) if has}
+    return fused_loss(model, heads, batch, dropout, 0.0, generator, embeddings=embeddings)

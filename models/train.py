@@ -24,11 +24,11 @@ from polysense.models.batchnorm import recalibrate_batchnorm
 from polysense.models.data_prep import PreparedData, prepare_data
 from polysense.models.dataset import FeatureSet
 from polysense.models.evaluate import evaluate
-from polysense.models.losses import fused_loss, unimodal_loss
+from polysense.models.losses import alternating_loss, fused_loss, unimodal_loss
 from polysense.models.model import ModelConfig, MultimodalClassifier
 from polysense.models.options import TrainOptions
 from polysense.models.run_folder import Checkpoint
-from polysense.models.train_state import TrainState
+from polysense.models.train_state import TrainState, validation_score
 
 log = logging.getLogger("polysense")
 
@@ -281,7 +281,7 @@ def _train_epoch(
         if phase.name == "pretrain":
             loss = unimodal_loss(model, run.heads, batch)
         elif phase.name == "alternating":
-            loss = _alternating_loss(run, batch, step, generator)
+            loss = alternating_loss(model, run.heads, batch, step, options.modality_dropout, generator)
         else:
             loss = fused_loss(
                 model, run.heads, batch, options.modality_dropout, options.aux_loss_weight, generator
@@ -294,29 +294,6 @@ def _train_epoch(
         seen += batch["labels"].shape[0]
         batches.set_postfix(loss=f"{loss_sum / seen:.3f}")
     return loss_sum / max(seen, 1)
-
-
-def _alternating_loss(run: _Run, batch: dict, step: int, generator: torch.Generator) -> torch.Tensor:
-    """Even steps train the modality branches (each encoder through its own head), odd steps the fusion on the
-    encoders' current embeddings (the encoders get no gradient, so the optimizer leaves them alone)."""
-    model, options = run.model, run.options
-    if step % 2 == 0:
-        return unimodal_loss(model, run.heads, batch)
-    with torch.no_grad():  # the fusion's turn: embeddings as constants, no backward through the encoders
-        present = batch["present"].any(dim=0).tolist()
-        embeddings = {m: model.encode(m, batch) for m, has in zip(model.config.modalities, present) if has}
-    return fused_loss(
-        model, run.heads, batch, options.modality_dropout, 0.0, generator, embeddings=embeddings
-    )
-
-
-def validation_score(val: dict) -> float:
-    """What early stopping and best-model selection maximise: validation accuracy averaged, with equal weights,
-    over every non-empty subset of the model's modalities (for image+audio: both, image alone, audio alone), so a
-    fused model is also chosen for how it does when modalities are absent. Monitoring the full set alone stopped AV-digits training while the audio branch
-    was still learning: the fused model without its image scored 12.8 points below an audio-only model."""
-    subsets = val.get("subsets") or {}
-    return sum(s["accuracy"] for s in subsets.values()) / len(subsets) if subsets else val["accuracy"]
 
 
 def _end_epoch(

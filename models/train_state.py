@@ -50,3 +50,12 @@ class TrainState:
         state = cls(**{k: values[k] for k in known})
         state.history = [dict(record) for record in state.history]
         return state
+
+
+def validation_score(val: dict) -> float:
+    """What early stopping and best-model selection maximise: validation accuracy averaged, with equal weights,
+    over every non-empty subset of the model's modalities (for image+audio: both, image alone, audio alone), so a
+    fused model is also chosen for how it does when modalities are absent. Monitoring the full set alone stopped AV-digits training while the audio branch
+    was still learning: the fused model without its image scored 12.8 points below an audio-only model."""
+    subsets = val.get("subsets") or {}
+    return sum(s["accuracy"] for s in subsets.values()) / len(subsets) if subsets else val["accuracy"]

@@ -1,5 +1,4 @@
 import json
-from types import SimpleNamespace
 
 import pytest
 
@@ -8,9 +7,10 @@ torch = pytest.importorskip("torch")
 from polysense.cli import main  # noqa: E402
 from polysense.errors import ConfigError, ManifestError  # noqa: E402
 from polysense.models.data_prep import prepare_data  # noqa: E402
+from polysense.models.losses import alternating_loss  # noqa: E402
 from polysense.models.options import TrainOptions  # noqa: E402
 from polysense.models.run_folder import load_trained  # noqa: E402
-from polysense.models.train import _alternating_loss, train  # noqa: E402
+from polysense.models.train import train  # noqa: E402
 from polysense.models.train_state import TrainState  # noqa: E402
 
 SMALL = {"image_width": 8, "embed_dim": 32, "batch_size": 32, "progress": False, "patience": 0}
@@ -259,16 +259,16 @@ def test_alternating_strategy_trains_branches_and_fusion_in_turn(tiny_builtin, t
     (tmp_path / "again").mkdir()
     batch = next(prepare_data(options, tmp_path / "again").splits["train"].batches(8, torch.device("cpu")))
     heads = torch.nn.ModuleDict({m: torch.nn.Linear(32, 12) for m in model.config.modalities})
-    run = SimpleNamespace(model=model.train(), heads=heads, options=options)
+    model.train()
     for step, trained, untouched in ((0, model.encoders, model.fusion), (1, model.fusion, model.encoders)):
         model.zero_grad(set_to_none=True)
-        _alternating_loss(run, batch, step, torch.Generator().manual_seed(0)).backward()
+        alternating_loss(model, heads, batch, step, 0.5, torch.Generator().manual_seed(0)).backward()
         assert all(p.grad is not None for p in trained.parameters()), step
         assert all(p.grad is None for p in untouched.parameters()), step
 
 
 def test_best_model_is_chosen_on_validation_accuracy_over_every_modality_subset():
-    from polysense.models.train import validation_score
+    from polysense.models.train_state import validation_score
 
     subsets = {"image": {"accuracy": 0.9}, "audio": {"accuracy": 0.6}, "image+audio": {"accuracy": 1.0}}
     assert validation_score({"accuracy": 1.0, "subsets": subsets}) == pytest.approx(2.5 / 3)
@@ -300,6 +300,6 @@ def test_the_fusion_turn_of_alternating_skips_a_modality_no_sample_in_the_batch_
     model = MultimodalClassifier(ModelConfig(("image", "text", "audio"), 12, embed_dim=32, vocab_size=200))
     encoded = []
     model.encoders["image"].register_forward_hook(lambda *args: encoded.append(1))
-    run = SimpleNamespace(model=model.train(), heads=None, options=options)
-    _alternating_loss(run, batch, 1, torch.Generator().manual_seed(0)).backward()
+    model.train()
+    alternating_loss(model, None, batch, 1, 0.5, torch.Generator().manual_seed(0)).backward()
     assert encoded == []
