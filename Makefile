@@ -48,7 +48,7 @@ bench-pytorch-pretrained: $(STAMP)
 	    --text-encoder minilm-l6 --epochs 1 --no-progress && \
 	  $(BIN)/polysense export runs/pretrained --out runs/pretrained/bundle --no-progress )
 	$(BIN)/python benchmarks/vs_pytorch.py --run runs/pretrained --out benchmarks/results/pretrained \
-	  --command "make bench-pytorch-pretrained"
+	  --command "make bench-pytorch-pretrained" --targets pretrained
 
 # AV-digits on ../shared/data: data, unimodal and fused models, leave-one-speaker-out, robustness (~20 min).
 bench-avdigits: $(STAMP)
