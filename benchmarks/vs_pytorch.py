@@ -208,6 +208,7 @@ def main() -> None:
     parser.add_argument("--bundle", help="its bundle (default RUN/bundle)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--quick", action="store_true", help="few runs: a smoke test, not a measurement")
+    parser.add_argument("--targets", choices=sorted(TARGETS), default="demo", help="which targets to print")
     parser.add_argument(
         "--command", default="make bench-pytorch", help="the command to record in the results"
     )
