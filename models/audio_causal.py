@@ -14,8 +14,9 @@ State (all float32 tensors, zeros at the start of a recording):
 Running normalisation (`norm_frames` > 0) subtracts from each normalised frame the mean of the frames up to and
 including it, shrunk towards the training mean as if `norm_frames` frames of it came first:
     z_t - (z_1 + ... + z_t) / (norm_frames + t)
-It removes what stays constant over a recording (microphone, room, loudness, much of a voice's timbre), the
-causal counterpart of per-utterance mean normalisation, so streaming still equals offline.
+It removes per-band offsets that stay constant over a recording (a microphone's response, its level), the
+causal counterpart of per-utterance mean normalisation, so streaming still equals offline. Measured alone, it
+moved one held-out AV-digits speaker (theo, audio only) from 0.672 to 0.686; the gain augmentation did the most.
 
 Nothing looks ahead, so feeding the frames in any number of chunks while carrying the state gives the
 embedding of a single pass over all of them. The streaming runtime runs the exported graph the same way.

@@ -20,6 +20,7 @@ Nothing here changes inference: the exported graphs and the streaming path never
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -113,9 +114,8 @@ def _perturb_clip(clip: torch.Tensor, settings: AudioSettings, generator: torch.
 
 def _warp_frequencies(clip: torch.Tensor, factor: float, settings: AudioSettings) -> torch.Tensor:
     """Vocal-tract length perturbation: the spectrum scaled by `factor` along Hz, read at the mel centres."""
-    fmax = settings.fmax if settings.fmax is not None else settings.sample_rate / 2
     n_mels = clip.shape[1]
-    centres_mel = np.linspace(hz_to_mel(settings.fmin), hz_to_mel(fmax), n_mels + 2)[1:-1]
+    centres_mel = _mel_centres(settings, n_mels)
     # The bin that showed frequency f / factor now shows f: read each centre from where it came from.
     source_mel = hz_to_mel(mel_to_hz(centres_mel) / factor)
     position = np.interp(source_mel, centres_mel, np.arange(n_mels))  # clamped at both ends
@@ -123,6 +123,13 @@ def _warp_frequencies(clip: torch.Tensor, factor: float, settings: AudioSettings
     high = np.minimum(low + 1, n_mels - 1)
     weight = torch.from_numpy((position - low).astype(np.float32)).to(clip)
     return clip[:, low] * (1 - weight) + clip[:, high] * weight
+
+
+@functools.lru_cache(maxsize=8)
+def _mel_centres(settings: AudioSettings, n_mels: int) -> np.ndarray:
+    """The mel-scale centre of each filter of the runtime's filterbank (computed once per settings)."""
+    fmax = settings.fmax if settings.fmax is not None else settings.sample_rate / 2
+    return np.linspace(hz_to_mel(settings.fmin), hz_to_mel(fmax), n_mels + 2)[1:-1]
 
 
 def _mask(clip: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -6,6 +6,8 @@ is the same (a test checks this for every head and every subset).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -106,9 +108,9 @@ class ReliabilityFusion(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.classifiers = nn.ModuleList(nn.Linear(embed_dim, num_classes) for _ in range(num_modalities))
         self.reliability = nn.ModuleList(nn.Linear(embed_dim, 1) for _ in range(num_modalities))
-        for gate in self.reliability:  # start every modality at weight softplus(0.55) = 1
+        for gate in self.reliability:  # start every modality at weight 1: softplus(log(e - 1)) = 1
             nn.init.zeros_(gate.weight)
-            nn.init.constant_(gate.bias, 0.5413)
+            nn.init.constant_(gate.bias, math.log(math.e - 1))
 
     def forward(self, embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         mask = mask.to(embeddings.dtype)
@@ -119,12 +121,6 @@ class ReliabilityFusion(nn.Module):
             vote = weight * torch.log_softmax(classify(embedding), dim=-1)
             total = vote if total is None else total + vote
         return total
-
-    def reliabilities(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """[B, M] the weight each modality gets (before the presence mask): what the fusion trusts."""
-        return torch.cat(
-            [nn.functional.softplus(g(embeddings[:, i])) for i, g in enumerate(self.reliability)], dim=1
-        )
 
 
 @register_fusion("concat")
