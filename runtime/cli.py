@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from polysense.cli_bundle import add_bundle, add_info
+from polysense.cli_serve import add_serve
 from polysense.data import SPLITS
 from polysense.errors import ConfigError, DependencyError, PolysenseError
 from polysense.modalities import MODALITIES, SPECS
@@ -290,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bundle(commands)
     _add_stream(commands)
     _add_bench(commands)
+    add_serve(commands)
     return parser
 
 

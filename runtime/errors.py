@@ -11,6 +11,14 @@ class InputError(PolysenseError, ValueError):
     """An input (image, text, audio, array) cannot be used as given."""
 
 
+class LimitError(InputError):
+    """An input is beyond one of the pipeline's Limits (`too_large`: over a maximum, not under a minimum)."""
+
+    def __init__(self, message: str, too_large: bool = True) -> None:
+        super().__init__(message)
+        self.too_large = too_large
+
+
 class ConfigError(PolysenseError, ValueError):
     """An option or a combination of options is invalid."""
 
@@ -34,3 +42,15 @@ class ManifestError(PolysenseError):
 
 class BundleError(PolysenseError):
     """A bundle is missing, damaged, tampered with, or of a schema this runtime does not read."""
+
+
+class OverloadedError(PolysenseError):
+    """A server's queue is full: the request was not accepted; retry after `retry_after_s` seconds."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTimeoutError(PolysenseError, TimeoutError):
+    """A request waited longer than its timeout and was dropped unanswered."""

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from polysense.errors import BundleError, InputError
+from polysense.modalities import subset_key
 from polysense.schema import ComponentSpec
 from polysense.sessions import Session, to_numpy
 
@@ -28,6 +29,20 @@ class Prediction:
             "timings_ms": self.timings,
             "modalities": list(self.embeddings),
         }
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One sample checked and preprocessed by `Pipeline.prepare`: the encoders' inputs per present modality
+    and the milliseconds each preprocessing took."""
+
+    features: dict[str, np.ndarray]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def subset(self) -> str:
+        """Its modalities as a key like 'image+text' (samples of one subset batch together best)."""
+        return subset_key(self.features)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from polysense.errors import ConfigError, InputError
+from polysense.errors import ConfigError, LimitError
 
 MB = 1 << 20
 
@@ -43,13 +43,14 @@ class Limits:
         if self.min_sample_rate > self.max_sample_rate:
             raise ConfigError("Limits.min_sample_rate is above Limits.max_sample_rate")
 
-    def refuse(self, what: str, limit: str) -> InputError:
+    def refuse(self, what: str, limit: str) -> LimitError:
         """The error for an input beyond `limit` (a field name), naming how to change it."""
         value = getattr(self, limit)
         side = "under" if limit.startswith("min_") else "over"
-        return InputError(
+        return LimitError(
             f"{what}: {side} the limit {limit}={value:,}; if the input is genuine, allow it with "
-            f"Pipeline.load(..., limits=polysense.Limits({limit}=...))"
+            f"Pipeline.load(..., limits=polysense.Limits({limit}=...))",
+            too_large=side == "over",
         )
 
     def check_bytes(self, size: int, what: str) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from polysense.audio_engine import AudioEngine
 from polysense.bundle import Bundle, open_bundle
 from polysense.errors import ConfigError, InputError
-from polysense.fusion import Embeddings, FusionHead, Prediction
+from polysense.fusion import Embeddings, FusionHead, Prediction, Prepared
 from polysense.graph_check import check_graph
 from polysense.limits import DEFAULT_LIMITS, Limits
 from polysense.modalities import MODALITIES, SPECS
@@ -29,7 +29,7 @@ from polysense.streaming import AudioStream, VideoStream
 
 SAMPLE_KEYS = (*MODALITIES, "sample_rate")
 
-__all__ = ["Embeddings", "Pipeline", "Prediction"]
+__all__ = ["Embeddings", "Pipeline", "Prediction", "Prepared"]
 
 
 class Pipeline:
@@ -150,8 +150,9 @@ class Pipeline:
         sample = {"image": image, "text": text, "audio": audio, "sample_rate": sample_rate}
         return self.predict_batch([{k: v for k, v in sample.items() if v is not None}])[0]
 
-    def predict_batch(self, samples: Sequence[dict] | Embeddings) -> list[Prediction]:
-        """Predict many samples at once; each is a dict with some of image, text, audio (+ sample_rate).
+    def predict_batch(self, samples: Sequence[dict] | Sequence[Prepared] | Embeddings) -> list[Prediction]:
+        """Predict many samples at once; each is a dict with some of image, text, audio (+ sample_rate), or
+        what `prepare` made of one.
 
         Also takes the Embeddings that embed() returned (optionally narrowed with `Embeddings.select`), so
         embeddings computed once can be classified under several subsets of modalities.
@@ -167,6 +168,15 @@ class Pipeline:
         host = {m: to_numpy(v) for m, v in vectors.items()}
         timings["total"] = (time.perf_counter() - start) * 1000
         return self._fusion.predictions(probabilities, host, mask, timings)
+
+    def prepare(self, sample: dict) -> Prepared:
+        """Check one sample and preprocess it (decode, resize, tokenize, log-mel), without running a model.
+
+        `predict_batch` takes Prepared samples as it takes dicts. A server prepares each request on its own
+        thread, so a bad input fails only its request, and then batches the model runs of many requests
+        (polysense.serving.DynamicBatcher).
+        """
+        return self._prepare(sample)
 
     def embed(self, samples: Sequence[dict]) -> Embeddings:
         """Embeddings of each sample's modalities (no fusion): [B, D] per modality, zeros where absent."""
@@ -227,41 +237,48 @@ class Pipeline:
         if sample.get("sample_rate") is not None and sample.get("audio") is None:
             raise InputError(f"{where}sample_rate was given without audio")
 
-    def _embed(self, samples: Sequence[dict]) -> tuple[dict[str, Any], np.ndarray, dict[str, float]]:
+    def _prepare(self, sample: Any, where: str = "") -> Prepared:
+        self._check_sample(sample, where)
+        features: dict[str, np.ndarray] = {}
+        timings: dict[str, float] = {}
+        for modality in self.modalities:
+            if sample.get(modality) is None:
+                continue
+            tick = time.perf_counter()
+            features[modality] = self._preprocessors[modality](sample[modality], sample.get("sample_rate"))
+            timings[f"preprocess_{modality}"] = (time.perf_counter() - tick) * 1000
+        return Prepared(features, timings)
+
+    def _embed(
+        self, samples: Sequence[dict] | Sequence[Prepared]
+    ) -> tuple[dict[str, Any], np.ndarray, dict[str, float]]:
         """Embeddings per modality [B, D] (device-resident under CUDA where every row has the modality),
         the presence mask [B, M] and timings. Encoders run only for modalities some sample has."""
         if isinstance(samples, (dict, str, bytes)) or not isinstance(samples, Sequence) or not len(samples):
             raise InputError("pass a non-empty list of sample dicts")
-        for index, sample in enumerate(samples):
-            self._check_sample(sample, f"sample {index}: " if len(samples) > 1 else "")
-        features: dict[str, list[np.ndarray | None]] = {}
+        prepared = [
+            s if isinstance(s, Prepared) else self._prepare(s, f"sample {i}: " if len(samples) > 1 else "")
+            for i, s in enumerate(samples)
+        ]
         timings: dict[str, float] = {}
-        for modality in self.modalities:
-            if not any(s.get(modality) is not None for s in samples):
-                continue
-            preprocess = self._preprocessors[modality]
-            tick = time.perf_counter()
-            features[modality] = [
-                None if s.get(modality) is None else preprocess(s[modality], s.get("sample_rate"))
-                for s in samples
-            ]
-            timings[f"preprocess_{modality}"] = (time.perf_counter() - tick) * 1000
-        mask = np.zeros((len(samples), len(self.modalities)), np.float32)
+        for item in prepared:
+            for stage, ms in item.timings.items():
+                timings[stage] = timings.get(stage, 0.0) + ms
+        mask = np.zeros((len(prepared), len(self.modalities)), np.float32)
         vectors: dict[str, Any] = {}
         for index, modality in enumerate(self.modalities):
-            values = features.get(modality, [None] * len(samples))
-            present = [row for row, value in enumerate(values) if value is not None]
+            present = [row for row, item in enumerate(prepared) if modality in item.features]
             mask[present, index] = 1.0
             if not present:
-                vectors[modality] = np.zeros((len(samples), self.embed_dim), np.float32)
+                vectors[modality] = np.zeros((len(prepared), self.embed_dim), np.float32)
                 continue
             tick = time.perf_counter()
-            encoded = self._encode(modality, [values[row] for row in present])
+            encoded = self._encode(modality, [prepared[row].features[modality] for row in present])
             timings[f"encode_{modality}"] = (time.perf_counter() - tick) * 1000
-            if len(present) == len(samples):
+            if len(present) == len(prepared):
                 vectors[modality] = encoded  # may live on the device under CUDA
             else:
-                vectors[modality] = np.zeros((len(samples), self.embed_dim), np.float32)
+                vectors[modality] = np.zeros((len(prepared), self.embed_dim), np.float32)
                 vectors[modality][present] = to_numpy(encoded)
         return vectors, mask, timings
 

@@ -1,0 +1,233 @@
+"""A dynamic batcher: concurrent predictions grouped into model runs, usable without any HTTP.
+
+Each caller prepares its own sample (decode, resize, tokenize, log-mel: `Pipeline.prepare`) on its own thread,
+so a bad input fails at once and only for that caller. Prepared samples wait in one queue per modality subset;
+a single worker thread takes the oldest request's subset and runs up to `max_batch` of them through the
+encoders and the fusion head at once.
+
+The worker never waits when there is nothing to wait for: a request that finds the worker idle and was alone
+in the last batch runs at once. Batches form by themselves under load, from the requests that arrived while
+the previous batch ran; only while the load is evidently concurrent (the last batch held more than one request)
+does the worker wait up to `max_wait_ms` for a batch to fill.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from polysense.errors import ConfigError, OverloadedError, RequestTimeoutError
+from polysense.fusion import Prediction, Prepared
+
+
+@dataclass(frozen=True)
+class BatcherOptions:
+    """max_batch: requests per model run; max_wait_ms: how long a batch may wait to fill under load;
+    max_queue: requests waiting at most (beyond it OverloadedError, at once); timeout_s: a request still
+    waiting after this long is dropped with RequestTimeoutError."""
+
+    max_batch: int = 32
+    max_wait_ms: float = 2.0
+    max_queue: int = 256
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_batch <= 4096:
+            raise ConfigError(f"max_batch must be 1-4096, got {self.max_batch}")
+        if not 0 <= self.max_wait_ms <= 10_000:
+            raise ConfigError(f"max_wait_ms must be 0-10000, got {self.max_wait_ms}")
+        if not 1 <= self.max_queue <= 1_000_000:
+            raise ConfigError(f"max_queue must be 1-1000000, got {self.max_queue}")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"timeout_s must be positive, got {self.timeout_s}")
+
+
+@dataclass
+class _Request:
+    prepared: Prepared
+    future: Future
+    enqueued: float
+    deadline: float
+
+
+@dataclass
+class BatcherStats:
+    """Counters since the batcher started (read them from any thread; they only grow)."""
+
+    batches: int = 0
+    requests: int = 0
+    dropped_cancelled: int = 0
+    dropped_timeout: int = 0
+    rejected_full: int = 0
+    batch_sizes: dict[int, int] = field(default_factory=dict)  # size -> how many batches had it
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.requests / self.batches if self.batches else 0.0
+
+
+class DynamicBatcher:
+    """Groups concurrent `predict` calls on one Pipeline into batches. Thread-safe; close() when done.
+
+    with DynamicBatcher(pipe, BatcherOptions(max_batch=16)) as batcher:
+        prediction = batcher.predict({"text": "a dog barking"})      # from any number of threads
+        future = batcher.submit({"image": "cat.jpg"})               # or without blocking
+    """
+
+    def __init__(
+        self,
+        pipeline: Any,
+        options: BatcherOptions | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        """`pipeline`: a polysense.Pipeline (anything with prepare and predict_batch); `on_batch(size)` is
+        called on the worker thread after each model run (for metrics)."""
+        self.pipeline = pipeline
+        self.options = options or BatcherOptions()
+        self.stats = BatcherStats()
+        self._on_batch = on_batch
+        self._queues: dict[str, deque[_Request]] = {}
+        self._depth = 0
+        self._last_batch_size = 0
+        self._closed = False
+        self._condition = threading.Condition()
+        self._worker = threading.Thread(target=self._serve, name="polysense-batcher", daemon=True)
+        self._worker.start()
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a model run."""
+        return self._depth
+
+    # -- callers' side -------------------------------------------------------------------------------------
+
+    def submit(self, sample: dict | Prepared) -> Future:
+        """Queue one sample; the Future's result is its Prediction. Preparation happens here, on the caller's
+        thread: a bad input raises InputError now. A full queue raises OverloadedError now. Cancel the Future
+        to withdraw the request; a cancelled request is dropped before it reaches the model."""
+        prepared = sample if isinstance(sample, Prepared) else self.pipeline.prepare(sample)
+        now = time.perf_counter()
+        request = _Request(prepared, Future(), now, now + self.options.timeout_s)
+        with self._condition:
+            if self._closed:
+                raise OverloadedError("the batcher is shutting down; send the request elsewhere")
+            if self._depth >= self.options.max_queue:
+                self.stats.rejected_full += 1
+                raise OverloadedError(
+                    f"the queue is full ({self.options.max_queue} requests waiting); retry shortly",
+                    retry_after_s=1.0,
+                )
+            self._queues.setdefault(prepared.subset, deque()).append(request)
+            self._depth += 1
+            self._condition.notify()
+        return request.future
+
+    def predict(self, sample: dict | Prepared, timeout: float | None = None) -> Prediction:
+        """Submit and wait for the Prediction (at most `timeout` s, default the options' timeout_s)."""
+        future = self.submit(sample)
+        try:
+            return future.result(timeout=self.options.timeout_s if timeout is None else timeout)
+        except FutureTimeout:
+            future.cancel()
+            raise RequestTimeoutError(
+                f"no answer within {timeout or self.options.timeout_s:g} s; the server is overloaded"
+            ) from None
+
+    def close(self) -> None:
+        """Stop accepting requests, answer every queued one, stop the worker."""
+        with self._condition:
+            self._closed = True
+            self._condition.notify_all()
+        self._worker.join()
+
+    def __enter__(self) -> DynamicBatcher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- the worker ----------------------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _next_batch(self) -> list[_Request] | None:
+        options = self.options
+        with self._condition:
+            while not self._depth and not self._closed:
+                self._condition.wait()
+            if not self._depth:
+                return None  # closed and drained
+            queue = min((q for q in self._queues.values() if q), key=lambda q: q[0].enqueued)
+            batch = [queue.popleft() for _ in range(min(len(queue), options.max_batch))]
+            if self._last_batch_size > 1 and options.max_wait_ms > 0:
+                until = batch[0].enqueued + options.max_wait_ms / 1000
+                while len(batch) < options.max_batch and not self._closed:
+                    if queue:
+                        batch.append(queue.popleft())
+                        continue
+                    left = until - time.perf_counter()
+                    if left <= 0:
+                        break
+                    self._condition.wait(left)
+            self._depth -= len(batch)
+            self._last_batch_size = len(batch)
+            return batch
+
+    def _run(self, batch: list[_Request]) -> None:
+        now = time.perf_counter()
+        live = []
+        for request in batch:
+            if not request.future.set_running_or_notify_cancel():
+                self.stats.dropped_cancelled += 1  # the caller went away
+            elif now > request.deadline:
+                self.stats.dropped_timeout += 1
+                request.future.set_exception(
+                    RequestTimeoutError(
+                        f"waited {now - request.enqueued:.1f} s in the queue, over timeout_s="
+                        f"{self.options.timeout_s:g}; the server is overloaded"
+                    )
+                )
+            else:
+                live.append(request)
+        if not live:
+            return
+        try:
+            predictions = self.pipeline.predict_batch([r.prepared for r in live])
+        except Exception:  # one request's fault must not fail its batch mates: run them one by one
+            for request in live:
+                self._answer_alone(request, now)
+        else:
+            for request, prediction in zip(live, predictions):
+                request.future.set_result(_own_timings(prediction, request, now))
+        self.stats.batches += 1
+        self.stats.requests += len(live)
+        self.stats.batch_sizes[len(live)] = self.stats.batch_sizes.get(len(live), 0) + 1
+        if self._on_batch is not None:
+            self._on_batch(len(live))
+
+    def _answer_alone(self, request: _Request, started: float) -> None:
+        try:
+            prediction = self.pipeline.predict_batch([request.prepared])[0]
+        except Exception as error:  # the caller gets it; the worker lives on
+            request.future.set_exception(error)
+        else:
+            request.future.set_result(_own_timings(prediction, request, started))
+
+
+def _own_timings(prediction: Prediction, request: _Request, started: float) -> Prediction:
+    """The batch's model timings with this request's own preprocessing and queue wait (milliseconds)."""
+    timings = {k: v for k, v in prediction.timings.items() if not k.startswith("preprocess_")}
+    timings.update(request.prepared.timings)
+    timings["queue"] = (started - request.enqueued) * 1000
+    return replace(prediction, timings=timings)

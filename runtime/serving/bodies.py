@@ -1,0 +1,95 @@
+"""Reading request bodies within bounds: per request (max_body_bytes) and all requests together (a budget)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from polysense.errors import InputError, OverloadedError
+from polysense.serving.handler import PayloadTooLarge, UnsupportedMediaType, parse_json, sample_from_json
+
+# Bodies held in memory at once, all requests together: a flood of large bodies is refused, not buffered.
+BODY_BUDGET_BYTES = 512 << 20
+
+
+class BodyBudget:
+    """Counts the bytes of request bodies held right now (used on the event loop only, so no lock)."""
+
+    def __init__(self, max_body_bytes: int, budget_bytes: int = BODY_BUDGET_BYTES) -> None:
+        self.max_body_bytes = max_body_bytes
+        self.budget_bytes = budget_bytes
+        self.held = 0
+
+    def check_declared(self, request: Any) -> None:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise PayloadTooLarge(
+                f"the body is {int(declared):,} bytes, over max_body_bytes={self.max_body_bytes:,}"
+            )
+
+    async def read(self, request: Any) -> bytes:
+        """The body, refused at once when over max_body_bytes or when the bodies in flight would pass the budget
+        (bytes are counted as they arrive; a lying Content-Length gains nothing)."""
+        self.check_declared(request)
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                self.held += len(chunk)
+                if size > self.max_body_bytes:
+                    raise PayloadTooLarge(f"the body is over max_body_bytes={self.max_body_bytes:,}")
+                if self.held > self.budget_bytes:
+                    raise OverloadedError("too many large requests at once; retry shortly")
+                chunks.append(chunk)
+        finally:
+            self.held -= size
+        return b"".join(chunks)
+
+
+def content_type(request: Any) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_sample(request: Any, bodies: BodyBudget) -> dict:
+    """One predict sample from a JSON or multipart body."""
+    kind = content_type(request)
+    if kind == "application/json":
+        return sample_from_json(parse_json(await bodies.read(request)))
+    if kind == "multipart/form-data":
+        return await read_multipart(request, bodies)
+    raise UnsupportedMediaType(
+        f"content type {kind or 'none'!r} is not read here; send application/json or multipart/form-data"
+    )
+
+
+async def read_multipart(request: Any, bodies: BodyBudget) -> dict:
+    """Fields text and sample_rate, files image and audio (curl -F image=@photo.jpg -F text=...)."""
+    if not request.headers.get("content-length", "").isdigit():
+        raise InputError("a multipart request needs a Content-Length header")
+    bodies.check_declared(request)
+    try:
+        form = await request.form(max_files=2, max_fields=4, max_part_size=bodies.max_body_bytes)
+    except Exception as error:  # python-multipart's and Starlette's own parse errors
+        raise InputError(f"the multipart body cannot be read ({error})") from None
+    try:
+        sample: dict[str, Any] = {}
+        for key, value in form.multi_items():
+            if key in sample:
+                raise InputError(f"field {key!r} is given twice")
+            sample[key] = await _form_value(key, value)
+        return sample
+    finally:
+        await form.close()
+
+
+async def _form_value(key: str, value: Any) -> Any:
+    if key in ("image", "audio"):
+        if isinstance(value, str):
+            raise InputError(f"{key} must be a file part (curl -F {key}=@file)")
+        return await value.read()
+    if key == "text":
+        return value if isinstance(value, str) else (await value.read()).decode("utf-8", "replace")
+    if key == "sample_rate":
+        if not isinstance(value, str) or not value.isdigit():
+            raise InputError("sample_rate must be an integer (Hz)")
+        return int(value)
+    raise InputError(f"unknown field {key!r}; the fields are text, image, audio, sample_rate")

@@ -1,0 +1,215 @@
+"""What a polysense server does with a request, whatever carries it (Starlette here, Ray Serve for scale-out):
+parse and check the request body, and shape the answers. No HTTP framework is imported here."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from polysense.errors import ConfigError, InputError, LimitError, OverloadedError, RequestTimeoutError
+from polysense.fusion import Prediction
+from polysense.modalities import MODALITIES
+from polysense.serving.batcher import BatcherOptions
+
+FILE_FIELDS = ("image", "audio")  # sent as base64 in JSON, as files in multipart
+PCM_FORMATS = {"s16le": np.int16, "f32le": np.float32}
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How `polysense serve` behaves; every field is a CLI option of the same name.
+
+    max_body_bytes bounds one request body (and one WebSocket message); max_batch_samples the samples of one
+    /v1/predict_batch; max_streams the open /v1/stream connections; api_key, when set, is the bearer token
+    every /v1 and /metrics request must carry.
+    """
+
+    max_batch: int = 32
+    max_wait_ms: float = 2.0
+    max_queue: int = 256
+    timeout_s: float = 30.0
+    max_body_bytes: int = 32 << 20
+    max_batch_samples: int = 256
+    max_streams: int = 256
+    api_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_body_bytes <= 1 << 31:
+            raise ConfigError(f"max_body_bytes must be 1 B-2 GB, got {self.max_body_bytes}")
+        if not 1 <= self.max_batch_samples <= 100_000:
+            raise ConfigError(f"max_batch_samples must be 1-100000, got {self.max_batch_samples}")
+        if not 1 <= self.max_streams <= 100_000:
+            raise ConfigError(f"max_streams must be 1-100000, got {self.max_streams}")
+        if self.api_key is not None and len(self.api_key) < 16:
+            raise ConfigError(
+                "the API key must be at least 16 characters; generate one with `openssl rand -hex 32`"
+            )
+        self.batcher_options()  # checks max_batch, max_wait_ms, max_queue and timeout_s
+
+    def batcher_options(self) -> BatcherOptions:
+        return BatcherOptions(self.max_batch, self.max_wait_ms, self.max_queue, self.timeout_s)
+
+
+class PayloadTooLarge(InputError):
+    """A request body over ServeOptions.max_body_bytes."""
+
+
+class UnsupportedMediaType(InputError):
+    """A request body of a content type the server does not read."""
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise InputError(f"the body is not valid JSON ({error}); send a JSON object") from None
+
+
+def sample_from_json(payload: Any, where: str = "") -> dict:
+    """A predict sample from a JSON object: {"text": str, "image": base64, "audio": base64, "sample_rate": int}.
+    Image and audio are the bytes of an encoded file (JPEG/PNG/WebP/BMP; WAV/FLAC/OGG), base64-encoded."""
+    if not isinstance(payload, dict):
+        raise InputError(f'{where}send a JSON object like {{"text": "...", "image": "<base64>"}}')
+    unknown = [k for k in payload if k not in (*MODALITIES, "sample_rate")]
+    if unknown:
+        raise InputError(
+            f"{where}unknown field {unknown[0]!r}; the fields are text, image, audio (base64), sample_rate"
+        )
+    sample: dict[str, Any] = {}
+    text = payload.get("text")
+    if text is not None:
+        if not isinstance(text, str):
+            raise InputError(f"{where}text must be a string")
+        sample["text"] = text
+    for name in FILE_FIELDS:
+        value = payload.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise InputError(f"{where}{name} must be the file's bytes as a base64 string")
+        try:
+            sample[name] = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise InputError(
+                f"{where}{name} is not valid base64; encode the file's bytes with base64"
+            ) from None
+    rate = payload.get("sample_rate")
+    if rate is not None:
+        if isinstance(rate, bool) or not isinstance(rate, int):
+            raise InputError(f"{where}sample_rate must be an integer (Hz)")
+        sample["sample_rate"] = rate
+    return sample
+
+
+def samples_from_batch_json(payload: Any, max_samples: int) -> list[Any]:
+    """The raw sample objects of a /v1/predict_batch body {"samples": [...]} (each parsed on its own later)."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("samples"), list):
+        raise InputError('send a JSON object {"samples": [{...}, ...]}')
+    samples = payload["samples"]
+    if not samples:
+        raise InputError('"samples" is empty; send at least one sample')
+    if len(samples) > max_samples:
+        raise PayloadTooLarge(
+            f"{len(samples)} samples in one request, over max_batch_samples={max_samples}; split the request"
+        )
+    return samples
+
+
+def prediction_json(prediction: Prediction) -> dict:
+    return prediction.to_dict()
+
+
+def error_json(error: BaseException) -> dict:
+    return {"error": str(error), "type": type(error).__name__}
+
+
+def status_of(error: BaseException) -> int:
+    """The HTTP status for an error a request caused (500 for anything polysense did not raise on purpose)."""
+    if isinstance(error, PayloadTooLarge) or (isinstance(error, LimitError) and error.too_large):
+        return 413
+    if isinstance(error, UnsupportedMediaType):
+        return 415
+    if isinstance(error, InputError):
+        return 400
+    if isinstance(error, OverloadedError):
+        return 503
+    if isinstance(error, RequestTimeoutError):
+        return 504
+    return 500
+
+
+def info_json(pipeline: Any, options: ServeOptions) -> dict:
+    from polysense import __version__
+
+    audio = pipeline.description.preprocessing.audio
+    return {
+        "polysense": __version__,
+        "labels": list(pipeline.labels),
+        "modalities": list(pipeline.modalities),
+        "precisions": pipeline.precisions,
+        "providers": pipeline.providers,
+        "embed_dim": pipeline.embed_dim,
+        "max_batch": options.max_batch,
+        "stream": None
+        if audio is None
+        else {"model_sample_rate": audio.sample_rate, "formats": list(PCM_FORMATS)},
+    }
+
+
+def warm_up(pipeline: Any) -> float:
+    """Run every encoder and the fusion once on synthetic inputs (first runs allocate and tune); seconds."""
+    start = time.perf_counter()
+    sample: dict[str, Any] = {}
+    if "text" in pipeline.modalities:
+        sample["text"] = "warm up"
+    if "image" in pipeline.modalities:
+        sample["image"] = np.full((64, 64, 3), 128, np.uint8)
+    if "audio" in pipeline.modalities:
+        rate = pipeline.description.preprocessing.audio.sample_rate
+        sample["audio"], sample["sample_rate"] = np.zeros(rate, np.float32), rate
+    pipeline.predict_batch([sample])
+    return time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class StreamStart:
+    """The first message of a /v1/stream connection."""
+
+    sample_rate: int
+    dtype: type
+    text: str | None = None
+
+
+def stream_start_from_json(payload: Any) -> StreamStart:
+    """{"sample_rate": 16000, "format": "s16le" | "f32le", "text": optional str}."""
+    if not isinstance(payload, dict):
+        raise InputError('start a stream with a JSON object {"sample_rate": 16000, "format": "s16le"}')
+    unknown = [k for k in payload if k not in ("sample_rate", "format", "text")]
+    if unknown:
+        raise InputError(f"unknown field {unknown[0]!r}; a stream starts with sample_rate, format and text")
+    rate = payload.get("sample_rate")
+    if isinstance(rate, bool) or not isinstance(rate, int):
+        raise InputError("sample_rate (an integer, Hz) is required to start a stream")
+    fmt = payload.get("format", "s16le")
+    if fmt not in PCM_FORMATS:
+        raise InputError(
+            f"format {fmt!r} is unknown; send s16le (int16 PCM) or f32le (float32 PCM), little-endian"
+        )
+    text = payload.get("text")
+    if text is not None and not isinstance(text, str):
+        raise InputError("text must be a string")
+    return StreamStart(rate, PCM_FORMATS[fmt], text)
+
+
+def pcm_chunk(data: bytes, dtype: type) -> np.ndarray:
+    """Little-endian PCM bytes as samples."""
+    width = np.dtype(dtype).itemsize
+    if len(data) % width:
+        raise InputError(f"a chunk of {len(data)} bytes is not whole {width}-byte samples")
+    return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<"))

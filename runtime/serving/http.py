@@ -1,0 +1,172 @@
+"""`polysense serve`: a Pipeline behind HTTP and WebSocket (Starlette on uvicorn), with dynamic batching.
+
+    POST /v1/predict        JSON {"text", "image" (base64), "audio" (base64), "sample_rate"} or multipart files
+    POST /v1/predict_batch  JSON {"samples": [...]}: one answer per sample, a bad sample fails only itself
+    GET  /v1/info           labels, modalities, precisions, providers
+    WS   /v1/stream         live PCM audio in, partial and final predictions out (polysense.serving.websocket)
+    GET  /healthz  /readyz  /metrics
+
+Requests are admitted while fewer than max_queue are in flight and their bodies fit a byte budget; beyond
+that they are answered 503 with Retry-After at once. Each admitted request is prepared (decoded, tokenized)
+and then waits for the dynamic batcher; a caller that hangs up is dropped from the queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from polysense.errors import DependencyError, OverloadedError, PolysenseError
+
+try:
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route, WebSocketRoute
+except ImportError as error:
+    raise DependencyError(
+        f"the server's packages are missing ({error}); pip install 'polysense[serve]'"
+    ) from error
+
+from polysense.serving.bodies import content_type, read_sample
+from polysense.serving.handler import (
+    ServeOptions,
+    UnsupportedMediaType,
+    error_json,
+    info_json,
+    parse_json,
+    prediction_json,
+    sample_from_json,
+    samples_from_batch_json,
+    status_of,
+)
+from polysense.serving.service import ClientGone, Service, Unauthorized
+from polysense.serving.websocket import stream
+
+log = logging.getLogger("polysense.serve")
+Handler = Callable[[Any], Awaitable[Response]]
+
+
+def create_app(pipeline: Any, options: ServeOptions | None = None) -> Starlette:
+    """The ASGI application serving `pipeline` (a polysense.Pipeline); `polysense.serving.server.serve` runs
+    it on uvicorn. Readiness comes after a warm-up run in the background."""
+    service = Service(pipeline, options or ServeOptions())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        service.warm_up_in_background()
+        try:
+            yield
+        finally:
+            service.close()  # after uvicorn let in-flight requests finish: answers what is still queued
+
+    routes = [
+        Route("/v1/predict", _endpoint("predict", _predict), methods=["POST"]),
+        Route("/v1/predict_batch", _endpoint("predict_batch", _predict_batch), methods=["POST"]),
+        Route("/v1/info", _endpoint("info", _info), methods=["GET"]),
+        Route("/healthz", _endpoint("healthz", _healthz, protected=False), methods=["GET"]),
+        Route("/readyz", _endpoint("readyz", _readyz, protected=False), methods=["GET"]),
+        Route("/metrics", _endpoint("metrics", _metrics), methods=["GET"]),
+        WebSocketRoute("/v1/stream", stream),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.service = service
+    return app
+
+
+def _failure(error: BaseException) -> Response:
+    status = 401 if isinstance(error, Unauthorized) else status_of(error)
+    headers = {}
+    if isinstance(error, OverloadedError):
+        headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
+    if isinstance(error, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    if status == 500:
+        return JSONResponse({"error": "internal error; see the server log", "type": "InternalError"}, 500)
+    return JSONResponse(error_json(error), status, headers=headers)
+
+
+def _endpoint(name: str, handler: Handler, protected: bool = True) -> Handler:
+    """The handler with authorization, errors as JSON answers (never a traceback), and metrics."""
+
+    async def run(request: Any) -> Response:
+        service: Service = request.app.state.service
+        start = time.perf_counter()
+        error_type = None
+        try:
+            if protected:
+                service.authorize(request.headers)
+            response = await handler(request)
+        except ClientGone:
+            response, error_type = Response(status_code=499), "ClientGone"
+        except Exception as error:
+            if not isinstance(error, PolysenseError):
+                log.exception("%s failed", name)
+            response, error_type = _failure(error), type(error).__name__
+        service.metrics.observe(name, response.status_code, time.perf_counter() - start, error_type)
+        return response
+
+    return run
+
+
+async def _predict(request: Any) -> Response:
+    service: Service = request.app.state.service
+    async with service.admit():
+        sample = await read_sample(request, service.bodies)
+        if "image" in sample or "audio" in sample:
+            future = await service.in_thread(service.batcher.submit, sample)
+        else:  # tokenizing a text (cut to max_length first) costs less than the hop to a thread
+            future = service.batcher.submit(sample)
+        prediction = await service.answer(future, request)
+    return JSONResponse(prediction_json(prediction))
+
+
+async def _predict_batch(request: Any) -> Response:
+    service: Service = request.app.state.service
+    if content_type(request) != "application/json":
+        raise UnsupportedMediaType('predict_batch reads application/json {"samples": [...]}')
+    raw = samples_from_batch_json(
+        parse_json(await service.bodies.read(request)), service.options.max_batch_samples
+    )
+    async with service.admit(len(raw)):
+
+        def submit_all() -> list:
+            submitted = []
+            for index, item in enumerate(raw):
+                try:
+                    submitted.append(service.batcher.submit(sample_from_json(item, f"sample {index}: ")))
+                except PolysenseError as error:
+                    submitted.append(error)
+            return submitted
+
+        answers = []
+        for item in await service.in_thread(submit_all):
+            try:
+                if isinstance(item, PolysenseError):
+                    raise item
+                answers.append(prediction_json(await service.answer(item, request)))
+            except PolysenseError as error:
+                answers.append(error_json(error))
+    return JSONResponse({"predictions": answers})
+
+
+async def _info(request: Any) -> Response:
+    service: Service = request.app.state.service
+    return JSONResponse(info_json(service.pipeline, service.options))
+
+
+async def _healthz(request: Any) -> Response:
+    return JSONResponse({"status": "alive"})
+
+
+async def _readyz(request: Any) -> Response:
+    if request.app.state.service.ready.is_set():
+        return JSONResponse({"status": "ready"})
+    return JSONResponse({"status": "warming up"}, 503, headers={"Retry-After": "1"})
+
+
+async def _metrics(request: Any) -> Response:
+    body, kind = request.app.state.service.metrics.exposition()
+    return Response(body, headers={"Content-Type": kind})

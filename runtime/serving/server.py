@@ -1,0 +1,55 @@
+"""Run the HTTP/WebSocket app on uvicorn, with graceful shutdown."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import Any
+
+from polysense.errors import DependencyError
+from polysense.serving.handler import ServeOptions
+
+log = logging.getLogger("polysense.serve")
+
+# On SIGTERM uvicorn stops accepting, lets in-flight requests finish, then shuts the app down (the batcher
+# answers what is queued); past this many seconds it closes what is left.
+GRACEFUL_SHUTDOWN_S = 8
+
+
+def serve(
+    pipeline: Any,
+    options: ServeOptions | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    access_log: bool = False,
+) -> None:
+    """Serve `pipeline` until SIGINT/SIGTERM. Bound to loopback by default; anything else should carry an
+    API key (ServeOptions.api_key) or sit behind a proxy that authenticates."""
+    try:
+        import uvicorn
+    except ImportError as error:
+        raise DependencyError(
+            f"uvicorn is not installed ({error}); pip install 'polysense[serve]'"
+        ) from error
+    from polysense.serving.http import create_app
+
+    options = options or ServeOptions()
+    if not _is_loopback(host) and options.api_key is None:
+        log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
+    config = uvicorn.Config(
+        create_app(pipeline, options),
+        host=host,
+        port=port,
+        access_log=access_log,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        ws_max_size=options.max_body_bytes,
+        log_level="info",
+    )
+    uvicorn.Server(config).run()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -1,0 +1,122 @@
+"""The state one server shares between its requests: pipeline, batchers, metrics, readiness, admission."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from polysense.errors import OverloadedError, PolysenseError, RequestTimeoutError
+from polysense.serving.batcher import DynamicBatcher
+from polysense.serving.bodies import BodyBudget
+from polysense.serving.handler import ServeOptions, warm_up
+from polysense.serving.metrics import ServerMetrics
+from polysense.serving.streams import StreamEncoder
+
+log = logging.getLogger("polysense.serve")
+
+
+class Unauthorized(PolysenseError):
+    """A request without the server's bearer token."""
+
+
+class ClientGone(Exception):
+    """The caller hung up before its answer was ready."""
+
+
+class Service:
+    """The state one server shares between requests: the pipeline, its batchers, metrics and readiness."""
+
+    def __init__(self, pipeline: Any, options: ServeOptions) -> None:
+        self.pipeline = pipeline
+        self.options = options
+        self.metrics = ServerMetrics(queue_depth=lambda: self.batcher.queue_depth)
+        self.batcher = DynamicBatcher(
+            pipeline, options.batcher_options(), on_batch=self.metrics.batch_size.observe
+        )
+        self.streams = StreamEncoder() if "audio" in pipeline.modalities else None
+        self.ready = threading.Event()
+        self.inflight = 0  # requests admitted and not yet answered (touched on the event loop only)
+        self.bodies = BodyBudget(options.max_body_bytes)
+        self.open_streams = 0
+        # Preparation (decoding photos, resampling audio) runs on at most this many threads, so the memory of
+        # decoding is bounded by it, not by the number of requests waiting.
+        self.prepare_threads = max(2, os.cpu_count() or 2)
+        self._limiter: Any = None
+
+    def warm_up_in_background(self) -> None:
+        def run() -> None:
+            try:
+                seconds = warm_up(self.pipeline)
+            except Exception:  # the server stays up but never ready: /readyz tells the orchestrator
+                log.exception("warm-up failed; the server will not become ready")
+                return
+            log.info("warmed up in %.2f s; ready", seconds)
+            self.ready.set()
+
+        threading.Thread(target=run, name="polysense-warm-up", daemon=True).start()
+
+    def close(self) -> None:
+        self.batcher.close()
+        if self.streams is not None:
+            self.streams.close()
+
+    async def in_thread(self, function: Callable, *args: Any) -> Any:
+        import anyio
+
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(self.prepare_threads)
+        return await anyio.to_thread.run_sync(function, *args, limiter=self._limiter)
+
+    def authorize(self, headers: Any) -> None:
+        key = self.options.api_key
+        if key is None:
+            return
+        given = headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise Unauthorized("missing or wrong API key; send the header 'Authorization: Bearer <key>'")
+
+    @contextlib.asynccontextmanager
+    async def admit(self, count: int = 1) -> AsyncIterator[None]:
+        if not self.ready.is_set():
+            raise OverloadedError("the server is warming up; retry in a moment", retry_after_s=1.0)
+        if self.inflight + count > self.options.max_queue:
+            raise OverloadedError(
+                f"{self.inflight} requests in flight, the limit is max_queue={self.options.max_queue}; retry shortly"
+            )
+        self.inflight += count
+        try:
+            yield
+        finally:
+            self.inflight -= count
+
+    async def answer(self, future: Any, request: Any) -> Any:
+        """The batcher's result for `future`, or ClientGone / RequestTimeoutError; a request given up on is
+        cancelled, so the batcher drops it before it reaches the model."""
+        answer = asyncio.wrap_future(future)
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait(
+                {answer, gone}, timeout=self.options.timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            gone.cancel()
+        if answer in done:
+            return answer.result()
+        answer.cancel()
+        if gone in done:
+            raise ClientGone
+        raise RequestTimeoutError(
+            f"no answer within timeout_s={self.options.timeout_s:g} s; the server is overloaded"
+        )
+
+
+async def _disconnected(request: Any) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

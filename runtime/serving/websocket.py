@@ -1,0 +1,111 @@
+"""WS /v1/stream: live audio in, partial and final predictions out.
+
+    client: {"sample_rate": 16000, "format": "s16le" | "f32le", "text": "optional"}    (text message)
+    server: {"type": "ready", "model_sample_rate": 16000}
+    client: PCM chunks, little-endian, any length                                     (binary messages)
+    server: {"type": "partial", "label", "probabilities", "audio_seconds", ...} after each chunk with new frames
+    client: {"type": "end"}
+    server: {"type": "final", ...}, then closes (1000). The final prediction equals Pipeline.predict on the
+            whole recording.
+    on a bad message: {"type": "error", "error", "type"} and a close (1003, or 1009 when over a limit).
+
+Streams' new frames are encoded together across connections (polysense.serving.streams.StreamEncoder).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from polysense.errors import InputError, PolysenseError
+from polysense.serving.handler import (
+    PayloadTooLarge,
+    error_json,
+    parse_json,
+    pcm_chunk,
+    prediction_json,
+    status_of,
+    stream_start_from_json,
+)
+from polysense.serving.service import Service, Unauthorized
+
+WS_POLICY_VIOLATION, WS_UNSUPPORTED, WS_TOO_BIG, WS_TRY_AGAIN = 1008, 1003, 1009, 1013
+MAX_START_MESSAGE = 1 << 20
+
+
+async def stream(websocket: WebSocket) -> None:
+    service: Service = websocket.app.state.service
+    try:
+        service.authorize(websocket.headers)
+    except Unauthorized:
+        await websocket.close(WS_POLICY_VIOLATION)
+        return
+    if service.streams is None:
+        await websocket.close(WS_UNSUPPORTED)  # the bundle has no audio encoder
+        return
+    if not service.ready.is_set() or service.open_streams >= service.options.max_streams:
+        await websocket.close(WS_TRY_AGAIN)
+        return
+    await websocket.accept()
+    service.open_streams += 1
+    service.metrics.streams.inc()
+    try:
+        await _run(websocket, service)
+    except WebSocketDisconnect:
+        pass
+    except PolysenseError as error:
+        with contextlib.suppress(Exception):
+            await websocket.send_json({"type": "error", **error_json(error)})
+            await websocket.close(WS_TOO_BIG if status_of(error) == 413 else WS_UNSUPPORTED)
+    finally:
+        service.open_streams -= 1
+        service.metrics.streams.dec()
+
+
+async def _run(websocket: WebSocket, service: Service) -> None:
+    first = await websocket.receive_text()
+    if len(first) > MAX_START_MESSAGE:
+        raise PayloadTooLarge("the first message is over 1 MB")
+    start = stream_start_from_json(parse_json(first.encode()))
+    limits = service.pipeline.limits
+    limits.check_sample_rate(start.sample_rate, "the stream")
+    audio = service.pipeline.audio_stream(encode=False)
+    if start.text is not None:
+        await service.in_thread(audio.set_text, start.text)
+    await websocket.send_json({"type": "ready", "model_sample_rate": audio.model_rate})
+    samples_seen = 0
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(message.get("code", 1000))
+        data = message.get("bytes")
+        if data is None:
+            break
+        if len(data) > service.options.max_body_bytes:
+            raise PayloadTooLarge(
+                f"a chunk of {len(data):,} bytes, over max_body_bytes={service.options.max_body_bytes:,}"
+            )
+        samples = pcm_chunk(data, start.dtype)
+        samples_seen += samples.size
+        if samples_seen > limits.max_audio_seconds * start.sample_rate:
+            raise limits.refuse(f"the stream is over {limits.max_audio_seconds:g} s", "max_audio_seconds")
+        if await service.in_thread(audio.accept_waveform, samples, start.sample_rate):
+            await asyncio.wrap_future(service.streams.encode(audio))
+        if audio.embedding is not None:
+            await websocket.send_json(
+                await _result(service, audio, "partial", samples_seen / start.sample_rate)
+            )
+    if parse_json((message.get("text") or "").encode()) != {"type": "end"}:
+        raise InputError('send PCM chunks as binary messages and {"type": "end"} as text when done')
+    if await service.in_thread(audio.input_finished):
+        await asyncio.wrap_future(service.streams.encode(audio))
+    await websocket.send_json(await _result(service, audio, "final", samples_seen / start.sample_rate))
+    await websocket.close(1000)
+
+
+async def _result(service: Service, audio: Any, kind: str, seconds: float) -> dict:
+    prediction = await service.in_thread(audio.result)
+    return {"type": kind, "audio_seconds": seconds, **prediction_json(prediction)}
