@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
+import threading
 from typing import Any
 
 from polysense.errors import DependencyError
@@ -45,7 +47,23 @@ def serve(
         ws_max_size=options.max_body_bytes,
         log_level="info",
     )
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    if threading.current_thread() is not threading.main_thread():
+        server.run()
+        return
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again so the process ends as if
+    # killed by it. A requested stop that completed cleanly is a success: the re-raised signal meets a handler
+    # that ignores it, and the process exits 0.
+    previous = {sig: signal.signal(sig, _stopped) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stopped(sig: int, frame: object) -> None:
+    """What a stop signal does after uvicorn's graceful shutdown: nothing more."""
 
 
 def _is_loopback(host: str) -> bool:

@@ -1,0 +1,309 @@
+"""`polysense serve`: HTTP and WebSocket answers equal Pipeline.predict; every bad request gets its status and
+the polysense message; auth, metrics, readiness; a real server process shuts down gracefully on SIGTERM."""
+
+import base64
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("starlette")
+pytest.importorskip("prometheus_client")
+httpx = pytest.importorskip("httpx")
+
+from starlette.testclient import TestClient  # noqa: E402
+from starlette.websockets import WebSocketDisconnect  # noqa: E402
+
+import polysense  # noqa: E402
+from polysense.cli import main  # noqa: E402
+from polysense.data import read_manifest  # noqa: E402
+from polysense.errors import DependencyError  # noqa: E402
+from polysense.serving.handler import ServeOptions  # noqa: E402
+from polysense.serving.http import create_app  # noqa: E402
+
+KEY = "k" * 32
+
+
+@pytest.fixture(scope="module")
+def pipe(bundle):
+    return polysense.Pipeline.load(bundle, device="cpu", precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def row(trained_run):
+    return [r for r in read_manifest(trained_run / "manifest.csv").rows if r.split == "test"][0]
+
+
+def _client(pipe, **options):
+    client = TestClient(create_app(pipe, ServeOptions(**options)))
+    client.__enter__()
+    assert client.app.state.service.ready.wait(10)
+    return client
+
+
+@pytest.fixture(scope="module")
+def client(pipe):
+    client = _client(pipe)
+    yield client
+    client.__exit__(None, None, None)
+
+
+def _b64(path):
+    return base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def _assert_same(answer, expected):
+    assert answer["label"] == expected.label
+    got = np.array([answer["probabilities"][k] for k in expected.probabilities])
+    np.testing.assert_allclose(got, list(expected.probabilities.values()), atol=1e-5)
+
+
+def test_json_and_multipart_predictions_equal_pipeline_predict(client, pipe, row):
+    expected = pipe.predict(image=row.image, text=row.text, audio=row.audio)
+    answer = client.post(
+        "/v1/predict", json={"text": row.text, "image": _b64(row.image), "audio": _b64(row.audio)}
+    )
+    assert answer.status_code == 200
+    _assert_same(answer.json(), expected)
+    assert answer.json()["modalities"] == ["image", "text", "audio"]
+    assert {"queue", "total", "preprocess_image"} <= set(answer.json()["timings_ms"])
+    with open(row.image, "rb") as image, open(row.audio, "rb") as audio:
+        files = {"image": ("x.jpg", image), "audio": ("x.wav", audio)}
+        answer = client.post("/v1/predict", files=files, data={"text": row.text})
+    assert answer.status_code == 200
+    _assert_same(answer.json(), expected)
+    _assert_same(client.post("/v1/predict", json={"text": row.text}).json(), pipe.predict(text=row.text))
+
+
+def test_predict_batch_answers_each_sample_and_a_bad_one_fails_alone(client, pipe, row):
+    samples = [{"text": row.text}, {"image": "not base64!"}, {"image": _b64(row.image)}, {"video": 1}, {}]
+    answer = client.post("/v1/predict_batch", json={"samples": samples})
+    assert answer.status_code == 200
+    got = answer.json()["predictions"]
+    _assert_same(got[0], pipe.predict(text=row.text))
+    _assert_same(got[2], pipe.predict(image=row.image))
+    assert "sample 1: image is not valid base64" in got[1]["error"]
+    assert "sample 3: unknown field 'video'" in got[3]["error"]
+    assert "no input given" in got[4]["error"] and got[4]["type"] == "InputError"
+
+
+@pytest.mark.parametrize(
+    "request_kwargs, status, message",
+    [
+        ({"content": b"{", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+        ({"json": ["text"]}, 400, "send a JSON object"),
+        ({"json": {"text": 3}}, 400, "text must be a string"),
+        ({"json": {"audio": "AAAA", "sample_rate": "fast"}}, 400, "sample_rate must be an integer"),
+        ({"json": {"image": base64.b64encode(b"not an image").decode()}}, 400, "image"),
+        (
+            {"content": b"text=hi", "headers": {"content-type": "text/plain"}},
+            415,
+            "application/json or multipart",
+        ),
+        ({"data": {"colour": "red"}, "files": {"image": ("a", b"x")}}, 400, "unknown field 'colour'"),
+        ({"data": {"image": "not a file"}, "files": {"audio": ("a", b"x")}}, 400, "must be a file part"),
+    ],
+)
+def test_bad_requests_get_their_status_and_the_polysense_message(client, request_kwargs, status, message):
+    answer = client.post("/v1/predict", **request_kwargs)
+    assert answer.status_code == status
+    assert message in answer.json()["error"]
+
+
+def test_bodies_and_inputs_over_the_limits_get_413(pipe, bundle, row):
+    client = _client(pipe, max_body_bytes=4096, max_batch_samples=2)
+    try:
+        answer = client.post("/v1/predict", json={"text": "x" * 5000})
+        assert answer.status_code == 413 and "max_body_bytes" in answer.json()["error"]
+        answer = client.post("/v1/predict_batch", json={"samples": [{"text": "a"}] * 3})
+        assert answer.status_code == 413 and "max_batch_samples" in answer.json()["error"]
+    finally:
+        client.__exit__(None, None, None)
+    small = polysense.Pipeline.load(bundle, device="cpu", limits=polysense.Limits(max_image_pixels=100))
+    client = _client(small)
+    try:
+        answer = client.post("/v1/predict", json={"image": _b64(row.image)})
+        assert answer.status_code == 413 and "max_image_pixels" in answer.json()["error"]
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_the_api_key_guards_v1_and_metrics_but_not_health(pipe):
+    client = _client(pipe, api_key=KEY)
+    try:
+        assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+        for path in ("/v1/info", "/metrics"):
+            answer = client.get(path)
+            assert answer.status_code == 401 and answer.headers["www-authenticate"] == "Bearer"
+        assert client.get("/v1/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        answer = client.post("/v1/predict", json={"text": "hi"}, headers={"Authorization": f"Bearer {KEY}"})
+        assert answer.status_code == 200
+        with pytest.raises(WebSocketDisconnect), client.websocket_connect("/v1/stream") as ws:
+            ws.receive_json()
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_info_metrics_and_readiness(client, pipe):
+    info = client.get("/v1/info").json()
+    assert info["labels"] == list(pipe.labels) and info["modalities"] == list(pipe.modalities)
+    assert set(info["precisions"]) == set(pipe.description.components)
+    client.post("/v1/predict", json={"text": "counted"})
+    client.post("/v1/predict", json={})
+    metrics = client.get("/metrics").text
+    assert 'polysense_requests_total{code="200",endpoint="predict"}' in metrics
+    assert 'polysense_errors_total{type="InputError"}' in metrics
+    for name in ("polysense_request_seconds_bucket", "polysense_batch_size_bucket", "polysense_queue_depth"):
+        assert name in metrics
+    service = client.app.state.service
+    service.ready.clear()
+    try:
+        assert client.get("/readyz").status_code == 503
+        answer = client.post("/v1/predict", json={"text": "too early"})
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+    finally:
+        service.ready.set()
+
+
+def test_a_full_server_answers_503_with_retry_after_at_once(client):
+    service = client.app.state.service
+    service.inflight = service.options.max_queue  # as if max_queue requests were in flight
+    try:
+        answer = client.post("/v1/predict", json={"text": "one too many"})
+    finally:
+        service.inflight = 0
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+    assert "max_queue" in answer.json()["error"]
+
+
+def test_websocket_stream_final_equals_offline_prediction(client, pipe, row):
+    samples, rate = soundfile.read(row.audio, dtype="int16")
+    with client.websocket_connect("/v1/stream") as ws:
+        ws.send_json({"sample_rate": rate, "format": "s16le", "text": row.text})
+        assert ws.receive_json()["type"] == "ready"
+        partials = 0
+        for start in range(0, samples.size, 700):
+            ws.send_bytes(samples[start : start + 700].tobytes())
+            message = ws.receive_json()
+            assert message["type"] == "partial"
+            partials += 1
+        ws.send_json({"type": "end"})
+        final = ws.receive_json()
+    assert final["type"] == "final" and partials > 1
+    assert final["audio_seconds"] == pytest.approx(samples.size / rate)
+    _assert_same(final, pipe.predict(audio=row.audio, text=row.text))
+
+
+@pytest.mark.parametrize(
+    "start, chunk, message",
+    [
+        ({"format": "s16le"}, None, "sample_rate"),
+        ({"sample_rate": 16000, "format": "mp3"}, None, "format 'mp3' is unknown"),
+        ({"sample_rate": 3, "format": "s16le"}, None, "limit min_sample_rate"),
+        ({"sample_rate": 16000, "format": "s16le"}, b"\x00\x01\x02", "not whole 2-byte samples"),
+        ({"sample_rate": 16000, "format": "f32le"}, np.full(8, np.nan, np.float32).tobytes(), "NaN"),
+    ],
+)
+def test_bad_stream_messages_get_an_error_and_a_close(client, start, chunk, message):
+    with client.websocket_connect("/v1/stream") as ws:
+        ws.send_json(start)
+        if chunk is not None:
+            assert ws.receive_json()["type"] == "ready"
+            ws.send_bytes(chunk)
+        error = ws.receive_json()
+        assert error["type"] != "partial" and message in error["error"]
+        with pytest.raises(WebSocketDisconnect):
+            ws.receive_json()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(bundle):
+    port = _free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "polysense.cli",
+        "serve",
+        str(bundle),
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+    ]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("the server did not become ready")
+        answered, failed, stop = [], [], threading.Event()
+
+        def load():
+            with httpx.Client(timeout=10) as http:
+                while not stop.is_set():
+                    try:
+                        answer = http.post(f"{url}/v1/predict", json={"text": "a calm square"})
+                    except httpx.TransportError:
+                        return  # refused or closed before it was accepted: the server had stopped accepting
+                    (answered if answer.status_code == 200 else failed).append(answer.status_code)
+
+        clients = [threading.Thread(target=load) for _ in range(8)]
+        for thread in clients:
+            thread.start()
+        time.sleep(1.0)
+        sent = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(10)
+        took = time.monotonic() - sent
+        stop.set()
+        for thread in clients:
+            thread.join(10)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert code == 0 and took < 10
+    assert len(answered) > 50 and failed == []
+
+
+def test_serve_cli_errors_are_one_line(tmp_path, bundle, capsys):
+    assert main(["serve", str(tmp_path / "missing")]) == 2
+    assert main(["serve", str(bundle), "--port", "0"]) == 2
+    assert main(["serve", str(bundle), "--api-key", "short"]) == 2
+    assert main(["serve", str(bundle), "--max-batch", "0"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("error: ") for line in lines)
+    assert "16 characters" in lines[2] and "max_batch" in lines[3]
+
+
+def test_serve_without_its_packages_names_the_extra(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def without_starlette(name, *args, **kwargs):
+        if name.startswith("starlette"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "polysense.serving.http", raising=False)
+    monkeypatch.setattr(builtins, "__import__", without_starlette)
+    with pytest.raises(DependencyError, match=r"polysense\[serve\]"):
+        import polysense.serving.http  # noqa: F401
