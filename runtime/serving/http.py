@@ -23,6 +23,7 @@ from polysense.errors import DependencyError, OverloadedError, PolysenseError
 
 try:
     from starlette.applications import Starlette
+    from starlette.middleware import Middleware
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route, WebSocketRoute
 except ImportError as error:
@@ -30,6 +31,7 @@ except ImportError as error:
         f"the server's packages are missing ({error}); pip install 'polysense[serve]'"
     ) from error
 
+from polysense.serving.admission import Admission
 from polysense.serving.bodies import content_type, read_sample
 from polysense.serving.handler import (
     ServeOptions,
@@ -71,7 +73,7 @@ def create_app(pipeline: Any, options: ServeOptions | None = None) -> Starlette:
         Route("/metrics", _endpoint("metrics", _metrics), methods=["GET"]),
         WebSocketRoute("/v1/stream", stream),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(Admission, service=service)])
     app.state.service = service
     return app
 
@@ -113,13 +115,12 @@ def _endpoint(name: str, handler: Handler, protected: bool = True) -> Handler:
 
 async def _predict(request: Any) -> Response:
     service: Service = request.app.state.service
-    async with service.admit():
-        sample = await read_sample(request, service.bodies)
-        if "image" in sample or "audio" in sample:
-            future = await service.in_thread(service.batcher.submit, sample)
-        else:  # tokenizing a text (cut to max_length first) costs less than the hop to a thread
-            future = service.batcher.submit(sample)
-        prediction = await service.answer(future, request)
+    sample = await read_sample(request, service.bodies)  # admitted already (polysense.serving.admission)
+    if "image" in sample or "audio" in sample:
+        future = await service.in_thread(service.batcher.submit, sample)
+    else:  # tokenizing a text (cut to max_length first) costs less than the hop to a thread
+        future = service.batcher.submit(sample)
+    prediction = await service.answer(future, request)
     return JSONResponse(prediction_json(prediction))
 
 
@@ -130,7 +131,7 @@ async def _predict_batch(request: Any) -> Response:
     raw = samples_from_batch_json(
         parse_json(await service.bodies.read(request)), service.options.max_batch_samples
     )
-    async with service.admit(len(raw)):
+    async with service.admit(len(raw) - 1):  # the request itself holds one place already (admission)
 
         def submit_all() -> list:
             submitted = []

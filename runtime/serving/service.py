@@ -82,14 +82,22 @@ class Service:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
             raise Unauthorized("missing or wrong API key; send the header 'Authorization: Bearer <key>'")
 
-    @contextlib.asynccontextmanager
-    async def admit(self, count: int = 1) -> AsyncIterator[None]:
+    def refusal(self, count: int = 1) -> OverloadedError | None:
+        """Why `count` more predictions cannot be admitted now (None: they can)."""
         if not self.ready.is_set():
-            raise OverloadedError("the server is warming up; retry in a moment", retry_after_s=1.0)
+            return OverloadedError("the server is warming up; retry in a moment", retry_after_s=1.0)
         if self.inflight + count > self.options.max_queue:
-            raise OverloadedError(
+            return OverloadedError(
                 f"{self.inflight} requests in flight, the limit is max_queue={self.options.max_queue}; retry shortly"
             )
+        return None
+
+    @contextlib.asynccontextmanager
+    async def admit(self, count: int = 1) -> AsyncIterator[None]:
+        """Hold `count` places among the max_queue in flight, or raise OverloadedError at once."""
+        refusal = self.refusal(count)
+        if refusal is not None:
+            raise refusal
         self.inflight += count
         try:
             yield

@@ -1,0 +1,189 @@
+"""The load generator of benchmarks/serving.py: HTTP/1.1 keep-alive requests over raw asyncio sockets, in a
+process of its own, printing one JSON result. Lean on purpose: on a 2-core machine the generator shares the
+CPU with the server, and an HTTP client library would cost more per request than the server does.
+
+    python benchmarks/loadgen.py --port 8000 --closed 32 --seconds 10            # 32 clients, one request each at a time
+    python benchmarks/loadgen.py --port 8000 --open-rate 4000 --seconds 10      # 4000 requests/s whatever the answers
+
+Closed loop: each client sends its next request when the last is answered (throughput and latency at a given
+concurrency). Open loop: requests start on a fixed schedule, on any idle connection (a new one when none is
+idle, up to --connections); latency is counted from the scheduled start, so a lagging generator or server
+cannot hide queueing (no coordinated omission).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+
+try:
+    import uvloop
+except ImportError:  # plain asyncio works too, a little slower
+    uvloop = None
+
+BODY = json.dumps({"text": "a red circle moving quickly upward"}).encode()
+
+
+def request_bytes(body: bytes, token: str | None = None) -> bytes:
+    auth = f"Authorization: Bearer {token}\r\n".encode() if token else b""
+    return (
+        b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        + auth
+        + b"Content-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
+
+
+class Connection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Connection:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    async def send(self, request: bytes) -> int:
+        """One request and its whole answer; the HTTP status."""
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.lower() == b"content-length":
+                length = int(value)
+        await self.reader.readexactly(length)
+        return int(head[9:12])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.latencies: list[float] = []  # seconds, answered 200
+        self.statuses: dict[int, int] = {}
+        self.transport_errors = 0
+
+    def add(self, status: int, seconds: float) -> None:
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        if status == 200:
+            self.latencies.append(seconds)
+
+    def summary(self, elapsed: float) -> dict:
+        ok = sorted(self.latencies)
+
+        def quantile(q: float) -> float | None:
+            return ok[min(len(ok) - 1, int(q * len(ok)))] * 1000 if ok else None
+
+        return {
+            "seconds": elapsed,
+            "answered_200": len(ok),
+            "throughput_rps": len(ok) / elapsed,
+            "p50_ms": quantile(0.5),
+            "p90_ms": quantile(0.9),
+            "p99_ms": quantile(0.99),
+            "mean_ms": sum(ok) / len(ok) * 1000 if ok else None,
+            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+            "rejected": sum(v for k, v in self.statuses.items() if k in (429, 503)),
+            "errors": self.transport_errors
+            + sum(v for k, v in self.statuses.items() if k not in (200, 429, 503)),
+            "transport_errors": self.transport_errors,
+        }
+
+
+async def closed_loop(port: int, clients: int, seconds: float, request: bytes) -> dict:
+    tally = Tally()
+    stop = time.perf_counter() + seconds
+
+    async def client() -> None:
+        try:
+            connection = await Connection.open(port)
+        except OSError:
+            tally.transport_errors += 1
+            return
+        try:
+            while time.perf_counter() < stop:
+                start = time.perf_counter()
+                tally.add(await connection.send(request), time.perf_counter() - start)
+        except (OSError, asyncio.IncompleteReadError):
+            tally.transport_errors += 1
+        finally:
+            connection.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return tally.summary(time.perf_counter() - start)
+
+
+async def open_loop(port: int, rate: float, seconds: float, max_connections: int, request: bytes) -> dict:
+    tally = Tally()
+    idle: list[Connection] = []
+    opened = 0
+    not_sent = 0
+    pending: set[asyncio.Task] = set()
+
+    async def one(scheduled: float) -> None:
+        nonlocal opened
+        if idle:
+            connection = idle.pop()
+        else:
+            opened += 1
+            connection = await Connection.open(port)
+        try:
+            status = await connection.send(request)
+        except (OSError, asyncio.IncompleteReadError):
+            tally.transport_errors += 1
+            connection.close()
+            opened -= 1
+            return
+        tally.add(status, time.perf_counter() - scheduled)
+        idle.append(connection)
+
+    start = time.perf_counter()
+    total = int(rate * seconds)
+    for index in range(total):
+        scheduled = start + index / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if not idle and opened >= max_connections:
+            not_sent += 1  # every connection is busy: the generator, not the server, is the limit here
+            continue
+        task = asyncio.ensure_future(one(scheduled))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    if pending:
+        await asyncio.wait(pending, timeout=30)
+    elapsed = time.perf_counter() - start
+    for connection in idle:
+        connection.close()
+    summary = tally.summary(elapsed)
+    summary.update(offered_rps=rate, not_sent=not_sent, connections=opened)
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--closed", type=int, metavar="CLIENTS")
+    mode.add_argument("--open-rate", type=float, metavar="RPS")
+    parser.add_argument("--connections", type=int, default=512, help="open loop: connections at most")
+    parser.add_argument("--token", help="bearer token, if the server wants one")
+    args = parser.parse_args()
+    request = request_bytes(BODY, args.token)
+    if args.closed:
+        work = closed_loop(args.port, args.closed, args.seconds, request)
+    else:
+        work = open_loop(args.port, args.open_rate, args.seconds, args.connections, request)
+    result = uvloop.run(work) if uvloop else asyncio.run(work)
+    json.dump(result, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

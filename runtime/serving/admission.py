@@ -1,0 +1,53 @@
+"""Admission before anything else: under overload, refusing must cost less than serving.
+
+A plain ASGI middleware (no Request object, no routing, no body read) answers prediction requests beyond
+max_queue in flight with 503 and Retry-After. Everything a refused request costs the server is uvicorn's parse
+of its head and two small messages back.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from polysense.serving.handler import error_json
+
+ADMITTED_PATHS = ("/v1/predict", "/v1/predict_batch")
+
+
+class Admission:
+    """Counts the prediction requests in flight on `service` and refuses those beyond its max_queue."""
+
+    def __init__(self, app: Any, service: Any) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] not in ADMITTED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        service = self.service
+        refusal = service.refusal()
+        if refusal is not None:
+            start = time.perf_counter()
+            await _refuse(send, refusal)
+            name = scope["path"].rsplit("/", 1)[-1]
+            service.metrics.observe(name, 503, time.perf_counter() - start, type(refusal).__name__)
+            return
+        service.inflight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            service.inflight -= 1
+
+
+async def _refuse(send: Any, error: Any) -> None:
+    body = json.dumps(error_json(error)).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", str(max(1, round(error.retry_after_s))).encode()),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
