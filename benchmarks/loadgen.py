@@ -40,6 +40,7 @@ def request_bytes(body: bytes, token: str | None = None) -> bytes:
 class Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
+        self.closing = False
 
     @classmethod
     async def open(cls, port: int) -> Connection:
@@ -47,7 +48,8 @@ class Connection:
         return cls(reader, writer)
 
     async def send(self, request: bytes) -> int:
-        """One request and its whole answer; the HTTP status."""
+        """One request and its whole answer; the HTTP status. After an answer with `Connection: close` (a
+        server shutting down) the connection is closed, as a well-behaved client does."""
         self.writer.write(request)
         head = await self.reader.readuntil(b"\r\n\r\n")
         length = 0
@@ -55,6 +57,8 @@ class Connection:
             name, _, value = line.partition(b":")
             if name.lower() == b"content-length":
                 length = int(value)
+            elif name.lower() == b"connection" and value.strip().lower() == b"close":
+                self.closing = True
         await self.reader.readexactly(length)
         return int(head[9:12])
 
@@ -66,7 +70,8 @@ class Tally:
     def __init__(self) -> None:
         self.latencies: list[float] = []  # seconds, answered 200
         self.statuses: dict[int, int] = {}
-        self.transport_errors = 0
+        self.refused = 0  # connections the server did not accept (it had stopped listening)
+        self.broken = 0  # requests sent whose connection broke before the answer
 
     def add(self, status: int, seconds: float) -> None:
         self.statuses[status] = self.statuses.get(status, 0) + 1
@@ -89,9 +94,9 @@ class Tally:
             "mean_ms": sum(ok) / len(ok) * 1000 if ok else None,
             "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
             "rejected": sum(v for k, v in self.statuses.items() if k in (429, 503)),
-            "errors": self.transport_errors
-            + sum(v for k, v in self.statuses.items() if k not in (200, 429, 503)),
-            "transport_errors": self.transport_errors,
+            "errors": self.broken + sum(v for k, v in self.statuses.items() if k not in (200, 429, 503)),
+            "refused_connections": self.refused,
+            "broken": self.broken,
         }
 
 
@@ -100,18 +105,26 @@ async def closed_loop(port: int, clients: int, seconds: float, request: bytes) -
     stop = time.perf_counter() + seconds
 
     async def client() -> None:
-        try:
-            connection = await Connection.open(port)
-        except OSError:
-            tally.transport_errors += 1
-            return
-        try:
-            while time.perf_counter() < stop:
-                start = time.perf_counter()
-                tally.add(await connection.send(request), time.perf_counter() - start)
-        except (OSError, asyncio.IncompleteReadError):
-            tally.transport_errors += 1
-        finally:
+        connection = None
+        while time.perf_counter() < stop:
+            if connection is None:
+                try:
+                    connection = await Connection.open(port)
+                except OSError:
+                    tally.refused += 1
+                    return
+            begin = time.perf_counter()
+            try:
+                status = await connection.send(request)
+            except (OSError, asyncio.IncompleteReadError):
+                tally.broken += 1
+                connection.close()
+                return
+            tally.add(status, time.perf_counter() - begin)
+            if connection.closing:
+                connection.close()
+                connection = None
+        if connection is not None:
             connection.close()
 
     start = time.perf_counter()
@@ -121,39 +134,54 @@ async def closed_loop(port: int, clients: int, seconds: float, request: bytes) -
 
 async def open_loop(port: int, rate: float, seconds: float, max_connections: int, request: bytes) -> dict:
     tally = Tally()
+    from_send: list[
+        float
+    ] = []  # latency of the answered from their actual send (the generator's lag left out)
     idle: list[Connection] = []
     opened = 0
     not_sent = 0
     pending: set[asyncio.Task] = set()
 
-    async def one(scheduled: float) -> None:
+    async def one(scheduled: float, connection: Connection | None) -> None:
         nonlocal opened
-        if idle:
-            connection = idle.pop()
-        else:
-            opened += 1
-            connection = await Connection.open(port)
+        if connection is None:
+            try:
+                connection = await Connection.open(port)
+            except OSError:
+                tally.refused += 1
+                opened -= 1
+                return
+        sent = time.perf_counter()
         try:
             status = await connection.send(request)
         except (OSError, asyncio.IncompleteReadError):
-            tally.transport_errors += 1
+            tally.broken += 1
             connection.close()
             opened -= 1
             return
         tally.add(status, time.perf_counter() - scheduled)
-        idle.append(connection)
+        if status == 200:
+            from_send.append(time.perf_counter() - sent)
+        if connection.closing:
+            connection.close()
+            opened -= 1
+        else:
+            idle.append(connection)
 
     start = time.perf_counter()
     total = int(rate * seconds)
     for index in range(total):
         scheduled = start + index / rate
-        delay = scheduled - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        if not idle and opened >= max_connections:
+        # Always yield, even when behind schedule: otherwise no answer is read while requests are issued.
+        await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
+        if idle:
+            connection = idle.pop()
+        elif opened < max_connections:
+            connection, opened = None, opened + 1  # counted now: the task opens it later
+        else:
             not_sent += 1  # every connection is busy: the generator, not the server, is the limit here
             continue
-        task = asyncio.ensure_future(one(scheduled))
+        task = asyncio.ensure_future(one(scheduled, connection))
         pending.add(task)
         task.add_done_callback(pending.discard)
     if pending:
@@ -162,7 +190,11 @@ async def open_loop(port: int, rate: float, seconds: float, max_connections: int
     for connection in idle:
         connection.close()
     summary = tally.summary(elapsed)
-    summary.update(offered_rps=rate, not_sent=not_sent, connections=opened)
+    from_send.sort()
+    p99_from_send = (
+        from_send[min(len(from_send) - 1, int(0.99 * len(from_send)))] * 1000 if from_send else None
+    )
+    summary.update(offered_rps=rate, not_sent=not_sent, connections=opened, p99_from_send_ms=p99_from_send)
     return summary
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 from polysense.schema import PRECISIONS
@@ -43,6 +44,15 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--max-queue", type=int, default=defaults.max_queue, help="requests in flight at most; beyond: 503"
     )
+    serve.add_argument(
+        "--max-batch-samples",
+        type=int,
+        default=defaults.max_batch_samples,
+        help="samples in one /v1/predict_batch request at most (<= --max-queue); beyond: 413",
+    )
+    serve.add_argument(
+        "--max-streams", type=int, default=defaults.max_streams, help="open /v1/stream connections at most"
+    )
     serve.add_argument("--timeout-s", type=float, default=defaults.timeout_s, help="per request; beyond: 504")
     serve.add_argument(
         "--max-body-mb",
@@ -73,7 +83,12 @@ def _add_ray_options(serve: argparse.ArgumentParser) -> None:
         default=8.0,
         help="autoscaling target per replica (default 8)",
     )
-    ray.add_argument("--cpus-per-replica", type=float, default=1.0, help="(default 1)")
+    ray.add_argument(
+        "--cpus-per-replica",
+        type=float,
+        default=1.0,
+        help="(default 1; also the onnxruntime threads per replica unless --threads is given)",
+    )
     ray.add_argument("--gpus-per-replica", type=float, default=0.0, help="(default 0)")
     ray.add_argument(
         "--write-config",
@@ -88,6 +103,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be 1-65535, got {args.port}")
+    threads_given = args.threads is not None
     if args.threads is None:
         # A server overlaps request handling with model runs: on 2 cores, 1 onnxruntime thread served 1,931
         # text requests/s at 32 clients against 1,797 with one per core (README "Serving").
@@ -100,31 +116,12 @@ def _run_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         timeout_s=args.timeout_s,
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        max_batch_samples=args.max_batch_samples,
+        max_streams=args.max_streams,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
     )
     if args.ray or args.write_config:
-        from polysense.serving.ray_app import RayOptions, deploy, write_config
-
-        ray_options = RayOptions(
-            bundle=os.path.abspath(args.bundle),
-            device=args.device,
-            precision=args.precision,
-            threads=args.threads,
-            replicas=args.replicas,
-            min_replicas=args.min_replicas,
-            max_replicas=args.max_replicas,
-            target_ongoing_requests=args.target_ongoing_requests,
-            cpus_per_replica=args.cpus_per_replica,
-            gpus_per_replica=args.gpus_per_replica,
-            host=args.host,
-            port=args.port,
-        )
-        if args.write_config:
-            write_config(ray_options, options, args.write_config)
-            print(f"wrote {args.write_config}; deploy it with: serve deploy {args.write_config}")
-            return 0
-        deploy(ray_options, options, block=True)
-        return 0
+        return _run_ray(args, options, threads_given)
     from polysense.pipeline import Pipeline
     from polysense.serving.server import serve
 
@@ -132,4 +129,30 @@ def _run_serve(args: argparse.Namespace) -> int:
         args.bundle, device=args.device, precision=args.precision, intra_op_threads=args.threads
     )
     serve(pipeline, options, host=args.host, port=args.port, access_log=args.access_log)
+    return 0
+
+
+def _run_ray(args: argparse.Namespace, options: ServeOptions, threads_given: bool) -> int:
+    from polysense.serving.ray_app import RayOptions, deploy, write_config
+
+    ray_options = RayOptions(
+        bundle=os.path.abspath(args.bundle),
+        device=args.device,
+        precision=args.precision,
+        # a replica runs on another machine, maybe: one onnxruntime thread per CPU Ray reserves for it
+        threads=args.threads if threads_given else max(1, math.ceil(args.cpus_per_replica)),
+        replicas=args.replicas,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+        target_ongoing_requests=args.target_ongoing_requests,
+        cpus_per_replica=args.cpus_per_replica,
+        gpus_per_replica=args.gpus_per_replica,
+        host=args.host,
+        port=args.port,
+    )
+    if args.write_config:
+        write_config(ray_options, options, args.write_config)
+        print(f"wrote {args.write_config}; deploy it with: serve deploy {args.write_config}")
+        return 0
+    deploy(ray_options, options, block=True)
     return 0

@@ -288,9 +288,10 @@ def test_serve_cli_errors_are_one_line(tmp_path, bundle, capsys):
     assert main(["serve", str(bundle), "--port", "0"]) == 2
     assert main(["serve", str(bundle), "--api-key", "short"]) == 2
     assert main(["serve", str(bundle), "--max-batch", "0"]) == 2
+    assert main(["serve", str(bundle), "--max-queue", "8", "--max-batch-samples", "9"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 4 and all(line.startswith("error: ") for line in lines)
-    assert "16 characters" in lines[2] and "max_batch" in lines[3]
+    assert len(lines) == 5 and all(line.startswith("error: ") for line in lines)
+    assert "16 characters" in lines[2] and "max_batch" in lines[3] and "over max_queue" in lines[4]
 
 
 def test_serve_without_its_packages_names_the_extra(monkeypatch):
@@ -307,3 +308,24 @@ def test_serve_without_its_packages_names_the_extra(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", without_starlette)
     with pytest.raises(DependencyError, match=r"polysense\[serve\]"):
         import polysense.serving.http  # noqa: F401
+
+
+def test_the_load_benchmark_runs_in_quick_mode(bundle, tmp_path):
+    pytest.importorskip("matplotlib")
+    import json
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "serving.py"
+    command = [sys.executable, str(script), "--bundle", str(bundle), "--quick", "--out", str(tmp_path)]
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    report = json.loads((tmp_path / "serving.json").read_text())
+    assert [r["clients"] for r in report["closed"]["batched"]] == [1, 32]
+    for rows in report["closed"].values():
+        assert all(r["answered_200"] > 0 and r["errors"] == 0 for r in rows)
+    assert report["overload"]["alive_after"] and report["overload"]["errors"] == 0
+    assert report["soak"]["errors"] == 0 and len(report["soak"]["rss_mb"]) >= 2
+    assert report["sigterm"]["exit_code"] == 0 and report["sigterm"]["errors"] == 0
+    assert {t["target"].split(" ")[0] for t in report["targets"]} >= {"32", "soak:", "overload:", "SIGTERM:"}
+    assert isinstance(report["machine"]["isa"], list)  # the CPU's instruction sets travel with the numbers
+    assert (tmp_path / "serving.md").read_text().startswith("# polysense serve under load")
+    assert (tmp_path / "serving.png").stat().st_size > 1000

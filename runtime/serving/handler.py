@@ -25,17 +25,18 @@ PCM_FORMATS = {"s16le": np.int16, "f32le": np.float32}
 class ServeOptions:
     """How `polysense serve` behaves; every field is a CLI option of the same name.
 
-    max_body_bytes bounds one request body (and one WebSocket message); max_batch_samples the samples of one
-    /v1/predict_batch; max_streams the open /v1/stream connections; api_key, when set, is the bearer token
-    every /v1 and /metrics request must carry.
+    max_queue bounds the predictions in flight (queued or being prepared), so it bounds the wait of an admitted
+    request to about max_queue / throughput; max_body_bytes bounds one request body (and one WebSocket message);
+    max_batch_samples the samples of one /v1/predict_batch (at most max_queue); max_streams the open /v1/stream
+    connections; api_key, when set, is the bearer token every /v1 and /metrics request must carry.
     """
 
     max_batch: int = 32
     max_wait_ms: float = 2.0
-    max_queue: int = 256
+    max_queue: int = 128  # four full batches: an admitted request waits about four model runs at most
     timeout_s: float = 30.0
     max_body_bytes: int = 32 << 20
-    max_batch_samples: int = 256
+    max_batch_samples: int = 64
     max_streams: int = 256
     api_key: str | None = None
 
@@ -51,6 +52,12 @@ class ServeOptions:
                 "the API key must be at least 16 characters; generate one with `openssl rand -hex 32`"
             )
         self.batcher_options()  # checks max_batch, max_wait_ms, max_queue and timeout_s
+        if self.max_batch_samples > self.max_queue:
+            # such a request could never be admitted: a 503 "retry" that no retry cures
+            raise ConfigError(
+                f"max_batch_samples ({self.max_batch_samples}) is over max_queue ({self.max_queue}); "
+                "lower it or raise max_queue"
+            )
 
     def batcher_options(self) -> BatcherOptions:
         return BatcherOptions(self.max_batch, self.max_wait_ms, self.max_queue, self.timeout_s)

@@ -49,6 +49,7 @@ from polysense.serving.websocket import stream
 
 log = logging.getLogger("polysense.serve")
 Handler = Callable[[Any], Awaitable[Response]]
+INTERNAL_ERROR = {"error": "internal error; see the server log", "type": "InternalError"}
 
 
 def create_app(pipeline: Any, options: ServeOptions | None = None) -> Starlette:
@@ -86,7 +87,7 @@ def _failure(error: BaseException) -> Response:
     if isinstance(error, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
     if status == 500:
-        return JSONResponse({"error": "internal error; see the server log", "type": "InternalError"}, 500)
+        return JSONResponse(INTERNAL_ERROR, 500)
     return JSONResponse(error_json(error), status, headers=headers)
 
 
@@ -150,6 +151,11 @@ async def _predict_batch(request: Any) -> Response:
                 answers.append(prediction_json(await service.answer(item, request)))
             except PolysenseError as error:
                 answers.append(error_json(error))
+            except ClientGone:
+                raise
+            except Exception:  # an unexpected failure of one sample's model run: its batch mates still answer
+                log.exception("predict_batch: one sample failed")
+                answers.append(INTERNAL_ERROR)
     return JSONResponse({"predictions": answers})
 
 
