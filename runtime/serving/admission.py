@@ -36,8 +36,10 @@ class Admission:
             service.metrics.observe(name, 503, time.perf_counter() - start, type(refusal).__name__)
             return
         service.inflight += 1
+        service.accepted += 1
         try:
             await self.app(scope, receive, send)
+            service.answered += 1
         finally:
             service.inflight -= 1
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import json
 import time
 from dataclasses import dataclass
@@ -12,7 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from polysense.errors import ConfigError, InputError, LimitError, OverloadedError, RequestTimeoutError
+from polysense.errors import (
+    ConfigError,
+    InputError,
+    LimitError,
+    OverloadedError,
+    PolysenseError,
+    RequestTimeoutError,
+)
 from polysense.fusion import Prediction
 from polysense.modalities import MODALITIES
 from polysense.serving.batcher import BatcherOptions
@@ -32,7 +40,7 @@ class ServeOptions:
     """
 
     max_batch: int = 32
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = 0.0
     max_queue: int = 128  # four full batches: an admitted request waits about four model runs at most
     timeout_s: float = 30.0
     max_body_bytes: int = 32 << 20
@@ -61,6 +69,10 @@ class ServeOptions:
 
     def batcher_options(self) -> BatcherOptions:
         return BatcherOptions(self.max_batch, self.max_wait_ms, self.max_queue, self.timeout_s)
+
+
+class Unauthorized(PolysenseError):
+    """A request without the server's bearer token."""
 
 
 class PayloadTooLarge(InputError):
@@ -136,8 +148,33 @@ def error_json(error: BaseException) -> dict:
     return {"error": str(error), "type": type(error).__name__}
 
 
+INTERNAL_ERROR = {"error": "internal error; see the server log", "type": "InternalError"}
+
+
+def authorize(api_key: str | None, headers: Any) -> None:
+    """Raise Unauthorized unless `headers` carry `Authorization: Bearer <api_key>` (or no key is set)."""
+    if api_key is None:
+        return
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise Unauthorized("missing or wrong API key; send the header 'Authorization: Bearer <key>'")
+
+
+def failure_answer(error: BaseException) -> tuple[int, dict, dict[str, str]]:
+    """(status, JSON body, headers) of the answer to a failed request; never a traceback."""
+    status = status_of(error)
+    headers = {}
+    if isinstance(error, OverloadedError):
+        headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
+    if isinstance(error, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    return status, (INTERNAL_ERROR if status == 500 else error_json(error)), headers
+
+
 def status_of(error: BaseException) -> int:
     """The HTTP status for an error a request caused (500 for anything polysense did not raise on purpose)."""
+    if isinstance(error, Unauthorized):
+        return 401
     if isinstance(error, PayloadTooLarge) or (isinstance(error, LimitError) and error.too_large):
         return 413
     if isinstance(error, UnsupportedMediaType):

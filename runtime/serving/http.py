@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from polysense.errors import DependencyError, OverloadedError, PolysenseError
+from polysense.errors import DependencyError, PolysenseError
 
 try:
     from starlette.applications import Starlette
@@ -34,22 +34,22 @@ except ImportError as error:
 from polysense.serving.admission import Admission
 from polysense.serving.bodies import content_type, read_sample
 from polysense.serving.handler import (
+    INTERNAL_ERROR,
     ServeOptions,
     UnsupportedMediaType,
     error_json,
+    failure_answer,
     info_json,
     parse_json,
     prediction_json,
     sample_from_json,
     samples_from_batch_json,
-    status_of,
 )
-from polysense.serving.service import ClientGone, Service, Unauthorized
+from polysense.serving.service import ClientGone, Service
 from polysense.serving.websocket import stream
 
 log = logging.getLogger("polysense.serve")
 Handler = Callable[[Any], Awaitable[Response]]
-INTERNAL_ERROR = {"error": "internal error; see the server log", "type": "InternalError"}
 
 
 def create_app(pipeline: Any, options: ServeOptions | None = None) -> Starlette:
@@ -80,15 +80,8 @@ def create_app(pipeline: Any, options: ServeOptions | None = None) -> Starlette:
 
 
 def _failure(error: BaseException) -> Response:
-    status = 401 if isinstance(error, Unauthorized) else status_of(error)
-    headers = {}
-    if isinstance(error, OverloadedError):
-        headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
-    if isinstance(error, Unauthorized):
-        headers["WWW-Authenticate"] = "Bearer"
-    if status == 500:
-        return JSONResponse(INTERNAL_ERROR, 500)
-    return JSONResponse(error_json(error), status, headers=headers)
+    status, body, headers = failure_answer(error)
+    return JSONResponse(body, status, headers=headers)
 
 
 def _endpoint(name: str, handler: Handler, protected: bool = True) -> Handler:

@@ -10,34 +10,31 @@ the /v1/stream WebSocket and /metrics are not served here (Ray exports its own S
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 from dataclasses import replace
 from typing import Any
 
-from polysense.errors import ConfigError, OverloadedError, PolysenseError, RequestTimeoutError
+from polysense.errors import ConfigError, PolysenseError, RequestTimeoutError
 from polysense.fusion import Prediction, Prepared
 from polysense.serving.bodies import BodyBudget, content_type
 from polysense.serving.handler import (
+    INTERNAL_ERROR,
     ServeOptions,
     UnsupportedMediaType,
+    authorize,
     error_json,
+    failure_answer,
     info_json,
     parse_json,
     prediction_json,
     sample_from_json,
     samples_from_batch_json,
-    status_of,
     warm_up,
 )
 
 log = logging.getLogger("polysense.serve")
 REPLICA_HEADER = "X-Polysense-Replica"
-
-
-class Unauthorized(PolysenseError):
-    """A request without the server's bearer token."""
 
 
 class NotFound(PolysenseError):
@@ -109,16 +106,8 @@ class PolysenseDeployment:
         if request.method != method:
             raise MethodNotAllowed(f"{path} takes {method}, not {request.method}")
         if protected:
-            self._authorize(request.headers)
+            authorize(self.options.api_key, request.headers)
         return await getattr(self, handler)(request)
-
-    def _authorize(self, headers: Any) -> None:
-        key = self.options.api_key
-        if key is None:
-            return
-        scheme, _, token = headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-            raise Unauthorized("missing or wrong API key; send the header 'Authorization: Bearer <key>'")
 
     async def _json_body(self, request: Any) -> Any:
         if content_type(request) != "application/json":
@@ -162,7 +151,7 @@ class PolysenseDeployment:
                 return error_json(error)
             except Exception:
                 log.exception("predict_batch: sample %d failed", index)
-                return {"error": "internal error; see the replica's log", "type": "InternalError"}
+                return INTERNAL_ERROR
 
         return _json({"predictions": await asyncio.gather(*(one(i, item) for i, item in enumerate(raw)))})
 
@@ -205,10 +194,5 @@ def _json(content: Any, status: int = 200, headers: dict | None = None) -> Any:
 def _failure(error: BaseException) -> Any:
     if isinstance(error, NotFound):
         return _json(error_json(error), 405 if isinstance(error, MethodNotAllowed) else 404)
-    status = 401 if isinstance(error, Unauthorized) else status_of(error)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
-    if isinstance(error, OverloadedError):
-        headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
-    if status == 500:
-        return _json({"error": "internal error; see the replica's log", "type": "InternalError"}, 500)
-    return _json(error_json(error), status, headers)
+    status, body, headers = failure_answer(error)
+    return _json(body, status, headers)

@@ -4,25 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from polysense.errors import OverloadedError, PolysenseError, RequestTimeoutError
+from polysense.errors import OverloadedError, RequestTimeoutError
 from polysense.serving.batcher import DynamicBatcher
 from polysense.serving.bodies import BodyBudget
-from polysense.serving.handler import ServeOptions, warm_up
+from polysense.serving.handler import ServeOptions, authorize, warm_up
 from polysense.serving.metrics import ServerMetrics
 from polysense.serving.streams import StreamEncoder
 
 log = logging.getLogger("polysense.serve")
-
-
-class Unauthorized(PolysenseError):
-    """A request without the server's bearer token."""
 
 
 class ClientGone(Exception):
@@ -42,6 +37,7 @@ class Service:
         self.streams = StreamEncoder() if "audio" in pipeline.modalities else None
         self.ready = threading.Event()
         self.inflight = 0  # requests admitted and not yet answered (touched on the event loop only)
+        self.accepted = self.answered = 0  # prediction requests admitted / answered since the start
         self.bodies = BodyBudget(options.max_body_bytes)
         self.open_streams = 0
         # Preparation (decoding photos, resampling audio) runs on at most this many threads, so the memory of
@@ -62,9 +58,18 @@ class Service:
         threading.Thread(target=run, name="polysense-warm-up", daemon=True).start()
 
     def close(self) -> None:
+        """After uvicorn stopped accepting and let in-flight requests finish: answer what is still queued and
+        say whether every accepted request was answered."""
         self.batcher.close()
         if self.streams is not None:
             self.streams.close()
+        unanswered = self.accepted - self.answered
+        log.warning(
+            "stopped: %d prediction requests accepted, %d answered%s",
+            self.accepted,
+            self.answered,
+            "" if not unanswered else f", {unanswered} NOT answered",
+        )
 
     async def in_thread(self, function: Callable, *args: Any) -> Any:
         import anyio
@@ -74,13 +79,7 @@ class Service:
         return await anyio.to_thread.run_sync(function, *args, limiter=self._limiter)
 
     def authorize(self, headers: Any) -> None:
-        key = self.options.api_key
-        if key is None:
-            return
-        given = headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-            raise Unauthorized("missing or wrong API key; send the header 'Authorization: Bearer <key>'")
+        authorize(self.options.api_key, headers)
 
     def refusal(self, count: int = 1) -> OverloadedError | None:
         """Why `count` more predictions cannot be admitted now (None: they can)."""

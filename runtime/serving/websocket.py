@@ -23,6 +23,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from polysense.errors import InputError, PolysenseError
 from polysense.serving.handler import (
     PayloadTooLarge,
+    Unauthorized,
     error_json,
     parse_json,
     pcm_chunk,
@@ -30,7 +31,7 @@ from polysense.serving.handler import (
     status_of,
     stream_start_from_json,
 )
-from polysense.serving.service import Service, Unauthorized
+from polysense.serving.service import Service
 
 WS_POLICY_VIOLATION, WS_UNSUPPORTED, WS_TOO_BIG, WS_TRY_AGAIN = 1008, 1003, 1009, 1013
 MAX_START_MESSAGE = 1 << 20
