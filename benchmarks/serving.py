@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -54,14 +55,18 @@ class Server:
             str(self.port),
         ]
         self.command += ["--device", "cpu", *flags]
-        self.process = subprocess.Popen(
-            self.command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
+        # a file, not a pipe: a pipe nobody drains would stall the server once full
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (lives as long as the server)
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         deadline = time.monotonic() + 120
         while self.get("/readyz") != 200:
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the server did not start: {self.process.stderr.read()}")
+                raise SystemExit(f"the server did not start: {self.stderr()}")
             time.sleep(0.2)
+
+    def stderr(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
 
     def get(self, path: str) -> int | str | None:
         """The status of GET path (the body for /metrics); None while nothing answers."""
@@ -133,9 +138,7 @@ def sigterm(server: Server, after_s: float) -> dict:
     worker.join()
     # The server's own count: a request the client saw cut off was never read by the server (it arrived on a
     # keep-alive connection as the server closed it) unless the server counts it as accepted and unanswered.
-    said = [
-        line for line in server.process.stderr.read().splitlines() if "prediction requests accepted" in line
-    ]
+    said = [line for line in server.stderr().splitlines() if "prediction requests accepted" in line]
     numbers = [int(word) for word in said[-1].replace(",", "").split() if word.isdigit()] if said else []
     result.update(
         server_accepted=numbers[0] if numbers else None, server_answered=numbers[1] if numbers else None
