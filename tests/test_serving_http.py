@@ -202,6 +202,31 @@ def test_websocket_stream_final_equals_offline_prediction(client, pipe, row):
     _assert_same(final, pipe.predict(audio=row.audio, text=row.text))
 
 
+def test_many_websocket_streams_at_once_each_equal_offline(client, pipe, trained_run):
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = [r for r in read_manifest(trained_run / "manifest.csv").rows if r.split == "test"][:6]
+    encoder = client.app.state.service.streams
+    encoded_before = encoder.streams_encoded
+
+    def stream(row):
+        samples, rate = soundfile.read(row.audio, dtype="float32")
+        with client.websocket_connect("/v1/stream") as ws:
+            ws.send_json({"sample_rate": rate, "format": "f32le"})
+            assert ws.receive_json()["type"] == "ready"
+            for start in range(0, samples.size, 1200):
+                ws.send_bytes(samples[start : start + 1200].astype("<f4").tobytes())
+                assert ws.receive_json()["type"] == "partial"
+            ws.send_json({"type": "end"})
+            return ws.receive_json()
+
+    with ThreadPoolExecutor(len(rows)) as pool:
+        finals = list(pool.map(stream, rows))
+    for row, final in zip(rows, finals):
+        _assert_same(final, pipe.predict(audio=row.audio))
+    assert encoder.streams_encoded > encoded_before
+
+
 @pytest.mark.parametrize(
     "start, chunk, message",
     [
