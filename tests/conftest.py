@@ -64,6 +64,23 @@ def trained_run(tiny_builtin, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def pipe(bundle):
+    """The session's bundle at fp32 on CPU, one Pipeline for every test that wants it (a Pipeline may be shared).
+    fp32: these tests compare paths exactly, and dynamic int8 quantizes activations per batch, so an int8
+    component's output for a sample shifts slightly with its batch mates. A module may define its own `pipe`."""
+
+    return polysense.Pipeline.load(bundle, device="cpu", precision="fp32")
+
+
+@pytest.fixture(scope="session")
+def test_rows(trained_run) -> list:
+    """The test-split rows of the trained run's manifest."""
+    from polysense.data import read_manifest
+
+    return [r for r in read_manifest(trained_run / "manifest.csv").rows if r.split == "test"]
+
+
 @pytest.fixture
 def copied_bundle(bundle, tmp_path) -> Path:
     """A copy of the session's bundle that a test may alter."""

@@ -14,15 +14,8 @@ from polysense.errors import DependencyError, InputError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def pipe(bundle):
-    # fp32 everywhere: these tests compare paths exactly, and dynamic int8 quantizes activations per batch,
-    # so an int8 component's output for a sample shifts slightly with its batch mates.
-    return polysense.Pipeline.load(bundle, device="cpu", precision="fp32")
-
-
-@pytest.fixture(scope="module")
-def row(trained_run):
-    return [r for r in read_manifest(trained_run / "manifest.csv").rows if r.split == "test"][0]
+def row(test_rows):
+    return test_rows[0]
 
 
 def _probs(prediction):

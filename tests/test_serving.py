@@ -10,8 +10,6 @@ import soundfile
 
 pytest.importorskip("onnxruntime")
 
-import polysense  # noqa: E402
-from polysense.data import read_manifest  # noqa: E402
 from polysense.errors import ConfigError, InputError, OverloadedError, RequestTimeoutError  # noqa: E402
 from polysense.fusion import Prediction, Prepared  # noqa: E402
 from polysense.serving import BatcherOptions, DynamicBatcher, StreamEncoder  # noqa: E402
@@ -27,14 +25,8 @@ SUBSETS = [
 
 
 @pytest.fixture(scope="module")
-def pipe(bundle):
-    # fp32: dynamic int8 quantizes activations per batch, so batch mates would shift an int8 result slightly.
-    return polysense.Pipeline.load(bundle, device="cpu", precision="fp32")
-
-
-@pytest.fixture(scope="module")
-def rows(trained_run):
-    return [r for r in read_manifest(trained_run / "manifest.csv").rows if r.split == "test"][:12]
+def rows(test_rows):
+    return test_rows[:12]
 
 
 def _samples(rows):

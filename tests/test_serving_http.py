@@ -24,7 +24,6 @@ from starlette.websockets import WebSocketDisconnect  # noqa: E402
 
 import polysense  # noqa: E402
 from polysense.cli import main  # noqa: E402
-from polysense.data import read_manifest  # noqa: E402
 from polysense.errors import DependencyError  # noqa: E402
 from polysense.serving.handler import ServeOptions  # noqa: E402
 from polysense.serving.http import create_app  # noqa: E402
@@ -33,13 +32,8 @@ KEY = "k" * 32
 
 
 @pytest.fixture(scope="module")
-def pipe(bundle):
-    return polysense.Pipeline.load(bundle, device="cpu", precision="fp32")
-
-
-@pytest.fixture(scope="module")
-def row(trained_run):
-    return [r for r in read_manifest(trained_run / "manifest.csv").rows if r.split == "test"][0]
+def row(test_rows):
+    return test_rows[0]
 
 
 def _client(pipe, **options):
@@ -202,10 +196,10 @@ def test_websocket_stream_final_equals_offline_prediction(client, pipe, row):
     _assert_same(final, pipe.predict(audio=row.audio, text=row.text))
 
 
-def test_many_websocket_streams_at_once_each_equal_offline(client, pipe, trained_run):
+def test_many_websocket_streams_at_once_each_equal_offline(client, pipe, test_rows):
     from concurrent.futures import ThreadPoolExecutor
 
-    rows = [r for r in read_manifest(trained_run / "manifest.csv").rows if r.split == "test"][:6]
+    rows = test_rows[:6]
     encoder = client.app.state.service.streams
     encoded_before = encoder.streams_encoded
 

@@ -22,7 +22,6 @@ psutil = pytest.importorskip("psutil")
 
 import polysense  # noqa: E402
 from polysense.cli import main  # noqa: E402
-from polysense.data import read_manifest  # noqa: E402
 from polysense.errors import BundleError, ConfigError, DependencyError  # noqa: E402
 from polysense.serving.handler import ServeOptions  # noqa: E402
 from polysense.serving.ray_app import (  # noqa: E402
@@ -58,13 +57,8 @@ def _ray_processes() -> list:
 
 
 @pytest.fixture(scope="module")
-def pipe(bundle):
-    return polysense.Pipeline.load(bundle, device="cpu", precision="fp32")
-
-
-@pytest.fixture(scope="module")
-def rows(trained_run):
-    return [r for r in read_manifest(trained_run / "manifest.csv").rows if r.split == "test"][:3]
+def rows(test_rows):
+    return test_rows[:3]
 
 
 @pytest.fixture(scope="module")
