@@ -35,6 +35,7 @@ MODELS_STAGE = "encoders + fusion"  # per run, the sum of the encode_* stages an
 class BenchOptions:
     device: str = "cpu"
     precision: str = "auto"
+    threads: int = 0  # onnxruntime threads per model run (0: one per core)
     warmup_runs: int = 20
     window_runs: int = 50  # runs per measurement window
     max_windows: int = 10  # give up on stability after this many windows
@@ -103,7 +104,8 @@ def _cold_start(bundle: Path, sample: dict, options: BenchOptions) -> dict:
         "import time, resource, json\n"
         "start = time.perf_counter()\n"
         "import polysense\n"
-        f"pipe = polysense.Pipeline.load({str(bundle)!r}, device={options.device!r}, precision={options.precision!r})\n"
+        f"pipe = polysense.Pipeline.load({str(bundle)!r}, device={options.device!r}, precision={options.precision!r}, "
+        f"intra_op_threads={options.threads!r})\n"
         f"pipe.predict(**{sample!r})\n"
         "elapsed = time.perf_counter() - start\n"
         "from polysense.bench import peak_rss_mb\n"
@@ -166,7 +168,9 @@ def run_bench(
     bundle: str | os.PathLike, options: BenchOptions = BenchOptions(), progress: bool = True
 ) -> dict:
     bundle = Path(bundle)
-    pipeline = Pipeline.load(bundle, device=options.device, precision=options.precision)
+    pipeline = Pipeline.load(
+        bundle, device=options.device, precision=options.precision, intra_op_threads=options.threads
+    )
     steps = tqdm(total=3, desc="bench", unit="step", disable=not progress, leave=False)
     with tempfile.TemporaryDirectory() as folder:
         sample = _sample_files(pipeline, Path(folder))

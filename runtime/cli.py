@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from polysense.cli_bundle import add_bundle, add_info
+from polysense.cli_runtime import add_eval, add_predict, add_stream, non_negative
 from polysense.cli_serve import add_serve
 from polysense.data import SPLITS
 from polysense.errors import ConfigError, DependencyError, PolysenseError
-from polysense.modalities import MODALITIES, SPECS
 from polysense.schema import PRECISIONS
 from polysense.sessions import DEVICES
 
@@ -120,116 +120,17 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
     demo.set_defaults(run=lambda args: _training_module("polysense.export.demo").run_demo(args))
 
 
-class _Once(argparse.Action):
-    """An option that may be given once: a second --image would otherwise silently replace the first."""
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        if getattr(namespace, self.dest) is not None:
-            parser.error(f"{option_string} given twice; one prediction takes one {self.dest}")
-        setattr(namespace, self.dest, values)
-
-
-def _bundle_command(
-    commands: argparse._SubParsersAction, name: str, help: str, json_help: str
-) -> argparse.ArgumentParser:
-    """A runtime command on one bundle: BUNDLE, --device and --json (what it prints as JSON differs)."""
-    command = commands.add_parser(name, help=help)
-    command.add_argument("bundle", help="bundle folder (what `polysense export` writes)")
-    command.add_argument("--device", choices=DEVICES, default="auto")
-    command.add_argument("--json", action="store_true", help=json_help)
-    return command
-
-
-def _add_predict(commands: argparse._SubParsersAction) -> None:
-    predict = _bundle_command(
-        commands, "predict", "predict one sample with a bundle (runtime only)", "print the prediction as JSON"
-    )
-    for modality in MODALITIES:
-        predict.add_argument(f"--{modality}", action=_Once, help=SPECS[modality].help)
-    predict.add_argument("--top", type=int, default=3, help="labels to show (default 3)")
-    predict.set_defaults(run=_run_predict)
-
-
-def _run_predict(args: argparse.Namespace) -> int:
-    from polysense.pipeline import Pipeline
-
-    pipeline = Pipeline.load(args.bundle, device=args.device)
-    prediction = pipeline.predict(image=args.image, text=args.text, audio=args.audio)
-    if args.json:
-        print(json.dumps(prediction.to_dict(), indent=2))
-        return 0
-    ranked = sorted(prediction.probabilities.items(), key=lambda item: -item[1])[: max(args.top, 1)]
-    print(f"{prediction.label}  ({', '.join(f'{k} {v:.3f}' for k, v in ranked)})")
-    stages = ", ".join(f"{k} {v:.2f}" for k, v in prediction.timings.items())
-    print(f"  modalities: {'+'.join(prediction.embeddings)}; ms: {stages}")
-    return 0
-
-
-def _add_eval(commands: argparse._SubParsersAction) -> None:
-    evaluate = _bundle_command(
-        commands, "eval", "evaluate a bundle on a data manifest (runtime only)", "print the metrics as JSON"
-    )
-    evaluate.add_argument("--data", required=True, help="manifest (.csv/.jsonl), e.g. RUN_DIR/manifest.csv")
-    evaluate.add_argument("--split", choices=SPLITS, help="only rows of this split")
-    evaluate.add_argument("--no-progress", action="store_true")
-    evaluate.set_defaults(run=_run_eval)
-
-
-def _run_eval(args: argparse.Namespace) -> int:
-    from polysense.evaluate import evaluate_bundle
-    from polysense.metrics import format_metrics_table
-    from polysense.pipeline import Pipeline
-
-    pipeline = Pipeline.load(args.bundle, device=args.device)
-    metrics = evaluate_bundle(pipeline, args.data, args.split, progress=not args.no_progress)
-    if args.json:
-        print(json.dumps(metrics, indent=2))
-    else:
-        print(f"{args.bundle} on {args.data}{f' (split {args.split})' if args.split else ''}, runtime only:")
-        print(format_metrics_table(metrics))
-    return 0
-
-
-def _add_stream(commands: argparse._SubParsersAction) -> None:
-    stream = _bundle_command(
-        commands, "stream", "a timeline of predictions over streamed audio/video", "one JSON object per line"
-    )
-    stream.add_argument("--audio", help="audio file, or - for raw 16-bit little-endian mono PCM on stdin")
-    stream.add_argument("--video", help="video file (or camera index / URL) sampled at --fps")
-    stream.add_argument("--text", help="text fused with the stream")
-    stream.add_argument("--chunk-ms", type=float, default=100.0, help="audio chunk length (default 100 ms)")
-    stream.add_argument("--sample-rate", type=int, default=16000, help="rate of PCM on stdin (default 16000)")
-    stream.add_argument("--fps", type=float, default=5.0, help="video frames encoded per second (default 5)")
-    stream.set_defaults(run=_run_stream)
-
-
-def _run_stream(args: argparse.Namespace) -> int:
-    from polysense.pipeline import Pipeline
-    from polysense.timeline import stream_timeline
-
-    pipeline = Pipeline.load(args.bundle, device=args.device)
-    video = int(args.video) if args.video is not None and args.video.isdigit() else args.video
-    events = stream_timeline(
-        pipeline, args.audio, video, args.text, args.chunk_ms, args.sample_rate, args.fps
-    )
-    for event in events:
-        if args.json:
-            print(json.dumps(event), flush=True)
-        else:
-            final = "  (final)" if event.get("final") else ""
-            print(
-                f"{event['time']:8.3f} s  {event['label']:<24} p={event['probability']:.3f}  "
-                f"{'+'.join(event['modalities'])}{final}",
-                flush=True,
-            )
-    return 0
-
-
 def _add_bench(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser("bench", help="latency, throughput, cold start, memory and size of a bundle")
     bench.add_argument("bundle")
     bench.add_argument("--device", choices=DEVICES, default="cpu")
     bench.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto", help="(default auto)")
+    bench.add_argument(
+        "--threads",
+        type=non_negative,
+        default=0,
+        help="onnxruntime threads per model run (default 0: one per core)",
+    )
     bench.add_argument("--json", metavar="OUT", help="write the full report as JSON")
     bench.add_argument("--plot", metavar="OUT.png", help="write a PNG of stage latencies and throughput")
     bench.add_argument("--quick", action="store_true", help="few runs (a smoke test, not a measurement)")
@@ -242,7 +143,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     _check_outputs(args.json, args.plot)
     make = BenchOptions.quick if args.quick else BenchOptions
-    options = make(device=args.device, precision=args.precision)
+    options = make(device=args.device, precision=args.precision, threads=args.threads)
     report = run_bench(args.bundle, options, progress=not args.no_progress)
     print(format_report(report))
     if args.json:
@@ -270,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quiet", action="store_true", help="only warnings and errors on stderr, no progress bars (anywhere)"
     )
+    from polysense import __version__
+
+    parser.add_argument("--version", action="version", version=f"polysense {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_data(commands)
     _forwarding_command(
@@ -285,11 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
         "polysense.export.cli:run_export",
     )
     _add_demo(commands)
-    _add_predict(commands)
-    _add_eval(commands)
+    add_predict(commands)
+    add_eval(commands)
     add_info(commands)
     add_bundle(commands)
-    _add_stream(commands)
+    add_stream(commands)
     _add_bench(commands)
     add_serve(commands)
     return parser

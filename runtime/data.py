@@ -97,19 +97,20 @@ def report_skipped(problems: Sequence[Problem], total: int, source: str) -> None
     log.warning("%s: skipped %d of %d rows whose files are missing or unreadable", source, lines, total)
 
 
-def read_manifest(path: str | os.PathLike) -> Manifest:
+def read_manifest(path: str | os.PathLike, labelled: bool = True) -> Manifest:
     """Parse a CSV (.csv) or JSONL (.jsonl / .json) manifest and check every row's structure and files.
 
-    Problems are collected in `manifest.problems`; call `raise_if_problems()` to stop on them.
+    Problems are collected in `manifest.problems`; call `raise_if_problems()` to stop on them. With
+    labelled=False (samples to predict) the label column is optional.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"manifest not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        records, problems = _read_csv(path)
+        records, problems = _read_csv(path, labelled)
     elif suffix in (".jsonl", ".json"):
-        records, problems = _read_jsonl(path)
+        records, problems = _read_jsonl(path, labelled)
     else:
         raise InputError(f"{path}: unknown manifest type {suffix!r}; use a .csv or .jsonl file")
     header = [p for p in problems if p.line == 0]
@@ -117,7 +118,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         return Manifest(path, [], False, header)
     rows = []
     for line, record in records:
-        row, row_problems = _parse_record(line, record, path.parent)
+        row, row_problems = _parse_record(line, record, path.parent, labelled)
         problems.extend(row_problems)
         if row is not None:
             rows.append(row)
@@ -133,26 +134,26 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     return Manifest(path, rows, has_split, sorted(problems, key=lambda p: p.line))
 
 
-def _check_columns(columns: Sequence[str]) -> list[Problem]:
+def _check_columns(columns: Sequence[str], labelled: bool) -> list[Problem]:
     unknown = [c for c in columns if c not in COLUMNS]
     problems = [
         Problem(0, f"unknown column {c!r}; the columns are {', '.join(COLUMNS)} (split optional)")
         for c in unknown
     ]
-    if "label" not in columns:
+    if labelled and "label" not in columns:
         problems.append(Problem(0, "no 'label' column; every row needs its class label"))
     if not any(m in columns for m in MODALITIES):
         problems.append(Problem(0, f"no modality column; add one or more of {', '.join(MODALITIES)}"))
     return problems
 
 
-def _read_csv(path: Path) -> tuple[list[tuple[int, dict]], list[Problem]]:
+def _read_csv(path: Path, labelled: bool) -> tuple[list[tuple[int, dict]], list[Problem]]:
     try:
         # utf-8-sig: spreadsheet programs (Excel) start a UTF-8 CSV with a byte-order mark
         with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             columns = [c.strip() for c in (reader.fieldnames or [])]
-            problems = _check_columns(columns)
+            problems = _check_columns(columns, labelled)
             records = []
             for raw in reader:
                 line = reader.line_num  # the row's last line (its only one unless a quoted cell spans lines)
@@ -181,7 +182,7 @@ def _lines(path: Path) -> Iterator[str | None]:
         raise InputError(f"{path}: not UTF-8 text ({error}); save the manifest as UTF-8") from error
 
 
-def _read_jsonl(path: Path) -> tuple[list[tuple[int, dict]], list[Problem]]:
+def _read_jsonl(path: Path, labelled: bool) -> tuple[list[tuple[int, dict]], list[Problem]]:
     records, problems, columns = [], [], set()
     for number, text in enumerate(_lines(path), start=1):
         if text is None:
@@ -203,7 +204,7 @@ def _read_jsonl(path: Path) -> tuple[list[tuple[int, dict]], list[Problem]]:
         columns.update(record)
         records.append((number, record))
     if records:
-        problems.extend(_check_columns(sorted(columns)))
+        problems.extend(_check_columns(sorted(columns), labelled))
     return records, problems
 
 
@@ -218,12 +219,12 @@ def _cell(record: dict, column: str, line: int, problems: list[Problem]) -> str 
     return value or None
 
 
-def _parse_record(line: int, record: dict, root: Path) -> tuple[Row | None, list[Problem]]:
+def _parse_record(line: int, record: dict, root: Path, labelled: bool) -> tuple[Row | None, list[Problem]]:
     problems: list[Problem] = []
     cells = {c: _cell(record, c, line, problems) for c in COLUMNS}
     if all(v is None for v in cells.values()):
         return None, [Problem(line, "empty row; delete it or fill it in")]
-    if cells["label"] is None:
+    if labelled and cells["label"] is None:
         problems.append(Problem(line, "label is empty; every row needs its class label"))
     if not any(cells[m] is not None for m in MODALITIES):
         problems.append(Problem(line, f"no modality present ({', '.join(MODALITIES)} are all empty)"))

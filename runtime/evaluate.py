@@ -6,11 +6,15 @@ its modalities and under every subset of them (`Pipeline.predict_batch` on narro
 
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from polysense.batch_predict import PredictionWriter
 from polysense.data import SPLITS, Problem, Row, check_labels, read_manifest, report_skipped
 from polysense.errors import ConfigError, InputError, ManifestError
 from polysense.fusion import Embeddings
@@ -64,15 +68,34 @@ def _embed_rows(pipeline: Pipeline, rows: list[Row]) -> tuple[list[Row], Embeddi
 
 
 def _predicted(pipeline: Pipeline, embeddings: Embeddings) -> list[int]:
+    return _indices(pipeline, pipeline.predict_batch(embeddings))
+
+
+def _indices(pipeline: Pipeline, predictions: list) -> list[int]:
     index = {label: i for i, label in enumerate(pipeline.labels)}
-    return [index[p.label] for p in pipeline.predict_batch(embeddings)]
+    return [index[p.label] for p in predictions]
 
 
 def evaluate_bundle(
-    pipeline: Pipeline, manifest: str | os.PathLike, split: str | None = None, progress: bool = True
+    pipeline: Pipeline,
+    manifest: str | os.PathLike,
+    split: str | None = None,
+    progress: bool = True,
+    predictions: str | os.PathLike | None = None,
 ) -> dict:
     """accuracy, macro precision/recall/F1, confusion matrix, and `subsets`: each sample is evaluated on every
-    non-empty subset of the bundle's modalities that it has (encoders run once per sample)."""
+    non-empty subset of the bundle's modalities that it has (encoders run once per sample). `predictions`: also
+    write each sample's prediction (all its modalities) and true label there (.jsonl or .csv)."""
+    writer = contextlib.nullcontext(None)
+    if predictions is not None:
+        writer = PredictionWriter(predictions, pipeline.labels, extra=("true_label",))
+    with writer as written:
+        return _evaluate(pipeline, manifest, split, progress, written)
+
+
+def _evaluate(
+    pipeline: Pipeline, manifest: str | os.PathLike, split: str | None, progress: bool, writer: Any
+) -> dict:
     rows, skipped = _rows_to_evaluate(pipeline, manifest, split)
     total = len(rows) + len({p.line for p in skipped})
     label_index = {label: i for i, label in enumerate(pipeline.labels)}
@@ -89,7 +112,11 @@ def evaluate_bundle(
             continue
         labels = np.array([label_index[r.label] for r in batch])
         truth[None].extend(labels)
-        guess[None].extend(_predicted(pipeline, embeddings))
+        predicted = pipeline.predict_batch(embeddings)
+        guess[None].extend(_indices(pipeline, predicted))
+        if writer is not None:
+            for row, prediction in zip(batch, predicted):
+                writer.write(f"{Path(manifest).name}:{row.line}", prediction, true_label=row.label)
         for subset in subsets:
             selector = np.array([m in subset for m in pipeline.modalities], dtype=np.float32)
             has_all = (embeddings.mask * selector).sum(1) == selector.sum()
