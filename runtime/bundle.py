@@ -116,6 +116,8 @@ def read_description(path: Path) -> BundleDescription:
 def _without_removed_variants(path: Path, description: BundleDescription) -> BundleDescription:
     """Only fp32 is required: a variant whose file was deleted (to slim a bundle for its device) is dropped
     from the description instead of making the bundle unloadable."""
+    if description.is_edge:
+        return description  # one variant per component: none may go
     components = {}
     for name, component in description.components.items():
         kept = {p: v for p, v in component.variants.items() if p == "fp32" or (path / v.file).is_file()}

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from polysense.cli_bundle import add_bundle, add_info
+from polysense.cli_bundle import add_bundle, add_edge, add_info
 from polysense.cli_runtime import add_eval, add_predict, add_stream, non_negative
 from polysense.cli_serve import add_serve
 from polysense.data import SPLITS
@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval(commands)
     add_info(commands)
     add_bundle(commands)
+    add_edge(commands)
     add_stream(commands)
     _add_bench(commands)
     add_serve(commands)

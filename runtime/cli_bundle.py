@@ -61,3 +61,34 @@ def _run_slim(args: argparse.Namespace) -> int:
     )
     print(f"kept: {kept}")
     return 0
+
+
+def add_edge(commands: argparse._SubParsersAction) -> None:
+    edge = commands.add_parser(
+        "edge",
+        help="an edge bundle: one variant per component in ORT format, with the operator list for a minimal "
+        "onnxruntime build",
+    )
+    edge.add_argument("bundle", help="the full bundle folder (what `polysense export` writes)")
+    edge.add_argument("--out", required=True, help="the edge bundle folder to write (new or empty)")
+    edge.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="keep the variants auto picks there (default cpu)",
+    )
+    edge.add_argument("--tar", action="store_true", help="write one OUT.tar file instead of a folder")
+    edge.set_defaults(run=_run_edge)
+
+
+def _run_edge(args: argparse.Namespace) -> int:
+    from polysense.edge import make_edge_bundle
+
+    result = make_edge_bundle(args.bundle, args.out, device=args.device, archive=args.tar)
+    kept = ", ".join(f"{name} {precision}" for name, precision in result.precisions.items())
+    share = result.bytes / result.source_bytes if result.source_bytes else float("nan")
+    print(
+        f"wrote {result.path}: {kept}; {result.bytes / 1e6:.2f} MB ({share:.0%} of the full bundle's files)"
+    )
+    print(f"minimal onnxruntime build (from an onnxruntime source checkout):\n  {result.build_command}")
+    return 0

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from polysense.archive import is_archive, unpacked
 from polysense.audio_engine import AudioEngine
 from polysense.bundle import Bundle, open_bundle
 from polysense.errors import ConfigError, InputError
@@ -79,7 +80,8 @@ class Pipeline:
         intra_op_threads: int = 0,
         limits: Limits = DEFAULT_LIMITS,
     ) -> Pipeline:
-        """Open and verify the bundle at `path`, create one session per component on `device`.
+        """Open and verify the bundle at `path` (a folder, or the .tar of an edge bundle), create one session per
+        component on `device`.
 
         precision: "auto" takes per component the fastest variant the bundle kept for the device (int8 on CPU,
         fp16 on CUDA, where they passed export's accuracy and speed checks; else fp32); "fp32", "int8" or
@@ -91,6 +93,9 @@ class Pipeline:
         if not isinstance(limits, Limits):
             raise ConfigError(f"limits must be a polysense.Limits, got {type(limits).__name__}")
         settings = SessionSettings(device=device, intra_op_threads=intra_op_threads)
+        if is_archive(path):  # one .tar (polysense edge --tar): unpacked while the sessions read their files
+            with unpacked(path) as folder:
+                return cls(open_bundle(folder, verify=False), settings, precision, limits)
         return cls(open_bundle(path, verify=False), settings, precision, limits)
 
     # -- read-only properties ------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from polysense.schema import PRECISIONS, BundleDescription, ComponentSpec
 
 def _fastest_for(component: ComponentSpec, device: str) -> str:
     kept = component.variants
+    if len(kept) == 1:  # an edge bundle: its one variant was chosen for its device when it was made
+        return next(iter(kept))
     if device == "cuda":
         # Only a CUDA measurement says fp16 pays there; export records one (latency_ms) only when it had CUDA.
         fp16 = kept.get("fp16")

@@ -22,6 +22,9 @@ from polysense.settings import Preprocessing
 
 # 2: bundle.json with typed components, variants and streaming state (1 was manifest.json, read by hand).
 SCHEMA_VERSION = 2
+# An edge bundle (`polysense edge`) holds one variant per component, not necessarily fp32, in ORT format: a
+# runtime that predates it must refuse it by its version rather than fail on a missing fp32 file.
+EDGE_SCHEMA_VERSION = 3
 DESCRIPTION_FILE = "bundle.json"
 LEGACY_DESCRIPTION_FILE = "manifest.json"  # what schema 1 bundles hold instead (read as a legacy marker only)
 FUSION = "fusion"  # the fusion head's component name
@@ -126,12 +129,14 @@ class ComponentSpec:
         }
 
     @classmethod
-    def from_dict(cls, name: str, data: Any, where: str) -> ComponentSpec:
+    def from_dict(cls, name: str, data: Any, where: str, edge: bool = False) -> ComponentSpec:
         variants = {
             precision: Variant.from_dict(precision, entry, f"{where}.variants.{precision}")
             for precision, entry in get(data, "variants", dict, where).items()
         }
-        if "fp32" not in variants:
+        if edge and len(variants) != 1:
+            raise BundleError(f"{where}: an edge bundle holds one variant per component, not {len(variants)}")
+        if not edge and "fp32" not in variants:
             raise BundleError(f"{where} has no fp32 variant")
         return cls(
             name,
@@ -217,7 +222,12 @@ class BundleDescription:
     streaming: AudioStreaming | None = None  # present when the bundle has an audio encoder
     metrics: dict = field(default_factory=dict)  # measured at export (test accuracy, parity)
     producer: dict = field(default_factory=dict)  # versions of what made the bundle
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int = SCHEMA_VERSION  # EDGE_SCHEMA_VERSION for an edge bundle
+
+    @property
+    def is_edge(self) -> bool:
+        """One variant per component, in ORT format (polysense.edge)."""
+        return self.schema_version == EDGE_SCHEMA_VERSION
 
     def component(self, name: str) -> ComponentSpec:
         if name not in self.components:
@@ -248,13 +258,15 @@ class BundleDescription:
     def from_dict(cls, data: Any) -> BundleDescription:
         where = DESCRIPTION_FILE
         version = get(data, "schema_version", int, where)
-        if version != SCHEMA_VERSION:
+        if version not in (SCHEMA_VERSION, EDGE_SCHEMA_VERSION):
             raise BundleError(
-                f"bundle schema version {version}, but this polysense reads version {SCHEMA_VERSION} "
-                "(for a newer bundle, use the polysense version that made it)"
+                f"bundle schema version {version}, but this polysense reads versions {SCHEMA_VERSION} and "
+                f"{EDGE_SCHEMA_VERSION} (edge) (for a newer bundle, use the polysense version that made it)"
             )
         components = {
-            name: ComponentSpec.from_dict(name, entry, f"{where}.components.{name}")
+            name: ComponentSpec.from_dict(
+                name, entry, f"{where}.components.{name}", edge=version == EDGE_SCHEMA_VERSION
+            )
             for name, entry in get(data, "components", dict, where).items()
         }
         streaming = get(data, "streaming", dict, where, {})

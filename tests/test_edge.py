@@ -1,0 +1,137 @@
+"""Edge bundles: one variant per component in ORT format, served like full bundles, also as one .tar that
+cannot unpack anything outside its temporary folder."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+import polysense  # noqa: E402
+from polysense.cli import main  # noqa: E402
+from polysense.edge import OPERATORS_FILE, make_edge_bundle  # noqa: E402
+from polysense.errors import BundleError, ConfigError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def edge(bundle, tmp_path_factory):
+    return make_edge_bundle(bundle, tmp_path_factory.mktemp("edge") / "edge")
+
+
+def _probs(prediction):
+    return np.array(list(prediction.probabilities.values()))
+
+
+def test_edge_predictions_equal_the_source_bundles(bundle, edge, test_rows):
+    full = polysense.Pipeline.load(bundle, device="cpu")
+    small = polysense.Pipeline.load(edge.path, device="cpu")
+    assert small.precisions == full.precisions == edge.precisions  # the variants auto picks on CPU
+    assert small.description.is_edge and not full.description.is_edge
+    for row in test_rows[:8]:
+        for sample in ({"image": row.image, "text": row.text, "audio": row.audio}, {"audio": row.audio}):
+            a, b = full.predict(**sample), small.predict(**sample)
+            assert a.label == b.label
+            np.testing.assert_allclose(_probs(a), _probs(b), atol=1e-5)
+    stream = small.audio_stream()
+    stream.accept_waveform(np.zeros(16000, np.float32), 16000)
+    stream.input_finished()
+    assert stream.result().label in small.labels
+
+
+def test_the_edge_folder_holds_one_ort_file_per_component_and_the_operator_list(edge):
+    files = sorted(p.name for p in edge.path.iterdir())
+    ort_files = [f for f in files if f.endswith(".ort")]
+    assert len(ort_files) == 4 and all(f"{n}.{p}.ort" in ort_files for n, p in edge.precisions.items())
+    assert {"bundle.json", "tokenizer.json", OPERATORS_FILE} <= set(files)
+    for name in ort_files:
+        assert (edge.path / name).read_bytes()[4:8] == b"ORTM"  # ORT format, not ONNX
+    config = (edge.path / OPERATORS_FILE).read_text()
+    assert "--include_ops_by_config" in config and "ai.onnx;" in config and "Gemm" in config
+    assert edge.bytes < edge.source_bytes
+    description = json.loads((edge.path / "bundle.json").read_text())
+    assert description["schema_version"] == 3 and description["producer"]["edge"]["format"] == "ort"
+
+
+def test_an_edge_bundle_is_checked_like_any_bundle(edge, tmp_path):
+    import shutil
+
+    altered = tmp_path / "altered"
+    shutil.copytree(edge.path, altered)
+    name = next(p for p in altered.iterdir() if p.name.startswith("fusion"))
+    data = bytearray(name.read_bytes())
+    data[-1] ^= 1
+    name.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="does not match its sha256"):
+        polysense.Pipeline.load(altered, device="cpu")
+
+
+def test_a_tar_edge_bundle_loads_directly(bundle, tmp_path, test_rows):
+    result = make_edge_bundle(bundle, tmp_path / "packed", archive=True)
+    assert result.path.name == "packed.tar" and result.path.is_file()
+    packed = polysense.Pipeline.load(result.path, device="cpu")
+    full = polysense.Pipeline.load(bundle, device="cpu")
+    row = test_rows[0]
+    np.testing.assert_allclose(
+        _probs(packed.predict(text=row.text)), _probs(full.predict(text=row.text)), atol=1e-5
+    )
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w") as archive:
+        for info, data in members:
+            archive.addfile(info, io.BytesIO(data) if data is not None else None)
+
+
+def _file(name, data=b"x"):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info, data
+
+
+def _link(name, target, kind=tarfile.SYMTYPE):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info, None
+
+
+@pytest.mark.parametrize(
+    "members, message",
+    [
+        ([_file("../escape.txt")], "not a plain file name"),
+        ([_file("/etc/evil")], "not a plain file name"),
+        ([_file("sub/bundle.json")], "not a plain file name"),
+        ([_link("bundle.json", "/etc/passwd")], "not a regular file"),
+        ([_link("bundle.json", "x", tarfile.LNKTYPE)], "not a regular file"),
+        ([_file("bundle.json"), _file("bundle.json")], "appears twice"),
+        ([_file(f"f{i}") for i in range(65)], "more than 64 members"),
+    ],
+)
+def test_a_hostile_tar_is_refused_before_anything_is_written(tmp_path, members, message):
+    path = tmp_path / "hostile.tar"
+    _tar(path, members)
+    with pytest.raises(BundleError, match=message):
+        polysense.Pipeline.load(path, device="cpu")
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def test_edge_errors(bundle, edge, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="edge bundle already"):
+        make_edge_bundle(edge.path, tmp_path / "again")
+    with pytest.raises(ConfigError, match="exists"):
+        make_edge_bundle(bundle, edge.path)
+    (tmp_path / "not.tar").write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(BundleError, match="not a readable .tar"):
+        polysense.Pipeline.load(tmp_path / "not.tar", device="cpu")
+    assert main(["edge", str(tmp_path / "missing"), "--out", str(tmp_path / "e")]) == 2
+    assert capsys.readouterr().err.startswith("error: bundle not found")
+
+
+def test_edge_cli_writes_the_bundle_and_prints_the_build_command(bundle, tmp_path, capsys):
+    assert main(["edge", str(bundle), "--out", str(tmp_path / "cli")]) == 0
+    out = capsys.readouterr().out
+    assert "of the full bundle's files" in out and "--minimal_build" in out
+    assert (tmp_path / "cli" / "bundle.json").is_file()
