@@ -1,7 +1,8 @@
 """polysense: multimodal classifiers served without torch.
 
-`import polysense` is the lightweight runtime (numpy, OpenCV, soundfile, soxr, tokenizers; onnxruntime from
-the `cpu` or `gpu` extra). Training lives in `polysense.models`, export in `polysense.export` (both need torch).
+`import polysense` is the lightweight runtime (numpy; onnxruntime from the `cpu` or `gpu` extra; per modality,
+imported when used: OpenCV for images, soundfile and soxr for audio, tokenizers for text). Training lives in
+`polysense.models`, export in `polysense.export` (both need torch).
 
     pipe = polysense.Pipeline.load("bundle/")
     pipe.predict(image="photo.jpg", text="a calm morning", audio="clip.wav")

@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import soundfile
-import soxr
 
 from polysense.errors import InputError
 from polysense.limits import DEFAULT_LIMITS, Limits
+from polysense.optional import require
 
 AudioInput = str | os.PathLike | bytes | bytearray | memoryview | np.ndarray
 
@@ -120,6 +119,7 @@ def check_sample_rate(rate: object) -> int:
 
 
 def _read_encoded(file: Path | io.BytesIO, source: str, limits: Limits) -> tuple[np.ndarray, int]:
+    soundfile = require("soundfile")
     try:
         with soundfile.SoundFile(file) as handle:
             rate = check_sample_rate(handle.samplerate)
@@ -179,7 +179,7 @@ def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     """Band-limited resampling with libsoxr (high quality), float32 in and out."""
     if from_rate == to_rate:
         return samples
-    return soxr.resample(samples, from_rate, to_rate, quality="HQ").astype(np.float32, copy=False)
+    return require("soxr").resample(samples, from_rate, to_rate, quality="HQ").astype(np.float32, copy=False)
 
 
 def hz_to_mel(hz: np.ndarray) -> np.ndarray:

@@ -9,12 +9,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from polysense.errors import InputError
 from polysense.image_header import read_header
 from polysense.limits import DEFAULT_LIMITS, Limits
+from polysense.optional import require
 
 ImageInput = str | os.PathLike | bytes | bytearray | memoryview | np.ndarray
 
@@ -28,6 +28,7 @@ def decode_image(image: ImageInput, limits: Limits = DEFAULT_LIMITS) -> np.ndarr
     Encoded images may be JPEG, PNG, BMP or WebP, within `limits` (bytes, pixels read from the header).
     Arrays are taken as RGB (grey [H, W] and [H, W, 1] are expanded; RGBA loses alpha).
     """
+    cv2 = require("cv2")
     pixels, is_bgr = _decode(image, limits)
     return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB) if is_bgr else pixels
 
@@ -53,6 +54,7 @@ def _decode(image: ImageInput, limits: Limits) -> tuple[np.ndarray, bool]:
 
 
 def _decode_bytes(data: bytes, source: str, limits: Limits) -> np.ndarray:
+    cv2 = require("cv2")
     if not data:
         raise InputError(f"{source}: empty image data")
     header = read_header(data, source)
@@ -109,6 +111,7 @@ class ImagePreprocessor:
             raise InputError("image mean and std need three values each, std all positive")
 
     def __call__(self, image: ImageInput) -> np.ndarray:
+        cv2 = require("cv2")
         pixels, is_bgr = _decode(image, self.limits)
         # Resize first, then reorder the channels of the small square: a full-size BGR->RGB copy would double
         # the peak memory of a large photo.
@@ -122,6 +125,7 @@ class ImagePreprocessor:
         return np.ascontiguousarray(normalised.transpose(2, 0, 1))
 
     def resize_and_crop(self, rgb: np.ndarray) -> np.ndarray:
+        cv2 = require("cv2")
         height, width = rgb.shape[:2]
         ratio = self.size / min(height, width)
         new_h, new_w = max(self.size, round(height * ratio)), max(self.size, round(width * ratio))

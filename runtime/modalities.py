@@ -21,6 +21,7 @@ import numpy as np
 
 from polysense.errors import ConfigError
 from polysense.limits import Limits
+from polysense.optional import require
 
 # Canonical order: embeddings are stacked, masks laid out and subset keys written in this order.
 MODALITIES: tuple[str, ...] = ("image", "text", "audio")
@@ -110,7 +111,7 @@ class ImageCodec:
         return (np.stack([np.zeros(shape, np.float32) if x is None else x for x in rows]),)
 
     def sample_input(self, folder: Path, rng: np.random.Generator) -> Any:
-        import cv2
+        cv2 = require("cv2")
 
         path = folder / "sample.jpg"
         cv2.imwrite(str(path), rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))
@@ -163,7 +164,7 @@ class AudioCodec:
         return frames, mask
 
     def sample_input(self, folder: Path, rng: np.random.Generator) -> Any:
-        import soundfile
+        soundfile = require("soundfile")
 
         path = folder / "sample.wav"
         samples = (rng.standard_normal(16000) * 0.1).astype(np.float32)

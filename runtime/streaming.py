@@ -17,13 +17,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import soxr
 
 from polysense.audio import LogMel, array_to_mono, check_sample_rate
 from polysense.audio_engine import AudioEngine, State
 from polysense.errors import InputError
 from polysense.fusion import Prediction
 from polysense.limits import DEFAULT_LIMITS, Limits
+from polysense.optional import require
 from polysense.settings import AudioSettings
 
 # The narrow calls a stream makes besides the engine's: encode one image or text, fuse embeddings.
@@ -142,7 +142,9 @@ class AudioStream:
         if self.sample_rate is None:
             self.sample_rate = rate
             if rate != self.model_rate:
-                self._resampler = soxr.ResampleStream(rate, self.model_rate, 1, dtype="float32", quality="HQ")
+                self._resampler = require("soxr").ResampleStream(
+                    rate, self.model_rate, 1, dtype="float32", quality="HQ"
+                )
         resampled = self._resampler.resample_chunk(mono, last=False) if self._resampler else mono
         return self._take(self._frames.push(resampled))
 
@@ -257,7 +259,7 @@ class VideoStream:
 
     def frames(self) -> Iterator[tuple[float, np.ndarray]]:
         """(timestamp in s, RGB frame) from the source: a file path, camera index or URL."""
-        import cv2
+        cv2 = require("cv2")
 
         if self.source is None:
             raise InputError("this video stream has no source; push frames with push(frame, timestamp)")

@@ -10,12 +10,15 @@ import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from tokenizers import Tokenizer, normalizers, pre_tokenizers
-from tokenizers.models import WordPiece
 
 from polysense.errors import InputError
+from polysense.optional import require
+
+if TYPE_CHECKING:  # the text modality's package, imported when a text is first tokenized
+    from tokenizers import Tokenizer
 
 PAD_TOKEN, UNK_TOKEN = "[PAD]", "[UNK]"
 PAD_ID = 0  # PAD_TOKEN is the first special token, so it gets id 0
@@ -34,6 +37,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = VOCAB_SIZE) -> Token
     ties broken alphabetically. (The `tokenizers` trainers iterate hash maps, so the same texts can give
     different ids from one process to the next; a seeded training run must not.)
     """
+    tokenizers = require("tokenizers")
+    normalizers, pre_tokenizers = tokenizers.normalizers, tokenizers.pre_tokenizers
     normalizer = normalizers.Sequence(
         [normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()]
     )
@@ -49,7 +54,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = VOCAB_SIZE) -> Token
             break
         if word not in known:
             vocab.append(word)
-    tokenizer = Tokenizer(WordPiece({token: i for i, token in enumerate(vocab)}, unk_token=UNK_TOKEN))
+    tokenizer = tokenizers.Tokenizer(
+        tokenizers.models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token=UNK_TOKEN)
+    )
     tokenizer.normalizer = normalizer
     tokenizer.pre_tokenizer = pre_tokenizer
     return tokenizer
@@ -57,8 +64,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = VOCAB_SIZE) -> Token
 
 def tokenizer_from_bytes(data: bytes, source: str) -> Tokenizer:
     """A tokenizer from the bytes of a tokenizer.json (as read, and verified, from a bundle)."""
+    tokenizer_class = require("tokenizers").Tokenizer
     try:
-        return Tokenizer.from_str(data.decode("utf-8"))
+        return tokenizer_class.from_str(data.decode("utf-8"))
     except Exception as error:  # tokenizers raises a bare Exception on malformed JSON
         raise InputError(f"{source}: not a valid tokenizer.json ({str(error)[:200]})") from error
 
@@ -69,7 +77,7 @@ class TextPreprocessor:
     def __init__(self, tokenizer: Tokenizer | str | os.PathLike, max_length: int = MAX_LENGTH) -> None:
         if max_length < 1:
             raise InputError(f"max_length must be at least 1, got {max_length}")
-        if not isinstance(tokenizer, Tokenizer):
+        if not isinstance(tokenizer, require("tokenizers").Tokenizer):
             path = Path(tokenizer)
             if not path.is_file():
                 raise InputError(f"tokenizer file not found: {path}")

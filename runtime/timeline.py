@@ -7,10 +7,10 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 import numpy as np
-import soundfile
 
 from polysense.audio import check_sample_rate
 from polysense.errors import InputError
+from polysense.optional import require
 from polysense.pipeline import Pipeline, Prediction
 
 
@@ -35,7 +35,7 @@ def audio_chunks(
             if usable:
                 yield np.frombuffer(data[:usable], dtype="<i2").copy(), stdin_rate
     try:
-        samples, rate = soundfile.read(source, dtype="float32", always_2d=True)
+        samples, rate = require("soundfile").read(source, dtype="float32", always_2d=True)
     except Exception as error:  # soundfile raises several types for missing or undecodable files
         raise InputError(f"{source}: cannot read audio ({error})") from error
     step = max(1, round(rate * chunk_ms / 1000))
