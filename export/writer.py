@@ -32,6 +32,7 @@ from polysense.models.model import MultimodalClassifier
 from polysense.models.run_folder import load_trained
 from polysense.preprocessing import build_preprocessors
 from polysense.settings import Preprocessing
+from polysense.tune import write_probe
 
 log = logging.getLogger("polysense")
 
@@ -155,9 +156,20 @@ def _write_bundle(
         description = add_variants(
             description, parts, latency_feeds, policy, _trial(work, run_dir, rows, preprocessors), progress
         )
+    _write_probe(work, rows, modalities)
     sizes = {p.name: p.stat().st_size for p in sorted(work.iterdir())}
     variants = {name: list(c.measurements) for name, c in description.components.items()}
     return ExportReport(work, parity, end_to_end, sizes, variants)
+
+
+def _write_probe(work: Path, rows: list, modalities: tuple[str, ...]) -> None:
+    """probe.npz for `polysense tune`: validation samples as the runtime preprocesses them, fp32's labels."""
+    samples = [
+        {m: getattr(r, m) for m in modalities if getattr(r, m) is not None} for r in rows if r.split == "val"
+    ]
+    write_probe(
+        polysense.Pipeline.load(work, device="cpu", precision="fp32"), [s for s in samples if s], work
+    )
 
 
 def _first_row(case: tuple[torch.Tensor, ...]) -> tuple[np.ndarray, ...]:

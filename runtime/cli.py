@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from polysense.cli_bundle import add_bundle, add_edge, add_info
+from polysense.cli_bundle import add_bundle, add_edge, add_info, add_tune
 from polysense.cli_runtime import add_eval, add_predict, add_stream, non_negative
 from polysense.cli_serve import add_serve
 from polysense.data import SPLITS
@@ -194,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_info(commands)
     add_bundle(commands)
     add_edge(commands)
+    add_tune(commands)
     add_stream(commands)
     _add_bench(commands)
     add_serve(commands)

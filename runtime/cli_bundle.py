@@ -92,3 +92,58 @@ def _run_edge(args: argparse.Namespace) -> int:
     )
     print(f"minimal onnxruntime build (from an onnxruntime source checkout):\n  {result.build_command}")
     return 0
+
+
+def add_tune(commands: argparse._SubParsersAction) -> None:
+    tune = commands.add_parser(
+        "tune",
+        help="measure every kept variant on this device; precision auto then uses the choice (tuning.json)",
+    )
+    tune.add_argument("bundle")
+    tune.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(default cpu)")
+    tune.add_argument(
+        "--threads", type=int, default=0, help="onnxruntime threads, as the application will run"
+    )
+    tune.add_argument(
+        "--data",
+        help="make the probe from this manifest first (its val split if it has one; for bundles without probe.npz)",
+    )
+    tune.add_argument("--json", action="store_true", help="print the measurements as JSON")
+    tune.set_defaults(run=_run_tune)
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from polysense.errors import ConfigError
+    from polysense.tune import tune_bundle
+
+    if args.threads < 0:
+        raise ConfigError("--threads cannot be negative (0 = one per core)")
+    if args.data is not None:
+        _probe_from_manifest(args.bundle, args.data)
+    result = tune_bundle(Path(args.bundle), device=args.device, threads=args.threads)
+    if args.json:
+        print(json.dumps({"choices": result.choices, "measurements": result.measurements}, indent=2))
+        return 0
+    for name, variants in result.measurements.items():
+        shown = ", ".join(
+            f"{p} {m['latency_ms']:.3f} ms agree {m['agreement']:.1%}" for p, m in variants.items()
+        )
+        print(f"{name:<14} -> {result.choices[name]:<5} ({shown})")
+    print(f"wrote {result.path}; precision auto now uses it on {args.device}")
+    return 0
+
+
+def _probe_from_manifest(bundle: str, manifest: str) -> None:
+    from polysense.data import read_manifest
+    from polysense.pipeline import Pipeline
+    from polysense.tune import PROBE_SAMPLES, write_probe
+
+    data = read_manifest(manifest, labelled=False)
+    rows, _ = data.usable_rows()
+    rows = [r for r in rows if r.split == "val"] or rows
+    pipeline = Pipeline.load(bundle, device="cpu", precision="fp32")
+    samples = [{m: getattr(r, m) for m in pipeline.modalities if getattr(r, m) is not None} for r in rows]
+    count = write_probe(pipeline, [s for s in samples if s][:PROBE_SAMPLES], bundle)
+    print(f"probe: {count} samples from {manifest}")

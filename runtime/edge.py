@@ -26,6 +26,7 @@ from polysense.errors import ConfigError, DependencyError
 from polysense.precision import choose_precisions
 from polysense.schema import DESCRIPTION_FILE, EDGE_SCHEMA_VERSION
 from polysense.sessions import import_onnxruntime
+from polysense.tune import PROBE_FILE
 
 OPERATORS_FILE = "required_operators.config"
 BUILD_COMMAND = (
@@ -40,7 +41,7 @@ class EdgeResult:
     path: Path  # the edge bundle folder (or the .tar with --tar)
     precisions: dict[str, str]  # component -> the variant kept
     bytes: int  # the edge bundle's files, all together
-    source_bytes: int  # the source bundle's listed files, all together
+    source_bytes: int  # the source bundle's files, all together
     build_command: str
 
 
@@ -74,6 +75,8 @@ def make_edge_bundle(
         if description.preprocessing.text is not None:
             tokenizer = description.preprocessing.text.tokenizer
             (folder / tokenizer).write_bytes(source.read(tokenizer))
+        if (source.path / PROBE_FILE).is_file():  # so the edge bundle can be tuned on its device
+            shutil.copyfile(source.path / PROBE_FILE, folder / PROBE_FILE)
         producer = {
             **description.producer,
             "edge": {"device": device, "format": "ort", "optimization": "extended"},
@@ -93,7 +96,7 @@ def make_edge_bundle(
             target.mkdir(exist_ok=True)
             for file in folder.iterdir():
                 shutil.move(str(file), target / file.name)
-    source_size = sum(v.bytes for c in description.components.values() for v in c.variants.values())
+    source_size = sum(f.stat().st_size for f in source.path.iterdir() if f.is_file())
     return EdgeResult(target, dict(chosen), size, source_size, command)
 
 

@@ -7,6 +7,7 @@ fusion head (polysense.fusion); none of them is part of the Pipeline's public su
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -22,13 +23,14 @@ from polysense.fusion import Embeddings, FusionHead, Prediction, Prepared
 from polysense.graph_check import check_graph
 from polysense.limits import DEFAULT_LIMITS, Limits
 from polysense.modalities import MODALITIES, SPECS
-from polysense.precision import choose_precisions
+from polysense.precision import TUNING_FILE, choose_precisions, tuned_choices
 from polysense.preprocessing import build_preprocessors
 from polysense.schema import FUSION, BundleDescription
 from polysense.sessions import Session, SessionSettings, runnable, to_numpy
 from polysense.streaming import AudioStream, VideoStream
 
 SAMPLE_KEYS = (*MODALITIES, "sample_rate")
+log = logging.getLogger("polysense")
 
 __all__ = ["Embeddings", "Pipeline", "Prediction", "Prepared"]
 
@@ -51,6 +53,14 @@ class Pipeline:
             description.preprocessing, description.modalities, bundle.read, limits
         )
         names = list(description.components)
+        self._precision_source = "asked" if precision != "auto" else "export"
+        if precision == "auto":
+            tuned = tuned_choices(bundle.path, settings.device)
+            if tuned is not None and all(tuned.get(n) in description.component(n).variants for n in names):
+                precision, self._precision_source = {n: tuned[n] for n in names}, "tuned"
+                log.info(
+                    "precision auto: the variants `polysense tune` chose on this device (%s)", TUNING_FILE
+                )
         self._precisions = choose_precisions(description, names, settings.device, precision)
         self._sessions = {name: self._session(bundle, name, settings) for name in names}
         used = [description.component(n).variant(p).file for n, p in self._precisions.items()]
@@ -126,6 +136,12 @@ class Pipeline:
     def precisions(self) -> dict[str, str]:
         """component -> the precision it runs at."""
         return dict(self._precisions)
+
+    @property
+    def precision_source(self) -> str:
+        """Where the precisions came from: "tuned" (tuning.json, measured on this device by `polysense tune`),
+        "export" (auto from export's measurements) or "asked" (precision given to load)."""
+        return self._precision_source
 
     @property
     def providers(self) -> dict[str, str]:

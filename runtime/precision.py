@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from polysense.errors import ConfigError
-from polysense.schema import PRECISIONS, BundleDescription, ComponentSpec
+from polysense.schema import DESCRIPTION_FILE, PRECISIONS, BundleDescription, ComponentSpec
+
+log = logging.getLogger("polysense")
+TUNING_FILE = "tuning.json"  # what `polysense tune` chose on a device (polysense.tune), beside bundle.json
 
 
 def _fastest_for(component: ComponentSpec, device: str) -> str:
@@ -58,3 +65,25 @@ def choose_precisions(
             f"no {requested} variant of {', '.join(lacking)} in this bundle; they run fp32", stacklevel=3
         )
     return {n: requested if n in having else "fp32" for n in names}
+
+
+def tuned_choices(folder: Path, device: str) -> dict[str, str] | None:
+    """The precisions `polysense tune` chose for this bundle on `device`, if it did (else None)."""
+    path = folder / TUNING_FILE
+    if not path.is_file() or path.stat().st_size > 1 << 20:
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if record.get("device") != device or record.get("bundle_sha256") != description_hash(folder):
+            return None
+        choices = record["choices"]
+    except (ValueError, KeyError, TypeError, OSError):
+        log.warning("%s cannot be read; precision auto uses export's measurements", path)
+        return None
+    return (
+        choices if isinstance(choices, dict) and all(isinstance(v, str) for v in choices.values()) else None
+    )
+
+
+def description_hash(folder: Path) -> str:
+    return hashlib.sha256((folder / DESCRIPTION_FILE).read_bytes()).hexdigest()

@@ -214,6 +214,7 @@ def test_public_surface_is_small(pipe):
     public = {name for name in dir(polysense.Pipeline) if not name.startswith("_")}
     methods = {"load", "predict", "predict_batch", "prepare", "embed", "audio_stream", "video_stream"}
     properties = {"labels", "modalities", "embed_dim", "description", "precisions", "providers", "limits"}
+    properties |= {"precision_source"}
     assert public == methods | properties
     assert set(pipe.precisions) == set(pipe.providers) == set(pipe.description.components)
 
