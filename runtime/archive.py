@@ -47,12 +47,14 @@ def unpacked(path: str | os.PathLike) -> Iterator[Path]:
             f"{path} is not a readable .tar archive ({error}); make it again with polysense edge --tar"
         ) from error
     with archive, tempfile.TemporaryDirectory(prefix="polysense-bundle-") as work:
-        members = _checked_members(path, archive)
-        for member in members:
-            source = archive.extractfile(member)
-            with source, open(Path(work) / member.name, "xb") as target:
-                while block := source.read(1 << 20):
-                    target.write(block)
+        try:
+            for member in _checked_members(path, archive):
+                source = archive.extractfile(member)
+                with source, open(Path(work) / member.name, "xb") as target:
+                    while block := source.read(1 << 20):
+                        target.write(block)
+        except (tarfile.TarError, OSError, EOFError) as error:  # truncated or corrupt
+            raise BundleError(f"{path} is damaged ({error}); copy it again or make it again") from error
         yield Path(work)
 
 

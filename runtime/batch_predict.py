@@ -131,7 +131,7 @@ def _items_from_folder(folder: Path, modalities: Sequence[str]) -> tuple[list[It
             kinds = ", ".join(sorted(e for e, m in EXTENSIONS.items() if m in modalities))
             problems.append(Problem(0, f"{name}: not a file this bundle takes ({kinds})", True))
             continue
-        items.append(Item(name, {modality: file if modality != "text" else _read_text(file)}))
+        items.append(Item(name, {modality: file}))  # a .txt file is read when its batch comes
     if not files:
         raise InputError(f"{folder} holds no files to predict")
     return items, problems
@@ -140,6 +140,12 @@ def _items_from_folder(folder: Path, modalities: Sequence[str]) -> tuple[list[It
 def _read_text(file: Path) -> str:
     with file.open("rb") as handle:
         return handle.read(MAX_TEXT_FILE_BYTES).decode("utf-8", errors="replace")
+
+
+def _loaded(sample: dict) -> dict:
+    """The sample with a text file's contents in place of its path."""
+    text = sample.get("text")
+    return {**sample, "text": _read_text(text)} if isinstance(text, Path) else sample
 
 
 def _batches(items: list[Item], size: int) -> Iterator[list[Item]]:
@@ -159,7 +165,7 @@ def predict_to_file(
             prepared, kept = [], []
             for item in batch:
                 try:
-                    prepared.append(pipeline.prepare(item.sample))
+                    prepared.append(pipeline.prepare(_loaded(item.sample)))
                     kept.append(item)
                 except PolysenseError as error:
                     failed.append(Problem(0, f"{item.source}: {error}", True))

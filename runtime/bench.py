@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from polysense.bundle import open_bundle
+from polysense.machine import machine
 from polysense.modalities import SPECS
 from polysense.pipeline import Pipeline
 from polysense.schema import PRECISIONS
@@ -226,20 +227,6 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
-
-
-def machine() -> dict:
-    """CPU count, platform and the x86 vector instruction sets int8 and fp32 kernels depend on."""
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = next(
-                (set(line.split(":", 1)[1].split()) for line in handle if line.startswith("flags")), set()
-            )
-    except OSError:
-        pass
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-    return {"cpus": os.cpu_count(), "platform": sys.platform, "isa": [f for f in wanted if f in flags]}
 
 
 def format_report(report: dict) -> str:

@@ -101,6 +101,8 @@ def _add_ray_options(serve: argparse.ArgumentParser) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     from polysense.errors import ConfigError
 
+    if not (math.isfinite(args.max_body_mb) and args.max_body_mb > 0):
+        raise ConfigError(f"--max-body-mb must be a positive number, got {args.max_body_mb}")
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be 1-65535, got {args.port}")
     threads_given = args.threads is not None

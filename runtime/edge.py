@@ -29,6 +29,10 @@ from polysense.sessions import import_onnxruntime
 from polysense.tune import PROBE_FILE
 
 OPERATORS_FILE = "required_operators.config"
+OPTIMIZATION = {
+    "cpu": "extended",
+    "cuda": "basic",
+}  # what an edge bundle's graphs are optimized with, per device
 BUILD_COMMAND = (
     "python tools/ci_build/build.py --build_dir build/minimal --config MinSizeRel --minimal_build "
     "--disable_ml_ops --disable_exceptions --include_ops_by_config {config} "
@@ -57,10 +61,10 @@ def make_edge_bundle(
         raise ConfigError(f"{bundle} is an edge bundle already; make edge bundles from the full bundle")
     out = Path(out)
     target = out.with_name(out.name + ".tar") if archive else out
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise ConfigError(
-            f"{target} exists; choose a new folder (an edge bundle is never written over files)"
-        )
+    if not target.parent.is_dir():
+        raise ConfigError(f"--out {out}: the folder {target.parent} does not exist; create it first")
+    if target.exists() and (archive or not target.is_dir() or any(target.iterdir())):
+        raise ConfigError(f"{target} exists; choose a new name (an edge bundle is never written over files)")
     chosen = choose_precisions(description, list(description.components), device, "auto")
     with tempfile.TemporaryDirectory(dir=target.parent if target.parent.is_dir() else None) as work:
         folder = Path(work) / "edge"
@@ -69,7 +73,7 @@ def make_edge_bundle(
         for name, precision in chosen.items():
             variant = description.component(name).variant(precision)
             file = f"{name}.{precision}.ort"
-            data = _to_ort_format(source.read(variant.file), folder / file)
+            data = _to_ort_format(source.read(variant.file), folder / file, device)
             kept = replace(variant, file=file, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
             components[name] = replace(description.component(name), variants={precision: kept})
         if description.preprocessing.text is not None:
@@ -79,7 +83,7 @@ def make_edge_bundle(
             shutil.copyfile(source.path / PROBE_FILE, folder / PROBE_FILE)
         producer = {
             **description.producer,
-            "edge": {"device": device, "format": "ort", "optimization": "extended"},
+            "edge": {"device": device, "format": "ort", "optimization": OPTIMIZATION[device]},
         }
         edge = replace(
             description, components=components, producer=producer, schema_version=EDGE_SCHEMA_VERSION
@@ -100,11 +104,14 @@ def make_edge_bundle(
     return EdgeResult(target, dict(chosen), size, source_size, command)
 
 
-def _to_ort_format(model: bytes, path: Path) -> bytes:
-    """Save `model` (ONNX bytes) in ORT format at `path`, after the optimizations that hold on any CPU."""
+def _to_ort_format(model: bytes, path: Path, device: str) -> bytes:
+    """Save `model` (ONNX bytes) in ORT format at `path`: for a CPU, after the optimizations that hold on any CPU;
+    for CUDA, after the basic ones only (the conversion runs on the CPU provider here, and "extended" would bake
+    its CPU-only kernels and fp32 fallbacks into an fp16 graph meant for the GPU)."""
     ort = import_onnxruntime()
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    level = {"extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC"}[OPTIMIZATION[device]]
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     options.optimized_model_filepath = str(path)
     options.add_session_config_entry("session.save_model_format", "ORT")
     options.log_severity_level = 3

@@ -1,5 +1,5 @@
 """The packages one modality needs, imported when that modality is used: a runtime that serves an image-only
-bundle needs neither soundfile, soxr nor tokenizers (pip install 'polysense[cpu-image]')."""
+bundle needs neither soundfile, soxr nor tokenizers (pip install 'polysense[ort,image]')."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from types import ModuleType
 from polysense.errors import DependencyError
 
 EXTRA = {"cv2": "image", "soundfile": "audio", "soxr": "audio", "tokenizers": "text"}
+MODULES = {"image": ("cv2",), "audio": ("soundfile", "soxr"), "text": ("tokenizers",)}
 PACKAGE = {
     "cv2": "opencv-python-headless",
     "soundfile": "soundfile",
@@ -27,3 +28,9 @@ def require(module: str) -> ModuleType:
             f"{PACKAGE[module]} is not installed ({error}); the {modality} modality needs it: "
             f"pip install 'polysense[{modality}]'"
         ) from error
+
+
+def require_modality(modality: str) -> None:
+    """Every package `modality` needs, imported now: a missing one is an error at load, not at the first input."""
+    for module in MODULES.get(modality, ()):
+        require(module)

@@ -23,6 +23,7 @@ from polysense.fusion import Embeddings, FusionHead, Prediction, Prepared
 from polysense.graph_check import check_graph
 from polysense.limits import DEFAULT_LIMITS, Limits
 from polysense.modalities import MODALITIES, SPECS
+from polysense.optional import require_modality
 from polysense.precision import TUNING_FILE, choose_precisions, tuned_choices
 from polysense.preprocessing import build_preprocessors
 from polysense.schema import FUSION, BundleDescription
@@ -49,6 +50,8 @@ class Pipeline:
         settings = runnable(settings)
         self._description = description
         self._limits = limits
+        for modality in description.modalities:
+            require_modality(modality)
         self._preprocessors = build_preprocessors(
             description.preprocessing, description.modalities, bundle.read, limits
         )

@@ -74,11 +74,18 @@ def tuned_choices(folder: Path, device: str) -> dict[str, str] | None:
         return None
     try:
         record = json.loads(path.read_text())
-        if record.get("device") != device or record.get("bundle_sha256") != description_hash(folder):
-            return None
         choices = record["choices"]
-    except (ValueError, KeyError, TypeError, OSError):
+        made_on = record["machine"]["isa"], record["machine"]["cpus"]
+    except (ValueError, KeyError, TypeError, OSError, RecursionError):
         log.warning("%s cannot be read; precision auto uses export's measurements", path)
+        return None
+    if record.get("device") != device or record.get("bundle_sha256") != description_hash(folder):
+        return None
+    from polysense.machine import machine
+
+    here = machine()
+    if list(made_on) != [here["isa"], here["cpus"]]:
+        log.warning("%s was measured on another machine; run polysense tune here to use it", path)
         return None
     return (
         choices if isinstance(choices, dict) and all(isinstance(v, str) for v in choices.values()) else None

@@ -130,32 +130,32 @@ def tune_bundle(
     from polysense.pipeline import Pipeline
 
     folder = Path(bundle)
+    if folder.is_file():
+        raise ConfigError(
+            f"{folder} is an archive; unpack it (tar -xf) and tune the folder, which then serves"
+        )
     probe = read_probe(folder)
-    base = Pipeline.load(folder, device=device, precision="auto", intra_op_threads=threads)
-    edge = base.description.is_edge
-    if not edge:
-        base = Pipeline.load(folder, device=device, precision="fp32", intra_op_threads=threads)
+    if not len(probe.labels):
+        raise ConfigError(f"{folder / PROBE_FILE} holds no samples; make it again with polysense tune --data")
+
+    def load(precision: str | dict) -> Any:
+        return Pipeline.load(folder, device=device, precision=precision, intra_op_threads=threads)
+
+    base = load("auto")
+    if device == "cuda" and "CUDAExecutionProvider" not in base.providers.values():
+        raise ConfigError(
+            "--device cuda: this onnxruntime runs on the CPU here, so nothing would be measured on CUDA"
+        )
+    fp32 = {name: "fp32" for name in base.description.components}
+    base = base if base.description.is_edge else load(fp32)
     reference = _labels(base, probe.samples)
-    measurements: dict[str, dict[str, dict]] = {}
-    choices = {}
-    for name, component in base.description.components.items():
-        own = base.precisions[name]
-        agreement = float(np.mean(reference == probe.labels)) if edge else 1.0
-        measurements[name] = {own: {"latency_ms": measure(base, name, probe.samples), "agreement": agreement}}
-        best = own
-        for precision, variant in component.variants.items():
-            if precision == own or variant.device not in (device, "any"):
-                continue
-            trial = Pipeline.load(
-                folder, device=device, precision={name: precision}, intra_op_threads=threads
-            )
-            agreement = float(np.mean(_labels(trial, probe.samples) == reference))
-            latency = measure(trial, name, probe.samples)
-            measurements[name][precision] = {"latency_ms": latency, "agreement": agreement}
-            # no slower than fp32 (best starts there) and the labels fp32 gives, on nearly every probe sample
-            if agreement >= MIN_AGREEMENT and latency <= measurements[name][best]["latency_ms"]:
-                best = precision
-        choices[name] = best
+    measurements = {}
+    for name in base.description.components:
+        # every other component at fp32, so the labels change only by the variant tried
+        measurements[name] = _trials(
+            base, name, probe, reference, lambda p, n=name: load({**fp32, n: p}), measure
+        )
+    choices = {name: _choice(trials) for name, trials in measurements.items()}
     path = folder / TUNING_FILE
     record = {
         "device": device,
@@ -172,7 +172,37 @@ def tune_bundle(
     return TuneResult(choices, measurements, path)
 
 
+def _trials(
+    base: Any, name: str, probe: Probe, reference: np.ndarray, load: Callable, measure: Measure
+) -> dict[str, dict]:
+    """precision -> latency_ms and agreement with the reference labels, for each variant of component `name`
+    usable on this device; the base pipeline's own variant first."""
+    own = base.precisions[name]
+    agreement = float(np.mean(reference == probe.labels)) if base.description.is_edge else 1.0
+    trials = {own: {"latency_ms": measure(base, name, probe.samples), "agreement": agreement}}
+    if trials[own]["latency_ms"] == float("inf"):
+        return trials  # no probe sample has this modality: nothing to measure, so it keeps its variant
+    device = "cuda" if "CUDAExecutionProvider" in base.providers.values() else "cpu"
+    for precision, variant in base.description.component(name).variants.items():
+        if precision == own or variant.device not in (device, "any"):
+            continue
+        trial = load(precision)
+        agreement = float(np.mean(_labels(trial, probe.samples) == reference))
+        trials[precision] = {"latency_ms": measure(trial, name, probe.samples), "agreement": agreement}
+    return trials
+
+
+def _choice(trials: dict[str, dict]) -> str:
+    """The fastest variant that is no slower than the first (fp32, or an edge bundle's own) and gives its
+    labels on nearly every probe sample."""
+    best = next(iter(trials))
+    for precision, trial in trials.items():
+        if trial["agreement"] >= MIN_AGREEMENT and trial["latency_ms"] <= trials[best]["latency_ms"]:
+            best = precision
+    return best
+
+
 def _machine() -> dict:
-    from polysense.bench import machine
+    from polysense.machine import machine
 
     return machine()

@@ -123,6 +123,12 @@ def test_edge_errors(bundle, edge, tmp_path, capsys):
         make_edge_bundle(edge.path, tmp_path / "again")
     with pytest.raises(ConfigError, match="exists"):
         make_edge_bundle(bundle, edge.path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        make_edge_bundle(bundle, tmp_path / "no" / "such" / "edge")
+    packed = make_edge_bundle(bundle, tmp_path / "packed", archive=True).path
+    (tmp_path / "cut.tar").write_bytes(packed.read_bytes()[: packed.stat().st_size // 2])
+    with pytest.raises(BundleError, match="damaged|not a readable"):
+        polysense.Pipeline.load(tmp_path / "cut.tar", device="cpu")
     (tmp_path / "not.tar").write_bytes(b"not a tar at all" * 100)
     with pytest.raises(BundleError, match="not a readable .tar"):
         polysense.Pipeline.load(tmp_path / "not.tar", device="cpu")

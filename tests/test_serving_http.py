@@ -104,6 +104,19 @@ def test_predict_batch_answers_each_sample_and_a_bad_one_fails_alone(client, pip
         ),
         ({"data": {"colour": "red"}, "files": {"image": ("a", b"x")}}, 400, "unknown field 'colour'"),
         ({"data": {"image": "not a file"}, "files": {"audio": ("a", b"x")}}, 400, "must be a file part"),
+        (
+            {
+                "content": b'{"text": "a", "sample_rate": ' + b"1" * 5000 + b"}",
+                "headers": {"content-type": "application/json"},
+            },
+            400,
+            "not valid JSON",
+        ),
+        (
+            {"data": {"sample_rate": "\u00b2"}, "files": {"audio": ("a", b"x")}},
+            400,
+            "sample_rate must be an integer",
+        ),
     ],
 )
 def test_bad_requests_get_their_status_and_the_polysense_message(client, request_kwargs, status, message):
@@ -140,8 +153,9 @@ def test_the_api_key_guards_v1_and_metrics_but_not_health(pipe):
         assert client.get("/v1/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
         answer = client.post("/v1/predict", json={"text": "hi"}, headers={"Authorization": f"Bearer {KEY}"})
         assert answer.status_code == 200
-        with pytest.raises(WebSocketDisconnect), client.websocket_connect("/v1/stream") as ws:
+        with pytest.raises(WebSocketDisconnect) as refused, client.websocket_connect("/v1/stream") as ws:
             ws.receive_json()
+        assert refused.value.code == 1008  # after the handshake, so the client sees why
     finally:
         client.__exit__(None, None, None)
 
@@ -194,6 +208,15 @@ def test_websocket_stream_final_equals_offline_prediction(client, pipe, row):
     assert final["type"] == "final" and partials > 1
     assert final["audio_seconds"] == pytest.approx(samples.size / rate)
     _assert_same(final, pipe.predict(audio=row.audio, text=row.text))
+
+
+def test_a_binary_first_stream_message_gets_an_error_not_a_crash(client):
+    with client.websocket_connect("/v1/stream") as ws:
+        ws.send_bytes(b'{"sample_rate": 16000}')
+        error = ws.receive_json()
+        assert error["type"] == "InputError" and "start the stream with a text message" in error["error"]
+        with pytest.raises(WebSocketDisconnect):
+            ws.receive_json()
 
 
 def test_many_websocket_streams_at_once_each_equal_offline(client, pipe, test_rows):
@@ -308,8 +331,9 @@ def test_serve_cli_errors_are_one_line(tmp_path, bundle, capsys):
     assert main(["serve", str(bundle), "--api-key", "short"]) == 2
     assert main(["serve", str(bundle), "--max-batch", "0"]) == 2
     assert main(["serve", str(bundle), "--max-queue", "8", "--max-batch-samples", "9"]) == 2
+    assert main(["serve", str(bundle), "--max-body-mb", "nan"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 5 and all(line.startswith("error: ") for line in lines)
+    assert len(lines) == 6 and all(line.startswith("error: ") for line in lines)
     assert "16 characters" in lines[2] and "max_batch" in lines[3] and "over max_queue" in lines[4]
 
 

@@ -85,8 +85,13 @@ def test_a_tuning_for_another_bundle_or_device_is_ignored(copied_bundle):
     assert polysense.Pipeline.load(copied_bundle, device="cpu").precision_source == "export"
     (copied_bundle / TUNING_FILE).write_text(json.dumps({**record, "bundle_sha256": "0" * 64}))
     assert polysense.Pipeline.load(copied_bundle, device="cpu").precision_source == "export"
-    (copied_bundle / TUNING_FILE).write_text("{not json")
-    assert polysense.Pipeline.load(copied_bundle, device="cpu").precision_source == "export"
+    (copied_bundle / TUNING_FILE).write_text(
+        json.dumps({**record, "machine": {**record["machine"], "isa": []}})
+    )
+    assert polysense.Pipeline.load(copied_bundle, device="cpu").precision_source == "export"  # another CPU
+    for damaged in ("{not json", "[]", "[" * 100_000):
+        (copied_bundle / TUNING_FILE).write_text(damaged)
+        assert polysense.Pipeline.load(copied_bundle, device="cpu").precision_source == "export"
 
 
 def test_probe_problems_say_how_to_fix_them(copied_bundle):
@@ -122,4 +127,7 @@ def test_an_edge_bundle_carries_the_probe_and_can_be_tuned_on_its_device(bundle,
     edge = make_edge_bundle(bundle, tmp_path / "edge")
     result = tune_bundle(edge.path)
     assert result.choices == edge.precisions  # one variant each: measured and confirmed
+    packed = make_edge_bundle(bundle, tmp_path / "packed", archive=True).path
+    with pytest.raises(ConfigError, match="unpack it"):
+        tune_bundle(packed)
     assert polysense.Pipeline.load(edge.path, device="cpu").precision_source == "tuned"

@@ -9,10 +9,13 @@ from polysense.serving.handler import PayloadTooLarge, UnsupportedMediaType, par
 
 # Bodies held in memory at once, all requests together: a flood of large bodies is refused, not buffered.
 BODY_BUDGET_BYTES = 512 << 20
+LARGE_BODY = 64 << 10  # JSON bodies from this size on are parsed on a worker thread
 
 
 class BodyBudget:
-    """Counts the bytes of request bodies held right now (used on the event loop only, so no lock)."""
+    """Counts the bytes of request bodies held right now (used on the event loop only, so no lock). A request's
+    bytes stay counted until `release(request)`, when its answer has gone: the body, its parse and its decoded
+    files live that long."""
 
     def __init__(self, max_body_bytes: int, budget_bytes: int = BODY_BUDGET_BYTES) -> None:
         self.max_body_bytes = max_body_bytes
@@ -30,30 +33,52 @@ class BodyBudget:
         """The body, refused at once when over max_body_bytes or when the bodies in flight would pass the budget
         (bytes are counted as they arrive; a lying Content-Length gains nothing)."""
         self.check_declared(request)
-        chunks, size = [], 0
+        chunks = []
         try:
             async for chunk in request.stream():
-                size += len(chunk)
-                self.held += len(chunk)
-                if size > self.max_body_bytes:
-                    raise PayloadTooLarge(f"the body is over max_body_bytes={self.max_body_bytes:,}")
-                if self.held > self.budget_bytes:
-                    raise OverloadedError("too many large requests at once; retry shortly")
+                self._take(request, len(chunk))
                 chunks.append(chunk)
-        finally:
-            self.held -= size
+        except BaseException:
+            self.release(request)
+            raise
         return b"".join(chunks)
+
+    def reserve_declared(self, request: Any) -> None:
+        """Count a body by its Content-Length before a parser reads it (multipart)."""
+        self.check_declared(request)
+        try:
+            self._take(request, int(request.headers["content-length"]))
+        except BaseException:
+            self.release(request)
+            raise
+
+    def _take(self, request: Any, size: int) -> None:
+        taken = getattr(request.state, "body_bytes", 0) + size
+        request.state.body_bytes = taken
+        self.held += size
+        if taken > self.max_body_bytes:
+            raise PayloadTooLarge(f"the body is over max_body_bytes={self.max_body_bytes:,}")
+        if self.held > self.budget_bytes:
+            raise OverloadedError("too many large requests at once; retry shortly")
+
+    def release(self, request: Any) -> None:
+        self.held -= getattr(request.state, "body_bytes", 0)
+        request.state.body_bytes = 0
 
 
 def content_type(request: Any) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def read_sample(request: Any, bodies: BodyBudget) -> dict:
-    """One predict sample from a JSON or multipart body."""
+async def read_sample(request: Any, bodies: BodyBudget, in_thread: Any) -> dict:
+    """One predict sample from a JSON or multipart body. A large JSON body (base64 files) is parsed and decoded
+    `in_thread`, off the event loop that every other request needs."""
     kind = content_type(request)
     if kind == "application/json":
-        return sample_from_json(parse_json(await bodies.read(request)))
+        body = await bodies.read(request)
+        if len(body) < LARGE_BODY:
+            return sample_from_json(parse_json(body))
+        return await in_thread(lambda: sample_from_json(parse_json(body)))
     if kind == "multipart/form-data":
         return await read_multipart(request, bodies)
     raise UnsupportedMediaType(
@@ -65,7 +90,7 @@ async def read_multipart(request: Any, bodies: BodyBudget) -> dict:
     """Fields text and sample_rate, files image and audio (curl -F image=@photo.jpg -F text=...)."""
     if not request.headers.get("content-length", "").isdigit():
         raise InputError("a multipart request needs a Content-Length header")
-    bodies.check_declared(request)
+    bodies.reserve_declared(request)
     try:
         form = await request.form(max_files=2, max_fields=4, max_part_size=bodies.max_body_bytes)
     except Exception as error:  # python-multipart's and Starlette's own parse errors
@@ -89,7 +114,7 @@ async def _form_value(key: str, value: Any) -> Any:
     if key == "text":
         return value if isinstance(value, str) else (await value.read()).decode("utf-8", "replace")
     if key == "sample_rate":
-        if not isinstance(value, str) or not value.isdigit():
+        if not isinstance(value, str) or not (value.isascii() and value.isdigit() and len(value) <= 9):
             raise InputError("sample_rate must be an integer (Hz)")
         return int(value)
     raise InputError(f"unknown field {key!r}; the fields are text, image, audio, sample_rate")

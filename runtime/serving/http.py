@@ -98,9 +98,11 @@ def _endpoint(name: str, handler: Handler, protected: bool = True) -> Handler:
         except ClientGone:
             response, error_type = Response(status_code=499), "ClientGone"
         except Exception as error:
-            if not isinstance(error, PolysenseError):
-                log.exception("%s failed", name)
             response, error_type = _failure(error), type(error).__name__
+            if response.status_code == 500:  # the answer says "see the server log": so it must be there
+                log.error("%s failed", name, exc_info=error)
+        finally:
+            service.bodies.release(request)
         service.metrics.observe(name, response.status_code, time.perf_counter() - start, error_type)
         return response
 
@@ -109,7 +111,7 @@ def _endpoint(name: str, handler: Handler, protected: bool = True) -> Handler:
 
 async def _predict(request: Any) -> Response:
     service: Service = request.app.state.service
-    sample = await read_sample(request, service.bodies)  # admitted already (polysense.serving.admission)
+    sample = await read_sample(request, service.bodies, service.in_thread)  # admitted already (admission.py)
     if "image" in sample or "audio" in sample:
         future = await service.in_thread(service.batcher.submit, sample)
     else:  # tokenizing a text (cut to max_length first) costs less than the hop to a thread
@@ -122,8 +124,9 @@ async def _predict_batch(request: Any) -> Response:
     service: Service = request.app.state.service
     if content_type(request) != "application/json":
         raise UnsupportedMediaType('predict_batch reads application/json {"samples": [...]}')
-    raw = samples_from_batch_json(
-        parse_json(await service.bodies.read(request)), service.options.max_batch_samples
+    body = await service.bodies.read(request)
+    raw = await service.in_thread(
+        lambda: samples_from_batch_json(parse_json(body), service.options.max_batch_samples)
     )
     async with service.admit(len(raw) - 1):  # the request itself holds one place already (admission)
 
@@ -136,20 +139,32 @@ async def _predict_batch(request: Any) -> Response:
                     submitted.append(error)
             return submitted
 
+        submitted = await service.in_thread(submit_all)
+        deadline = time.monotonic() + service.options.timeout_s  # one timeout for the whole request
         answers = []
-        for item in await service.in_thread(submit_all):
-            try:
-                if isinstance(item, PolysenseError):
-                    raise item
-                answers.append(prediction_json(await service.answer(item, request)))
-            except PolysenseError as error:
-                answers.append(error_json(error))
-            except ClientGone:
-                raise
-            except Exception:  # an unexpected failure of one sample's model run: its batch mates still answer
-                log.exception("predict_batch: one sample failed")
-                answers.append(INTERNAL_ERROR)
+        try:
+            for item in submitted:
+                answers.append(await _answer_one(service, item, request, deadline))
+        finally:  # the caller hung up or the time ran out: what is still queued is dropped, not run
+            for item in submitted:
+                if not isinstance(item, PolysenseError):
+                    item.cancel()
     return JSONResponse({"predictions": answers})
+
+
+async def _answer_one(service: Service, item: Any, request: Any, deadline: float) -> dict:
+    """One sample's answer in a predict_batch: its prediction, or its error (never its batch mates')."""
+    try:
+        if isinstance(item, PolysenseError):
+            raise item
+        return prediction_json(await service.answer(item, request, max(0.0, deadline - time.monotonic())))
+    except PolysenseError as error:
+        return error_json(error)
+    except ClientGone:
+        raise
+    except Exception:  # an unexpected failure of one sample's model run: its batch mates still answer
+        log.exception("predict_batch: one sample failed")
+        return INTERNAL_ERROR
 
 
 async def _info(request: Any) -> Response:

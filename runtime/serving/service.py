@@ -103,14 +103,16 @@ class Service:
         finally:
             self.inflight -= count
 
-    async def answer(self, future: Any, request: Any) -> Any:
+    async def answer(self, future: Any, request: Any, timeout: float | None = None) -> Any:
         """The batcher's result for `future`, or ClientGone / RequestTimeoutError; a request given up on is
         cancelled, so the batcher drops it before it reaches the model."""
         answer = asyncio.wrap_future(future)
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             done, _ = await asyncio.wait(
-                {answer, gone}, timeout=self.options.timeout_s, return_when=asyncio.FIRST_COMPLETED
+                {answer, gone},
+                timeout=self.options.timeout_s if timeout is None else timeout,
+                return_when=asyncio.FIRST_COMPLETED,
             )
         finally:
             gone.cancel()

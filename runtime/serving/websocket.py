@@ -39,18 +39,20 @@ MAX_START_MESSAGE = 1 << 20
 
 async def stream(websocket: WebSocket) -> None:
     service: Service = websocket.app.state.service
+    # Refusals are made after the handshake, so the client gets the close code (before it, a server can only
+    # answer HTTP 403, the same for every reason).
+    await websocket.accept()
     try:
         service.authorize(websocket.headers)
     except Unauthorized:
-        await websocket.close(WS_POLICY_VIOLATION)
+        await websocket.close(WS_POLICY_VIOLATION, "missing or wrong API key")
         return
     if service.streams is None:
-        await websocket.close(WS_UNSUPPORTED)  # the bundle has no audio encoder
+        await websocket.close(WS_UNSUPPORTED, "this bundle has no audio encoder")
         return
     if not service.ready.is_set() or service.open_streams >= service.options.max_streams:
-        await websocket.close(WS_TRY_AGAIN)
+        await websocket.close(WS_TRY_AGAIN, "warming up or too many streams; retry shortly")
         return
-    await websocket.accept()
     service.open_streams += 1
     service.metrics.streams.inc()
     try:
@@ -67,7 +69,12 @@ async def stream(websocket: WebSocket) -> None:
 
 
 async def _run(websocket: WebSocket, service: Service) -> None:
-    first = await websocket.receive_text()
+    message = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000))
+    first = message.get("text")
+    if first is None:
+        raise InputError('start the stream with a text message {"sample_rate": 16000, "format": "s16le"}')
     if len(first) > MAX_START_MESSAGE:
         raise PayloadTooLarge("the first message is over 1 MB")
     start = stream_start_from_json(parse_json(first.encode()))
