@@ -86,8 +86,55 @@ def quantize_int8_dynamic(source: Path, target: Path) -> int:
     )
 
 
+# Streaming state that accumulates over a whole recording (sums and counts). In fp16 a sum stops growing once its
+# spacing exceeds what a frame adds and overflows at 65504: the running-normalisation sum of a 2-minute stream
+# passed it, and the fp16 audio encoder's state turned to inf/NaN. These stay fp32 end to end (convert_fp16).
+ACCUMULATORS = ("pool_sum", "pool_count", "band_sum")
+
+
 def convert_fp16(source: Path, target: Path) -> None:
+    """fp16 weights and activations with fp32 inputs and outputs, except the accumulating state (ACCUMULATORS):
+    the nodes it flows through, up to the division that makes it a mean, run fp32, and it never takes the
+    fp16 round trip that keep_io_types puts on every graph input and output."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+    model = onnx.load(str(source))
+    blocked = _accumulator_nodes(model.graph)
+    model = convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked or None)
+    if blocked:
+        _skip_fp16_round_trips(model.graph, blocked)
     onnx.save(model, str(target))
+
+
+def _accumulator_nodes(graph: onnx.GraphProto) -> list[str]:
+    """The nodes fed, directly or through other such nodes, by an accumulating state input; a Div (a sum over a
+    count: back to an ordinary magnitude) ends a chain."""
+    frontier = {i.name for i in graph.input if i.name in ACCUMULATORS}
+    blocked: list[str] = []
+    while frontier:
+        following = set()
+        for node in graph.node:
+            if node.name not in blocked and any(name in frontier for name in node.input):
+                blocked.append(node.name)
+                if node.op_type != "Div":
+                    following.update(node.output)
+        frontier = following
+    return blocked
+
+
+def _skip_fp16_round_trips(graph: onnx.GraphProto, blocked: list[str]) -> None:
+    """Where the converter casts an fp32 accumulator value to fp16 and straight back (graph input -> blocked node,
+    blocked node -> graph output), read the fp32 value instead: the second Cast becomes a lossless fp32 -> fp32."""
+    fp32_values = {i.name for i in graph.input if i.name in ACCUMULATORS}
+    fp32_values |= {out for node in graph.node if node.name in blocked for out in node.output}
+    producers = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:
+        if node.op_type != "Cast" or _cast_to(node) != onnx.TensorProto.FLOAT:
+            continue
+        first = producers.get(node.input[0])
+        if first is not None and first.op_type == "Cast" and first.input[0] in fp32_values:
+            node.input[0] = first.input[0]
+
+
+def _cast_to(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "to"), -1)

@@ -10,7 +10,7 @@ requests that arrived while the previous batch ran. With `max_wait_ms` > 0, and 
 concurrent (the last batch held more than one request), the worker also waits that long for a batch to fill:
 worth it where a model run costs much more than a request's own handling (large models, GPUs). The default is
 0: on the built-in bundle on 2 cores, waiting 2 ms cut 4 clients' throughput from 1,274 (unbatched) to 884
-requests/s, as the clients fell into lock-step with the wait (benchmarks/results/serving.md).
+requests/s, as the clients fell into lock-step with the wait (an earlier run of benchmarks/serving.py).
 """
 
 from __future__ import annotations
