@@ -65,7 +65,10 @@ def _load(args: argparse.Namespace):
 
 def add_predict(commands: argparse._SubParsersAction) -> None:
     predict = _bundle_command(
-        commands, "predict", "predict one sample with a bundle (runtime only)", "print the prediction as JSON"
+        commands,
+        "predict",
+        "predict one sample, or many with --data (runtime only)",
+        "print the prediction as JSON",
     )
     for modality in MODALITIES:
         predict.add_argument(f"--{modality}", action=_Once, help=SPECS[modality].help)
