@@ -78,13 +78,20 @@ def add_edge(commands: argparse._SubParsersAction) -> None:
         help="keep the variants auto picks there (default cpu)",
     )
     edge.add_argument("--tar", action="store_true", help="write one OUT.tar file instead of a folder")
+    edge.add_argument(
+        "--no-probe",
+        action="store_true",
+        help="leave out probe.npz (smaller; the edge bundle then cannot be checked with polysense tune)",
+    )
     edge.set_defaults(run=_run_edge)
 
 
 def _run_edge(args: argparse.Namespace) -> int:
     from polysense.edge import make_edge_bundle
 
-    result = make_edge_bundle(args.bundle, args.out, device=args.device, archive=args.tar)
+    result = make_edge_bundle(
+        args.bundle, args.out, device=args.device, archive=args.tar, probe=not args.no_probe
+    )
     kept = ", ".join(f"{name} {precision}" for name, precision in result.precisions.items())
     share = result.bytes / result.source_bytes if result.source_bytes else float("nan")
     print(

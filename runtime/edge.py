@@ -50,9 +50,14 @@ class EdgeResult:
 
 
 def make_edge_bundle(
-    bundle: str | os.PathLike, out: str | os.PathLike, device: str = "cpu", archive: bool = False
+    bundle: str | os.PathLike,
+    out: str | os.PathLike,
+    device: str = "cpu",
+    archive: bool = False,
+    probe: bool = True,
 ) -> EdgeResult:
-    """Write the edge bundle of `bundle` for `device` (cpu or cuda) to the folder `out` (or `out`.tar)."""
+    """Write the edge bundle of `bundle` for `device` (cpu or cuda) to the folder `out` (or `out`.tar); with
+    `probe`, the source's probe.npz too, so `polysense tune` can check the bundle on its device."""
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"--device {device!r}: an edge bundle is made for cpu or cuda")
     source = open_bundle(bundle)  # verified: never convert a damaged bundle
@@ -79,7 +84,7 @@ def make_edge_bundle(
         if description.preprocessing.text is not None:
             tokenizer = description.preprocessing.text.tokenizer
             (folder / tokenizer).write_bytes(source.read(tokenizer))
-        if (source.path / PROBE_FILE).is_file():  # so the edge bundle can be tuned on its device
+        if probe and (source.path / PROBE_FILE).is_file():  # so the edge bundle can be tuned on its device
             shutil.copyfile(source.path / PROBE_FILE, folder / PROBE_FILE)
         producer = {
             **description.producer,

@@ -140,4 +140,7 @@ def test_edge_cli_writes_the_bundle_and_prints_the_build_command(bundle, tmp_pat
     assert main(["edge", str(bundle), "--out", str(tmp_path / "cli")]) == 0
     out = capsys.readouterr().out
     assert "of the full bundle's files" in out and "--minimal_build" in out
-    assert (tmp_path / "cli" / "bundle.json").is_file()
+    assert (tmp_path / "cli" / "bundle.json").is_file() and (tmp_path / "cli" / "probe.npz").is_file()
+    assert main(["edge", str(bundle), "--out", str(tmp_path / "small"), "--no-probe"]) == 0
+    assert not (tmp_path / "small" / "probe.npz").exists()
+    assert polysense.Pipeline.load(tmp_path / "small", device="cpu").description.is_edge
