@@ -107,8 +107,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port must be 1-65535, got {args.port}")
     threads_given = args.threads is not None
     if args.threads is None:
-        # A server overlaps request handling with model runs: on 2 cores, 1 onnxruntime thread served 1,931
-        # text requests/s at 32 clients against 1,797 with one per core (README "Serving").
+        # A server overlaps request handling with model runs: on 2 cores, 1 onnxruntime thread served 2,175
+        # text requests/s at 32 clients against 1,382 with one per core (README "Serving", the command there).
         args.threads = max(1, (os.cpu_count() or 2) // 2)
     if args.threads < 0:
         raise ConfigError("--threads cannot be negative (0 = one per core)")

@@ -204,32 +204,41 @@ class DynamicBatcher:
                 live.append(request)
         if not live:
             return
-        try:
-            predictions = self.pipeline.predict_batch([r.prepared for r in live])
-        except Exception:  # one request's fault must not fail its batch mates: run them one by one
-            for request in live:
-                self._answer_alone(request, now)
-        else:
-            for request, prediction in zip(live, predictions):
-                request.future.set_result(_own_timings(prediction, request, now))
+        for request, result in zip(live, predict_each(self.pipeline, [r.prepared for r in live])):
+            if isinstance(result, Exception):
+                request.future.set_exception(result)  # the caller gets it; the worker lives on
+            else:
+                timed = with_own_preprocessing(result, request.prepared)
+                timed.timings["queue"] = (now - request.enqueued) * 1000
+                request.future.set_result(timed)
         self.stats.batches += 1
         self.stats.requests += len(live)
         self.stats.batch_sizes[len(live)] = self.stats.batch_sizes.get(len(live), 0) + 1
         if self._on_batch is not None:
             self._on_batch(len(live))
 
-    def _answer_alone(self, request: _Request, started: float) -> None:
+
+def predict_each(pipeline: Any, batch: list[Prepared]) -> list[Prediction | Exception]:
+    """Model runs of `batch`, one per modality subset; a run that fails is retried sample by sample, so only
+    the sample at fault gets the error (in its place in the result) and its batch mates their predictions."""
+    results: list[Prediction | Exception] = [ValueError("not run")] * len(batch)
+    groups: dict[str, list[int]] = {}
+    for index, item in enumerate(batch):
+        groups.setdefault(item.subset, []).append(index)
+    for rows in groups.values():
         try:
-            prediction = self.pipeline.predict_batch([request.prepared])[0]
-        except Exception as error:  # the caller gets it; the worker lives on
-            request.future.set_exception(error)
-        else:
-            request.future.set_result(_own_timings(prediction, request, started))
+            for row, prediction in zip(rows, pipeline.predict_batch([batch[r] for r in rows])):
+                results[row] = prediction
+        except Exception:
+            for row in rows:
+                try:
+                    results[row] = pipeline.predict_batch([batch[row]])[0]
+                except Exception as error:
+                    results[row] = error
+    return results
 
 
-def _own_timings(prediction: Prediction, request: _Request, started: float) -> Prediction:
-    """The batch's model timings with this request's own preprocessing and queue wait (milliseconds)."""
+def with_own_preprocessing(prediction: Prediction, prepared: Prepared) -> Prediction:
+    """The batch's model timings with this sample's own preprocessing (the batch's is a sum over samples)."""
     timings = {k: v for k, v in prediction.timings.items() if not k.startswith("preprocess_")}
-    timings.update(request.prepared.timings)
-    timings["queue"] = (started - request.enqueued) * 1000
-    return replace(prediction, timings=timings)
+    return replace(prediction, timings={**timings, **prepared.timings})

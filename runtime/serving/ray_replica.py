@@ -17,6 +17,7 @@ from typing import Any
 
 from polysense.errors import ConfigError, PolysenseError, RequestTimeoutError
 from polysense.fusion import Prediction, Prepared
+from polysense.serving.batcher import predict_each, with_own_preprocessing
 from polysense.serving.bodies import BodyBudget, content_type
 from polysense.serving.handler import (
     INTERNAL_ERROR,
@@ -130,12 +131,10 @@ class PolysenseDeployment:
             ) from None
         if isinstance(result, BaseException):
             raise result
-        # the batch's model timings with this request's own preprocessing (the batch's is a sum)
-        timings = {k: v for k, v in result.timings.items() if not k.startswith("preprocess_")}
-        return replace(result, timings={**timings, **prepared.timings})
+        return with_own_preprocessing(result, prepared)
 
     async def _run_batch(self, batch: list[Prepared]) -> list[Prediction | Exception]:
-        return await asyncio.to_thread(predict_grouped, self.pipeline, batch)
+        return await asyncio.to_thread(predict_each, self.pipeline, batch)
 
     async def _predict(self, request: Any) -> Any:
         prediction = await self._answer(sample_from_json(await self._json_body(request)))
@@ -163,26 +162,6 @@ class PolysenseDeployment:
 
     async def _ready(self, request: Any) -> Any:  # Ray routes to a replica only once it has warmed up
         return _json({"status": "ready"})
-
-
-def predict_grouped(pipeline: Any, batch: list[Prepared]) -> list[Prediction | Exception]:
-    """Model runs of one batch, one per modality subset; a run that fails is retried sample by sample, so
-    only the sample at fault gets the error."""
-    results: list[Prediction | Exception] = [ValueError("not run")] * len(batch)
-    groups: dict[str, list[int]] = {}
-    for index, item in enumerate(batch):
-        groups.setdefault(item.subset, []).append(index)
-    for rows in groups.values():
-        try:
-            for row, prediction in zip(rows, pipeline.predict_batch([batch[r] for r in rows])):
-                results[row] = prediction
-        except Exception:
-            for row in rows:
-                try:
-                    results[row] = pipeline.predict_batch([batch[row]])[0]
-                except Exception as error:
-                    results[row] = error
-    return results
 
 
 def _json(content: Any, status: int = 200, headers: dict | None = None) -> Any:
