@@ -1,7 +1,8 @@
 """Training-time perturbations of preprocessed batches, so encoders learn what must not matter.
 
 Features are preprocessed once before training (polysense.models.dataset), so the perturbations work on the
-preprocessed tensors, per sample, with the epoch's generator (a resumed run repeats them):
+preprocessed tensors, per sample, each with the sample's own generator of the epoch (dataset.row_generators:
+a resumed run repeats them, and so does a run split among processes):
 
     audio (log-mel frames [B, T, n_mels]), for voices never heard in training:
         tempo         the time axis stretched by 0.85-1.15 (speaking rate)
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -41,16 +43,17 @@ ROTATION_DEGREES, SCALE, SHIFT = 12.0, (0.85, 1.15), 0.08
 CONTRAST, BRIGHTNESS = (0.75, 1.25), 0.25
 
 
-def augment_batch(batch: dict, preprocessing: Preprocessing, generator: torch.Generator) -> dict:
-    """A copy of a training batch with its image and audio perturbed (other keys unchanged)."""
+def augment_batch(batch: dict, preprocessing: Preprocessing, generators: Sequence[torch.Generator]) -> dict:
+    """A copy of a training batch with its image and audio perturbed (other keys unchanged); `generators`
+    holds one generator per row."""
     batch = dict(batch)
     if "image" in batch:
-        moved = augment_images(batch["image"], generator)
+        moved = augment_images(batch["image"], generators)
         absent = batch["image"].flatten(1).eq(0).all(dim=1)  # rows of samples without an image stay zeros
         batch["image"] = torch.where(absent.view(-1, 1, 1, 1), batch["image"], moved)
     if "audio" in batch and preprocessing.audio is not None:
         batch["audio"], batch["audio_mask"] = augment_log_mel(
-            batch["audio"], batch["audio_mask"], preprocessing.audio, generator
+            batch["audio"], batch["audio_mask"], preprocessing.audio, generators
         )
     return batch
 
@@ -59,24 +62,29 @@ def _uniform(generator: torch.Generator, low: float, high: float, size: int = 1)
     return low + (high - low) * torch.rand(size, generator=generator)
 
 
-def augment_images(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment_images(images: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
     rows = images.shape[0]
-    angle = _uniform(generator, -ROTATION_DEGREES, ROTATION_DEGREES, rows) * (math.pi / 180)
-    scale = _uniform(generator, *SCALE, rows)
-    shift = _uniform(generator, -2 * SHIFT, 2 * SHIFT, rows * 2).view(rows, 2)  # grid units span 2
+    draws = torch.stack([torch.rand(6, generator=g) for g in generators])  # [rows, 6] uniform in [0, 1)
+
+    def uniform(column: int, low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * draws[:, column]
+
+    angle = uniform(0, -ROTATION_DEGREES, ROTATION_DEGREES) * (math.pi / 180)
+    scale = uniform(1, *SCALE)
+    shift = torch.stack([uniform(2, -2 * SHIFT, 2 * SHIFT), uniform(3, -2 * SHIFT, 2 * SHIFT)], 1)  # grid: 2
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack(
         [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
     )
     grid = F.affine_grid(theta.to(images), list(images.shape), align_corners=False)
     moved = F.grid_sample(images, grid, padding_mode="border", align_corners=False)
-    contrast = _uniform(generator, *CONTRAST, rows).view(rows, 1, 1, 1).to(images)
-    brightness = _uniform(generator, -BRIGHTNESS, BRIGHTNESS, rows).view(rows, 1, 1, 1).to(images)
+    contrast = uniform(4, *CONTRAST).view(rows, 1, 1, 1).to(images)
+    brightness = uniform(5, -BRIGHTNESS, BRIGHTNESS).view(rows, 1, 1, 1).to(images)
     return moved * contrast + brightness
 
 
 def augment_log_mel(
-    frames: torch.Tensor, mask: torch.Tensor, settings: AudioSettings, generator: torch.Generator
+    frames: torch.Tensor, mask: torch.Tensor, settings: AudioSettings, generators: Sequence[torch.Generator]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """frames [B, T, n_mels] (natural log of mel power), mask [B, T] -> perturbed frames and their new mask
     (tempo changes each clip's length)."""
@@ -86,7 +94,7 @@ def augment_log_mel(
         if length == 0:  # the sample lacks audio: keep its zeros
             clips.append(frames[row, :0])
             continue
-        clips.append(_perturb_clip(frames[row, :length], settings, generator))
+        clips.append(_perturb_clip(frames[row, :length], settings, generators[row]))
     longest = max([1] + [clip.shape[0] for clip in clips])
     out = frames.new_zeros(frames.shape[0], longest, frames.shape[2])
     new_mask = mask.new_zeros(frames.shape[0], longest)

@@ -47,7 +47,9 @@ class PreparedData:
     vocab_size: int
 
 
-def resolve_manifest(options: TrainOptions, run_dir: Path) -> Path:
+def resolve_manifest(options: TrainOptions, run_dir: Path, writes: bool = True) -> Path:
+    if options.data == "builtin" and not writes:
+        return run_dir / "builtin_data" / "manifest.csv"  # the run's preparation generated it
     if options.data == "builtin":
         spec = BuiltinSpec(n=options.builtin_n, seed=options.seed)
         return ensure_builtin(run_dir / "builtin_data", spec, progress=options.progress)
@@ -67,12 +69,14 @@ def choose_modalities(manifest: Manifest, requested: tuple[str, ...] | None) -> 
     return requested
 
 
-def prepare_data(options: TrainOptions, run_dir: Path) -> PreparedData:
+def prepare_data(options: TrainOptions, run_dir: Path, writes: bool = True) -> PreparedData:
     """Read, split and check the manifest, train the tokenizer, preprocess every sample once.
 
+    writes=False: read what a preparation of the same run already wrote (the built-in set, the tokenizer)
+    and write nothing: the other processes of a distributed run, after rank 0's preparation.
     Raises ManifestError listing every bad row (structure, files, labels, undecodable files).
     """
-    manifest = read_manifest(resolve_manifest(options, run_dir))
+    manifest = read_manifest(resolve_manifest(options, run_dir, writes))
     usable, skipped = manifest.usable_rows()
     modalities = choose_modalities(manifest, options.modalities)
     by_split = _split_rows(manifest, usable, modalities, options.seed)
@@ -81,7 +85,7 @@ def prepare_data(options: TrainOptions, run_dir: Path) -> PreparedData:
     if problems:
         raise ManifestError(str(manifest.path), problems)
     # The tokenizer is written now (the preprocessors read it); the rest of the run only once every row passed.
-    preprocessing, vocab_size = _preprocessing(modalities, by_split["train"], options, run_dir)
+    preprocessing, vocab_size = _preprocessing(modalities, by_split["train"], options, run_dir, writes)
     preprocessors = build_preprocessors(preprocessing, modalities, run_dir)
 
     ordered = [r for s in SPLITS for r in by_split[s]]
@@ -93,7 +97,8 @@ def prepare_data(options: TrainOptions, run_dir: Path) -> PreparedData:
         ordered = [ordered[i] for i in keep]
         features = {m: [values[i] for i in keep] for m, values in features.items()}
     # Written only once every row passed, so a failed preparation leaves nothing that looks like a run.
-    write_manifest(ordered, run_dir / "manifest.csv")
+    if writes:
+        write_manifest(ordered, run_dir / "manifest.csv")
 
     splits = _feature_sets(modalities, labels, ordered, features)
     sizes = ", ".join(f"{s} {len(splits[s])}" for s in SPLITS)
@@ -124,29 +129,35 @@ def _split_rows(
     return by_split
 
 
-def _image_settings(options: TrainOptions, train_rows: list[Row], run_dir: Path) -> ImageSettings:
+def _image_settings(
+    options: TrainOptions, train_rows: list[Row], run_dir: Path, writes: bool = True
+) -> ImageSettings:
     """The image family's own input scale (EfficientNet-Lite: [-1, 1]), else ImageNet's mean and std."""
     family = family_defaults("image", options.image_encoder)
     mean, std = family.get("image_mean", IMAGENET_MEAN), family.get("image_std", IMAGENET_STD)
     return ImageSettings(options.image_size, tuple(mean), tuple(std))
 
 
-def _text_settings(options: TrainOptions, train_rows: list[Row], run_dir: Path) -> TextSettings:
+def _text_settings(
+    options: TrainOptions, train_rows: list[Row], run_dir: Path, writes: bool = True
+) -> TextSettings:
     """The text family's own tokenizer (a pretrained one) or one trained on the train split's texts, saved in
     the run folder."""
     train_texts = [r.text for r in train_rows if r.text is not None]
     if not train_texts:
         raise ConfigError("the train split has no text; add texts or leave text out with --modalities")
     pretrained = family_tokenizer(options.text_encoder)
-    if pretrained is not None:
+    if writes and pretrained is not None:
         shutil.copyfile(pretrained, run_dir / TOKENIZER_FILE)
-    else:
+    elif writes:
         # Deterministic for the same texts, so a resumed run rebuilds the very same tokenizer.
         train_tokenizer(train_texts).save(str(run_dir / TOKENIZER_FILE))
     return TextSettings(TOKENIZER_FILE, options.max_text_length)
 
 
-def _audio_settings(options: TrainOptions, train_rows: list[Row], run_dir: Path) -> AudioSettings:
+def _audio_settings(
+    options: TrainOptions, train_rows: list[Row], run_dir: Path, writes: bool = True
+) -> AudioSettings:
     return AudioSettings(SAMPLE_RATE, N_FFT, HOP_LENGTH, N_MELS)
 
 
@@ -155,10 +166,10 @@ _SETTINGS = {"image": _image_settings, "text": _text_settings, "audio": _audio_s
 
 
 def _preprocessing(
-    modalities: tuple[str, ...], train_rows: list[Row], options: TrainOptions, run_dir: Path
+    modalities: tuple[str, ...], train_rows: list[Row], options: TrainOptions, run_dir: Path, writes: bool
 ) -> tuple[Preprocessing, int]:
     """The run's preprocessing settings and the text vocabulary size (0 without text)."""
-    settings = Preprocessing(**{m: _SETTINGS[m](options, train_rows, run_dir) for m in modalities})
+    settings = Preprocessing(**{m: _SETTINGS[m](options, train_rows, run_dir, writes) for m in modalities})
     vocab_size = 0
     if settings.text is not None:
         vocab_size = Tokenizer.from_file(str(run_dir / settings.text.tokenizer)).get_vocab_size()

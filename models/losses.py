@@ -1,6 +1,14 @@
-"""The training losses: fused cross-entropy under modality dropout, and the encoders' own losses."""
+"""The training losses: fused cross-entropy under modality dropout, and the encoders' own losses.
+
+Each loss is a mean over the rows of the optimizer step's whole batch, which may be split among processes and
+micro-batches: a piece computes sums over its own rows and divides by counts over the whole batch (BatchShare),
+so the gradients summed over micro-batches and averaged over processes are those of the whole batch at once.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -10,56 +18,97 @@ from polysense.models.dataset import modality_dropout
 from polysense.models.model import MultimodalClassifier
 
 
+@dataclass(frozen=True)
+class BatchShare:
+    """What a piece of a batch needs to know about the whole batch of its optimizer step."""
+
+    rows: int  # samples in the whole batch
+    modality_rows: tuple[int, ...]  # samples of the whole batch that have each modality (model order)
+    processes: int = 1  # DistributedDataParallel averages gradients over processes: sums are scaled back up
+
+    @classmethod
+    def whole(cls, batch: dict) -> BatchShare:
+        """The batch is the whole batch (one process, no accumulation)."""
+        present = batch["present"]
+        return cls(int(present.shape[0]), tuple(int(n) for n in (present > 0).sum(dim=0).tolist()))
+
+    def has(self, index: int) -> bool:
+        """Whether any sample of the whole batch has modality `index` (every piece decides alike)."""
+        return self.modality_rows[index] > 0
+
+    def mean(self, total: torch.Tensor, count: int) -> torch.Tensor:
+        """This piece's part of a mean over `count` samples of the whole batch, given its sum `total`."""
+        return total * (self.processes / count)
+
+
 def fused_loss(
     model: MultimodalClassifier,
     heads: nn.ModuleDict,
     batch: dict,
     dropout: float,
     aux_loss_weight: float,
-    generator: torch.Generator,
+    generators: Sequence[torch.Generator],
+    share: BatchShare,
     embeddings: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy of the fusion under modality dropout (share `dropout` of the samples), plus
-    (aux_loss_weight) each encoder's own cross-entropy through its linear head on every sample that has the
-    modality: without it the encoder of the stronger modality does the work and the others stay weak, which
-    shows when a modality is missing. `embeddings` (per modality, already encoded) skips the encoders."""
+    """Cross-entropy of the fusion under modality dropout (share `dropout` of the samples; `generators`: one
+    per row), plus (aux_loss_weight) each encoder's own cross-entropy through its linear head on every sample
+    that has the modality: without it the encoder of the stronger modality does the work and the others stay
+    weak, which shows when a modality is missing. `embeddings` (per modality, already encoded) skips the
+    encoders."""
     available = batch["present"]
-    present = modality_dropout(available, dropout, generator)
+    present = modality_dropout(available, dropout, generators)
     rows = available.shape[0]
     raw, stacked = {}, []
     for index, modality in enumerate(model.config.modalities):
-        if available[:, index].any():
+        if share.has(index):
             raw[modality] = embeddings[modality] if embeddings is not None else model.encode(modality, batch)
             stacked.append(raw[modality] * present[:, index : index + 1])
         else:
             stacked.append(available.new_zeros(rows, model.config.embed_dim))
-    loss = F.cross_entropy(model.fusion(torch.stack(stacked, dim=1), present), batch["labels"])
+    logits = model.fusion(torch.stack(stacked, dim=1), present)
+    loss = share.mean(F.cross_entropy(logits, batch["labels"], reduction="sum"), share.rows)
     if aux_loss_weight > 0 and raw:
-        loss = loss + aux_loss_weight * _auxiliary_loss(model, heads, batch, raw)
+        loss = loss + aux_loss_weight * _auxiliary_loss(model, heads, batch, raw, share)
     return loss
 
 
 def _auxiliary_loss(
-    model: MultimodalClassifier, heads: nn.ModuleDict, batch: dict, raw: dict[str, torch.Tensor]
+    model: MultimodalClassifier,
+    heads: nn.ModuleDict,
+    batch: dict,
+    raw: dict[str, torch.Tensor],
+    share: BatchShare,
 ) -> torch.Tensor:
     """Mean over the encoded modalities of each head's cross-entropy on the samples that have it."""
-    available, losses = batch["present"], []
-    for index, modality in enumerate(model.config.modalities):
-        has = available[:, index] > 0
-        if modality in raw and has.any():
-            losses.append(F.cross_entropy(heads[modality](raw[modality][has]), batch["labels"][has]))
-    return torch.stack(losses).mean()
+    return _per_modality_losses(model, heads, batch, raw, share) / len(raw)
 
 
-def unimodal_loss(model: MultimodalClassifier, heads: nn.ModuleDict, batch: dict) -> torch.Tensor:
-    """Staged pre-training: each encoder with its own linear head, on the samples that have its modality."""
-    losses = []
+def _per_modality_losses(
+    model: MultimodalClassifier,
+    heads: nn.ModuleDict,
+    batch: dict,
+    raw: dict[str, torch.Tensor],
+    share: BatchShare,
+) -> torch.Tensor:
+    """Sum over the modalities in `raw` of each head's mean cross-entropy over the samples that have it."""
+    total = batch["labels"].new_zeros((), dtype=torch.float32)
     for index, modality in enumerate(model.config.modalities):
         rows = batch["present"][:, index] > 0
-        if rows.any():
-            logits = heads[modality](model.encode(modality, batch))[rows]
-            losses.append(F.cross_entropy(logits, batch["labels"][rows]))
-    return torch.stack(losses).sum()
+        if modality in raw and rows.any():
+            losses = F.cross_entropy(
+                heads[modality](raw[modality][rows]), batch["labels"][rows], reduction="sum"
+            )
+            total = total + share.mean(losses, share.modality_rows[index])
+    return total
+
+
+def unimodal_loss(
+    model: MultimodalClassifier, heads: nn.ModuleDict, batch: dict, share: BatchShare
+) -> torch.Tensor:
+    """Staged pre-training: each encoder with its own linear head, on the samples that have its modality."""
+    raw = {m: model.encode(m, batch) for i, m in enumerate(model.config.modalities) if share.has(i)}
+    return _per_modality_losses(model, heads, batch, raw, share)
 
 
 def alternating_loss(
@@ -68,14 +117,15 @@ def alternating_loss(
     batch: dict,
     step: int,
     dropout: float,
-    generator: torch.Generator,
+    generators: Sequence[torch.Generator],
+    share: BatchShare,
 ) -> torch.Tensor:
     """--strategy alternating: even steps train the modality branches (each encoder through its own head), odd
     steps the fusion on the encoders' current embeddings (the encoders get no gradient, so the optimizer leaves
     them alone)."""
     if step % 2 == 0:
-        return unimodal_loss(model, heads, batch)
+        return unimodal_loss(model, heads, batch, share)
     with torch.no_grad():  # the fusion's turn: embeddings as constants, no backward through the encoders
-        present = batch["present"].any(dim=0).tolist()
-        embeddings = {m: model.encode(m, batch) for m, has in zip(model.config.modalities, present) if has}
-    return fused_loss(model, heads, batch, dropout, 0.0, generator, embeddings=embeddings)
+        modalities = model.config.modalities
+        embeddings = {m: model.encode(m, batch) for i, m in enumerate(modalities) if share.has(i)}
+    return fused_loss(model, heads, batch, dropout, 0.0, generators, share, embeddings=embeddings)

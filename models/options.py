@@ -18,7 +18,7 @@ STRATEGIES = ("joint", "staged", "frozen", "alternating")
 DEFAULT_EPOCHS = 12
 DEFAULT_IMAGE_SIZE = 64
 # Fields that must be at least 1.
-_POSITIVE_INTS = ("batch_size", "image_size", "image_width", "embed_dim", "max_text_length")
+_POSITIVE_INTS = ("batch_size", "accumulate", "image_size", "image_width", "embed_dim", "max_text_length")
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,8 @@ class TrainOptions:
     epochs: int = 0  # joint (or staged fusion) epochs; 0: 12, or a pretrained family's own (minilm-l6: 3)
     pretrain_epochs: int = 4  # staged only: epochs of each encoder with its own head
     finetune_encoders: bool = False  # staged only: keep training the encoders with the fusion (else frozen)
-    batch_size: int = 64  # training samples per optimizer step
+    batch_size: int = 64  # training samples per optimizer step, over all processes and micro-batches
+    accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation: less memory, same batch)
     lr: float = 3e-3  # peak learning rate of AdamW (linear warm-up, then cosine decay)
     pretrained_lr: float = (
         0.0  # peak learning rate of pretrained layers; 0: the family's own (minilm-l6: 5e-5)

@@ -37,8 +37,9 @@ BEST_FILE = "best.pt"  # inside CHECKPOINT_DIR: the weights of the best monitore
 # Leftovers of a preparation that failed (bad manifest, say) that a fresh start may reuse.
 # The tokenizer is written before the rows are decoded; it is rebuilt identically from the same texts.
 _REUSABLE_LEFTOVERS = {"builtin_data", CHECKPOINT_DIR, "tokenizer.json"}
-# Options a resumed run may change: how long to train, where, and how to show it. The rest are the stored ones.
-RESUME_MAY_CHANGE = ("epochs", "patience", "progress", "device")
+# Options a resumed run may change: how long to train, where, how to show it, and how to split each batch
+# into micro-batches (the batch itself stays). The rest are the stored ones.
+RESUME_MAY_CHANGE = ("epochs", "patience", "progress", "device", "accumulate")
 # What a run stored before these options existed did, for resuming it as it was trained.
 OPTIONS_BEFORE_THEY_EXISTED = {"augment": False, "audio_norm_frames": 0}
 

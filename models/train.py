@@ -1,33 +1,36 @@
 """The training loop: joint or staged, modality dropout, AdamW with warm-up + cosine, a checkpoint every
 epoch, --resume, early stopping on validation accuracy, and metrics on the test split.
 
-What the run folder holds and how it is written: polysense.models.run_folder.
+What the run folder holds and how it is written: polysense.models.run_folder. One epoch, in one process or
+several (torchrun): polysense.models.epoch. Only rank 0 writes; every process validates and re-estimates
+BatchNorm alike on the whole validation and training sets, so they all take the same decisions.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from polysense.errors import ConfigError
 from polysense.metrics import format_metrics_table
 from polysense.models import run_folder
-from polysense.models.augment import augment_batch
 from polysense.models.batchnorm import recalibrate_batchnorm
 from polysense.models.data_prep import PreparedData, prepare_data
 from polysense.models.dataset import FeatureSet
+from polysense.models.distributed import World, join, leave, meet, replicate, world_from_environment
+from polysense.models.epoch import EpochRunner, TrainingObjective
 from polysense.models.evaluate import evaluate
-from polysense.models.losses import alternating_loss, fused_loss, unimodal_loss
 from polysense.models.model import ModelConfig, MultimodalClassifier
+from polysense.models.optimization import optimizer_and_schedule, pretrained_parameters
 from polysense.models.options import TrainOptions
 from polysense.models.run_folder import Checkpoint
+from polysense.models.sharded_layers import StepContext, shard_layers
+from polysense.models.sharding import check_split
 from polysense.models.train_state import TrainState, validation_score
 
 log = logging.getLogger("polysense")
@@ -47,6 +50,7 @@ class TrainResult:
     best_epoch: int
     epochs_run: int
     stopped_early: bool
+    processes: int = 1  # processes that trained the last epochs (torchrun's WORLD_SIZE)
 
     def table(self) -> str:
         return format_metrics_table(self.metrics)
@@ -73,19 +77,6 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
 
-def _lr_lambda(total_steps: int) -> Callable[[int], float]:
-    """Linear warm-up over the first 10 % of the steps (at most 100), then cosine decay to 5 % of the peak."""
-    warmup = max(1, min(total_steps // 10, 100))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
-
-
 def _fit_input_statistics(model: MultimodalClassifier, train: FeatureSet) -> None:
     """Encoders that normalise their input with training statistics (`fit_input_stats`) get them here."""
     for modality, encoder in model.encoders.items():
@@ -106,6 +97,8 @@ class _Run:
     device: torch.device
     state: TrainState
     checkpoint: Checkpoint | None  # the checkpoint resumed from (its optimizer and schedule are reused)
+    world: World
+    context: StepContext  # where this process's rows sit in the current batch (sharded_layers)
 
 
 def _model_config(options: TrainOptions, data: PreparedData) -> ModelConfig:
@@ -125,23 +118,30 @@ def _model_config(options: TrainOptions, data: PreparedData) -> ModelConfig:
     )
 
 
-def _open_run(options: TrainOptions, resume: bool, changed: Collection[str]) -> _Run:
+def _open_run(options: TrainOptions, resume: bool, changed: Collection[str], world: World) -> _Run:
+    """Rank 0 checks the folder, prepares the data and writes the config; the other processes wait for it,
+    then read the same options and data without writing anything."""
     run_dir = Path(options.out)
-    if resume:
-        options = run_folder.resumed_options(options, run_dir, changed)
+    device = join(world, pick_device(options.device))
+    if world.is_main:
+        options, data, config = _prepare_run(options, resume, changed, run_dir)
+        meet(world)
     else:
-        run_folder.check_fresh_run_dir(run_dir)
-    device = pick_device(options.device)
-    run_folder.create_run_dir(run_dir)
-    data = prepare_data(options, run_dir)
-    model_config = _model_config(options, data)
-    config = run_folder.run_config(options, model_config, data.labels, data.preprocessing.to_dict())
-    run_folder.write_config(run_dir, config, resume)
+        meet(world)
+        if resume:
+            options = run_folder.resumed_options(options, run_dir, changed)
+        data = prepare_data(options, run_dir, writes=False)
+        config = run_folder.run_config(
+            options, _model_config(options, data), data.labels, data.preprocessing.to_dict()
+        )
+    check_split(options.batch_size, world.size, options.accumulate)
 
     torch.manual_seed(options.seed)
-    model = MultimodalClassifier(model_config)
+    model = MultimodalClassifier(ModelConfig.from_dict(config["model"]))
     _fit_input_statistics(model, data.splits["train"])
     heads = nn.ModuleDict({m: nn.Linear(options.embed_dim, len(data.labels)) for m in data.modalities})
+    context = StepContext(synchronise=world.distributed)
+    shard_layers(model, context)
     model.to(device)
     heads.to(device)
     state, checkpoint = TrainState(), None
@@ -152,7 +152,23 @@ def _open_run(options: TrainOptions, resume: bool, changed: Collection[str]) -> 
         heads.load_state_dict(checkpoint.heads)
         state = checkpoint.state
         log.info("resuming %s after epoch %d", run_dir, state.epoch)
-    return _Run(options, run_dir, data, config, model, heads, device, state, checkpoint)
+    return _Run(options, run_dir, data, config, model, heads, device, state, checkpoint, world, context)
+
+
+def _prepare_run(
+    options: TrainOptions, resume: bool, changed: Collection[str], run_dir: Path
+) -> tuple[TrainOptions, PreparedData, dict]:
+    """Rank 0's part of opening a run: the options, the data and config.json, written to the run folder."""
+    if resume:
+        options = run_folder.resumed_options(options, run_dir, changed)
+    else:
+        run_folder.check_fresh_run_dir(run_dir)
+    run_folder.create_run_dir(run_dir)
+    data = prepare_data(options, run_dir)
+    model_config = _model_config(options, data)
+    config = run_folder.run_config(options, model_config, data.labels, data.preprocessing.to_dict())
+    run_folder.write_config(run_dir, config, resume)
+    return options, data, config
 
 
 def train(
@@ -162,9 +178,20 @@ def train(
 
     resume: continue the run in options.out with its stored options, except the RESUME_MAY_CHANGE options named
     in `changed`, taken from `options` (all of them by default; the CLI passes the flags actually given).
+
+    Under torchrun (several processes), every process calls this; rank 0 writes the run folder and gets the
+    test metrics, the others get metrics == {}.
     """
     torch.use_deterministic_algorithms(True, warn_only=True)
-    run = _open_run(options, resume, changed)
+    world = world_from_environment()
+    try:
+        return _train(options, resume, changed, world)
+    finally:
+        leave()
+
+
+def _train(options: TrainOptions, resume: bool, changed: Collection[str], world: World) -> TrainResult:
+    run = _open_run(options, resume, changed, world)
     plan = phases(run.options)
     total_epochs = sum(p.epochs for p in plan)
     stopped_early, first = False, 1
@@ -175,50 +202,16 @@ def train(
         first = last + 1
     state = run.state
     stopped_early = stopped_early or state.early_stop_due(run.options.patience)
-
-    run_folder.load_best(run.run_dir, run.model, run.device)
-    metrics = evaluate(run.model, run.data.splits["test"], run.options.batch_size, run.device)
-    metrics.update(split="test", labels=run.data.labels, best_epoch=state.best_epoch, history=state.history)
-    run_folder.write_result(run.run_dir, run.config, run.model, metrics)
-    return TrainResult(run.run_dir, metrics, state.best_epoch, state.epoch, stopped_early)
-
-
-def _optimizer_and_schedule(
-    run: _Run, phase: Phase, frozen: bool
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over what the phase trains, and its warm-up + cosine schedule over the phase's steps."""
-    options, model = run.options, run.model
-    if phase.name == "pretrain":
-        trainable = [*model.encoders.parameters(), *run.heads.parameters()]
-    else:
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        if (options.aux_loss_weight > 0 or options.strategy == "alternating") and not frozen:
-            trainable += list(run.heads.parameters())
-    optimizer = torch.optim.AdamW(
-        _parameter_groups(model, trainable, options), lr=options.lr, weight_decay=options.weight_decay
-    )
-    steps = phase.epochs * run.data.splits["train"].num_batches(options.batch_size)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps))
-
-
-def pretrained_parameters(model: MultimodalClassifier) -> list[nn.Parameter]:
-    """The parameters that came pretrained (none when the model was built --from-scratch)."""
-    if not model.config.pretrained:
-        return []
-    found = []
-    for encoder in model.encoders.values():
-        prefixes = getattr(encoder, "pretrained_prefixes", ())
-        found += [p for name, p in encoder.named_parameters() if prefixes and name.startswith(prefixes)]
-    return found
-
-
-def _parameter_groups(model: MultimodalClassifier, trainable: list, options: TrainOptions) -> list[dict]:
-    """The pretrained layers of pretrained encoders at --pretrained-lr, everything else at --lr."""
-    pretrained = {id(p) for p in pretrained_parameters(model)}
-    slow = [p for p in trainable if id(p) in pretrained]
-    fast = [p for p in trainable if id(p) not in pretrained]
-    groups = [{"params": fast}]
-    return groups + [{"params": slow, "lr": options.pretrained_lr}] if slow else groups
+    metrics = {}
+    meet(world)  # rank 0's last checkpoint is written
+    if world.is_main:
+        run_folder.load_best(run.run_dir, run.model, run.device)
+        metrics = evaluate(run.model, run.data.splits["test"], run.options.batch_size, run.device)
+        metrics.update(
+            split="test", labels=run.data.labels, best_epoch=state.best_epoch, history=state.history
+        )
+        run_folder.write_result(run.run_dir, run.config, run.model, metrics)
+    return TrainResult(run.run_dir, metrics, state.best_epoch, state.epoch, stopped_early, world.size)
 
 
 def _run_phase(run: _Run, phase: Phase, first: int, last: int, total_epochs: int) -> bool:
@@ -234,66 +227,58 @@ def _run_phase(run: _Run, phase: Phase, first: int, last: int, total_epochs: int
     if options.strategy == "frozen":
         for parameter in pretrained_parameters(run.model):
             parameter.requires_grad_(False)
-    optimizer, scheduler = _optimizer_and_schedule(run, phase, frozen)
+    steps = phase.epochs * run.data.splits["train"].num_batches(options.batch_size)
+    optimizer, scheduler = optimizer_and_schedule(run.model, run.heads, options, phase.name, steps, frozen)
     if run.checkpoint is not None and first <= run.checkpoint.state.epoch < last:
         optimizer.load_state_dict(run.checkpoint.optimizer)
         scheduler.load_state_dict(run.checkpoint.scheduler)
-
+    # Built per phase: DistributedDataParallel takes the parameters that require a gradient when wrapping.
+    objective = TrainingObjective(run.model, run.heads, phase.name, options)
+    runner = EpochRunner(
+        replicate(objective, run.world, run.device, _may_leave_unused(run, phase)),
+        run.world,
+        run.context,
+        run.data.splits["train"],
+        run.data.preprocessing,
+        options,
+        run.device,
+    )
     for epoch in range(max(first, run.state.epoch + 1), last + 1):
         if phase.monitored and run.state.early_stop_due(options.patience):
             return True
-        train_loss = _train_epoch(run, phase, epoch, total_epochs, optimizer, scheduler, frozen)
+        train_loss, seconds = _train_epoch(
+            run, runner, phase, epoch, total_epochs, optimizer, scheduler, frozen
+        )
         if not frozen:
             recalibrate_batchnorm(run.model, run.data.splits["train"], options.batch_size, run.device)
-        _end_epoch(run, phase, epoch, total_epochs, train_loss, optimizer, scheduler)
+        _end_epoch(run, phase, epoch, total_epochs, (train_loss, seconds), optimizer, scheduler)
     return phase.monitored and run.state.early_stop_due(options.patience)
+
+
+def _may_leave_unused(run: _Run, phase: Phase) -> bool:
+    """Whether a step of this phase can leave trainable parameters without a gradient."""
+    some_sample_lacks_a_modality = bool((run.data.splits["train"].present() == 0).any())
+    heads_unused = run.options.aux_loss_weight == 0 and phase.name not in ("pretrain", "alternating")
+    return phase.name in ("pretrain", "alternating") or heads_unused or some_sample_lacks_a_modality
 
 
 def _train_epoch(
     run: _Run,
+    runner: EpochRunner,
     phase: Phase,
     epoch: int,
     total_epochs: int,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LambdaLR,
     frozen: bool,
-) -> float:
-    """One pass over the shuffled training set; returns the mean training loss."""
-    options, model, train_set = run.options, run.model, run.data.splits["train"]
-    seed = _epoch_seed(options.seed, epoch)
+) -> tuple[float, float]:
+    """One pass over the shuffled training set: (mean training loss, seconds)."""
+    seed = _epoch_seed(run.options.seed, epoch)
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
+    run.model.train()
     if frozen:
-        model.encoders.eval()  # frozen BatchNorm statistics too
-    loss_sum, seen = 0.0, 0
-    batches = tqdm(
-        train_set.batches(options.batch_size, run.device, generator),
-        total=train_set.num_batches(options.batch_size),
-        desc=f"epoch {epoch}/{total_epochs} {phase.name}",
-        unit="batch",
-        disable=not options.progress,
-        leave=False,
-    )
-    for step, batch in enumerate(batches):
-        if options.augment:
-            batch = augment_batch(batch, run.data.preprocessing, generator)
-        if phase.name == "pretrain":
-            loss = unimodal_loss(model, run.heads, batch)
-        elif phase.name == "alternating":
-            loss = alternating_loss(model, run.heads, batch, step, options.modality_dropout, generator)
-        else:
-            loss = fused_loss(
-                model, run.heads, batch, options.modality_dropout, options.aux_loss_weight, generator
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()  # parameters left without a gradient this step (set_to_none) are not touched
-        scheduler.step()
-        loss_sum += loss.item() * batch["labels"].shape[0]
-        seen += batch["labels"].shape[0]
-        batches.set_postfix(loss=f"{loss_sum / seen:.3f}")
-    return loss_sum / max(seen, 1)
+        run.model.encoders.eval()  # frozen BatchNorm statistics too
+    return runner.run(seed, optimizer, scheduler, f"epoch {epoch}/{total_epochs} {phase.name}")
 
 
 def _end_epoch(
@@ -301,11 +286,12 @@ def _end_epoch(
     phase: Phase,
     epoch: int,
     total_epochs: int,
-    train_loss: float,
+    trained: tuple[float, float],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LambdaLR,
 ) -> None:
-    """Validate, track the best model and early stopping, write the epoch's checkpoint."""
+    """Validate, track the best model and early stopping; rank 0 writes the epoch's checkpoint."""
+    train_loss, seconds = trained
     val = evaluate(run.model, run.data.splits["val"], run.options.batch_size, run.device)
     record = {
         "epoch": epoch,
@@ -318,14 +304,19 @@ def _end_epoch(
     if any("val_score" not in h for h in run.state.history):  # resumed from a run scored on accuracy alone
         record["val_score"] = val["accuracy"]
     improved = run.state.record_epoch(record, phase.monitored)
+    if not run.world.is_main:
+        return
     if improved:
         run_folder.save_best(run.run_dir, run.model)
     log.info(
-        "epoch %d/%d %s: train loss %.4f, val loss %.4f, val accuracy %.4f, mean over subsets %.4f%s",
+        "epoch %d/%d %s: train loss %.4f (%.1f samples/s in %d process(es)), val loss %.4f, val accuracy %.4f, "
+        "mean over subsets %.4f%s",
         epoch,
         total_epochs,
         phase.name,
         train_loss,
+        len(run.data.splits["train"]) / max(seconds, 1e-9),
+        run.world.size,
         val["loss"],
         val["accuracy"],
         record["val_score"],

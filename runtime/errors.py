@@ -54,3 +54,7 @@ class OverloadedError(PolysenseError):
 
 class RequestTimeoutError(PolysenseError, TimeoutError):
     """A request waited longer than its timeout and was dropped unanswered."""
+
+
+class TrainingError(PolysenseError):
+    """A training run stopped part-way (a process of a distributed run failed); --resume continues it."""

@@ -12,6 +12,10 @@ from polysense.settings import AudioSettings, Preprocessing  # noqa: E402
 SETTINGS = AudioSettings(sample_rate=16000, n_fft=400, hop_length=160, n_mels=40)
 
 
+def _generators(rows: int, seed: int) -> list:
+    return [torch.Generator().manual_seed(seed * 1000 + row) for row in range(rows)]
+
+
 def _audio_batch(lengths: list[int]) -> dict:
     generator = torch.Generator().manual_seed(3)
     frames = torch.zeros(len(lengths), max(lengths), 40)
@@ -24,7 +28,7 @@ def _audio_batch(lengths: list[int]) -> dict:
 
 def test_audio_perturbation_keeps_labels_masks_and_absent_rows():
     batch = _audio_batch([50, 80, 0, 30])  # row 2 lacks audio
-    out = augment.augment_batch(batch, Preprocessing(audio=SETTINGS), torch.Generator().manual_seed(0))
+    out = augment.augment_batch(batch, Preprocessing(audio=SETTINGS), _generators(4, 0))
     assert out["labels"] is batch["labels"]
     lengths = out["audio_mask"].sum(1).tolist()
     assert lengths[2] == 0
@@ -39,10 +43,7 @@ def test_audio_perturbation_keeps_labels_masks_and_absent_rows():
 
 def test_perturbations_repeat_for_the_same_generator_seed():
     batch = {**_audio_batch([40, 60]), "image": torch.randn(2, 3, 32, 32)}
-    runs = [
-        augment.augment_batch(batch, Preprocessing(audio=SETTINGS), torch.Generator().manual_seed(7))
-        for _ in range(2)
-    ]
+    runs = [augment.augment_batch(batch, Preprocessing(audio=SETTINGS), _generators(2, 7)) for _ in range(2)]
     for key in ("audio", "audio_mask", "image"):
         assert torch.equal(runs[0][key], runs[1][key])
 
@@ -57,7 +58,7 @@ def test_vocal_tract_warp_of_one_is_the_identity_and_moves_energy_otherwise():
 
 def test_image_perturbation_keeps_shape_and_stays_finite():
     images = torch.randn(4, 3, 48, 48)
-    out = augment.augment_images(images, torch.Generator().manual_seed(1))
+    out = augment.augment_images(images, _generators(4, 1))
     assert out.shape == images.shape and torch.isfinite(out).all()
     assert not torch.allclose(out, images)
 
@@ -87,7 +88,7 @@ def test_rows_without_an_image_stay_zeros_and_silence_stays_at_the_floor():
     batch = {"image": images, "audio": frames, "audio_mask": torch.ones(1, 30)}
     augment.NOISE_SHARE, share = 0.0, augment.NOISE_SHARE
     try:
-        out = augment.augment_batch(batch, Preprocessing(audio=SETTINGS), torch.Generator().manual_seed(0))
+        out = augment.augment_batch(batch, Preprocessing(audio=SETTINGS), _generators(3, 0))
     finally:
         augment.NOISE_SHARE = share
     assert out["image"][1].eq(0).all() and not out["image"][0].eq(images[0]).all()

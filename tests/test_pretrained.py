@@ -94,7 +94,7 @@ def test_family_defaults_fill_epochs_and_learning_rates():
 
 
 def test_pretrained_layers_get_their_own_learning_rate():
-    from polysense.models.train import _parameter_groups
+    from polysense.models.optimization import parameter_groups as _parameter_groups
 
     config = ModelConfig(modalities=("text",), num_classes=2, text_family="minilm-l6")
     model = MultimodalClassifier(config, load_pretrained=False)  # the grouping, without reading the weights

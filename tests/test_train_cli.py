@@ -40,7 +40,7 @@ def test_every_option_has_a_flag_with_its_comment_as_help(train_cli):
         assert comments.get(field.name), f"TrainOptions.{field.name} has no trailing comment"
         help_text = actions[field.name].help
         assert comments[field.name].replace("%", "%%") in help_text
-    assert set(actions) - {f.name for f in dataclasses.fields(TrainOptions)} == {"help", "resume"}
+    assert set(actions) - {f.name for f in dataclasses.fields(TrainOptions)} == {"help", "resume", "nproc"}
 
 
 def test_no_optional_flags_give_the_dataclass_defaults(train_cli):
@@ -57,7 +57,7 @@ def test_todays_flag_names_are_kept(train_cli):
         "--data --out --modalities --strategy --epochs --pretrain-epochs --finetune-encoders --batch-size --lr "
         "--weight-decay --modality-dropout --aux-loss-weight --patience --seed --device --image-size "
         "--image-width --embed-dim --image-encoder --text-encoder --audio-encoder --fusion --max-text-length --n "
-        "--resume --no-progress --pretrained-lr --from-scratch --no-augment --audio-norm-frames"
+        "--resume --no-progress --pretrained-lr --from-scratch --no-augment --audio-norm-frames --accumulate --nproc"
     )
     assert set(expected.split()) | {"-h", "--help"} == flags
 

@@ -7,7 +7,8 @@ torch = pytest.importorskip("torch")
 from polysense.cli import main  # noqa: E402
 from polysense.errors import ConfigError, ManifestError  # noqa: E402
 from polysense.models.data_prep import prepare_data  # noqa: E402
-from polysense.models.losses import alternating_loss  # noqa: E402
+from polysense.models.dataset import row_generators  # noqa: E402
+from polysense.models.losses import BatchShare, alternating_loss  # noqa: E402
 from polysense.models.options import TrainOptions  # noqa: E402
 from polysense.models.run_folder import load_trained  # noqa: E402
 from polysense.models.train import train  # noqa: E402
@@ -262,7 +263,8 @@ def test_alternating_strategy_trains_branches_and_fusion_in_turn(tiny_builtin, t
     model.train()
     for step, trained, untouched in ((0, model.encoders, model.fusion), (1, model.fusion, model.encoders)):
         model.zero_grad(set_to_none=True)
-        alternating_loss(model, heads, batch, step, 0.5, torch.Generator().manual_seed(0)).backward()
+        generators = row_generators(0, range(8))
+        alternating_loss(model, heads, batch, step, 0.5, generators, BatchShare.whole(batch)).backward()
         assert all(p.grad is not None for p in trained.parameters()), step
         assert all(p.grad is None for p in untouched.parameters()), step
 
@@ -301,5 +303,7 @@ def test_the_fusion_turn_of_alternating_skips_a_modality_no_sample_in_the_batch_
     encoded = []
     model.encoders["image"].register_forward_hook(lambda *args: encoded.append(1))
     model.train()
-    alternating_loss(model, None, batch, 1, 0.5, torch.Generator().manual_seed(0)).backward()
+    alternating_loss(
+        model, None, batch, 1, 0.5, row_generators(0, range(8)), BatchShare.whole(batch)
+    ).backward()
     assert encoded == []

@@ -1,0 +1,112 @@
+"""The processes of a training run: one, or several started by torchrun (PyTorch's DistributedDataParallel).
+
+torchrun gives each process its RANK, WORLD_SIZE and LOCAL_RANK in the environment, on one machine or many;
+polysense reads nothing else. Processes talk over gloo on CPU and NCCL on CUDA. Rank 0 alone writes the run
+folder; the others read what it wrote (so --out must be visible to every machine, as a shared filesystem makes
+it) and compute the same thing on their shard of every batch (polysense.models.sharding).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from polysense.errors import ConfigError
+
+log = logging.getLogger("polysense")
+
+# How long a process waits for the others at a meeting point: rank 0 prepares the data alone while the others
+# wait, which takes minutes on large sets. A process that dies is noticed by torchrun at once, not after this.
+MEETING_TIMEOUT = timedelta(hours=2)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the run's processes."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0  # rank among the processes of this machine (picks the CUDA device)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes the run folder, logs and shows progress."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def world_from_environment() -> World:
+    """The World torchrun describes in the environment; one process when it does not."""
+    try:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError as error:
+        raise ConfigError(
+            f"RANK, WORLD_SIZE and LOCAL_RANK must be integers as torchrun sets them: {error}"
+        ) from None
+    if size < 1 or not 0 <= rank < size:
+        raise ConfigError(f"RANK {rank} and WORLD_SIZE {size} do not describe a process of the run")
+    return World(rank, size, local_rank)
+
+
+def join(world: World, device: torch.device) -> torch.device:
+    """Join the process group (when there are several processes) and return this process's device."""
+    if not world.distributed:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=MEETING_TIMEOUT)
+    if not world.is_main:
+        logging.getLogger("polysense").setLevel(logging.ERROR)  # rank 0 reports for all
+    return device
+
+
+def leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def meet(world: World) -> None:
+    """Wait until every process gets here."""
+    if world.distributed:
+        dist.barrier()
+
+
+def sum_over_processes(world: World, value: float) -> float:
+    if not world.distributed:
+        return value
+    total = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(total)
+    return float(total.item())
+
+
+def replicate(module: nn.Module, world: World, device: torch.device, may_leave_unused: bool) -> nn.Module:
+    """`module` itself with one process; wrapped in DistributedDataParallel with several.
+
+    may_leave_unused: a step may leave parameters unused (a modality absent from a batch, the encoders on the
+    fusion's turn of --strategy alternating), which DDP must then look for after each forward pass. Buffers are
+    not synchronised: the only ones, BatchNorm's running statistics, are computed alike by every process
+    (SyncedBatchNorm, then re-estimated on the same batches).
+    """
+    if not world.distributed:
+        return module
+    return DistributedDataParallel(
+        module,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=may_leave_unused,
+        forward_sync_buffers=False,
+    )

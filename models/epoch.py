@@ -1,0 +1,134 @@
+"""One training epoch on this process's share of every batch, with the phase's loss.
+
+With one process and no --accumulate the batch is one piece; otherwise each process runs its pieces
+(polysense.models.sharding) and DistributedDataParallel averages the gradients. The losses divide by counts
+over the whole batch (losses.BatchShare), every random draw for a sample comes from the sample's own generator
+(dataset.row_generators), and BatchNorm and Dropout see the whole batch (sharded_layers), so the step is the
+one a single process would take on the whole batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from polysense.models.augment import augment_batch
+from polysense.models.dataset import FeatureSet, row_generators
+from polysense.models.distributed import World, sum_over_processes
+from polysense.models.losses import BatchShare, alternating_loss, fused_loss, unimodal_loss
+from polysense.models.model import MultimodalClassifier
+from polysense.models.options import TrainOptions
+from polysense.models.sharded_layers import StepContext
+from polysense.models.sharding import Piece, pieces
+from polysense.settings import Preprocessing
+
+
+class TrainingObjective(nn.Module):
+    """The model, its per-modality heads and a phase's loss as one module whose forward() returns the loss:
+    DistributedDataParallel synchronises the gradients of what its forward() used."""
+
+    def __init__(self, model: MultimodalClassifier, heads: nn.ModuleDict, phase: str, options: TrainOptions):
+        super().__init__()
+        self.model, self.heads, self.phase = model, heads, phase
+        self.dropout, self.aux_loss_weight = options.modality_dropout, options.aux_loss_weight
+
+    def forward(
+        self, batch: dict, generators: Sequence[torch.Generator], share: BatchShare, step: int
+    ) -> torch.Tensor:
+        if self.phase == "pretrain":
+            return unimodal_loss(self.model, self.heads, batch, share)
+        if self.phase == "alternating":
+            return alternating_loss(self.model, self.heads, batch, step, self.dropout, generators, share)
+        return fused_loss(
+            self.model, self.heads, batch, self.dropout, self.aux_loss_weight, generators, share
+        )
+
+
+@dataclass
+class EpochRunner:
+    """What every step of a phase's epochs needs."""
+
+    engine: nn.Module  # the TrainingObjective, or its DistributedDataParallel wrapper
+    world: World
+    context: StepContext
+    train_set: FeatureSet
+    preprocessing: Preprocessing
+    options: TrainOptions
+    device: torch.device
+
+    def run(
+        self,
+        epoch_seed: int,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LambdaLR,
+        description: str,
+    ) -> tuple[float, float]:
+        """One pass over the shuffled training set: (mean training loss over all processes, seconds)."""
+        started = time.perf_counter()
+        order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(epoch_seed))
+        size = self.options.batch_size
+        batches = [order[start : start + size].tolist() for start in range(0, len(order), size)]
+        present = self.train_set.present() > 0
+        loss_sum, seen = 0.0, 0
+        shown = tqdm(
+            batches,
+            desc=description,
+            unit="batch",
+            disable=not (self.options.progress and self.world.is_main),
+            leave=False,
+        )
+        for step, batch in enumerate(shown):
+            share = BatchShare(len(batch), tuple(present[batch].sum(axis=0).tolist()), self.world.size)
+            my_pieces = pieces(batch, self.world.size, self.world.rank, self.options.accumulate)
+            if not my_pieces:
+                continue
+            loss_sum += self._step(my_pieces, share, step, epoch_seed, optimizer, scheduler)
+            seen += share.rows
+            shown.set_postfix(loss=f"{loss_sum * self.world.size / seen:.3f}")
+        total = sum_over_processes(self.world, loss_sum)
+        return total / max(seen, 1), time.perf_counter() - started
+
+    def _step(
+        self,
+        my_pieces: list[Piece],
+        share: BatchShare,
+        step: int,
+        epoch_seed: int,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LambdaLR,
+    ) -> float:
+        """One optimizer step over this process's pieces; returns its share of the batch's summed loss."""
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for number, piece in enumerate(my_pieces):
+            batch = self.train_set.collate(piece.indices, self.device, padded_like=piece.micro_batch)
+            generators = row_generators(epoch_seed, piece.indices)
+            if self.options.augment:
+                batch = augment_batch(batch, self.preprocessing, generators)
+            last = number == len(my_pieces) - 1
+            # Gradients are exchanged once per step, after the last micro-batch.
+            no_sync = getattr(self.engine, "no_sync", None)
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                self.context.start(
+                    piece.first_row, len(piece.micro_batch), _mask_seed(epoch_seed, step, number)
+                )
+                try:
+                    loss = self.engine(batch, generators, share, step)
+                finally:
+                    self.context.stop()
+                loss.backward()
+            loss_sum += loss.item() * share.rows / share.processes
+        optimizer.step()  # parameters left without a gradient this step (set_to_none) are not touched
+        scheduler.step()
+        return loss_sum
+
+
+def _mask_seed(epoch_seed: int, step: int, micro_batch: int) -> int:
+    """The seed of a micro-batch's dropout masks: the same in every process."""
+    return (epoch_seed * 1_000_003 + step * 1024 + micro_batch) % (1 << 63)
