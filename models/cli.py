@@ -6,13 +6,15 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 from polysense.errors import ConfigError
 from polysense.models.flags import add_arguments
 from polysense.models.flags import options_from_args as _options_from_args
 from polysense.models.launch import launch
 from polysense.models.options import TrainOptions, flag, option_choices
-from polysense.models.run_folder import RESUME_MAY_CHANGE
+from polysense.models.run_folder import RESUME_MAY_CHANGE, check_fresh_run_dir, resumed_options
+from polysense.models.sharding import check_split
 from polysense.models.train import train
 
 
@@ -55,9 +57,15 @@ def run_train(argv: Sequence[str]) -> int:
             "leave --nproc out under torchrun"
         )
     options = options_from_args(args)  # bad options fail here, once, before any process starts
-    if not started_by_torchrun and (args.nproc or 1) > 1:
-        return launch(_without_nproc(argv), args.nproc)
     given = {name for name in RESUME_MAY_CHANGE if any(a.split("=")[0] == flag(name) for a in argv)}
+    if not started_by_torchrun and (args.nproc or 1) > 1:
+        # What can be checked here is, so that a mistake gives one message instead of one per process.
+        run_dir = Path(options.out)
+        stored = resumed_options(options, run_dir, given) if args.resume else options
+        if not args.resume:
+            check_fresh_run_dir(run_dir)
+        check_split(stored.batch_size, args.nproc, stored.accumulate)
+        return launch(_without_nproc(argv), args.nproc)
     result = train(options, resume=args.resume, changed=given)
     if not result.metrics:  # a process other than rank 0 of a distributed run: rank 0 reports
         return 0

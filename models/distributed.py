@@ -8,8 +8,11 @@ it) and compute the same thing on their shard of every batch (polysense.models.s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -75,6 +78,30 @@ def join(world: World, device: torch.device) -> torch.device:
     return device
 
 
+# Exit status of a process stopped because another process of the run failed (that one reports the cause).
+PEER_FAILED_EXIT = 3
+# What gloo and NCCL say when the other end of a collective is gone.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted")
+
+
+@contextlib.contextmanager
+def stop_quietly_when_a_peer_fails(world: World) -> Iterator[None]:
+    """When another process of the run dies, the collectives of this one fail too: exit with
+    PEER_FAILED_EXIT and one line instead of a traceback, so that the failure that matters is the one shown
+    (torchrun reports the first process to fail)."""
+    try:
+        yield
+    except RuntimeError as error:
+        gone = isinstance(error, dist.DistError) or any(marker in str(error) for marker in _PEER_GONE)
+        if not (world.distributed and gone):
+            raise
+        print(
+            f"process {world.rank} of {world.size}: stopped, another process of the run failed",
+            file=sys.stderr,
+        )
+        raise SystemExit(PEER_FAILED_EXIT) from None
+
+
 def leave() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -84,6 +111,15 @@ def meet(world: World) -> None:
     """Wait until every process gets here."""
     if world.distributed:
         dist.barrier()
+
+
+def from_main(world: World, value: object) -> object:
+    """Rank 0's `value`, in every process (any picklable object)."""
+    if not world.distributed:
+        return value
+    box = [value if world.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def sum_over_processes(world: World, value: float) -> float:

@@ -14,6 +14,9 @@ from collections.abc import Sequence
 
 from polysense.errors import ConfigError, TrainingError
 
+# What `polysense` exits with after printing a PolysenseError (polysense.cli.main).
+USER_ERROR_EXIT = 2
+
 
 def launch(argv: Sequence[str], processes: int) -> int:
     """Run `polysense train argv` in `processes` processes; 0 when all of them finished.
@@ -21,6 +24,7 @@ def launch(argv: Sequence[str], processes: int) -> int:
     Raises TrainingError naming the failed rank when any process fails: torchrun then stops the others, and
     the run continues from its last checkpoint with --resume (with any number of processes).
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -42,8 +46,12 @@ def launch(argv: Sequence[str], processes: int) -> int:
     )
     try:
         elastic_launch(config, sys.executable)("-m", "polysense", "train", *argv)
+    except SignalException:
+        raise KeyboardInterrupt from None  # Ctrl-C or a termination: the processes are stopped
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()
+        if failure.exitcode == USER_ERROR_EXIT:
+            return USER_ERROR_EXIT  # the process printed the polysense error itself (bad data, say)
         raise TrainingError(
             f"training process {rank} of {processes} failed (exit code {failure.exitcode}), so torchrun stopped "
             "the others; its message is above. Fix the cause and continue from the last finished epoch with "

@@ -22,7 +22,16 @@ from polysense.models import run_folder
 from polysense.models.batchnorm import recalibrate_batchnorm
 from polysense.models.data_prep import PreparedData, prepare_data
 from polysense.models.dataset import FeatureSet
-from polysense.models.distributed import World, join, leave, meet, replicate, world_from_environment
+from polysense.models.distributed import (
+    World,
+    from_main,
+    join,
+    leave,
+    meet,
+    replicate,
+    stop_quietly_when_a_peer_fails,
+    world_from_environment,
+)
 from polysense.models.epoch import EpochRunner, TrainingObjective
 from polysense.models.evaluate import evaluate
 from polysense.models.model import ModelConfig, MultimodalClassifier
@@ -125,15 +134,12 @@ def _open_run(options: TrainOptions, resume: bool, changed: Collection[str], wor
     device = join(world, pick_device(options.device))
     if world.is_main:
         options, data, config = _prepare_run(options, resume, changed, run_dir)
-        meet(world)
+        from_main(world, (options, config))
     else:
-        meet(world)
-        if resume:
-            options = run_folder.resumed_options(options, run_dir, changed)
+        # Rank 0 settles the options (a resumed run's are in its folder) and writes what data preparation
+        # writes; then the others prepare the same data without writing.
+        options, config = from_main(world, None)
         data = prepare_data(options, run_dir, writes=False)
-        config = run_folder.run_config(
-            options, _model_config(options, data), data.labels, data.preprocessing.to_dict()
-        )
     check_split(options.batch_size, world.size, options.accumulate)
 
     torch.manual_seed(options.seed)
@@ -161,6 +167,9 @@ def _prepare_run(
     """Rank 0's part of opening a run: the options, the data and config.json, written to the run folder."""
     if resume:
         options = run_folder.resumed_options(options, run_dir, changed)
+        # A finished run trained further is unfinished again until its new metrics are written, so that
+        # --resume can continue it should this extension stop too.
+        (run_dir / run_folder.METRICS_FILE).unlink(missing_ok=True)
     else:
         run_folder.check_fresh_run_dir(run_dir)
     run_folder.create_run_dir(run_dir)
@@ -185,7 +194,8 @@ def train(
     torch.use_deterministic_algorithms(True, warn_only=True)
     world = world_from_environment()
     try:
-        return _train(options, resume, changed, world)
+        with stop_quietly_when_a_peer_fails(world):
+            return _train(options, resume, changed, world)
     finally:
         leave()
 
