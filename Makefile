@@ -58,7 +58,7 @@ bench-avdigits: $(STAMP)
 bench-sst2: $(STAMP)
 	$(BIN)/python benchmarks/sst2.py
 
-# Training in 1 and 2 processes (--nproc) on the built-in set, side by side (~3 min).
+# Training in 1 and 2 processes (--nproc) on the built-in set, side by side (~10 min).
 bench-distributed: $(STAMP)
 	$(BIN)/python benchmarks/distributed.py
 

@@ -1,8 +1,9 @@
 """Training throughput in one and two processes (`polysense train --nproc`), side by side in one run.
 
-    python benchmarks/distributed.py [--n 3000] [--epochs 3]        (make bench-distributed)
+    python benchmarks/distributed.py [--n 3000] [--epochs 12]        (make bench-distributed, ~10 minutes)
 
-The same training (the built-in set, every option at its default but --epochs), three times:
+The same training (the built-in set, every option at its default; --patience 0 so every run trains all its
+epochs), three times:
 
     1 process, torch's default threads (one per core)      what `polysense train` does today
     1 process, 1 thread                                      what each of two processes gets on two cores
@@ -73,7 +74,7 @@ def main() -> None:
     parser.add_argument(
         "--n", type=int, default=3000, help="built-in samples (default 3000, train's default)"
     )
-    parser.add_argument("--epochs", type=int, default=3, help="epochs of each run (default 3)")
+    parser.add_argument("--epochs", type=int, default=12, help="epochs of each run (default 12, train's)")
     args = parser.parse_args()
     data = WORK / f"data_{args.n}"
     manifest = data / "manifest.csv"
@@ -116,8 +117,9 @@ def markdown(report: dict) -> str:
         "# Distributed training: one process against two (gloo, CPU)",
         "",
         f"Command: `{report['command']}`. Machine: {info['cpus']} CPUs, {'/'.join(info['isa'])}.",
-        f"Built-in set of {report['n']} samples, {report['epochs']} epochs, every other option at its default "
-        "(batch 64 over all processes). Samples/s: median over the epochs of the training passes alone.",
+        f"Built-in set of {report['n']} samples, {report['epochs']} epochs (`--patience 0`), every other option "
+        "at its default (batch 64 over all processes). Samples/s: median over the epochs of the training passes "
+        "alone.",
         "",
         "| run | samples/s | by epoch | wall s | test accuracy | test macro F1 |",
         "|---|---:|---|---:|---:|---:|",

@@ -68,6 +68,11 @@ def join(world: World, device: torch.device) -> torch.device:
     if not world.distributed:
         return device
     if device.type == "cuda":
+        if world.local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"process {world.local_rank} of this machine has no GPU of its own: torch sees "
+                f"{torch.cuda.device_count()}; start at most that many processes per machine with --device cuda"
+            )
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():

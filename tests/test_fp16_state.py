@@ -45,5 +45,7 @@ def test_ten_minutes_through_the_fp16_audio_encoder_stay_with_fp32(bundle, tmp_p
     got, got_state = _stream(fp16, chunks, dict(state))
     assert all(np.isfinite(v).all() for v in got_state.values())
     for name in ("band_sum", "pool_sum", "pool_count"):
-        np.testing.assert_allclose(got_state[name], expected_state[name], rtol=1e-2)
+        # Within 1 % of the state's largest value (an element near zero may differ by more of its own value).
+        scale = np.abs(expected_state[name]).max()
+        assert np.abs(got_state[name] - expected_state[name]).max() <= 1e-2 * scale, name
     assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 2e-2
