@@ -11,7 +11,7 @@ from pathlib import Path
 from polysense.errors import ConfigError
 from polysense.models.flags import add_arguments
 from polysense.models.flags import options_from_args as _options_from_args
-from polysense.models.launch import launch
+from polysense.models.launch import check_devices, launch
 from polysense.models.options import TrainOptions, flag, option_choices
 from polysense.models.run_folder import RESUME_MAY_CHANGE, check_fresh_run_dir, resumed_options
 from polysense.models.sharding import check_split
@@ -65,6 +65,7 @@ def run_train(argv: Sequence[str]) -> int:
         if not args.resume:
             check_fresh_run_dir(run_dir)
         check_split(stored.batch_size, args.nproc, stored.accumulate)
+        check_devices(stored.device, args.nproc)
         return launch(_without_nproc(argv), args.nproc)
     result = train(options, resume=args.resume, changed=given)
     if not result.metrics:  # a process other than rank 0 of a distributed run: rank 0 reports

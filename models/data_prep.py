@@ -89,7 +89,7 @@ def prepare_data(options: TrainOptions, run_dir: Path, writes: bool = True) -> P
     preprocessors = build_preprocessors(preprocessing, modalities, run_dir)
 
     ordered = [r for s in SPLITS for r in by_split[s]]
-    features, decode_problems = preprocess_rows(ordered, preprocessors, progress=options.progress)
+    features, decode_problems = preprocess_rows(ordered, preprocessors, progress=options.progress and writes)
     report_skipped(skipped + decode_problems, len(manifest.rows), str(manifest.path))
     if decode_problems:  # drop the rows whose files could not be decoded
         bad = {p.line for p in decode_problems}

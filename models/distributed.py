@@ -9,12 +9,14 @@ it) and compute the same thing on their shard of every batch (polysense.models.s
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -24,10 +26,13 @@ from torch.nn.parallel import DistributedDataParallel
 from polysense.errors import ConfigError
 
 log = logging.getLogger("polysense")
+T = TypeVar("T")
 
-# How long a process waits for the others at a meeting point: rank 0 prepares the data alone while the others
-# wait, which takes minutes on large sets. A process that dies is noticed by torchrun at once, not after this.
-MEETING_TIMEOUT = timedelta(hours=2)
+# How long the other processes wait for rank 0 to prepare the data (minutes on large sets). Training
+# collectives keep torch's own timeout. A process that dies on this machine is noticed by torchrun at once; a
+# machine that is lost, after these timeouts.
+PREPARATION_TIMEOUT = timedelta(hours=2)
+_meeting_group = None  # a gloo group with PREPARATION_TIMEOUT for rank 0's messages (any device)
 
 
 @dataclass(frozen=True)
@@ -76,8 +81,9 @@ def join(world: World, device: torch.device) -> torch.device:
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=MEETING_TIMEOUT)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    global _meeting_group
+    _meeting_group = dist.new_group(backend="gloo", timeout=PREPARATION_TIMEOUT)
     if not world.is_main:
         logging.getLogger("polysense").setLevel(logging.ERROR)  # rank 0 reports for all
     return device
@@ -100,37 +106,43 @@ def stop_quietly_when_a_peer_fails(world: World) -> Iterator[None]:
         gone = isinstance(error, dist.DistError) or any(marker in str(error) for marker in _PEER_GONE)
         if not (world.distributed and gone):
             raise
+        cause = (str(error).strip() or type(error).__name__).splitlines()[0][:200]
         print(
-            f"process {world.rank} of {world.size}: stopped, another process of the run failed",
+            f"process {world.rank} of {world.size}: stopped, another process of the run failed ({cause})",
             file=sys.stderr,
         )
         raise SystemExit(PEER_FAILED_EXIT) from None
 
 
 def leave() -> None:
+    global _meeting_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _meeting_group = None
 
 
 def meet(world: World) -> None:
-    """Wait until every process gets here."""
+    """Wait until every process gets here (for as long as rank 0 may take: PREPARATION_TIMEOUT)."""
     if world.distributed:
-        dist.barrier()
+        dist.barrier(group=_meeting_group)
 
 
-def from_main(world: World, value: object) -> object:
-    """Rank 0's `value`, in every process (any picklable object)."""
+def from_main(world: World, value: T) -> T:
+    """Rank 0's `value`, in every process (any picklable object; the others pass a placeholder). They wait for
+    it as long as PREPARATION_TIMEOUT."""
     if not world.distributed:
         return value
     box = [value if world.is_main else None]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_meeting_group)
     return box[0]
 
 
 def sum_over_processes(world: World, value: float) -> float:
     if not world.distributed:
         return value
-    total = torch.tensor([value], dtype=torch.float64)
+    # NCCL reduces CUDA tensors only.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    total = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(total)
     return float(total.item())
 
@@ -145,9 +157,14 @@ def replicate(module: nn.Module, world: World, device: torch.device, may_leave_u
     """
     if not world.distributed:
         return module
+    # torch 2.13 renamed broadcast_buffers (and deprecated the old name); older versions know only that one.
+    known = inspect.signature(DistributedDataParallel).parameters
+    no_buffer_sync = {
+        "forward_sync_buffers" if "forward_sync_buffers" in known else "broadcast_buffers": False
+    }
     return DistributedDataParallel(
         module,
         device_ids=[device.index] if device.type == "cuda" else None,
         find_unused_parameters=may_leave_unused,
-        forward_sync_buffers=False,
+        **no_buffer_sync,
     )

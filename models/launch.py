@@ -7,6 +7,7 @@ RANK, WORLD_SIZE and LOCAL_RANK it sets.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import uuid
@@ -16,6 +17,18 @@ from polysense.errors import ConfigError, TrainingError
 
 # What `polysense` exits with after printing a PolysenseError (polysense.cli.main).
 USER_ERROR_EXIT = 2
+
+
+def check_devices(device: str, processes: int) -> None:
+    """Refuse more processes than GPUs when training on CUDA (each process takes a GPU of its own)."""
+    import torch
+
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if cuda and processes > torch.cuda.device_count():
+        raise ConfigError(
+            f"--nproc {processes} on CUDA needs a GPU per process; torch sees {torch.cuda.device_count()}. Use "
+            "--nproc with at most that many, or --device cpu"
+        )
 
 
 def launch(argv: Sequence[str], processes: int) -> int:
@@ -44,12 +57,14 @@ def launch(argv: Sequence[str], processes: int) -> int:
         max_restarts=0,
         monitor_interval=0.5,
     )
+    # torchrun's own log lines (closing signals, exit codes) would repeat what the one error line says.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         elastic_launch(config, sys.executable)("-m", "polysense", "train", *argv)
     except SignalException:
         raise KeyboardInterrupt from None  # Ctrl-C or a termination: the processes are stopped
     except ChildFailedError as error:
-        rank, failure = error.get_first_failure()
+        rank, failure = _cause(error)
         if failure.exitcode == USER_ERROR_EXIT:
             return USER_ERROR_EXIT  # the process printed the polysense error itself (bad data, say)
         raise TrainingError(
@@ -58,3 +73,13 @@ def launch(argv: Sequence[str], processes: int) -> int:
             "--resume (with the same or another --nproc)"
         ) from None
     return 0
+
+
+def _cause(error: Exception) -> tuple[int, object]:
+    """The rank and failure that stopped the run: the first to fail other than those that stopped because a
+    peer failed (polysense.models.distributed.PEER_FAILED_EXIT)."""
+    from polysense.models.distributed import PEER_FAILED_EXIT
+
+    failures = sorted(error.failures.items(), key=lambda item: item[1].timestamp)
+    causes = [item for item in failures if item[1].exitcode != PEER_FAILED_EXIT]
+    return (causes or failures)[0]

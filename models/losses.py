@@ -91,15 +91,17 @@ def _per_modality_losses(
     raw: dict[str, torch.Tensor],
     share: BatchShare,
 ) -> torch.Tensor:
-    """Sum over the modalities in `raw` of each head's mean cross-entropy over the samples that have it."""
+    """Sum over the modalities in `raw` of each head's mean cross-entropy over the samples that have it.
+
+    Computed on every row and masked, not on the rows that have the modality: a piece of the batch without any
+    of them still uses the encoder and its head, so every process runs the same collectives (a BatchNorm's
+    all_reduce in the backward pass) whichever rows it got."""
     total = batch["labels"].new_zeros((), dtype=torch.float32)
     for index, modality in enumerate(model.config.modalities):
-        rows = batch["present"][:, index] > 0
-        if modality in raw and rows.any():
-            losses = F.cross_entropy(
-                heads[modality](raw[modality][rows]), batch["labels"][rows], reduction="sum"
-            )
-            total = total + share.mean(losses, share.modality_rows[index])
+        if modality in raw:
+            losses = F.cross_entropy(heads[modality](raw[modality]), batch["labels"], reduction="none")
+            has = batch["present"][:, index].to(losses.dtype)
+            total = total + share.mean((losses * has).sum(), share.modality_rows[index])
     return total
 
 

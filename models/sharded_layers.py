@@ -31,14 +31,26 @@ class StepContext:
     first_row: int = 0  # this process's first row in the batch
     rows: int = 0  # rows of the batch over all processes
     synchronise: bool = False  # several processes: BatchNorm statistics are summed over them
-    generator: torch.Generator = field(default_factory=torch.Generator)  # the step's dropout masks
+    seed: int = 0  # of the step's dropout masks, the same in every process
+    _generators: dict = field(default_factory=dict)  # device -> generator of the masks drawn there
+    _seeded: set = field(default_factory=set)  # devices whose generator has this step's seed
 
     def start(self, first_row: int, rows: int, seed: int) -> None:
-        self.active, self.first_row, self.rows = True, first_row, rows
-        self.generator.manual_seed(seed)
+        self.active, self.first_row, self.rows, self.seed = True, first_row, rows, seed
+        self._seeded.clear()
 
     def stop(self) -> None:
         self.active = False
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The step's mask generator on `device` (masks are drawn where the activations are; processes on the
+        same kind of device draw the same ones)."""
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device)
+        if device not in self._seeded:
+            self._generators[device].manual_seed(self.seed)
+            self._seeded.add(device)
+        return self._generators[device]
 
 
 class ShardedDropout(nn.Dropout):
@@ -53,9 +65,10 @@ class ShardedDropout(nn.Dropout):
         context = self.context
         if not self.training or self.p == 0 or not context.active:
             return super().forward(x)
-        whole = torch.rand((context.rows, *x.shape[1:]), generator=context.generator)
+        generator = context.generator(x.device)
+        whole = torch.rand((context.rows, *x.shape[1:]), generator=generator, device=x.device)
         keep = whole[context.first_row : context.first_row + x.shape[0]] >= self.p
-        return x * keep.to(device=x.device, dtype=x.dtype) / (1 - self.p)
+        return x * keep.to(x.dtype) / (1 - self.p)
 
 
 class _SyncedNormalisation(torch.autograd.Function):
@@ -152,9 +165,20 @@ class SyncedBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 def shard_layers(model: nn.Module, context: StepContext) -> None:
     """Replace, in place, every nn.Dropout by a ShardedDropout and, when the context synchronises (several
-    processes), every BatchNorm by a SyncedBatchNorm. State dicts are unchanged."""
+    processes), every BatchNorm by a SyncedBatchNorm. State dicts are unchanged.
+
+    Raises TypeError for other dropout layers (Dropout2d, AlphaDropout, ...): they would draw per process, and
+    N processes would no longer repeat one."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.dropout._DropoutNd) and type(child) not in (
+                nn.Dropout,
+                ShardedDropout,
+            ):
+                raise TypeError(
+                    f"{type(child).__name__} at {name!r} has no sharded version; use nn.Dropout, or add one to "
+                    "polysense.models.sharded_layers"
+                )
             if type(child) is nn.Dropout:
                 setattr(parent, name, ShardedDropout(child.p, context))
             elif (

@@ -1,9 +1,10 @@
 """The training loop: joint or staged, modality dropout, AdamW with warm-up + cosine, a checkpoint every
 epoch, --resume, early stopping on validation accuracy, and metrics on the test split.
 
-What the run folder holds and how it is written: polysense.models.run_folder. One epoch, in one process or
-several (torchrun): polysense.models.epoch. Only rank 0 writes; every process validates and re-estimates
-BatchNorm alike on the whole validation and training sets, so they all take the same decisions.
+What the run folder holds and how it is written: polysense.models.run_folder; opening a run (options, data,
+model, checkpoint, processes): polysense.models.run_open. One epoch, in one process or several (torchrun):
+polysense.models.epoch. Only rank 0 writes; every process re-estimates BatchNorm alike on the whole training
+set, and rank 0 validates and sends its record, so they all take the same decisions.
 """
 
 from __future__ import annotations
@@ -14,18 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from polysense.errors import ConfigError
 from polysense.metrics import format_metrics_table
 from polysense.models import run_folder
 from polysense.models.batchnorm import recalibrate_batchnorm
-from polysense.models.data_prep import PreparedData, prepare_data
-from polysense.models.dataset import FeatureSet
 from polysense.models.distributed import (
     World,
     from_main,
-    join,
     leave,
     meet,
     replicate,
@@ -34,13 +30,11 @@ from polysense.models.distributed import (
 )
 from polysense.models.epoch import EpochRunner, TrainingObjective
 from polysense.models.evaluate import evaluate
-from polysense.models.model import ModelConfig, MultimodalClassifier
 from polysense.models.optimization import optimizer_and_schedule, pretrained_parameters
 from polysense.models.options import TrainOptions
 from polysense.models.run_folder import Checkpoint
-from polysense.models.sharded_layers import StepContext, shard_layers
-from polysense.models.sharding import check_split
-from polysense.models.train_state import TrainState, validation_score
+from polysense.models.run_open import Run, open_run
+from polysense.models.train_state import validation_score
 
 log = logging.getLogger("polysense")
 
@@ -71,113 +65,9 @@ def phases(options: TrainOptions) -> list[Phase]:
     return [Phase("pretrain", options.pretrain_epochs, False), Phase("fusion", options.epochs, True)]
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto"
-        )
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _epoch_seed(seed: int, epoch: int) -> int:
     # Every random draw of an epoch derives from (seed, epoch), so a resumed run repeats an uninterrupted one.
     return seed * 100_003 + epoch
-
-
-def _fit_input_statistics(model: MultimodalClassifier, train: FeatureSet) -> None:
-    """Encoders that normalise their input with training statistics (`fit_input_stats`) get them here."""
-    for modality, encoder in model.encoders.items():
-        if hasattr(encoder, "fit_input_stats"):
-            encoder.fit_input_stats([x for x in train.features[modality] if x is not None])
-
-
-@dataclass
-class _Run:
-    """Everything one training run works on."""
-
-    options: TrainOptions
-    run_dir: Path
-    data: PreparedData
-    config: dict  # options, model config, labels, preprocessing: config.json, and inside model.pt
-    model: MultimodalClassifier
-    heads: nn.ModuleDict  # per-modality linear heads of staged pre-training and the auxiliary losses
-    device: torch.device
-    state: TrainState
-    checkpoint: Checkpoint | None  # the checkpoint resumed from (its optimizer and schedule are reused)
-    world: World
-    context: StepContext  # where this process's rows sit in the current batch (sharded_layers)
-
-
-def _model_config(options: TrainOptions, data: PreparedData) -> ModelConfig:
-    return ModelConfig(
-        modalities=data.modalities,
-        num_classes=len(data.labels),
-        embed_dim=options.embed_dim,
-        image_family=options.image_encoder,
-        image_width=options.image_width,
-        text_family=options.text_encoder,
-        audio_family=options.audio_encoder,
-        audio_norm_frames=options.audio_norm_frames,
-        vocab_size=data.vocab_size,
-        max_text_length=options.max_text_length,
-        fusion=options.fusion,
-        pretrained=not options.from_scratch,
-    )
-
-
-def _open_run(options: TrainOptions, resume: bool, changed: Collection[str], world: World) -> _Run:
-    """Rank 0 checks the folder, prepares the data and writes the config; the other processes wait for it,
-    then read the same options and data without writing anything."""
-    run_dir = Path(options.out)
-    device = join(world, pick_device(options.device))
-    if world.is_main:
-        options, data, config = _prepare_run(options, resume, changed, run_dir)
-        from_main(world, (options, config))
-    else:
-        # Rank 0 settles the options (a resumed run's are in its folder) and writes what data preparation
-        # writes; then the others prepare the same data without writing.
-        options, config = from_main(world, None)
-        data = prepare_data(options, run_dir, writes=False)
-    check_split(options.batch_size, world.size, options.accumulate)
-
-    torch.manual_seed(options.seed)
-    model = MultimodalClassifier(ModelConfig.from_dict(config["model"]))
-    _fit_input_statistics(model, data.splits["train"])
-    heads = nn.ModuleDict({m: nn.Linear(options.embed_dim, len(data.labels)) for m in data.modalities})
-    context = StepContext(synchronise=world.distributed)
-    shard_layers(model, context)
-    model.to(device)
-    heads.to(device)
-    state, checkpoint = TrainState(), None
-    if resume:
-        checkpoint = run_folder.load_latest_checkpoint(run_dir, device)
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint.model)
-        heads.load_state_dict(checkpoint.heads)
-        state = checkpoint.state
-        log.info("resuming %s after epoch %d", run_dir, state.epoch)
-    return _Run(options, run_dir, data, config, model, heads, device, state, checkpoint, world, context)
-
-
-def _prepare_run(
-    options: TrainOptions, resume: bool, changed: Collection[str], run_dir: Path
-) -> tuple[TrainOptions, PreparedData, dict]:
-    """Rank 0's part of opening a run: the options, the data and config.json, written to the run folder."""
-    if resume:
-        options = run_folder.resumed_options(options, run_dir, changed)
-        # A finished run trained further is unfinished again until its new metrics are written, so that
-        # --resume can continue it should this extension stop too.
-        (run_dir / run_folder.METRICS_FILE).unlink(missing_ok=True)
-    else:
-        run_folder.check_fresh_run_dir(run_dir)
-    run_folder.create_run_dir(run_dir)
-    data = prepare_data(options, run_dir)
-    model_config = _model_config(options, data)
-    config = run_folder.run_config(options, model_config, data.labels, data.preprocessing.to_dict())
-    run_folder.write_config(run_dir, config, resume)
-    return options, data, config
 
 
 def train(
@@ -201,7 +91,7 @@ def train(
 
 
 def _train(options: TrainOptions, resume: bool, changed: Collection[str], world: World) -> TrainResult:
-    run = _open_run(options, resume, changed, world)
+    run = open_run(options, resume, changed, world)
     plan = phases(run.options)
     total_epochs = sum(p.epochs for p in plan)
     stopped_early, first = False, 1
@@ -224,7 +114,7 @@ def _train(options: TrainOptions, resume: bool, changed: Collection[str], world:
     return TrainResult(run.run_dir, metrics, state.best_epoch, state.epoch, stopped_early, world.size)
 
 
-def _run_phase(run: _Run, phase: Phase, first: int, last: int, total_epochs: int) -> bool:
+def _run_phase(run: Run, phase: Phase, first: int, last: int, total_epochs: int) -> bool:
     """Train epochs first..last of one phase; True if it stopped early.
 
     Resuming inside the phase (a checkpoint from epoch first..last-1) restores its optimizer and schedule.
@@ -265,7 +155,7 @@ def _run_phase(run: _Run, phase: Phase, first: int, last: int, total_epochs: int
     return phase.monitored and run.state.early_stop_due(options.patience)
 
 
-def _may_leave_unused(run: _Run, phase: Phase) -> bool:
+def _may_leave_unused(run: Run, phase: Phase) -> bool:
     """Whether a step of this phase can leave trainable parameters without a gradient."""
     some_sample_lacks_a_modality = bool((run.data.splits["train"].present() == 0).any())
     heads_unused = run.options.aux_loss_weight == 0 and phase.name not in ("pretrain", "alternating")
@@ -273,7 +163,7 @@ def _may_leave_unused(run: _Run, phase: Phase) -> bool:
 
 
 def _train_epoch(
-    run: _Run,
+    run: Run,
     runner: EpochRunner,
     phase: Phase,
     epoch: int,
@@ -291,17 +181,8 @@ def _train_epoch(
     return runner.run(seed, optimizer, scheduler, f"epoch {epoch}/{total_epochs} {phase.name}")
 
 
-def _end_epoch(
-    run: _Run,
-    phase: Phase,
-    epoch: int,
-    total_epochs: int,
-    trained: tuple[float, float],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
-) -> None:
-    """Validate, track the best model and early stopping; rank 0 writes the epoch's checkpoint."""
-    train_loss, seconds = trained
+def _validate(run: Run, phase: Phase, epoch: int, train_loss: float) -> dict:
+    """The epoch's record in the run's history: its losses and validation scores."""
     val = evaluate(run.model, run.data.splits["val"], run.options.batch_size, run.device)
     record = {
         "epoch": epoch,
@@ -313,6 +194,24 @@ def _end_epoch(
     }
     if any("val_score" not in h for h in run.state.history):  # resumed from a run scored on accuracy alone
         record["val_score"] = val["accuracy"]
+    return record
+
+
+def _end_epoch(
+    run: Run,
+    phase: Phase,
+    epoch: int,
+    total_epochs: int,
+    trained: tuple[float, float],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+) -> None:
+    """Validate, track the best model and early stopping; rank 0 writes the epoch's checkpoint.
+
+    Rank 0 validates and sends its record to the others, so every process takes the same decisions (best model,
+    early stopping) even where float rounding could tip a near-tie differently."""
+    record = _validate(run, phase, epoch, trained[0]) if run.world.is_main else None
+    record = from_main(run.world, record)
     improved = run.state.record_epoch(record, phase.monitored)
     if not run.world.is_main:
         return
@@ -324,11 +223,11 @@ def _end_epoch(
         epoch,
         total_epochs,
         phase.name,
-        train_loss,
-        len(run.data.splits["train"]) / max(seconds, 1e-9),
+        record["train_loss"],
+        len(run.data.splits["train"]) / max(trained[1], 1e-9),
         run.world.size,
-        val["loss"],
-        val["accuracy"],
+        record["val_loss"],
+        record["val_accuracy"],
         record["val_score"],
         " (best)" if improved else "",
     )

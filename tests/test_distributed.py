@@ -162,6 +162,28 @@ def test_staged_training_on_generated_built_in_data_in_two_processes(tmp_path):
     assert (out / "builtin_data" / "manifest.csv").is_file() and (out / "model.pt").is_file()
 
 
+def test_a_shard_without_a_modality_the_batch_has_keeps_the_processes_in_step(tiny_builtin, tmp_path):
+    """Images on one sample in ten and shards of 4: most steps give one process no image at all. The encoder
+    and its head must still run there, or that process skips a synchronised BatchNorm's backward all_reduce
+    and the processes deadlock (staged pre-training and alternating compute per-modality losses)."""
+    folder = tiny_builtin.parent
+    rows = list(csv.DictReader(tiny_builtin.open()))
+    for index, row in enumerate(rows):
+        row["image"] = str(folder / row["image"]) if index % 10 == 0 else ""
+        row["audio"] = str(folder / row["audio"])
+    manifest = tmp_path / "rare_images.csv"
+    with manifest.open("w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "run"
+    flags = _flags(manifest, out, 1, "--strategy", "staged", "--pretrain-epochs", "1", "--batch-size", "8")
+    command = [sys.executable, "-m", "polysense", "train", *flags, "--nproc", "2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "metrics.json").is_file()
+
+
 def _rank_process(out: Path, rank: int, timeout: float = 60) -> int:
     """The pid of the training process of `rank` whose command line names `out`."""
     deadline = time.monotonic() + timeout
