@@ -68,20 +68,9 @@ def fused_loss(
             stacked.append(available.new_zeros(rows, model.config.embed_dim))
     logits = model.fusion(torch.stack(stacked, dim=1), present)
     loss = share.mean(F.cross_entropy(logits, batch["labels"], reduction="sum"), share.rows)
-    if aux_loss_weight > 0 and raw:
-        loss = loss + aux_loss_weight * _auxiliary_loss(model, heads, batch, raw, share)
+    if aux_loss_weight > 0 and raw:  # the mean over the encoded modalities of each one's own loss
+        loss = loss + aux_loss_weight * _per_modality_losses(model, heads, batch, raw, share) / len(raw)
     return loss
-
-
-def _auxiliary_loss(
-    model: MultimodalClassifier,
-    heads: nn.ModuleDict,
-    batch: dict,
-    raw: dict[str, torch.Tensor],
-    share: BatchShare,
-) -> torch.Tensor:
-    """Mean over the encoded modalities of each head's cross-entropy on the samples that have it."""
-    return _per_modality_losses(model, heads, batch, raw, share) / len(raw)
 
 
 def _per_modality_losses(
