@@ -60,7 +60,9 @@ def launch(argv: Sequence[str], processes: int) -> int:
     # torchrun's own log lines (closing signals, exit codes) would repeat what the one error line says.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
-        elastic_launch(config, sys.executable)("-m", "polysense", "train", *argv)
+        # --quiet is the polysense command's own flag (logging set up before `train` is reached): pass it on.
+        quiet = ["--quiet"] if logging.getLogger().getEffectiveLevel() > logging.INFO else []
+        elastic_launch(config, sys.executable)("-m", "polysense", *quiet, "train", *argv)
     except SignalException:
         raise KeyboardInterrupt from None  # Ctrl-C or a termination: the processes are stopped
     except ChildFailedError as error:

@@ -151,12 +151,14 @@ def test_an_interrupted_run_of_one_process_resumes_with_two(one_process, tiny_bu
     _assert_same_run(one_process, out)
 
 
-def test_staged_training_on_generated_built_in_data_in_two_processes(tmp_path):
+def test_staged_training_on_generated_built_in_data_in_two_processes(tmp_path, capfd):
     """Rank 0 generates the built-in set in the run folder and the other process reads it; each phase of
-    --strategy staged wraps its own parameters."""
+    --strategy staged wraps its own parameters; --quiet reaches the processes."""
     out = tmp_path / "run"
     flags = ["--data", "builtin", "--n", "120", "--out", str(out), "--no-progress", *SMALL]
-    _run([*flags, "--strategy", "staged", "--pretrain-epochs", "1", "--epochs", "1", "--nproc", "2"])
+    staged = ["--strategy", "staged", "--pretrain-epochs", "1", "--epochs", "1", "--nproc", "2"]
+    assert main(["--quiet", "train", *flags, *staged]) == 0
+    assert "epoch 1/2" not in capfd.readouterr().err
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert [h["phase"] for h in history] == ["pretrain", "fusion"]
     assert (out / "builtin_data" / "manifest.csv").is_file() and (out / "model.pt").is_file()
