@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -69,11 +70,14 @@ def choose_modalities(manifest: Manifest, requested: tuple[str, ...] | None) -> 
     return requested
 
 
-def prepare_data(options: TrainOptions, run_dir: Path, writes: bool = True) -> PreparedData:
+def prepare_data(
+    options: TrainOptions, run_dir: Path, writes: bool = True, written: Callable[[], object] | None = None
+) -> PreparedData:
     """Read, split and check the manifest, train the tokenizer, preprocess every sample once.
 
-    writes=False: read what a preparation of the same run already wrote (the built-in set, the tokenizer)
-    and write nothing: the other processes of a distributed run, after rank 0's preparation.
+    writes=False: read what a preparation of the same run wrote (the built-in set, the tokenizer) and write
+    nothing: the other processes of a distributed run. `written` is called once those files are written,
+    before the long preprocessing (rank 0 lets the others start theirs).
     Raises ManifestError listing every bad row (structure, files, labels, undecodable files).
     """
     manifest = read_manifest(resolve_manifest(options, run_dir, writes))
@@ -86,6 +90,8 @@ def prepare_data(options: TrainOptions, run_dir: Path, writes: bool = True) -> P
         raise ManifestError(str(manifest.path), problems)
     # The tokenizer is written now (the preprocessors read it); the rest of the run only once every row passed.
     preprocessing, vocab_size = _preprocessing(modalities, by_split["train"], options, run_dir, writes)
+    if written is not None:
+        written()
     preprocessors = build_preprocessors(preprocessing, modalities, run_dir)
 
     ordered = [r for s in SPLITS for r in by_split[s]]

@@ -80,18 +80,19 @@ def _model_config(options: TrainOptions, data: PreparedData) -> ModelConfig:
 
 
 def open_run(options: TrainOptions, resume: bool, changed: Collection[str], world: World) -> Run:
-    """Rank 0 checks the folder, prepares the data and writes the config; the other processes wait for it,
-    then read the same options and data without writing anything."""
+    """Rank 0 checks the folder, prepares the data and writes the config. It settles the options (a resumed
+    run's are in its folder) and sends them once it has written what the others read (the built-in set, the
+    tokenizer); they then preprocess the same data alongside it, without writing anything."""
     run_dir = Path(options.out)
     device = join(world, pick_device(options.device))
     if world.is_main:
-        options, data, config = _prepare_run(options, resume, changed, run_dir, world.size)
-        from_main(world, (options, config))
+        options, data, config = _prepare_run(options, resume, changed, run_dir, world)
     else:
-        # Rank 0 settles the options (a resumed run's are in its folder) and writes what data preparation
-        # writes; then the others prepare the same data without writing.
-        options, config = from_main(world, None)
+        options = from_main(world, options)
         data = prepare_data(options, run_dir, writes=False)
+        config = run_folder.run_config(
+            options, _model_config(options, data), data.labels, data.preprocessing.to_dict()
+        )
 
     torch.manual_seed(options.seed)
     model = MultimodalClassifier(ModelConfig.from_dict(config["model"]))
@@ -113,20 +114,21 @@ def open_run(options: TrainOptions, resume: bool, changed: Collection[str], worl
 
 
 def _prepare_run(
-    options: TrainOptions, resume: bool, changed: Collection[str], run_dir: Path, world_size: int
+    options: TrainOptions, resume: bool, changed: Collection[str], run_dir: Path, world: World
 ) -> tuple[TrainOptions, PreparedData, dict]:
     """Rank 0's part of opening a run: the options, the data and config.json, written to the run folder."""
     if resume:
         options = run_folder.resumed_options(options, run_dir, changed)
-        check_split(options.batch_size, world_size, options.accumulate)
+        check_split(options.batch_size, world.size, options.accumulate)
         # A finished run trained further is unfinished again until its new metrics are written, so that
         # --resume can continue it should this extension stop too.
         (run_dir / run_folder.METRICS_FILE).unlink(missing_ok=True)
     else:
         run_folder.check_fresh_run_dir(run_dir)
-        check_split(options.batch_size, world_size, options.accumulate)
+        check_split(options.batch_size, world.size, options.accumulate)
     run_folder.create_run_dir(run_dir)
-    data = prepare_data(options, run_dir)
+    settled = options
+    data = prepare_data(options, run_dir, written=lambda: from_main(world, settled))
     model_config = _model_config(options, data)
     config = run_folder.run_config(options, model_config, data.labels, data.preprocessing.to_dict())
     run_folder.write_config(run_dir, config, resume)
