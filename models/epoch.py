@@ -62,6 +62,9 @@ class EpochRunner:
     options: TrainOptions
     device: torch.device
 
+    def __post_init__(self) -> None:
+        self._present = self.train_set.present() > 0  # [N, M]: which samples have which modality
+
     def run(
         self,
         epoch_seed: int,
@@ -74,7 +77,6 @@ class EpochRunner:
         order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(epoch_seed))
         size = self.options.batch_size
         batches = [order[start : start + size].tolist() for start in range(0, len(order), size)]
-        present = self.train_set.present() > 0
         loss_sum, seen = 0.0, 0
         shown = tqdm(
             batches,
@@ -84,7 +86,8 @@ class EpochRunner:
             leave=False,
         )
         for step, batch in enumerate(shown):
-            share = BatchShare(len(batch), tuple(present[batch].sum(axis=0).tolist()), self.world.size)
+            counts = tuple(self._present[batch].sum(axis=0).tolist())
+            share = BatchShare(len(batch), counts, self.world.size)
             my_pieces = pieces(batch, self.world.size, self.world.rank, self.options.accumulate)
             if not my_pieces:
                 continue

@@ -41,8 +41,6 @@ def launch(argv: Sequence[str], processes: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if processes < 1:
-        raise ConfigError(f"--nproc must be at least 1, got {processes}")
     # One thread per process unless the user chose: N processes with a thread per core each would fight over
     # the cores (torchrun makes the same choice).
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // processes))

@@ -90,9 +90,7 @@ def open_run(options: TrainOptions, resume: bool, changed: Collection[str], worl
     else:
         options = from_main(world, options)
         data = prepare_data(options, run_dir, writes=False)
-        config = run_folder.run_config(
-            options, _model_config(options, data), data.labels, data.preprocessing.to_dict()
-        )
+        config = _run_config(options, data)
 
     torch.manual_seed(options.seed)
     model = MultimodalClassifier(ModelConfig.from_dict(config["model"]))
@@ -127,9 +125,14 @@ def _prepare_run(
         run_folder.check_fresh_run_dir(run_dir)
         check_split(options.batch_size, world.size, options.accumulate)
     run_folder.create_run_dir(run_dir)
-    settled = options
-    data = prepare_data(options, run_dir, written=lambda: from_main(world, settled))
-    model_config = _model_config(options, data)
-    config = run_folder.run_config(options, model_config, data.labels, data.preprocessing.to_dict())
+    data = prepare_data(options, run_dir, written=lambda: from_main(world, options))
+    config = _run_config(options, data)
     run_folder.write_config(run_dir, config, resume)
     return options, data, config
+
+
+def _run_config(options: TrainOptions, data: PreparedData) -> dict:
+    """config.json's content, the same in every process for the same options and data."""
+    return run_folder.run_config(
+        options, _model_config(options, data), data.labels, data.preprocessing.to_dict()
+    )

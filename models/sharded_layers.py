@@ -76,10 +76,11 @@ class _SyncedNormalisation(torch.autograd.Function):
 
     Written as one autograd function with torch's fused kernels where they fit (the per-process statistics in
     one pass, the normalisation itself by the eval-mode batch_norm kernel): the same computation spelled as
-    tensor operations took 2.5x torch's BatchNorm forward and backward on a [32, 24, 32, 32] batch. One
-    all_reduce forward and one backward, each a wait for the slowest process: on two processes sharing two
-    cores, the twelve waits per step of the built-in CNN cost a fifth of the throughput (216-222 samples/s
-    against 269-272 with each process normalising alone, which would no longer repeat one process).
+    tensor operations took 2.5x torch's BatchNorm forward and backward on a [32, 24, 32, 32] batch (measured
+    once, one thread). One all_reduce forward and one backward, each a wait for the slowest process: on two
+    processes sharing two cores, the twelve waits per step of the built-in CNN cost about a fifth of the
+    throughput (216-222 samples/s against 269-272 with a temporary switch, not kept, that let each process
+    normalise alone, which would no longer repeat one process; measured once, 2 epochs).
     """
 
     @staticmethod
@@ -187,8 +188,3 @@ def shard_layers(model: nn.Module, context: StepContext) -> None:
                 and not isinstance(child, SyncedBatchNorm)
             ):
                 setattr(parent, name, SyncedBatchNorm(child, context))
-
-
-def synchronising() -> bool:
-    """Whether this process is one of several (a process group with more than one member)."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

@@ -53,7 +53,6 @@ class TrainResult:
     best_epoch: int
     epochs_run: int
     stopped_early: bool
-    processes: int = 1  # processes that trained the last epochs (torchrun's WORLD_SIZE)
 
     def table(self) -> str:
         return format_metrics_table(self.metrics)
@@ -111,7 +110,7 @@ def _train(options: TrainOptions, resume: bool, changed: Collection[str], world:
             split="test", labels=run.data.labels, best_epoch=state.best_epoch, history=state.history
         )
         run_folder.write_result(run.run_dir, run.config, run.model, metrics)
-    return TrainResult(run.run_dir, metrics, state.best_epoch, state.epoch, stopped_early, world.size)
+    return TrainResult(run.run_dir, metrics, state.best_epoch, state.epoch, stopped_early)
 
 
 def _run_phase(run: Run, phase: Phase, first: int, last: int, total_epochs: int) -> bool:
