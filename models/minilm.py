@@ -35,7 +35,12 @@ class BertSelfAttention(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:  # [B, L, C] -> [B, H, L, C / H], length kept dynamic
             return t.reshape(batch, -1, HEADS, self.head_dim).transpose(1, 2)
 
-        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        # One [384 -> 1152] product instead of three: fewer kernel calls, and int8 quantizes x once, not three times.
+        # Concatenated at every call so the three pretrained layers (and checkpoints) keep their names; the export
+        # folds the concatenation into one weight.
+        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+        q, k, v = (heads(t) for t in nn.functional.linear(x, weight, bias).chunk(3, dim=-1))
         logits = q @ k.transpose(-1, -2) * self.head_dim**-0.5 + padding[:, None, None, :] * _MASKED
         weights = torch.softmax(logits, dim=-1)
         return (weights @ v).transpose(1, 2).reshape(batch, -1, HIDDEN)
