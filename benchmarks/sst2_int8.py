@@ -84,7 +84,7 @@ def main() -> None:
     component = pipe.description.component("text_encoder")
     graphs = {p: BUNDLE / component.variant(p).file for p in ("fp32", "int8")}
     ids = dev_ids(pipe)
-    del pipe
+    del pipe  # its sessions and their thread pools need not stay alive beside the measuring processes
     report = {"command": COMMAND, "machine": machine(), "sentences": len(ids), "rounds": ROUNDS}
     report["tokens_median"] = float(np.median([len(i) for i in ids]))
     with tempfile.TemporaryDirectory() as folder:
