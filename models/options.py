@@ -28,7 +28,9 @@ class TrainOptions:
     modalities: tuple[str, ...] | None = None  # subset to train, e.g. image,audio (default: all in the data)
     strategy: str = "joint"  # joint, staged, frozen (pretrained layers fixed), alternating (encoders|fusion)
     epochs: int = 0  # joint (or staged fusion) epochs; 0: 12, or a pretrained family's own (minilm-l6: 3)
-    pretrain_epochs: int = 4  # staged only: epochs of each encoder with its own head
+    pretrain_epochs: int = (
+        0  # staged only: epochs of each encoder with its own head; 0: as many as --epochs (late fusion)
+    )
     finetune_encoders: bool = False  # staged only: keep training the encoders with the fusion (else frozen)
     batch_size: int = 64  # training samples per optimizer step, over all processes and micro-batches
     accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation: less memory, same batch)
@@ -95,8 +97,8 @@ class TrainOptions:
 
     def _resolve_family_defaults(self) -> None:
         """0 for epochs, pretrained_lr or image_size means: what the chosen families ask for (a pretrained one:
-        few epochs, a small learning rate; an image family: its resolution), else the general default.
-        Resolved here, so a run's config records the numbers."""
+        few epochs, a small learning rate; an image family: its resolution), else the general default; 0 for
+        pretrain_epochs (staged) means as many as epochs. Resolved here, so a run's config records the numbers."""
         pretrained = [] if self.from_scratch else [family_defaults(m, self.encoder(m)) for m in MODALITIES]
         pretrained = [d for d in pretrained if "epochs" in d]
         if self.image_size == 0:
@@ -108,6 +110,10 @@ class TrainOptions:
         if self.pretrained_lr == 0:
             lr = min((d["pretrained_lr"] for d in pretrained), default=self.lr)
             object.__setattr__(self, "pretrained_lr", lr)
+        if self.strategy == "staged" and self.pretrain_epochs == 0:
+            # Each encoder learns alone as long as a unimodal model would, so once frozen under the fusion it
+            # is that model: with one modality missing, the fused model is as good as the unimodal one.
+            object.__setattr__(self, "pretrain_epochs", self.epochs)
 
     def encoder(self, modality: str) -> str:
         return getattr(self, f"{modality}_encoder")

@@ -9,7 +9,7 @@ from polysense.errors import ConfigError, ManifestError  # noqa: E402
 from polysense.models.data_prep import prepare_data  # noqa: E402
 from polysense.models.dataset import row_generators  # noqa: E402
 from polysense.models.losses import BatchShare, alternating_loss  # noqa: E402
-from polysense.models.options import TrainOptions  # noqa: E402
+from polysense.models.options import DEFAULT_EPOCHS, TrainOptions  # noqa: E402
 from polysense.models.run_folder import load_trained  # noqa: E402
 from polysense.models.train import train  # noqa: E402
 from polysense.models.train_state import TrainState  # noqa: E402
@@ -106,6 +106,17 @@ def test_staged_strategy_and_other_heads(tiny_builtin, tmp_path):
         modalities=("image", "audio"),
     )
     assert set(result.metrics["subsets"]) == {"image", "audio", "image+audio"}
+
+
+def test_staged_pretrains_each_encoder_as_long_as_a_unimodal_model_by_default():
+    # Late fusion: an encoder frozen after fewer epochs than its unimodal model is a weaker classifier alone.
+    assert TrainOptions(data="x", out="y", strategy="staged", epochs=7).pretrain_epochs == 7
+    assert (
+        TrainOptions(data="x", out="y", strategy="staged", epochs=7, pretrain_epochs=2).pretrain_epochs == 2
+    )
+    assert TrainOptions(data="x", out="y", strategy="staged").pretrain_epochs == DEFAULT_EPOCHS
+    with pytest.raises(ConfigError, match="--pretrain-epochs must be at least 1"):
+        TrainOptions(data="x", out="y", strategy="staged", pretrain_epochs=-1)
 
 
 def test_early_stopping(tiny_builtin, tmp_path):

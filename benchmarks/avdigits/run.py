@@ -44,7 +44,8 @@ BLUR = (0, 3, 7, 11, 15)  # box blur kernel, pixels (photos are 100 x 100)
 OCCLUSION = (0.0, 0.1, 0.25, 0.4, 0.6)  # share of the image area hidden by a black square
 MODELS = {"fused": None, "image_only": ("image",), "audio_only": ("audio",)}  # name -> modalities
 SEEDS = (0, 1, 2)  # the missing-modality comparison's training seeds
-# Late fusion, with pretrain_epochs = the unimodal models' epochs: each encoder learns alone, then stays frozen.
+# Late fusion: staged pre-trains each encoder alone for as many epochs as a unimodal model (its default), then
+# keeps it frozen under the reliability head.
 LATE_FUSION = {"strategy": "staged", "fusion": "reliability"}
 
 log = logging.getLogger("polysense")
@@ -167,7 +168,7 @@ def missing_modality(manifest: Path, work: Path, epochs: int) -> dict:
     table = {}
     for seed in SEEDS:
         joint = _trained(manifest, work, epochs, seed, "fused")
-        late = _trained(manifest, work, epochs, seed, "fused_late", pretrain_epochs=epochs, **LATE_FUSION)
+        late = _trained(manifest, work, epochs, seed, "fused_late", **LATE_FUSION)
         image = _trained(manifest, work, epochs, seed, "image_only", modalities=("image",))
         audio = _trained(manifest, work, epochs, seed, "audio_only", modalities=("audio",))
         table[seed] = {"image_only": image["accuracy"], "audio_only": audio["accuracy"]}
@@ -304,7 +305,7 @@ def missing_modality_lines(table: dict, epochs: int) -> list[str]:
     lines = [
         "",
         "One modality removed against the unimodal model, per training seed (PyTorch test metrics of each run; "
-        f"joint: the default fused model; late: `--strategy staged --pretrain-epochs {epochs} --fusion reliability`):",
+        f"joint: the default fused model; late: `--strategy staged --fusion reliability --epochs {epochs}`):",
         "",
         "| seed | " + " | ".join(columns.values()) + " |",
         "|---|" + "---:|" * len(columns),
