@@ -1,13 +1,14 @@
 """AV-digits benchmark: real spoken digits (FSDD, 8 kHz) paired with real sign-digit photos.
 
-    python benchmarks/avdigits/run.py        (or: make bench-avdigits; about 40 minutes on 2 cores)
+    python benchmarks/avdigits/run.py        (or: make bench-avdigits; about 45 minutes on 2 cores)
 
 Everything goes through the ordinary commands' code: `polysense data avdigits`, training, export, and the
 runtime's evaluation. Reports (results/avdigits.json, .md, .png):
   - test accuracy / macro F1 of image-only, audio-only and fused models, and the fused model with one
     modality removed;
   - one modality removed against the unimodal model over three training seeds, for the default (joint, concat)
-    fused model and for late fusion (encoders trained alone, then frozen under a reliability head);
+    fused model, for late fusion (encoders trained alone, then frozen under a reliability head) and for
+    alternating training;
   - leave-one-speaker-out: fused (concat and reliability fusion) and audio-only accuracy on each speaker
     never heard in training;
   - robustness: white noise on audio (SNR 30 -> 0 dB); Gaussian noise, blur and occlusion on images;
@@ -47,6 +48,8 @@ SEEDS = (0, 1, 2)  # the missing-modality comparison's training seeds
 # Late fusion: staged pre-trains each encoder alone for as many epochs as a unimodal model (its default), then
 # keeps it frozen under the reliability head.
 LATE_FUSION = {"strategy": "staged", "fusion": "reliability"}
+# The fused models compared with one modality removed: name -> options (name "fused" is the default model).
+FUSED = {"joint": {}, "late": LATE_FUSION, "alternating": {"strategy": "alternating"}}
 
 log = logging.getLogger("polysense")
 
@@ -160,25 +163,31 @@ def robustness(
 def missing_modality(manifest: Path, work: Path, epochs: int) -> dict:
     """Each fused model with one modality removed against the unimodal model trained for it, per seed.
 
-    Two fused models: the default (joint training, concat fusion) and late fusion (LATE_FUSION: each encoder
-    trained alone with its own head for as many epochs as the unimodal models, then frozen, and a reliability
-    head trained over them). A run with another seed moved a model by up to 3.6 points on these 250 test pairs
-    (image-only 0.960-0.996), so the comparison is made over SEEDS. All figures are the training runs' own test metrics (PyTorch).
+    Three fused models (FUSED): the default (joint training, concat fusion), late fusion (LATE_FUSION: each
+    encoder trained alone with its own head for as many epochs as the unimodal models, then frozen, and a
+    reliability head trained over them) and alternating (optimizer steps alternate between the encoders, each
+    through its own head, and the concat fusion). A run with another seed moved a model by up to 3.6 points on
+    these 250 test pairs (image-only 0.960-0.996), so the comparison is made over SEEDS. All figures are the
+    training runs' own test metrics (PyTorch).
     """
     table = {}
     for seed in SEEDS:
-        joint = _trained(manifest, work, epochs, seed, "fused")
-        late = _trained(manifest, work, epochs, seed, "fused_late", **LATE_FUSION)
+        fused = {
+            name: _trained(
+                manifest, work, epochs, seed, "fused" if name == "joint" else f"fused_{name}", **options
+            )
+            for name, options in FUSED.items()
+        }
         image = _trained(manifest, work, epochs, seed, "image_only", modalities=("image",))
         audio = _trained(manifest, work, epochs, seed, "audio_only", modalities=("audio",))
         table[seed] = {"image_only": image["accuracy"], "audio_only": audio["accuracy"]}
-        for name, fused in (("joint", joint), ("late", late)):
+        for name, metrics in fused.items():
             for key, subset in (
                 ("all", "image+audio"),
                 ("without_audio", "image"),
                 ("without_image", "audio"),
             ):
-                table[seed][f"{name}_{key}"] = fused["subsets"][subset]["accuracy"]
+                table[seed][f"{name}_{key}"] = metrics["subsets"][subset]["accuracy"]
     keys = table[SEEDS[0]].keys()
     table["mean"] = {key: sum(table[seed][key] for seed in SEEDS) / len(SEEDS) for key in keys}
     return table
@@ -292,20 +301,16 @@ def markdown(results: dict) -> str:
 
 
 def missing_modality_lines(table: dict, epochs: int) -> list[str]:
-    columns = {
-        "image_only": "image only",
-        "joint_without_audio": "joint, audio removed",
-        "late_without_audio": "late, audio removed",
-        "audio_only": "audio only",
-        "joint_without_image": "joint, image removed",
-        "late_without_image": "late, image removed",
-        "joint_all": "joint, both",
-        "late_all": "late, both",
-    }
+    columns = {"image_only": "image only"}
+    columns.update({f"{name}_without_audio": f"{name}, audio removed" for name in FUSED})
+    columns["audio_only"] = "audio only"
+    columns.update({f"{name}_without_image": f"{name}, image removed" for name in FUSED})
+    columns.update({f"{name}_all": f"{name}, both" for name in FUSED})
     lines = [
         "",
         "One modality removed against the unimodal model, per training seed (PyTorch test metrics of each run; "
-        f"joint: the default fused model; late: `--strategy staged --fusion reliability --epochs {epochs}`):",
+        f"joint: the default fused model; late: `--strategy staged --fusion reliability --epochs {epochs}`; "
+        "alternating: `--strategy alternating`):",
         "",
         "| seed | " + " | ".join(columns.values()) + " |",
         "|---|" + "---:|" * len(columns),
