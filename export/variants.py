@@ -14,10 +14,11 @@ measurement, kept or not, goes into the bundle description.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from polysense.schema import PRECISIONS, BundleDescription, Variant
 log = logging.getLogger("polysense")
 
 CALIBRATION_SAMPLES = 200  # training samples per modality for static quantization
+_ROUNDS = 5  # latency is timed in this many rounds, alternating between the graphs compared
+_WARM_UP_PER_ROUND = 4  # untimed runs of a graph before its timed runs in each round
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,9 @@ class VariantPolicy:
     max_accuracy_drop: float = 1.0  # validation accuracy points a variant may lose (all modalities present)
     min_speedup: float = 1.1  # how much faster than fp32 a variant must be on its device (batch 1)
     precisions: tuple[str, ...] = ("int8", "fp16")  # variants to try besides fp32 ('fp32' alone: none)
-    latency_runs: int = 200  # timed batch-1 runs per variant (after 20 warm-up runs); the median counts
+    latency_runs: int = (
+        200  # timed batch-1 runs per variant, in rounds alternating with fp32; the median counts
+    )
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.precisions if p not in PRECISIONS]
@@ -87,21 +92,37 @@ class VariantReport:
 def measure_latency(path: Path, feeds: dict[str, np.ndarray], runs: int, device: str = "cpu") -> float | None:
     """Median milliseconds of one batch-1 run with the runtime's default session settings on `device`; None when
     CUDA was asked for but the session fell back to the CPU (its figure would not be a CUDA one)."""
+    measured = compare_latency([path], feeds, runs, device)
+    return None if measured is None else measured[0]
+
+
+def compare_latency(
+    paths: Sequence[Path], feeds: dict[str, np.ndarray], runs: int, device: str = "cpu"
+) -> list[float] | None:
+    """Median milliseconds of one batch-1 run of each graph, measured side by side: all sessions open at once
+    and timed in alternating rounds, so a change in the machine's speed while measuring (another process, clock
+    scaling) reaches every graph alike. Timed one after the other, fp32 first and each variant after its
+    validation, the AV-digits audio encoder's fp32 came out 0.25 ms in one run of the benchmark and 0.16 ms in
+    the next, which turned its int8 from kept (1.61x) to rejected (0.97x).
+    None when CUDA was asked for but a session fell back to the CPU."""
     from polysense.sessions import Session, SessionSettings, to_numpy
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback warning: the None below says it
-        session = Session(path, SessionSettings(device=device))
-    if device == "cuda" and not session.on_cuda:
+        sessions = [Session(path, SessionSettings(device=device)) for path in paths]
+    if device == "cuda" and not all(session.on_cuda for session in sessions):
         return None
-    for _ in range(20):
-        session.run(feeds)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        to_numpy(session.run(feeds)[0])  # under CUDA the outputs stay on the device until asked for
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in sessions]
+    per_round = max(1, math.ceil(runs / _ROUNDS))
+    for _ in range(_ROUNDS):
+        for session, timed in zip(sessions, times):
+            for _ in range(_WARM_UP_PER_ROUND):
+                session.run(feeds)
+            for _ in range(per_round):
+                start = time.perf_counter()
+                to_numpy(session.run(feeds)[0])  # under CUDA the outputs stay on the device until asked for
+                timed.append((time.perf_counter() - start) * 1000)
+    return [statistics.median(timed) for timed in times]
 
 
 def cuda_available() -> bool:
@@ -222,15 +243,12 @@ def _measure(
 ) -> VariantReport:
     metrics = trial.validate({component: candidate.precision})
     latency: float | None = None
-    if candidate.device == "cpu":
-        latency = measure_latency(candidate.path, feeds, policy.latency_runs)
-    elif cuda_available():  # a CUDA variant against fp32, both on CUDA: a CPU figure says nothing about it
-        cuda_fp32_ms = measure_latency(fp32_path, feeds, policy.latency_runs, "cuda")
-        if cuda_fp32_ms is not None:
-            fp32_ms, latency = (
-                cuda_fp32_ms,
-                measure_latency(candidate.path, feeds, policy.latency_runs, "cuda"),
-            )
+    # Against fp32 on the variant's own device: a CPU figure says nothing about a CUDA variant.
+    if candidate.device == "cpu" or cuda_available():
+        paths = [fp32_path, candidate.path]
+        measured = compare_latency(paths, feeds, policy.latency_runs, candidate.device)
+        if measured is not None:
+            fp32_ms, latency = measured
     drop = (base_accuracy - metrics["accuracy"]) * 100
     speedup = None if latency is None else fp32_ms / latency
     kept, reason = decide(candidate.device, drop, speedup, policy)

@@ -130,6 +130,26 @@ def test_every_variant_loads_and_predicts(permissive_bundle, trained_run):
         polysense.Pipeline.load(permissive_bundle, device="cpu", precision="int8")  # every component has int8
 
 
+def test_latency_is_compared_side_by_side(permissive_bundle):
+    from polysense.export.variants import compare_latency
+
+    graphs = [permissive_bundle / "fusion.fp32.onnx", permissive_bundle / "fusion.int8.onnx"]
+    feeds = {
+        spec.name: np.ones([1 if isinstance(d, str) else d for d in spec.shape], np.float32)
+        for spec in _graph_inputs(graphs[0])
+    }
+    fp32_ms, int8_ms = compare_latency(graphs, feeds, runs=7)  # timings themselves are not asserted
+    assert fp32_ms > 0 and int8_ms > 0
+    if not cuda_available():  # a CUDA figure is never a CPU one in disguise
+        assert compare_latency(graphs, feeds, runs=7, device="cuda") is None
+
+
+def _graph_inputs(path):
+    import onnxruntime
+
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()
+
+
 def test_a_cuda_variant_pays_only_from_a_cuda_measurement():
     from polysense.export.variants import VariantPolicy, decide
 
