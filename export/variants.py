@@ -220,6 +220,10 @@ def add_variants(
                 candidate, trial, feeds, policy, base_accuracy, fp32_ms, component.name, fp32_path
             )
             reports.append(report)
+            if candidate.device == "cpu" and report.fp32_latency_ms is not None:
+                # `auto` picks the fastest kept variant by latency_ms: fp32's figure must come from the same
+                # side-by-side timing as the variant's, or drift between the two could undo the decision.
+                kept["fp32"] = replace(kept["fp32"], latency_ms=report.fp32_latency_ms)
             if report.kept:
                 kept[candidate.precision] = replace(trying, latency_ms=report.latency_ms)
             else:

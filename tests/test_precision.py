@@ -142,6 +142,12 @@ def test_latency_is_compared_side_by_side(permissive_bundle):
     assert fp32_ms > 0 and int8_ms > 0
     if not cuda_available():  # a CUDA figure is never a CPU one in disguise
         assert compare_latency(graphs, feeds, runs=7, device="cuda") is None
+    # `auto` compares fp32 with int8 using the figures of the same side-by-side timing that kept int8.
+    for name, component in json.loads((permissive_bundle / DESCRIPTION_FILE).read_text())[
+        "components"
+    ].items():
+        int8 = next(m for m in component["measurements"] if m["precision"] == "int8")
+        assert component["variants"]["fp32"]["latency_ms"] == int8["fp32_latency_ms"], name
 
 
 def _graph_inputs(path):
