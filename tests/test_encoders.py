@@ -5,7 +5,6 @@ torch = pytest.importorskip("torch")
 
 from polysense.modalities import SPECS  # noqa: E402
 from polysense.models import ENCODERS, create_encoder  # noqa: E402
-from polysense.models.audio_causal import STATE_NAMES  # noqa: E402
 from polysense.models.flops import count_macs  # noqa: E402
 from polysense.text import PAD_ID  # noqa: E402
 
@@ -20,8 +19,22 @@ def _make(modality, name, **extra):
     return create_encoder(modality, name, **options).eval()
 
 
-# The causal audio encoder without and with its running normalisation (which adds a state tensor).
-AUDIO_NORMS = pytest.mark.parametrize("norm_frames", [0, 20])
+# Every streaming audio family: the causal encoder without and with its running normalisation (which adds a
+# state tensor), and the windowed EfficientNet-Lite0 (random weights: streaming is about the graph, not them).
+AUDIO_VARIANTS = {
+    "causal": {"audio_norm_frames": 0},
+    "causal-norm20": {"audio_norm_frames": 20},
+    "efficientnet-lite0": {"pretrained": False},
+}
+AUDIO = pytest.mark.parametrize("variant", sorted(AUDIO_VARIANTS))
+
+
+def _audio(variant):
+    return _make("audio", variant.split("-norm")[0], **AUDIO_VARIANTS[variant])
+
+
+def test_every_audio_family_is_checked_for_streaming():
+    assert set(ENCODERS["audio"]) == {v.split("-norm")[0] for v in AUDIO_VARIANTS}
 
 
 def _text_batch(lengths, max_length=None):
@@ -62,14 +75,16 @@ def test_embedding_shapes(modality, name, batch):
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-@AUDIO_NORMS
-def test_audio_step_state_has_the_declared_layout(batch, norm_frames):
-    encoder = _make("audio", "causal", audio_norm_frames=norm_frames)
+@AUDIO
+def test_audio_step_state_has_the_declared_layout(batch, variant):
+    encoder = _audio(variant)
     with torch.no_grad():
         _, state = encoder.step(torch.randn(batch, 23, N_MELS))
-    assert [tuple(s.shape) for s in state] == list(encoder.state_shapes(batch).values())
-    for (name, (shape, axis)), tensor in zip(encoder.state_layout().items(), state):
-        assert shape[axis] == 1 and tensor.shape[axis] == batch, name
+    layout = encoder.state_layout()
+    assert len(state) == len(layout)
+    for (name, (shape, axis)), tensor in zip(layout.items(), state):
+        assert shape[axis] == 1, name
+        assert tensor.shape == shape[:axis] + (batch,) + shape[axis + 1 :], name
 
 
 @pytest.mark.parametrize("name", sorted(ENCODERS["text"]))
@@ -86,47 +101,51 @@ def test_text_encoders_ignore_padding(name):
 
 
 @pytest.mark.parametrize("seed", range(5))
-@AUDIO_NORMS
-def test_audio_chunked_with_state_equals_one_pass(seed, norm_frames):
-    encoder = _make("audio", "causal", audio_norm_frames=norm_frames)
+@AUDIO
+def test_audio_chunked_with_state_equals_one_pass(seed, variant):
+    encoder = _audio(variant)
     generator = torch.Generator().manual_seed(seed)
-    frames = torch.randn(2, 97, N_MELS, generator=generator)
+    frames = torch.randn(2, 157, N_MELS, generator=generator)  # longer than the windowed family sees
     with torch.no_grad():
         whole, whole_state = encoder.step(frames)
         cuts = sorted(
             torch.randint(
-                1, 97, (int(torch.randint(1, 12, (1,), generator=generator)),), generator=generator
+                1, 157, (int(torch.randint(1, 12, (1,), generator=generator)),), generator=generator
             ).tolist()
         )
         state, start = None, 0
-        for end in [*cuts, 97]:
+        for end in [*cuts, 157]:
             embedding, state = encoder.step(frames[:, start:end], state)
             start = end
     torch.testing.assert_close(embedding, whole, atol=1e-5, rtol=1e-5)
-    for name, a, b in zip(STATE_NAMES, state, whole_state):
+    for name, a, b in zip(encoder.state_layout(), state, whole_state, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
 
 
-@AUDIO_NORMS
-def test_audio_frame_mask_pools_only_real_frames(norm_frames):
-    encoder = _make("audio", "causal", audio_norm_frames=norm_frames)
+@AUDIO
+def test_audio_frame_mask_pools_only_real_frames(variant):
+    """A padded training batch embeds each row as the row alone, which is what a stream gives at its end."""
+    encoder = _audio(variant)
     frames = torch.randn(2, 30, N_MELS)
     mask = torch.ones(2, 30)
     mask[1, 12:] = 0
     with torch.no_grad():
         batched = encoder(frames, frame_mask=mask)
         short = encoder(frames[1:, :12])
+        streamed, _ = encoder.step(frames[1:, :12])
     torch.testing.assert_close(batched[1:], short, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(streamed, short, atol=1e-5, rtol=1e-5)
 
 
-@AUDIO_NORMS
-def test_audio_empty_chunk_changes_nothing(norm_frames):
-    encoder = _make("audio", "causal", audio_norm_frames=norm_frames)
+@AUDIO
+def test_audio_empty_chunk_changes_nothing(variant):
+    encoder = _audio(variant)
     with torch.no_grad():
         embedding, state = encoder.step(torch.randn(1, 10, N_MELS))
         again, same_state = encoder.step(torch.zeros(1, 0, N_MELS), state)
     torch.testing.assert_close(again, embedding)
-    assert all(a is b for a, b in zip(state, same_state))
+    for a, b in zip(state, same_state, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def test_default_image_cnn_flops_within_budget():

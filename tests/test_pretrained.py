@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 from polysense.errors import DependencyError  # noqa: E402
 from polysense.models import ModelConfig, MultimodalClassifier  # noqa: E402
 from polysense.models.options import DEFAULT_EPOCHS, TrainOptions  # noqa: E402
-from polysense.models.pretrained import INSTALL, MINILM  # noqa: E402
+from polysense.models.pretrained import EFFICIENTNET_LITE0, INSTALL, MINILM  # noqa: E402
 
 
 def _require_package(name: str) -> None:
@@ -205,3 +205,53 @@ def test_the_frozen_strategy_trains_around_fixed_pretrained_weights(tmp_path):
     for name, parameter in original.named_parameters():
         same = torch.equal(parameter, dict(encoder.named_parameters())[name])
         assert same != name.startswith("project"), name  # pretrained layers kept, the projection trained
+
+
+def test_the_audio_family_trains_exports_and_streams_as_it_predicts_offline(tmp_path):
+    """`--audio-encoder efficientnet-lite0`: its window state goes through the runtime's streaming unchanged."""
+    _require_package(EFFICIENTNET_LITE0.package)
+    import csv
+
+    import numpy as np
+    import soundfile
+
+    import polysense
+    from polysense.export import export_run
+    from polysense.export.variants import VariantPolicy
+    from polysense.models.train import train
+
+    rng = np.random.default_rng(0)
+    times = np.arange(int(16_000 * 1.7)) / 16_000  # longer than the 1.28 s window, so it slides
+    manifest = tmp_path / "data.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["audio", "label", "split"])
+        for index in range(16):
+            tone = (300.0, 1200.0)[index % 2] * (1 + 0.05 * rng.standard_normal())
+            wave = 0.3 * np.sin(2 * np.pi * tone * times) + 0.01 * rng.standard_normal(times.size)
+            soundfile.write(tmp_path / f"{index}.wav", wave.astype(np.float32), 16_000)
+            writer.writerow(
+                [f"{index}.wav", ("low", "high")[index % 2], ("train", "train", "val", "test")[index % 4]]
+            )
+    run = tmp_path / "run"
+    options = TrainOptions(
+        data=str(manifest),
+        out=str(run),
+        audio_encoder="efficientnet-lite0",
+        epochs=1,
+        batch_size=8,
+        progress=False,
+    )
+    train(options)
+    bundle = export_run(run, tmp_path / "bundle", progress=False, policy=VariantPolicy(precisions=("fp32",)))
+    pipe = polysense.Pipeline.load(bundle.bundle, device="cpu", precision="fp32")
+    samples, rate = soundfile.read(tmp_path / "3.wav", dtype="float32")
+    offline = pipe.predict(audio=samples, sample_rate=rate)
+    stream = pipe.audio_stream()
+    for start in range(0, samples.size, 1_234):
+        stream.accept_waveform(samples[start : start + 1_234], rate)
+    stream.input_finished()
+    result = stream.result()
+    np.testing.assert_allclose(result.embeddings["audio"], offline.embeddings["audio"], atol=1e-4)
+    assert result.label == offline.label
+    shutil.rmtree(run)

@@ -1,0 +1,135 @@
+"""Audio alone on voices never heard in training: leave-one-speaker-out per audio encoder family.
+
+    python benchmarks/avdigits/loso_audio.py        (or: make bench-avdigits-audio; about 80 minutes on 2 cores)
+
+Each of the five FSDD speakers is held out in turn (all 500 of their recordings are the test split; the other
+four speakers train and validate), and an audio-only model is trained with the ordinary training code for each
+configuration, side by side in one run:
+  - `efficientnet-lite0`: the ImageNet EfficientNet-Lite0 over a 1.28 s log-mel window (its defaults);
+  - `efficientnet-lite0, from scratch`: the same network and defaults from random weights (what the transfer
+    itself brings);
+  - `causal`: the default causal conv + GRU encoder at the AV-digits benchmark's 15 epochs.
+Writes results/loso_audio.json and .md: accuracy, macro F1 and training time per held-out speaker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from run import SPEAKERS, build, fit, summary  # noqa: E402
+
+from polysense.bench import machine  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    options: dict = field(default_factory=dict)  # TrainOptions fields besides the held-out data
+    epochs: int = 0  # 0: what the family asks for
+
+
+CONFIGS = (
+    Config("efficientnet-lite0", {"audio_encoder": "efficientnet-lite0"}),
+    Config("causal", {"audio_encoder": "causal"}, epochs=15),
+    Config("efficientnet-lite0, from scratch", {"audio_encoder": "efficientnet-lite0", "from_scratch": True}),
+)
+
+log = logging.getLogger("polysense")
+
+
+def run(work: Path, speakers: tuple[str, ...], configs: tuple[Config, ...], out: Path) -> dict:
+    results: dict = {
+        "configs": {c.name: {**c.options, "epochs": c.epochs} for c in configs},
+        "speakers": {},
+        "machine": machine(),  # training numerics differ between CPU instruction sets
+    }
+    manifests = {speaker: build(work, speaker) for speaker in speakers}
+    for config in configs:
+        for speaker in speakers:
+            log.warning("%s, %s held out", config.name, speaker)
+            started = time.perf_counter()
+            folder = work / f"loso_audio_{config.name.replace(', ', '_').replace(' ', '_')}_{speaker}"
+            metrics = fit(manifests[speaker], folder, config.epochs, ("audio",), **config.options)
+            entry = {**summary(metrics), "train_seconds": round(time.perf_counter() - started, 1)}
+            results["speakers"].setdefault(speaker, {})[config.name] = entry
+            log.warning("  accuracy %.4f in %.0f s", entry["accuracy"], entry["train_seconds"])
+            write(results, out)  # after every model, so an interrupted run keeps what it measured
+    return results
+
+
+def markdown(results: dict) -> str:
+    names = list(results["configs"])
+    machine_info = results.get("machine", {})
+    lines = [
+        "# AV-digits: audio alone on a speaker never heard in training",
+        "",
+        "Command: `make bench-avdigits-audio` (`python benchmarks/avdigits/loso_audio.py`). Each held-out "
+        "speaker's 500 recordings are the test split; PyTorch test metrics of each run.",
+        "",
+        f"Machine: {machine_info.get('cpus', '?')} CPUs, {'/'.join(machine_info.get('isa', [])) or '?'}.",
+        "",
+        "| held-out speaker | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    speakers = results["speakers"]
+    for speaker, entries in speakers.items():
+        cells = [f"{entries[n]['accuracy']:.4f}" if n in entries else "-" for n in names]
+        lines.append(f"| {speaker} | " + " | ".join(cells) + " |")
+    means = []
+    for name in names:
+        scores = [e[name]["accuracy"] for e in speakers.values() if name in e]
+        means.append(f"{sum(scores) / len(scores):.4f}" if len(scores) == len(speakers) else "-")
+    lines.append("| mean | " + " | ".join(means) + " |")
+    lines += ["", "Training time per model, seconds (mean over speakers):", ""]
+    for name in names:
+        seconds = [e[name]["train_seconds"] for e in speakers.values() if name in e]
+        if seconds:
+            options = results["configs"][name]
+            epochs = options["epochs"] or "family default"
+            lines.append(f"- {name} (epochs: {epochs}): {sum(seconds) / len(seconds):.0f} s")
+    return "\n".join(lines) + "\n"
+
+
+def write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "loso_audio.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "loso_audio.md").write_text(markdown(results))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--work", default=str(Path(__file__).resolve().parents[2] / "runs" / "avdigits"))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument(
+        "--speakers", default=",".join(SPEAKERS), help="speakers to hold out, comma-separated"
+    )
+    parser.add_argument(
+        "--configs",
+        default=",".join(c.name for c in CONFIGS).replace(", ", ":"),
+        help="configurations to compare, comma-separated (a ', ' in a name is written ':')",
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    wanted = [name.replace(":", ", ") for name in args.configs.split(",") if name]
+    known = {c.name: c for c in CONFIGS}
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        parser.error(f"unknown configuration {unknown[0]!r}; choose from {', '.join(known)}")
+    out = Path(args.out)
+    speakers = tuple(s for s in args.speakers.split(",") if s)
+    results = run(Path(args.work), speakers, tuple(known[n] for n in wanted), out)
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
