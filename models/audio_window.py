@@ -31,9 +31,7 @@ from polysense.models.registry import register_encoder
 
 WINDOW = 128  # frames (10 ms each) the encoder sees
 SILENCE = math.log(LOG_FLOOR)  # the log-mel value of digital silence
-_SPREAD = (
-    3.0  # normalised inputs are divided by this and clipped to [-1, 1], the range the Lite models expect
-)
+_SPREAD = 3.0  # standardised inputs are divided by this and clipped to [-1, 1], the range Lite models expect
 
 
 class WindowedSpectrogramEncoder(nn.Module):
@@ -50,8 +48,9 @@ class WindowedSpectrogramEncoder(nn.Module):
         self.network = EfficientNetLite0(embed_dim)
 
     def fit_input_stats(self, clips: list[np.ndarray]) -> None:
-        """Per-band mean and std of the training frames; a std floor of one nat, as the causal family has."""
-        frames = torch.from_numpy(np.concatenate(clips))
+        """Per-band mean and std of the training frames relative to their clip's loudest point (what _embed
+        normalises), with a std floor of one nat, as the causal family has."""
+        frames = torch.from_numpy(np.concatenate([clip - clip.max() for clip in clips if clip.size]))
         self.input_mean.copy_(frames.mean(0))
         self.input_std.copy_(frames.std(0).clamp(min=1.0))
 
@@ -63,15 +62,25 @@ class WindowedSpectrogramEncoder(nn.Module):
 
     def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Whole recordings, padded at the end to a batch (`frame_mask` [B, T], 1 = real frame): each row's
-        last WINDOW real frames, right-aligned after silence, as a stream would hold them at its end."""
+        last WINDOW real frames, right-aligned after silence, as a stream would hold them at its end.
+
+        In training each row is followed by a random stretch of silence that still fits the window (a stream
+        may be read some time after the word), so the network does not learn where in the window words end."""
         batch, count, bands = frames.shape
         if frame_mask is None:
             lengths = torch.full((batch,), count, device=frames.device)
+            relative = frames - SILENCE
         else:
             lengths = frame_mask.sum(dim=1).long()
-        padded = torch.cat([frames.new_zeros(batch, WINDOW, bands), frames - SILENCE], dim=1)
-        # Row b's window is padded[b, length_b : length_b + WINDOW]: it ends on its last real frame.
-        positions = lengths.unsqueeze(1) + torch.arange(WINDOW, device=frames.device)
+            relative = (frames - SILENCE) * frame_mask.unsqueeze(-1).to(frames.dtype)  # padding is silence
+        ends = lengths
+        if self.training:
+            room = (WINDOW - lengths).clamp(min=0)
+            ends = lengths + (torch.rand(batch, device=frames.device) * (room + 1)).long().clamp(max=room)
+        silence = frames.new_zeros(batch, WINDOW, bands)
+        padded = torch.cat([silence, relative, silence], dim=1)
+        # Row b's window is padded[b, end_b : end_b + WINDOW]: it ends on frame end_b - 1 of the row.
+        positions = ends.unsqueeze(1) + torch.arange(WINDOW, device=frames.device)
         window = padded.gather(1, positions.unsqueeze(-1).expand(-1, -1, bands))
         return self._embed(window)
 
@@ -86,7 +95,17 @@ class WindowedSpectrogramEncoder(nn.Module):
 
     def _embed(self, window: torch.Tensor) -> torch.Tensor:
         """window [B, WINDOW, n_mels] relative to silence -> embedding."""
-        x = (window + SILENCE - self.input_mean) / self.input_std
+        # Levels relative to the loudest point of the window, so a recording's gain and a voice's loudness do
+        # not move the input; then each band standardised, so the weak high bands (consonants) count as much
+        # as the loud low ones. A function of the window alone, so streaming still equals offline.
+        # Frames before the recording began (zeros: digital silence) read as the quietest level each band
+        # reaches in the recording itself, its background: a step from background to digital silence would
+        # mark where the recording starts, which says nothing about the word.
+        heard = window > 0
+        background = torch.where(heard, window, window.amax(dim=1, keepdim=True)).amin(dim=1, keepdim=True)
+        window = torch.where(heard, window, background)
+        relative = window - window.amax(dim=(1, 2), keepdim=True)
+        x = (relative - self.input_mean) / self.input_std
         x = (x / _SPREAD).clamp(-1.0, 1.0).transpose(1, 2).unsqueeze(1)  # [B, 1, n_mels, WINDOW]
         x = nn.functional.interpolate(x, scale_factor=(2.0, 1.0), mode="bilinear", align_corners=False)
         return self.network(x.expand(-1, 3, -1, -1))

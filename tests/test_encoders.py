@@ -161,3 +161,26 @@ def test_unknown_encoder_names_the_choices():
 
     with pytest.raises(ConfigError, match="choose from gru, minilm-l6, transformer"):
         create_encoder("text", "lstm", vocab_size=10)
+
+
+def test_windowed_audio_training_moves_whole_words_within_the_window():
+    """In training the windowed family places each recording at a random point of its window, whole."""
+    from polysense.models.audio_window import SILENCE, WINDOW
+
+    encoder = _make("audio", "efficientnet-lite0", pretrained=False).train()
+    windows = []
+    encoder._embed = lambda window: windows.append(window) or torch.zeros(window.shape[0], EMBED)
+    frames = torch.rand(2, 40, N_MELS) - 5.0
+    mask = torch.ones(2, 40)
+    mask[1, 25:] = 0
+    torch.manual_seed(3)
+    for _ in range(20):
+        encoder(frames, frame_mask=mask)
+    ends = set()
+    for window in windows:
+        for row, length in enumerate((40, 25)):
+            heard = window[row].abs().sum(dim=1).nonzero().flatten()
+            assert len(heard) == length  # the whole recording, and padding reads as silence
+            torch.testing.assert_close(window[row, heard], frames[row, :length] - SILENCE)
+            ends.add(int(heard[-1]))
+    assert len(ends) > 10 and max(ends) < WINDOW
