@@ -87,7 +87,8 @@ def markdown(results: dict) -> str:
     for name in names:
         scores = [e[name]["accuracy"] for e in speakers.values() if name in e]
         means.append(f"{sum(scores) / len(scores):.4f}" if len(scores) == len(speakers) else "-")
-    lines.append("| mean | " + " | ".join(means) + " |")
+    label = "mean" if len(speakers) == len(SPEAKERS) else f"mean of these {len(speakers)} (a partial run)"
+    lines.append(f"| {label} | " + " | ".join(means) + " |")
     lines += ["", "Training time per model, seconds (mean over speakers):", ""]
     for name in names:
         seconds = [e[name]["train_seconds"] for e in speakers.values() if name in e]
