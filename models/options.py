@@ -99,7 +99,9 @@ class TrainOptions:
         """0 for epochs, pretrained_lr or image_size means: what the chosen families ask for (a pretrained one:
         few epochs, a small learning rate; an image family: its resolution), else the general default; 0 for
         pretrain_epochs (staged) means as many as epochs. Resolved here, so a run's config records the numbers."""
-        pretrained = [] if self.from_scratch else [family_defaults(m, self.encoder(m)) for m in MODALITIES]
+        # Only the families of the modalities trained (all when the data decides) ask for anything.
+        used = self.modalities or MODALITIES
+        pretrained = [] if self.from_scratch else [family_defaults(m, self.encoder(m)) for m in used]
         pretrained = [d for d in pretrained if "epochs" in d]
         if self.image_size == 0:
             size = family_defaults("image", self.image_encoder).get("image_size", DEFAULT_IMAGE_SIZE)

@@ -91,6 +91,9 @@ def test_family_defaults_fill_epochs_and_learning_rates():
     assert TrainOptions(data="x", out="y", text_encoder="minilm-l6", epochs=5, pretrained_lr=1e-4).epochs == 5
     scratch = TrainOptions(data="x", out="y", text_encoder="minilm-l6", from_scratch=True)
     assert (scratch.epochs, scratch.pretrained_lr) == (DEFAULT_EPOCHS, scratch.lr)
+    # A family of a modality the run leaves out asks for nothing.
+    unused = TrainOptions(data="x", out="y", text_encoder="minilm-l6", modalities=("image",))
+    assert (unused.epochs, unused.pretrained_lr) == (DEFAULT_EPOCHS, unused.lr)
 
 
 def test_pretrained_layers_get_their_own_learning_rate():
