@@ -35,6 +35,15 @@ AudioState = tuple[torch.Tensor, ...]
 STATE_NAMES = ("conv1_cache", "conv2_cache", "gru_hidden", "pool_sum", "pool_count", "band_sum")
 
 
+def band_statistics(clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-band mean and std [n_mels] of the frames of clips [T, n_mels]."""
+    frames = torch.from_numpy(np.concatenate(clips))
+    # A band the training audio never reaches (above 4 kHz in 8 kHz recordings) sits at the log floor with a
+    # std near 0; dividing by that turned any energy there (noise, gain, another microphone) into values in
+    # the thousands. One nat (4.3 dB) is the least spread a band is assumed to have.
+    return frames.mean(0), frames.std(0).clamp(min=1.0)
+
+
 class CausalConv1d(nn.Module):
     """Conv1d that sees only the present and past frames; its left context comes from a cache."""
 
@@ -71,12 +80,9 @@ class CausalAudioEncoder(nn.Module):
 
     def fit_input_stats(self, clips: list[np.ndarray]) -> None:
         """Per-band mean and std of the training clips' frames [T, n_mels], used to normalise the input."""
-        frames = torch.from_numpy(np.concatenate(clips))
-        self.input_mean.copy_(frames.mean(0))
-        # A band the training audio never reaches (above 4 kHz in 8 kHz recordings) sits at the log floor with a
-        # std near 0; dividing by that turned any energy there (noise, gain, another microphone) into values in
-        # the thousands. One nat (4.3 dB) is the least spread a band is assumed to have.
-        self.input_std.copy_(frames.std(0).clamp(min=1.0))
+        mean, std = band_statistics(clips)
+        self.input_mean.copy_(mean)
+        self.input_std.copy_(std)
 
     def state_layout(self) -> dict[str, tuple[tuple[int, ...], int]]:
         """name -> (shape with a batch of one, batch axis) of each state tensor, in STATE_NAMES order.

@@ -5,8 +5,8 @@ the image one: a log-mel spectrogram is an image whose rows are bands and whose 
 ImageNet CNNs fine-tuned on spectrograms are a common start for audio classifiers. How it does on voices never
 heard in training is measured by `make bench-avdigits-audio` (see the README's Real data section).
 
-To stay streamable it reads a sliding window, the last WINDOW frames (1.28 s, longer than 99 % of spoken
-digits), and its state is that window:
+To stay streamable it reads a sliding window, the last WINDOW frames (1.28 s; 99 % of FSDD's spoken digits are
+shorter than 0.97 s), and its state is that window:
 
     new frames [B, T, n_mels] + window [B, WINDOW, n_mels] -> the last WINDOW frames
         -> frames before the recording read as its background -> levels relative to the window's peak
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from polysense.audio import LOG_FLOOR, N_MELS
+from polysense.models.audio_causal import band_statistics
 from polysense.models.efficientnet_lite import EfficientNetLite0
 from polysense.models.pretrained import EFFICIENTNET_LITE0
 from polysense.models.registry import register_encoder
@@ -51,10 +52,10 @@ class WindowedSpectrogramEncoder(nn.Module):
 
     def fit_input_stats(self, clips: list[np.ndarray]) -> None:
         """Per-band mean and std of the training frames relative to their clip's loudest point (what _embed
-        normalises), with a std floor of one nat, as the causal family has."""
-        frames = torch.from_numpy(np.concatenate([clip - clip.max() for clip in clips if clip.size]))
-        self.input_mean.copy_(frames.mean(0))
-        self.input_std.copy_(frames.std(0).clamp(min=1.0))
+        normalises), with the causal family's std floor."""
+        mean, std = band_statistics([clip - clip.max() for clip in clips if clip.size])
+        self.input_mean.copy_(mean)
+        self.input_std.copy_(std)
 
     def state_layout(self) -> dict[str, tuple[tuple[int, ...], int]]:
         return {"window": ((1, WINDOW, self.n_mels), 0)}
@@ -97,15 +98,16 @@ class WindowedSpectrogramEncoder(nn.Module):
 
     def _embed(self, window: torch.Tensor) -> torch.Tensor:
         """window [B, WINDOW, n_mels] relative to silence -> embedding."""
-        # Levels relative to the loudest point of the window, so a recording's gain and a voice's loudness do
-        # not move the input; then each band standardised, so the weak high bands (consonants) count as much
-        # as the loud low ones. A function of the window alone, so streaming still equals offline.
+        # Each step is a function of the window alone, so streaming still equals offline.
         # Frames before the recording began (zeros: digital silence) read as the quietest level each band
         # reaches in the recording itself, its background: a step from background to digital silence would
         # mark where the recording starts, which says nothing about the word.
         heard = window > 0
         background = torch.where(heard, window, window.amax(dim=1, keepdim=True)).amin(dim=1, keepdim=True)
         window = torch.where(heard, window, background)
+        # Levels relative to the loudest point of the window, so a recording's gain and a voice's loudness do
+        # not move the input; then each band standardised, so the weak high bands (consonants) count as much
+        # as the loud low ones.
         relative = window - window.amax(dim=(1, 2), keepdim=True)
         x = (relative - self.input_mean) / self.input_std
         x = (x / _SPREAD).clamp(-1.0, 1.0).transpose(1, 2).unsqueeze(1)  # [B, 1, n_mels, WINDOW]

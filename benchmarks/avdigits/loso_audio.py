@@ -6,7 +6,7 @@ Each of the five FSDD speakers is held out in turn (all 500 of their recordings 
 four speakers train and validate), and an audio-only model is trained with the ordinary training code for each
 configuration, side by side in one run:
   - `efficientnet-lite0`: the ImageNet EfficientNet-Lite0 over a 1.28 s log-mel window (its defaults);
-  - `efficientnet-lite0, from scratch`: the same network and defaults from random weights (what the transfer
+  - `efficientnet-lite0-from-scratch`: the same network and defaults from random weights (what the transfer
     itself brings);
   - `causal`: the default causal conv + GRU encoder at the AV-digits benchmark's 15 epochs.
 Writes results/loso_audio.json and .md: accuracy, macro F1 and training time per held-out speaker.
@@ -39,7 +39,7 @@ class Config:
 CONFIGS = (
     Config("efficientnet-lite0", {"audio_encoder": "efficientnet-lite0"}),
     Config("causal", {"audio_encoder": "causal"}, epochs=15),
-    Config("efficientnet-lite0, from scratch", {"audio_encoder": "efficientnet-lite0", "from_scratch": True}),
+    Config("efficientnet-lite0-from-scratch", {"audio_encoder": "efficientnet-lite0", "from_scratch": True}),
 )
 
 log = logging.getLogger("polysense")
@@ -56,7 +56,7 @@ def run(work: Path, speakers: tuple[str, ...], configs: tuple[Config, ...], out:
         for speaker in speakers:
             log.warning("%s, %s held out", config.name, speaker)
             started = time.perf_counter()
-            folder = work / f"loso_audio_{config.name.replace(', ', '_').replace(' ', '_')}_{speaker}"
+            folder = work / f"loso_audio_{config.name}_{speaker}"
             metrics = fit(manifests[speaker], folder, config.epochs, ("audio",), **config.options)
             entry = {**summary(metrics), "train_seconds": round(time.perf_counter() - started, 1)}
             results["speakers"].setdefault(speaker, {})[config.name] = entry
@@ -116,12 +116,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--configs",
-        default=",".join(c.name for c in CONFIGS).replace(", ", ":"),
-        help="configurations to compare, comma-separated (a ', ' in a name is written ':')",
+        default=",".join(c.name for c in CONFIGS),
+        help="configurations to compare, comma-separated",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    wanted = [name.replace(":", ", ") for name in args.configs.split(",") if name]
+    wanted = [name for name in args.configs.split(",") if name]
     known = {c.name: c for c in CONFIGS}
     unknown = [name for name in wanted if name not in known]
     if unknown:
