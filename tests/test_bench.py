@@ -100,3 +100,41 @@ def test_bench_runs_where_torch_and_onnx_cannot_be_imported(bundle):
     )
     assert result.returncode == 0, result.stderr
     assert "end to end" in result.stdout
+
+
+def test_loso_audio_merge_keeps_earlier_speakers_and_refuses_other_machines(tmp_path, monkeypatch):
+    """`loso_audio.py --merge` finishes a long run in parts: speakers not run again keep their results, and
+    results from another kind of machine are refused rather than mixed in."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "avdigits"
+    monkeypatch.syspath_prepend(str(folder))
+    loso_audio = pytest.importorskip("loso_audio")  # imports the training code: needs torch
+    scores = {"nicolas": 0.7, "theo": 0.9}
+    monkeypatch.setattr(loso_audio, "build", lambda work, speaker: Path(speaker))
+    monkeypatch.setattr(
+        loso_audio,
+        "fit",
+        lambda manifest, *a, **k: {"accuracy": scores[str(manifest)], "macro_f1": 0.5, "count": 500},
+    )
+    earlier = {
+        "configs": {"causal": {"audio_encoder": "causal", "epochs": 15}},
+        "speakers": {
+            s: {"causal": {"accuracy": 0.6, "macro_f1": 0.6, "count": 500, "train_seconds": 100.0}}
+            for s in ("george", "jackson", "lucas")
+        },
+        "machine": loso_audio.machine(),
+    }
+    (tmp_path / "loso_audio.json").write_text(json.dumps(earlier))
+    previous = loso_audio.earlier_results(tmp_path / "loso_audio.json")
+    causal = next(c for c in loso_audio.CONFIGS if c.name == "causal")
+    results = loso_audio.run(tmp_path, ("theo", "nicolas"), (causal,), tmp_path, previous)
+
+    assert list(results["speakers"]) == ["george", "jackson", "lucas", "nicolas", "theo"]  # benchmark order
+    assert results["speakers"]["theo"]["causal"]["accuracy"] == 0.9
+    assert "| mean | 0.6800 |" in (tmp_path / "loso_audio.md").read_text()  # (3 * 0.6 + 0.7 + 0.9) / 5
+
+    earlier["machine"] = {**earlier["machine"], "isa": ["sse2"]}
+    (tmp_path / "loso_audio.json").write_text(json.dumps(earlier))
+    with pytest.raises(SystemExit, match="another kind of machine"):
+        loso_audio.earlier_results(tmp_path / "loso_audio.json")

@@ -10,6 +10,8 @@ configuration, side by side in one run:
     itself brings);
   - `causal`: the default causal conv + GRU encoder at the AV-digits benchmark's 15 epochs.
 Writes results/loso_audio.json and .md: accuracy, macro F1 and training time per held-out speaker.
+`--merge` keeps the results already in the JSON for the speakers and configurations not run again (a long run
+can be finished in parts on the same kind of machine).
 """
 
 from __future__ import annotations
@@ -45,12 +47,23 @@ CONFIGS = (
 log = logging.getLogger("polysense")
 
 
-def run(work: Path, speakers: tuple[str, ...], configs: tuple[Config, ...], out: Path) -> dict:
+def run(
+    work: Path,
+    speakers: tuple[str, ...],
+    configs: tuple[Config, ...],
+    out: Path,
+    previous: dict | None = None,
+) -> dict:
+    """Train and test every configuration on every held-out speaker; `previous` (results of an earlier run on
+    this kind of machine) supplies what is not run again."""
     results: dict = {
         "configs": {c.name: {**c.options, "epochs": c.epochs} for c in configs},
         "speakers": {},
         "machine": machine(),  # training numerics differ between CPU instruction sets
     }
+    if previous is not None:
+        results["configs"] = {**previous["configs"], **results["configs"]}
+        results["speakers"] = {s: dict(e) for s, e in previous["speakers"].items()}
     manifests = {speaker: build(work, speaker) for speaker in speakers}
     for config in configs:
         for speaker in speakers:
@@ -60,6 +73,7 @@ def run(work: Path, speakers: tuple[str, ...], configs: tuple[Config, ...], out:
             metrics = fit(manifests[speaker], folder, config.epochs, ("audio",), **config.options)
             entry = {**summary(metrics), "train_seconds": round(time.perf_counter() - started, 1)}
             results["speakers"].setdefault(speaker, {})[config.name] = entry
+            results["speakers"] = {s: results["speakers"][s] for s in SPEAKERS if s in results["speakers"]}
             log.warning("  accuracy %.4f in %.0f s", entry["accuracy"], entry["train_seconds"])
             write(results, out)  # after every model, so an interrupted run keeps what it measured
     return results
@@ -105,6 +119,19 @@ def write(results: dict, out: Path) -> None:
     (out / "loso_audio.md").write_text(markdown(results))
 
 
+def earlier_results(path: Path) -> dict:
+    """The results a --merge run adds to: only from this kind of machine, whose numerics they share."""
+    if not path.exists():
+        raise SystemExit(f"--merge: {path} does not exist; run without --merge first")
+    previous = json.loads(path.read_text())
+    if previous.get("machine") != machine():
+        raise SystemExit(
+            f"--merge: {path} was measured on another kind of machine ({previous.get('machine')}); "
+            "run all speakers again without --merge"
+        )
+    return previous
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -119,6 +146,11 @@ def main() -> None:
         default=",".join(c.name for c in CONFIGS),
         help="configurations to compare, comma-separated",
     )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the results in --out for speakers and configurations not run again",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     wanted = [name for name in args.configs.split(",") if name]
@@ -128,7 +160,8 @@ def main() -> None:
         parser.error(f"unknown configuration {unknown[0]!r}; choose from {', '.join(known)}")
     out = Path(args.out)
     speakers = tuple(s for s in args.speakers.split(",") if s)
-    results = run(Path(args.work), speakers, tuple(known[n] for n in wanted), out)
+    previous = earlier_results(out / "loso_audio.json") if args.merge else None
+    results = run(Path(args.work), speakers, tuple(known[n] for n in wanted), out, previous)
     print(markdown(results))
 
 
