@@ -11,7 +11,7 @@ import torch
 import polysense
 from polysense.data import Row
 from polysense.export.components import Component
-from polysense.export.parity import TOLERANCE, ExportError
+from polysense.export.parity import Difference, ExportError, allowed_difference
 from polysense.export.reference import torch_inputs, torch_logits
 from polysense.modalities import nonempty_subsets
 from polysense.models.model import MultimodalClassifier
@@ -84,14 +84,15 @@ def check_end_to_end(
     """Load the bundle with the real runtime and compare its probabilities with torch's on real samples."""
     pipeline = polysense.Pipeline.load(bundle, device="cpu", precision="fp32")
     predictions = pipeline.predict_batch(samples)
-    worst = 0.0
+    worst = Difference()
     for sample, prediction in zip(samples, predictions):
         features = {m: preprocessors[m](value) for m, value in sample.items()}
         expected = torch.softmax(torch_logits(model, features), dim=1)[0].numpy()
         got = np.array([prediction.probabilities[label] for label in pipeline.labels])
-        worst = max(worst, float(np.abs(expected - got).max()))
-    if worst > TOLERANCE:
+        worst = worst.worse(Difference(float(np.abs(expected - got).max()), allowed_difference(expected)))
+    if worst.found > worst.allowed:
         raise ExportError(
-            f"the runtime's probabilities differ from torch's by {worst:.2e} (> {TOLERANCE:.0e})"
+            f"the runtime's probabilities differ from torch's by {worst.found:.2e} where {worst.allowed:.2e} "
+            "is allowed"
         )
-    return worst
+    return worst.found

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,14 @@ import torch
 from polysense.errors import PolysenseError
 from polysense.export.components import OPSET, Component
 
-TOLERANCE = 1e-4  # max abs difference allowed between torch and onnxruntime, on embeddings and logits
+# How far onnxruntime may be from torch on an output: TOLERANCE absolute, plus RELATIVE_TOLERANCE of the output's
+# largest magnitude. float32 rounding differs between the two (onnxruntime folds BatchNorm into convolutions and
+# orders sums its own way), and a deep network scales that difference with its gains: a trained
+# `--audio-encoder efficientnet-lite0` (a stem BatchNorm gain of 340 over flat spectrogram regions) gave 4.3e-4 on
+# embeddings of magnitude 2.2, where the same network on photos gives 2e-6. Export bugs (a wrong constant, a lost
+# state, a misread input) move outputs by far more than a thousandth of their scale.
+TOLERANCE = 1e-4
+RELATIVE_TOLERANCE = 1e-3
 BATCHES = (1, 4)
 LENGTHS = (1, 5, 23, 61)  # text tokens / audio frames tried for components with a length axis
 
@@ -39,9 +47,29 @@ def export_component(component: Component, path: Path) -> None:
         )
 
 
-def max_difference(component: Component, session, cases: Sequence[tuple[torch.Tensor, ...]]) -> float:
-    """Worst absolute difference over every output of every case, torch vs onnxruntime."""
-    worst = 0.0
+def allowed_difference(expected: np.ndarray) -> float:
+    """The largest |torch - onnxruntime| accepted on an output whose torch value is `expected`."""
+    return TOLERANCE + RELATIVE_TOLERANCE * float(np.abs(expected).max(initial=0.0))
+
+
+@dataclass(frozen=True)
+class Difference:
+    """The worst output of a parity check: its |torch - onnxruntime| and what its scale allows."""
+
+    found: float = 0.0
+    allowed: float = TOLERANCE
+
+    @property
+    def share(self) -> float:
+        return self.found / self.allowed
+
+    def worse(self, other: Difference) -> Difference:
+        return other if other.share > self.share else self
+
+
+def max_difference(component: Component, session, cases: Sequence[tuple[torch.Tensor, ...]]) -> Difference:
+    """The output, over every output of every case, furthest from torch relative to what it allows."""
+    worst = Difference()
     with torch.no_grad():
         for inputs in cases:
             expected = component.module(*inputs)
@@ -52,7 +80,8 @@ def max_difference(component: Component, session, cases: Sequence[tuple[torch.Te
                     raise ExportError(
                         f"{component.name}: output shape {got.shape} != torch's {tuple(want.shape)}"
                     )
-                worst = max(worst, float(np.abs(want.numpy() - got).max(initial=0.0)))
+                found = float(np.abs(want.numpy() - got).max(initial=0.0))
+                worst = worst.worse(Difference(found, allowed_difference(want.numpy())))
     return worst
 
 
@@ -61,7 +90,8 @@ def check_component(
 ) -> float:
     """Full ONNX check, then parity on random inputs (batch 1 and 4, several lengths) and on real inputs.
 
-    Returns the worst absolute difference; raises ExportError above TOLERANCE.
+    Returns the worst absolute difference; raises ExportError where an output differs by more than its
+    allowed_difference.
     """
     import onnxruntime as ort
 
@@ -74,9 +104,9 @@ def check_component(
     lengths = LENGTHS if component.has_length_axis else LENGTHS[:1]
     random_cases = [component.example(b, n, generator) for b in BATCHES for n in lengths]
     worst = max_difference(component, session, [*random_cases, *real_cases])
-    if worst > TOLERANCE:
+    if worst.found > worst.allowed:
         raise ExportError(
-            f"{component.name}: onnxruntime differs from torch by {worst:.2e} (> {TOLERANCE:.0e}); "
-            "the export is not trustworthy"
+            f"{component.name}: onnxruntime differs from torch by {worst.found:.2e} where {worst.allowed:.2e} "
+            "is allowed; the export is not trustworthy"
         )
-    return worst
+    return worst.found

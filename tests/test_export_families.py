@@ -4,12 +4,13 @@ Built from randomly initialised models (no training), so a family that cannot ex
 `--text-encoder transformer` and `--fusion transformer` once failed only after a whole training run.
 """
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from polysense.export.components import components  # noqa: E402
+from polysense.export.components import Component, components  # noqa: E402
 from polysense.export.parity import TOLERANCE, check_component, export_component  # noqa: E402
 from polysense.modalities import MODALITIES  # noqa: E402
 from polysense.models import ENCODERS, FUSIONS, ModelConfig, MultimodalClassifier  # noqa: E402
@@ -47,3 +48,41 @@ def test_every_family_and_fusion_exports_with_parity(families, fusion, tmp_path)
         path = tmp_path / f"{component.name}.onnx"
         export_component(component, path)
         assert check_component(component, path, []) <= TOLERANCE, component.name
+
+
+def _linear_component(scale: float) -> Component:
+    linear = torch.nn.Linear(64, 16)
+    with torch.no_grad():
+        linear.weight.mul_(scale)
+    return Component(
+        name="image_encoder",
+        modality="image",
+        module=linear.eval(),
+        inputs=["x"],
+        outputs=["embedding"],
+        dynamic_axes={"x": {0: "batch"}, "embedding": {0: "batch"}},
+        example_builder=lambda batch, length, generator: (torch.randn(batch, 64, generator=generator),),
+    )
+
+
+def test_parity_allows_rounding_in_proportion_to_the_output_and_refuses_real_differences(tmp_path):
+    """float32 rounding grows with an output's size, so the rule is 1e-4 plus a thousandth of the output's
+    largest magnitude; a graph that computes something else (here: weights changed by 1 % after export) is
+    still refused, at any scale."""
+    from polysense.errors import PolysenseError
+    from polysense.export.parity import RELATIVE_TOLERANCE, allowed_difference
+
+    assert allowed_difference(np.array([0.5, -0.2])) == pytest.approx(TOLERANCE + 0.5 * RELATIVE_TOLERANCE)
+    assert allowed_difference(np.array([-3000.0, 1.0])) == pytest.approx(TOLERANCE + 3.0)
+    assert allowed_difference(np.zeros(0)) == TOLERANCE
+
+    torch.manual_seed(0)
+    for scale in (1.0, 1e4):  # outputs of about 1 and about 10,000
+        component = _linear_component(scale)
+        path = tmp_path / f"linear_{scale}.onnx"
+        export_component(component, path)
+        check_component(component, path, [])
+        with torch.no_grad():
+            component.module.weight.mul_(1.01)
+        with pytest.raises(PolysenseError, match="onnxruntime differs from torch by .* where .* is allowed"):
+            check_component(component, path, [])
