@@ -147,7 +147,7 @@ def candidates(
         path = fp32_path.with_name(f"{component.name}.int8.onnx")
         if component.int8_method == "static":  # the encoder family asks for it: dense convolutions
             feeds = calibration(component)
-            quantize_int8_static(fp32_path, path, feeds)
+            quantize_int8_static(fp32_path, path, feeds, tuple(s.output_name for s in component.state))
             method = f"static QDQ, per-channel weights, {len(feeds)} training samples"
             yield Candidate("int8", method, "cpu", path)
         elif quantize_int8_dynamic(fp32_path, path):
