@@ -246,15 +246,20 @@ def test_the_audio_family_trains_exports_and_streams_as_it_predicts_offline(tmp_
         progress=False,
     )
     train(options)
-    bundle = export_run(run, tmp_path / "bundle", progress=False, policy=VariantPolicy(precisions=("fp32",)))
-    pipe = polysense.Pipeline.load(bundle.bundle, device="cpu", precision="fp32")
+    # Every variant kept whatever it measures, so each precision's streaming is checked: int8 once quantized the
+    # window state and streamed 0.66 away from its own offline embedding.
+    policy = VariantPolicy(max_accuracy_drop=100, min_speedup=0, latency_runs=5)
+    bundle = export_run(run, tmp_path / "bundle", progress=False, policy=policy)
     samples, rate = soundfile.read(tmp_path / "3.wav", dtype="float32")
-    offline = pipe.predict(audio=samples, sample_rate=rate)
-    stream = pipe.audio_stream()
-    for start in range(0, samples.size, 1_234):
-        stream.accept_waveform(samples[start : start + 1_234], rate)
-    stream.input_finished()
-    result = stream.result()
-    np.testing.assert_allclose(result.embeddings["audio"], offline.embeddings["audio"], atol=1e-4)
-    assert result.label == offline.label
+    for precision in ("fp32", "int8", "fp16"):
+        pipe = polysense.Pipeline.load(bundle.bundle, device="cpu", precision=precision)
+        assert pipe.precisions["audio_encoder"] == precision
+        offline = pipe.predict(audio=samples, sample_rate=rate)
+        stream = pipe.audio_stream()
+        for start in range(0, samples.size, 1_234):
+            stream.accept_waveform(samples[start : start + 1_234], rate)
+        stream.input_finished()
+        result = stream.result()
+        np.testing.assert_allclose(result.embeddings["audio"], offline.embeddings["audio"], atol=1e-4)
+        assert result.label == offline.label, precision
     shutil.rmtree(run)
