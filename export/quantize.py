@@ -72,15 +72,20 @@ def quantize_int8_static(
     _require_float(target, exact_outputs)
 
 
+def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """Each value of the graph -> the node that outputs it."""
+    return {out: node for node in graph.node for out in node.output}
+
+
 def _computing(graph: onnx.GraphProto, outputs: tuple[str, ...]) -> list[str]:
     """The names of the nodes that `outputs` are computed from (themselves included)."""
-    producers = {out: node for node in graph.node for out in node.output}
-    wanted, found, names = list(outputs), set(), []
+    producers = _producers(graph)
+    wanted, seen, names = list(outputs), set(), []
     while wanted:
         node = producers.get(wanted.pop())
-        if node is None or node.name in found:
+        if node is None or id(node) in seen:  # by identity: a node's name may be empty
             continue
-        found.add(node.name)
+        seen.add(id(node))
         names.append(node.name)
         wanted.extend(node.input)
     return names
@@ -88,8 +93,7 @@ def _computing(graph: onnx.GraphProto, outputs: tuple[str, ...]) -> list[str]:
 
 def _require_float(path: Path, outputs: tuple[str, ...]) -> None:
     """Fail loudly if the quantizer still put a quantize/dequantize pair on an output that must stay exact."""
-    graph = onnx.load(str(path)).graph
-    producers = {out: node for node in graph.node for out in node.output}
+    producers = _producers(onnx.load(str(path)).graph)
     quantized = [
         name for name in outputs if getattr(producers.get(name), "op_type", "") == "DequantizeLinear"
     ]
@@ -163,7 +167,7 @@ def _skip_fp16_round_trips(graph: onnx.GraphProto, blocked: list[str]) -> None:
     blocked node -> graph output), read the fp32 value instead: the second Cast becomes a lossless fp32 -> fp32."""
     fp32_values = {i.name for i in graph.input if i.name in ACCUMULATORS}
     fp32_values |= {out for node in graph.node if node.name in blocked for out in node.output}
-    producers = {out: node for node in graph.node for out in node.output}
+    producers = _producers(graph)
     for node in graph.node:
         if node.op_type != "Cast" or _cast_to(node) != onnx.TensorProto.FLOAT:
             continue
