@@ -19,7 +19,8 @@ from polysense.export.components import OPSET, Component
 # orders sums its own way), and a deep network scales that difference with its gains: a trained
 # `--audio-encoder efficientnet-lite0` (a stem BatchNorm gain of 340 over flat spectrogram regions) gave 4.3e-4 on
 # embeddings of magnitude 2.2, where the same network on photos gives 2e-6. Export bugs (a wrong constant, a lost
-# state, a misread input) move outputs by far more than a thousandth of their scale.
+# state, a misread input) move outputs by far more than a thousandth of their scale. Every export records its
+# worst difference per component in bundle.json (metrics.parity_max_abs_diff), which is where these came from.
 TOLERANCE = 1e-4
 RELATIVE_TOLERANCE = 1e-3
 BATCHES = (1, 4)

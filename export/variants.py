@@ -175,7 +175,13 @@ def decide(device: str, drop: float, speedup: float | None, policy: VariantPolic
         )
     if speedup < policy.min_speedup:
         return False, f"rejected: {speedup:.2f}x fp32 speed on {device.upper()} (< {policy.min_speedup}x)"
-    return True, f"kept: accuracy within budget and faster than fp32 on {device.upper()}"
+    if speedup > 1.0:
+        return True, f"kept: accuracy within budget, {speedup:.2f}x fp32 speed on {device.upper()}"
+    # Only a --min-speedup at or below 1 keeps a variant that is not faster; say so rather than call it faster.
+    return True, (
+        f"kept: accuracy within budget, {speedup:.2f}x fp32 speed on {device.upper()} "
+        f"(not faster; --min-speedup {policy.min_speedup} allows it)"
+    )
 
 
 @dataclass(frozen=True)

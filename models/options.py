@@ -11,12 +11,13 @@ from dataclasses import dataclass, field, fields
 from polysense.errors import ConfigError
 from polysense.modalities import MODALITIES, check_modalities
 from polysense.models.flags import flag_name
-from polysense.models.registry import ENCODERS, FUSIONS, family_defaults
+from polysense.models.registry import ENCODERS, FUSIONS, family_defaults, family_takes
 from polysense.sessions import DEVICES
 
 STRATEGIES = ("joint", "staged", "frozen", "alternating")
 DEFAULT_EPOCHS = 12
 DEFAULT_IMAGE_SIZE = 64
+DEFAULT_AUDIO_NORM_FRAMES = 20
 # Fields that must be at least 1.
 _POSITIVE_INTS = ("batch_size", "accumulate", "image_size", "image_width", "embed_dim", "max_text_length")
 
@@ -54,7 +55,7 @@ class TrainOptions:
     audio_encoder: str = "causal"  # audio encoder family
     fusion: str = "concat"  # fusion head over the encoders' embeddings
     audio_norm_frames: int = (
-        20  # causal audio encoder: running-mean normalisation's prior, in frames (0: off)
+        DEFAULT_AUDIO_NORM_FRAMES  # causal audio encoder: running mean's prior, frames (0: off)
     )
     max_text_length: int = 64  # tokens kept per text
     builtin_n: int = field(default=3000, metadata={"flag": "--n"})  # samples when data is "builtin"
@@ -85,6 +86,13 @@ class TrainOptions:
         if min(self.weight_decay, self.patience, self.aux_loss_weight, self.audio_norm_frames) < 0:
             problems.append(
                 "--weight-decay, --patience, --aux-loss-weight and --audio-norm-frames cannot be negative"
+            )
+        if self.audio_norm_frames != DEFAULT_AUDIO_NORM_FRAMES and self.family_ignores(
+            "audio", "audio_norm_frames"
+        ):
+            problems.append(
+                f"{flag('audio_norm_frames')} only applies to an audio family that takes it (causal); "
+                f"--audio-encoder {self.audio_encoder} has its own normalisation"
             )
         if not 0 <= self.modality_dropout <= 1:
             problems.append(f"{flag('modality_dropout')} must be in [0, 1], got {self.modality_dropout}")
@@ -119,6 +127,11 @@ class TrainOptions:
 
     def encoder(self, modality: str) -> str:
         return getattr(self, f"{modality}_encoder")
+
+    def family_ignores(self, modality: str, option: str) -> bool:
+        """Whether the chosen (known) family of `modality` ignores model option `option`."""
+        family = self.encoder(modality)
+        return family in ENCODERS[modality] and not family_takes(modality, family, option)
 
     def to_dict(self) -> dict:
         values = {f.name: getattr(self, f.name) for f in fields(self)}

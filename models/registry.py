@@ -57,10 +57,16 @@ def create_encoder(modality: str, name: str, **options) -> nn.Module:
         choices = ", ".join(sorted(ENCODERS[modality]))
         raise ConfigError(f"unknown {modality} encoder {name!r}; choose from {choices}")
     factory = ENCODERS[modality][name]
+    return factory(**{key: value for key, value in options.items() if family_takes(modality, name, key)})
+
+
+def family_takes(modality: str, name: str, option: str) -> bool:
+    """Whether registered family `name` takes model option `option` (named by its factory, or **options)."""
+    factory = ENCODERS.get(modality, {}).get(name)
+    if factory is None:
+        return False
     parameters = inspect.signature(factory).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        options = {key: value for key, value in options.items() if key in parameters}
-    return factory(**options)
+    return option in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 def family_defaults(modality: str, name: str) -> dict:

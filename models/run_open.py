@@ -71,7 +71,10 @@ def _model_config(options: TrainOptions, data: PreparedData) -> ModelConfig:
         image_width=options.image_width,
         text_family=options.text_encoder,
         audio_family=options.audio_encoder,
-        audio_norm_frames=options.audio_norm_frames,
+        # Recorded only where the audio family uses it, so a config does not claim a normalisation it lacks.
+        audio_norm_frames=0
+        if options.family_ignores("audio", "audio_norm_frames")
+        else options.audio_norm_frames,
         vocab_size=data.vocab_size,
         max_text_length=options.max_text_length,
         fusion=options.fusion,

@@ -165,8 +165,11 @@ def test_a_cuda_variant_pays_only_from_a_cuda_measurement():
     assert decide("cuda", 0.0, 0.8, policy)[0] is False  # measured on CUDA and slower: rejected
     assert decide("cuda", 0.0, 1.5, policy) == (
         True,
-        "kept: accuracy within budget and faster than fp32 on CUDA",
+        "kept: accuracy within budget, 1.50x fp32 speed on CUDA",
     )
+    forced = VariantPolicy(min_speedup=0.0)
+    kept, reason = decide("cpu", 0.0, 0.95, forced)
+    assert kept and "not faster" in reason and "faster than" not in reason
     assert decide("cpu", 0.0, 0.9, policy)[0] is False
     assert decide("cuda", 50.0, None, policy)[0] is False  # accuracy first
 

@@ -1,4 +1,5 @@
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -117,6 +118,19 @@ def test_staged_pretrains_each_encoder_as_long_as_a_unimodal_model_by_default():
     assert TrainOptions(data="x", out="y", strategy="staged").pretrain_epochs == DEFAULT_EPOCHS
     with pytest.raises(ConfigError, match="--pretrain-epochs must be at least 1"):
         TrainOptions(data="x", out="y", strategy="staged", pretrain_epochs=-1)
+
+
+def test_audio_norm_frames_is_refused_where_the_audio_family_ignores_it():
+    from polysense.models.run_open import _model_config
+
+    with pytest.raises(ConfigError, match="--audio-norm-frames only applies .* efficientnet-lite0"):
+        TrainOptions(data="x", out="y", audio_encoder="efficientnet-lite0", audio_norm_frames=5)
+    assert TrainOptions(data="x", out="y", audio_norm_frames=5).audio_norm_frames == 5  # causal takes it
+    # Left at its default, it is not recorded as the windowed family's normalisation.
+    data = SimpleNamespace(modalities=("audio",), labels=["a", "b"], vocab_size=0)
+    windowed = TrainOptions(data="x", out="y", audio_encoder="efficientnet-lite0")
+    assert _model_config(windowed, data).audio_norm_frames == 0
+    assert _model_config(TrainOptions(data="x", out="y"), data).audio_norm_frames == 20
 
 
 def test_early_stopping(tiny_builtin, tmp_path):
