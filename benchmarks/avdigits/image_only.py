@@ -1,0 +1,165 @@
+"""Image alone on held-out sign-digit photos: the pretrained image encoder against training from scratch.
+
+    python benchmarks/avdigits/image_only.py        (or: make bench-avdigits-image; about 30 minutes on 2 cores)
+
+Trains an image-only model on the AV-digits manifest (`polysense data avdigits`, then `polysense train
+--modalities image`) for each configuration, side by side in one run:
+  - `efficientnet-lite0`: ImageNet EfficientNet-Lite0, its family defaults (6 epochs, 128 pixels, 3e-4 for the
+    pretrained layers);
+  - `efficientnet-lite0-from-scratch`: the same network, resolution and 6 epochs from random weights (what
+    the transfer itself brings);
+  - `cnn`: the default small CNN at the AV-digits benchmark's 15 epochs and 64 pixels.
+The manifest pairs each of the 250 test recordings with a held-out photo of its digit, so its test split shows
+the 164 held-out photos 1-2 times each. Each model is therefore also exported (fp32) and run through the
+runtime once per distinct held-out photo: that accuracy, and which photos it misreads, are the image figures;
+the 250-row PyTorch test accuracy is kept beside them. Results: results/image_only.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from run import build, export, fit, summary  # noqa: E402
+
+import polysense  # noqa: E402
+from polysense.bench import machine  # noqa: E402
+from polysense.data import read_manifest  # noqa: E402
+
+COMMAND = "make bench-avdigits-image"
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    options: dict = field(default_factory=dict)  # TrainOptions fields besides the data
+    epochs: int = 0  # 0: what the family asks for
+
+
+CONFIGS = (
+    Config("efficientnet-lite0", {"image_encoder": "efficientnet-lite0"}),
+    Config(
+        "efficientnet-lite0-from-scratch", {"image_encoder": "efficientnet-lite0", "from_scratch": True}, 6
+    ),
+    Config("cnn", {"image_encoder": "cnn"}, 15),
+)
+
+log = logging.getLogger("polysense")
+
+
+def held_out_photos(manifest: Path) -> list[tuple[str, str]]:
+    """(photo, label) of each distinct photo in the test split, in manifest order."""
+    photos: dict[str, str] = {}
+    for row in read_manifest(manifest).rows:
+        if row.split == "test":
+            photos.setdefault(row.image, row.label)
+    return list(photos.items())
+
+
+def photo_accuracy(bundle: Path, photos: list[tuple[str, str]]) -> dict:
+    """Accuracy of the fp32 bundle through the runtime, one prediction per photo, and the photos it misreads."""
+    pipeline = polysense.Pipeline.load(bundle, device="cpu", precision="fp32")
+    images = [{"image": cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB)} for path, _ in photos]
+    predicted = [p.label for p in pipeline.predict_batch(images)]
+    wrong = [
+        {"photo": Path(path).parent.name + "/" + Path(path).name, "label": label, "predicted": guess}
+        for (path, label), guess in zip(photos, predicted)
+        if guess != label
+    ]
+    return {"photos": len(photos), "accuracy": 1 - len(wrong) / len(photos), "misread": wrong}
+
+
+def run(work: Path, configs: tuple[Config, ...], seed: int, out: Path) -> dict:
+    manifest = build(work)
+    photos = held_out_photos(manifest)
+    results: dict = {
+        "seed": seed,
+        "configs": {c.name: {**c.options, "epochs": c.epochs} for c in configs},
+        "models": {},
+        "machine": machine(),  # training numerics differ between CPU instruction sets
+    }
+    for config in configs:
+        log.warning("image only: %s", config.name)
+        folder = work / (f"image_{config.name}" + ("" if seed == 0 else f"_seed{seed}"))
+        started = time.perf_counter()
+        metrics = fit(manifest, folder, config.epochs, ("image",), seed=seed, **config.options)
+        seconds = time.perf_counter() - started
+        results["models"][config.name] = {
+            "held_out_photos": photo_accuracy(export(folder, variants=False), photos),
+            "test_rows": summary(metrics),
+            "train_seconds": round(seconds, 1),
+            "epochs_run": len(json.loads((folder / "metrics.json").read_text()).get("history", [])),
+        }
+        accuracy = results["models"][config.name]["held_out_photos"]["accuracy"]
+        log.warning("  %.4f on held-out photos in %.0f s", accuracy, seconds)
+        write(results, out)  # after every model, so an interrupted run keeps what it measured
+    return results
+
+
+def markdown(results: dict) -> str:
+    machine_info = results.get("machine", {})
+    lines = [
+        "# AV-digits: image alone on held-out sign-digit photos, pretrained against from scratch",
+        "",
+        f"Command: `{COMMAND}` (`python benchmarks/avdigits/image_only.py`). Training seed {results['seed']}.",
+        "",
+        f"Machine: {machine_info.get('cpus', '?')} CPUs, {'/'.join(machine_info.get('isa', [])) or '?'}.",
+        "",
+        "| image encoder | held-out photos (runtime, fp32) | photos misread | test rows (PyTorch, 250) | epochs | train time |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, entry in results["models"].items():
+        photos, rows = entry["held_out_photos"], entry["test_rows"]
+        lines.append(
+            f"| {name} | {photos['accuracy']:.4f} | {len(photos['misread'])} of {photos['photos']} "
+            f"| {rows['accuracy']:.4f} | {entry['epochs_run']} | {entry['train_seconds'] / 60:.1f} min |"
+        )
+    lines += ["", "Misread photos (label -> predicted):", ""]
+    for name, entry in results["models"].items():
+        misread = ", ".join(
+            f"{m['photo']} ({m['label']} -> {m['predicted']})" for m in entry["held_out_photos"]["misread"]
+        )
+        lines.append(f"- {name}: {misread or 'none'}")
+    return "\n".join(lines) + "\n"
+
+
+def write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "image_only.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "image_only.md").write_text(markdown(results))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--work", default=str(Path(__file__).resolve().parents[2] / "runs" / "avdigits"))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--seed", type=int, default=0, help="training seed of every model")
+    parser.add_argument(
+        "--configs",
+        default=",".join(c.name for c in CONFIGS),
+        help="configurations to compare, comma-separated",
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    known = {c.name: c for c in CONFIGS}
+    wanted = [name for name in args.configs.split(",") if name]
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        parser.error(f"unknown configuration {unknown[0]!r}; choose from {', '.join(known)}")
+    results = run(Path(args.work), tuple(known[n] for n in wanted), args.seed, Path(args.out))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
