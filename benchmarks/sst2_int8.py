@@ -10,6 +10,12 @@ competes for the cores or caches. fp32 and int8 processes alternate, ROUNDS roun
 round), at 1 intra-op thread and at onnxruntime's default (one per core); the speed-up is the median over rounds
 of fp32 over the median of int8. Results: benchmarks/results/sst2_int8.{json,md}, with the CPU's instruction sets
 (int8 kernels differ by CPU).
+
+The int8 graph is the one export makes (`quantize_int8_dynamic` on the bundle's fp32 graph), made here, so the
+benchmark runs whether or not export kept it. Its accuracy is measured too, on validation (what export's keep rule
+reads) and dev, at batch 1 and in batches of 32 padded to their longest sentence (as `polysense eval` and export
+run them): dynamic int8 takes one activation scale per tensor over the whole batch, so its accuracy depends on the
+batch it runs in.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ MANIFEST = ROOT / "runs" / "sst2_bench" / "data" / "manifest.csv"
 RESULTS = ROOT / "benchmarks" / "results"
 COMMAND = "python benchmarks/sst2_int8.py"
 ROUNDS = 3
+BATCHES = (1, 32)  # accuracy at batch 1 (where the speed is timed) and at evaluation's batch
 WARMUP = 20
 
 
@@ -66,12 +73,40 @@ def measure_apart(graph: Path, ids_file: Path, threads: int) -> float:
     return float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip())
 
 
-def dev_ids(pipe) -> np.ndarray:
+def split_ids(pipe, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of each sentence of a manifest split (the bundle's own preprocessing), and label indices."""
     with MANIFEST.open(newline="") as handle:
-        texts = [row["text"] for row in csv.DictReader(handle) if row["split"] == "test"]
-    ids = np.empty(len(texts), dtype=object)
-    ids[:] = [pipe.prepare({"text": t}).features["text"] for t in texts]
-    return ids
+        rows = [row for row in csv.DictReader(handle) if row["split"] == split]
+    ids = np.empty(len(rows), dtype=object)
+    ids[:] = [pipe.prepare({"text": row["text"]}).features["text"] for row in rows]
+    return ids, np.array([pipe.labels.index(row["label"]) for row in rows])
+
+
+def accuracy(graph: Path, fusion: Path, ids: np.ndarray, truth: np.ndarray, batch: int) -> float:
+    """Accuracy with text encoder `graph` and the bundle's fp32 fusion, `batch` sentences per call, each batch
+    padded to its longest sentence by the runtime's own text codec."""
+    from polysense.modalities import SPECS
+    from polysense.sessions import Session, SessionSettings
+
+    encoder, head = (Session(g, SessionSettings(device="cpu")) for g in (graph, fusion))
+    predicted = []
+    for start in range(0, len(ids), batch):
+        tokens, mask = SPECS["text"].codec.feeds(list(ids[start : start + batch]))
+        embedding = encoder.run({"ids": tokens, "mask": mask})[0]
+        present = np.ones((len(tokens), 1), np.float32)
+        predicted += list(head.run({"embedding_text": embedding, "mask": present})[0].argmax(1))
+    return float(np.mean(np.array(predicted) == truth))
+
+
+def accuracies(graphs: dict[str, Path], fusion: Path, splits: dict) -> dict:
+    """{split: {"batch_N": {precision: accuracy, "int8_points_lost": ...}}}."""
+    found: dict = {}
+    for split, (ids, truth) in splits.items():
+        for batch in BATCHES:
+            entry = {p: accuracy(g, fusion, ids, truth, batch) for p, g in graphs.items()}
+            entry["int8_points_lost"] = 100 * (entry["fp32"] - entry["int8"])
+            found.setdefault(split, {})[f"batch_{batch}"] = entry
+    return found
 
 
 def main() -> None:
@@ -80,14 +115,21 @@ def main() -> None:
 
     if not BUNDLE.is_dir():
         raise SystemExit(f"{BUNDLE} is missing: run make bench-sst2 first")
+    from polysense.export.quantize import quantize_int8_dynamic
+
     pipe = polysense.Pipeline.load(BUNDLE, device="cpu", precision="fp32")
-    component = pipe.description.component("text_encoder")
-    graphs = {p: BUNDLE / component.variant(p).file for p in ("fp32", "int8")}
-    ids = dev_ids(pipe)
+    description = pipe.description
+    fusion = BUNDLE / description.component("fusion").variant("fp32").file
+    splits = {"val": split_ids(pipe, "val"), "dev": split_ids(pipe, "test")}
+    ids = splits["dev"][0]
     del pipe  # its sessions and their thread pools need not stay alive beside the measuring processes
     report = {"command": COMMAND, "machine": machine(), "sentences": len(ids), "rounds": ROUNDS}
     report["tokens_median"] = float(np.median([len(i) for i in ids]))
     with tempfile.TemporaryDirectory() as folder:
+        fp32 = BUNDLE / description.component("text_encoder").variant("fp32").file
+        graphs = {"fp32": fp32, "int8": Path(folder) / "text_encoder.int8.onnx"}
+        quantize_int8_dynamic(fp32, graphs["int8"])
+        report["accuracy"] = accuracies(graphs, fusion, splits)
         ids_file = Path(folder) / "ids.npy"
         np.save(ids_file, ids, allow_pickle=True)
         for threads in (1, 0):
@@ -123,6 +165,19 @@ def write(report: dict) -> None:
         lines.append(
             f"| {label} | {entry['fp32']:.2f} | {entry['int8']:.2f} | {entry['int8_speedup']:.2f}x |"
         )
+    lines += [
+        "",
+        "Accuracy, text encoder fp32 or int8 with the fp32 fusion (int8 points lost: fp32 minus int8):",
+        "",
+        "| split | batch | fp32 | int8 | int8 points lost |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for split, batches in report["accuracy"].items():
+        for batch, entry in batches.items():
+            lines.append(
+                f"| {split} | {batch.removeprefix('batch_')} | {entry['fp32']:.4f} | {entry['int8']:.4f} "
+                f"| {entry['int8_points_lost']:.2f} |"
+            )
     (RESULTS / "sst2_int8.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -161,3 +161,84 @@ def test_streaming_benchmark_writes_named_results(bundle, tmp_path):
         assert result["versus_offline"]["max_abs_embedding_difference"] < 1e-4
         assert result["audio_encoder"]["inputs"][0] == "frames"
     assert "Audio encoder inputs: frames, " in (tmp_path / "streaming_small.md").read_text()
+
+
+def test_image_benchmark_counts_each_held_out_photo_once(tmp_path, monkeypatch):
+    """The AV-digits test split shows a held-out photo once per recording paired with it; the image benchmark
+    scores distinct photos, and names those misread."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "avdigits"
+    monkeypatch.syspath_prepend(str(folder))
+    image = pytest.importorskip("image_only")  # imports the training code: needs torch
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(
+        "image,label,split\n"
+        + "".join(
+            f"{name}.jpg,{label},{split}\n"
+            for name, label, split in [
+                ("a", "1", "train"),
+                ("b", "1", "test"),
+                ("c", "2", "test"),
+                ("b", "1", "test"),
+                ("d", "2", "val"),
+            ]
+        )
+    )
+    for name in "abcd":
+        (tmp_path / f"{name}.jpg").write_bytes(b"")
+    photos = image.held_out_photos(manifest)
+    assert [(Path(p).name, label) for p, label in photos] == [("b.jpg", "1"), ("c.jpg", "2")]
+
+    entry = {
+        "held_out_photos": {
+            "photos": 2,
+            "accuracy": 0.5,
+            "misread": [{"photo": "2/c.jpg", "label": "2", "predicted": "7"}],
+        },
+        "test_rows": {"accuracy": 0.6667, "macro_f1": 0.5, "count": 3},
+        "train_seconds": 90.0,
+        "epochs_run": 6,
+    }
+    text = image.markdown({"seed": 0, "configs": {}, "models": {"cnn": entry}, "machine": {"cpus": 2}})
+    assert "| cnn | 0.5000 | 1 of 2 | 0.6667 | 6 | 1.5 min |" in text
+    assert "- cnn: 2/c.jpg (2 -> 7)" in text
+
+
+def test_sst2_benchmark_reports_the_mean_over_seeds_and_merges_only_same_machine_results(
+    tmp_path, monkeypatch
+):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import sst2
+
+    def run(accuracy: float) -> dict:
+        return {
+            "dev_accuracy": accuracy,
+            "dev_macro_f1": accuracy,
+            "train_seconds": 60.0,
+            "epochs_run": 3,
+            "best_epoch": 2,
+        }
+
+    results = {
+        "machine": sst2.machine(),
+        "runs": {
+            "minilm_finetuned": run(0.87),
+            "minilm_finetuned_seed1": run(0.88),
+            "minilm_finetuned_seed2": run(0.89),
+        },
+    }
+    text = sst2.markdown(results)
+    assert "| MiniLM-L6, fine-tuned, seed 2 | 0.8900 |" in text
+    assert "over 3 training seeds: mean dev accuracy 0.8800 (0.8700, 0.8800, 0.8900)" in text
+
+    (tmp_path / "sst2.json").write_text(json.dumps(results))
+    assert sst2.earlier_results(tmp_path / "sst2.json") == results
+    results["machine"] = {**results["machine"], "isa": ["sse2"]}
+    (tmp_path / "sst2.json").write_text(json.dumps(results))
+    with pytest.raises(SystemExit, match="another kind of machine"):
+        sst2.earlier_results(tmp_path / "sst2.json")
+    with pytest.raises(SystemExit, match="run without --merge first"):
+        sst2.earlier_results(tmp_path / "missing.json")
