@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 import polysense
-from polysense.bench import machine
 from polysense.datasets.sst2 import SST2Spec, write_sst2
 from polysense.evaluate import evaluate_bundle
+from polysense.machine import machine, results_from_this_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "sst2"
@@ -147,19 +147,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def earlier_results(path: Path) -> dict:
-    """The results a --merge run adds to: only from this kind of machine, whose training numerics they share."""
-    if not path.exists():
-        raise SystemExit(f"--merge: {path} does not exist; run without --merge first")
-    previous = json.loads(path.read_text())
-    if previous.get("machine") != machine():
-        raise SystemExit(
-            f"--merge: {path} was measured on another kind of machine ({previous.get('machine')}); "
-            "run every configuration again without --merge"
-        )
-    return previous
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -182,7 +169,9 @@ def main() -> None:
         parser.error(f"unknown run {unknown[0]!r}; choose from {', '.join(RUNS)}")
     out.mkdir(parents=True, exist_ok=True)
     manifest = write_sst2(SST2Spec(args.sst2), work / "data")
-    results: dict = earlier_results(out / "sst2.json") if args.merge else {"machine": machine(), "runs": {}}
+    results: dict = (
+        results_from_this_machine(out / "sst2.json") if args.merge else {"machine": machine(), "runs": {}}
+    )
 
     def save() -> None:
         (out / "sst2.json").write_text(json.dumps(results, indent=2) + "\n")

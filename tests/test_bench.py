@@ -126,7 +126,7 @@ def test_loso_audio_merge_keeps_earlier_speakers_and_refuses_other_machines(tmp_
         "machine": loso_audio.machine(),
     }
     (tmp_path / "loso_audio.json").write_text(json.dumps(earlier))
-    previous = loso_audio.earlier_results(tmp_path / "loso_audio.json")
+    previous = loso_audio.results_from_this_machine(tmp_path / "loso_audio.json")
     causal = next(c for c in loso_audio.CONFIGS if c.name == "causal")
     results = loso_audio.run(tmp_path, ("theo", "nicolas"), (causal,), tmp_path, previous)
 
@@ -137,7 +137,7 @@ def test_loso_audio_merge_keeps_earlier_speakers_and_refuses_other_machines(tmp_
     earlier["machine"] = {**earlier["machine"], "isa": ["sse2"]}
     (tmp_path / "loso_audio.json").write_text(json.dumps(earlier))
     with pytest.raises(SystemExit, match="another kind of machine"):
-        loso_audio.earlier_results(tmp_path / "loso_audio.json")
+        loso_audio.results_from_this_machine(tmp_path / "loso_audio.json")
 
 
 def test_streaming_benchmark_writes_named_results(bundle, tmp_path):
@@ -235,10 +235,10 @@ def test_sst2_benchmark_reports_the_mean_over_seeds_and_merges_only_same_machine
     assert "over 3 training seeds: mean dev accuracy 0.8800 (0.8700, 0.8800, 0.8900)" in text
 
     (tmp_path / "sst2.json").write_text(json.dumps(results))
-    assert sst2.earlier_results(tmp_path / "sst2.json") == results
+    assert sst2.results_from_this_machine(tmp_path / "sst2.json") == results
     results["machine"] = {**results["machine"], "isa": ["sse2"]}
     (tmp_path / "sst2.json").write_text(json.dumps(results))
     with pytest.raises(SystemExit, match="another kind of machine"):
-        sst2.earlier_results(tmp_path / "sst2.json")
+        sst2.results_from_this_machine(tmp_path / "sst2.json")
     with pytest.raises(SystemExit, match="run without --merge first"):
-        sst2.earlier_results(tmp_path / "missing.json")
+        sst2.results_from_this_machine(tmp_path / "missing.json")

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from run import SPEAKERS, build, fit, summary  # noqa: E402
 
-from polysense.bench import machine  # noqa: E402
+from polysense.machine import machine, results_from_this_machine  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -119,19 +119,6 @@ def write(results: dict, out: Path) -> None:
     (out / "loso_audio.md").write_text(markdown(results))
 
 
-def earlier_results(path: Path) -> dict:
-    """The results a --merge run adds to: only from this kind of machine, whose numerics they share."""
-    if not path.exists():
-        raise SystemExit(f"--merge: {path} does not exist; run without --merge first")
-    previous = json.loads(path.read_text())
-    if previous.get("machine") != machine():
-        raise SystemExit(
-            f"--merge: {path} was measured on another kind of machine ({previous.get('machine')}); "
-            "run all speakers again without --merge"
-        )
-    return previous
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -160,7 +147,7 @@ def main() -> None:
         parser.error(f"unknown configuration {unknown[0]!r}; choose from {', '.join(known)}")
     out = Path(args.out)
     speakers = tuple(s for s in args.speakers.split(",") if s)
-    previous = earlier_results(out / "loso_audio.json") if args.merge else None
+    previous = results_from_this_machine(out / "loso_audio.json") if args.merge else None
     results = run(Path(args.work), speakers, tuple(known[n] for n in wanted), out, previous)
     print(markdown(results))
 
