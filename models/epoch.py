@@ -37,16 +37,26 @@ class TrainingObjective(nn.Module):
         super().__init__()
         self.model, self.heads, self.phase = model, heads, phase
         self.dropout, self.aux_loss_weight = options.modality_dropout, options.aux_loss_weight
+        self.smoothing = options.label_smoothing
 
     def forward(
         self, batch: dict, generators: Sequence[torch.Generator], share: BatchShare, step: int
     ) -> torch.Tensor:
         if self.phase == "pretrain":
-            return unimodal_loss(self.model, self.heads, batch, share)
+            return unimodal_loss(self.model, self.heads, batch, share, self.smoothing)
         if self.phase == "alternating":
-            return alternating_loss(self.model, self.heads, batch, step, self.dropout, generators, share)
+            return alternating_loss(
+                self.model, self.heads, batch, step, self.dropout, generators, share, self.smoothing
+            )
         return fused_loss(
-            self.model, self.heads, batch, self.dropout, self.aux_loss_weight, generators, share
+            self.model,
+            self.heads,
+            batch,
+            self.dropout,
+            self.aux_loss_weight,
+            generators,
+            share,
+            label_smoothing=self.smoothing,
         )
 
 

@@ -50,6 +50,7 @@ def fused_loss(
     generators: Sequence[torch.Generator],
     share: BatchShare,
     embeddings: dict[str, torch.Tensor] | None = None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Cross-entropy of the fusion under modality dropout (share `dropout` of the samples; `generators`: one
     per row), plus (aux_loss_weight) each encoder's own cross-entropy through its linear head on every sample
@@ -67,9 +68,13 @@ def fused_loss(
         else:
             stacked.append(available.new_zeros(rows, model.config.embed_dim))
     logits = model.fusion(torch.stack(stacked, dim=1), present)
-    loss = share.mean(F.cross_entropy(logits, batch["labels"], reduction="sum"), share.rows)
+    target = batch["labels"]
+    loss = share.mean(
+        F.cross_entropy(logits, target, reduction="sum", label_smoothing=label_smoothing), share.rows
+    )
     if aux_loss_weight > 0 and raw:  # the mean over the encoded modalities of each one's own loss
-        loss = loss + aux_loss_weight * _per_modality_losses(model, heads, batch, raw, share) / len(raw)
+        own = _per_modality_losses(model, heads, batch, raw, share, label_smoothing)
+        loss = loss + aux_loss_weight * own / len(raw)
     return loss
 
 
@@ -79,6 +84,7 @@ def _per_modality_losses(
     batch: dict,
     raw: dict[str, torch.Tensor],
     share: BatchShare,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Sum over the modalities in `raw` of each head's mean cross-entropy over the samples that have it.
 
@@ -88,18 +94,25 @@ def _per_modality_losses(
     total = batch["labels"].new_zeros((), dtype=torch.float32)
     for index, modality in enumerate(model.config.modalities):
         if modality in raw:
-            losses = F.cross_entropy(heads[modality](raw[modality]), batch["labels"], reduction="none")
+            logits = heads[modality](raw[modality])
+            losses = F.cross_entropy(
+                logits, batch["labels"], reduction="none", label_smoothing=label_smoothing
+            )
             has = batch["present"][:, index].to(losses.dtype)
             total = total + share.mean((losses * has).sum(), share.modality_rows[index])
     return total
 
 
 def unimodal_loss(
-    model: MultimodalClassifier, heads: nn.ModuleDict, batch: dict, share: BatchShare
+    model: MultimodalClassifier,
+    heads: nn.ModuleDict,
+    batch: dict,
+    share: BatchShare,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Staged pre-training: each encoder with its own linear head, on the samples that have its modality."""
     raw = {m: model.encode(m, batch) for i, m in enumerate(model.config.modalities) if share.has(i)}
-    return _per_modality_losses(model, heads, batch, raw, share)
+    return _per_modality_losses(model, heads, batch, raw, share, label_smoothing)
 
 
 def alternating_loss(
@@ -110,13 +123,24 @@ def alternating_loss(
     dropout: float,
     generators: Sequence[torch.Generator],
     share: BatchShare,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """--strategy alternating: even steps train the modality branches (each encoder through its own head), odd
     steps the fusion on the encoders' current embeddings (the encoders get no gradient, so the optimizer leaves
     them alone)."""
     if step % 2 == 0:
-        return unimodal_loss(model, heads, batch, share)
+        return unimodal_loss(model, heads, batch, share, label_smoothing)
     with torch.no_grad():  # the fusion's turn: embeddings as constants, no backward through the encoders
         modalities = model.config.modalities
         embeddings = {m: model.encode(m, batch) for i, m in enumerate(modalities) if share.has(i)}
-    return fused_loss(model, heads, batch, dropout, 0.0, generators, share, embeddings=embeddings)
+    return fused_loss(
+        model,
+        heads,
+        batch,
+        dropout,
+        0.0,
+        generators,
+        share,
+        embeddings=embeddings,
+        label_smoothing=label_smoothing,
+    )

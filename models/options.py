@@ -44,6 +44,9 @@ class TrainOptions:
     augment: bool = True  # perturb training audio (tempo, vocal tract, gain, noise, masks) and images
     modality_dropout: float = 0.5  # share of training samples shown a random subset of their modalities
     aux_loss_weight: float = 0.5  # weight of each encoder's own loss (0: the fusion's loss only)
+    label_smoothing: float = (
+        0.0  # share of each target spread over all classes in every training loss (0: off)
+    )
     patience: int = 4  # stop after this many epochs without a better validation accuracy (0: never)
     seed: int = 0  # seeds the split, the weights and each epoch's draws: the same seed gives the same run
     device: str = "auto"  # where to train (auto: CUDA when torch sees a device, else CPU)
@@ -94,6 +97,8 @@ class TrainOptions:
                 f"{flag('audio_norm_frames')} only applies to an audio family that takes it (causal); "
                 f"--audio-encoder {self.audio_encoder} has its own normalisation"
             )
+        if not 0 <= self.label_smoothing < 1:
+            problems.append(f"{flag('label_smoothing')} must be in [0, 1), got {self.label_smoothing}")
         if not 0 <= self.modality_dropout <= 1:
             problems.append(f"{flag('modality_dropout')} must be in [0, 1], got {self.modality_dropout}")
         if self.builtin_n < 12:

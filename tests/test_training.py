@@ -9,7 +9,7 @@ from polysense.cli import main  # noqa: E402
 from polysense.errors import ConfigError, ManifestError  # noqa: E402
 from polysense.models.data_prep import prepare_data  # noqa: E402
 from polysense.models.dataset import row_generators  # noqa: E402
-from polysense.models.losses import BatchShare, alternating_loss  # noqa: E402
+from polysense.models.losses import BatchShare, alternating_loss, fused_loss, unimodal_loss  # noqa: E402
 from polysense.models.options import DEFAULT_EPOCHS, TrainOptions  # noqa: E402
 from polysense.models.run_folder import load_trained  # noqa: E402
 from polysense.models.train import train  # noqa: E402
@@ -292,6 +292,40 @@ def test_alternating_strategy_trains_branches_and_fusion_in_turn(tiny_builtin, t
         alternating_loss(model, heads, batch, step, 0.5, generators, BatchShare.whole(batch)).backward()
         assert all(p.grad is not None for p in trained.parameters()), step
         assert all(p.grad is None for p in untouched.parameters()), step
+
+
+def test_label_smoothing_reaches_every_training_loss(tiny_builtin, tmp_path):
+    result = _train(tiny_builtin, tmp_path / "smooth", epochs=1, label_smoothing=0.1)
+    assert json.loads((tmp_path / "smooth" / "config.json").read_text())["options"]["label_smoothing"] == 0.1
+    assert result.metrics["accuracy"] >= 0
+    with pytest.raises(ConfigError, match=r"--label-smoothing must be in \[0, 1\), got 1.0"):
+        TrainOptions(data="x", out="y", label_smoothing=1.0)
+
+    model, _ = load_trained(tmp_path / "smooth")
+    options = TrainOptions(data=str(tiny_builtin), out=str(tmp_path / "again"), **SMALL)
+    (tmp_path / "again").mkdir()
+    batch = next(prepare_data(options, tmp_path / "again").splits["train"].batches(8, torch.device("cpu")))
+    heads = torch.nn.ModuleDict({m: torch.nn.Linear(32, 12) for m in model.config.modalities})
+    share = BatchShare.whole(batch)
+    losses = {
+        "unimodal": lambda s: unimodal_loss(model, heads, batch, share, s),
+        "fused": lambda s: fused_loss(
+            model, heads, batch, 0.0, 0.5, row_generators(0, range(8)), share, label_smoothing=s
+        ),
+        "fused, fusion only": lambda s: fused_loss(
+            model, heads, batch, 0.0, 0.0, row_generators(0, range(8)), share, label_smoothing=s
+        ),
+        "alternating, branches": lambda s: alternating_loss(
+            model, heads, batch, 0, 0.0, row_generators(0, range(8)), share, s
+        ),
+        "alternating, fusion": lambda s: alternating_loss(
+            model, heads, batch, 1, 0.0, row_generators(0, range(8)), share, s
+        ),
+    }
+    model.eval()  # no dropout: the two calls differ by the smoothing alone
+    with torch.no_grad():
+        for name, loss in losses.items():
+            assert float(loss(0.1)) != pytest.approx(float(loss(0.0)), abs=1e-6), name
 
 
 def test_best_model_is_chosen_on_validation_accuracy_over_every_modality_subset():

@@ -8,7 +8,8 @@ configuration, side by side in one run:
   - `efficientnet-lite0`: the ImageNet EfficientNet-Lite0 over a 1.28 s log-mel window (its defaults);
   - `efficientnet-lite0-from-scratch`: the same network and defaults from random weights (what the transfer
     itself brings);
-  - `causal`: the default causal conv + GRU encoder at the AV-digits benchmark's 15 epochs.
+  - `causal`: the default causal conv + GRU encoder at the AV-digits benchmark's 15 epochs;
+  - `causal-smoothed`: the same with `--label-smoothing 0.1`.
 Writes results/loso_audio.json and .md: accuracy, macro F1 and training time per held-out speaker.
 `--merge` keeps the results already in the JSON for the speakers and configurations not run again (a long run
 can be finished in parts on the same kind of machine).
@@ -41,6 +42,7 @@ class Config:
 CONFIGS = (
     Config("efficientnet-lite0", {"audio_encoder": "efficientnet-lite0"}),
     Config("causal", {"audio_encoder": "causal"}, epochs=15),
+    Config("causal-smoothed", {"audio_encoder": "causal", "label_smoothing": 0.1}, epochs=15),
     Config("efficientnet-lite0-from-scratch", {"audio_encoder": "efficientnet-lite0", "from_scratch": True}),
 )
 
