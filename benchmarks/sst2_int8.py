@@ -82,13 +82,11 @@ def split_ids(pipe, split: str) -> tuple[np.ndarray, np.ndarray]:
     return ids, np.array([pipe.labels.index(row["label"]) for row in rows])
 
 
-def accuracy(graph: Path, fusion: Path, ids: np.ndarray, truth: np.ndarray, batch: int) -> float:
-    """Accuracy with text encoder `graph` and the bundle's fp32 fusion, `batch` sentences per call, each batch
-    padded to its longest sentence by the runtime's own text codec."""
+def accuracy(encoder, head, ids: np.ndarray, truth: np.ndarray, batch: int) -> float:
+    """Accuracy of text encoder session `encoder` under fusion session `head`, `batch` sentences per call, each
+    batch padded to its longest sentence by the runtime's own text codec."""
     from polysense.modalities import SPECS
-    from polysense.sessions import Session, SessionSettings
 
-    encoder, head = (Session(g, SessionSettings(device="cpu")) for g in (graph, fusion))
     predicted = []
     for start in range(0, len(ids), batch):
         tokens, mask = SPECS["text"].codec.feeds(list(ids[start : start + batch]))
@@ -99,11 +97,17 @@ def accuracy(graph: Path, fusion: Path, ids: np.ndarray, truth: np.ndarray, batc
 
 
 def accuracies(graphs: dict[str, Path], fusion: Path, splits: dict) -> dict:
-    """{split: {"batch_N": {precision: accuracy, "int8_points_lost": ...}}}."""
+    """{split: {"batch_N": {precision: accuracy, "int8_points_lost": ...}}}, each text encoder graph under the
+    bundle's fp32 fusion; every session is opened once."""
+    from polysense.sessions import Session, SessionSettings
+
+    settings = SessionSettings(device="cpu")
+    head = Session(fusion, settings)
+    encoders = {precision: Session(graph, settings) for precision, graph in graphs.items()}
     found: dict = {}
     for split, (ids, truth) in splits.items():
         for batch in BATCHES:
-            entry = {p: accuracy(g, fusion, ids, truth, batch) for p, g in graphs.items()}
+            entry = {p: accuracy(encoder, head, ids, truth, batch) for p, encoder in encoders.items()}
             entry["int8_points_lost"] = 100 * (entry["fp32"] - entry["int8"])
             found.setdefault(split, {})[f"batch_{batch}"] = entry
     return found

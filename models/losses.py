@@ -68,9 +68,8 @@ def fused_loss(
         else:
             stacked.append(available.new_zeros(rows, model.config.embed_dim))
     logits = model.fusion(torch.stack(stacked, dim=1), present)
-    target = batch["labels"]
     loss = share.mean(
-        F.cross_entropy(logits, target, reduction="sum", label_smoothing=label_smoothing), share.rows
+        F.cross_entropy(logits, batch["labels"], reduction="sum", label_smoothing=label_smoothing), share.rows
     )
     if aux_loss_weight > 0 and raw:  # the mean over the encoded modalities of each one's own loss
         own = _per_modality_losses(model, heads, batch, raw, share, label_smoothing)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from pathlib import Path
 
 
 def machine() -> dict:
@@ -24,9 +26,6 @@ def results_from_this_machine(path: os.PathLike | str) -> dict:
     """Earlier benchmark results (JSON with a "machine" entry) for a run that adds to them: only those measured on
     this kind of machine, whose timings and training numerics they share. Anything else stops the benchmark with
     the fix in its message."""
-    import json
-    from pathlib import Path
-
     path = Path(path)
     if not path.exists():
         raise SystemExit(f"--merge: {path} does not exist; run without --merge first")

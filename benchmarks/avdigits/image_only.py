@@ -97,7 +97,7 @@ def run(work: Path, configs: tuple[Config, ...], seed: int, out: Path) -> dict:
             "held_out_photos": photo_accuracy(export(folder, variants=False), photos),
             "test_rows": summary(metrics),
             "train_seconds": round(seconds, 1),
-            "epochs_run": len(json.loads((folder / "metrics.json").read_text()).get("history", [])),
+            "epochs_run": len(metrics.get("history", [])),
         }
         accuracy = results["models"][config.name]["held_out_photos"]["accuracy"]
         log.warning("  %.4f on held-out photos in %.0f s", accuracy, seconds)
