@@ -9,7 +9,7 @@ sentence once; it reports the median. A text-only application runs exactly one s
 competes for the cores or caches. fp32 and int8 processes alternate, ROUNDS rounds each (the order flips every
 round), at 1 intra-op thread and at onnxruntime's default (one per core); the speed-up is the median over rounds
 of fp32 over the median of int8. Results: benchmarks/results/sst2_int8.{json,md}, with the CPU's instruction sets
-(int8 kernels differ by CPU).
+(int8 kernels differ by CPU); each kind of machine keeps its own section, and a run replaces only its own.
 
 The int8 graph is the one export makes (`quantize_int8_dynamic` on the bundle's fp32 graph), made here, so the
 benchmark runs whether or not export kept it. Its accuracy is measured too, on validation (what export's keep rule
@@ -151,13 +151,37 @@ def main() -> None:
     write(report)
 
 
+def measured_machines(path: Path, report: dict) -> list[dict]:
+    """The reports in `path` from other kinds of machine, then `report`: int8 kernels, and with them int8's speed
+    and even its accuracy, differ by CPU (VNNI, AMX), so each kind keeps its own figures."""
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    # Results written before they were kept per machine are one report at the top level.
+    reports = previous.get("machines", [previous] if "machine" in previous else [])
+    return [r for r in reports if r["machine"] != report["machine"]] + [report]
+
+
 def write(report: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "sst2_int8.json").write_text(json.dumps(report, indent=2) + "\n")
+    reports = measured_machines(RESULTS / "sst2_int8.json", report)
+    (RESULTS / "sst2_int8.json").write_text(
+        json.dumps({"command": COMMAND, "machines": reports}, indent=2) + "\n"
+    )
     lines = [
         "# MiniLM-L6 text encoder on SST-2 dev: int8 vs fp32",
         "",
-        f"Command: `{COMMAND}`. Machine: {report['machine']['cpus']} CPUs, {'/'.join(report['machine']['isa'])}.",
+        f"Command: `{COMMAND}`. Each kind of machine keeps its own section (int8 kernels differ by CPU); a run "
+        "replaces its own machine's.",
+    ]
+    for entry in reports:
+        lines += ["", *machine_section(entry)]
+    (RESULTS / "sst2_int8.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def machine_section(report: dict) -> list[str]:
+    lines = [
+        f"## {report['machine']['cpus']} CPUs, {'/'.join(report['machine']['isa'])}",
+        "",
         f"{report['sentences']} dev sentences at batch 1 (median {report['tokens_median']:.0f} tokens), medians per "
         f"sentence; each figure is the median of {report['rounds']} fresh processes, fp32 and int8 alternating.",
         "",
@@ -182,8 +206,7 @@ def write(report: dict) -> None:
                 f"| {split} | {batch.removeprefix('batch_')} | {entry['fp32']:.4f} | {entry['int8']:.4f} "
                 f"| {entry['int8_points_lost']:.2f} |"
             )
-    (RESULTS / "sst2_int8.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return lines
 
 
 if __name__ == "__main__":

@@ -242,3 +242,20 @@ def test_sst2_benchmark_reports_the_mean_over_seeds_and_merges_only_same_machine
         sst2.results_from_this_machine(tmp_path / "sst2.json")
     with pytest.raises(SystemExit, match="run without --merge first"):
         sst2.results_from_this_machine(tmp_path / "missing.json")
+
+
+def test_sst2_int8_benchmark_keeps_one_report_per_kind_of_machine(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import sst2_int8
+
+    amx = {"machine": {"cpus": 2, "isa": ["avx2", "amx_int8"]}, "sentences": 872}
+    vnni = {"machine": {"cpus": 2, "isa": ["avx2", "avx512_vnni"]}, "sentences": 872}
+    path = tmp_path / "sst2_int8.json"
+    assert sst2_int8.measured_machines(path, vnni) == [vnni]  # nothing committed yet
+    path.write_text(json.dumps(amx))  # the format before reports were kept per machine
+    assert sst2_int8.measured_machines(path, vnni) == [amx, vnni]
+    path.write_text(json.dumps({"machines": [amx, vnni]}))
+    again = {**vnni, "sentences": 871}
+    assert sst2_int8.measured_machines(path, again) == [amx, again]  # a run replaces only its own machine's
