@@ -75,7 +75,6 @@ def run(
             metrics = fit(manifests[speaker], folder, config.epochs, ("audio",), **config.options)
             entry = {**summary(metrics), "train_seconds": round(time.perf_counter() - started, 1)}
             results["speakers"].setdefault(speaker, {})[config.name] = entry
-            results["speakers"] = {s: results["speakers"][s] for s in SPEAKERS if s in results["speakers"]}
             log.warning("  accuracy %.4f in %.0f s", entry["accuracy"], entry["train_seconds"])
             write(results, out)  # after every model, so an interrupted run keeps what it measured
     return results
@@ -95,7 +94,8 @@ def markdown(results: dict) -> str:
         "| held-out speaker | " + " | ".join(names) + " |",
         "|---|" + "---:|" * len(names),
     ]
-    speakers = results["speakers"]
+    # In the dataset's order, whatever order a run (or a --merge run) added them in.
+    speakers = {s: results["speakers"][s] for s in SPEAKERS if s in results["speakers"]}
     for speaker, entries in speakers.items():
         cells = [f"{entries[n]['accuracy']:.4f}" if n in entries else "-" for n in names]
         lines.append(f"| {speaker} | " + " | ".join(cells) + " |")
