@@ -262,3 +262,36 @@ def test_sst2_int8_benchmark_keeps_one_report_per_kind_of_machine(tmp_path, monk
     path.write_text(json.dumps({"machines": [amx, vnni]}))
     again = {**vnni, "sentences": 871}
     assert sst2_int8.measured_machines(path, again) == [amx, again]  # a run replaces only its own machine's
+
+
+def test_image_benchmark_merge_keeps_the_other_configurations_in_their_order(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks" / "avdigits"))
+    image = pytest.importorskip("image_only")  # imports the training code: needs torch
+    monkeypatch.setattr(image, "build", lambda work: work / "manifest.csv")
+    monkeypatch.setattr(image, "held_out_photos", lambda manifest: [("b.jpg", "1")])
+    monkeypatch.setattr(image, "fit", lambda *a, **k: {"accuracy": 1.0, "macro_f1": 1.0, "count": 1})
+    monkeypatch.setattr(image, "export", lambda folder, variants: folder)
+    scored = {"photos": 1, "accuracy": 1.0, "misread": []}
+    monkeypatch.setattr(image, "photo_accuracy", lambda bundle, photos: scored)
+    earlier_entry = {
+        "held_out_photos": {
+            "photos": 1,
+            "accuracy": 0.0,
+            "misread": [{"photo": "1/b.jpg", "label": "1", "predicted": "7"}],
+        },
+        "test_rows": {"accuracy": 0.0, "macro_f1": 0.0, "count": 1},
+        "train_seconds": 60.0,
+        "epochs_run": 15,
+    }
+    earlier = {"seed": 0, "configs": {"cnn": {"epochs": 15}}, "models": {"cnn": earlier_entry}}
+    pretrained = next(c for c in image.CONFIGS if c.name == "efficientnet-lite0")
+    results = image.run(tmp_path, (pretrained,), 0, tmp_path, earlier)
+
+    assert results["models"]["cnn"] == earlier_entry  # not run again, kept
+    assert results["models"]["efficientnet-lite0"]["held_out_photos"] == scored
+    table = (tmp_path / "image_only.md").read_text()
+    assert table.index("| efficientnet-lite0 |") < table.index("| cnn |")  # CONFIGS order
+    with pytest.raises(SystemExit, match="seed 0, not 1"):
+        image.run(tmp_path, (pretrained,), 1, tmp_path, earlier)

@@ -13,6 +13,8 @@ The manifest pairs each of the 250 test recordings with a held-out photo of its 
 the 164 held-out photos 1-2 times each. Each model is therefore also exported (fp32) and run through the
 runtime once per distinct held-out photo: that accuracy, and which photos it misreads, are the image figures;
 the 250-row PyTorch test accuracy is kept beside them. Results: results/image_only.{json,md}.
+`--merge` keeps the results already there for the configurations not run again (same seed, same kind of
+machine), so one configuration can be added or re-run alone.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from run import build, export, fit, summary  # noqa: E402
 
 import polysense  # noqa: E402
-from polysense.bench import machine  # noqa: E402
 from polysense.data import read_manifest  # noqa: E402
+from polysense.machine import machine, results_from_this_machine  # noqa: E402
 
 COMMAND = "make bench-avdigits-image"
 
@@ -78,7 +80,9 @@ def photo_accuracy(bundle: Path, photos: list[tuple[str, str]]) -> dict:
     return {"photos": len(photos), "accuracy": 1 - len(wrong) / len(photos), "misread": wrong}
 
 
-def run(work: Path, configs: tuple[Config, ...], seed: int, out: Path) -> dict:
+def run(work: Path, configs: tuple[Config, ...], seed: int, out: Path, previous: dict | None = None) -> dict:
+    """Train, export and score every configuration; `previous` (results of an earlier run on this kind of
+    machine, at the same seed) supplies the configurations not run again."""
     manifest = build(work)
     photos = held_out_photos(manifest)
     results: dict = {
@@ -87,6 +91,11 @@ def run(work: Path, configs: tuple[Config, ...], seed: int, out: Path) -> dict:
         "models": {},
         "machine": machine(),  # training numerics differ between CPU instruction sets
     }
+    if previous is not None:
+        if previous["seed"] != seed:
+            raise SystemExit(f"--merge: the results in {out} are for seed {previous['seed']}, not {seed}")
+        results["configs"] = {**previous["configs"], **results["configs"]}
+        results["models"] = dict(previous["models"])
     for config in configs:
         log.warning("image only: %s", config.name)
         folder = work / (f"image_{config.name}" + ("" if seed == 0 else f"_seed{seed}"))
@@ -117,19 +126,25 @@ def markdown(results: dict) -> str:
         "| image encoder | held-out photos (runtime, fp32) | photos misread | test rows (PyTorch, 250) | epochs | train time |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for name, entry in results["models"].items():
+    for name, entry in ordered(results["models"]).items():
         photos, rows = entry["held_out_photos"], entry["test_rows"]
         lines.append(
             f"| {name} | {photos['accuracy']:.4f} | {len(photos['misread'])} of {photos['photos']} "
             f"| {rows['accuracy']:.4f} | {entry['epochs_run']} | {entry['train_seconds'] / 60:.1f} min |"
         )
     lines += ["", "Misread photos (label -> predicted):", ""]
-    for name, entry in results["models"].items():
+    for name, entry in ordered(results["models"]).items():
         misread = ", ".join(
             f"{m['photo']} ({m['label']} -> {m['predicted']})" for m in entry["held_out_photos"]["misread"]
         )
         lines.append(f"- {name}: {misread or 'none'}")
     return "\n".join(lines) + "\n"
+
+
+def ordered(models: dict) -> dict:
+    """The models in CONFIGS order, whatever order a run (or a --merge run) added them in."""
+    rank = {c.name: index for index, c in enumerate(CONFIGS)}
+    return dict(sorted(models.items(), key=lambda item: rank.get(item[0], len(rank))))
 
 
 def write(results: dict, out: Path) -> None:
@@ -150,6 +165,11 @@ def main() -> None:
         default=",".join(c.name for c in CONFIGS),
         help="configurations to compare, comma-separated",
     )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the results in --out of the configurations not run again (same seed and kind of machine)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     known = {c.name: c for c in CONFIGS}
@@ -157,7 +177,9 @@ def main() -> None:
     unknown = [name for name in wanted if name not in known]
     if unknown:
         parser.error(f"unknown configuration {unknown[0]!r}; choose from {', '.join(known)}")
-    results = run(Path(args.work), tuple(known[n] for n in wanted), args.seed, Path(args.out))
+    out = Path(args.out)
+    previous = results_from_this_machine(out / "image_only.json") if args.merge else None
+    results = run(Path(args.work), tuple(known[n] for n in wanted), args.seed, out, previous)
     print(markdown(results))
 
 
