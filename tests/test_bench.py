@@ -166,6 +166,23 @@ def test_streaming_benchmark_writes_named_results(bundle, tmp_path):
     assert "Audio encoder inputs: frames, " in (tmp_path / "streaming_small.md").read_text()
 
 
+def _image_result(
+    photos: int, accuracy: float, misread: tuple[str, str, str], rows: int, epochs: int
+) -> dict:
+    """One model's entry in the image benchmark's results, with one misread photo (photo, label, predicted)."""
+    photo, label, predicted = misread
+    return {
+        "held_out_photos": {
+            "photos": photos,
+            "accuracy": accuracy,
+            "misread": [{"photo": photo, "label": label, "predicted": predicted}],
+        },
+        "test_rows": {"accuracy": accuracy, "macro_f1": 0.5, "count": rows},
+        "train_seconds": 90.0,
+        "epochs_run": epochs,
+    }
+
+
 def test_image_benchmark_counts_each_held_out_photo_once(tmp_path, monkeypatch):
     """The AV-digits test split shows a held-out photo once per recording paired with it; the image benchmark
     scores distinct photos, and names those misread."""
@@ -193,16 +210,8 @@ def test_image_benchmark_counts_each_held_out_photo_once(tmp_path, monkeypatch):
     photos = image.held_out_photos(manifest)
     assert [(Path(p).name, label) for p, label in photos] == [("b.jpg", "1"), ("c.jpg", "2")]
 
-    entry = {
-        "held_out_photos": {
-            "photos": 2,
-            "accuracy": 0.5,
-            "misread": [{"photo": "2/c.jpg", "label": "2", "predicted": "7"}],
-        },
-        "test_rows": {"accuracy": 0.6667, "macro_f1": 0.5, "count": 3},
-        "train_seconds": 90.0,
-        "epochs_run": 6,
-    }
+    entry = _image_result(photos=2, accuracy=0.5, misread=("2/c.jpg", "2", "7"), rows=3, epochs=6)
+    entry["test_rows"]["accuracy"] = 0.6667
     text = image.markdown({"seed": 0, "configs": {}, "models": {"cnn": entry}, "machine": {"cpus": 2}})
     assert "| cnn | 0.5000 | 1 of 2 | 0.6667 | 6 | 1.5 min |" in text
     assert "- cnn: 2/c.jpg (2 -> 7)" in text
@@ -275,16 +284,7 @@ def test_image_benchmark_merge_keeps_the_other_configurations_in_their_order(tmp
     monkeypatch.setattr(image, "export", lambda folder, variants: folder)
     scored = {"photos": 1, "accuracy": 1.0, "misread": []}
     monkeypatch.setattr(image, "photo_accuracy", lambda bundle, photos: scored)
-    earlier_entry = {
-        "held_out_photos": {
-            "photos": 1,
-            "accuracy": 0.0,
-            "misread": [{"photo": "1/b.jpg", "label": "1", "predicted": "7"}],
-        },
-        "test_rows": {"accuracy": 0.0, "macro_f1": 0.0, "count": 1},
-        "train_seconds": 60.0,
-        "epochs_run": 15,
-    }
+    earlier_entry = _image_result(photos=1, accuracy=0.0, misread=("1/b.jpg", "1", "7"), rows=1, epochs=15)
     earlier = {"seed": 0, "configs": {"cnn": {"epochs": 15}}, "models": {"cnn": earlier_entry}}
     pretrained = next(c for c in image.CONFIGS if c.name == "efficientnet-lite0")
     results = image.run(tmp_path, (pretrained,), 0, tmp_path, earlier)
