@@ -71,7 +71,10 @@ def run_train(argv: Sequence[str]) -> int:
     if not result.metrics:  # a process other than rank 0 of a distributed run: rank 0 reports
         return 0
     stop = "stopped early, " if result.stopped_early else ""
-    print(f"\ntest split of {result.run_dir} ({stop}best epoch {result.best_epoch} of {result.epochs_run}):")
+    kept = "last epoch kept, " if result.metrics.get("kept") == "last" else ""
+    print(
+        f"\ntest split of {result.run_dir} ({stop}{kept}best epoch {result.best_epoch} of {result.epochs_run}):"
+    )
     print(result.table())
     print(f"\nmetrics: {result.run_dir / 'metrics.json'}  model: {result.run_dir / 'model.pt'}")
     return 0

@@ -15,6 +15,7 @@ from polysense.models.registry import ENCODERS, FUSIONS, family_defaults, family
 from polysense.sessions import DEVICES
 
 STRATEGIES = ("joint", "staged", "frozen", "alternating")
+KEEP = ("best", "last")
 DEFAULT_EPOCHS = 12
 DEFAULT_IMAGE_SIZE = 64
 DEFAULT_AUDIO_NORM_FRAMES = 20
@@ -48,6 +49,9 @@ class TrainOptions:
         0.0  # share of each target spread over all classes in every training loss (0: off)
     )
     patience: int = 4  # stop after this many epochs without a better validation accuracy (0: never)
+    keep: str = (
+        "best"  # weights the run ends with: best (its best validation epoch's) or last (the final epoch's)
+    )
     seed: int = 0  # seeds the split, the weights and each epoch's draws: the same seed gives the same run
     device: str = "auto"  # where to train (auto: CUDA when torch sees a device, else CPU)
     image_size: int = 0  # pixels, square; 0: 64, or the image family's own (efficientnet-lite0: 128)
@@ -157,6 +161,7 @@ def option_choices() -> dict[str, tuple[str, ...]]:
     The registries are read when called, so an encoder or fusion registered later is included."""
     return {
         "strategy": STRATEGIES,
+        "keep": KEEP,
         "device": DEVICES,
         **{f"{m}_encoder": tuple(ENCODERS[m]) for m in MODALITIES},
         "fusion": tuple(FUSIONS),

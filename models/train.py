@@ -104,10 +104,15 @@ def _train(options: TrainOptions, resume: bool, changed: Collection[str], world:
     metrics = {}
     meet(world)  # rank 0's last checkpoint is written
     if world.is_main:
-        run_folder.load_best(run.run_dir, run.model, run.device)
+        if run.options.keep == "best":
+            run_folder.load_best(run.run_dir, run.model, run.device)
         metrics = evaluate(run.model, run.data.splits["test"], run.options.batch_size, run.device)
         metrics.update(
-            split="test", labels=run.data.labels, best_epoch=state.best_epoch, history=state.history
+            split="test",
+            labels=run.data.labels,
+            best_epoch=state.best_epoch,
+            kept=run.options.keep,
+            history=state.history,
         )
         run_folder.write_result(run.run_dir, run.config, run.model, metrics)
     return TrainResult(run.run_dir, metrics, state.best_epoch, state.epoch, stopped_early)

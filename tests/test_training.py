@@ -366,3 +366,32 @@ def test_the_fusion_turn_of_alternating_skips_a_modality_no_sample_in_the_batch_
         model, None, batch, 1, 0.5, row_generators(0, range(8)), BatchShare.whole(batch)
     ).backward()
     assert encoded == []
+
+
+def test_keep_chooses_between_the_best_validation_epoch_and_the_last(
+    tiny_builtin, tmp_path, capsys, monkeypatch
+):
+    """--keep best (the default) ends with checkpoints/best.pt's weights, --keep last with the final epoch's."""
+    import polysense.models.train as training
+
+    scores = iter([0.9, 0.5, 0.1] * 2)  # the first epoch validates best, so best and last differ
+    monkeypatch.setattr(training, "validation_score", lambda val: next(scores))
+    for keep in ("best", "last"):
+        run = tmp_path / keep
+        assert main(["--quiet", "train", "--data", str(tiny_builtin), "--out", str(run), "--epochs", "3",
+                     "--image-width", "8", "--embed-dim", "32", "--patience", "0", "--no-progress",
+                     *(["--keep", keep] if keep == "last" else [])]) == 0  # fmt: skip
+        kept = torch.load(run / "model.pt", weights_only=True)["model"]
+        best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+        last = torch.load(run / "checkpoints" / "epoch_003.pt", weights_only=True)["model"]
+        expected = best if keep == "best" else last
+        assert all(torch.equal(kept[name], expected[name]) for name in kept), keep
+        assert not all(torch.equal(best[name], last[name]) for name in best)
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert (
+            metrics["kept"] == keep
+            and json.loads((run / "config.json").read_text())["options"]["keep"] == keep
+        )
+    assert "last epoch kept, best epoch" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="--keep 'first' is unknown; choose best or last"):
+        TrainOptions(data="x", out="y", keep="first")
