@@ -114,12 +114,8 @@ def markdown(results: dict) -> str:
                 f"| {label} | {r['dev_accuracy']:.4f} | {r['dev_macro_f1']:.4f} | {r['train_seconds'] / 60:.1f} min "
                 f"| {r['epochs_run']} ({r['best_epoch']}) |"
             )
-    seeds = [
-        results["runs"][k]["dev_accuracy"]
-        for k in names
-        if k.startswith("minilm_finetuned")
-        if k in results["runs"]
-    ]
+    runs = results["runs"]
+    seeds = [runs[k]["dev_accuracy"] for k in names if k.startswith("minilm_finetuned") and k in runs]
     if len(seeds) > 1:
         each = ", ".join(f"{a:.4f}" for a in seeds)
         lines += [

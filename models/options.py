@@ -49,9 +49,7 @@ class TrainOptions:
         0.0  # share of each target spread over all classes in every training loss (0: off)
     )
     patience: int = 4  # stop after this many epochs without a better validation accuracy (0: never)
-    keep: str = (
-        "best"  # weights the run ends with: best (its best validation epoch's) or last (the final epoch's)
-    )
+    keep: str = "best"  # weights the run ends with: best (best validation epoch's) or last (final epoch's)
     seed: int = 0  # seeds the split, the weights and each epoch's draws: the same seed gives the same run
     device: str = "auto"  # where to train (auto: CUDA when torch sees a device, else CPU)
     image_size: int = 0  # pixels, square; 0: 64, or the image family's own (efficientnet-lite0: 128)

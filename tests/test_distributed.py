@@ -38,11 +38,9 @@ from polysense.models.options import TrainOptions  # noqa: E402
 from polysense.models.sharding import pieces  # noqa: E402
 
 SMALL = ["--image-width", "8", "--embed-dim", "32", "--batch-size", "32", "--patience", "0", "--lr", "5e-3"]
+ADAM_STEP = float(SMALL[SMALL.index("--lr") + 1])  # how far one Adam step moves a weight at most
 WEIGHT_TOLERANCE = 3e-3  # of each tensor's largest magnitude (module docstring)
-STEP_TOLERANCE = 1e-3  # absolute, for tensors of small values: a fifth of one Adam step at --lr 5e-3
-ADAM_STEP = (
-    5e-3  # one step at the tests' --lr: how far a few near-zero-gradient weights may drift (docstring)
-)
+STEP_TOLERANCE = ADAM_STEP / 5  # absolute, for tensors of small values
 OUTLIER_SHARE = 0.01  # of a tensor's weights that may be beyond the tolerance, by at most one Adam step
 
 
