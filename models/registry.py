@@ -10,6 +10,9 @@ The contract of an encoder family:
   vocab_size, max_positions, n_mels) and gets only those (all of them if it takes **options);
 - optional: `fit_input_stats(features)`, called once with the training split's features before training;
   `int8_method = "static"` to have export calibrate static QDQ int8 (dense convolutions) instead of dynamic;
+  `channels_last = True` to train with its weights and image inputs in channels-last layout (faster CPU
+  convolution kernels; the small CNN stays in the default layout, where its gain is small and one process
+  with two threads and two processes with one thread each drift 10x further apart);
 - a factory may carry `defaults`, what the family asks of training when the user leaves it to it: "epochs" and
   "pretrained_lr" (pretrained families), "image_size", "image_mean", "image_std" (image families);
 - pretrained families: the factory takes `pretrained` (load the weights; False trains from random weights),

@@ -102,6 +102,7 @@ def open_run(options: TrainOptions, resume: bool, changed: Collection[str], worl
     context = StepContext(synchronise=world.distributed)
     shard_layers(model, context)
     model.to(device)
+    model.use_channels_last()
     heads.to(device)
     state, checkpoint = TrainState(), None
     if resume:

@@ -295,3 +295,25 @@ def test_image_benchmark_merge_keeps_the_other_configurations_in_their_order(tmp
     assert table.index("| efficientnet-lite0 |") < table.index("| cnn |")  # CONFIGS order
     with pytest.raises(SystemExit, match="seed 0, not 1"):
         image.run(tmp_path, (pretrained,), 1, tmp_path, earlier)
+
+
+def test_channels_last_benchmark_times_both_layouts(monkeypatch):
+    """benchmarks/channels_last.py on the small CNN at 32 px: both layouts timed, the family's choice recorded."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    benchmark = pytest.importorskip("channels_last")  # imports the training code: needs torch
+    results = [benchmark.measure("cnn", 32, rounds=1), benchmark.measure("efficientnet-lite0", 32, rounds=1)]
+    assert [r["trains_channels_last"] for r in results] == [False, True]
+    for r in results:
+        assert r["default_s"] > 0 and r["channels_last_s"] > 0
+        assert r["speedup"] == pytest.approx(r["default_s"] / r["channels_last_s"])
+    report = {
+        "command": "c",
+        "machine": {"isa": []},
+        "threads": 2,
+        "batch": 64,
+        "rounds": 1,
+        "results": results,
+    }
+    assert "| efficientnet-lite0 | 32 | yes |" in benchmark.markdown(report)

@@ -184,3 +184,44 @@ def test_windowed_audio_training_moves_whole_words_within_the_window():
             torch.testing.assert_close(window[row, heard], frames[row, :length] - SILENCE)
             ends.add(int(heard[-1]))
     assert len(ends) > 10 and max(ends) < WINDOW
+
+
+@pytest.mark.parametrize("family", ["efficientnet-lite0"])
+@pytest.mark.parametrize("modality", ["image", "audio"])
+def test_channels_last_training_layout_changes_no_values(modality, family):
+    """The families that train in channels-last layout (the EfficientNet-based ones) give the same embeddings
+    and gradients as in the default layout, and their state dicts load into a model in the default layout
+    (what export and evaluation build). In eval mode: in training mode BatchNorm divides by the batch's own
+    spread, which for a few random-weight channels of 4 samples is near 0 and magnifies the last float bits."""
+    from polysense.models.model import ModelConfig, MultimodalClassifier
+
+    config = ModelConfig(
+        (modality,), 3, embed_dim=EMBED, n_mels=N_MELS, pretrained=False, **{f"{modality}_family": family}
+    )
+    torch.manual_seed(0)
+    default = MultimodalClassifier(config).eval()
+    fast = MultimodalClassifier(config).eval()
+    fast.load_state_dict(default.state_dict())
+    fast.use_channels_last()
+    assert fast.encoders[modality].channels_last
+    weights = [p for p in fast.parameters() if p.dim() == 4]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    rng = np.random.default_rng(0)
+    rows = [_FEATURES[modality](rng, i) for i in range(4)]
+    batch = dict(
+        zip(SPECS[modality].batch_keys, (torch.from_numpy(a) for a in SPECS[modality].codec.collate(rows)))
+    )
+    seen = []
+    fast.encoders[modality].register_forward_pre_hook(lambda module, args: seen.extend(args))
+    outputs = [model.encode(modality, batch) for model in (default, fast)]
+    images = [tensor for tensor in seen if tensor.dim() == 4]  # the audio family builds its images inside
+    assert all(image.is_contiguous(memory_format=torch.channels_last) for image in images)
+    assert images or modality == "audio"
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
+    for output in outputs:
+        output.square().mean().backward()
+    for (name, a), b in zip(default.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-6, msg=name)
+    reloaded = MultimodalClassifier(config)
+    reloaded.load_state_dict(fast.state_dict())
+    assert all(p.is_contiguous() for p in reloaded.parameters())

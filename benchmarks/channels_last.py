@@ -1,0 +1,110 @@
+"""Training step time of the image encoders in the default and the channels-last layout, side by side.
+
+    python benchmarks/channels_last.py          (or: make bench-channels-last; about 3 minutes on 2 cores)
+
+One training step (forward, backward, AdamW) of an image-only MultimodalClassifier on a random batch of 64
+(the training default), random weights, in train mode: once as built, once after `use_channels_last()`, which
+is what training does for a family that asks for it (`channels_last = True`: the EfficientNet-based ones).
+`encode()` lays the images out as the weights. The two layouts alternate for several rounds after one warm-up
+step each; the median is reported. Results: benchmarks/results/channels_last.{json,md}, with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from polysense.machine import machine
+from polysense.models.model import ModelConfig, MultimodalClassifier
+
+RESULTS = Path(__file__).resolve().parent / "results"
+COMMAND = "python benchmarks/channels_last.py"
+CASES = (("efficientnet-lite0", 128), ("efficientnet-lite0", 192), ("efficientnet-lite0", 224), ("cnn", 64))
+BATCH = 64
+
+
+def step_seconds(
+    model: MultimodalClassifier, images: torch.Tensor, optimizer: torch.optim.Optimizer
+) -> float:
+    start = time.perf_counter()
+    loss = model.encode("image", {"image": images}).square().mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return time.perf_counter() - start
+
+
+def measure(family: str, size: int, rounds: int) -> dict:
+    config = ModelConfig(("image",), 10, image_family=family, pretrained=False)
+    torch.manual_seed(0)
+    models = {"default": MultimodalClassifier(config).train(), "channels_last": MultimodalClassifier(config)}
+    models["channels_last"].load_state_dict(models["default"].state_dict())
+    models["channels_last"].train().use_channels_last()
+    images = torch.randn(BATCH, 3, size, size)
+    optimizers = {name: torch.optim.AdamW(model.parameters(), 1e-4) for name, model in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for round_index in range(rounds + 1):  # round 0 warms up
+        for name, model in models.items():
+            seconds = step_seconds(model, images, optimizers[name])
+            if round_index:
+                times[name].append(seconds)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    asks = bool(getattr(models["default"].encoders["image"], "channels_last", False))
+    return {
+        "family": family,
+        "image_size": size,
+        "trains_channels_last": asks,
+        "default_s": median["default"],
+        "channels_last_s": median["channels_last"],
+        "speedup": median["default"] / median["channels_last"],
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "# Training step time: default vs channels-last layout",
+        "",
+        f"Command: `{report['command']}`. Machine: {report['machine']}, {report['threads']} torch threads.",
+        f"One step (forward, backward, AdamW) at batch {report['batch']}, random weights, median of "
+        f"{report['rounds']} alternating rounds.",
+        "",
+        "| image family | pixels | trains channels-last | default s/step | channels-last s/step | speed-up |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['family']} | {r['image_size']} | {'yes' if r['trains_channels_last'] else 'no'} | "
+            f"{r['default_s']:.3f} | {r['channels_last_s']:.3f} | {r['speedup']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="timed steps per layout and case")
+    args = parser.parse_args()
+    results = []
+    for family, size in CASES:
+        results.append(measure(family, size, args.rounds))
+        print(json.dumps(results[-1]), flush=True)
+    report = {
+        "command": COMMAND,
+        "machine": machine(),
+        "threads": torch.get_num_threads(),
+        "batch": BATCH,
+        "rounds": args.rounds,
+        "results": results,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "channels_last.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / "channels_last.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
