@@ -105,7 +105,7 @@ def _flag_settings(field: Field, hint: typing.Any, comment: str, allowed: Sequen
         settings["required"] = True
     else:
         settings["default"] = default
-        if default is not None:
+        if default not in (None, ""):  # None or "": the comment says what deciding later means
             help_text += f" (default: {_shown(default)})"
     if allowed is not None:
         settings["choices"] = tuple(allowed)

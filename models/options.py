@@ -49,10 +49,10 @@ class TrainOptions:
         0.0  # share of each target spread over all classes in every training loss (0: off)
     )
     patience: int = 4  # stop after this many epochs without a better validation accuracy (0: never)
-    keep: str = "best"  # weights the run ends with: best (best validation epoch's) or last (final epoch's)
+    keep: str = ""  # end with the best validation epoch (best) or the last; default: the family's, else best
     seed: int = 0  # seeds the split, the weights and each epoch's draws: the same seed gives the same run
     device: str = "auto"  # where to train (auto: CUDA when torch sees a device, else CPU)
-    image_size: int = 0  # pixels, square; 0: 64, or the image family's own (efficientnet-lite0: 128)
+    image_size: int = 0  # pixels, square; 0: 64, or the image family's own (efficientnet-lite0: 192)
     image_width: int = 24  # CNN width (channels of its first stage)
     embed_dim: int = 128  # size of each encoder's embedding
     image_encoder: str = "cnn"  # image encoder family
@@ -111,8 +111,9 @@ class TrainOptions:
             raise ConfigError("; ".join(problems))
 
     def _resolve_family_defaults(self) -> None:
-        """0 for epochs, pretrained_lr or image_size means: what the chosen families ask for (a pretrained one:
-        few epochs, a small learning rate; an image family: its resolution), else the general default; 0 for
+        """0 for epochs, pretrained_lr or image_size, or no keep, means: what the chosen families ask for (a
+        pretrained one: few epochs, a small learning rate, maybe its last epoch; an image family: its
+        resolution), else the general default; 0 for
         pretrain_epochs (staged) means as many as epochs. Resolved here, so a run's config records the numbers."""
         # Only the families of the modalities trained (all when the data decides) ask for anything.
         used = self.modalities or MODALITIES
@@ -124,6 +125,11 @@ class TrainOptions:
         if self.epochs == 0:
             epochs = min((d["epochs"] for d in pretrained), default=DEFAULT_EPOCHS)
             object.__setattr__(self, "epochs", epochs)
+        if self.keep == "":
+            # A family whose validation split saturates early asks for its last epoch (efficientnet-lite0
+            # on AV-digits: 1.0 from epoch 3 of 4, and "best" keeps the first such, not yet annealed).
+            wanted = {d.get("keep", "best") for d in pretrained}
+            object.__setattr__(self, "keep", "last" if "last" in wanted else "best")
         if self.pretrained_lr == 0:
             lr = min((d["pretrained_lr"] for d in pretrained), default=self.lr)
             object.__setattr__(self, "pretrained_lr", lr)

@@ -14,7 +14,8 @@ The contract of an encoder family:
   convolution kernels; the small CNN stays in the default layout, where its gain is small and one process
   with two threads and two processes with one thread each drift 10x further apart);
 - a factory may carry `defaults`, what the family asks of training when the user leaves it to it: "epochs" and
-  "pretrained_lr" (pretrained families), "image_size", "image_mean", "image_std" (image families);
+  "pretrained_lr" (pretrained families; optionally "keep": "last"), "image_size", "image_mean", "image_std"
+  (image families);
 - pretrained families: the factory takes `pretrained` (load the weights; False trains from random weights),
   the module lists `pretrained_prefixes` (its parameters that came pretrained, fine-tuned at --pretrained-lr),
   and a text family's factory carries `tokenizer_file()` (its vocabulary, copied into the run instead of

@@ -96,6 +96,19 @@ def test_family_defaults_fill_epochs_and_learning_rates():
     assert (unused.epochs, unused.pretrained_lr) == (DEFAULT_EPOCHS, unused.lr)
 
 
+def test_a_family_may_ask_to_keep_its_last_epoch():
+    assert TrainOptions(data="x", out="y").keep == "best"
+    assert TrainOptions(data="x", out="y", text_encoder="minilm-l6").keep == "best"
+    image = {"image_encoder": "efficientnet-lite0"}
+    assert TrainOptions(data="x", out="y", **image).keep == "last"
+    assert (
+        TrainOptions(data="x", out="y", text_encoder="minilm-l6", **image).keep == "last"
+    )  # any family asking
+    assert TrainOptions(data="x", out="y", keep="best", **image).keep == "best"
+    assert TrainOptions(data="x", out="y", from_scratch=True, **image).keep == "best"
+    assert TrainOptions(data="x", out="y", modalities=("text",), **image).keep == "best"
+
+
 def test_pretrained_layers_get_their_own_learning_rate():
     from polysense.models.optimization import parameter_groups as _parameter_groups
 
@@ -168,13 +181,13 @@ def test_efficientnet_lite0_matches_the_reference_implementation():
 
 def test_image_family_defaults_set_resolution_and_input_scale(tmp_path):
     options = TrainOptions(data="x", out="y", image_encoder="efficientnet-lite0")
-    assert (options.image_size, options.epochs, options.pretrained_lr) == (128, 6, 3e-4)
+    assert (options.image_size, options.epochs, options.pretrained_lr, options.keep) == (192, 4, 3e-4, "last")
     assert TrainOptions(data="x", out="y").image_size == 64
     assert TrainOptions(data="x", out="y", image_encoder="efficientnet-lite0", image_size=96).image_size == 96
     from polysense.models.data_prep import _image_settings
 
     settings = _image_settings(options, [], tmp_path)
-    assert (settings.size, settings.mean, settings.std) == (128, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert (settings.size, settings.mean, settings.std) == (192, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 def test_the_frozen_strategy_trains_around_fixed_pretrained_weights(tmp_path):
