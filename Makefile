@@ -68,7 +68,7 @@ bench-avdigits: $(STAMP)
 bench-avdigits-audio: $(STAMP)
 	$(BIN)/python benchmarks/avdigits/loso_audio.py
 
-# Image alone on the held-out photos: pretrained EfficientNet-Lite0 vs from scratch vs the small CNN (~30 min).
+# Image alone on the held-out photos: pretrained EfficientNet-Lite0 vs from scratch vs the small CNN (~25 min).
 bench-avdigits-image: $(STAMP)
 	$(BIN)/python benchmarks/avdigits/image_only.py
 

@@ -11,8 +11,8 @@ The contract of an encoder family:
 - optional: `fit_input_stats(features)`, called once with the training split's features before training;
   `int8_method = "static"` to have export calibrate static QDQ int8 (dense convolutions) instead of dynamic;
   `channels_last = True` to train with its weights and image inputs in channels-last layout (faster CPU
-  convolution kernels; the small CNN stays in the default layout, where its gain is small and one process
-  with two threads and two processes with one thread each drift 10x further apart);
+  convolution kernels; the small CNN stays in the default layout, where its gain is small and its gradients
+  with one thread and two differ 10x more in the last bits, enough to fail the distributed tests);
 - a factory may carry `defaults`, what the family asks of training when the user leaves it to it: "epochs" and
   "pretrained_lr" (pretrained families; optionally "keep": "last"), "image_size", "image_mean", "image_std"
   (image families);

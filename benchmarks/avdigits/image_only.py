@@ -1,6 +1,6 @@
 """Image alone on held-out sign-digit photos: the pretrained image encoder against training from scratch.
 
-    python benchmarks/avdigits/image_only.py        (or: make bench-avdigits-image; about 30 minutes on 2 cores)
+    python benchmarks/avdigits/image_only.py        (or: make bench-avdigits-image; about 25 minutes on 2 cores)
 
 Trains an image-only model on the AV-digits manifest (`polysense data avdigits`, then `polysense train
 --modalities image`) for each configuration, side by side in one run:
