@@ -108,6 +108,6 @@ bench-edge: $(STAMP)
 bench-install-sizes: $(STAMP)
 	$(BIN)/python benchmarks/install_sizes.py
 
-# Training step time of the image encoders, default vs channels-last layout (~3 min).
+# Training step time of the convolutional encoders, default vs channels-last layout (~3 min).
 bench-channels-last: $(STAMP)
 	$(BIN)/python benchmarks/channels_last.py

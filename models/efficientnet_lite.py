@@ -80,7 +80,7 @@ class EfficientNetLite0(nn.Module):
 
     pretrained_prefixes = ("stem", "blocks", "head")
     int8_method = "static"  # convolutions: static QDQ (export measures whether it pays)
-    channels_last = True  # trains in channels-last layout: its depthwise convolutions run 1.6-2x faster so
+    channels_last = True  # trains in channels-last layout: 1.6-2.1x faster steps (make bench-channels-last)
 
     def __init__(self, embed_dim: int = 128, dropout: float = 0.2) -> None:
         super().__init__()

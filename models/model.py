@@ -95,7 +95,7 @@ class MultimodalClassifier(nn.Module):
     def use_channels_last(self) -> None:
         """Move the weights of the encoders that ask for it (`channels_last`, see polysense.models.registry) to
         channels-last layout, as encode() lays out their images: CPU convolution kernels (oneDNN) run fastest
-        so: a training step of EfficientNet-Lite0 ran 1.6-1.8x faster at 128-224 px (make bench-channels-last).
+        so: a training step of EfficientNet-Lite0 ran 1.6-2.1x faster at 128-224 px (make bench-channels-last).
         Values are the same up to the order of float sums; export traces the encoders in their default
         layout, so bundles do not change."""
         for encoder in self.encoders.values():

@@ -303,8 +303,12 @@ def test_channels_last_benchmark_times_both_layouts(monkeypatch):
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     benchmark = pytest.importorskip("channels_last")  # imports the training code: needs torch
-    results = [benchmark.measure("cnn", 32, rounds=1), benchmark.measure("efficientnet-lite0", 32, rounds=1)]
-    assert [r["trains_channels_last"] for r in results] == [False, True]
+    results = [
+        benchmark.measure("image", "cnn", 32, rounds=1),
+        benchmark.measure("image", "efficientnet-lite0", 32, rounds=1),
+        benchmark.measure("audio", "efficientnet-lite0", 20, rounds=1),
+    ]
+    assert [r["trains_channels_last"] for r in results] == [False, True, True]
     for r in results:
         assert r["default_s"] > 0 and r["channels_last_s"] > 0
         assert r["speedup"] == pytest.approx(r["default_s"] / r["channels_last_s"])
@@ -316,4 +320,4 @@ def test_channels_last_benchmark_times_both_layouts(monkeypatch):
         "rounds": 1,
         "results": results,
     }
-    assert "| efficientnet-lite0 | 32 | yes |" in benchmark.markdown(report)
+    assert "| image efficientnet-lite0 | 32 | yes |" in benchmark.markdown(report)
