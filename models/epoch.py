@@ -33,15 +33,24 @@ class TrainingObjective(nn.Module):
     """The model, its per-modality heads and a phase's loss as one module whose forward() returns the loss:
     DistributedDataParallel synchronises the gradients of what its forward() used."""
 
-    def __init__(self, model: MultimodalClassifier, heads: nn.ModuleDict, phase: str, options: TrainOptions):
+    def __init__(
+        self,
+        model: MultimodalClassifier,
+        heads: nn.ModuleDict,
+        phase: str,
+        options: TrainOptions,
+        solo: tuple[str, ...] = (),
+    ):
         super().__init__()
-        self.model, self.heads, self.phase = model, heads, phase
+        self.model, self.heads, self.phase, self.solo = model, heads, phase, solo
         self.dropout, self.aux_loss_weight = options.modality_dropout, options.aux_loss_weight
         self.smoothing = options.label_smoothing
 
     def forward(
         self, batch: dict, generators: Sequence[torch.Generator], share: BatchShare, step: int
     ) -> torch.Tensor:
+        if self.phase == "solo":
+            return unimodal_loss(self.model, self.heads, batch, share, self.smoothing, only=self.solo)
         if self.phase == "pretrain":
             return unimodal_loss(self.model, self.heads, batch, share, self.smoothing)
         if self.phase == "alternating":

@@ -7,7 +7,7 @@ so the gradients summed over micro-batches and averaged over processes are those
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -108,9 +108,15 @@ def unimodal_loss(
     batch: dict,
     share: BatchShare,
     label_smoothing: float = 0.0,
+    only: Collection[str] | None = None,
 ) -> torch.Tensor:
-    """Staged pre-training: each encoder with its own linear head, on the samples that have its modality."""
-    raw = {m: model.encode(m, batch) for i, m in enumerate(model.config.modalities) if share.has(i)}
+    """Staged pre-training: each encoder (of `only`, default all) with its own linear head, on the samples
+    that have its modality."""
+    raw = {
+        m: model.encode(m, batch)
+        for i, m in enumerate(model.config.modalities)
+        if share.has(i) and (only is None or m in only)
+    }
     return _per_modality_losses(model, heads, batch, raw, share, label_smoothing)
 
 

@@ -20,9 +20,13 @@ def optimizer_and_schedule(
     phase: str,
     steps: int,
     frozen: bool,
+    solo: tuple[str, ...] = (),
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over what the phase trains, and its warm-up + cosine schedule over the phase's `steps`."""
-    if phase == "pretrain":
+    """AdamW over what the phase trains, and its warm-up + cosine schedule over the phase's `steps`.
+    `solo`: the modalities the solo phase trains, each encoder with its own head."""
+    if phase == "solo":
+        trainable = [p for m in solo for p in (*model.encoders[m].parameters(), *heads[m].parameters())]
+    elif phase == "pretrain":
         trainable = [*model.encoders.parameters(), *heads.parameters()]
     else:
         trainable = [p for p in model.parameters() if p.requires_grad]

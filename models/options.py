@@ -33,6 +33,9 @@ class TrainOptions:
     pretrain_epochs: int = (
         0  # staged only: epochs of each encoder with its own head; 0: as many as --epochs (late fusion)
     )
+    solo_epochs: int = (
+        -1  # first, encoders without pretrained weights train alone this long; -1: 12 minus a family's --epochs
+    )
     finetune_encoders: bool = False  # staged only: keep training the encoders with the fusion (else frozen)
     batch_size: int = 64  # training samples per optimizer step, over all processes and micro-batches
     accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation: less memory, same batch)
@@ -88,6 +91,8 @@ class TrainOptions:
             problems.append(f"{flag('lr')} and {flag('pretrained_lr')} must be positive")
         if self.epochs < 1:
             problems.append(f"{flag('epochs')} must be at least 1, got {self.epochs}")
+        if self.solo_epochs < 0:
+            problems.append(f"{flag('solo_epochs')} must be 0 or more (or -1: decided by the families)")
         if min(self.weight_decay, self.patience, self.aux_loss_weight, self.audio_norm_frames) < 0:
             problems.append(
                 "--weight-decay, --patience, --aux-loss-weight and --audio-norm-frames cannot be negative"
@@ -114,7 +119,8 @@ class TrainOptions:
         """0 for epochs, pretrained_lr or image_size, or no keep, means: what the chosen families ask for (a
         pretrained one: few epochs, a small learning rate, maybe its last epoch; an image family: its
         resolution), else the general default; 0 for
-        pretrain_epochs (staged) means as many as epochs. Resolved here, so a run's config records the numbers."""
+        pretrain_epochs (staged) means as many as epochs; -1 for solo_epochs: what encoders without pretrained
+        weights need on top of a pretrained family's epochs. Resolved here, so a run's config records the numbers."""
         # Only the families of the modalities trained (all when the data decides) ask for anything.
         used = self.modalities or MODALITIES
         pretrained = [] if self.from_scratch else [family_defaults(m, self.encoder(m)) for m in used]
@@ -122,9 +128,17 @@ class TrainOptions:
         if self.image_size == 0:
             size = family_defaults("image", self.image_encoder).get("image_size", DEFAULT_IMAGE_SIZE)
             object.__setattr__(self, "image_size", size)
+        family_sets_epochs = self.epochs == 0 and bool(pretrained)
         if self.epochs == 0:
             epochs = min((d["epochs"] for d in pretrained), default=DEFAULT_EPOCHS)
             object.__setattr__(self, "epochs", epochs)
+        if self.solo_epochs == -1:
+            # The few epochs a pretrained family asks for are too few for an encoder learning from random
+            # weights beside it (AV-digits: the causal audio encoder alone 0.61 after 4). Such encoders first
+            # train alone, with their own heads, up to the general default; each costs little next to the
+            # pretrained one, which waits.
+            solo = DEFAULT_EPOCHS - self.epochs if family_sets_epochs and self.scratch_modalities() else 0
+            object.__setattr__(self, "solo_epochs", max(solo, 0))
         if self.keep == "":
             # A family whose validation split saturates early asks for its last epoch (efficientnet-lite0
             # on AV-digits: 1.0 from epoch 3 of 4, and "best" keeps the first such, not yet annealed).
@@ -137,6 +151,13 @@ class TrainOptions:
             # Each encoder learns alone as long as a unimodal model would, so once frozen under the fusion it
             # is that model: with one modality missing, the fused model is as good as the unimodal one.
             object.__setattr__(self, "pretrain_epochs", self.epochs)
+
+    def scratch_modalities(self) -> tuple[str, ...]:
+        """The modalities trained (all when the data decides) whose encoders start from random weights."""
+        used = self.modalities or MODALITIES
+        if self.from_scratch:
+            return tuple(used)
+        return tuple(m for m in used if "epochs" not in family_defaults(m, self.encoder(m)))
 
     def encoder(self, modality: str) -> str:
         return getattr(self, f"{modality}_encoder")

@@ -41,7 +41,7 @@ _REUSABLE_LEFTOVERS = {"builtin_data", CHECKPOINT_DIR, "tokenizer.json"}
 # into micro-batches (the batch itself stays). The rest are the stored ones.
 RESUME_MAY_CHANGE = ("epochs", "patience", "progress", "device", "accumulate")
 # What a run stored before these options existed did, for resuming it as it was trained.
-OPTIONS_BEFORE_THEY_EXISTED = {"augment": False, "audio_norm_frames": 0, "keep": "best"}
+OPTIONS_BEFORE_THEY_EXISTED = {"augment": False, "audio_norm_frames": 0, "keep": "best", "solo_epochs": 0}
 
 
 @dataclass(frozen=True)

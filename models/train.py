@@ -1,4 +1,5 @@
-"""The training loop: joint or staged, modality dropout, AdamW with warm-up + cosine, a checkpoint every
+"""The training loop: solo epochs first for encoders without pretrained weights beside a pretrained family,
+then joint or staged, modality dropout, AdamW with warm-up + cosine, a checkpoint every
 epoch, --resume, early stopping on validation accuracy, and metrics on the test split.
 
 What the run folder holds and how it is written: polysense.models.run_folder; opening a run (options, data,
@@ -41,9 +42,10 @@ log = logging.getLogger("polysense")
 
 @dataclass(frozen=True)
 class Phase:
-    name: str  # joint | pretrain | fusion
+    name: str  # solo | joint | frozen | alternating | pretrain | fusion
     epochs: int
     monitored: bool  # early stopping and best-model selection apply
+    modalities: tuple[str, ...] = ()  # solo: the encoders it trains, each with its own head (the rest wait)
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,13 @@ class TrainResult:
         return format_metrics_table(self.metrics)
 
 
-def phases(options: TrainOptions) -> list[Phase]:
+def phases(options: TrainOptions, modalities: tuple[str, ...]) -> list[Phase]:
+    """The run's phases, in order, for a model of `modalities`."""
+    solo = tuple(m for m in modalities if m in options.scratch_modalities())
+    plan = [Phase("solo", options.solo_epochs, False, solo)] if options.solo_epochs > 0 and solo else []
     if options.strategy in ("joint", "frozen", "alternating"):
-        return [Phase(options.strategy, options.epochs, True)]
-    return [Phase("pretrain", options.pretrain_epochs, False), Phase("fusion", options.epochs, True)]
+        return [*plan, Phase(options.strategy, options.epochs, True)]
+    return [*plan, Phase("pretrain", options.pretrain_epochs, False), Phase("fusion", options.epochs, True)]
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -91,7 +96,7 @@ def train(
 
 def _train(options: TrainOptions, resume: bool, changed: Collection[str], world: World) -> TrainResult:
     run = open_run(options, resume, changed, world)
-    plan = phases(run.options)
+    plan = phases(run.options, run.model.config.modalities)
     total_epochs = sum(p.epochs for p in plan)
     stopped_early, first = False, 1
     for phase in plan:
@@ -125,19 +130,22 @@ def _run_phase(run: Run, phase: Phase, first: int, last: int, total_epochs: int)
     """
     options = run.options
     frozen = phase.name == "fusion" and not options.finetune_encoders
-    for parameter in run.model.encoders.parameters():
-        parameter.requires_grad_(not frozen)
+    for modality, encoder in run.model.encoders.items():
+        encoder.requires_grad_(not frozen and (phase.name != "solo" or modality in phase.modalities))
+    run.model.fusion.requires_grad_(phase.name != "solo")
     # Feature extraction: the pretrained weights stay fixed (BatchNorm statistics still adapt to the data).
     if options.strategy == "frozen":
         for parameter in pretrained_parameters(run.model):
             parameter.requires_grad_(False)
     steps = phase.epochs * run.data.splits["train"].num_batches(options.batch_size)
-    optimizer, scheduler = optimizer_and_schedule(run.model, run.heads, options, phase.name, steps, frozen)
+    optimizer, scheduler = optimizer_and_schedule(
+        run.model, run.heads, options, phase.name, steps, frozen, phase.modalities
+    )
     if run.checkpoint is not None and first <= run.checkpoint.state.epoch < last:
         optimizer.load_state_dict(run.checkpoint.optimizer)
         scheduler.load_state_dict(run.checkpoint.scheduler)
     # Built per phase: DistributedDataParallel takes the parameters that require a gradient when wrapping.
-    objective = TrainingObjective(run.model, run.heads, phase.name, options)
+    objective = TrainingObjective(run.model, run.heads, phase.name, options, phase.modalities)
     runner = EpochRunner(
         replicate(objective, run.world, run.device, _may_leave_unused(run, phase)),
         run.world,
@@ -154,7 +162,13 @@ def _run_phase(run: Run, phase: Phase, first: int, last: int, total_epochs: int)
             run, runner, phase, epoch, total_epochs, optimizer, scheduler, frozen
         )
         if not frozen:
-            recalibrate_batchnorm(run.model, run.data.splits["train"], options.batch_size, run.device)
+            recalibrate_batchnorm(
+                run.model,
+                run.data.splits["train"],
+                options.batch_size,
+                run.device,
+                modalities=phase.modalities or None,
+            )
         _end_epoch(run, phase, epoch, total_epochs, (train_loss, seconds), optimizer, scheduler)
     return phase.monitored and run.state.early_stop_due(options.patience)
 
@@ -163,7 +177,7 @@ def _may_leave_unused(run: Run, phase: Phase) -> bool:
     """Whether a step of this phase can leave trainable parameters without a gradient."""
     some_sample_lacks_a_modality = bool((run.data.splits["train"].present() == 0).any())
     heads_unused = run.options.aux_loss_weight == 0 and phase.name not in ("pretrain", "alternating")
-    return phase.name in ("pretrain", "alternating") or heads_unused or some_sample_lacks_a_modality
+    return phase.name in ("solo", "pretrain", "alternating") or heads_unused or some_sample_lacks_a_modality
 
 
 def _train_epoch(

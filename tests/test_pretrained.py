@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from polysense.errors import DependencyError  # noqa: E402
+from polysense.errors import ConfigError, DependencyError  # noqa: E402
 from polysense.models import ModelConfig, MultimodalClassifier  # noqa: E402
 from polysense.models.options import DEFAULT_EPOCHS, TrainOptions  # noqa: E402
 from polysense.models.pretrained import EFFICIENTNET_LITE0, INSTALL, MINILM  # noqa: E402
@@ -107,6 +107,81 @@ def test_a_family_may_ask_to_keep_its_last_epoch():
     assert TrainOptions(data="x", out="y", keep="best", **image).keep == "best"
     assert TrainOptions(data="x", out="y", from_scratch=True, **image).keep == "best"
     assert TrainOptions(data="x", out="y", modalities=("text",), **image).keep == "best"
+
+
+def test_encoders_without_pretrained_weights_first_train_alone_up_to_the_default():
+    from polysense.models.train import phases
+
+    image = {"image_encoder": "efficientnet-lite0"}
+    lite = TrainOptions(data="x", out="y", **image)
+    assert (lite.epochs, lite.solo_epochs, lite.scratch_modalities()) == (
+        4,
+        DEFAULT_EPOCHS - 4,
+        ("text", "audio"),
+    )
+    plan = phases(lite, ("image", "audio"))
+    assert [(p.name, p.epochs, p.monitored, p.modalities) for p in plan] == [
+        ("solo", DEFAULT_EPOCHS - 4, False, ("audio",)),
+        ("joint", 4, True, ()),
+    ]
+    assert [p.name for p in phases(lite, ("image",))] == ["joint"]  # nothing in the data learns from scratch
+    staged = TrainOptions(data="x", out="y", strategy="staged", **image)
+    assert [p.name for p in phases(staged, ("image", "audio"))] == ["solo", "pretrain", "fusion"]
+    # Epochs the user chose, --from-scratch, or no encoder from random weights: no solo phase unless asked.
+    assert TrainOptions(data="x", out="y", epochs=6, **image).solo_epochs == 0
+    assert TrainOptions(data="x", out="y", from_scratch=True, **image).solo_epochs == 0
+    assert TrainOptions(data="x", out="y", modalities=("image",), **image).solo_epochs == 0
+    assert TrainOptions(data="x", out="y").solo_epochs == 0
+    assert TrainOptions(data="x", out="y", epochs=6, solo_epochs=2, **image).solo_epochs == 2
+    with pytest.raises(ConfigError, match="--solo-epochs must be 0 or more"):
+        TrainOptions(data="x", out="y", solo_epochs=-2)
+
+
+def test_the_solo_phase_trains_only_the_encoders_without_pretrained_weights(
+    tiny_builtin, tmp_path, monkeypatch
+):
+    _require_package(MINILM.package)
+    import polysense.models.train as training
+
+    snapshots, real_open, real_end = [], training.open_run, training._end_epoch
+
+    def snapshot(run):
+        snapshots.append({k: v.clone() for k, v in run.model.state_dict().items()})
+
+    def opened(*args):
+        run = real_open(*args)
+        snapshot(run)
+        return run
+
+    def ended(run, *args):
+        snapshot(run)
+        real_end(run, *args)
+
+    monkeypatch.setattr(training, "open_run", opened)
+    monkeypatch.setattr(training, "_end_epoch", ended)
+    options = TrainOptions(
+        data=str(tiny_builtin),
+        out=str(tmp_path / "run"),
+        text_encoder="minilm-l6",
+        epochs=1,
+        solo_epochs=1,
+        batch_size=32,
+        embed_dim=32,
+        image_width=8,
+        progress=False,
+    )
+    result = training.train(options)
+    assert [h["phase"] for h in result.metrics["history"]] == ["solo", "joint"]
+    start, after_solo, after_joint = snapshots
+
+    def changed(before, after, prefix):
+        return any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix))
+
+    for prefix in ("encoders.image.", "encoders.audio."):
+        assert changed(start, after_solo, prefix), prefix
+    for prefix in ("encoders.text.", "fusion."):  # the pretrained encoder and the fusion wait
+        assert not changed(start, after_solo, prefix), prefix
+        assert changed(after_solo, after_joint, prefix), prefix
 
 
 def test_pretrained_layers_get_their_own_learning_rate():

@@ -342,16 +342,22 @@ def test_best_model_is_chosen_on_validation_accuracy_over_every_modality_subset(
     assert state.best_epoch == 3
 
 
-def test_a_run_stored_before_augmentation_audio_normalisation_and_keep_resumes_as_it_was_trained(tmp_path):
+def test_a_run_stored_before_augmentation_audio_normalisation_keep_and_solo_resumes_as_it_was_trained(
+    tmp_path,
+):
     from polysense.models.run_folder import resumed_options
 
-    # The pretrained image family now asks for its last epoch; a run stored before --keep kept its best.
+    # The pretrained image family now asks for its last epoch, and for solo epochs of the encoders beside it; a
+    # run stored before --keep and --solo-epochs kept its best and had no solo phase.
     options = TrainOptions(data="x", out=str(tmp_path), image_encoder="efficientnet-lite0")
+    assert options.solo_epochs > 0
     stored = options.to_dict()
-    del stored["augment"], stored["audio_norm_frames"], stored["keep"]  # config.json before they existed
+    for name in ("augment", "audio_norm_frames", "keep", "solo_epochs"):  # config.json before they existed
+        del stored[name]
     (tmp_path / "config.json").write_text(json.dumps({"options": stored}))
     resumed = resumed_options(options, tmp_path)
     assert resumed.augment is False and resumed.audio_norm_frames == 0 and resumed.keep == "best"
+    assert resumed.solo_epochs == 0
 
 
 def test_the_fusion_turn_of_alternating_skips_a_modality_no_sample_in_the_batch_has(tiny_builtin, tmp_path):
