@@ -51,3 +51,39 @@ def evaluate(model: MultimodalClassifier, data: FeatureSet, batch_size: int, dev
         if targets[s]
     }
     return metrics
+
+
+@torch.no_grad()
+def evaluate_heads(
+    model: MultimodalClassifier,
+    heads: torch.nn.ModuleDict,
+    data: FeatureSet,
+    modalities: tuple[str, ...],
+    batch_size: int,
+    device: torch.device,
+) -> dict:
+    """Each encoder of `modalities` through its own linear head, on the samples that have its modality: what
+    the phases that train encoders alone (solo, staged pre-training) improve, before any fusion is trained.
+    {"accuracy": mean over the modalities, "loss": likewise, "by_modality": {modality: accuracy}}."""
+    model.eval()
+    heads.eval()
+    correct = {m: 0 for m in modalities}
+    loss_sum = {m: 0.0 for m in modalities}
+    count = {m: 0 for m in modalities}
+    for batch in data.batches(batch_size, device):
+        for index, modality in enumerate(model.config.modalities):
+            has = batch["present"][:, index] > 0
+            if modality not in modalities or not has.any():
+                continue
+            logits = heads[modality](model.encode(modality, batch))[has]
+            labels = batch["labels"][has]
+            correct[modality] += int((logits.argmax(1) == labels).sum())
+            loss_sum[modality] += float(F.cross_entropy(logits, labels, reduction="sum"))
+            count[modality] += int(has.sum())
+    measured = [m for m in modalities if count[m]]
+    by_modality = {m: correct[m] / count[m] for m in measured}
+    return {
+        "accuracy": sum(by_modality.values()) / max(len(measured), 1),
+        "loss": sum(loss_sum[m] / count[m] for m in measured) / max(len(measured), 1),
+        "by_modality": by_modality,
+    }

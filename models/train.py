@@ -30,7 +30,7 @@ from polysense.models.distributed import (
     world_from_environment,
 )
 from polysense.models.epoch import EpochRunner, TrainingObjective
-from polysense.models.evaluate import evaluate
+from polysense.models.evaluate import evaluate, evaluate_heads
 from polysense.models.optimization import optimizer_and_schedule, pretrained_parameters
 from polysense.models.options import TrainOptions
 from polysense.models.run_folder import Checkpoint
@@ -200,8 +200,14 @@ def _train_epoch(
 
 
 def _validate(run: Run, phase: Phase, epoch: int, train_loss: float) -> dict:
-    """The epoch's record in the run's history: its losses and validation scores."""
-    val = evaluate(run.model, run.data.splits["val"], run.options.batch_size, run.device)
+    """The epoch's record in the run's history: its losses and validation scores. Phases that train encoders
+    alone are scored through the encoders' own heads (the fusion has not trained yet), with `val_by_head`."""
+    val_split, batch_size = run.data.splits["val"], run.options.batch_size
+    alone = {"solo": phase.modalities, "pretrain": run.model.config.modalities}.get(phase.name)
+    if alone:
+        val = evaluate_heads(run.model, run.heads, val_split, alone, batch_size, run.device)
+    else:
+        val = evaluate(run.model, val_split, batch_size, run.device)
     record = {
         "epoch": epoch,
         "phase": phase.name,
@@ -210,6 +216,8 @@ def _validate(run: Run, phase: Phase, epoch: int, train_loss: float) -> dict:
         "val_accuracy": val["accuracy"],
         "val_score": validation_score(val),
     }
+    if alone:
+        record["val_by_head"] = val["by_modality"]
     if any("val_score" not in h for h in run.state.history):  # resumed from a run scored on accuracy alone
         record["val_score"] = val["accuracy"]
     return record
@@ -235,9 +243,15 @@ def _end_epoch(
         return
     if improved:
         run_folder.save_best(run.run_dir, run.model)
+    heads = record.get("val_by_head")
+    scores = (
+        "each encoder through its own head: " + ", ".join(f"{m} {a:.4f}" for m, a in heads.items())
+        if heads is not None
+        else f"mean over subsets {record['val_score']:.4f}"
+    )
     log.info(
         "epoch %d/%d %s: train loss %.4f (%.1f samples/s in %d process(es)), val loss %.4f, val accuracy %.4f, "
-        "mean over subsets %.4f%s",
+        "%s%s",
         epoch,
         total_epochs,
         phase.name,
@@ -246,7 +260,7 @@ def _end_epoch(
         run.world.size,
         record["val_loss"],
         record["val_accuracy"],
-        record["val_score"],
+        scores,
         " (best)" if improved else "",
     )
     checkpoint = Checkpoint(

@@ -171,7 +171,9 @@ def test_the_solo_phase_trains_only_the_encoders_without_pretrained_weights(
         progress=False,
     )
     result = training.train(options)
-    assert [h["phase"] for h in result.metrics["history"]] == ["solo", "joint"]
+    solo, joint = result.metrics["history"]
+    assert (solo["phase"], joint["phase"]) == ("solo", "joint")
+    assert set(solo["val_by_head"]) == {"image", "audio"} and "val_by_head" not in joint
     start, after_solo, after_joint = snapshots
 
     def changed(before, after, prefix):

@@ -96,6 +96,10 @@ def test_staged_strategy_and_other_heads(tiny_builtin, tmp_path):
     )
     phases = [h["phase"] for h in result.metrics["history"]]
     assert phases == ["pretrain", "fusion"]
+    # Pre-training is scored through each encoder's own head (the fusion has not trained yet).
+    pretrain, fusion = result.metrics["history"]
+    assert set(pretrain["val_by_head"]) == {"image", "text", "audio"} and "val_by_head" not in fusion
+    assert pretrain["val_accuracy"] == pytest.approx(sum(pretrain["val_by_head"].values()) / 3)
     result = _train(
         tiny_builtin,
         tmp_path / "finetune",
