@@ -166,14 +166,15 @@ def test_an_interrupted_run_of_one_process_resumes_with_two(one_process, tiny_bu
 
 def test_staged_training_on_generated_built_in_data_in_two_processes(tmp_path, capfd):
     """Rank 0 generates the built-in set in the run folder and the other process reads it; each phase of
-    --strategy staged wraps its own parameters; --quiet reaches the processes."""
+    --strategy staged (after a solo epoch, whose fusion waits) wraps its own parameters; --quiet reaches the
+    processes."""
     out = tmp_path / "run"
     flags = ["--data", "builtin", "--n", "120", "--out", str(out), "--no-progress", *SMALL]
-    staged = ["--strategy", "staged", "--pretrain-epochs", "1", "--epochs", "1", "--nproc", "2"]
-    assert main(["--quiet", "train", *flags, *staged]) == 0
-    assert "epoch 1/2" not in capfd.readouterr().err
+    staged = ["--strategy", "staged", "--solo-epochs", "1", "--pretrain-epochs", "1", "--epochs", "1"]
+    assert main(["--quiet", "train", *flags, *staged, "--nproc", "2"]) == 0
+    assert "epoch 1/3" not in capfd.readouterr().err
     history = json.loads((out / "metrics.json").read_text())["history"]
-    assert [h["phase"] for h in history] == ["pretrain", "fusion"]
+    assert [h["phase"] for h in history] == ["solo", "pretrain", "fusion"]
     assert (out / "builtin_data" / "manifest.csv").is_file() and (out / "model.pt").is_file()
 
 
