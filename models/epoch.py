@@ -80,9 +80,11 @@ class EpochRunner:
     preprocessing: Preprocessing
     options: TrainOptions
     device: torch.device
+    solo: tuple[str, ...] = ()  # the solo phase's modalities (its encoders train alone)
 
     def __post_init__(self) -> None:
         self._present = self.train_set.present() > 0  # [N, M]: which samples have which modality
+        self._solo_columns = [self.train_set.modalities.index(m) for m in self.solo]
 
     def run(
         self,
@@ -107,6 +109,11 @@ class EpochRunner:
         for step, batch in enumerate(shown):
             counts = tuple(self._present[batch].sum(axis=0).tolist())
             share = BatchShare(len(batch), counts, self.world.size)
+            if self._solo_columns and not any(share.has(column) for column in self._solo_columns):
+                # No sample of the batch has a modality the solo phase trains: nothing to learn from, and
+                # no gradient to take. Every process sees the whole batch's counts, so all skip it alike.
+                scheduler.step()
+                continue
             my_pieces = pieces(batch, self.world.size, self.world.rank, self.options.accumulate)
             if not my_pieces:
                 continue

@@ -34,7 +34,7 @@ class TrainOptions:
         0  # staged only: epochs of each encoder with its own head; 0: as many as --epochs (late fusion)
     )
     solo_epochs: int = (
-        -1  # first, encoders without pretrained weights train alone this long; -1: 12 minus a family's --epochs
+        -1  # epochs encoders from random weights train alone first; -1: 12 minus a family's --epochs, else 0
     )
     finetune_encoders: bool = False  # staged only: keep training the encoders with the fusion (else frozen)
     batch_size: int = 64  # training samples per optimizer step, over all processes and micro-batches
@@ -120,7 +120,8 @@ class TrainOptions:
         pretrained one: few epochs, a small learning rate, maybe its last epoch; an image family: its
         resolution), else the general default; 0 for
         pretrain_epochs (staged) means as many as epochs; -1 for solo_epochs: what encoders without pretrained
-        weights need on top of a pretrained family's epochs. Resolved here, so a run's config records the numbers."""
+        weights need on top of a pretrained family's epochs. Resolved here, so a run's config records the
+        numbers."""
         # Only the families of the modalities trained (all when the data decides) ask for anything.
         used = self.modalities or MODALITIES
         pretrained = [] if self.from_scratch else [family_defaults(m, self.encoder(m)) for m in used]

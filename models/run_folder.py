@@ -127,7 +127,9 @@ def resumed_options(
     resumed = TrainOptions.from_dict({**stored.to_dict(), **changes})
     if (run_dir / METRICS_FILE).is_file() and resumed.epochs <= stored.epochs:
         raise ConfigError(
-            f"--resume: {run_dir} already finished its {stored.epochs} epochs; to train it further pass "
+            f"--resume: {run_dir} already finished its {stored.epochs} epochs"
+            + (f" (after {stored.solo_epochs} solo epochs)" if stored.solo_epochs else "")
+            + "; to train it further pass "
             f"--epochs with more than {stored.epochs} (it continues from its last checkpoint)"
         )
     return resumed

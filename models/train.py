@@ -97,6 +97,11 @@ def train(
 def _train(options: TrainOptions, resume: bool, changed: Collection[str], world: World) -> TrainResult:
     run = open_run(options, resume, changed, world)
     plan = phases(run.options, run.model.config.modalities)
+    if run.options.solo_epochs > 0 and plan[0].name != "solo" and run.world.is_main:
+        log.warning(
+            "no solo epochs: every encoder of this data's modalities (%s) starts from pretrained weights",
+            ", ".join(run.model.config.modalities),
+        )
     total_epochs = sum(p.epochs for p in plan)
     stopped_early, first = False, 1
     for phase in plan:
@@ -154,6 +159,7 @@ def _run_phase(run: Run, phase: Phase, first: int, last: int, total_epochs: int)
         run.data.preprocessing,
         options,
         run.device,
+        phase.modalities if phase.name == "solo" else (),
     )
     for epoch in range(max(first, run.state.epoch + 1), last + 1):
         if phase.monitored and run.state.early_stop_due(options.patience):
@@ -194,6 +200,7 @@ def _train_epoch(
     seed = _epoch_seed(run.options.seed, epoch)
     torch.manual_seed(seed)
     run.model.train()
+    run.heads.train()
     if frozen:
         run.model.encoders.eval()  # frozen BatchNorm statistics too
     return runner.run(seed, optimizer, scheduler, f"epoch {epoch}/{total_epochs} {phase.name}")

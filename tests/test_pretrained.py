@@ -137,10 +137,18 @@ def test_encoders_without_pretrained_weights_first_train_alone_up_to_the_default
         TrainOptions(data="x", out="y", solo_epochs=-2)
 
 
+def _solo_options(data, out, **options) -> TrainOptions:
+    """EfficientNet-Lite0 (pretrained, with BatchNorm) at 32 pixels beside the small text and audio encoders."""
+    small = {"batch_size": 32, "embed_dim": 32, "image_size": 32, "progress": False}
+    return TrainOptions(
+        data=str(data), out=str(out), image_encoder="efficientnet-lite0", epochs=1, **{**small, **options}
+    )
+
+
 def test_the_solo_phase_trains_only_the_encoders_without_pretrained_weights(
     tiny_builtin, tmp_path, monkeypatch
 ):
-    _require_package(MINILM.package)
+    _require_package(EFFICIENTNET_LITE0.package)
     import polysense.models.train as training
 
     snapshots, real_open, real_end = [], training.open_run, training._end_epoch
@@ -159,31 +167,50 @@ def test_the_solo_phase_trains_only_the_encoders_without_pretrained_weights(
 
     monkeypatch.setattr(training, "open_run", opened)
     monkeypatch.setattr(training, "_end_epoch", ended)
-    options = TrainOptions(
-        data=str(tiny_builtin),
-        out=str(tmp_path / "run"),
-        text_encoder="minilm-l6",
-        epochs=1,
-        solo_epochs=1,
-        batch_size=32,
-        embed_dim=32,
-        image_width=8,
-        progress=False,
-    )
-    result = training.train(options)
+    result = training.train(_solo_options(tiny_builtin, tmp_path / "run", solo_epochs=1))
     solo, joint = result.metrics["history"]
     assert (solo["phase"], joint["phase"]) == ("solo", "joint")
-    assert set(solo["val_by_head"]) == {"image", "audio"} and "val_by_head" not in joint
+    assert set(solo["val_by_head"]) == {"text", "audio"} and "val_by_head" not in joint
     start, after_solo, after_joint = snapshots
 
     def changed(before, after, prefix):
         return any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix))
 
-    for prefix in ("encoders.image.", "encoders.audio."):
+    for prefix in ("encoders.text.", "encoders.audio."):
         assert changed(start, after_solo, prefix), prefix
-    for prefix in ("encoders.text.", "fusion."):  # the pretrained encoder and the fusion wait
+    # The pretrained encoder (its BatchNorm statistics included) and the fusion wait.
+    for prefix in ("encoders.image.", "fusion."):
         assert not changed(start, after_solo, prefix), prefix
         assert changed(after_solo, after_joint, prefix), prefix
+
+
+def test_a_solo_step_whose_samples_lack_every_solo_modality_is_skipped(tiny_builtin, tmp_path, caplog):
+    """Half the samples have only an image (pretrained): in batches of two, some steps hold nothing the solo
+    phase trains, and there is no loss to take a gradient of."""
+    _require_package(EFFICIENTNET_LITE0.package)
+    import csv
+
+    from polysense.models.train import train
+
+    folder = tiny_builtin.parent
+    rows = list(csv.DictReader(tiny_builtin.open()))[:48]
+    for index, row in enumerate(rows):
+        row["image"], row["audio"] = str(folder / row["image"]), str(folder / row["audio"])
+        if index % 2:
+            row["text"], row["audio"] = "", ""
+    manifest = tmp_path / "partial.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    result = train(_solo_options(manifest, tmp_path / "run", solo_epochs=1, batch_size=2))
+    assert [h["phase"] for h in result.metrics["history"]] == ["solo", "joint"]
+    # Asked for where every encoder is pretrained: no solo phase, and the log says why.
+    image_only = train(
+        _solo_options(manifest, tmp_path / "image", solo_epochs=2, modalities=("image",), batch_size=8)
+    )
+    assert [h["phase"] for h in image_only.metrics["history"]] == ["joint"]
+    assert "no solo epochs" in caplog.text
 
 
 def test_pretrained_layers_get_their_own_learning_rate():
