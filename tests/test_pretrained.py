@@ -184,6 +184,27 @@ def test_the_solo_phase_trains_only_the_encoders_without_pretrained_weights(
         assert changed(after_solo, after_joint, prefix), prefix
 
 
+def test_a_run_interrupted_in_its_solo_phase_resumes_as_if_uninterrupted(tiny_builtin, tmp_path, monkeypatch):
+    _require_package(EFFICIENTNET_LITE0.package)
+    from polysense.models import run_folder
+    from polysense.models.train import train
+
+    straight = train(_solo_options(tiny_builtin, tmp_path / "straight", solo_epochs=2))
+    save_checkpoint = run_folder.save_checkpoint
+
+    def interrupt_after_the_first_epoch(run_dir, checkpoint):
+        save_checkpoint(run_dir, checkpoint)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_folder, "save_checkpoint", interrupt_after_the_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(_solo_options(tiny_builtin, tmp_path / "resumed", solo_epochs=2))
+    monkeypatch.undo()
+    resumed = train(_solo_options(tiny_builtin, tmp_path / "resumed", solo_epochs=2), resume=True)
+    assert [h["phase"] for h in resumed.metrics["history"]] == ["solo", "solo", "joint"]
+    assert resumed.metrics == straight.metrics
+
+
 def test_a_solo_step_whose_samples_lack_every_solo_modality_is_skipped(tiny_builtin, tmp_path, caplog):
     """Half the samples have only an image (pretrained): in batches of two, some steps hold nothing the solo
     phase trains, and there is no loss to take a gradient of."""
