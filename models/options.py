@@ -123,9 +123,9 @@ class TrainOptions:
         weights need on top of a pretrained family's epochs. Resolved here, so a run's config records the
         numbers."""
         # Only the families of the modalities trained (all when the data decides) ask for anything.
+        scratch = self.scratch_modalities()
         used = self.modalities or MODALITIES
-        pretrained = [] if self.from_scratch else [family_defaults(m, self.encoder(m)) for m in used]
-        pretrained = [d for d in pretrained if "epochs" in d]
+        pretrained = [family_defaults(m, self.encoder(m)) for m in used if m not in scratch]
         if self.image_size == 0:
             size = family_defaults("image", self.image_encoder).get("image_size", DEFAULT_IMAGE_SIZE)
             object.__setattr__(self, "image_size", size)
@@ -138,7 +138,7 @@ class TrainOptions:
             # weights beside it (AV-digits: the causal audio encoder alone 0.61 after 4). Such encoders first
             # train alone, with their own heads, up to the general default; each costs little next to the
             # pretrained one, which waits.
-            solo = DEFAULT_EPOCHS - self.epochs if family_sets_epochs and self.scratch_modalities() else 0
+            solo = DEFAULT_EPOCHS - self.epochs if family_sets_epochs and scratch else 0
             object.__setattr__(self, "solo_epochs", max(solo, 0))
         if self.keep == "":
             # A family whose validation split saturates early asks for its last epoch (efficientnet-lite0

@@ -159,7 +159,7 @@ def _run_phase(run: Run, phase: Phase, first: int, last: int, total_epochs: int)
         run.data.preprocessing,
         options,
         run.device,
-        phase.modalities if phase.name == "solo" else (),
+        phase.modalities,
     )
     for epoch in range(max(first, run.state.epoch + 1), last + 1):
         if phase.monitored and run.state.early_stop_due(options.patience):
