@@ -13,6 +13,7 @@ import torch
 
 from polysense.errors import PolysenseError
 from polysense.export.components import OPSET, Component
+from polysense.export.fold_pads import fold_pads_into_convs
 
 # How far onnxruntime may be from torch on an output: TOLERANCE absolute, plus RELATIVE_TOLERANCE of the output's
 # largest magnitude. float32 rounding differs between the two (onnxruntime folds BatchNorm into convolutions and
@@ -46,6 +47,9 @@ def export_component(component: Component, path: Path) -> None:
             opset_version=OPSET,
             dynamo=False,
         )
+    model = onnx.load(str(path))
+    if fold_pads_into_convs(model):
+        onnx.save(model, str(path))
 
 
 def allowed_difference(expected: np.ndarray) -> float:

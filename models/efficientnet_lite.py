@@ -41,13 +41,24 @@ class SameConv(nn.Conv2d):
         super().__init__(channels_in, channels_out, kernel, stride, padding=0, groups=groups, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads = []
-        for size in (x.shape[-1], x.shape[-2]):  # F.pad order: width first
-            total = max(
-                (math.ceil(int(size) / self.stride[0]) - 1) * self.stride[0] + self.kernel_size[0] - size, 0
-            )
-            pads += [total // 2, total - total // 2]
-        return super().forward(nn.functional.pad(x, pads) if any(pads) else x)
+        height, width = x.shape[-2:]
+        if torch.jit.is_tracing():
+            # Python ints, so the exported graph holds the padding as constants (export fixes the height and
+            # width anyway). Traced as tensors, the graph recomputed it from the input's shape at every call,
+            # and each Pad split the int8 graph into float islands: 7.6 ms fp32 and 5.1 ms int8 at 192 px,
+            # batch 1, 2 threads, against 4.3 and 2.4 ms now (README: Export).
+            height, width = int(height), int(width)
+        top, bottom = self._padding(height)
+        left, right = self._padding(width)
+        if top == bottom and left == right:  # every stride-1 convolution, and stride 2 on odd sizes
+            return nn.functional.conv2d(x, self.weight, None, self.stride, (top, left), groups=self.groups)
+        return super().forward(nn.functional.pad(x, [left, right, top, bottom]))
+
+    def _padding(self, size: int) -> tuple[int, int]:
+        """(before, after) for one axis: on even sizes a stride-2 convolution pads one more after than before."""
+        stride, kernel = self.stride[0], self.kernel_size[0]
+        total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+        return total // 2, total - total // 2
 
 
 def _norm(channels: int) -> nn.BatchNorm2d:

