@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from polysense.machine import describe, same_kind
+
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "runs" / "sst2_bench" / "minilm_finetuned" / "bundle"
 MANIFEST = ROOT / "runs" / "sst2_bench" / "data" / "manifest.csv"
@@ -157,7 +159,7 @@ def measured_machines(path: Path, report: dict) -> list[dict]:
     previous = json.loads(path.read_text()) if path.exists() else {}
     # Results written before they were kept per machine are one report at the top level.
     reports = previous.get("machines", [previous] if "machine" in previous else [])
-    return [r for r in reports if r["machine"] != report["machine"]] + [report]
+    return [r for r in reports if not same_kind(r["machine"], report["machine"])] + [report]
 
 
 def write(report: dict) -> None:
@@ -180,7 +182,7 @@ def write(report: dict) -> None:
 
 def machine_section(report: dict) -> list[str]:
     lines = [
-        f"## {report['machine']['cpus']} CPUs, {'/'.join(report['machine']['isa'])}",
+        f"## {describe(report['machine'])}",
         "",
         f"{report['sentences']} dev sentences at batch 1 (median {report['tokens_median']:.0f} tokens), medians per "
         f"sentence; each figure is the median of {report['rounds']} fresh processes, fp32 and int8 alternating.",

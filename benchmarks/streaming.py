@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ import soundfile
 
 import polysense
 from polysense.bench import machine
+from polysense.machine import describe
 from polysense.preprocessing import build_preprocessors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,7 +175,7 @@ def main() -> None:
     results = [run(Path(args.bundle), args.seconds, args.repeats, threads) for threads in (1, 0)]
     meta = {
         "seconds": args.seconds,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {'/'.join(machine()['isa']) or 'no AVX2'}",
+        "machine": describe(machine()),
         "command": args.command,
         "onnxruntime": importlib.metadata.version("onnxruntime"),
     }

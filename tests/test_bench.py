@@ -321,3 +321,43 @@ def test_channels_last_benchmark_times_both_layouts(monkeypatch):
         "results": results,
     }
     assert "| image efficientnet-lite0 | 32 | yes |" in benchmark.markdown(report)
+
+
+def test_the_machine_record_names_the_cpu_and_compares_kinds_of_machine():
+    """Two CPUs with the same instruction sets can differ in speed and numerics (AVX-512 VNNI on AMD and on
+    Intel), so the CPU's model is recorded and compared; results recorded before it was are compared on the rest."""
+    from polysense.machine import describe, machine, same_kind
+
+    here = machine()
+    assert isinstance(here["model"], str) and here["model"]
+    assert describe(here) == f"{here['model']}, {here['cpus']} CPUs, {'/'.join(here['isa']) or 'no AVX2'}"
+    assert same_kind(dict(here), here)
+    assert not same_kind({**here, "model": "another CPU"}, here)
+    assert not same_kind({**here, "isa": ["sse2"]}, here)
+    older = {key: value for key, value in here.items() if key != "model"}
+    assert same_kind(older, here)
+    assert describe(older).startswith("CPU model not recorded, ")
+
+
+def test_pytorch_comparison_reports_the_median_round_with_every_rounds_ratio(monkeypatch):
+    """Eager, fp32 and auto are measured in rounds, in turn; the reported round is the one with the median
+    auto-vs-eager ratio, and the table shows every round's ratio (a shared machine drifts between rounds)."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    vs_pytorch = pytest.importorskip("vs_pytorch")  # imports torch
+
+    def measured(eager_ms: float) -> dict:
+        timing = {"p50_ms": 2.0, "p99_ms": 2.5}
+        engines = {"runtime_fp32": {"models": timing, "end_to_end": timing}}
+        engines["runtime_auto"] = {"models": {"p50_ms": 1.0, "p99_ms": 1.5}, "end_to_end": timing}
+        engines["pytorch_eager"] = {"models": {"p50_ms": eager_ms, "p99_ms": eager_ms}, "end_to_end": timing}
+        return engines
+
+    rounds = [measured(3.0), measured(5.0), measured(4.0)]
+    chosen = vs_pytorch.median_round(rounds)
+    assert chosen is rounds[2]
+    ratios = {**vs_pytorch._ratios(chosen), "rounds": [vs_pytorch._ratios(r) for r in rounds]}
+    assert ratios["models_auto_vs_eager"] == 4.0
+    assert vs_pytorch._spread(ratios, "models") == " (rounds: 3.00x, 4.00x, 5.00x)"
+    assert vs_pytorch._spread({"models_auto_vs_eager": 4.0}, "models") == ""  # results from before rounds

@@ -35,7 +35,7 @@ from run import build, export, fit, summary  # noqa: E402
 
 import polysense  # noqa: E402
 from polysense.data import read_manifest  # noqa: E402
-from polysense.machine import machine, results_from_this_machine  # noqa: E402
+from polysense.machine import describe, machine, results_from_this_machine  # noqa: E402
 
 COMMAND = "make bench-avdigits-image"
 
@@ -123,7 +123,7 @@ def markdown(results: dict) -> str:
         "",
         f"Command: `{COMMAND}` (`python benchmarks/avdigits/image_only.py`). Training seed {results['seed']}.",
         "",
-        f"Machine: {machine_info.get('cpus', '?')} CPUs, {'/'.join(machine_info.get('isa', [])) or '?'}.",
+        f"Machine: {describe(machine_info)}.",
         "",
         "| image encoder | held-out photos (runtime, fp32) | photos misread | test rows (PyTorch, 250) | epochs | train time |",
         "|---|---:|---:|---:|---:|---:|",

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from run import SPEAKERS, build, fit, summary  # noqa: E402
 
-from polysense.machine import machine, results_from_this_machine  # noqa: E402
+from polysense.machine import describe, machine, results_from_this_machine  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def markdown(results: dict) -> str:
         "Command: `make bench-avdigits-audio` (`python benchmarks/avdigits/loso_audio.py`). Each held-out "
         "speaker's 500 recordings are the test split; PyTorch test metrics of each run.",
         "",
-        f"Machine: {machine_info.get('cpus', '?')} CPUs, {'/'.join(machine_info.get('isa', [])) or '?'}.",
+        f"Machine: {describe(machine_info)}.",
         "",
         "| held-out speaker | " + " | ".join(names) + " |",
         "|---|" + "---:|" * len(names),

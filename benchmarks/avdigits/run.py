@@ -32,6 +32,7 @@ from polysense.bench import machine
 from polysense.data import read_manifest
 from polysense.datasets.avdigits import AVDigitsSpec, write_avdigits
 from polysense.evaluate import evaluate_bundle
+from polysense.machine import describe
 from polysense.metrics import classification_metrics
 from polysense.models.options import TrainOptions
 from polysense.models.train import train
@@ -258,8 +259,7 @@ def markdown(results: dict) -> str:
         "Command: `make bench-avdigits`. Test split: FSDD recordings with index 0-4 (250), each paired with a "
         "held-out photo of the same digit.",
         "",
-        f"Machine: {results.get('machine', {}).get('cpus', '?')} CPUs, "
-        f"{'/'.join(results.get('machine', {}).get('isa', [])) or 'vector instruction sets not recorded'}.",
+        f"Machine: {describe(results.get('machine', {}))}.",
         "",
         "| model | test accuracy | macro F1 |",
         "|---|---:|---:|",
