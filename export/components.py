@@ -15,6 +15,7 @@ convolution. Whatever the exporter, parity is checked on several batch sizes and
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,9 @@ class Component:
     # The int8 method the encoder family asks for: "static" (QDQ, calibrated; for dense convolutions, where
     # dynamic quantization gives slow ConvInteger) or "dynamic" (per-channel MatMul/Gemm and embedding tables).
     int8_method: str = "dynamic"
+    # Entered while exporting the graph that int8 quantizes, where it differs from the fp32 graph (MiniLM:
+    # onnxruntime's fused attention); None quantizes the fp32 graph.
+    int8_export: Callable[[], AbstractContextManager] | None = None
 
     @property
     def has_length_axis(self) -> bool:
@@ -144,10 +148,13 @@ def encoder_component(modality: str, encoder: nn.Module, image_size: int) -> Com
     axes = {**spec.dynamic_axes, "embedding": {0: "batch"}}
     example = EXAMPLES[modality](encoder, image_size)
     int8_method = getattr(encoder, "int8_method", "dynamic")
+    int8_export = getattr(encoder, "int8_export", None)
     name = component_name(modality)
     if not spec.streaming:
         graph, inputs = EncoderGraph(encoder), list(spec.graph_inputs)
-        return Component(name, modality, graph, inputs, ["embedding"], axes, example, (), int8_method)
+        return Component(
+            name, modality, graph, inputs, ["embedding"], axes, example, (), int8_method, int8_export
+        )
     state = tuple(StateTensor(name, shape, axis) for name, (shape, axis) in encoder.state_layout().items())
     for tensor in state:
         axes[tensor.name] = axes[tensor.output_name] = {tensor.batch_axis: "batch"}
@@ -161,6 +168,7 @@ def encoder_component(modality: str, encoder: nn.Module, image_size: int) -> Com
         example,
         state,
         int8_method,
+        int8_export,
     )
 
 

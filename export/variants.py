@@ -28,6 +28,7 @@ from tqdm import tqdm
 from polysense.bundle import sha256_file
 from polysense.errors import ConfigError
 from polysense.export.components import Component
+from polysense.export.parity import check_component, export_component
 from polysense.export.quantize import convert_fp16, quantize_int8_dynamic, quantize_int8_static
 from polysense.schema import PRECISIONS, BundleDescription, Variant
 
@@ -136,6 +137,26 @@ def variant_of(path: Path, precision: str, device: str, latency_ms: float | None
     return Variant(precision, path.name, sha256_file(path), path.stat().st_size, device, latency_ms)
 
 
+def quantize_dynamic_int8_of(component: Component, fp32_path: Path, target: Path) -> str | None:
+    """Dynamic int8 of one component into `target`; returns how it was made, or None if nothing was quantized.
+
+    It quantizes the fp32 file, or where the family exports another form for int8 (MiniLM: onnxruntime's fused
+    attention), that form, written beside the fp32 file, checked against torch like it, then removed."""
+    source = fp32_path
+    if component.int8_export is not None:
+        source = fp32_path.with_name(f"{component.name}.int8-source.onnx")
+        with component.int8_export():
+            export_component(component, source)
+            check_component(component, source, [])
+    try:
+        quantized = quantize_int8_dynamic(source, target)
+    finally:
+        if source != fp32_path:
+            source.unlink(missing_ok=True)
+    fused = " + Attention (fused)" if source != fp32_path else ""
+    return f"dynamic, per-channel MatMul/Gemm + Gather{fused}" if quantized else None
+
+
 def candidates(
     component: Component,
     fp32_path: Path,
@@ -150,8 +171,8 @@ def candidates(
             quantize_int8_static(fp32_path, path, feeds, tuple(s.output_name for s in component.state))
             method = f"static QDQ, per-channel weights, {len(feeds)} training samples"
             yield Candidate("int8", method, "cpu", path)
-        elif quantize_int8_dynamic(fp32_path, path):
-            yield Candidate("int8", "dynamic, per-channel MatMul/Gemm + Gather", "cpu", path)
+        elif method := quantize_dynamic_int8_of(component, fp32_path, path):
+            yield Candidate("int8", method, "cpu", path)
         else:
             path.unlink(missing_ok=True)
     if "fp16" in policy.precisions:

@@ -10,6 +10,8 @@ The contract of an encoder family:
   vocab_size, max_positions, n_mels) and gets only those (all of them if it takes **options);
 - optional: `fit_input_stats(features)`, called once with the training split's features before training;
   `int8_method = "static"` to have export calibrate static QDQ int8 (dense convolutions) instead of dynamic;
+  `int8_export`, a context manager entered while export writes the graph dynamic int8 quantizes, where that
+  graph may differ from the fp32 one (MiniLM: onnxruntime's fused attention);
   `channels_last = True` to train with its weights and image inputs in channels-last layout (faster CPU
   convolution kernels; the small CNN stays in the default layout, where its gain is small and its gradients
   with one thread and two differ 10x more in the last bits, enough to fail the distributed tests);
