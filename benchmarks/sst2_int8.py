@@ -11,9 +11,9 @@ round), at 1 intra-op thread and at onnxruntime's default (one per core); the sp
 of fp32 over the median of int8. Results: benchmarks/results/sst2_int8.{json,md}, with the CPU's instruction sets
 (int8 kernels differ by CPU); each kind of machine keeps its own section, and a run replaces only its own.
 
-The int8 graph is the one export makes (`quantize_dynamic_int8_of`: for MiniLM, from its export with onnxruntime's
-fused attention), made here from the trained run, so the benchmark runs whether or not export kept it. Its accuracy is measured too, on validation (what export's keep rule
-reads) and dev, at batch 1 and in batches of 32 padded to their longest sentence (as `polysense eval` and export
+The int8 graph is the one export makes (`quantize_dynamic_int8_of`: for MiniLM, from its export with
+onnxruntime's fused attention), made here from the trained run, so the benchmark runs whether or not export kept
+it. Its accuracy is measured too, on validation (what export's keep rule reads) and dev, at batch 1 and in batches of 32 padded to their longest sentence (as `polysense eval` and export
 run them): dynamic int8 takes one activation scale per tensor over the whole batch, so its accuracy depends on the
 batch it runs in.
 """
@@ -29,10 +29,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from polysense.machine import describe, same_kind
+
+if TYPE_CHECKING:
+    from polysense.export.components import Component
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "runs" / "sst2_bench" / "minilm_finetuned" / "bundle"
@@ -115,7 +119,7 @@ def accuracies(graphs: dict[str, Path], fusion: Path, splits: dict) -> dict:
     return found
 
 
-def text_component():
+def text_component() -> Component:
     """The trained run's text encoder as export sees it (MiniLM's int8 is made from its own export form)."""
     from polysense.export.components import encoder_component
     from polysense.models.run_folder import load_trained

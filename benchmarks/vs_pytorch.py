@@ -8,8 +8,8 @@ from files (preprocessing included on both sides; PyTorch gets the very same num
 eager, the runtime at fp32, the runtime with each kept int8 variant, and the runtime at precision "auto". The
 runtime is measured through its public API only: encoders + fusion is the sum of the encode and fusion stages
 that Pipeline.predict times inside the same end-to-end runs.
-Eager, fp32 and auto are measured in three rounds, in turn; the round with the median auto-vs-eager ratio is
-reported, with every round's ratios beside it. Writes results/vs_pytorch.json, .md and .png. Latency statistics
+Eager, fp32 and auto are measured in three rounds, in turn; the round with the median encoders + fusion
+auto-vs-eager ratio is reported (its end-to-end figures with it), with every round's ratios beside it. Writes results/vs_pytorch.json, .md and .png. Latency statistics
 come from polysense.bench.measure (windows repeated until two consecutive medians agree within 5 %).
 """
 

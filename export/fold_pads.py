@@ -18,7 +18,7 @@ from onnx.reference import ReferenceEvaluator
 
 def fold_pads_into_convs(model: onnx.ModelProto) -> int:
     """Remove every zero-valued constant Pad whose only reader is a Conv, moving its padding into the Conv's
-    `pads`; returns how many were folded. Nodes left unused afterwards (the pads' constant arithmetic) go too."""
+    `pads`; returns how many were folded. The pads' constant arithmetic goes too where nothing else reads it."""
     graph = model.graph
     producers = {out: node for node in graph.node for out in node.output}
     readers: dict[str, list[onnx.NodeProto]] = {}
@@ -46,7 +46,7 @@ def fold_pads_into_convs(model: onnx.ModelProto) -> int:
         folded.append(pad)
     for pad in folded:
         graph.node.remove(pad)
-    _remove_unused(graph)
+    _remove_dead_chains(graph, [name for pad in folded for name in pad.input[1:] if name])
     return len(folded)
 
 
@@ -118,17 +118,33 @@ def _constant(model: onnx.ModelProto, producers: dict, name: str) -> np.ndarray 
         [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED, None)],
         [tensor for tensor in graph.initializer if tensor.name in used],
     )
-    evaluator = ReferenceEvaluator(onnx.helper.make_model(subgraph, opset_imports=model.opset_import))
-    return np.asarray(evaluator.run(None, {})[0])
+    try:
+        evaluator = ReferenceEvaluator(onnx.helper.make_model(subgraph, opset_imports=model.opset_import))
+        return np.asarray(evaluator.run(None, {})[0])
+    except Exception:  # an op the reference evaluator lacks, or bad constants: leave this Pad as it is
+        return None
 
 
-def _remove_unused(graph: onnx.GraphProto) -> None:
-    """Drop nodes none of whose outputs is read or is a graph output, until none is left."""
-    outputs = {value.name for value in graph.output}
-    while True:
-        read = {name for node in graph.node for name in node.input} | outputs
-        unused = [node for node in graph.node if not any(out in read for out in node.output)]
-        if not unused:
-            return
-        for node in unused:
-            graph.node.remove(node)
+def _remove_dead_chains(graph: onnx.GraphProto, values: list[str]) -> None:
+    """Remove the producers of `values` (the folded Pads' pads), and what only they read, where nothing reads
+    their outputs any more: the graph's other nodes, its outputs and its subgraphs' nodes count as readers."""
+    producers = {out: node for node in graph.node for out in node.output}
+    removed: set[str] = set()  # by their first output: a node's name may be empty
+    while values:
+        node = producers.get(values.pop())
+        if node is None or node.output[0] in removed or any(out in _read_names(graph) for out in node.output):
+            continue
+        graph.node.remove(node)
+        removed.add(node.output[0])
+        values.extend(name for name in node.input if name)
+
+
+def _read_names(graph: onnx.GraphProto) -> set[str]:
+    """Every value read in `graph`: node inputs (those of subgraphs included) and graph outputs."""
+    read = {value.name for value in graph.output}
+    for node in graph.node:
+        read.update(node.input)
+        for attribute in node.attribute:
+            for subgraph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                read |= _read_names(subgraph)
+    return read

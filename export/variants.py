@@ -141,20 +141,35 @@ def quantize_dynamic_int8_of(component: Component, fp32_path: Path, target: Path
     """Dynamic int8 of one component into `target`; returns how it was made, or None if nothing was quantized.
 
     It quantizes the fp32 file, or where the family exports another form for int8 (MiniLM: onnxruntime's fused
-    attention), that form, written beside the fp32 file, checked against torch like it, then removed."""
-    source = fp32_path
-    if component.int8_export is not None:
-        source = fp32_path.with_name(f"{component.name}.int8-source.onnx")
+    attention), that form: written beside `target`, checked against torch on random inputs (padded batches
+    included), then removed. Should that form fail to export or to match torch, the fp32 graph is quantized
+    instead, with a warning: an int8 variant is an option, the fp32 bundle must not be lost to it."""
+    source = _int8_form(component, target) if component.int8_export is not None else None
+    try:
+        quantized = quantize_int8_dynamic(source or fp32_path, target)
+    finally:
+        if source is not None:
+            source.unlink(missing_ok=True)
+    fused = " + Attention (fused)" if source is not None else ""
+    return f"dynamic, per-channel MatMul/Gemm + Gather{fused}" if quantized else None
+
+
+def _int8_form(component: Component, target: Path) -> Path | None:
+    """The family's int8 export form of `component`, checked against torch; None (and no file) if it fails."""
+    source = target.with_name(f"{target.stem}.source.onnx")
+    try:
         with component.int8_export():
             export_component(component, source)
             check_component(component, source, [])
-    try:
-        quantized = quantize_int8_dynamic(source, target)
-    finally:
-        if source != fp32_path:
-            source.unlink(missing_ok=True)
-    fused = " + Attention (fused)" if source != fp32_path else ""
-    return f"dynamic, per-channel MatMul/Gemm + Gather{fused}" if quantized else None
+    # Whatever failed (the exporter, the onnx checker, onnxruntime, whose errors subclass Exception alone, or
+    # parity), the plain fp32 graph can still be quantized.
+    except Exception as error:
+        source.unlink(missing_ok=True)
+        log.warning(
+            "%s: its int8 export form failed (%s); quantizing the fp32 graph instead", component.name, error
+        )
+        return None
+    return source
 
 
 def candidates(

@@ -50,8 +50,10 @@ class SameConv(nn.Conv2d):
             height, width = int(height), int(width)
         top, bottom = self._padding(height)
         left, right = self._padding(width)
-        if top == bottom and left == right:  # every stride-1 convolution, and stride 2 on odd sizes
-            return nn.functional.conv2d(x, self.weight, None, self.stride, (top, left), groups=self.groups)
+        if top == bottom and left == right:  # stride 1 (odd kernels), and stride 2 on odd sizes
+            return nn.functional.conv2d(
+                x, self.weight, self.bias, self.stride, (top, left), groups=self.groups
+            )
         return super().forward(nn.functional.pad(x, [left, right, top, bottom]))
 
     def _padding(self, size: int) -> tuple[int, int]:

@@ -54,7 +54,9 @@ class _OnnxruntimeAttention(torch.autograd.Function):
             "Cast", g.op("Sub", g.op("Constant", value_t=torch.tensor(1.0)), padding), to_i=6
         )  # int32
         packed = g.op("Transpose", weight, perm_i=[1, 0])
-        return g.op("com.microsoft::Attention", x, packed, bias, keep, num_heads_i=HEADS)
+        attended = g.op("com.microsoft::Attention", x, packed, bias, keep, num_heads_i=HEADS)
+        attended.setType(x.type())  # same shape and dtype as x; the exporter cannot infer a contrib op's
+        return attended
 
 
 class BertSelfAttention(nn.Module):
@@ -82,11 +84,11 @@ def onnxruntime_attention() -> Iterator[None]:
     onnxruntime's dynamic int8 turns into QAttention. Only the int8 variant is written so (its graph is
     onnxruntime-specific anyway); the fp32 and fp16 graphs stay standard ONNX. Measured on the fine-tuned
     encoder at batch 1, 2 threads (README: Precision variants)."""
-    BertSelfAttention.fused_for_onnxruntime = True
+    before, BertSelfAttention.fused_for_onnxruntime = BertSelfAttention.fused_for_onnxruntime, True
     try:
         yield
     finally:
-        BertSelfAttention.fused_for_onnxruntime = False
+        BertSelfAttention.fused_for_onnxruntime = before
 
 
 class BertLayer(nn.Module):

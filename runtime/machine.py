@@ -21,13 +21,13 @@ def machine() -> dict:
         "cpus": os.cpu_count(),
         "platform": sys.platform,
         "isa": [f for f in wanted if f in flags],
-        "model": fields.get("model name") or platform.processor() or platform.machine(),
+        "model": fields.get("model name") or platform.machine(),  # not platform.processor(): it runs uname
     }
 
 
 def describe(info: dict) -> str:
     """One line for a report: "AMD EPYC, 2 CPUs, avx2/fma/avx512f/avx512_vnni"."""
-    isa = "/".join(info.get("isa", [])) or "no AVX2"
+    isa = "/".join(info["isa"]) or "no AVX2" if "isa" in info else "instruction sets not recorded"
     return f"{info.get('model', 'CPU model not recorded')}, {info.get('cpus', '?')} CPUs, {isa}"
 
 

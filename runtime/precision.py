@@ -75,16 +75,15 @@ def tuned_choices(folder: Path, device: str) -> dict[str, str] | None:
     try:
         record = json.loads(path.read_text())
         choices = record["choices"]
-        made_on = record["machine"]["isa"], record["machine"]["cpus"]
+        made_on = dict(record["machine"])
     except (ValueError, KeyError, TypeError, OSError, RecursionError):
         log.warning("%s cannot be read; precision auto uses export's measurements", path)
         return None
     if record.get("device") != device or record.get("bundle_sha256") != description_hash(folder):
         return None
-    from polysense.machine import machine
+    from polysense.machine import machine, same_kind
 
-    here = machine()
-    if list(made_on) != [here["isa"], here["cpus"]]:
+    if not same_kind(made_on, machine()):
         log.warning("%s was measured on another machine; run polysense tune here to use it", path)
         return None
     return (

@@ -337,6 +337,7 @@ def test_the_machine_record_names_the_cpu_and_compares_kinds_of_machine():
     older = {key: value for key, value in here.items() if key != "model"}
     assert same_kind(older, here)
     assert describe(older).startswith("CPU model not recorded, ")
+    assert describe({"cpus": 2}) == "CPU model not recorded, 2 CPUs, instruction sets not recorded"
 
 
 def test_pytorch_comparison_reports_the_median_round_with_every_rounds_ratio(monkeypatch):

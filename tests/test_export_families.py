@@ -174,3 +174,48 @@ def test_minilm_int8_is_made_from_onnxruntimes_fused_attention_and_its_fp32_grap
         (run[fp32] * run[int8]).sum(1) / np.linalg.norm(run[fp32], axis=1) / np.linalg.norm(run[int8], axis=1)
     )
     assert cosine.min() > 0.98, cosine
+
+
+def test_a_failing_int8_export_form_falls_back_to_the_fp32_graph(tmp_path, monkeypatch, caplog):
+    """Should MiniLM's fused form fail (here: parity), int8 is made from the fp32 graph with a warning, no
+    stray file is left, and the export goes on: an int8 variant is an option, the bundle is not."""
+    import onnx
+
+    from polysense.errors import PolysenseError
+    from polysense.export import variants
+    from polysense.export.components import encoder_component
+    from polysense.models.minilm import minilm_l6
+
+    def refuse(*args, **kwargs):
+        raise PolysenseError("text_encoder: onnxruntime differs from torch")
+
+    torch.manual_seed(0)
+    component = encoder_component("text", minilm_l6(16, pretrained=False), 0)
+    component.module.eval()
+    fp32, int8 = tmp_path / "text.fp32.onnx", tmp_path / "text.int8.onnx"
+    export_component(component, fp32)
+    monkeypatch.setattr(variants, "check_component", refuse)
+    with caplog.at_level("WARNING", logger="polysense"):
+        method = variants.quantize_dynamic_int8_of(component, fp32, int8)
+    assert method == "dynamic, per-channel MatMul/Gemm + Gather"
+    assert "int8 export form failed" in caplog.text and "differs from torch" in caplog.text
+    assert sorted(tmp_path.iterdir()) == [fp32, int8]
+    assert "QAttention" not in [node.op_type for node in onnx.load(str(int8)).graph.node]
+
+
+def test_the_fused_attention_switch_nests_and_leaves_torch_alone():
+    """onnxruntime_attention() only changes what an ONNX export writes, and restores what was set before it."""
+    from polysense.models.minilm import BertSelfAttention, minilm_l6, onnxruntime_attention
+
+    torch.manual_seed(0)
+    model = minilm_l6(16, pretrained=False).eval()
+    ids = torch.randint(2, 1000, (2, 7))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        plain = model(ids, mask)
+        with onnxruntime_attention():
+            with onnxruntime_attention():
+                pass
+            assert BertSelfAttention.fused_for_onnxruntime  # the inner exit kept the outer one's setting
+            torch.testing.assert_close(model(ids, mask), plain)  # eager torch runs as before
+    assert not BertSelfAttention.fused_for_onnxruntime

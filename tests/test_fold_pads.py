@@ -67,10 +67,11 @@ def test_pads_computed_from_constants_fold_and_their_arithmetic_goes_with_them()
         "Constant", [], ["raw"], value=numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 2, 1], np.int32))
     )
     cast = helper.make_node("Cast", ["raw"], ["pads"], to=TensorProto.INT64)
-    model = _model(["pads", ""], extra_nodes=[constant, cast])
+    unrelated = helper.make_node("Constant", [], ["unread"], value_float=1.0)  # dead before: not the pass's
+    model = _model(["pads", ""], extra_nodes=[unrelated, constant, cast])
     before = _run(model)
     assert fold_pads_into_convs(model) == 1
-    assert _ops(model) == ["Conv"]
+    assert _ops(model) == ["Constant", "Conv"] and model.graph.node[0].output[0] == "unread"
     np.testing.assert_allclose(_run(model)[0], before[0], atol=1e-6)
 
 

@@ -89,6 +89,15 @@ def test_a_tuning_for_another_bundle_or_device_is_ignored(copied_bundle):
         json.dumps({**record, "machine": {**record["machine"], "isa": []}})
     )
     assert polysense.Pipeline.load(copied_bundle, device="cpu").precision_source == "export"  # another CPU
+    (copied_bundle / TUNING_FILE).write_text(
+        json.dumps(
+            {**record, "machine": {**record["machine"], "model": "another CPU, same instruction sets"}}
+        )
+    )
+    assert polysense.Pipeline.load(copied_bundle, device="cpu").precision_source == "export"
+    older = {key: value for key, value in record["machine"].items() if key != "model"}
+    (copied_bundle / TUNING_FILE).write_text(json.dumps({**record, "machine": older}))  # tuned before models
+    assert polysense.Pipeline.load(copied_bundle, device="cpu").precision_source == "tuned"
     for damaged in ("{not json", "[]", "[" * 100_000):
         (copied_bundle / TUNING_FILE).write_text(damaged)
         assert polysense.Pipeline.load(copied_bundle, device="cpu").precision_source == "export"
