@@ -11,11 +11,11 @@ round), at 1 intra-op thread and at onnxruntime's default (one per core); the sp
 of fp32 over the median of int8. Results: benchmarks/results/sst2_int8.{json,md}, with the CPU's instruction sets
 (int8 kernels differ by CPU); each kind of machine keeps its own section, and a run replaces only its own.
 
-The int8 graph is the one export makes (`quantize_dynamic_int8_of`: for MiniLM, from its export with
-onnxruntime's fused attention), made here from the trained run, so the benchmark runs whether or not export kept
-it. Its accuracy is measured too, on validation (what export's keep rule reads) and dev, at batch 1 and in batches of 32 padded to their longest sentence (as `polysense eval` and export
-run them): dynamic int8 takes one activation scale per tensor over the whole batch, so its accuracy depends on the
-batch it runs in.
+The int8 graph is the one export makes (`quantize_dynamic_int8_of`: for MiniLM, from its export with onnxruntime's
+fused attention), made here from the trained run, so the benchmark runs whether or not export kept it. Its accuracy
+is measured too, on validation (what export's keep rule reads) and dev, at batch 1 and in batches of 32 padded to
+their longest sentence (as `polysense eval` and export run them): dynamic int8 takes one activation scale per
+tensor over the whole batch, so its accuracy depends on the batch it runs in.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from polysense.machine import describe, same_kind
+from polysense.machine import describe, machine, same_kind
 
 if TYPE_CHECKING:
     from polysense.export.components import Component
@@ -132,7 +132,6 @@ def text_component() -> Component:
 
 def main() -> None:
     import polysense
-    from polysense.machine import machine
 
     if not BUNDLE.is_dir():
         raise SystemExit(f"{BUNDLE} is missing: run make bench-sst2 first")

@@ -50,9 +50,8 @@ class _OnnxruntimeAttention(torch.autograd.Function):
     @staticmethod
     def symbolic(g, x, weight, bias, padding):  # noqa: ANN001
         # Attention takes the packed weight as [in, 3 * out] and a raw [B, L] mask of 1 (kept) and 0 (padding).
-        keep = g.op(
-            "Cast", g.op("Sub", g.op("Constant", value_t=torch.tensor(1.0)), padding), to_i=6
-        )  # int32
+        one = g.op("Constant", value_t=torch.tensor(1.0))
+        keep = g.op("Cast", g.op("Sub", one, padding), to_i=6)  # 6: int32
         packed = g.op("Transpose", weight, perm_i=[1, 0])
         attended = g.op("com.microsoft::Attention", x, packed, bias, keep, num_heads_i=HEADS)
         attended.setType(x.type())  # same shape and dtype as x; the exporter cannot infer a contrib op's
@@ -82,8 +81,8 @@ class BertSelfAttention(nn.Module):
 def onnxruntime_attention() -> Iterator[None]:
     """While active, exporting MiniLM writes each layer's attention as one com.microsoft.Attention node, which
     onnxruntime's dynamic int8 turns into QAttention. Only the int8 variant is written so (its graph is
-    onnxruntime-specific anyway); the fp32 and fp16 graphs stay standard ONNX. Measured on the fine-tuned
-    encoder at batch 1, 2 threads (README: Precision variants)."""
+    onnxruntime-specific anyway); the fp32 and fp16 graphs stay standard ONNX. Measured on the pretrained
+    tri-modal bundle's text encoder at batch 1, 2 threads (README: Precision variants)."""
     before, BertSelfAttention.fused_for_onnxruntime = BertSelfAttention.fused_for_onnxruntime, True
     try:
         yield
