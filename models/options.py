@@ -6,7 +6,7 @@ polysense.models.flags generates from this class: every field needs one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from polysense.errors import ConfigError
 from polysense.modalities import MODALITIES, check_modalities
@@ -159,6 +159,15 @@ class TrainOptions:
         if self.from_scratch:
             return tuple(used)
         return tuple(m for m in used if "epochs" not in family_defaults(m, self.encoder(m)))
+
+    def for_data_modalities(self, modalities: tuple[str, ...]) -> TrainOptions:
+        """These options once the data has decided the modalities (no --modalities): no solo epochs when none
+        of them trains from random weights. -1 was resolved over every modality before the data was read, so a
+        text-only MiniLM run recorded 9 solo epochs it never ran and warned about them."""
+        scratch = self.scratch_modalities()
+        if self.modalities is not None or self.solo_epochs == 0 or any(m in scratch for m in modalities):
+            return self
+        return replace(self, solo_epochs=0)
 
     def encoder(self, modality: str) -> str:
         return getattr(self, f"{modality}_encoder")

@@ -93,6 +93,7 @@ def open_run(options: TrainOptions, resume: bool, changed: Collection[str], worl
     else:
         options = from_main(world, options)
         data = prepare_data(options, run_dir, writes=False)
+        options = options.for_data_modalities(data.modalities)  # as rank 0 settled them
         config = _run_config(options, data)
 
     torch.manual_seed(options.seed)
@@ -130,6 +131,7 @@ def _prepare_run(
         check_split(options.batch_size, world.size, options.accumulate)
     run_folder.create_run_dir(run_dir)
     data = prepare_data(options, run_dir, written=lambda: from_main(world, options))
+    options = options.for_data_modalities(data.modalities)
     config = _run_config(options, data)
     run_folder.write_config(run_dir, config, resume)
     return options, data, config

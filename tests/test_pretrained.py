@@ -2,6 +2,7 @@
 install it. The weight packages are installed by `make test` (pip --no-deps, see the README)."""
 
 import importlib.util
+import json
 import os
 import shutil
 
@@ -94,6 +95,17 @@ def test_family_defaults_fill_epochs_and_learning_rates():
     # A family of a modality the run leaves out asks for nothing.
     unused = TrainOptions(data="x", out="y", text_encoder="minilm-l6", modalities=("image",))
     assert (unused.epochs, unused.pretrained_lr) == (DEFAULT_EPOCHS, unused.lr)
+
+
+def test_solo_epochs_settle_once_the_data_decides_the_modalities():
+    decided_later = TrainOptions(data="x", out="y", text_encoder="minilm-l6")
+    # Before the data is read, its image and audio encoders (from random weights) might be in it.
+    assert decided_later.solo_epochs == DEFAULT_EPOCHS - 3
+    assert decided_later.for_data_modalities(("text",)).solo_epochs == 0
+    assert decided_later.for_data_modalities(("text", "audio")) == decided_later
+    # Modalities named by the user: asked-for solo epochs stay, and training warns that none run.
+    named = TrainOptions(data="x", out="y", text_encoder="minilm-l6", modalities=("text",), solo_epochs=2)
+    assert named.for_data_modalities(("text",)) == named
 
 
 def test_a_family_may_ask_to_keep_its_last_epoch():
@@ -252,7 +264,9 @@ def test_pretrained_layers_get_their_own_learning_rate():
         assert len(_parameter_groups(scratch, list(scratch.parameters()), options)) == 1
 
 
-def test_training_with_minilm_copies_its_tokenizer_and_serves_unchanged(tmp_path):
+def test_training_with_minilm_copies_its_tokenizer_and_serves_unchanged(tmp_path, caplog):
+    """The issue's command, `polysense train --data <text manifest> --text-encoder minilm-l6`: the family's
+    epochs, and no solo epochs recorded or warned about (the data has no encoder from random weights)."""
     _require_package(MINILM.package)
     import csv
 
@@ -269,11 +283,10 @@ def test_training_with_minilm_copies_its_tokenizer_and_serves_unchanged(tmp_path
         for index, (text, label) in enumerate(rows):
             writer.writerow([text, label, ("train", "train", "val", "test")[index % 4]])
     run = tmp_path / "run"
-    train(
-        TrainOptions(
-            data=str(manifest), out=str(run), text_encoder="minilm-l6", epochs=1, batch_size=8, progress=False
-        )
-    )
+    result = train(TrainOptions(data=str(manifest), out=str(run), text_encoder="minilm-l6", progress=False))
+    assert [h["phase"] for h in result.metrics["history"]] == ["joint"] * 3
+    assert json.loads((run / "config.json").read_text())["options"]["solo_epochs"] == 0
+    assert "solo epochs" not in caplog.text
     assert (run / "tokenizer.json").read_bytes() == (MINILM.path() / "tokenizer.json").read_bytes()
     bundle = export_run(run, tmp_path / "bundle", progress=False, policy=VariantPolicy(precisions=("fp32",)))
     pipe = polysense.Pipeline.load(bundle.bundle, device="cpu")
