@@ -18,6 +18,10 @@ It removes per-band offsets that stay constant over a recording (a microphone's 
 causal counterpart of per-utterance mean normalisation, so streaming still equals offline. Measured alone, it
 moved one held-out AV-digits speaker (theo, audio only) from 0.672 to 0.686; the gain augmentation did the most.
 
+Spectral shape (`frame_shape`, the `causal-shape` family): each frame's mean over the bands is removed first,
+so the encoder sees the shape of each frame's spectrum and not its loudness (a frame of silence at the log
+floor becomes all zeros, however long the pause). It is a function of each frame alone, so it streams too.
+
 Nothing looks ahead, so feeding the frames in any number of chunks while carrying the state gives the
 embedding of a single pass over all of them. The streaming runtime runs the exported graph the same way.
 """
@@ -66,10 +70,12 @@ class CausalAudioEncoder(nn.Module):
         channels: int = 64,
         hidden: int = 96,
         norm_frames: int = 0,
+        frame_shape: bool = False,
     ) -> None:
         super().__init__()
         self.embed_dim, self.n_mels, self.channels, self.hidden = embed_dim, n_mels, channels, hidden
         self.norm_frames = norm_frames  # 0: no running normalisation (runs made before it existed)
+        self.frame_shape = frame_shape  # each frame's mean over the bands removed before anything else
         # Per-band statistics of the training frames, set before training (see fit_input_stats).
         self.register_buffer("input_mean", torch.zeros(n_mels))
         self.register_buffer("input_std", torch.ones(n_mels))
@@ -80,7 +86,7 @@ class CausalAudioEncoder(nn.Module):
 
     def fit_input_stats(self, clips: list[np.ndarray]) -> None:
         """Per-band mean and std of the training clips' frames [T, n_mels], used to normalise the input."""
-        mean, std = band_statistics(clips)
+        mean, std = band_statistics([self._shape(clip) for clip in clips] if self.frame_shape else clips)
         self.input_mean.copy_(mean)
         self.input_std.copy_(std)
 
@@ -131,6 +137,8 @@ class CausalAudioEncoder(nn.Module):
         band_sum = state[5:]
         if frames.shape[1] == 0:  # an empty chunk changes nothing
             return self.project(pool_sum / pool_count.clamp(min=1.0)), state
+        if self.frame_shape:
+            frames = self._shape(frames)
         x = (frames - self.input_mean) / self.input_std
         if self.norm_frames:
             x, band_sum = self._remove_running_mean(x, band_sum[0], pool_count, frame_mask)
@@ -150,6 +158,11 @@ class CausalAudioEncoder(nn.Module):
             pool_count = pool_count + weights.sum(dim=0)
         embedding = self.project(pool_sum / pool_count.clamp(min=1.0))
         return embedding, (conv1_cache, conv2_cache, gru_hidden, pool_sum, pool_count, *band_sum)
+
+    @staticmethod
+    def _shape(frames: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """Frames [..., n_mels] less each frame's mean over the bands (padding frames of zeros stay zeros)."""
+        return frames - frames.mean(-1, keepdims=True)
 
     def _remove_running_mean(
         self,
@@ -173,3 +186,19 @@ class CausalAudioEncoder(nn.Module):
 @register_encoder("audio", "causal")
 def causal(embed_dim: int = 128, n_mels: int = N_MELS, audio_norm_frames: int = 0) -> CausalAudioEncoder:
     return CausalAudioEncoder(n_mels=n_mels, embed_dim=embed_dim, norm_frames=audio_norm_frames)
+
+
+@register_encoder("audio", "causal-shape")
+def causal_shape(
+    embed_dim: int = 128, n_mels: int = N_MELS, audio_norm_frames: int = 0
+) -> CausalAudioEncoder:
+    """The causal encoder on each frame's spectral shape, twice as wide (convolutions 128, GRU 192): on voices
+    never heard in training (AV-digits, one speaker held out) it reads digits better than `causal`."""
+    return CausalAudioEncoder(
+        n_mels=n_mels,
+        embed_dim=embed_dim,
+        channels=128,
+        hidden=192,
+        norm_frames=audio_norm_frames,
+        frame_shape=True,
+    )

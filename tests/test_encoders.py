@@ -20,10 +20,12 @@ def _make(modality, name, **extra):
 
 
 # Every streaming audio family: the causal encoder without and with its running normalisation (which adds a
-# state tensor), and the windowed EfficientNet-Lite0 (random weights: streaming is about the graph, not them).
+# state tensor), the same on spectral shape (causal-shape: a per-frame reduction inside the graph), and the
+# windowed EfficientNet-Lite0 (random weights: streaming is about the graph, not them).
 AUDIO_VARIANTS = {
     "causal": {"audio_norm_frames": 0},
     "causal-norm20": {"audio_norm_frames": 20},
+    "causal-shape-norm20": {"audio_norm_frames": 20},
     "efficientnet-lite0": {"pretrained": False},
 }
 AUDIO = pytest.mark.parametrize("variant", sorted(AUDIO_VARIANTS))
@@ -146,6 +148,20 @@ def test_audio_empty_chunk_changes_nothing(variant):
     torch.testing.assert_close(again, embedding)
     for a, b in zip(state, same_state, strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_causal_shape_ignores_how_loud_each_frame_is():
+    """Adding any constant to all bands of a frame (its loudness, in log units) leaves the spectral-shape
+    encoder's embedding unchanged, with input statistics fitted as training fits them; not so the plain one."""
+    generator = torch.Generator().manual_seed(0)
+    frames = torch.randn(2, 30, N_MELS, generator=generator)
+    louder = frames + 4 * torch.randn(2, 30, 1, generator=generator)
+    clips = [torch.randn(25, N_MELS, generator=generator).numpy() * 2 + 1 for _ in range(4)]
+    shape, plain = _make("audio", "causal-shape", audio_norm_frames=20), _make("audio", "causal")
+    for encoder in (shape, plain):
+        encoder.fit_input_stats(clips)
+    torch.testing.assert_close(shape(frames), shape(louder), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(plain(frames), plain(louder), atol=1e-3)
 
 
 def test_default_image_cnn_flops_within_budget():

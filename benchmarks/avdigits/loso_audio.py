@@ -1,6 +1,6 @@
 """Audio alone on voices never heard in training: leave-one-speaker-out per audio encoder family.
 
-    python benchmarks/avdigits/loso_audio.py        (or: make bench-avdigits-audio; about 80 minutes on 2 cores)
+    python benchmarks/avdigits/loso_audio.py        (or: make bench-avdigits-audio; about 85 minutes on 2 cores)
 
 Each of the five FSDD speakers is held out in turn (all 500 of their recordings are the test split; the other
 four speakers train and validate), and an audio-only model is trained with the ordinary training code for each
@@ -9,7 +9,9 @@ configuration, side by side in one run:
   - `efficientnet-lite0-from-scratch`: the same network and defaults from random weights (what the transfer
     itself brings);
   - `causal`: the default causal conv + GRU encoder at the AV-digits benchmark's 15 epochs;
-  - `causal-smoothed`: the same with `--label-smoothing 0.1`.
+  - `causal-smoothed`: the same with `--label-smoothing 0.1`;
+  - `causal-shape-smoothed`: `--audio-encoder causal-shape` (each frame's spectral shape, twice as wide) with
+    `--label-smoothing 0.1`, at the same 15 epochs.
 Writes results/loso_audio.json and .md: accuracy, macro F1 and training time per held-out speaker.
 `--merge` keeps the results already in the JSON for the speakers and configurations not run again (a long run
 can be finished in parts on the same kind of machine).
@@ -43,6 +45,7 @@ CONFIGS = (
     Config("efficientnet-lite0", {"audio_encoder": "efficientnet-lite0"}),
     Config("causal", {"audio_encoder": "causal"}, epochs=15),
     Config("causal-smoothed", {"audio_encoder": "causal", "label_smoothing": 0.1}, epochs=15),
+    Config("causal-shape-smoothed", {"audio_encoder": "causal-shape", "label_smoothing": 0.1}, epochs=15),
     Config("efficientnet-lite0-from-scratch", {"audio_encoder": "efficientnet-lite0", "from_scratch": True}),
 )
 
@@ -55,6 +58,7 @@ def run(
     configs: tuple[Config, ...],
     out: Path,
     previous: dict | None = None,
+    command: str = "make bench-avdigits-audio",
 ) -> dict:
     """Train and test every configuration on every held-out speaker; `previous` (results of an earlier run on
     this kind of machine) supplies what is not run again."""
@@ -62,6 +66,7 @@ def run(
         "configs": {c.name: {**c.options, "epochs": c.epochs} for c in configs},
         "speakers": {},
         "machine": machine(),  # training numerics differ between CPU instruction sets
+        "command": command,
     }
     if previous is not None:
         results["configs"] = {**previous["configs"], **results["configs"]}
@@ -86,7 +91,7 @@ def markdown(results: dict) -> str:
     lines = [
         "# AV-digits: audio alone on a speaker never heard in training",
         "",
-        "Command: `make bench-avdigits-audio` (`python benchmarks/avdigits/loso_audio.py`). Each held-out "
+        f"Command: `{results.get('command', 'make bench-avdigits-audio')}`. Each held-out "
         "speaker's 500 recordings are the test split; PyTorch test metrics of each run.",
         "",
         f"Machine: {describe(machine_info)}.",
@@ -150,7 +155,9 @@ def main() -> None:
     out = Path(args.out)
     speakers = tuple(s for s in args.speakers.split(",") if s)
     previous = results_from_this_machine(out / "loso_audio.json") if args.merge else None
-    results = run(Path(args.work), speakers, tuple(known[n] for n in wanted), out, previous)
+    # What reproduces these results, written beside them.
+    command = " ".join(["python", "benchmarks/avdigits/loso_audio.py", *sys.argv[1:]])
+    results = run(Path(args.work), speakers, tuple(known[n] for n in wanted), out, previous, command)
     print(markdown(results))
 
 
