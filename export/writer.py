@@ -27,7 +27,7 @@ from polysense.export.components import Component, components
 from polysense.export.description import build_description, component_spec, headline, write_description
 from polysense.export.parity import check_component, export_component
 from polysense.export.variants import CALIBRATION_SAMPLES, VariantPolicy, VariantTrial, add_variants
-from polysense.modalities import SPECS
+from polysense.modalities import SPECS, Preprocess
 from polysense.models.model import MultimodalClassifier
 from polysense.models.run_folder import load_trained
 from polysense.preprocessing import build_preprocessors
@@ -119,6 +119,18 @@ def _bundle_preprocessing(run_dir: Path, work: Path, settings: Preprocessing) ->
     return replace(settings, text=text)
 
 
+def _with_default_voice(
+    preprocessors: dict[str, Preprocess], settings: Preprocessing
+) -> dict[str, Preprocess]:
+    """A model trained with --voice-norm takes frames with a voice removed: the checks feed it what the runtime
+    gives a recording without a profile (the training speakers' average voice removed)."""
+    voice = settings.audio.voice if settings.audio is not None else None
+    if voice is None or "audio" not in preprocessors:
+        return preprocessors
+    raw = preprocessors["audio"]
+    return {**preprocessors, "audio": lambda value, rate=None: voice.normalise(raw(value, rate))}
+
+
 def _write_bundle(
     run_dir: Path,
     work: Path,
@@ -129,7 +141,7 @@ def _write_bundle(
 ) -> ExportReport:
     settings = Preprocessing.from_dict(config["preprocessing"])
     modalities = model.config.modalities
-    preprocessors = build_preprocessors(settings, modalities, run_dir)
+    preprocessors = _with_default_voice(build_preprocessors(settings, modalities, run_dir), settings)
     parts = components(model, settings.image.size if settings.image else 0)
     rows = read_manifest(run_dir / RUN_MANIFEST).rows
     real = real_samples([r for r in rows if r.split == "test"], model, parts, preprocessors)

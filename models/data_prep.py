@@ -15,6 +15,7 @@ from polysense.audio import HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE
 from polysense.data import (
     SPLITS,
     Manifest,
+    Problem,
     Row,
     check_labels,
     preprocess_rows,
@@ -33,6 +34,7 @@ from polysense.models.registry import family_defaults, family_tokenizer
 from polysense.preprocessing import build_preprocessors
 from polysense.settings import AudioSettings, ImageSettings, Preprocessing, TextSettings
 from polysense.text import train_tokenizer
+from polysense.voice import VoiceProfile, speaker_profiles
 
 log = logging.getLogger("polysense")
 
@@ -86,6 +88,7 @@ def prepare_data(
     by_split = _split_rows(manifest, usable, modalities, options.seed)
     labels = sorted({r.label for r in by_split["train"]})
     problems = check_labels(by_split["val"] + by_split["test"], labels, "it never occurs in the train split")
+    problems += _check_speakers(options, modalities, [r for s in SPLITS for r in by_split[s]])
     if problems:
         raise ManifestError(str(manifest.path), problems)
     # The tokenizer is written now (the preprocessors read it); the rest of the run only once every row passed.
@@ -102,6 +105,8 @@ def prepare_data(
         keep = [i for i, r in enumerate(ordered) if r.line not in bad]
         ordered = [ordered[i] for i in keep]
         features = {m: [values[i] for i in keep] for m, values in features.items()}
+    if options.voice_norm:
+        features["audio"], preprocessing = _remove_voices(ordered, features["audio"], preprocessing)
     # Written only once every row passed, so a failed preparation leaves nothing that looks like a run.
     if writes:
         write_manifest(ordered, run_dir / "manifest.csv")
@@ -112,6 +117,40 @@ def prepare_data(
         "data: %s; modalities %s; %d labels; %s", manifest.path, "+".join(modalities), len(labels), sizes
     )
     return PreparedData(modalities, labels, splits, preprocessing, vocab_size)
+
+
+def _check_speakers(options: TrainOptions, modalities: tuple[str, ...], rows: list[Row]) -> list[Problem]:
+    """--voice-norm needs audio, and who speaks in every recording."""
+    if not options.voice_norm:
+        return []
+    if "audio" not in modalities:
+        raise ConfigError(
+            f"--voice-norm removes speakers' voices from audio, but this run trains {'+'.join(modalities)}"
+        )
+    return [
+        Problem(
+            r.line, "speaker is empty; --voice-norm needs who speaks in every recording (a speaker column)"
+        )
+        for r in rows
+        if r.audio is not None and r.speaker is None
+    ]
+
+
+def _remove_voices(
+    rows: list[Row], audio: list[np.ndarray | None], preprocessing: Preprocessing
+) -> tuple[list[np.ndarray | None], Preprocessing]:
+    """Each recording with its speaker's profile removed, and the settings with the training speakers' average
+    voice (what the runtime removes for a speaker without a profile). A speaker's profile comes from all their
+    recordings in the manifest, test ones included: no label is used, as `polysense evaluate` does.
+
+    Removed from the features before augmentation, so the augmented gain, noise and warps act on what the
+    encoder sees from every speaker alike."""
+    profiles = speaker_profiles((r.speaker, f) for r, f in zip(rows, audio) if f is not None)
+    trained = sorted({r.speaker for r, f in zip(rows, audio) if f is not None and r.split == "train"})
+    default = VoiceProfile.average(profiles[s] for s in trained)
+    log.info("voice normalisation: %d speakers (%d in training)", len(profiles), len(trained))
+    normalised = [None if f is None else profiles[r.speaker].normalise(f) for r, f in zip(rows, audio)]
+    return normalised, replace(preprocessing, audio=replace(preprocessing.audio, voice=default))
 
 
 def _split_rows(

@@ -65,6 +65,9 @@ class TrainOptions:
     audio_norm_frames: int = (
         DEFAULT_AUDIO_NORM_FRAMES  # causal audio encoder: running mean's prior, frames (0: off)
     )
+    voice_norm: bool = (
+        False  # remove each speaker's voice from their audio (needs a speaker column; polysense.voice)
+    )
     max_text_length: int = 64  # tokens kept per text
     builtin_n: int = field(default=3000, metadata={"flag": "--n"})  # samples when data is "builtin"
     progress: bool = True  # progress bars

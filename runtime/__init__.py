@@ -29,6 +29,7 @@ from polysense.modalities import MODALITIES, subset_key
 from polysense.pipeline import Pipeline
 from polysense.schema import BundleDescription
 from polysense.text import TextPreprocessor, train_tokenizer
+from polysense.voice import VoiceProfile
 
 __version__ = "0.1.0"
 
@@ -53,6 +54,7 @@ __all__ = [
     "Prediction",
     "Prepared",
     "TextPreprocessor",
+    "VoiceProfile",
     "decode_image",
     "load_audio",
     "subset_key",

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from polysense.data import Problem, read_manifest
 from polysense.errors import ConfigError, InputError, PolysenseError
 from polysense.fusion import Prediction
+from polysense.voice import VoiceProfile
 
 log = logging.getLogger("polysense")
 
@@ -154,9 +155,14 @@ def _batches(items: list[Item], size: int) -> Iterator[list[Item]]:
 
 
 def predict_to_file(
-    pipeline: Any, data: str | os.PathLike, out: str | os.PathLike, progress: bool = True
+    pipeline: Any,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    progress: bool = True,
+    voice: VoiceProfile | None = None,
 ) -> BatchResult:
-    """Predict every sample of `data` (manifest or folder) with `pipeline` into `out` (.jsonl or .csv)."""
+    """Predict every sample of `data` (manifest or folder) with `pipeline` into `out` (.jsonl or .csv); `voice`:
+    the profile of the one speaker of every recording (bundles trained with --voice-norm)."""
     items, failed = items_from(data, pipeline.modalities)
     writer = PredictionWriter(out, pipeline.labels, extra=("modalities",))
     written = 0
@@ -165,7 +171,10 @@ def predict_to_file(
             prepared, kept = [], []
             for item in batch:
                 try:
-                    prepared.append(pipeline.prepare(_loaded(item.sample)))
+                    sample = _loaded(item.sample)
+                    if voice is not None and "audio" in sample:
+                        sample = {**sample, "voice": voice}
+                    prepared.append(pipeline.prepare(sample))
                     kept.append(item)
                 except PolysenseError as error:
                     failed.append(Problem(0, f"{item.source}: {error}", True))

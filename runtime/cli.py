@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from polysense.cli_bundle import add_bundle, add_edge, add_info, add_tune
-from polysense.cli_runtime import add_eval, add_predict, add_stream, non_negative
+from polysense.cli_runtime import add_eval, add_predict, add_stream, add_voice, non_negative
 from polysense.cli_serve import add_serve
 from polysense.data import SPLITS
 from polysense.errors import ConfigError, DependencyError, PolysenseError
@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_edge(commands)
     add_tune(commands)
     add_stream(commands)
+    add_voice(commands)
     _add_bench(commands)
     add_serve(commands)
     return parser

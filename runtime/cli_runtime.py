@@ -73,6 +73,7 @@ def add_predict(commands: argparse._SubParsersAction) -> None:
     for modality in MODALITIES:
         predict.add_argument(f"--{modality}", action=_Once, help=SPECS[modality].help)
     predict.add_argument("--top", type=int, default=3, help="labels to show (default 3)")
+    _voice_argument(predict, "the speaker's voice profile")
     many = predict.add_argument_group("many samples")
     many.add_argument(
         "--data",
@@ -93,8 +94,9 @@ def _run_predict(args: argparse.Namespace) -> int:
                 "--data and --out go together: polysense predict BUNDLE --data DIR --out preds.jsonl"
             )
         return _run_predict_many(args)
+    voice = _voice(args)
     pipeline = _load(args)
-    prediction = pipeline.predict(image=args.image, text=args.text, audio=args.audio)
+    prediction = pipeline.predict(image=args.image, text=args.text, audio=args.audio, voice=voice)
     if args.json:
         print(json.dumps(prediction.to_dict(), indent=2))
         return 0
@@ -109,7 +111,8 @@ def _run_predict_many(args: argparse.Namespace) -> int:
     from polysense.batch_predict import PredictionWriter, predict_to_file
 
     PredictionWriter(args.out, ())  # checks --out before the bundle loads
-    result = predict_to_file(_load(args), args.data, args.out, progress=not args.no_progress)
+    voice = _voice(args)
+    result = predict_to_file(_load(args), args.data, args.out, progress=not args.no_progress, voice=voice)
     where = "stdout" if args.out == "-" else args.out
     print(
         f"wrote {result.written} predictions to {where}; {len(result.failed)} samples skipped",
@@ -162,16 +165,18 @@ def add_stream(commands: argparse._SubParsersAction) -> None:
     stream.add_argument("--chunk-ms", type=float, default=100.0, help="audio chunk length (default 100 ms)")
     stream.add_argument("--sample-rate", type=int, default=16000, help="rate of PCM on stdin (default 16000)")
     stream.add_argument("--fps", type=float, default=5.0, help="video frames encoded per second (default 5)")
+    _voice_argument(stream, "the streamed speaker's voice profile")
     stream.set_defaults(run=_run_stream)
 
 
 def _run_stream(args: argparse.Namespace) -> int:
     from polysense.timeline import stream_timeline
 
+    voice = _voice(args)
     pipeline = _load(args)
     video = int(args.video) if args.video is not None and args.video.isdigit() else args.video
     events = stream_timeline(
-        pipeline, args.audio, video, args.text, args.chunk_ms, args.sample_rate, args.fps
+        pipeline, args.audio, video, args.text, args.chunk_ms, args.sample_rate, args.fps, voice=voice
     )
     for event in events:
         if args.json:
@@ -183,4 +188,47 @@ def _run_stream(args: argparse.Namespace) -> int:
                 f"{'+'.join(event['modalities'])}{final}",
                 flush=True,
             )
+    return 0
+
+
+def _voice_argument(command: argparse.ArgumentParser, what: str) -> None:
+    command.add_argument(
+        "--voice",
+        metavar="PROFILE",
+        help=f"{what} (what `polysense voice` writes), for bundles trained with --voice-norm",
+    )
+
+
+def _voice(args: argparse.Namespace):
+    """The --voice profile, read before the bundle loads (None without --voice)."""
+    from polysense.voice import VoiceProfile
+
+    return None if args.voice is None else VoiceProfile.load(args.voice)
+
+
+def add_voice(commands: argparse._SubParsersAction) -> None:
+    voice = _bundle_command(
+        commands,
+        "voice",
+        "a speaker's voice profile from a few recordings, for bundles trained with --voice-norm",
+        "print the profile's summary as JSON",
+    )
+    voice.add_argument(
+        "recordings", nargs="+", metavar="RECORDING", help="audio files of the speaker talking"
+    )
+    voice.add_argument("--out", required=True, help="profile file to write (.json)")
+    voice.set_defaults(run=_run_voice)
+
+
+def _run_voice(args: argparse.Namespace) -> int:
+    profile = _load(args).voice_profile(args.recordings)
+    profile.save(args.out)
+    summary = {"out": args.out, "recordings": len(args.recordings), "voiced_frames": profile.frames}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(
+            f"wrote {args.out}: the voice of {len(args.recordings)} recordings ({profile.frames} voiced frames); "
+            f"use it with polysense predict {args.bundle} --voice {args.out} ..."
+        )
     return 0

@@ -1,4 +1,5 @@
-"""The data manifest: CSV or JSONL rows of `image`, `text`, `audio`, `label` and an optional `split`.
+"""The data manifest: CSV or JSONL rows of `image`, `text`, `audio`, `label`, an optional `split` and an optional
+`speaker` (who speaks in the audio: training with --voice-norm and evaluation adapt to each speaker's voice).
 
 Paths are relative to the manifest's folder; an empty cell (or JSON null) means that modality is missing for
 that sample. Problems are collected for every row with its line number, so a user fixes them all in one go
@@ -23,7 +24,7 @@ from polysense.modalities import MODALITIES, SPECS
 
 log = logging.getLogger("polysense")
 
-COLUMNS = (*MODALITIES, "label", "split")
+COLUMNS = (*MODALITIES, "label", "split", "speaker")
 SPLITS = ("train", "val", "test")
 MAX_LINE_CHARS = 1 << 20  # one JSONL row; longer lines are a problem, never held in memory whole
 FILE_MODALITIES = tuple(m for m in MODALITIES if SPECS[m].cell_is_path)  # text cells hold the text itself
@@ -39,6 +40,7 @@ class Row:
     text: str | None = None
     audio: str | None = None
     split: str | None = None
+    speaker: str | None = None  # who speaks in the audio (any name; the same name is the same voice)
 
     def present(self) -> tuple[str, ...]:
         return tuple(m for m in MODALITIES if getattr(self, m) is not None)
@@ -137,7 +139,7 @@ def read_manifest(path: str | os.PathLike, labelled: bool = True) -> Manifest:
 def _check_columns(columns: Sequence[str], labelled: bool) -> list[Problem]:
     unknown = [c for c in columns if c not in COLUMNS]
     problems = [
-        Problem(0, f"unknown column {c!r}; the columns are {', '.join(COLUMNS)} (split optional)")
+        Problem(0, f"unknown column {c!r}; the columns are {', '.join(COLUMNS)} (split and speaker optional)")
         for c in unknown
     ]
     if labelled and "label" not in columns:

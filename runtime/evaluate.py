@@ -1,12 +1,15 @@
 """Evaluate a bundle on a data manifest with the runtime alone: the same keys as training's metrics.json.
 
 Uses only the Pipeline's public API: each batch is embedded once (`Pipeline.embed`), then classified with all
-its modalities and under every subset of them (`Pipeline.predict_batch` on narrowed Embeddings).
+its modalities and under every subset of them (`Pipeline.predict_batch` on narrowed Embeddings). A bundle
+trained with --voice-norm, on a manifest with a speaker column, hears each speaker with their own voice
+profile, built from all their recordings in the manifest (every split; no label used), as training did.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -21,13 +24,16 @@ from polysense.fusion import Embeddings
 from polysense.metrics import classification_metrics
 from polysense.modalities import nonempty_subsets, subset_key
 from polysense.pipeline import Pipeline
+from polysense.voice import VoiceProfile
 
 BATCH = 32
+log = logging.getLogger("polysense")
 
 
 def _rows_to_evaluate(pipeline: Pipeline, manifest: str | os.PathLike, split: str | None):
     data = read_manifest(manifest)
-    rows, skipped = data.usable_rows()
+    usable, skipped = data.usable_rows()
+    rows = usable
     if split is not None:
         if split not in SPLITS:
             raise ConfigError(f"--split {split!r} is unknown; use one of {', '.join(SPLITS)}")
@@ -40,17 +46,43 @@ def _rows_to_evaluate(pipeline: Pipeline, manifest: str | os.PathLike, split: st
     problems = check_labels(rows, pipeline.labels, "the bundle's model does not know it")
     if problems:
         raise ManifestError(str(manifest), problems)
-    return rows, skipped
+    return rows, skipped, usable
 
 
-def _sample(row: Row, modalities: tuple[str, ...]) -> dict:
-    return {m: getattr(row, m) for m in modalities if getattr(row, m) is not None}
+def _speaker_voices(pipeline: Pipeline, rows: list[Row]) -> dict[str, VoiceProfile]:
+    """speaker -> voice profile from their recordings in `rows`, every split's (empty unless the bundle takes
+    profiles)."""
+    audio = pipeline.description.preprocessing.audio
+    if audio is None or audio.voice is None:
+        return {}
+    by_speaker: dict[str, list[str]] = {}
+    for row in rows:
+        if row.speaker is not None and row.audio is not None:
+            by_speaker.setdefault(row.speaker, []).append(row.audio)
+    voices = {}
+    for speaker, recordings in sorted(by_speaker.items()):
+        try:
+            voices[speaker] = pipeline.voice_profile(recordings)
+        except InputError as error:
+            log.warning(
+                "speaker %r: no voice profile (%s); the bundle's average voice stands in", speaker, error
+            )
+    return voices
 
 
-def _embed_rows(pipeline: Pipeline, rows: list[Row]) -> tuple[list[Row], Embeddings | None, list[Problem]]:
+def _sample(row: Row, modalities: tuple[str, ...], voices: dict[str, VoiceProfile]) -> dict:
+    sample = {m: getattr(row, m) for m in modalities if getattr(row, m) is not None}
+    if "audio" in sample and row.speaker in voices:
+        sample["voice"] = voices[row.speaker]
+    return sample
+
+
+def _embed_rows(
+    pipeline: Pipeline, rows: list[Row], voices: dict[str, VoiceProfile]
+) -> tuple[list[Row], Embeddings | None, list[Problem]]:
     """Embeddings of the rows that could be read; a batch that fails is retried row by row, so an unreadable
     file costs only its own row (reported as a Problem)."""
-    samples = [_sample(r, pipeline.modalities) for r in rows]
+    samples = [_sample(r, pipeline.modalities, voices) for r in rows]
     try:
         return rows, pipeline.embed(samples), []
     except InputError:
@@ -64,7 +96,7 @@ def _embed_rows(pipeline: Pipeline, rows: list[Row]) -> tuple[list[Row], Embeddi
             problems.append(Problem(row.line, str(error), skippable=True))
     if not kept:
         return [], None, problems
-    return kept, pipeline.embed([_sample(r, pipeline.modalities) for r in kept]), problems
+    return kept, pipeline.embed([_sample(r, pipeline.modalities, voices) for r in kept]), problems
 
 
 def _predicted(pipeline: Pipeline, embeddings: Embeddings) -> list[int]:
@@ -96,7 +128,8 @@ def evaluate_bundle(
 def _evaluate(
     pipeline: Pipeline, manifest: str | os.PathLike, split: str | None, progress: bool, writer: Any
 ) -> dict:
-    rows, skipped = _rows_to_evaluate(pipeline, manifest, split)
+    rows, skipped, usable = _rows_to_evaluate(pipeline, manifest, split)
+    voices = _speaker_voices(pipeline, usable)
     total = len(rows) + len({p.line for p in skipped})
     label_index = {label: i for i, label in enumerate(pipeline.labels)}
     subsets = nonempty_subsets(pipeline.modalities)
@@ -106,7 +139,7 @@ def _evaluate(
     for start in tqdm(
         range(0, len(rows), BATCH), desc="evaluating", unit="batch", disable=not progress, leave=False
     ):
-        batch, embeddings, problems = _embed_rows(pipeline, rows[start : start + BATCH])
+        batch, embeddings, problems = _embed_rows(pipeline, rows[start : start + BATCH], voices)
         unreadable += problems
         if embeddings is None:
             continue

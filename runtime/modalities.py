@@ -145,7 +145,7 @@ class AudioCodec:
     def preprocessor(self, settings: Any, files: ReadFile, limits: Limits) -> Preprocess:
         from polysense.audio import AudioPreprocessor
 
-        preprocessor = AudioPreprocessor(**settings.to_dict(), limits=limits)
+        preprocessor = AudioPreprocessor(**settings.front_end(), limits=limits)
         return lambda audio, sample_rate=None: preprocessor(audio, sample_rate=sample_rate)
 
     def feeds(self, features: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:

@@ -29,8 +29,9 @@ from polysense.preprocessing import build_preprocessors
 from polysense.schema import FUSION, BundleDescription
 from polysense.sessions import Session, SessionSettings, runnable, to_numpy
 from polysense.streaming import AudioStream, VideoStream
+from polysense.voice import VoiceProfile, voice_for
 
-SAMPLE_KEYS = (*MODALITIES, "sample_rate")
+SAMPLE_KEYS = (*MODALITIES, "sample_rate", "voice")
 log = logging.getLogger("polysense")
 
 __all__ = ["Embeddings", "Pipeline", "Prediction", "Prepared"]
@@ -160,23 +161,26 @@ class Pipeline:
         audio: Any = None,
         *,
         sample_rate: int | None = None,
+        voice: VoiceProfile | None = None,
         **unknown: Any,
     ) -> Prediction:
         """Predict from any non-empty subset of the bundle's modalities; only their encoders run.
 
         image: path, encoded bytes or an HxWxC uint8 RGB array; text: a str (longer texts are truncated to the
-        bundle's max_length tokens); audio: path, encoded bytes or a sample array with `sample_rate`.
+        bundle's max_length tokens); audio: path, encoded bytes or a sample array with `sample_rate`; voice:
+        the speaker's profile (`voice_profile`), for bundles trained with --voice-norm.
         """
         if unknown:
             raise InputError(
-                f"unknown keyword {next(iter(unknown))!r}; predict takes image=, text=, audio= and sample_rate="
+                f"unknown keyword {next(iter(unknown))!r}; "
+                "predict takes image=, text=, audio=, sample_rate= and voice="
             )
-        sample = {"image": image, "text": text, "audio": audio, "sample_rate": sample_rate}
+        sample = {"image": image, "text": text, "audio": audio, "sample_rate": sample_rate, "voice": voice}
         return self.predict_batch([{k: v for k, v in sample.items() if v is not None}])[0]
 
     def predict_batch(self, samples: Sequence[dict] | Sequence[Prepared] | Embeddings) -> list[Prediction]:
-        """Predict many samples at once; each is a dict with some of image, text, audio (+ sample_rate), or
-        what `prepare` made of one.
+        """Predict many samples at once; each is a dict with some of image, text, audio (+ sample_rate, voice),
+        or what `prepare` made of one.
 
         Also takes the Embeddings that embed() returned (optionally narrowed with `Embeddings.select`), so
         embeddings computed once can be classified under several subsets of modalities.
@@ -207,9 +211,10 @@ class Pipeline:
         vectors, mask, timings = self._embed(samples)
         return Embeddings(self.modalities, {m: to_numpy(v) for m, v in vectors.items()}, mask, timings)
 
-    def audio_stream(self, encode: bool = True) -> AudioStream:
+    def audio_stream(self, encode: bool = True, voice: VoiceProfile | None = None) -> AudioStream:
         """A new live audio stream sharing this pipeline's audio engine. With encode=False its frames wait for
-        `polysense.streaming.encode_streams([...])`, which batches many streams into one encoder call."""
+        `polysense.streaming.encode_streams([...])`, which batches many streams into one encoder call.
+        voice: the speaker's profile, for bundles trained with --voice-norm (as in predict)."""
         if self._audio is None:
             raise InputError(f"this bundle has no audio encoder; it takes {', '.join(self.modalities)}")
         settings = self._description.preprocessing.of("audio")
@@ -220,7 +225,22 @@ class Pipeline:
             self._fusion.predict_one,
             encode=encode,
             limits=self._limits,
+            voice=voice_for(settings.voice, voice),
         )
+
+    def voice_profile(self, recordings: Sequence[Any], sample_rate: int | None = None) -> VoiceProfile:
+        """A speaker's voice profile from a few recordings of them talking (paths, encoded bytes, or sample
+        arrays at `sample_rate`); what they say does not matter. For bundles trained with --voice-norm."""
+        if "audio" not in self.modalities:
+            raise InputError(f"this bundle has no audio encoder; it takes {', '.join(self.modalities)}")
+        if self._description.preprocessing.audio.voice is None:
+            raise InputError(
+                "this bundle was trained without --voice-norm, so a voice profile cannot help it"
+            )
+        if isinstance(recordings, (str, bytes, np.ndarray)) or not len(recordings):
+            raise InputError("pass a non-empty list of recordings of the speaker")
+        preprocess = self._preprocessors["audio"]
+        return VoiceProfile.from_frames(preprocess(r, sample_rate) for r in recordings)
 
     def video_stream(self, source: Any = None, fps: float = 5.0, window: int = 8) -> VideoStream:
         """Video frames from `source` (file path, camera index, URL) or pushed with `push(frame, t)`,
@@ -248,7 +268,7 @@ class Pipeline:
         unknown = [k for k in sample if k not in SAMPLE_KEYS]
         if unknown:
             raise InputError(
-                f"{where}unknown input {unknown[0]!r}; the inputs are image, text, audio (and sample_rate)"
+                f"{where}unknown input {unknown[0]!r}; the inputs are image, text, audio (and sample_rate, voice)"
             )
         given = [m for m in MODALITIES if sample.get(m) is not None]
         if not given:
@@ -258,8 +278,9 @@ class Pipeline:
             raise InputError(
                 f"{where}this bundle has no {missing[0]} encoder; it takes {', '.join(self.modalities)}"
             )
-        if sample.get("sample_rate") is not None and sample.get("audio") is None:
-            raise InputError(f"{where}sample_rate was given without audio")
+        for key in ("sample_rate", "voice"):
+            if sample.get(key) is not None and sample.get("audio") is None:
+                raise InputError(f"{where}{key} was given without audio")
 
     def _prepare(self, sample: Any, where: str = "") -> Prepared:
         self._check_sample(sample, where)
@@ -270,6 +291,11 @@ class Pipeline:
                 continue
             tick = time.perf_counter()
             features[modality] = self._preprocessors[modality](sample[modality], sample.get("sample_rate"))
+            if modality == "audio":
+                voice = voice_for(self._description.preprocessing.audio.voice, sample.get("voice"))
+                features[modality] = (
+                    features[modality] if voice is None else voice.normalise(features[modality])
+                )
             timings[f"preprocess_{modality}"] = (time.perf_counter() - tick) * 1000
         return Prepared(features, timings)
 

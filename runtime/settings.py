@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from polysense.errors import BundleError
+from polysense.errors import BundleError, InputError
 from polysense.fields import get, plain_file_name, typed, within
+from polysense.voice import VoiceProfile
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,13 @@ class AudioSettings:
     n_mels: int
     fmin: float = 0.0
     fmax: float | None = None
+    # Trained with --voice-norm: the training speakers' average voice, removed from a recording whose speaker
+    # has no profile of their own (polysense.voice); None: the model takes raw log-mel frames.
+    voice: VoiceProfile | None = None
+
+    def front_end(self) -> dict:
+        """The log-mel settings alone (polysense.audio.LogMel's arguments)."""
+        return {k: v for k, v in vars(self).items() if k != "voice"}
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> AudioSettings:
@@ -68,10 +76,19 @@ class AudioSettings:
         fmax = get(data, "fmax", (*number, type(None)), where, None)
         if not 0 <= fmin < (rate / 2 if fmax is None else fmax) <= rate / 2:
             raise BundleError(f"{where}: need 0 <= fmin < fmax <= sample_rate / 2, got {fmin} and {fmax}")
-        return cls(rate, n_fft, hop, n_mels, fmin, fmax)
+        voice = get(data, "voice", (dict, type(None)), where, None)
+        if voice is not None:
+            try:
+                voice = VoiceProfile.from_dict(voice, f"{where}.voice")
+            except InputError as error:
+                raise BundleError(str(error)) from error
+            if voice.n_mels != n_mels:
+                raise BundleError(f"{where}.voice: {voice.n_mels} bands for {n_mels} mel bands")
+        return cls(rate, n_fft, hop, n_mels, fmin, fmax, voice)
 
     def to_dict(self) -> dict:
-        return dict(vars(self))
+        values = self.front_end()
+        return values if self.voice is None else {**values, "voice": self.voice.to_dict()}
 
 
 _SETTINGS = {"image": ImageSettings, "text": TextSettings, "audio": AudioSettings}

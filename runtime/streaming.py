@@ -25,6 +25,7 @@ from polysense.fusion import Prediction
 from polysense.limits import DEFAULT_LIMITS, Limits
 from polysense.optional import require
 from polysense.settings import AudioSettings
+from polysense.voice import VoiceProfile
 
 # The narrow calls a stream makes besides the engine's: encode one image or text, fuse embeddings.
 Embed = Callable[[str, Any], np.ndarray]
@@ -82,13 +83,15 @@ class AudioStream:
         fuse: Fuse,
         encode: bool = True,
         limits: Limits = DEFAULT_LIMITS,
+        voice: VoiceProfile | None = None,
     ) -> None:
         self._engine = engine
+        self.voice = voice  # removed from every frame (models trained with --voice-norm), as offline
         self._limits = limits
         self._embed, self._fuse = embed, fuse
         self.encode_immediately = encode  # False: frames wait in `pending_frames` for encode_streams()
         self.model_rate = settings.sample_rate
-        self._frames = FrameBuffer(LogMel(**settings.to_dict()))
+        self._frames = FrameBuffer(LogMel(**settings.front_end()))
         self.image_embedding: np.ndarray | None = None
         self.text_embedding: np.ndarray | None = None
         self.video: VideoStream | None = None
@@ -165,6 +168,8 @@ class AudioStream:
     def _take(self, frames: np.ndarray) -> int:
         if frames.shape[0] == 0:
             return 0
+        if self.voice is not None:
+            frames = self.voice.normalise(frames)
         self._pending = np.concatenate([self._pending, frames]) if self._pending.size else frames
         if self.encode_immediately:
             embedding, state = self._engine.run(self._pending[None], self._state)

@@ -12,6 +12,7 @@ from polysense.audio import check_sample_rate
 from polysense.errors import InputError
 from polysense.optional import require
 from polysense.pipeline import Pipeline, Prediction
+from polysense.voice import VoiceProfile
 
 
 def audio_chunks(
@@ -62,10 +63,13 @@ def stream_timeline(
     stdin_rate: int = 16_000,
     fps: float = 5.0,
     stdin: BinaryIO | None = None,
+    voice: VoiceProfile | None = None,
 ) -> Iterator[dict]:
     """One event per audio chunk (or per sampled video frame without audio), then a final one."""
     if audio is None and video is None:
         raise InputError("nothing to stream: give --audio FILE (or - for stdin) and/or --video FILE")
+    if voice is not None and audio is None:
+        raise InputError("a voice profile is for the audio stream; give --audio too (or drop --voice)")
     video_stream = pipeline.video_stream(video, fps=fps) if video is not None else None
     if audio is None:
         video_stream.set_text(text or None)
@@ -79,7 +83,7 @@ def stream_timeline(
         }
         return
 
-    stream = pipeline.audio_stream()
+    stream = pipeline.audio_stream(voice=voice)
     stream.set_text(text or None)
     frames = video_stream.frames() if video_stream else iter(())
     next_frame = next(frames, None)

@@ -62,7 +62,7 @@ def test_small_end_to_end_run_on_real_data(sources, tmp_path):
     small = [r for i, r in enumerate(rows) if i % 8 == 0]  # every split keeps a share
     manifest = tmp_path / "small.csv"
     with manifest.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["image", "audio", "label", "split"])
+        writer = csv.DictWriter(handle, fieldnames=["image", "audio", "label", "split", "speaker"])
         writer.writeheader()
         writer.writerows(small)
     result = train(

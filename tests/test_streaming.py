@@ -30,7 +30,7 @@ def speech(fsdd_file):
 def _offline_frames(pipe, samples, rate):
     """Log-mel frames offline preprocessing makes of the recording (the bundle's own audio settings)."""
     settings = pipe.description.preprocessing.audio
-    return polysense.AudioPreprocessor(**settings.to_dict())(samples, sample_rate=rate).shape[0]
+    return polysense.AudioPreprocessor(**settings.front_end())(samples, sample_rate=rate).shape[0]
 
 
 def _stream_in_chunks(pipe, samples, rate, sizes):

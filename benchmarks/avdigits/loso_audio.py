@@ -11,7 +11,11 @@ configuration, side by side in one run:
   - `causal`: the default causal conv + GRU encoder at the AV-digits benchmark's 15 epochs;
   - `causal-smoothed`: the same with `--label-smoothing 0.1`;
   - `causal-shape-smoothed`: `--audio-encoder causal-shape` (each frame's spectral shape, twice as wide) with
-    `--label-smoothing 0.1`, at the same 15 epochs.
+    `--label-smoothing 0.1`, at the same 15 epochs;
+  - `causal-shape-voice`: the same with `--voice-norm` (each speaker's voice profile removed; polysense.voice).
+    Its main score hears the held-out speaker with the profile of all his recordings (no label used, as
+    `polysense eval` does); the model is also exported and scored through the runtime with a profile from only
+    10 of his recordings (the other 490 tested) and with none (the bundle's average voice).
 Writes results/loso_audio.json and .md: accuracy, macro F1 and training time per held-out speaker.
 `--merge` keeps the results already in the JSON for the speakers and configurations not run again (a long run
 can be finished in parts on the same kind of machine).
@@ -29,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from run import SPEAKERS, build, fit, summary  # noqa: E402
+from run import SPEAKERS, build, export, fit, summary  # noqa: E402
 
 from polysense.machine import describe, machine, results_from_this_machine  # noqa: E402
 
@@ -46,10 +50,16 @@ CONFIGS = (
     Config("causal", {"audio_encoder": "causal"}, epochs=15),
     Config("causal-smoothed", {"audio_encoder": "causal", "label_smoothing": 0.1}, epochs=15),
     Config("causal-shape-smoothed", {"audio_encoder": "causal-shape", "label_smoothing": 0.1}, epochs=15),
+    Config(
+        "causal-shape-voice",
+        {"audio_encoder": "causal-shape", "label_smoothing": 0.1, "voice_norm": True},
+        epochs=15,
+    ),
     Config("efficientnet-lite0-from-scratch", {"audio_encoder": "efficientnet-lite0", "from_scratch": True}),
 )
 
 log = logging.getLogger("polysense")
+ENROLLED = 10  # recordings of the held-out speaker a voice profile is built from, in the runtime check
 
 
 def run(
@@ -79,10 +89,39 @@ def run(
             folder = work / f"loso_audio_{config.name}_{speaker}"
             metrics = fit(manifests[speaker], folder, config.epochs, ("audio",), **config.options)
             entry = {**summary(metrics), "train_seconds": round(time.perf_counter() - started, 1)}
+            if config.options.get("voice_norm"):
+                entry.update(runtime_voices(folder, speaker))
             results["speakers"].setdefault(speaker, {})[config.name] = entry
             log.warning("  accuracy %.4f in %.0f s", entry["accuracy"], entry["train_seconds"])
             write(results, out)  # after every model, so an interrupted run keeps what it measured
     return results
+
+
+def runtime_voices(run_folder: Path, speaker: str, enrolled: int = ENROLLED) -> dict:
+    """The exported model through the runtime on the held-out speaker: accuracy with a profile from `enrolled`
+    of his recordings (seeded choice; the rest tested) and with no profile (the bundle's average voice)."""
+    import numpy as np
+
+    import polysense
+    from polysense.data import read_manifest
+
+    pipeline = polysense.Pipeline.load(export(run_folder, variants=False), device="cpu", precision="fp32")
+    rows = [r for r in read_manifest(run_folder / "manifest.csv").rows if r.speaker == speaker]
+    chosen = set(np.random.default_rng(0).choice(len(rows), size=enrolled, replace=False).tolist())
+    voice = pipeline.voice_profile([rows[i].audio for i in sorted(chosen)])
+    tested = [r for i, r in enumerate(rows) if i not in chosen]
+
+    def accuracy(samples: list[dict]) -> float:
+        correct = 0
+        for start in range(0, len(samples), 32):
+            predictions = pipeline.predict_batch(samples[start : start + 32])
+            correct += sum(p.label == r.label for p, r in zip(predictions, tested[start : start + 32]))
+        return round(correct / len(samples), 4)
+
+    return {
+        f"accuracy_{enrolled}_clips": accuracy([{"audio": r.audio, "voice": voice} for r in tested]),
+        "accuracy_no_profile": accuracy([{"audio": r.audio} for r in tested]),
+    }
 
 
 def markdown(results: dict) -> str:
@@ -110,6 +149,7 @@ def markdown(results: dict) -> str:
         means.append(f"{sum(scores) / len(scores):.4f}" if len(scores) == len(speakers) else "-")
     label = "mean" if len(speakers) == len(SPEAKERS) else f"mean of these {len(speakers)} (a partial run)"
     lines.append(f"| {label} | " + " | ".join(means) + " |")
+    lines += _voice_lines(results, speakers)
     lines += ["", "Training time per model, seconds (mean over speakers):", ""]
     for name in names:
         seconds = [e[name]["train_seconds"] for e in speakers.values() if name in e]
@@ -118,6 +158,31 @@ def markdown(results: dict) -> str:
             epochs = options["epochs"] or "family default"
             lines.append(f"- {name} (epochs: {epochs}): {sum(seconds) / len(seconds):.0f} s")
     return "\n".join(lines) + "\n"
+
+
+def _voice_lines(results: dict, speakers: dict) -> list[str]:
+    """The --voice-norm configurations through the runtime: own profile from all recordings, from a few, none."""
+    lines = []
+    for name in (n for n, options in results["configs"].items() if options.get("voice_norm")):
+        entries = {s: e[name] for s, e in speakers.items() if name in e and "accuracy_no_profile" in e[name]}
+        if not entries:
+            continue
+        few = next(k for k in next(iter(entries.values())) if k.endswith("_clips"))
+        lines += [
+            "",
+            f"`{name}`: the held-out speaker's voice profile from all his recordings (PyTorch, as above), from "
+            f"{few.split('_')[1]} of them (runtime, the others tested), and none (runtime, the bundle's average "
+            "voice):",
+            "",
+            "| held-out speaker | all recordings | " + few.split("_")[1] + " recordings | no profile |",
+            "|---|---:|---:|---:|",
+        ]
+        columns = ("accuracy", few, "accuracy_no_profile")
+        for speaker, entry in entries.items():
+            lines.append(f"| {speaker} | " + " | ".join(f"{entry[c]:.4f}" for c in columns) + " |")
+        means = [sum(e[c] for e in entries.values()) / len(entries) for c in columns]
+        lines.append("| mean | " + " | ".join(f"{m:.4f}" for m in means) + " |")
+    return lines
 
 
 def write(results: dict, out: Path) -> None:

@@ -86,7 +86,7 @@ def build_rows(spec: AVDigitsSpec) -> list[dict]:
     by_group: dict[tuple[str, str], list[tuple[Path, int]]] = defaultdict(list)
     for path, digit, speaker, index in recordings:
         by_group[(digit, speaker)].append((path, index))
-    audio_split: list[tuple[Path, str, str]] = []
+    audio_split: list[tuple[Path, str, str, str]] = []
     for (digit, speaker), items in sorted(by_group.items()):
         rest = [p for p, index in items if index >= 5]
         val = (
@@ -101,10 +101,10 @@ def build_rows(spec: AVDigitsSpec) -> list[dict]:
                 split = "test" if index < 5 else None
             if split is None:
                 split = "val" if rest.index(path) in val else "train"
-            audio_split.append((path, digit, split))
+            audio_split.append((path, digit, split, speaker))
 
     rows, cursors = [], defaultdict(int)
-    for path, digit, split in audio_split:
+    for path, digit, split, speaker in audio_split:
         pool = image_split[(digit, split)]
         if not pool:
             raise InputError(f"no photo of digit {digit} for the {split} split")
@@ -112,7 +112,9 @@ def build_rows(spec: AVDigitsSpec) -> list[dict]:
             pool[:] = [pool[i] for i in rng.permutation(len(pool))]
         image = pool[cursors[(digit, split)] % len(pool)]
         cursors[(digit, split)] += 1
-        rows.append({"image": str(image), "audio": str(path), "label": digit, "split": split})
+        rows.append(
+            {"image": str(image), "audio": str(path), "label": digit, "split": split, "speaker": speaker}
+        )
     return rows
 
 
@@ -124,7 +126,7 @@ def write_avdigits(spec: AVDigitsSpec, out: str | os.PathLike) -> Path:
     rows = build_rows(spec)
     tmp = manifest.with_name("manifest.csv.tmp")
     with tmp.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["image", "audio", "label", "split"])
+        writer = csv.DictWriter(handle, fieldnames=["image", "audio", "label", "split", "speaker"])
         writer.writeheader()
         for row in rows:
             writer.writerow(

@@ -1,0 +1,170 @@
+"""Voice profiles: speaker normalisation of log-mel frames, as speech recognisers adapt to a speaker.
+
+A model trained with `--voice-norm` never sees a speaker's raw spectrum: every recording's log-mel frames have
+that speaker's profile removed, the mean of their voiced frames per mel band, with each band's spread scaled to
+the speaker's own. What a voice adds to every word (its vocal tract's resonances, its microphone) is gone,
+and what is left is what the word adds. The profile is built from a few of the speaker's recordings, without
+labels: what they say does not matter, as long as there is enough of it (on AV-digits ten short clips are
+about as good as five hundred).
+
+A bundle trained this way carries the average profile of its training speakers, used for a voice with no
+profile of its own; a profile of the actual speaker is what brings the gain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from polysense.errors import InputError
+
+# A frame counts as voiced when its mean log-mel is within this many natural-log units (about 22 dB) of the
+# recording's loudest frame: the pauses around a word would otherwise make the profile the microphone's hiss.
+VOICED_RANGE = 5.0
+# Bands a voice never reaches (above 4 kHz in 8 kHz recordings) have a spread near 0; scaling by it would
+# turn any sound there into huge inputs.
+MIN_SPREAD = 0.5
+MAX_PROFILE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, eq=False)
+class VoiceProfile:
+    """One speaker's mean log-mel frame and the spread of each band (geometric mean 1) over voiced frames."""
+
+    mean: np.ndarray  # [n_mels] float32
+    spread: np.ndarray  # [n_mels] float32, > 0
+    frames: int  # voiced frames it was measured on
+
+    def __post_init__(self) -> None:
+        mean = np.asarray(self.mean, np.float32)
+        spread = np.asarray(self.spread, np.float32)
+        if mean.ndim != 1 or spread.shape != mean.shape or not mean.size:
+            raise InputError(
+                f"a voice profile needs mean and spread of one length, got {mean.shape} and {spread.shape}"
+            )
+        if not (np.isfinite(mean).all() and np.isfinite(spread).all() and (spread > 0).all()):
+            raise InputError("a voice profile needs finite values and a positive spread in every band")
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "spread", spread)
+
+    @property
+    def n_mels(self) -> int:
+        return int(self.mean.size)
+
+    @classmethod
+    def from_frames(cls, recordings: Iterable[np.ndarray]) -> VoiceProfile:
+        """The profile of log-mel frames [T, n_mels] of one speaker's recordings."""
+        voiced = [_voiced(np.asarray(frames, np.float32)) for frames in recordings]
+        voiced = [v for v in voiced if v.shape[0]]
+        if not voiced:
+            raise InputError(
+                "no speech to build a voice profile from; give recordings of the speaker talking"
+            )
+        frames = np.concatenate(voiced)
+        spread = np.maximum(frames.std(0), MIN_SPREAD)
+        spread = spread / np.exp(np.log(spread).mean())  # only how the bands' spreads differ matters
+        return cls(frames.mean(0), spread, int(frames.shape[0]))
+
+    @classmethod
+    def average(cls, profiles: Iterable[VoiceProfile]) -> VoiceProfile:
+        """The average voice of several speakers (each counts once, however much of them was heard)."""
+        profiles = list(profiles)
+        if not profiles:
+            raise InputError("no voice profiles to average")
+        mean = np.mean([p.mean for p in profiles], axis=0)
+        spread = np.exp(np.mean([np.log(p.spread) for p in profiles], axis=0))
+        return cls(mean, spread, sum(p.frames for p in profiles))
+
+    def normalise(self, frames: np.ndarray) -> np.ndarray:
+        """Log-mel frames [..., n_mels] with this voice removed."""
+        if frames.shape[-1] != self.n_mels:
+            raise InputError(
+                f"the voice profile has {self.n_mels} mel bands but the model's frames have {frames.shape[-1]}; "
+                "build the profile with this bundle (polysense voice BUNDLE CLIPS)"
+            )
+        return ((frames - self.mean) / self.spread).astype(np.float32)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean.tolist(), "spread": self.spread.tolist(), "frames": self.frames}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "voice profile") -> VoiceProfile:
+        if not isinstance(data, dict) or not {"mean", "spread", "frames"} <= set(data):
+            raise InputError(f"{where}: expected an object with mean, spread and frames")
+        try:
+            mean = np.array(data["mean"], dtype=np.float32)
+            spread = np.array(data["spread"], dtype=np.float32)
+        except (TypeError, ValueError) as error:
+            raise InputError(f"{where}: mean and spread must be lists of numbers ({error})") from error
+        frames = data["frames"]
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise InputError(f"{where}: frames must be a positive whole number, got {frames!r}")
+        try:
+            return cls(mean, spread, frames)
+        except InputError as error:
+            raise InputError(f"{where}: {error}") from error
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict()) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> VoiceProfile:
+        """A profile that `save` (or `polysense voice`) wrote."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(
+                f"voice profile not found: {path}; make one with polysense voice BUNDLE CLIPS --out {path}"
+            )
+        if path.stat().st_size > MAX_PROFILE_BYTES:
+            raise InputError(f"{path}: {path.stat().st_size:,} bytes is too large for a voice profile")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise InputError(f"{path}: not a voice profile ({error})") from error
+        return cls.from_dict(data, str(path))
+
+
+def _voiced(frames: np.ndarray) -> np.ndarray:
+    if frames.ndim != 2 or not frames.shape[0]:
+        return frames.reshape(0, frames.shape[-1] if frames.ndim else 0)
+    loudness = frames.mean(1)
+    return frames[loudness > loudness.max() - VOICED_RANGE]
+
+
+def speaker_profiles(recordings: Iterable[tuple[str, np.ndarray]]) -> dict[str, VoiceProfile]:
+    """speaker -> the profile of their recordings, from (speaker, log-mel frames) pairs."""
+    by_speaker: dict[str, list[np.ndarray]] = {}
+    for speaker, frames in recordings:
+        by_speaker.setdefault(speaker, []).append(frames)
+    profiles = {}
+    for speaker, frames in by_speaker.items():
+        try:
+            profiles[speaker] = VoiceProfile.from_frames(frames)
+        except InputError as error:
+            raise InputError(f"speaker {speaker!r}: {error}") from error
+    return profiles
+
+
+def voice_for(default: VoiceProfile | None, given: Any) -> VoiceProfile | None:
+    """The profile to remove from a recording: the given one, else the bundle's `default` (None: the bundle
+    was trained without --voice-norm and takes raw frames, so giving a profile is a mistake worth naming)."""
+    if given is None:
+        return default
+    if not isinstance(given, VoiceProfile):
+        raise InputError(f"voice must be a polysense.VoiceProfile, got {type(given).__name__}")
+    if default is None:
+        raise InputError(
+            "this bundle was trained without --voice-norm, so a voice profile cannot help it; drop voice="
+        )
+    if given.n_mels != default.n_mels:
+        raise InputError(
+            f"the voice profile has {given.n_mels} mel bands but this bundle's model takes {default.n_mels}; "
+            "build the profile with this bundle (Pipeline.voice_profile or polysense voice)"
+        )
+    return given
