@@ -141,7 +141,7 @@ def _remove_voices(
 ) -> tuple[list[np.ndarray | None], Preprocessing]:
     """Each recording with its speaker's profile removed, and the settings with the training speakers' average
     voice (what the runtime removes for a speaker without a profile). A speaker's profile comes from all their
-    recordings in the manifest, test ones included: no label is used, as `polysense evaluate` does.
+    recordings in the manifest, test ones included: no label is used, as `polysense eval` does.
 
     Removed from the features before augmentation, so the augmented gain, noise and warps act on what the
     encoder sees from every speaker alike."""

@@ -29,6 +29,11 @@ from polysense.serving.handler import ServeOptions  # noqa: E402
 from polysense.serving.http import create_app  # noqa: E402
 
 KEY = "k" * 32
+VOICE = {
+    "mean": [-8.0] * 40,
+    "spread": [1.0] * 40,
+    "frames": 30,
+}  # a voice profile, as `polysense voice` writes
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +101,8 @@ def test_predict_batch_answers_each_sample_and_a_bad_one_fails_alone(client, pip
         ({"json": ["text"]}, 400, "send a JSON object"),
         ({"json": {"text": 3}}, 400, "text must be a string"),
         ({"json": {"audio": "AAAA", "sample_rate": "fast"}}, 400, "sample_rate must be an integer"),
+        ({"json": {"audio": "AAAA", "voice": {"mean": [1.0]}}}, 400, "mean, spread and frames"),
+        ({"json": {"text": "a", "voice": VOICE}}, 400, "voice was given without audio"),
         ({"json": {"image": base64.b64encode(b"not an image").decode()}}, 400, "image"),
         (
             {"content": b"text=hi", "headers": {"content-type": "text/plain"}},
@@ -251,6 +258,8 @@ def test_many_websocket_streams_at_once_each_equal_offline(client, pipe, test_ro
         ({"sample_rate": 16000, "format": "mp3"}, None, "format 'mp3' is unknown"),
         ({"sample_rate": 3, "format": "s16le"}, None, "limit min_sample_rate"),
         ({"sample_rate": 16000, "format": "s16le"}, b"\x00\x01\x02", "not whole 2-byte samples"),
+        ({"sample_rate": 16000, "voice": VOICE}, None, "trained without --voice-norm"),
+        ({"sample_rate": 16000, "voice": {"mean": "x"}}, None, "mean, spread and frames"),
         ({"sample_rate": 16000, "format": "f32le"}, np.full(8, np.nan, np.float32).tobytes(), "NaN"),
     ],
 )

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,3 +207,37 @@ def test_a_bundle_without_voice_norm_refuses_profiles(bundle, pipe, test_rows, t
         pipe.predict(text="hi", voice=VoiceProfile.load(profile))
     with pytest.raises(InputError, match="trained without --voice-norm"):
         pipe.audio_stream(voice=VoiceProfile.load(profile))
+
+
+def test_served_requests_and_streams_take_a_profile(voice_run):
+    pytest.importorskip("starlette")
+    pytest.importorskip("httpx")
+    import base64
+
+    import soundfile
+    from starlette.testclient import TestClient
+
+    from polysense.serving.handler import ServeOptions
+    from polysense.serving.http import create_app
+
+    manifest, _, _, bundle = voice_run
+    pipeline = polysense.Pipeline.load(bundle, device="cpu", precision="fp32")
+    clips = [str((manifest.parent / r["audio"]).resolve()) for r in csv.DictReader(manifest.open())]
+    voice = pipeline.voice_profile(clips[:10])
+    expected = pipeline.predict(audio=clips[-1], voice=voice)
+    audio = base64.b64encode(Path(clips[-1]).read_bytes()).decode()
+    with TestClient(create_app(pipeline, ServeOptions())) as client:
+        assert client.app.state.service.ready.wait(10)
+        answer = client.post("/v1/predict", json={"audio": audio, "voice": voice.to_dict()}).json()
+        assert answer["label"] == expected.label
+        got = [answer["probabilities"][k] for k in expected.probabilities]
+        np.testing.assert_allclose(got, list(expected.probabilities.values()), atol=1e-5)
+        samples, rate = soundfile.read(clips[-1], dtype="int16")
+        with client.websocket_connect("/v1/stream") as ws:
+            ws.send_json({"sample_rate": rate, "format": "s16le", "voice": voice.to_dict()})
+            assert ws.receive_json()["type"] == "ready"
+            ws.send_bytes(samples.tobytes())
+            assert ws.receive_json()["type"] == "partial"
+            ws.send_json({"type": "end"})
+            final = ws.receive_json()
+        assert final["type"] == "final" and final["label"] == expected.label

@@ -1,6 +1,6 @@
 """Audio alone on voices never heard in training: leave-one-speaker-out per audio encoder family.
 
-    python benchmarks/avdigits/loso_audio.py        (or: make bench-avdigits-audio; about 85 minutes on 2 cores)
+    python benchmarks/avdigits/loso_audio.py        (or: make bench-avdigits-audio; about 90 minutes on 2 cores)
 
 Each of the five FSDD speakers is held out in turn (all 500 of their recordings are the test split; the other
 four speakers train and validate), and an audio-only model is trained with the ordinary training code for each

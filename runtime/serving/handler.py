@@ -24,6 +24,7 @@ from polysense.errors import (
 from polysense.fusion import Prediction
 from polysense.modalities import MODALITIES
 from polysense.serving.batcher import BatcherOptions
+from polysense.voice import VoiceProfile
 
 FILE_FIELDS = ("image", "audio")  # sent as base64 in JSON, as files in multipart
 PCM_FORMATS = {"s16le": np.int16, "f32le": np.float32}
@@ -91,14 +92,16 @@ def parse_json(body: bytes) -> Any:
 
 
 def sample_from_json(payload: Any, where: str = "") -> dict:
-    """A predict sample from a JSON object: {"text": str, "image": base64, "audio": base64, "sample_rate": int}.
-    Image and audio are the bytes of an encoded file (JPEG/PNG/WebP/BMP; WAV/FLAC/OGG), base64-encoded."""
+    """A predict sample from a JSON object: {"text": str, "image": base64, "audio": base64, "sample_rate": int,
+    "voice": profile}. Image and audio are the bytes of an encoded file (JPEG/PNG/WebP/BMP; WAV/FLAC/OGG),
+    base64-encoded; voice is a speaker's profile as `polysense voice` writes it (bundles trained with
+    --voice-norm)."""
     if not isinstance(payload, dict):
         raise InputError(f'{where}send a JSON object like {{"text": "...", "image": "<base64>"}}')
-    unknown = [k for k in payload if k not in (*MODALITIES, "sample_rate")]
+    unknown = [k for k in payload if k not in (*MODALITIES, "sample_rate", "voice")]
     if unknown:
         raise InputError(
-            f"{where}unknown field {unknown[0]!r}; the fields are text, image, audio (base64), sample_rate"
+            f"{where}unknown field {unknown[0]!r}; the fields are text, image, audio (base64), sample_rate, voice"
         )
     sample: dict[str, Any] = {}
     text = payload.get("text")
@@ -123,6 +126,8 @@ def sample_from_json(payload: Any, where: str = "") -> dict:
         if isinstance(rate, bool) or not isinstance(rate, int):
             raise InputError(f"{where}sample_rate must be an integer (Hz)")
         sample["sample_rate"] = rate
+    if payload.get("voice") is not None:
+        sample["voice"] = VoiceProfile.from_dict(payload["voice"], f"{where}voice")
     return sample
 
 
@@ -228,15 +233,18 @@ class StreamStart:
     sample_rate: int
     dtype: type
     text: str | None = None
+    voice: VoiceProfile | None = None  # the speaker's profile (bundles trained with --voice-norm)
 
 
 def stream_start_from_json(payload: Any) -> StreamStart:
-    """{"sample_rate": 16000, "format": "s16le" | "f32le", "text": optional str}."""
+    """{"sample_rate": 16000, "format": "s16le" | "f32le", "text": optional str, "voice": optional profile}."""
     if not isinstance(payload, dict):
         raise InputError('start a stream with a JSON object {"sample_rate": 16000, "format": "s16le"}')
-    unknown = [k for k in payload if k not in ("sample_rate", "format", "text")]
+    unknown = [k for k in payload if k not in ("sample_rate", "format", "text", "voice")]
     if unknown:
-        raise InputError(f"unknown field {unknown[0]!r}; a stream starts with sample_rate, format and text")
+        raise InputError(
+            f"unknown field {unknown[0]!r}; a stream starts with sample_rate, format, text and voice"
+        )
     rate = payload.get("sample_rate")
     if isinstance(rate, bool) or not isinstance(rate, int):
         raise InputError("sample_rate (an integer, Hz) is required to start a stream")
@@ -248,7 +256,8 @@ def stream_start_from_json(payload: Any) -> StreamStart:
     text = payload.get("text")
     if text is not None and not isinstance(text, str):
         raise InputError("text must be a string")
-    return StreamStart(rate, PCM_FORMATS[fmt], text)
+    voice = payload.get("voice")
+    return StreamStart(rate, PCM_FORMATS[fmt], text, None if voice is None else VoiceProfile.from_dict(voice))
 
 
 def pcm_chunk(data: bytes, dtype: type) -> np.ndarray:

@@ -80,7 +80,7 @@ async def _run(websocket: WebSocket, service: Service) -> None:
     start = stream_start_from_json(parse_json(first.encode()))
     limits = service.pipeline.limits
     limits.check_sample_rate(start.sample_rate, "the stream")
-    audio = service.pipeline.audio_stream(encode=False)
+    audio = service.pipeline.audio_stream(encode=False, voice=start.voice)
     if start.text is not None:
         await service.in_thread(audio.set_text, start.text)
     await websocket.send_json({"type": "ready", "model_sample_rate": audio.model_rate})
