@@ -59,6 +59,13 @@ def _speaker_voices(pipeline: Pipeline, rows: list[Row]) -> dict[str, VoiceProfi
     for row in rows:
         if row.speaker is not None and row.audio is not None:
             by_speaker.setdefault(row.speaker, []).append(row.audio)
+    unnamed = sum(row.audio is not None and row.speaker is None for row in rows)
+    if unnamed:
+        log.warning(
+            "%d recordings have no speaker: this bundle was trained with --voice-norm, so they are heard with "
+            "the training speakers' average voice, which suits a new voice less; add a speaker column",
+            unnamed,
+        )
     voices = {}
     for speaker, recordings in sorted(by_speaker.items()):
         try:

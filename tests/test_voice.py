@@ -132,6 +132,24 @@ def test_evaluation_hears_each_speaker_as_training_did(voice_run):
     assert metrics["accuracy"] == pytest.approx(result.metrics["accuracy"])
 
 
+def test_evaluation_without_speakers_says_what_stands_in(voice_run, tmp_path, caplog):
+    from polysense.evaluate import evaluate_bundle
+
+    manifest, _, _, bundle = voice_run
+    rows = list(csv.DictReader(manifest.open()))[:20]
+    anonymous = tmp_path / "anonymous.csv"
+    with anonymous.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["audio", "label"])
+        writer.writeheader()
+        writer.writerows(
+            {"audio": str((manifest.parent / r["audio"]).resolve()), "label": r["label"]} for r in rows
+        )
+    pipeline = polysense.Pipeline.load(bundle, device="cpu")
+    with caplog.at_level("WARNING", logger="polysense"):
+        evaluate_bundle(pipeline, anonymous, progress=False)
+    assert "20 recordings have no speaker" in caplog.text and "add a speaker column" in caplog.text
+
+
 def test_a_profile_changes_what_the_model_hears_and_streams_hear_it_too(voice_run):
     manifest, _, _, bundle = voice_run
     pipeline = polysense.Pipeline.load(bundle, device="cpu", precision="fp32")
