@@ -4,8 +4,8 @@ A model trained with `--voice-norm` never sees a speaker's raw spectrum: every r
 that speaker's profile removed, the mean of their voiced frames per mel band, with each band's spread scaled to
 the speaker's own. What a voice adds to every word (its vocal tract's resonances, its microphone) is gone,
 and what is left is what the word adds. The profile is built from a few of the speaker's recordings, without
-labels: what they say does not matter, as long as there is enough of it (on AV-digits ten short clips are
-about as good as five hundred).
+labels: what they say does not matter, as long as there is enough of it (on AV-digits a profile from ten
+one-second clips did nearly as well as one from five hundred).
 
 A bundle trained this way carries the average profile of its training speakers, used for a voice with no
 profile of its own; a profile of the actual speaker is what brings the gain.
