@@ -128,7 +128,7 @@ def test_loso_audio_merge_keeps_earlier_speakers_and_refuses_other_machines(tmp_
     (tmp_path / "loso_audio.json").write_text(json.dumps(earlier))
     previous = loso_audio.results_from_this_machine(tmp_path / "loso_audio.json")
     causal = next(c for c in loso_audio.CONFIGS if c.name == "causal")
-    results = loso_audio.run(tmp_path, ("theo", "nicolas"), (causal,), tmp_path, previous)
+    results = loso_audio.run(tmp_path, ("theo", "nicolas"), (causal,), tmp_path, previous, "python again")
 
     assert set(results["speakers"]) == {"george", "jackson", "lucas", "nicolas", "theo"}
     assert results["speakers"]["theo"]["causal"]["accuracy"] == 0.9
@@ -136,6 +136,7 @@ def test_loso_audio_merge_keeps_earlier_speakers_and_refuses_other_machines(tmp_
     rows = [line.split(" | ")[0].removeprefix("| ") for line in table.splitlines() if line.startswith("| ")]
     assert rows[1:] == ["george", "jackson", "lucas", "nicolas", "theo", "mean"]  # the dataset's order
     assert "| mean | 0.6800 |" in table  # (3 * 0.6 + 0.7 + 0.9) / 5
+    assert "Command: `make bench-avdigits-audio`, then `python again`" in table  # what reproduces it all
 
     earlier["machine"] = {**earlier["machine"], "isa": ["sse2"]}
     (tmp_path / "loso_audio.json").write_text(json.dumps(earlier))

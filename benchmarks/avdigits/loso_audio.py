@@ -1,6 +1,6 @@
 """Audio alone on voices never heard in training: leave-one-speaker-out per audio encoder family.
 
-    python benchmarks/avdigits/loso_audio.py        (or: make bench-avdigits-audio; about 90 minutes on 2 cores)
+    python benchmarks/avdigits/loso_audio.py        (or: make bench-avdigits-audio; about 95 minutes on 2 cores)
 
 Each of the five FSDD speakers is held out in turn (all 500 of their recordings are the test split; the other
 four speakers train and validate), and an audio-only model is trained with the ordinary training code for each
@@ -15,7 +15,8 @@ configuration, side by side in one run:
   - `causal-shape-voice`: the same with `--voice-norm` (each speaker's voice profile removed; polysense.voice).
     Its main score hears the held-out speaker with the profile of all his recordings (no label used, as
     `polysense eval` does); the model is also exported and scored through the runtime with a profile from only
-    10 of his recordings (the other 490 tested) and with none (the bundle's average voice).
+    10 of his recordings (the other 490 tested) and with none (the bundle's average voice);
+  - `causal-shape-voice-25`: the same with `--epochs 25` (a longer schedule; early stopping still ends it).
 Writes results/loso_audio.json and .md: accuracy, macro F1 and training time per held-out speaker.
 `--merge` keeps the results already in the JSON for the speakers and configurations not run again (a long run
 can be finished in parts on the same kind of machine).
@@ -55,6 +56,11 @@ CONFIGS = (
         {"audio_encoder": "causal-shape", "label_smoothing": 0.1, "voice_norm": True},
         epochs=15,
     ),
+    Config(
+        "causal-shape-voice-25",
+        {"audio_encoder": "causal-shape", "label_smoothing": 0.1, "voice_norm": True},
+        epochs=25,
+    ),
     Config("efficientnet-lite0-from-scratch", {"audio_encoder": "efficientnet-lite0", "from_scratch": True}),
 )
 
@@ -79,6 +85,9 @@ def run(
         "command": command,
     }
     if previous is not None:
+        # A merged run is reproduced by the earlier commands, then this one.
+        earlier = previous.get("commands") or [previous.get("command", "make bench-avdigits-audio")]
+        results["commands"] = [*earlier, command]
         results["configs"] = {**previous["configs"], **results["configs"]}
         results["speakers"] = {s: dict(e) for s, e in previous["speakers"].items()}
     manifests = {speaker: build(work, speaker) for speaker in speakers}
@@ -130,7 +139,7 @@ def markdown(results: dict) -> str:
     lines = [
         "# AV-digits: audio alone on a speaker never heard in training",
         "",
-        f"Command: `{results.get('command', 'make bench-avdigits-audio')}`. Each held-out "
+        f"Command: {_commands(results)}. Each held-out "
         "speaker's 500 recordings are the test split; PyTorch test metrics of each run.",
         "",
         f"Machine: {describe(machine_info)}.",
@@ -183,6 +192,11 @@ def _voice_lines(results: dict, speakers: dict) -> list[str]:
         means = [sum(e[c] for e in entries.values()) / len(entries) for c in columns]
         lines.append("| mean | " + " | ".join(f"{m:.4f}" for m in means) + " |")
     return lines
+
+
+def _commands(results: dict) -> str:
+    commands = results.get("commands") or [results.get("command", "make bench-avdigits-audio")]
+    return ", then ".join(f"`{c}`" for c in commands)
 
 
 def write(results: dict, out: Path) -> None:
