@@ -111,7 +111,12 @@ class VoiceProfile:
             raise InputError(f"{where}: {error}") from error
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_dict()) + "\n", encoding="utf-8")
+        try:
+            Path(path).write_text(json.dumps(self.to_dict()) + "\n", encoding="utf-8")
+        except OSError as error:
+            raise InputError(
+                f"cannot write the voice profile to {path}: {error.strerror or error}"
+            ) from error
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> VoiceProfile:

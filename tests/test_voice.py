@@ -182,6 +182,8 @@ def test_voice_cli_writes_a_profile_that_predict_takes(voice_run, tmp_path, caps
     out = tmp_path / "george.json"
     assert main(["voice", str(bundle), *clips, "--out", str(out)]) == 0
     assert "voiced frames" in capsys.readouterr().out
+    assert main(["voice", str(bundle), *clips, "--out", str(tmp_path / "missing" / "v.json")]) == 2
+    assert "cannot write the voice profile" in capsys.readouterr().err
     assert main(["predict", str(bundle), "--audio", clips[0], "--voice", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["label"] in [str(d) for d in range(10)]
     assert main(["stream", str(bundle), "--audio", clips[0], "--voice", str(out), "--json"]) == 0
