@@ -34,6 +34,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from polysense.cli import main  # noqa: E402
+from polysense.machine import machine  # noqa: E402
 from polysense.models.options import TrainOptions  # noqa: E402
 from polysense.models.sharding import pieces  # noqa: E402
 
@@ -45,8 +46,8 @@ OUTLIER_SHARE = 0.01  # of a tensor's weights that may be beyond the tolerance, 
 # On an AMD EPYC with AVX2 only, one process and two ended with identical metrics but test losses 0.15 % apart,
 # validation losses 0.22 %, and a fusion weight 4.5 Adam steps apart: the last bits drift further there. The
 # weight bounds above were measured on AVX-512 machines and are checked only on them; losses within 0.5 %.
-LOSS_TOLERANCE = 1e-3 if "avx512f" in Path("/proc/cpuinfo").read_text() else 5e-3
-CHECK_WEIGHTS = LOSS_TOLERANCE == 1e-3
+CHECK_WEIGHTS = "avx512f" in machine()["isa"]
+LOSS_TOLERANCE = 1e-3 if CHECK_WEIGHTS else 5e-3
 
 
 @pytest.fixture(scope="module")

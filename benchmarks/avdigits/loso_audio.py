@@ -86,8 +86,7 @@ def run(
     }
     if previous is not None:
         # A merged run is reproduced by the earlier commands, then this one.
-        earlier = previous.get("commands") or [previous.get("command", "make bench-avdigits-audio")]
-        results["commands"] = [*earlier, command]
+        results["commands"] = [*_command_list(previous), command]
         results["configs"] = {**previous["configs"], **results["configs"]}
         results["speakers"] = {s: dict(e) for s, e in previous["speakers"].items()}
     manifests = {speaker: build(work, speaker) for speaker in speakers}
@@ -194,9 +193,13 @@ def _voice_lines(results: dict, speakers: dict) -> list[str]:
     return lines
 
 
+def _command_list(results: dict) -> list[str]:
+    """The commands that made these results, in order (a run before --merge recorded only `command`)."""
+    return results.get("commands") or [results.get("command", "make bench-avdigits-audio")]
+
+
 def _commands(results: dict) -> str:
-    commands = results.get("commands") or [results.get("command", "make bench-avdigits-audio")]
-    return ", then ".join(f"`{c}`" for c in commands)
+    return ", then ".join(f"`{c}`" for c in _command_list(results))
 
 
 def write(results: dict, out: Path) -> None:
