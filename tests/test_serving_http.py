@@ -110,6 +110,12 @@ def test_predict_batch_answers_each_sample_and_a_bad_one_fails_alone(client, pip
             "application/json or multipart",
         ),
         ({"data": {"colour": "red"}, "files": {"image": ("a", b"x")}}, 400, "unknown field 'colour'"),
+        (
+            {"data": {"voice": "{not json"}, "files": {"audio": ("a", b"x")}},
+            400,
+            "voice is not a voice profile",
+        ),
+        ({"files": {"audio": ("a", b"x"), "voice": ("v.json", b"[1, 2]")}}, 400, "mean, spread and frames"),
         ({"data": {"image": "not a file"}, "files": {"audio": ("a", b"x")}}, 400, "must be a file part"),
         (
             {

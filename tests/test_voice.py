@@ -252,6 +252,14 @@ def test_served_requests_and_streams_take_a_profile(voice_run):
         assert answer["label"] == expected.label
         got = [answer["probabilities"][k] for k in expected.probabilities]
         np.testing.assert_allclose(got, list(expected.probabilities.values()), atol=1e-5)
+        profile = json.dumps(voice.to_dict())
+        clip = Path(clips[-1]).read_bytes()
+        as_file = {"audio": ("a.wav", clip), "voice": ("voice.json", profile.encode())}
+        as_field = {"files": {"audio": ("a.wav", clip)}, "data": {"voice": profile}}
+        for multipart in ({"files": as_file}, as_field):
+            answer = client.post("/v1/predict", **multipart).json()
+            got = [answer["probabilities"][k] for k in expected.probabilities]
+            np.testing.assert_allclose(got, list(expected.probabilities.values()), atol=1e-5)
         samples, rate = soundfile.read(clips[-1], dtype="int16")
         with client.websocket_connect("/v1/stream") as ws:
             ws.send_json({"sample_rate": rate, "format": "s16le", "voice": voice.to_dict()})

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from polysense.errors import InputError, OverloadedError
 from polysense.serving.handler import PayloadTooLarge, UnsupportedMediaType, parse_json, sample_from_json
+from polysense.voice import VoiceProfile
 
 # Bodies held in memory at once, all requests together: a flood of large bodies is refused, not buffered.
 BODY_BUDGET_BYTES = 512 << 20
@@ -87,12 +89,13 @@ async def read_sample(request: Any, bodies: BodyBudget, in_thread: Any) -> dict:
 
 
 async def read_multipart(request: Any, bodies: BodyBudget) -> dict:
-    """Fields text and sample_rate, files image and audio (curl -F image=@photo.jpg -F text=...)."""
+    """Fields text and sample_rate, files image and audio (curl -F image=@photo.jpg -F text=...), and voice (a
+    profile as `polysense voice` writes it: a file part, -F voice=@profile.json, or the JSON as a field)."""
     if not request.headers.get("content-length", "").isdigit():
         raise InputError("a multipart request needs a Content-Length header")
     bodies.reserve_declared(request)
     try:
-        form = await request.form(max_files=2, max_fields=4, max_part_size=bodies.max_body_bytes)
+        form = await request.form(max_files=3, max_fields=5, max_part_size=bodies.max_body_bytes)
     except Exception as error:  # python-multipart's and Starlette's own parse errors
         raise InputError(f"the multipart body cannot be read ({error})") from None
     try:
@@ -117,4 +120,13 @@ async def _form_value(key: str, value: Any) -> Any:
         if not isinstance(value, str) or not (value.isascii() and value.isdigit() and len(value) <= 9):
             raise InputError("sample_rate must be an integer (Hz)")
         return int(value)
-    raise InputError(f"unknown field {key!r}; the fields are text, image, audio, sample_rate")
+    if key == "voice":
+        raw = value if isinstance(value, str) else await value.read()
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError) as error:  # bad JSON or bad UTF-8
+            raise InputError(
+                f"voice is not a voice profile ({str(error)[:200]}); send the JSON file polysense voice wrote"
+            ) from None
+        return VoiceProfile.from_dict(data, "voice")
+    raise InputError(f"unknown field {key!r}; the fields are text, image, audio, sample_rate, voice")

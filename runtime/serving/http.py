@@ -1,6 +1,6 @@
 """`polysense serve`: a Pipeline behind HTTP and WebSocket (Starlette on uvicorn), with dynamic batching.
 
-    POST /v1/predict        JSON {"text", "image" (base64), "audio" (base64), "sample_rate"} or multipart files
+    POST /v1/predict        JSON {"text", "image" (base64), "audio" (base64), "sample_rate", "voice"} or multipart
     POST /v1/predict_batch  JSON {"samples": [...]}: one answer per sample, a bad sample fails only itself
     GET  /v1/info           labels, modalities, precisions, providers
     WS   /v1/stream         live PCM audio in, partial and final predictions out (polysense.serving.websocket)
