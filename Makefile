@@ -64,7 +64,7 @@ bench-pytorch-pretrained: $(STAMP)
 bench-avdigits: $(STAMP)
 	$(BIN)/python benchmarks/avdigits/run.py
 
-# Audio alone, one speaker held out, per audio encoder family: pretrained vs from scratch (~95 min).
+# Audio alone, one speaker held out, per audio encoder family: pretrained vs from scratch (~100 min).
 bench-avdigits-audio: $(STAMP)
 	$(BIN)/python benchmarks/avdigits/loso_audio.py
 

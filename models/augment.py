@@ -8,7 +8,8 @@ a resumed run repeats them, and so does a run split among processes):
         tempo         the time axis stretched by 0.85-1.15 (speaking rate)
         vocal tract   the frequency axis warped by 0.88-1.12 in Hz (VTLP: vocal-tract length differs by speaker)
         gain          -20 to +10 dB (an additive constant of the log power; quiet microphones are common)
-        noise         white noise at 10-40 dB SNR, added in the power domain, on half of the clips
+        noise         white noise added in the power domain (--audio-noise): light, 10-40 dB SNR on half of
+                      the clips (the default); strong, 0-30 dB on 80 % of them; or none
         masking       two frequency bands of up to 5 mel bins and two spans of up to 10 % of the frames
                       (SpecAugment), filled with the clip's mean
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,17 +37,35 @@ from polysense.settings import AudioSettings, Preprocessing
 TEMPO = (0.85, 1.15)
 VOCAL_TRACT = (0.88, 1.12)
 GAIN_DB = (-20.0, 10.0)
-NOISE_SNR_DB = (10.0, 40.0)
-NOISE_SHARE = 0.5
 FREQUENCY_MASKS, FREQUENCY_MASK_BINS = 2, 5
 TIME_MASKS, TIME_MASK_SHARE = 2, 0.10
 ROTATION_DEGREES, SCALE, SHIFT = 12.0, (0.85, 1.15), 0.08
 CONTRAST, BRIGHTNESS = (0.75, 1.25), 0.25
 
 
-def augment_batch(batch: dict, preprocessing: Preprocessing, generators: Sequence[torch.Generator]) -> dict:
+@dataclass(frozen=True)
+class NoiseLevel:
+    """White noise added to a training clip's mel power."""
+
+    snr_db: tuple[float, float]  # the signal-to-noise ratio is drawn uniformly from this range
+    share: float  # share of the clips that get noise
+
+
+# --audio-noise (TrainOptions.audio_noise names these). Light draws the random numbers runs drew before the
+# option existed, so their results repeat; tempo, warp and gain are drawn before the noise, alike at every
+# level. Strong noise was measured with --voice-norm, on voices never heard in training (README: Training).
+NOISE_LEVELS = {
+    "none": NoiseLevel((10.0, 40.0), 0.0),
+    "light": NoiseLevel((10.0, 40.0), 0.5),
+    "strong": NoiseLevel((0.0, 30.0), 0.8),
+}
+
+
+def augment_batch(
+    batch: dict, preprocessing: Preprocessing, generators: Sequence[torch.Generator], noise: str = "light"
+) -> dict:
     """A copy of a training batch with its image and audio perturbed (other keys unchanged); `generators`
-    holds one generator per row."""
+    holds one generator per row; `noise` names the audio's NoiseLevel."""
     batch = dict(batch)
     if "image" in batch:
         moved = augment_images(batch["image"], generators)
@@ -53,7 +73,7 @@ def augment_batch(batch: dict, preprocessing: Preprocessing, generators: Sequenc
         batch["image"] = torch.where(absent.view(-1, 1, 1, 1), batch["image"], moved)
     if "audio" in batch and preprocessing.audio is not None:
         batch["audio"], batch["audio_mask"] = augment_log_mel(
-            batch["audio"], batch["audio_mask"], preprocessing.audio, generators
+            batch["audio"], batch["audio_mask"], preprocessing.audio, generators, NOISE_LEVELS[noise]
         )
     return batch
 
@@ -84,7 +104,11 @@ def augment_images(images: torch.Tensor, generators: Sequence[torch.Generator]) 
 
 
 def augment_log_mel(
-    frames: torch.Tensor, mask: torch.Tensor, settings: AudioSettings, generators: Sequence[torch.Generator]
+    frames: torch.Tensor,
+    mask: torch.Tensor,
+    settings: AudioSettings,
+    generators: Sequence[torch.Generator],
+    noise: NoiseLevel = NOISE_LEVELS["light"],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """frames [B, T, n_mels] (natural log of mel power), mask [B, T] -> perturbed frames and their new mask
     (tempo changes each clip's length)."""
@@ -94,7 +118,7 @@ def augment_log_mel(
         if length == 0:  # the sample lacks audio: keep its zeros
             clips.append(frames[row, :0])
             continue
-        clips.append(_perturb_clip(frames[row, :length], settings, generators[row]))
+        clips.append(_perturb_clip(frames[row, :length], settings, generators[row], noise))
     longest = max([1] + [clip.shape[0] for clip in clips])
     out = frames.new_zeros(frames.shape[0], longest, frames.shape[2])
     new_mask = mask.new_zeros(frames.shape[0], longest)
@@ -104,7 +128,9 @@ def augment_log_mel(
     return out, new_mask
 
 
-def _perturb_clip(clip: torch.Tensor, settings: AudioSettings, generator: torch.Generator) -> torch.Tensor:
+def _perturb_clip(
+    clip: torch.Tensor, settings: AudioSettings, generator: torch.Generator, noise: NoiseLevel
+) -> torch.Tensor:
     """One clip [T, n_mels] -> its perturbed copy [T', n_mels]."""
     tempo = float(_uniform(generator, *TEMPO))
     length = max(1, round(clip.shape[0] / tempo))
@@ -113,8 +139,8 @@ def _perturb_clip(clip: torch.Tensor, settings: AudioSettings, generator: torch.
     # Gain and noise act on the mel power above the floor the runtime adds, so silence stays at the floor
     # (log(LOG_FLOOR)) exactly as a quieter recording would show it.
     power = (clip.exp() - LOG_FLOOR).clamp(min=0) * 10 ** (float(_uniform(generator, *GAIN_DB)) / 10)
-    if float(torch.rand(1, generator=generator)) < NOISE_SHARE:
-        snr_db = float(_uniform(generator, *NOISE_SNR_DB))
+    if float(torch.rand(1, generator=generator)) < noise.share:
+        snr_db = float(_uniform(generator, *noise.snr_db))
         noise = power.mean() * 10 ** (-snr_db / 10) * torch.rand(clip.shape, generator=generator).to(clip) * 2
         power = power + noise
     return _mask((power + LOG_FLOOR).log(), generator)

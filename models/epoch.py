@@ -139,7 +139,7 @@ class EpochRunner:
             batch = self.train_set.collate(piece.indices, self.device, padded_like=piece.micro_batch)
             generators = row_generators(epoch_seed, piece.indices)
             if self.options.augment:
-                batch = augment_batch(batch, self.preprocessing, generators)
+                batch = augment_batch(batch, self.preprocessing, generators, self.options.audio_noise)
             last = number == len(my_pieces) - 1
             # Gradients are exchanged once per step, after the last micro-batch.
             no_sync = getattr(self.engine, "no_sync", None)

@@ -16,6 +16,7 @@ from polysense.sessions import DEVICES
 
 STRATEGIES = ("joint", "staged", "frozen", "alternating")
 KEEP = ("best", "last")
+AUDIO_NOISE = ("none", "light", "strong")  # polysense.models.augment.NOISE_LEVELS
 DEFAULT_EPOCHS = 12
 DEFAULT_IMAGE_SIZE = 64
 DEFAULT_AUDIO_NORM_FRAMES = 20
@@ -46,6 +47,7 @@ class TrainOptions:
     from_scratch: bool = False  # start families with pretrained weights (minilm-l6) from random weights
     weight_decay: float = 1e-4  # AdamW's decoupled weight decay
     augment: bool = True  # perturb training audio (tempo, vocal tract, gain, noise, masks) and images
+    audio_noise: str = "light"  # noise added to training audio: light, strong (for --voice-norm) or none
     modality_dropout: float = 0.5  # share of training samples shown a random subset of their modalities
     aux_loss_weight: float = 0.5  # weight of each encoder's own loss (0: the fusion's loss only)
     label_smoothing: float = (
@@ -106,6 +108,10 @@ class TrainOptions:
             problems.append(
                 f"{flag('audio_norm_frames')} only applies to an audio family that takes it (causal); "
                 f"--audio-encoder {self.audio_encoder} has its own normalisation"
+            )
+        if self.audio_noise != "light" and not self.augment:
+            problems.append(
+                f"{flag('audio_noise')} is part of the augmentation, which --no-augment turns off"
             )
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"{flag('label_smoothing')} must be in [0, 1), got {self.label_smoothing}")
@@ -200,6 +206,7 @@ def option_choices() -> dict[str, tuple[str, ...]]:
     return {
         "strategy": STRATEGIES,
         "keep": KEEP,
+        "audio_noise": AUDIO_NOISE,
         "device": DEVICES,
         **{f"{m}_encoder": tuple(ENCODERS[m]) for m in MODALITIES},
         "fusion": tuple(FUSIONS),

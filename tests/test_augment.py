@@ -86,10 +86,26 @@ def test_rows_without_an_image_stay_zeros_and_silence_stays_at_the_floor():
     images[1] = 0  # this sample has no image
     frames = torch.full((1, 30, 40), float(np.log(1e-6)))  # silence: the runtime's log floor
     batch = {"image": images, "audio": frames, "audio_mask": torch.ones(1, 30)}
-    augment.NOISE_SHARE, share = 0.0, augment.NOISE_SHARE
-    try:
-        out = augment.augment_batch(batch, Preprocessing(audio=SETTINGS), _generators(3, 0))
-    finally:
-        augment.NOISE_SHARE = share
+    out = augment.augment_batch(batch, Preprocessing(audio=SETTINGS), _generators(3, 0), noise="none")
     assert out["image"][1].eq(0).all() and not out["image"][0].eq(images[0]).all()
     torch.testing.assert_close(out["audio"], torch.full_like(out["audio"], float(np.log(1e-6))))
+
+
+def test_noise_levels_draw_alike_and_strong_noise_buries_more_of_the_quiet_bands():
+    from polysense.models.options import AUDIO_NOISE
+
+    assert set(augment.NOISE_LEVELS) == set(AUDIO_NOISE)  # the flag's choices are the levels
+    batch = _audio_batch([60, 60, 60, 60, 60, 60, 60, 60])
+    out = {
+        level: augment.augment_batch(batch, Preprocessing(audio=SETTINGS), _generators(8, 5), noise=level)
+        for level in AUDIO_NOISE
+    }
+    # Tempo (hence each clip's length), warp and gain are drawn before the noise, alike at every level.
+    assert all(torch.equal(out[level]["audio_mask"], out["none"]["audio_mask"]) for level in AUDIO_NOISE)
+    # Noise lifts the quietest frames of each clip: strong noise lifts them further, and more often.
+    quietest = {level: out[level]["audio"][:, :50].amin(dim=(1, 2)) for level in AUDIO_NOISE}
+    assert (quietest["light"] >= quietest["none"]).all() and (quietest["strong"] >= quietest["none"]).all()
+    lifted = {level: int((quietest[level] > quietest["none"] + 1).sum()) for level in ("light", "strong")}
+    assert lifted["strong"] > lifted["light"] and float(quietest["strong"].mean()) > float(
+        quietest["light"].mean()
+    )

@@ -104,7 +104,7 @@ def test_bench_runs_where_torch_and_onnx_cannot_be_imported(bundle):
 
 def test_loso_audio_merge_keeps_earlier_speakers_and_refuses_other_machines(tmp_path, monkeypatch):
     """`loso_audio.py --merge` finishes a long run in parts: speakers not run again keep their results, and
-    results from another kind of machine are refused rather than mixed in."""
+    results from another kind of machine or another training seed are refused rather than mixed in."""
     from pathlib import Path
 
     folder = Path(__file__).resolve().parents[1] / "benchmarks" / "avdigits"
@@ -115,7 +115,11 @@ def test_loso_audio_merge_keeps_earlier_speakers_and_refuses_other_machines(tmp_
     monkeypatch.setattr(
         loso_audio,
         "fit",
-        lambda manifest, *a, **k: {"accuracy": scores[str(manifest)], "macro_f1": 0.5, "count": 500},
+        lambda manifest, *a, seed, **k: {
+            "accuracy": scores[str(manifest)] - seed,
+            "macro_f1": 0.5,
+            "count": 500,
+        },
     )
     earlier = {
         "configs": {"causal": {"audio_encoder": "causal", "epochs": 15}},
@@ -136,7 +140,9 @@ def test_loso_audio_merge_keeps_earlier_speakers_and_refuses_other_machines(tmp_
     rows = [line.split(" | ")[0].removeprefix("| ") for line in table.splitlines() if line.startswith("| ")]
     assert rows[1:] == ["george", "jackson", "lucas", "nicolas", "theo", "mean"]  # the dataset's order
     assert "| mean | 0.6800 |" in table  # (3 * 0.6 + 0.7 + 0.9) / 5
-    assert "Command: `make bench-avdigits-audio`, then `python again`" in table  # what reproduces it all
+    assert "Command: `make bench-avdigits-audio`, then `python again`. Training seed 0." in table
+    with pytest.raises(SystemExit, match="for seed 0, not 1"):
+        loso_audio.run(tmp_path, ("theo",), (causal,), tmp_path, results, "python seed 1", seed=1)
 
     earlier["machine"] = {**earlier["machine"], "isa": ["sse2"]}
     (tmp_path / "loso_audio.json").write_text(json.dumps(earlier))

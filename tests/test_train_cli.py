@@ -58,7 +58,7 @@ def test_todays_flag_names_are_kept(train_cli):
         "--weight-decay --modality-dropout --aux-loss-weight --patience --seed --device --image-size "
         "--image-width --embed-dim --image-encoder --text-encoder --audio-encoder --fusion --max-text-length --n "
         "--resume --no-progress --pretrained-lr --from-scratch --no-augment --audio-norm-frames --accumulate --nproc "
-        "--label-smoothing --keep --solo-epochs --voice-norm"
+        "--label-smoothing --keep --solo-epochs --voice-norm --audio-noise"
     )
     assert set(expected.split()) | {"-h", "--help"} == flags
 

@@ -298,6 +298,20 @@ def test_alternating_strategy_trains_branches_and_fusion_in_turn(tiny_builtin, t
         assert all(p.grad is None for p in untouched.parameters()), step
 
 
+def test_audio_noise_reaches_the_training_batches(tiny_builtin, tmp_path):
+    losses = {}
+    for level in ("none", "strong"):
+        result = _train(tiny_builtin, tmp_path / level, epochs=1, audio_noise=level)
+        config = json.loads((tmp_path / level / "config.json").read_text())
+        assert config["options"]["audio_noise"] == level
+        losses[level] = result.metrics["history"][0]["train_loss"]
+    assert losses["none"] != losses["strong"]  # the same seed: only the noise differs
+    with pytest.raises(ConfigError, match="--audio-noise is part of the augmentation"):
+        TrainOptions(data="x", out="y", audio_noise="strong", augment=False)
+    with pytest.raises(ConfigError, match="--audio-noise 'loud' is unknown; choose none, light or strong"):
+        TrainOptions(data="x", out="y", audio_noise="loud")
+
+
 def test_label_smoothing_reaches_every_training_loss(tiny_builtin, tmp_path):
     result = _train(tiny_builtin, tmp_path / "smooth", epochs=1, label_smoothing=0.1)
     assert json.loads((tmp_path / "smooth" / "config.json").read_text())["options"]["label_smoothing"] == 0.1

@@ -1,6 +1,6 @@
 """Audio alone on voices never heard in training: leave-one-speaker-out per audio encoder family.
 
-    python benchmarks/avdigits/loso_audio.py        (or: make bench-avdigits-audio; about 95 minutes on 2 cores)
+    python benchmarks/avdigits/loso_audio.py        (or: make bench-avdigits-audio; about 100 minutes on 2 cores)
 
 Each of the five FSDD speakers is held out in turn (all 500 of their recordings are the test split; the other
 four speakers train and validate), and an audio-only model is trained with the ordinary training code for each
@@ -16,10 +16,12 @@ configuration, side by side in one run:
     Its main score hears the held-out speaker with the profile of all his recordings (no label used, as
     `polysense eval` does); the model is also exported and scored through the runtime with a profile from only
     10 of his recordings (the other 490 tested) and with none (the bundle's average voice);
-  - `causal-shape-voice-25`: the same with `--epochs 25` (a longer schedule; early stopping still ends it).
+  - `causal-shape-voice-25`: the same with `--epochs 25` (a longer schedule; early stopping still ends it);
+  - `causal-shape-voice-25-noise`: the same with `--audio-noise strong` (0-30 dB SNR on 80 % of the clips).
 Writes results/loso_audio.json and .md: accuracy, macro F1 and training time per held-out speaker.
-`--merge` keeps the results already in the JSON for the speakers and configurations not run again (a long run
-can be finished in parts on the same kind of machine).
+`--seed N` trains every model with seed N (default 0). `--merge` keeps the results already in the JSON for the
+speakers and configurations not run again (a long run can be finished in parts on the same kind of machine, at
+the same seed).
 """
 
 from __future__ import annotations
@@ -61,6 +63,16 @@ CONFIGS = (
         {"audio_encoder": "causal-shape", "label_smoothing": 0.1, "voice_norm": True},
         epochs=25,
     ),
+    Config(
+        "causal-shape-voice-25-noise",
+        {
+            "audio_encoder": "causal-shape",
+            "label_smoothing": 0.1,
+            "voice_norm": True,
+            "audio_noise": "strong",
+        },
+        epochs=25,
+    ),
     Config("efficientnet-lite0-from-scratch", {"audio_encoder": "efficientnet-lite0", "from_scratch": True}),
 )
 
@@ -75,16 +87,20 @@ def run(
     out: Path,
     previous: dict | None = None,
     command: str = "make bench-avdigits-audio",
+    seed: int = 0,
 ) -> dict:
-    """Train and test every configuration on every held-out speaker; `previous` (results of an earlier run on
-    this kind of machine) supplies what is not run again."""
+    """Train and test every configuration on every held-out speaker with training seed `seed`; `previous`
+    (results of an earlier run on this kind of machine, at the same seed) supplies what is not run again."""
     results: dict = {
+        "seed": seed,
         "configs": {c.name: {**c.options, "epochs": c.epochs} for c in configs},
         "speakers": {},
         "machine": machine(),  # training numerics differ between CPU instruction sets
         "command": command,
     }
     if previous is not None:
+        if previous.get("seed", 0) != seed:
+            raise SystemExit(f"--merge: the results there are for seed {previous.get('seed', 0)}, not {seed}")
         # A merged run is reproduced by the earlier commands, then this one.
         results["commands"] = [*_command_list(previous), command]
         results["configs"] = {**previous["configs"], **results["configs"]}
@@ -94,8 +110,8 @@ def run(
         for speaker in speakers:
             log.warning("%s, %s held out", config.name, speaker)
             started = time.perf_counter()
-            folder = work / f"loso_audio_{config.name}_{speaker}"
-            metrics = fit(manifests[speaker], folder, config.epochs, ("audio",), **config.options)
+            folder = work / (f"loso_audio_{config.name}_{speaker}" + ("" if seed == 0 else f"_seed{seed}"))
+            metrics = fit(manifests[speaker], folder, config.epochs, ("audio",), seed=seed, **config.options)
             entry = {**summary(metrics), "train_seconds": round(time.perf_counter() - started, 1)}
             if config.options.get("voice_norm"):
                 entry.update(runtime_voices(folder, speaker))
@@ -138,7 +154,7 @@ def markdown(results: dict) -> str:
     lines = [
         "# AV-digits: audio alone on a speaker never heard in training",
         "",
-        f"Command: {_commands(results)}. Each held-out "
+        f"Command: {_commands(results)}. Training seed {results.get('seed', 0)}. Each held-out "
         "speaker's 500 recordings are the test split; PyTorch test metrics of each run.",
         "",
         f"Machine: {describe(machine_info)}.",
@@ -222,6 +238,7 @@ def main() -> None:
         default=",".join(c.name for c in CONFIGS),
         help="configurations to compare, comma-separated",
     )
+    parser.add_argument("--seed", type=int, default=0, help="training seed of every model")
     parser.add_argument(
         "--merge",
         action="store_true",
@@ -239,7 +256,8 @@ def main() -> None:
     previous = results_from_this_machine(out / "loso_audio.json") if args.merge else None
     # What reproduces these results, written beside them.
     command = " ".join(["python", "benchmarks/avdigits/loso_audio.py", *sys.argv[1:]])
-    results = run(Path(args.work), speakers, tuple(known[n] for n in wanted), out, previous, command)
+    configs = tuple(known[n] for n in wanted)
+    results = run(Path(args.work), speakers, configs, out, previous, command, args.seed)
     print(markdown(results))
 
 
