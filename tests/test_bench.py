@@ -369,3 +369,18 @@ def test_pytorch_comparison_reports_the_median_round_with_every_rounds_ratio(mon
     assert ratios["models_auto_vs_eager"] == 4.0
     assert vs_pytorch._spread(ratios, "models") == " (rounds: 3.00x, 4.00x, 5.00x)"
     assert vs_pytorch._spread({"models_auto_vs_eager": 4.0}, "models") == ""  # results from before rounds
+
+
+def test_every_loso_audio_configuration_is_a_valid_training_run(monkeypatch):
+    """A configuration with an option combination training refuses would fail only after an hour's run."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "avdigits"
+    monkeypatch.syspath_prepend(str(folder))
+    loso_audio = pytest.importorskip("loso_audio")  # imports the training code: needs torch
+    from polysense.models.options import TrainOptions
+
+    for config in loso_audio.CONFIGS:
+        epochs = {"epochs": config.epochs} if config.epochs else {}
+        options = TrainOptions(data="m.csv", out="run", modalities=("audio",), **epochs, **config.options)
+        assert all(getattr(options, name) == value for name, value in config.options.items()), config.name
