@@ -31,6 +31,7 @@ VOICED_RANGE = 5.0
 # turn any sound there into huge inputs.
 MIN_SPREAD = 0.5
 MAX_PROFILE_BYTES = 1 << 20
+MAX_BANDS = 4096  # far more mel bands than any front end uses; bounds what a hostile profile costs
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,10 +98,13 @@ class VoiceProfile:
     def from_dict(cls, data: Any, where: str = "voice profile") -> VoiceProfile:
         if not isinstance(data, dict) or not {"mean", "spread", "frames"} <= set(data):
             raise InputError(f"{where}: expected an object with mean, spread and frames")
+        bands = [data[k] for k in ("mean", "spread") if isinstance(data[k], (list, tuple))]
+        if any(len(values) > MAX_BANDS for values in bands):
+            raise InputError(f"{where}: mean and spread have at most {MAX_BANDS} bands (one per mel band)")
         try:
             mean = np.array(data["mean"], dtype=np.float32)
             spread = np.array(data["spread"], dtype=np.float32)
-        except (TypeError, ValueError) as error:
+        except (TypeError, ValueError, OverflowError) as error:  # OverflowError: an integer past float range
             raise InputError(f"{where}: mean and spread must be lists of numbers ({error})") from error
         frames = data["frames"]
         if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:

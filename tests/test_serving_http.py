@@ -116,6 +116,22 @@ def test_predict_batch_answers_each_sample_and_a_bad_one_fails_alone(client, pip
             "voice is not a voice profile",
         ),
         ({"files": {"audio": ("a", b"x"), "voice": ("v.json", b"[1, 2]")}}, 400, "mean, spread and frames"),
+        (
+            {"files": {"audio": ("a", b"x"), "voice": ("v.json", b"[" + b"0," * (1 << 19) + b"0]")}},
+            400,
+            "too large for a voice profile",
+        ),
+        (
+            {"data": {"voice": "[" + "0," * (1 << 19) + "0]"}, "files": {"audio": ("a", b"x")}},
+            400,
+            "too large",
+        ),
+        (
+            {"json": {"audio": "AAAA", "voice": {**VOICE, "mean": [10**400]}}},
+            400,
+            "mean and spread must be lists of numbers",
+        ),
+        ({"json": {"audio": "AAAA", "voice": {**VOICE, "mean": [0.0] * 5000}}}, 400, "at most 4096 bands"),
         ({"data": {"image": "not a file"}, "files": {"audio": ("a", b"x")}}, 400, "must be a file part"),
         (
             {

@@ -7,7 +7,7 @@ from typing import Any
 
 from polysense.errors import InputError, OverloadedError
 from polysense.serving.handler import PayloadTooLarge, UnsupportedMediaType, parse_json, sample_from_json
-from polysense.voice import VoiceProfile
+from polysense.voice import MAX_PROFILE_BYTES, VoiceProfile
 
 # Bodies held in memory at once, all requests together: a flood of large bodies is refused, not buffered.
 BODY_BUDGET_BYTES = 512 << 20
@@ -121,7 +121,13 @@ async def _form_value(key: str, value: Any) -> Any:
             raise InputError("sample_rate must be an integer (Hz)")
         return int(value)
     if key == "voice":
-        raw = value if isinstance(value, str) else await value.read()
+        # A profile is a few kilobytes: refuse a big one before parsing it, which would hold the event loop.
+        raw = value if isinstance(value, str) else await value.read(MAX_PROFILE_BYTES + 1)
+        if len(raw) > MAX_PROFILE_BYTES:
+            raise InputError(
+                f"voice is over {MAX_PROFILE_BYTES:,} bytes, too large for a voice profile; "
+                "send the JSON file polysense voice wrote"
+            )
         try:
             data = json.loads(raw)
         except (ValueError, RecursionError) as error:  # bad JSON or bad UTF-8
