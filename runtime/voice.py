@@ -130,13 +130,30 @@ class VoiceProfile:
             raise InputError(
                 f"voice profile not found: {path}; make one with polysense voice BUNDLE CLIPS --out {path}"
             )
-        if path.stat().st_size > MAX_PROFILE_BYTES:
-            raise InputError(f"{path}: {path.stat().st_size:,} bytes is too large for a voice profile")
+        if path.stat().st_size > MAX_PROFILE_BYTES:  # before reading: a huge file is never read in
+            raise _too_large(str(path), path.stat().st_size)
+        return cls.from_json(path.read_bytes(), str(path))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes, where: str = "voice profile") -> VoiceProfile:
+        """A profile from the JSON text `save` writes (a file's bytes, an HTTP field); at most
+        MAX_PROFILE_BYTES, refused before parsing, which is what costs memory and time."""
+        if len(raw) > MAX_PROFILE_BYTES:
+            raise _too_large(where, len(raw))
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise InputError(f"{path}: not a voice profile ({error})") from error
-        return cls.from_dict(data, str(path))
+            data = json.loads(raw)
+        except (ValueError, RecursionError) as error:  # bad JSON, bad UTF-8, or nesting too deep
+            raise InputError(
+                f"{where} is not a voice profile ({str(error)[:200]}); send the JSON file polysense voice wrote"
+            ) from None
+        return cls.from_dict(data, where)
+
+
+def _too_large(where: str, size: int) -> InputError:
+    return InputError(
+        f"{where}: {size:,} bytes is too large for a voice profile (at most {MAX_PROFILE_BYTES:,}); "
+        "send the JSON file polysense voice wrote"
+    )
 
 
 def _voiced(frames: np.ndarray) -> np.ndarray:

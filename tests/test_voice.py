@@ -66,6 +66,7 @@ def test_silence_alone_and_bad_profiles_are_refused(tmp_path):
     assert np.array_equal(loaded.mean, profile.mean) and loaded.frames == profile.frames
     for text, match in [
         ("not json", "not a voice profile"),
+        ("[" * 100_000, "not a voice profile"),  # nesting too deep for the parser: refused, not a crash
         ("[1, 2]", "mean, spread and frames"),
         (json.dumps({"mean": [1.0], "spread": ["a"], "frames": 1}), "lists of numbers"),
         (json.dumps({"mean": [1.0], "spread": [1.0], "frames": True}), "positive whole number"),
@@ -74,6 +75,9 @@ def test_silence_alone_and_bad_profiles_are_refused(tmp_path):
         path.write_text(text)
         with pytest.raises(InputError, match=match):
             VoiceProfile.load(path)
+    path.write_bytes(b'{"mean": "\xff"}')  # not UTF-8
+    with pytest.raises(InputError, match="not a voice profile"):
+        VoiceProfile.load(path)
     with pytest.raises(InputError, match="polysense voice BUNDLE"):
         VoiceProfile.load(tmp_path / "missing.json")
     path.write_bytes(b" " * (2 << 20))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from polysense.errors import InputError, OverloadedError
@@ -121,18 +120,7 @@ async def _form_value(key: str, value: Any) -> Any:
             raise InputError("sample_rate must be an integer (Hz)")
         return int(value)
     if key == "voice":
-        # A profile is a few kilobytes: refuse a big one before parsing it, which would hold the event loop.
+        # Read no more than a profile may hold: the size is refused before any parsing (from_json).
         raw = value if isinstance(value, str) else await value.read(MAX_PROFILE_BYTES + 1)
-        if len(raw) > MAX_PROFILE_BYTES:
-            raise InputError(
-                f"voice is over {MAX_PROFILE_BYTES:,} bytes, too large for a voice profile; "
-                "send the JSON file polysense voice wrote"
-            )
-        try:
-            data = json.loads(raw)
-        except (ValueError, RecursionError) as error:  # bad JSON or bad UTF-8
-            raise InputError(
-                f"voice is not a voice profile ({str(error)[:200]}); send the JSON file polysense voice wrote"
-            ) from None
-        return VoiceProfile.from_dict(data, "voice")
+        return VoiceProfile.from_json(raw, "voice")
     raise InputError(f"unknown field {key!r}; the fields are text, image, audio, sample_rate, voice")
