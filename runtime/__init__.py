@@ -29,12 +29,13 @@ from polysense.modalities import MODALITIES, subset_key
 from polysense.pipeline import Pipeline
 from polysense.schema import BundleDescription
 from polysense.text import TextPreprocessor, train_tokenizer
-from polysense.voice import VoiceProfile
+from polysense.voice import AdaptiveVoice, VoiceProfile
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MODALITIES",
+    "AdaptiveVoice",
     "AudioPreprocessor",
     "BundleDescription",
     "BundleError",

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from polysense import voice as voices
 from polysense.archive import is_archive, unpacked
 from polysense.audio_engine import AudioEngine
 from polysense.bundle import Bundle, open_bundle
@@ -29,7 +30,7 @@ from polysense.preprocessing import build_preprocessors
 from polysense.schema import FUSION, BundleDescription
 from polysense.sessions import Session, SessionSettings, runnable, to_numpy
 from polysense.streaming import AudioStream, VideoStream
-from polysense.voice import VoiceProfile, voice_for
+from polysense.voice import AdaptiveVoice, VoiceProfile
 
 SAMPLE_KEYS = (*MODALITIES, "sample_rate", "voice")
 log = logging.getLogger("polysense")
@@ -161,14 +162,15 @@ class Pipeline:
         audio: Any = None,
         *,
         sample_rate: int | None = None,
-        voice: VoiceProfile | None = None,
+        voice: VoiceProfile | AdaptiveVoice | None = None,
         **unknown: Any,
     ) -> Prediction:
         """Predict from any non-empty subset of the bundle's modalities; only their encoders run.
 
         image: path, encoded bytes or an HxWxC uint8 RGB array; text: a str (longer texts are truncated to the
         bundle's max_length tokens); audio: path, encoded bytes or a sample array with `sample_rate`; voice:
-        the speaker's profile (`voice_profile`), for bundles trained with --voice-norm.
+        the speaker's profile (`voice_profile`) or the voice learnt so far (`adaptive_voice`, which then
+        hears this recording), for bundles trained with --voice-norm.
         """
         if unknown:
             raise InputError(
@@ -211,10 +213,13 @@ class Pipeline:
         vectors, mask, timings = self._embed(samples)
         return Embeddings(self.modalities, {m: to_numpy(v) for m, v in vectors.items()}, mask, timings)
 
-    def audio_stream(self, encode: bool = True, voice: VoiceProfile | None = None) -> AudioStream:
+    def audio_stream(
+        self, encode: bool = True, voice: VoiceProfile | AdaptiveVoice | None = None
+    ) -> AudioStream:
         """A new live audio stream sharing this pipeline's audio engine. With encode=False its frames wait for
         `polysense.streaming.encode_streams([...])`, which batches many streams into one encoder call.
-        voice: the speaker's profile, for bundles trained with --voice-norm (as in predict)."""
+        voice: the speaker's profile or adaptive voice, for bundles trained with --voice-norm (as in predict;
+        an adaptive voice hears the recording when its input finishes)."""
         if self._audio is None:
             raise InputError(f"this bundle has no audio encoder; it takes {', '.join(self.modalities)}")
         settings = self._description.preprocessing.of("audio")
@@ -225,22 +230,23 @@ class Pipeline:
             self._fusion.predict_one,
             encode=encode,
             limits=self._limits,
-            voice=voice_for(settings.voice, voice),
+            voice=voices.voice_for(settings.voice, voice),
         )
 
     def voice_profile(self, recordings: Sequence[Any], sample_rate: int | None = None) -> VoiceProfile:
         """A speaker's voice profile from a few recordings of them talking (paths, encoded bytes, or sample
         arrays at `sample_rate`); what they say does not matter. For bundles trained with --voice-norm."""
-        if "audio" not in self.modalities:
-            raise InputError(f"this bundle has no audio encoder; it takes {', '.join(self.modalities)}")
-        if self._description.preprocessing.audio.voice is None:
-            raise InputError(
-                "this bundle was trained without --voice-norm, so a voice profile cannot help it"
-            )
+        voices.bundle_voice(self._description.preprocessing, self.modalities, "a voice profile")
         if isinstance(recordings, (str, bytes, np.ndarray)) or not len(recordings):
             raise InputError("pass a non-empty list of recordings of the speaker")
         preprocess = self._preprocessors["audio"]
         return VoiceProfile.from_frames(preprocess(r, sample_rate) for r in recordings)
+
+    def adaptive_voice(self, prior_frames: int = voices.PRIOR_FRAMES) -> AdaptiveVoice:
+        """A voice (pass it as `voice=`) that learns one speaker's profile from the recordings it hears, starting
+        from the bundle's average voice (worth `prior_frames` voiced frames). For bundles trained with --voice-norm."""
+        average = voices.bundle_voice(self._description.preprocessing, self.modalities, "an adaptive voice")
+        return AdaptiveVoice(average, prior_frames)
 
     def video_stream(self, source: Any = None, fps: float = 5.0, window: int = 8) -> VideoStream:
         """Video frames from `source` (file path, camera index, URL) or pushed with `push(frame, t)`,
@@ -292,10 +298,8 @@ class Pipeline:
             tick = time.perf_counter()
             features[modality] = self._preprocessors[modality](sample[modality], sample.get("sample_rate"))
             if modality == "audio":
-                voice = voice_for(self._description.preprocessing.audio.voice, sample.get("voice"))
-                features[modality] = (
-                    features[modality] if voice is None else voice.normalise(features[modality])
-                )
+                voice = voices.voice_for(self._description.preprocessing.audio.voice, sample.get("voice"))
+                features[modality] = voices.remove_voice(voice, features[modality])
             timings[f"preprocess_{modality}"] = (time.perf_counter() - tick) * 1000
         return Prepared(features, timings)
 

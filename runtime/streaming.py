@@ -25,7 +25,11 @@ from polysense.fusion import Prediction
 from polysense.limits import DEFAULT_LIMITS, Limits
 from polysense.optional import require
 from polysense.settings import AudioSettings
-from polysense.voice import VoiceProfile
+from polysense.voice import AdaptiveVoice, VoiceProfile
+
+# An adaptive voice hears at most this many frames of one streamed recording (30 s at the 10 ms hop): a live
+# stream may never end, and a voice is learnt from seconds of speech, not minutes.
+MAX_HEARD_FRAMES = 3000
 
 # The narrow calls a stream makes besides the engine's: encode one image or text, fuse embeddings.
 Embed = Callable[[str, Any], np.ndarray]
@@ -83,10 +87,12 @@ class AudioStream:
         fuse: Fuse,
         encode: bool = True,
         limits: Limits = DEFAULT_LIMITS,
-        voice: VoiceProfile | None = None,
+        voice: VoiceProfile | AdaptiveVoice | None = None,
     ) -> None:
         self._engine = engine
-        self.voice = voice  # removed from every frame (models trained with --voice-norm), as offline
+        # Removed from every frame (models trained with --voice-norm), as offline. An adaptive voice lends the
+        # profile it has learnt when a recording starts and hears the recording when its input finishes.
+        self.voice = voice
         self._limits = limits
         self._embed, self._fuse = embed, fuse
         self.encode_immediately = encode  # False: frames wait in `pending_frames` for encode_streams()
@@ -123,6 +129,10 @@ class AudioStream:
         self.frames_processed = 0
         self._pending = np.zeros((0, self._frames.logmel.n_mels), np.float32)
         self.finished = False
+        adaptive = isinstance(self.voice, AdaptiveVoice)
+        self._profile = self.voice.profile if adaptive else self.voice
+        self._heard: list[np.ndarray] | None = [] if adaptive else None  # raw frames the voice will hear
+        self._heard_count = 0
 
     def accept_waveform(self, samples: np.ndarray, sample_rate: int) -> int:
         """Add a chunk (any length, any common rate, int16/int32/uint8/float, mono or [n, channels]).
@@ -163,13 +173,20 @@ class AudioStream:
         )
         frames = np.concatenate([frames, self._frames.flush()])
         self.finished = True
-        return self._take(frames)
+        count = self._take(frames)
+        if self._heard:
+            self.voice.hear(np.concatenate(self._heard))
+            self._heard = []
+        return count
 
     def _take(self, frames: np.ndarray) -> int:
         if frames.shape[0] == 0:
             return 0
-        if self.voice is not None:
-            frames = self.voice.normalise(frames)
+        if self._heard is not None and self._heard_count < MAX_HEARD_FRAMES:
+            self._heard.append(frames[: MAX_HEARD_FRAMES - self._heard_count])
+            self._heard_count += self._heard[-1].shape[0]
+        if self._profile is not None:
+            frames = self._profile.normalise(frames)
         self._pending = np.concatenate([self._pending, frames]) if self._pending.size else frames
         if self.encode_immediately:
             embedding, state = self._engine.run(self._pending[None], self._state)

@@ -8,13 +8,16 @@ labels: what they say does not matter, as long as there is enough of it (on AV-d
 one-second clips did nearly as well as one from five hundred).
 
 A bundle trained this way carries the average profile of its training speakers, used for a voice with no
-profile of its own; a profile of the actual speaker is what brings the gain.
+profile of its own; a profile of the actual speaker is what brings the gain. Where no recordings can be asked
+for up front, an `AdaptiveVoice` learns the profile from the speaker's recordings as they are heard, starting
+from the average voice.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +35,9 @@ VOICED_RANGE = 5.0
 MIN_SPREAD = 0.5
 MAX_PROFILE_BYTES = 1 << 20
 MAX_BANDS = 4096  # far more mel bands than any front end uses; bounds what a hostile profile costs
+# How many voiced frames the average voice counts for in an AdaptiveVoice: about one second of speech, so the
+# first recording moves the profile half-way to its own voice and ten recordings nearly all the way.
+PRIOR_FRAMES = 50
 
 
 @dataclass(frozen=True, eq=False)
@@ -149,6 +155,79 @@ class VoiceProfile:
         return cls.from_dict(data, where)
 
 
+class AdaptiveVoice:
+    """A speaker's voice profile learnt as they talk, for bundles trained with --voice-norm used without
+    enrolment: it starts as the bundle's average voice and moves towards the speaker's own with every recording
+    heard. The profile is the average voice and the voiced frames heard so far, mixed in proportion to their
+    counts (the average counting `prior_frames`), so one short recording cannot swing it far.
+
+    Use one per speaker (a session, a device's owner) and pass it as `voice=` to `Pipeline.predict`,
+    `predict_batch` or `audio_stream`: each recording is heard with the profile learnt from the recordings
+    before it, then joins it (a stream's when its input finishes), so a stream hears what `predict` would.
+    Memory is fixed (three numbers per mel band); safe to share between threads.
+    """
+
+    def __init__(self, prior: VoiceProfile, prior_frames: int = PRIOR_FRAMES) -> None:
+        if not isinstance(prior, VoiceProfile):
+            raise InputError(f"an adaptive voice starts from a VoiceProfile, got {type(prior).__name__}")
+        if isinstance(prior_frames, bool) or not isinstance(prior_frames, int) or prior_frames < 0:
+            raise InputError(f"prior_frames must be a whole number >= 0, got {prior_frames!r}")
+        self.prior = prior
+        self.prior_frames = prior_frames
+        self._lock = threading.Lock()
+        self.reset()
+
+    @property
+    def n_mels(self) -> int:
+        return self.prior.n_mels
+
+    @property
+    def frames(self) -> int:
+        """Voiced frames heard so far."""
+        return self._count
+
+    @property
+    def profile(self) -> VoiceProfile:
+        """The profile learnt so far (the prior before any speech was heard)."""
+        with self._lock:
+            return self._profile
+
+    def hear(self, frames: np.ndarray) -> None:
+        """Learn from one recording's log-mel frames [T, n_mels] (its pauses are left out, as in a profile)."""
+        frames = np.asarray(frames)
+        if frames.ndim != 2 or frames.shape[1] != self.n_mels:
+            raise InputError(
+                f"an adaptive voice hears log-mel frames [T, {self.n_mels}], got shape {frames.shape}"
+            )
+        voiced = _voiced(frames.astype(np.float64))
+        voiced = voiced[np.isfinite(voiced).all(1)]
+        if not voiced.shape[0]:
+            return
+        with self._lock:
+            self._sum += voiced.sum(0)
+            self._squares += np.square(voiced).sum(0)
+            self._count += int(voiced.shape[0])
+            self._profile = self._learnt()
+
+    def reset(self) -> None:
+        """Forget everything heard (a new speaker)."""
+        with self._lock:
+            self._sum = np.zeros(self.n_mels)
+            self._squares = np.zeros(self.n_mels)
+            self._count = 0
+            self._profile = self.prior
+
+    def _learnt(self) -> VoiceProfile:
+        mean = self._sum / self._count
+        spread = np.sqrt(np.maximum(self._squares / self._count - np.square(mean), 0.0))
+        log_spread = np.log(np.maximum(spread, MIN_SPREAD))
+        heard = self._count / (self._count + self.prior_frames)
+        mean = heard * mean + (1 - heard) * self.prior.mean
+        # Spreads mix as logarithms: only how the bands' spreads differ matters, fixed at geometric mean 1.
+        log_spread = heard * (log_spread - log_spread.mean()) + (1 - heard) * np.log(self.prior.spread)
+        return VoiceProfile(mean, np.exp(log_spread - log_spread.mean()), self._count)
+
+
 def _too_large(where: str, size: int) -> InputError:
     return InputError(
         f"{where}: {size:,} bytes is too large for a voice profile (at most {MAX_PROFILE_BYTES:,}); "
@@ -177,13 +256,36 @@ def speaker_profiles(recordings: Iterable[tuple[str, np.ndarray]]) -> dict[str, 
     return profiles
 
 
-def voice_for(default: VoiceProfile | None, given: Any) -> VoiceProfile | None:
-    """The profile to remove from a recording: the given one, else the bundle's `default` (None: the bundle
-    was trained without --voice-norm and takes raw frames, so giving a profile is a mistake worth naming)."""
+def bundle_voice(preprocessing: Any, modalities: tuple[str, ...], what: str) -> VoiceProfile:
+    """The training speakers' average voice that a bundle trained with --voice-norm carries (`preprocessing`:
+    its description's); `what` names what would need it, in the error for any other bundle."""
+    if "audio" not in modalities:
+        raise InputError(f"this bundle has no audio encoder; it takes {', '.join(modalities)}")
+    if preprocessing.audio.voice is None:
+        raise InputError(f"this bundle was trained without --voice-norm, so {what} cannot help it")
+    return preprocessing.audio.voice
+
+
+def remove_voice(voice: VoiceProfile | AdaptiveVoice | None, frames: np.ndarray) -> np.ndarray:
+    """One recording's log-mel frames with `voice` removed (None: left as they are). An adaptive voice removes
+    what it learnt before this recording, then learns from it."""
+    if isinstance(voice, AdaptiveVoice):
+        normalised = voice.profile.normalise(frames)
+        voice.hear(frames)
+        return normalised
+    return frames if voice is None else voice.normalise(frames)
+
+
+def voice_for(default: VoiceProfile | None, given: Any) -> VoiceProfile | AdaptiveVoice | None:
+    """The voice to remove from a recording: the given profile or adaptive voice, else the bundle's `default`
+    (None: the bundle was trained without --voice-norm and takes raw frames, so giving a voice is a mistake
+    worth naming)."""
     if given is None:
         return default
-    if not isinstance(given, VoiceProfile):
-        raise InputError(f"voice must be a polysense.VoiceProfile, got {type(given).__name__}")
+    if not isinstance(given, (VoiceProfile, AdaptiveVoice)):
+        raise InputError(
+            f"voice must be a polysense.VoiceProfile or AdaptiveVoice, got {type(given).__name__}"
+        )
     if default is None:
         raise InputError(
             "this bundle was trained without --voice-norm, so a voice profile cannot help it; drop voice="

@@ -150,6 +150,48 @@ def test_loso_audio_merge_keeps_earlier_speakers_and_refuses_other_machines(tmp_
         loso_audio.results_from_this_machine(tmp_path / "loso_audio.json")
 
 
+def test_loso_audio_scores_adaptive_voices_by_position_in_their_sessions(monkeypatch):
+    """The adaptive-voice check: sessions start afresh, each batch is heard in order, and the table shows
+    the positions apart (results from before adaptive voices still render, without those columns)."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "avdigits"
+    monkeypatch.syspath_prepend(str(folder))
+    loso_audio = pytest.importorskip("loso_audio")
+
+    class Voice:
+        heard = 0
+
+    class Pipeline:  # right from the second recording of a session on, as if the voice needed one to learn
+        def adaptive_voice(self):
+            return Voice()
+
+        def predict_batch(self, samples):
+            out = []
+            for sample in samples:
+                out.append(SimpleNamespace(label=sample["audio"] if sample["voice"].heard else "?"))
+                sample["voice"].heard += 1
+            return out
+
+    rows = [SimpleNamespace(audio=str(i % 10), label=str(i % 10)) for i in range(50)]
+    scores = loso_audio.adaptive_sessions(Pipeline(), rows, session=20)
+    assert scores["accuracy_adaptive_1_1"] == 0.0 and scores["accuracy_adaptive_2_5"] == 1.0
+    assert scores["accuracy_adaptive"] == 0.94  # 3 sessions (20, 20, 10): their first recordings wrong
+
+    entry = {"accuracy": 0.8, "accuracy_10_clips": 0.79, "accuracy_no_profile": 0.6, "macro_f1": 0.8}
+    results = {
+        "configs": {"v": {"voice_norm": True, "epochs": 25}},
+        "speakers": {"theo": {"v": {**entry, **scores, "train_seconds": 1.0}}},
+        "machine": loso_audio.machine(),
+    }
+    table = loso_audio.markdown(results)
+    assert "| theo | 0.8000 | 0.7900 | 0.6000 | 0.9400 | 0.0000 | 1.0000 | 1.0000 |" in table
+    assert "recordings 6-20" in table
+    results["speakers"]["theo"]["v"] = {**entry, "train_seconds": 1.0}
+    assert "| theo | 0.8000 | 0.7900 | 0.6000 |\n" in loso_audio.markdown(results)
+
+
 def test_streaming_benchmark_writes_named_results(bundle, tmp_path):
     """benchmarks/streaming.py in small mode: every frame encoded once (asserted inside), streaming equal to
     offline, and the results under the requested name with the audio encoder they measured."""

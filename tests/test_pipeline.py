@@ -213,7 +213,7 @@ def test_embed_then_classify_subsets_equals_predicting_the_subset(pipe, trained_
 def test_public_surface_is_small(pipe):
     public = {name for name in dir(polysense.Pipeline) if not name.startswith("_")}
     methods = {"load", "predict", "predict_batch", "prepare", "embed", "audio_stream", "video_stream"}
-    methods |= {"voice_profile"}
+    methods |= {"voice_profile", "adaptive_voice"}
     properties = {"labels", "modalities", "embed_dim", "description", "precisions", "providers", "limits"}
     properties |= {"precision_source"}
     assert public == methods | properties

@@ -11,7 +11,7 @@ from conftest import SHARED_DATA, _require
 import polysense
 from polysense.cli import main
 from polysense.errors import InputError
-from polysense.voice import VoiceProfile, speaker_profiles, voice_for
+from polysense.voice import AdaptiveVoice, VoiceProfile, speaker_profiles, voice_for
 
 N_MELS = 40
 
@@ -98,6 +98,50 @@ def test_which_profile_a_recording_gets():
         voice_for(default, narrow)
 
 
+def test_an_adaptive_voice_moves_from_the_prior_to_the_speakers_own():
+    prior = VoiceProfile.from_frames(_recordings(6))
+    offset = np.linspace(-3, 2, N_MELS).astype(np.float32)
+    clips = [c * np.linspace(0.7, 1.4, N_MELS).astype(np.float32) + offset for c in _recordings(7)]
+    own = VoiceProfile.from_frames(clips)
+    voice = AdaptiveVoice(prior, prior_frames=30)
+    assert voice.profile is prior and voice.frames == 0
+    voice.hear(np.zeros((0, N_MELS), np.float32))  # an empty recording teaches nothing
+    distances = [np.abs(voice.profile.mean - own.mean).mean()]
+    for clip in clips:  # 30 voiced frames each (the pauses around the word are left out)
+        voice.hear(clip)
+        distances.append(np.abs(voice.profile.mean - own.mean).mean())
+    assert all(later < earlier for earlier, later in zip(distances, distances[1:]))
+    assert voice.frames == voice.profile.frames == 6 * 30
+    # The prior counts for 30 frames against the 180 heard: the mean is the count-weighted mixture.
+    mixed = (180 * own.mean + 30 * prior.mean) / 210
+    np.testing.assert_allclose(voice.profile.mean, mixed, atol=1e-4)
+    assert np.exp(np.log(voice.profile.spread).mean()) == pytest.approx(1.0, rel=1e-5)
+    unswayed = AdaptiveVoice(prior, prior_frames=0)  # no prior weight: exactly the profile of what it heard
+    for clip in clips:
+        unswayed.hear(clip)
+    np.testing.assert_allclose(unswayed.profile.mean, own.mean, atol=1e-4)
+    np.testing.assert_allclose(unswayed.profile.spread, own.spread, rtol=1e-4)
+    voice.reset()
+    assert voice.profile is prior and voice.frames == 0
+
+
+def test_an_adaptive_voice_refuses_what_it_cannot_use():
+    prior = VoiceProfile.from_frames(_recordings(8))
+    with pytest.raises(InputError, match="starts from a VoiceProfile"):
+        AdaptiveVoice("voice.json")
+    for bad in (-1, 2.5, True):
+        with pytest.raises(InputError, match="prior_frames must be a whole number"):
+            AdaptiveVoice(prior, bad)
+    voice = AdaptiveVoice(prior)
+    with pytest.raises(InputError, match=r"log-mel frames \[T, 40\]"):
+        voice.hear(np.zeros((10, 3), np.float32))
+    assert voice_for(prior, voice) is voice
+    with pytest.raises(InputError, match="trained without --voice-norm"):
+        voice_for(None, voice)
+    with pytest.raises(InputError, match="8 mel bands"):
+        voice_for(prior, AdaptiveVoice(VoiceProfile(np.zeros(8), np.ones(8), 1)))
+
+
 # -- a model trained with --voice-norm on real voices ---------------------------------------------------------
 
 
@@ -176,6 +220,42 @@ def test_a_profile_changes_what_the_model_hears_and_streams_hear_it_too(voice_ru
     assert np.allclose(stream.embedding, own, atol=1e-5)
 
 
+def test_an_adaptive_voice_hears_each_recording_with_what_came_before_and_streams_alike(voice_run):
+    import soundfile
+
+    manifest, _, _, bundle = voice_run
+    pipeline = polysense.Pipeline.load(bundle, device="cpu", precision="fp32")
+    theo = [r["audio"] for r in csv.DictReader(manifest.open()) if r["speaker"] == "theo"]
+    theo = [str((manifest.parent / p).resolve()) for p in theo][:4]
+    voice = pipeline.adaptive_voice()
+    assert voice.profile is pipeline.description.preprocessing.audio.voice
+    learnt = []
+    for clip in theo:  # each recording heard with the profile learnt before it, then learnt from
+        before = voice.profile
+        got = pipeline.embed([{"audio": clip, "voice": voice}]).vectors["audio"][0]
+        np.testing.assert_array_equal(
+            got, pipeline.embed([{"audio": clip, "voice": before}]).vectors["audio"][0]
+        )
+        assert voice.frames > (learnt[-1][1] if learnt else 0)
+        learnt.append((got, voice.frames))
+    # A batch is heard in order, as one call after another.
+    batch = pipeline.adaptive_voice()
+    vectors = pipeline.embed([{"audio": clip, "voice": batch} for clip in theo]).vectors["audio"]
+    np.testing.assert_allclose(vectors, [v for v, _ in learnt], atol=1e-6)
+    # Streams: a recording is heard with the voice learnt when it starts, and joins it when it finishes.
+    streamed = pipeline.adaptive_voice()
+    for clip, (offline, frames) in zip(theo, learnt):
+        samples, rate = soundfile.read(clip, dtype="float32")
+        stream = pipeline.audio_stream(voice=streamed)
+        for start in range(0, samples.size, 800):
+            stream.accept_waveform(samples[start : start + 800], rate)
+        heard_before = streamed.frames
+        stream.input_finished()
+        assert heard_before < frames  # nothing of this recording was learnt before it finished
+        assert np.allclose(stream.embedding, offline, atol=1e-5) and streamed.frames == frames
+    np.testing.assert_allclose(streamed.profile.mean, voice.profile.mean, atol=1e-5)
+
+
 def test_voice_cli_writes_a_profile_that_predict_takes(voice_run, tmp_path, capsys):
     manifest, _, _, bundle = voice_run
     clips = [
@@ -231,6 +311,8 @@ def test_a_bundle_without_voice_norm_refuses_profiles(bundle, pipe, test_rows, t
         pipe.predict(text="hi", voice=VoiceProfile.load(profile))
     with pytest.raises(InputError, match="trained without --voice-norm"):
         pipe.audio_stream(voice=VoiceProfile.load(profile))
+    with pytest.raises(InputError, match="trained without --voice-norm, so an adaptive voice"):
+        pipe.adaptive_voice()
 
 
 def test_served_requests_and_streams_take_a_profile(voice_run):

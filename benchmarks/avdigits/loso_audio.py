@@ -15,7 +15,9 @@ configuration, side by side in one run:
   - `causal-shape-voice`: the same with `--voice-norm` (each speaker's voice profile removed; polysense.voice).
     Its main score hears the held-out speaker with the profile of all his recordings (no label used, as
     `polysense eval` does); the model is also exported and scored through the runtime with a profile from only
-    10 of his recordings (the other 490 tested) and with none (the bundle's average voice);
+    10 of his recordings (the other 490 tested), with none (the bundle's average voice), and with an adaptive
+    voice learnt while he talks (`Pipeline.adaptive_voice`: the 490 in a random order, in sessions of 20 that
+    each start from the average voice; each recording heard with what the session learnt before it);
   - `causal-shape-voice-25`: the same with `--epochs 25` (a longer schedule; early stopping still ends it);
   - `causal-shape-voice-25-noise`: the same with `--audio-noise strong` (0-30 dB SNR on 80 % of the clips).
 Writes results/loso_audio.json and .md: accuracy, macro F1 and training time per held-out speaker.
@@ -78,6 +80,9 @@ CONFIGS = (
 
 log = logging.getLogger("polysense")
 ENROLLED = 10  # recordings of the held-out speaker a voice profile is built from, in the runtime check
+SESSION = 20  # recordings an adaptive voice hears before it is reset, in the runtime check
+# Positions within a session scored apart (1-based, inclusive): how fast the adaptive voice learns.
+POSITIONS = ((1, 1), (2, 5), (6, 20))
 
 
 def run(
@@ -145,7 +150,28 @@ def runtime_voices(run_folder: Path, speaker: str, enrolled: int = ENROLLED) -> 
     return {
         f"accuracy_{enrolled}_clips": accuracy([{"audio": r.audio, "voice": voice} for r in tested]),
         "accuracy_no_profile": accuracy([{"audio": r.audio} for r in tested]),
+        **adaptive_sessions(pipeline, tested),
     }
+
+
+def adaptive_sessions(pipeline, rows: list, session: int = SESSION) -> dict:
+    """Accuracy with an adaptive voice: `rows` in a seeded random order, in sessions of `session` recordings
+    that each start from the bundle's average voice; also per position within the sessions (POSITIONS)."""
+    import numpy as np
+
+    order = np.random.default_rng(1).permutation(len(rows))
+    correct = np.zeros(len(rows), bool)
+    positions = np.arange(len(rows)) % session + 1
+    for start in range(0, len(rows), session):
+        voice = pipeline.adaptive_voice()  # one batch is heard in order, recording after recording
+        chosen = [rows[i] for i in order[start : start + session]]
+        predictions = pipeline.predict_batch([{"audio": r.audio, "voice": voice} for r in chosen])
+        correct[start : start + len(chosen)] = [p.label == r.label for p, r in zip(predictions, chosen)]
+    scores = {"accuracy_adaptive": round(float(correct.mean()), 4)}
+    for first, last in POSITIONS:
+        within = (positions >= first) & (positions <= last)
+        scores[f"accuracy_adaptive_{first}_{last}"] = round(float(correct[within].mean()), 4)
+    return scores
 
 
 def markdown(results: dict) -> str:
@@ -198,10 +224,22 @@ def _voice_lines(results: dict, speakers: dict) -> list[str]:
             f"{few.split('_')[1]} of them (runtime, the others tested), and none (runtime, the bundle's average "
             "voice):",
             "",
-            "| held-out speaker | all recordings | " + few.split("_")[1] + " recordings | no profile |",
-            "|---|---:|---:|---:|",
         ]
-        columns = ("accuracy", few, "accuracy_no_profile")
+        columns = ["accuracy", few, "accuracy_no_profile"]
+        header = ["all recordings", few.split("_")[1] + " recordings", "no profile"]
+        if all(
+            "accuracy_adaptive" in e for e in entries.values()
+        ):  # results from before adaptive voices lack it
+            lines[-2] = lines[-2][:-2] + (
+                f"; an adaptive voice (runtime, the same recordings in sessions of {SESSION}, each starting from "
+                "the average voice), over whole sessions and by position within them:"
+            )
+            columns += ["accuracy_adaptive", *(f"accuracy_adaptive_{a}_{b}" for a, b in POSITIONS)]
+            header += [
+                "adaptive",
+                *(f"recording {a}" if a == b else f"recordings {a}-{b}" for a, b in POSITIONS),
+            ]
+        lines += ["| held-out speaker | " + " | ".join(header) + " |", "|---|" + "---:|" * len(header)]
         for speaker, entry in entries.items():
             lines.append(f"| {speaker} | " + " | ".join(f"{entry[c]:.4f}" for c in columns) + " |")
         means = [sum(e[c] for e in entries.values()) / len(entries) for c in columns]
