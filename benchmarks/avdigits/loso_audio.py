@@ -231,7 +231,7 @@ def _voice_lines(results: dict, speakers: dict) -> list[str]:
             "accuracy_adaptive" in e for e in entries.values()
         ):  # results from before adaptive voices lack it
             lines[-2] = lines[-2][:-2] + (
-                f"; an adaptive voice (runtime, the same recordings in sessions of {SESSION}, each starting from "
+                f"); an adaptive voice (runtime, the same recordings in sessions of {SESSION}, each starting from "
                 "the average voice), over whole sessions and by position within them:"
             )
             columns += ["accuracy_adaptive", *(f"accuracy_adaptive_{a}_{b}" for a, b in POSITIONS)]
