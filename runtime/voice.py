@@ -194,12 +194,15 @@ class AdaptiveVoice:
 
     def hear(self, frames: np.ndarray) -> None:
         """Learn from one recording's log-mel frames [T, n_mels] (its pauses are left out, as in a profile)."""
-        frames = np.asarray(frames)
+        try:
+            frames = np.asarray(frames, np.float64)
+        except (TypeError, ValueError) as error:
+            raise InputError(f"an adaptive voice hears log-mel frames, numbers: {error}") from None
         if frames.ndim != 2 or frames.shape[1] != self.n_mels:
             raise InputError(
                 f"an adaptive voice hears log-mel frames [T, {self.n_mels}], got shape {frames.shape}"
             )
-        voiced = _voiced(frames.astype(np.float64))
+        voiced = _voiced(frames)
         voiced = voiced[np.isfinite(voiced).all(1)]
         if not voiced.shape[0]:
             return

@@ -135,6 +135,10 @@ def test_an_adaptive_voice_refuses_what_it_cannot_use():
     voice = AdaptiveVoice(prior)
     with pytest.raises(InputError, match=r"log-mel frames \[T, 40\]"):
         voice.hear(np.zeros((10, 3), np.float32))
+    with pytest.raises(InputError, match="log-mel frames, numbers"):
+        voice.hear([["a"] * N_MELS])
+    voice.hear(np.full((5, N_MELS), np.nan))  # nothing finite to learn from: left as it was
+    assert voice.frames == 0 and voice.profile is prior
     assert voice_for(prior, voice) is voice
     with pytest.raises(InputError, match="trained without --voice-norm"):
         voice_for(None, voice)
