@@ -258,6 +258,18 @@ def test_an_adaptive_voice_hears_each_recording_with_what_came_before_and_stream
         assert heard_before < frames  # nothing of this recording was learnt before it finished
         assert np.allclose(stream.embedding, offline, atol=1e-5) and streamed.frames == frames
     np.testing.assert_allclose(streamed.profile.mean, voice.profile.mean, atol=1e-5)
+    # A long stream teaches at most its first MAX_HEARD_FRAMES frames; one reset before its end, nothing.
+    from polysense.streaming import MAX_HEARD_FRAMES
+
+    long_voice = pipeline.adaptive_voice()
+    stream = pipeline.audio_stream(voice=long_voice)
+    samples = np.tile(samples, int(40 * rate / samples.size) + 1)  # over 40 s of the last clip, repeated
+    stream.accept_waveform(samples[: samples.size // 2], rate)
+    stream.reset()
+    assert long_voice.frames == 0
+    stream.accept_waveform(samples, rate)
+    stream.input_finished()
+    assert 0 < long_voice.frames <= MAX_HEARD_FRAMES < stream.frames_processed
 
 
 def test_voice_cli_writes_a_profile_that_predict_takes(voice_run, tmp_path, capsys):
