@@ -218,27 +218,25 @@ def _voice_lines(results: dict, speakers: dict) -> list[str]:
         if not entries:
             continue
         few = next(k for k in next(iter(entries.values())) if k.endswith("_clips"))
-        lines += [
-            "",
-            f"`{name}`: the held-out speaker's voice profile from all his recordings (PyTorch, as above), from "
-            f"{few.split('_')[1]} of them (runtime, the others tested), and none (runtime, the bundle's average "
-            "voice):",
-            "",
-        ]
+        enrolled = few.split("_")[1]
         columns = ["accuracy", few, "accuracy_no_profile"]
-        header = ["all recordings", few.split("_")[1] + " recordings", "no profile"]
-        if all(
-            "accuracy_adaptive" in e for e in entries.values()
-        ):  # results from before adaptive voices lack it
-            lines[-2] = lines[-2][:-2] + (
-                f"); an adaptive voice (runtime, the same recordings in sessions of {SESSION}, each starting from "
-                "the average voice), over whole sessions and by position within them:"
+        header = ["all recordings", f"{enrolled} recordings", "no profile"]
+        intro = (
+            f"`{name}`: the held-out speaker's voice profile from all his recordings (PyTorch, as above), from "
+            f"{enrolled} of them (runtime, the others tested), and none (runtime, the bundle's average voice)"
+        )
+        # Results from before adaptive voices have no such scores: their table keeps its three columns.
+        if all("accuracy_adaptive" in e for e in entries.values()):
+            intro += (
+                f"; an adaptive voice (runtime, the same recordings in sessions of {SESSION}, each starting from "
+                "the average voice), over whole sessions and by position within them"
             )
             columns += ["accuracy_adaptive", *(f"accuracy_adaptive_{a}_{b}" for a, b in POSITIONS)]
             header += [
                 "adaptive",
                 *(f"recording {a}" if a == b else f"recordings {a}-{b}" for a, b in POSITIONS),
             ]
+        lines += ["", intro + ":", ""]
         lines += ["| held-out speaker | " + " | ".join(header) + " |", "|---|" + "---:|" * len(header)]
         for speaker, entry in entries.items():
             lines.append(f"| {speaker} | " + " | ".join(f"{entry[c]:.4f}" for c in columns) + " |")
