@@ -159,11 +159,14 @@ def efficientnet_lite0(embed_dim: int = 128, pretrained: bool = True) -> Efficie
     return model
 
 
-# What the family asks of training: its input scale and resolution, few epochs, a small learning rate.
+# What the family asks of training: its input scale and resolution, few epochs, a small learning rate, some
+# label smoothing.
 efficientnet_lite0.defaults = {
     "epochs": 4,
     "keep": "last",
     "pretrained_lr": 3e-4,
+    # Image alone (the only run where it applies): 0.997 against 0.988 without, at 3 seeds (README, Training).
+    "label_smoothing": 0.1,
     "image_size": 192,
     "image_mean": (0.5, 0.5, 0.5),
     "image_std": (0.5, 0.5, 0.5),

@@ -121,6 +121,25 @@ def test_a_family_may_ask_to_keep_its_last_epoch():
     assert TrainOptions(data="x", out="y", modalities=("text",), **image).keep == "best"
 
 
+def test_label_smoothing_is_the_family_s_only_when_every_trained_family_asks():
+    image = {"image_encoder": "efficientnet-lite0"}
+    assert TrainOptions(data="x", out="y").label_smoothing == 0
+    assert TrainOptions(data="x", out="y", modalities=("image",), **image).label_smoothing == 0.1
+    # Fused with encoders that do not ask (or that were never measured with it): off.
+    assert TrainOptions(data="x", out="y", modalities=("image", "audio"), **image).label_smoothing == 0
+    assert TrainOptions(data="x", out="y", modalities=("image",), from_scratch=True, **image).label_smoothing == 0
+    # Set by the user, it stays, 0 included.
+    chosen = TrainOptions(data="x", out="y", modalities=("image",), label_smoothing=0.0, **image)
+    assert chosen.label_smoothing == 0
+    # When the data decides the modalities, it is settled once they are known.
+    undecided = TrainOptions(data="x", out="y", **image)
+    assert undecided.label_smoothing == -1
+    assert undecided.for_data_modalities(("image",)).label_smoothing == 0.1
+    assert undecided.for_data_modalities(("image", "audio")).label_smoothing == 0
+    with pytest.raises(ConfigError, match=r"--label-smoothing must be in \[0, 1\), got -0.5"):
+        TrainOptions(data="x", out="y", label_smoothing=-0.5)
+
+
 def test_encoders_without_pretrained_weights_first_train_alone_up_to_the_default():
     from polysense.models.train import phases
 

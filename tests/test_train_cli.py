@@ -84,7 +84,7 @@ def _non_default(name: str) -> tuple[list[str], object]:
     if kind is int:
         return [flag, str(default + 1)], default + 1
     if kind is float:
-        value = default / 2 if default else 1e-4  # 0 means "the family's own"
+        value = default / 2 if default > 0 else 1e-4  # 0 or -1 mean "the family's own"
         return [flag, str(value)], value
     assert kind is str, f"add a value for {name} ({kind}) to this test"
     return [flag, "elsewhere"], "elsewhere"
