@@ -127,7 +127,10 @@ def test_label_smoothing_is_the_family_s_only_when_every_trained_family_asks():
     assert TrainOptions(data="x", out="y", modalities=("image",), **image).label_smoothing == 0.1
     # Fused with encoders that do not ask (or that were never measured with it): off.
     assert TrainOptions(data="x", out="y", modalities=("image", "audio"), **image).label_smoothing == 0
-    assert TrainOptions(data="x", out="y", modalities=("image",), from_scratch=True, **image).label_smoothing == 0
+    assert (
+        TrainOptions(data="x", out="y", modalities=("image",), from_scratch=True, **image).label_smoothing
+        == 0
+    )
     # Set by the user, it stays, 0 included.
     chosen = TrainOptions(data="x", out="y", modalities=("image",), label_smoothing=0.0, **image)
     assert chosen.label_smoothing == 0
