@@ -171,7 +171,7 @@ class TrainOptions:
     def _family_label_smoothing(self, modalities: tuple[str, ...], asked_by_any: bool = False) -> float:
         """The label smoothing the families of `modalities` ask for: only when every one of them asks (the
         smallest), since one setting covers every loss. Measured for efficientnet-lite0 on its own (image alone:
-        0.997 against 0.988 on average); a fused run keeps 0, as its other encoders were not measured with it.
+        0.994 against 0.988 on average); a fused run keeps 0, as its other encoders were not measured with it.
         `asked_by_any`: the largest instead (whether any family asks at all)."""
         scratch = self.scratch_modalities()
         asked = [
