@@ -336,11 +336,14 @@ def test_image_benchmark_merge_keeps_the_other_configurations_in_their_order(tmp
     earlier_entry = _image_result(photos=1, accuracy=0.0, misread=("1/b.jpg", "1", "7"), rows=1, epochs=15)
     earlier = {"seed": 0, "configs": {"cnn": {"epochs": 15}}, "models": {"cnn": earlier_entry}}
     pretrained = next(c for c in image.CONFIGS if c.name == "efficientnet-lite0")
-    results = image.run(tmp_path, (pretrained,), 0, tmp_path, earlier)
+    results = image.run(tmp_path, (pretrained,), 0, tmp_path, earlier, "python image_only.py --merge")
 
     assert results["models"]["cnn"] == earlier_entry  # not run again, kept
+    # Results from before commands were recorded came from the default command; this run's follows it.
+    assert results["commands"] == [image.COMMAND, "python image_only.py --merge"]
     assert results["models"]["efficientnet-lite0"]["held_out_photos"] == scored
     table = (tmp_path / "image_only.md").read_text()
+    assert "then `python image_only.py --merge`. Training seed 0." in table
     assert table.index("| efficientnet-lite0 |") < table.index("| cnn |")  # CONFIGS order
     with pytest.raises(SystemExit, match="seed 0, not 1"):
         image.run(tmp_path, (pretrained,), 1, tmp_path, earlier)

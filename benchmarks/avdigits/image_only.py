@@ -82,9 +82,16 @@ def photo_accuracy(bundle: Path, photos: list[tuple[str, str]]) -> dict:
     return {"photos": len(photos), "accuracy": 1 - len(wrong) / len(photos), "misread": wrong}
 
 
-def run(work: Path, configs: tuple[Config, ...], seed: int, out: Path, previous: dict | None = None) -> dict:
+def run(
+    work: Path,
+    configs: tuple[Config, ...],
+    seed: int,
+    out: Path,
+    previous: dict | None = None,
+    command: str = COMMAND,
+) -> dict:
     """Train, export and score every configuration; `previous` (results of an earlier run on this kind of
-    machine, at the same seed) supplies the configurations not run again."""
+    machine, at the same seed) supplies the configurations not run again. `command` is recorded with them."""
     manifest = build(work)
     photos = held_out_photos(manifest)
     results: dict = {
@@ -92,10 +99,13 @@ def run(work: Path, configs: tuple[Config, ...], seed: int, out: Path, previous:
         "configs": {c.name: {**c.options, "epochs": c.epochs} for c in configs},
         "models": {},
         "machine": machine(),  # training numerics differ between CPU instruction sets
+        "commands": [command],
     }
     if previous is not None:
         if previous["seed"] != seed:
             raise SystemExit(f"--merge: the results in {out} are for seed {previous['seed']}, not {seed}")
+        # A merged run is reproduced by the earlier commands, then this one.
+        results["commands"] = [*previous.get("commands", [COMMAND]), command]
         results["configs"] = {**previous["configs"], **results["configs"]}
         results["models"] = dict(previous["models"])
     for config in configs:
@@ -121,7 +131,7 @@ def markdown(results: dict) -> str:
     lines = [
         "# AV-digits: image alone on held-out sign-digit photos, pretrained against from scratch",
         "",
-        f"Command: `{COMMAND}` (`python benchmarks/avdigits/image_only.py`). Training seed {results['seed']}.",
+        f"Command: {_commands(results)}. Training seed {results['seed']}.",
         "",
         f"Machine: {describe(machine_info)}.",
         "",
@@ -141,6 +151,12 @@ def markdown(results: dict) -> str:
         )
         lines.append(f"- {name}: {misread or 'none'}")
     return "\n".join(lines) + "\n"
+
+
+def _commands(results: dict) -> str:
+    """The commands that made these results, in order (results before they were recorded: the default one)."""
+    named = {COMMAND: f"`{COMMAND}` (`python benchmarks/avdigits/image_only.py`)"}
+    return ", then ".join(named.get(c, f"`{c}`") for c in results.get("commands", [COMMAND]))
 
 
 def ordered(models: dict) -> dict:
@@ -181,7 +197,10 @@ def main() -> None:
         parser.error(f"unknown configuration {unknown[0]!r}; choose from {', '.join(known)}")
     out = Path(args.out)
     previous = results_from_this_machine(out / "image_only.json") if args.merge else None
-    results = run(Path(args.work), tuple(known[n] for n in wanted), args.seed, out, previous)
+    command = (
+        " ".join(["python", "benchmarks/avdigits/image_only.py", *sys.argv[1:]]) if sys.argv[1:] else COMMAND
+    )
+    results = run(Path(args.work), tuple(known[n] for n in wanted), args.seed, out, previous, command)
     print(markdown(results))
 
 
