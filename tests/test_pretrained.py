@@ -179,6 +179,26 @@ def _solo_options(data, out, **options) -> TrainOptions:
     )
 
 
+def test_image_only_data_trains_efficientnet_with_its_label_smoothing(tiny_builtin, tmp_path):
+    """Without --modalities the data decides them; once it has (image alone), the family's smoothing applies and
+    the run's config records it."""
+    _require_package(EFFICIENTNET_LITE0.package)
+    import csv
+
+    from polysense.models.train import train
+
+    with tiny_builtin.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    manifest = tmp_path / "image_only.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "label"])
+        writer.writerows([tiny_builtin.parent / row["image"], row["label"]] for row in rows[:96])
+    train(_solo_options(manifest, tmp_path / "run"))
+    options = json.loads((tmp_path / "run" / "config.json").read_text())["options"]
+    assert (options["label_smoothing"], options["solo_epochs"]) == (0.1, 0)
+
+
 def test_the_solo_phase_trains_only_the_encoders_without_pretrained_weights(
     tiny_builtin, tmp_path, monkeypatch
 ):
