@@ -31,7 +31,7 @@ import cv2
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from run import build, export, fit, summary  # noqa: E402
+from run import build, export, fit, recorded_commands, summary  # noqa: E402
 
 import polysense  # noqa: E402
 from polysense.data import read_manifest  # noqa: E402
@@ -99,13 +99,13 @@ def run(
         "configs": {c.name: {**c.options, "epochs": c.epochs} for c in configs},
         "models": {},
         "machine": machine(),  # training numerics differ between CPU instruction sets
-        "commands": [command],
+        "command": command,
     }
     if previous is not None:
         if previous["seed"] != seed:
             raise SystemExit(f"--merge: the results in {out} are for seed {previous['seed']}, not {seed}")
         # A merged run is reproduced by the earlier commands, then this one.
-        results["commands"] = [*previous.get("commands", [COMMAND]), command]
+        results["commands"] = [*recorded_commands(previous, COMMAND), command]
         results["configs"] = {**previous["configs"], **results["configs"]}
         results["models"] = dict(previous["models"])
     for config in configs:
@@ -156,7 +156,7 @@ def markdown(results: dict) -> str:
 def _commands(results: dict) -> str:
     """The commands that made these results, in order (results before they were recorded: the default one)."""
     named = {COMMAND: f"`{COMMAND}` (`python benchmarks/avdigits/image_only.py`)"}
-    return ", then ".join(named.get(c, f"`{c}`") for c in results.get("commands", [COMMAND]))
+    return ", then ".join(named.get(c, f"`{c}`") for c in recorded_commands(results, COMMAND))
 
 
 def ordered(models: dict) -> dict:

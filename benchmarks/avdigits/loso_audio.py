@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from run import SPEAKERS, build, export, fit, summary  # noqa: E402
+from run import SPEAKERS, build, export, fit, recorded_commands, summary  # noqa: E402
 
 from polysense.machine import describe, machine, results_from_this_machine  # noqa: E402
 
@@ -107,7 +107,7 @@ def run(
         if previous.get("seed", 0) != seed:
             raise SystemExit(f"--merge: the results there are for seed {previous.get('seed', 0)}, not {seed}")
         # A merged run is reproduced by the earlier commands, then this one.
-        results["commands"] = [*_command_list(previous), command]
+        results["commands"] = [*recorded_commands(previous, "make bench-avdigits-audio"), command]
         results["configs"] = {**previous["configs"], **results["configs"]}
         results["speakers"] = {s: dict(e) for s, e in previous["speakers"].items()}
     manifests = {speaker: build(work, speaker) for speaker in speakers}
@@ -245,13 +245,8 @@ def _voice_lines(results: dict, speakers: dict) -> list[str]:
     return lines
 
 
-def _command_list(results: dict) -> list[str]:
-    """The commands that made these results, in order (a run before --merge recorded only `command`)."""
-    return results.get("commands") or [results.get("command", "make bench-avdigits-audio")]
-
-
 def _commands(results: dict) -> str:
-    return ", then ".join(f"`{c}`" for c in _command_list(results))
+    return ", then ".join(f"`{c}`" for c in recorded_commands(results, "make bench-avdigits-audio"))
 
 
 def write(results: dict, out: Path) -> None:

@@ -80,6 +80,12 @@ def export(run: Path, variants: bool) -> Path:
     return export_run(run, bundle, progress=False, policy=policy).bundle
 
 
+def recorded_commands(results: dict, default: str) -> list[str]:
+    """The commands that made a benchmark's results, in order: `commands` once a --merge run added to them, else
+    the one `command`; results written before either was recorded came from the benchmark's `default`."""
+    return results.get("commands") or [results.get("command", default)]
+
+
 def summary(metrics: dict) -> dict:
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "count": metrics["count"]}
 
