@@ -11,6 +11,7 @@ imported when used: OpenCV for images, soundfile and soxr for audio, tokenizers 
 # First: onnxruntime must not be imported before telemetry is switched off (see polysense.privacy).
 from polysense import privacy  # noqa: F401, I001
 from polysense.audio import AudioPreprocessor, LogMel, load_audio
+from polysense.ensemble import Ensemble
 from polysense.errors import (
     BundleError,
     ConfigError,
@@ -42,6 +43,7 @@ __all__ = [
     "ConfigError",
     "DependencyError",
     "Embeddings",
+    "Ensemble",
     "ImagePreprocessor",
     "InputError",
     "LimitError",

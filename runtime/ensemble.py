@@ -1,0 +1,264 @@
+"""An ensemble: several bundles trained for the same labels (other seeds, other settings), one prediction.
+
+Each member predicts as its own Pipeline, and the ensemble's probabilities are the mean of theirs. Models that
+err differently average their errors out: on AV-digits, audio alone on a speaker never heard in training,
+three seeds of one configuration together beat each of them (benchmarks/avdigits/loso_ensemble.py). It costs
+one encoder run per member and modality; nothing is shared but the inputs.
+
+    ensemble = polysense.Ensemble.load(["seed0/bundle", "seed1/bundle", "seed2/bundle"])
+    ensemble.predict(audio="clip.wav", voice=ensemble.voice_profile(["a.wav", "b.wav"]))
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from polysense import voice as voices
+from polysense.errors import BundleError, ConfigError, InputError
+from polysense.fusion import Prediction
+from polysense.limits import DEFAULT_LIMITS, Limits
+from polysense.pipeline import Pipeline
+from polysense.preprocessing import build_preprocessors
+from polysense.voice import AdaptiveVoice, VoiceProfile
+
+MAX_MEMBERS = 16  # each member holds its own sessions; more is a mistake, not an ensemble
+
+__all__ = ["Ensemble", "EnsembleAudioStream"]
+
+
+class Ensemble:
+    """Pipelines of the same labels and modalities whose probabilities are averaged. Safe to share between
+    threads as a Pipeline is."""
+
+    def __init__(self, members: Sequence[Pipeline]) -> None:
+        members = list(members)
+        if not members or not all(isinstance(m, Pipeline) for m in members):
+            raise ConfigError("an ensemble is built from a non-empty list of polysense.Pipeline")
+        if len(members) > MAX_MEMBERS:
+            raise ConfigError(f"an ensemble takes at most {MAX_MEMBERS} bundles, got {len(members)}")
+        first = members[0]
+        for index, member in enumerate(members[1:], 1):
+            if sorted(member.labels) != sorted(first.labels):
+                raise ConfigError(
+                    f"bundle {index} has the labels {', '.join(member.labels)} but bundle 0 has "
+                    f"{', '.join(first.labels)}; an ensemble's bundles classify into the same labels"
+                )
+            if member.modalities != first.modalities:
+                raise ConfigError(
+                    f"bundle {index} takes {'+'.join(member.modalities)} but bundle 0 takes "
+                    f"{'+'.join(first.modalities)}; an ensemble's bundles take the same modalities"
+                )
+        self._members = members
+        self._voice = _shared_voice(members)
+        self._audio_frames = None
+        if self._voice is not None:  # log-mel frames an adaptive voice hears, computed as every member does
+            description = first.description
+            self._audio_frames = build_preprocessors(
+                description.preprocessing, ("audio",), _no_files, first.limits
+            )["audio"]
+
+    @classmethod
+    def load(
+        cls,
+        paths: Sequence[str | os.PathLike],
+        device: str = "auto",
+        precision: str | dict[str, str] = "auto",
+        intra_op_threads: int = 0,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> Ensemble:
+        """One Pipeline per bundle path (see Pipeline.load for the options, which every member shares)."""
+        if isinstance(paths, (str, bytes, os.PathLike)) or not len(paths):
+            raise ConfigError("pass a non-empty list of bundle paths, one per member of the ensemble")
+        if len(paths) > MAX_MEMBERS:
+            raise ConfigError(f"an ensemble takes at most {MAX_MEMBERS} bundles, got {len(paths)}")
+        return cls([Pipeline.load(p, device, precision, intra_op_threads, limits) for p in paths])
+
+    @property
+    def members(self) -> tuple[Pipeline, ...]:
+        return tuple(self._members)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self._members[0].labels
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self._members[0].modalities
+
+    # -- inference -----------------------------------------------------------------------------------------
+
+    def predict(
+        self,
+        image: Any = None,
+        text: str | None = None,
+        audio: Any = None,
+        *,
+        sample_rate: int | None = None,
+        voice: VoiceProfile | AdaptiveVoice | None = None,
+        **unknown: Any,
+    ) -> Prediction:
+        """As Pipeline.predict; the probabilities are the members' mean (see predict_batch)."""
+        if unknown:
+            raise InputError(
+                f"unknown keyword {next(iter(unknown))!r}; "
+                "predict takes image=, text=, audio=, sample_rate= and voice="
+            )
+        sample = {"image": image, "text": text, "audio": audio, "sample_rate": sample_rate, "voice": voice}
+        return self.predict_batch([{k: v for k, v in sample.items() if v is not None}])[0]
+
+    def predict_batch(self, samples: Sequence[dict]) -> list[Prediction]:
+        """As Pipeline.predict_batch, for sample dicts: each member predicts the batch, and each sample's
+        probabilities are the mean of the members'. A prediction's embeddings are the members' embeddings of each
+        modality side by side ([members x embed_dim]); its timings add up the members' stages, and `total` is
+        the ensemble's own. An adaptive voice hears each recording once, as with one Pipeline."""
+        start = time.perf_counter()
+        if isinstance(samples, (dict, str, bytes)) or not isinstance(samples, Sequence) or not len(samples):
+            raise InputError("pass a non-empty list of sample dicts")
+        if not all(isinstance(s, dict) for s in samples):
+            raise InputError("an ensemble takes sample dicts (each member prepares and embeds its own)")
+        samples = [self._lend_voice(s) for s in samples]
+        per_member = [member.predict_batch(samples) for member in self._members]
+        total = (time.perf_counter() - start) * 1000
+        return [self._combine([m[row] for m in per_member], total) for row in range(len(samples))]
+
+    def audio_stream(
+        self, encode: bool = True, voice: VoiceProfile | AdaptiveVoice | None = None
+    ) -> EnsembleAudioStream:
+        """A live audio stream through every member (see Pipeline.audio_stream); `result()` averages them."""
+        return EnsembleAudioStream(self, encode, voice)
+
+    def voice_profile(self, recordings: Sequence[Any], sample_rate: int | None = None) -> VoiceProfile:
+        """A speaker's voice profile (see Pipeline.voice_profile), good for every member."""
+        self._needs_voice("a voice profile")
+        return self._members[0].voice_profile(recordings, sample_rate)
+
+    def adaptive_voice(self, prior_frames: int = voices.PRIOR_FRAMES) -> AdaptiveVoice:
+        """A voice that learns its speaker as they talk (see Pipeline.adaptive_voice), starting from the mean of
+        the members' average voices."""
+        return AdaptiveVoice(self._needs_voice("an adaptive voice"), prior_frames)
+
+    # -- internals -----------------------------------------------------------------------------------------
+
+    def _needs_voice(self, what: str) -> VoiceProfile:
+        voices.bundle_voice(self._members[0].description.preprocessing, self.modalities, what)
+        assert self._voice is not None  # _shared_voice made every member agree with the first
+        return self._voice
+
+    def _lend_voice(self, sample: dict) -> dict:
+        """The sample with an adaptive voice replaced by the profile it has learnt so far, after which it hears
+        the recording: once for the ensemble, not once per member."""
+        if not isinstance(sample.get("voice"), AdaptiveVoice):
+            return sample
+        voice: AdaptiveVoice = sample["voice"]
+        if self._audio_frames is None or sample.get("audio") is None:
+            return sample  # the members refuse it with the message a Pipeline gives
+        profile = voice.profile
+        voice.hear(self._audio_frames(sample["audio"], sample.get("sample_rate")))
+        return {**sample, "voice": profile}
+
+    def _combine(self, predictions: list[Prediction], total_ms: float) -> Prediction:
+        labels = self.labels
+        probabilities = np.mean([[p.probabilities[label] for label in labels] for p in predictions], axis=0)
+        embeddings = {m: np.stack([p.embeddings[m] for p in predictions]) for m in predictions[0].embeddings}
+        timings: dict[str, float] = {}
+        for prediction in predictions:
+            for stage, ms in prediction.timings.items():
+                if stage != "total":
+                    timings[stage] = timings.get(stage, 0.0) + ms
+        timings["total"] = total_ms
+        return Prediction(
+            label=labels[int(probabilities.argmax())],
+            probabilities={label: float(p) for label, p in zip(labels, probabilities)},
+            embeddings=embeddings,
+            timings=timings,
+        )
+
+
+class EnsembleAudioStream:
+    """One live recording through every member's audio stream (see polysense.streaming.AudioStream)."""
+
+    def __init__(
+        self, ensemble: Ensemble, encode: bool = True, voice: VoiceProfile | AdaptiveVoice | None = None
+    ) -> None:
+        self._ensemble = ensemble
+        # The first member's stream holds an adaptive voice (it hears the recording once, when it finishes);
+        # the others take the profile it lends that stream, renewed at every reset.
+        self.voice = voice
+        self.streams = [member.audio_stream(encode, voice) for member in ensemble.members[:1]]
+        lent = voice.profile if isinstance(voice, AdaptiveVoice) else voice
+        self.streams += [member.audio_stream(encode, lent) for member in ensemble.members[1:]]
+
+    @property
+    def finished(self) -> bool:
+        return self.streams[0].finished
+
+    @property
+    def frames_processed(self) -> int:
+        return self.streams[0].frames_processed
+
+    def reset(self) -> None:
+        """Forget the audio in every member's stream (see AudioStream.reset)."""
+        if isinstance(self.voice, AdaptiveVoice):
+            # What the first stream takes as it resets: learnt up to the recording that just finished.
+            lent = self.voice.profile
+            for stream in self.streams[1:]:
+                stream.voice = lent
+        for stream in self.streams:
+            stream.reset()
+
+    def accept_waveform(self, samples: np.ndarray, sample_rate: int) -> int:
+        """Add a chunk to every member's stream (see AudioStream.accept_waveform)."""
+        count = self.streams[0].accept_waveform(samples, sample_rate)  # a rejected chunk stops here
+        for stream in self.streams[1:]:
+            stream.accept_waveform(samples, sample_rate)
+        return count
+
+    def input_finished(self) -> int:
+        counts = [stream.input_finished() for stream in self.streams]
+        return counts[0]
+
+    def set_text(self, text: str | None) -> None:
+        for stream in self.streams:
+            stream.set_text(text)
+
+    def set_image(self, image: Any) -> None:
+        for stream in self.streams:
+            stream.set_image(image)
+
+    def result(self) -> Prediction:
+        """The members' mean prediction from everything so far."""
+        start = time.perf_counter()
+        predictions = [stream.result() for stream in self.streams]
+        return self._ensemble._combine(predictions, (time.perf_counter() - start) * 1000)
+
+
+def _shared_voice(members: list[Pipeline]) -> VoiceProfile | None:
+    """The mean of the members' average voices, when every member was trained with --voice-norm on the same
+    log-mel front end (so one speaker's profile serves them all); None when none was."""
+    audio = [m.description.preprocessing.audio if "audio" in m.modalities else None for m in members]
+    if audio[0] is None:
+        return None
+    with_voice = [a.voice is not None for a in audio]
+    if any(with_voice) and not all(with_voice):
+        raise ConfigError(
+            "some bundles were trained with --voice-norm and some without; an ensemble's bundles take "
+            "recordings the same way"
+        )
+    if not with_voice[0]:
+        return None
+    for index, settings in enumerate(audio[1:], 1):
+        if settings.front_end() != audio[0].front_end():
+            raise ConfigError(
+                f"bundle {index} computes log-mel frames unlike bundle 0 ({settings.front_end()} against "
+                f"{audio[0].front_end()}); one voice profile cannot serve both"
+            )
+    return VoiceProfile.average(a.voice for a in audio)
+
+
+def _no_files(name: str) -> bytes:
+    raise BundleError(f"an ensemble's audio front end reads no file, but {name!r} was asked for")

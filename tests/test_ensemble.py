@@ -1,0 +1,170 @@
+"""Ensembles (polysense.Ensemble): several bundles' probabilities averaged, offline, in batches and in streams."""
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SHARED_DATA, _require
+
+import polysense
+from polysense.errors import ConfigError, InputError
+
+
+def _train(data: Path, out: Path, **options) -> Path:
+    """A small run on `data`, exported without variants; its bundle."""
+    pytest.importorskip("torch")
+    from polysense.export import export_run
+    from polysense.models.options import TrainOptions
+    from polysense.models.train import train
+
+    settings = dict(epochs=2, image_width=8, embed_dim=32, batch_size=32, progress=False, patience=0)
+    train(TrainOptions(data=str(data), out=str(out / "run"), **{**settings, **options}))
+    return export_run(out / "run", out / "bundle", progress=False, policy=None).bundle
+
+
+@pytest.fixture(scope="module")
+def other(tiny_builtin, tmp_path_factory):
+    """A second model of the session's built-in data (another seed): a member that errs differently."""
+    bundle = _train(tiny_builtin, tmp_path_factory.mktemp("other"), seed=1, lr=5e-3)
+    return polysense.Pipeline.load(bundle, device="cpu", precision="fp32")
+
+
+def _probabilities(prediction, labels) -> np.ndarray:
+    return np.array([prediction.probabilities[label] for label in labels])
+
+
+def test_an_ensemble_predicts_the_mean_of_its_members(pipe, other, test_rows):
+    ensemble = polysense.Ensemble([pipe, other])
+    assert ensemble.labels == pipe.labels and ensemble.modalities == pipe.modalities
+    row = test_rows[0]
+    for sample in ({"image": row.image, "text": row.text, "audio": row.audio}, {"text": row.text}):
+        got = ensemble.predict(**sample)
+        members = [_probabilities(m.predict(**sample), pipe.labels) for m in (pipe, other)]
+        assert not np.allclose(members[0], members[1], atol=1e-3)  # two models, not one twice
+        np.testing.assert_allclose(_probabilities(got, pipe.labels), np.mean(members, 0), atol=1e-6)
+        assert got.label == pipe.labels[int(np.mean(members, 0).argmax())]
+        assert sum(got.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+        assert sorted(got.embeddings) == sorted(sample)
+        assert all(e.shape == (2, pipe.embed_dim) for e in got.embeddings.values())
+        assert got.timings["total"] > 0 and "fusion" in got.timings
+    samples = [{"image": r.image, "text": r.text} for r in test_rows[:5]]
+    batch = ensemble.predict_batch(samples)
+    for sample, prediction in zip(samples, batch):
+        one = ensemble.predict(**sample)
+        np.testing.assert_allclose(
+            _probabilities(prediction, pipe.labels), _probabilities(one, pipe.labels), atol=1e-5
+        )
+
+
+def test_an_ensemble_loads_bundles_and_refuses_what_cannot_be_averaged(
+    bundle, pipe, other, tiny_builtin, tmp_path
+):
+    loaded = polysense.Ensemble.load([bundle, bundle], device="cpu", precision="fp32")
+    assert len(loaded.members) == 2 and loaded.labels == pipe.labels
+    for paths in ([], str(bundle), Path(bundle)):
+        with pytest.raises(ConfigError, match="non-empty list of bundle paths"):
+            polysense.Ensemble.load(paths)
+    with pytest.raises(ConfigError, match="at most 16 bundles"):
+        polysense.Ensemble.load([bundle] * 17)
+    with pytest.raises(ConfigError, match="non-empty list of polysense.Pipeline"):
+        polysense.Ensemble([])
+    with pytest.raises(ConfigError, match="non-empty list of polysense.Pipeline"):
+        polysense.Ensemble([pipe, "bundle/"])
+    image_only = polysense.Pipeline.load(
+        _train(tiny_builtin, tmp_path, modalities=("image",), epochs=1), device="cpu", precision="fp32"
+    )
+    with pytest.raises(ConfigError, match="bundle 1 takes image but bundle 0 takes image\\+text\\+audio"):
+        polysense.Ensemble([pipe, image_only])
+    ensemble = polysense.Ensemble([pipe, other])
+    with pytest.raises(InputError, match="non-empty list of sample dicts"):
+        ensemble.predict_batch([])
+    with pytest.raises(InputError, match="an ensemble takes sample dicts"):
+        ensemble.predict_batch([pipe.prepare({"text": "a calm morning"})])
+    with pytest.raises(InputError, match="unknown keyword 'video'"):
+        ensemble.predict(video="x.mp4")
+    with pytest.raises(InputError, match="no input given"):
+        ensemble.predict()
+    with pytest.raises(InputError, match="trained without --voice-norm"):
+        ensemble.adaptive_voice()
+
+
+@pytest.fixture(scope="module")
+def voice_members(tmp_path_factory):
+    """Two audio-only models (seeds 0 and 1) trained with --voice-norm on a small AV-digits subset, theo never
+    heard; and the subset's manifest."""
+    from polysense.datasets.avdigits import AVDigitsSpec, build_rows
+
+    fsdd, images = _require(SHARED_DATA / "fsdd"), _require(SHARED_DATA / "sign_digits")
+    rows = build_rows(AVDigitsSpec(str(fsdd), str(images), seed=0, holdout_speaker="theo"))
+    folder = tmp_path_factory.mktemp("ensemble_voice")
+    manifest = folder / "small.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["audio", "label", "split", "speaker"])
+        writer.writeheader()
+        writer.writerows({k: r[k] for k in writer.fieldnames} for i, r in enumerate(rows) if i % 10 == 0)
+    bundles = [_train(manifest, folder / f"seed{seed}", seed=seed, voice_norm=True) for seed in (0, 1)]
+    return [polysense.Pipeline.load(b, device="cpu", precision="fp32") for b in bundles], manifest
+
+
+def _theo(manifest: Path, count: int) -> list[str]:
+    clips = [r["audio"] for r in csv.DictReader(manifest.open()) if r["speaker"] == "theo"]
+    return [str((manifest.parent / c).resolve()) for c in clips][:count]
+
+
+def test_an_ensemble_hears_a_voice_once_and_streams_as_it_predicts(voice_members):
+    import soundfile
+
+    members, manifest = voice_members
+    ensemble = polysense.Ensemble(members)
+    clips = _theo(manifest, 4)
+    profile = ensemble.voice_profile(clips)
+    np.testing.assert_array_equal(profile.mean, members[0].voice_profile(clips).mean)
+    with_profile = ensemble.predict(audio=clips[0], voice=profile)
+    expected = np.mean(
+        [_probabilities(m.predict(audio=clips[0], voice=profile), m.labels) for m in members], 0
+    )
+    np.testing.assert_allclose(_probabilities(with_profile, members[0].labels), expected, atol=1e-6)
+    # An adaptive voice hears each recording once, as it would through one Pipeline, and lends every member
+    # what it had learnt before that recording.
+    adaptive, alone = ensemble.adaptive_voice(), members[0].adaptive_voice()
+    np.testing.assert_allclose(adaptive.profile.mean, alone.profile.mean, atol=1e-6)  # same training voices
+    batch = ensemble.predict_batch([{"audio": c, "voice": adaptive} for c in clips])
+    learning = ensemble.adaptive_voice()
+    for clip, prediction in zip(clips, batch):
+        before = learning.profile
+        one = ensemble.predict(audio=clip, voice=learning)
+        lent = ensemble.predict(audio=clip, voice=before)
+        for got in (prediction, one):
+            np.testing.assert_allclose(
+                _probabilities(got, members[0].labels), _probabilities(lent, members[0].labels), atol=1e-5
+            )
+    for clip in clips:
+        members[0].predict(audio=clip, voice=alone)
+    assert adaptive.frames == learning.frames == alone.frames > 0
+    # A stream through the ensemble: every member's stream, averaged; its adaptive voice learns once.
+    streamed = ensemble.adaptive_voice()
+    stream = ensemble.audio_stream(voice=streamed)
+    for clip, offline in zip(clips, batch):
+        samples, rate = soundfile.read(clip, dtype="float32")
+        for start in range(0, samples.size, 800):
+            stream.accept_waveform(samples[start : start + 800], rate)
+        stream.input_finished()
+        assert stream.finished and stream.frames_processed > 0
+        np.testing.assert_allclose(
+            _probabilities(stream.result(), members[0].labels),
+            _probabilities(offline, members[0].labels),
+            atol=1e-4,
+        )
+        stream.reset()
+    assert streamed.frames == alone.frames
+    with pytest.raises(InputError, match="sample rate changed mid-stream"):
+        stream.accept_waveform(samples[:800], rate)
+        stream.accept_waveform(samples[:800], rate * 2)
+
+
+def test_an_ensemble_refuses_members_heard_with_and_without_voices(voice_members, tmp_path):
+    members, manifest = voice_members
+    plain = polysense.Pipeline.load(_train(manifest, tmp_path, modalities=("audio",), epochs=1), device="cpu")
+    with pytest.raises(ConfigError, match="some bundles were trained with --voice-norm and some without"):
+        polysense.Ensemble([members[0], plain])
