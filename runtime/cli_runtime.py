@@ -24,12 +24,21 @@ class _Once(argparse.Action):
 
 
 def _bundle_command(
-    commands: argparse._SubParsersAction, name: str, help: str, json_help: str
+    commands: argparse._SubParsersAction, name: str, help: str, json_help: str, ensemble: bool = True
 ) -> argparse.ArgumentParser:
-    """A runtime command on one bundle: BUNDLE, --device, --precision, --threads and --json (what it prints as
-    JSON differs)."""
+    """A runtime command on one bundle (or, with `ensemble`, one or more: an ensemble): BUNDLE, --device,
+    --precision, --threads and --json (what it prints as JSON differs)."""
     command = commands.add_parser(name, help=help)
-    command.add_argument("bundle", help="bundle folder (what `polysense export` writes)")
+    if ensemble:
+        command.add_argument(
+            "bundle",
+            nargs="+",
+            metavar="BUNDLE",
+            help="bundle folder (what `polysense export` writes); several: an ensemble, their probabilities "
+            "averaged",
+        )
+    else:
+        command.add_argument("bundle", help="bundle folder (what `polysense export` writes)")
     command.add_argument("--device", choices=DEVICES, default="auto")
     command.add_argument(
         "--precision",
@@ -55,12 +64,21 @@ def non_negative(text: str) -> int:
 
 
 def _load(args: argparse.Namespace):
-    """The Pipeline the runtime commands' common flags describe."""
+    """The Pipeline (or, for several bundles, the Ensemble) the runtime commands' common flags describe."""
+    from polysense.ensemble import Ensemble
     from polysense.pipeline import Pipeline
 
-    return Pipeline.load(
-        args.bundle, device=args.device, precision=args.precision, intra_op_threads=args.threads
-    )
+    options = dict(device=args.device, precision=args.precision, intra_op_threads=args.threads)
+    if isinstance(args.bundle, str):
+        return Pipeline.load(args.bundle, **options)
+    if len(args.bundle) == 1:
+        return Pipeline.load(args.bundle[0], **options)
+    return Ensemble.load(args.bundle, **options)
+
+
+def _named(args: argparse.Namespace) -> str:
+    """The bundle, or the bundles of an ensemble, as the command line named them."""
+    return args.bundle if isinstance(args.bundle, str) else " + ".join(args.bundle)
 
 
 def add_predict(commands: argparse._SubParsersAction) -> None:
@@ -150,14 +168,18 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
-        print(f"{args.bundle} on {args.data}{f' (split {args.split})' if args.split else ''}, runtime only:")
+        print(f"{_named(args)} on {args.data}{f' (split {args.split})' if args.split else ''}, runtime only:")
         print(format_metrics_table(metrics))
     return 0
 
 
 def add_stream(commands: argparse._SubParsersAction) -> None:
     stream = _bundle_command(
-        commands, "stream", "a timeline of predictions over streamed audio/video", "one JSON object per line"
+        commands,
+        "stream",
+        "a timeline of predictions over streamed audio/video",
+        "one JSON object per line",
+        ensemble=False,
     )
     stream.add_argument("--audio", help="audio file, or - for raw 16-bit little-endian mono PCM on stdin")
     stream.add_argument("--video", help="video file (or camera index / URL) sampled at --fps")
@@ -212,6 +234,7 @@ def add_voice(commands: argparse._SubParsersAction) -> None:
         "voice",
         "a speaker's voice profile from a few recordings, for bundles trained with --voice-norm",
         "print the profile's summary as JSON",
+        ensemble=False,  # one member's profile serves every member of an ensemble
     )
     voice.add_argument(
         "recordings", nargs="+", metavar="RECORDING", help="audio files of the speaker talking"

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from polysense import voice as voices
 from polysense.errors import BundleError, ConfigError, InputError
-from polysense.fusion import Prediction
+from polysense.fusion import Embeddings, Prediction, Prepared
 from polysense.limits import DEFAULT_LIMITS, Limits
 from polysense.pipeline import Pipeline
 from polysense.preprocessing import build_preprocessors
@@ -28,7 +29,42 @@ from polysense.voice import AdaptiveVoice, VoiceProfile
 
 MAX_MEMBERS = 16  # each member holds its own sessions; more is a mistake, not an ensemble
 
-__all__ = ["Ensemble", "EnsembleAudioStream"]
+__all__ = ["Ensemble", "EnsembleAudioStream", "EnsembleEmbeddings", "EnsemblePrepared"]
+
+
+@dataclass(frozen=True)
+class EnsemblePrepared:
+    """One sample as `Ensemble.prepare` made it: what each member's own preprocessing made of it."""
+
+    members: tuple[Prepared, ...]
+
+
+@dataclass(frozen=True)
+class EnsembleEmbeddings:
+    """What `Ensemble.embed` returns (each member's Embeddings of the same samples); `Ensemble.predict_batch`
+    takes it, narrowed with `select` as Embeddings are."""
+
+    members: tuple[Embeddings, ...]
+
+    def __len__(self) -> int:
+        return len(self.members[0])
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.members[0].modalities
+
+    @property
+    def mask(self) -> np.ndarray:
+        """[B, M] presence, the same for every member."""
+        return self.members[0].mask
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return _summed(e.timings for e in self.members)
+
+    def select(self, rows: Any = None, modalities: Iterable[str] | None = None) -> EnsembleEmbeddings:
+        """The given rows, with only `modalities` marked present (see Embeddings.select)."""
+        return EnsembleEmbeddings(tuple(e.select(rows, modalities) for e in self.members))
 
 
 class Ensemble:
@@ -111,20 +147,44 @@ class Ensemble:
         sample = {"image": image, "text": text, "audio": audio, "sample_rate": sample_rate, "voice": voice}
         return self.predict_batch([{k: v for k, v in sample.items() if v is not None}])[0]
 
-    def predict_batch(self, samples: Sequence[dict]) -> list[Prediction]:
-        """As Pipeline.predict_batch, for sample dicts: each member predicts the batch, and each sample's
-        probabilities are the mean of the members'. A prediction's embeddings are the members' embeddings of each
-        modality side by side ([members x embed_dim]); its timings add up the members' stages, and `total` is
-        the ensemble's own. An adaptive voice hears each recording once, as with one Pipeline."""
+    def predict_batch(
+        self, samples: Sequence[dict] | Sequence[EnsemblePrepared] | EnsembleEmbeddings
+    ) -> list[Prediction]:
+        """As Pipeline.predict_batch: sample dicts, what `prepare` made of them, or what `embed` returned. Each
+        member predicts the batch, and each sample's probabilities are the mean of the members'. A prediction's
+        embeddings are the members' embeddings of each modality stacked ([members, embed_dim]); its timings add
+        up the members' stages, and `total` is the ensemble's own. An adaptive voice hears each recording once,
+        as with one Pipeline."""
         start = time.perf_counter()
+        if isinstance(samples, EnsembleEmbeddings):
+            per_member = [m.predict_batch(e) for m, e in zip(self._members, samples.members)]
+        else:
+            if (
+                isinstance(samples, (dict, str, bytes))
+                or not isinstance(samples, Sequence)
+                or not len(samples)
+            ):
+                raise InputError("pass a non-empty list of sample dicts")
+            prepared = self._prepared(samples)
+            per_member = [
+                m.predict_batch([p.members[i] for p in prepared]) for i, m in enumerate(self._members)
+            ]
+        total = (time.perf_counter() - start) * 1000
+        return [self._combine([m[row] for m in per_member], total) for row in range(len(per_member[0]))]
+
+    def prepare(self, sample: dict) -> EnsemblePrepared:
+        """Check one sample and preprocess it for every member (see Pipeline.prepare); an adaptive voice hears
+        it here."""
+        return self._prepared([sample])[0]
+
+    def embed(self, samples: Sequence[dict]) -> EnsembleEmbeddings:
+        """Every member's embeddings of the samples (see Pipeline.embed); `predict_batch` takes them."""
         if isinstance(samples, (dict, str, bytes)) or not isinstance(samples, Sequence) or not len(samples):
             raise InputError("pass a non-empty list of sample dicts")
-        if not all(isinstance(s, dict) for s in samples):
-            raise InputError("an ensemble takes sample dicts (each member prepares and embeds its own)")
-        samples = [self._lend_voice(s) for s in samples]
-        per_member = [member.predict_batch(samples) for member in self._members]
-        total = (time.perf_counter() - start) * 1000
-        return [self._combine([m[row] for m in per_member], total) for row in range(len(samples))]
+        prepared = self._prepared(samples)
+        return EnsembleEmbeddings(
+            tuple(m.embed([p.members[i] for p in prepared]) for i, m in enumerate(self._members))
+        )
 
     def audio_stream(
         self, encode: bool = True, voice: VoiceProfile | AdaptiveVoice | None = None
@@ -149,6 +209,26 @@ class Ensemble:
         assert self._voice is not None  # _shared_voice made every member agree with the first
         return self._voice
 
+    def _prepared(self, samples: Sequence[Any]) -> list[EnsemblePrepared]:
+        """Each sample prepared by every member, in order (so an adaptive voice hears them one after another)."""
+        prepared = []
+        for index, sample in enumerate(samples):
+            if isinstance(sample, EnsemblePrepared) and len(sample.members) == len(self._members):
+                prepared.append(sample)
+                continue
+            if not isinstance(sample, dict):
+                raise InputError(
+                    "an ensemble takes sample dicts, or what its own prepare made of them (each member "
+                    f"prepares its own), got {type(sample).__name__}"
+                )
+            # The members' own checks and preprocessing (which name the sample in their errors); checked before
+            # an adaptive voice hears it, so a refused sample teaches it nothing.
+            where = f"sample {index}: " if len(samples) > 1 else ""
+            self._members[0]._check_sample(sample, where)
+            lent = self._lend_voice(sample)
+            prepared.append(EnsemblePrepared(tuple(m._prepare(lent, where) for m in self._members)))
+        return prepared
+
     def _lend_voice(self, sample: dict) -> dict:
         """The sample with an adaptive voice replaced by the profile it has learnt so far, after which it hears
         the recording: once for the ensemble, not once per member."""
@@ -165,12 +245,7 @@ class Ensemble:
         labels = self.labels
         probabilities = np.mean([[p.probabilities[label] for label in labels] for p in predictions], axis=0)
         embeddings = {m: np.stack([p.embeddings[m] for p in predictions]) for m in predictions[0].embeddings}
-        timings: dict[str, float] = {}
-        for prediction in predictions:
-            for stage, ms in prediction.timings.items():
-                if stage != "total":
-                    timings[stage] = timings.get(stage, 0.0) + ms
-        timings["total"] = total_ms
+        timings = {**_summed(p.timings for p in predictions), "total": total_ms}
         return Prediction(
             label=labels[int(probabilities.argmax())],
             probabilities={label: float(p) for label, p in zip(labels, probabilities)},
@@ -258,6 +333,16 @@ def _shared_voice(members: list[Pipeline]) -> VoiceProfile | None:
                 f"{audio[0].front_end()}); one voice profile cannot serve both"
             )
     return VoiceProfile.average(a.voice for a in audio)
+
+
+def _summed(timings: Iterable[dict[str, float]]) -> dict[str, float]:
+    """Milliseconds per stage added up over the members (their own totals left out)."""
+    summed: dict[str, float] = {}
+    for stages in timings:
+        for stage, ms in stages.items():
+            if stage != "total":
+                summed[stage] = summed.get(stage, 0.0) + ms
+    return summed
 
 
 def _no_files(name: str) -> bytes:

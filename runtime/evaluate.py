@@ -1,7 +1,8 @@
 """Evaluate a bundle on a data manifest with the runtime alone: the same keys as training's metrics.json.
 
 Uses only the Pipeline's public API: each batch is embedded once (`Pipeline.embed`), then classified with all
-its modalities and under every subset of them (`Pipeline.predict_batch` on narrowed Embeddings). A bundle
+its modalities and under every subset of them (`Pipeline.predict_batch` on narrowed Embeddings). An Ensemble
+offers the same calls, so it is evaluated the same way. A bundle
 trained with --voice-norm, on a manifest with a speaker column, hears each speaker with their own voice
 profile, built from all their recordings in the manifest (every split; no label used), as training did.
 """
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from polysense.batch_predict import PredictionWriter
 from polysense.data import SPLITS, Problem, Row, check_labels, read_manifest, report_skipped
+from polysense.ensemble import Ensemble
 from polysense.errors import ConfigError, InputError, ManifestError
 from polysense.fusion import Embeddings
 from polysense.metrics import classification_metrics
@@ -27,10 +29,11 @@ from polysense.pipeline import Pipeline
 from polysense.voice import VoiceProfile
 
 BATCH = 32
+Model = Pipeline | Ensemble
 log = logging.getLogger("polysense")
 
 
-def _rows_to_evaluate(pipeline: Pipeline, manifest: str | os.PathLike, split: str | None):
+def _rows_to_evaluate(pipeline: Model, manifest: str | os.PathLike, split: str | None):
     data = read_manifest(manifest)
     usable, skipped = data.usable_rows()
     rows = usable
@@ -49,10 +52,11 @@ def _rows_to_evaluate(pipeline: Pipeline, manifest: str | os.PathLike, split: st
     return rows, skipped, usable
 
 
-def _speaker_voices(pipeline: Pipeline, rows: list[Row]) -> dict[str, VoiceProfile]:
+def _speaker_voices(pipeline: Model, rows: list[Row]) -> dict[str, VoiceProfile]:
     """speaker -> voice profile from their recordings in `rows`, every split's (empty unless the bundle takes
     profiles)."""
-    audio = pipeline.description.preprocessing.audio
+    first = pipeline.members[0] if isinstance(pipeline, Ensemble) else pipeline  # members share the front end
+    audio = first.description.preprocessing.audio
     if audio is None or audio.voice is None:
         return {}
     by_speaker: dict[str, list[str]] = {}
@@ -85,7 +89,7 @@ def _sample(row: Row, modalities: tuple[str, ...], voices: dict[str, VoiceProfil
 
 
 def _embed_rows(
-    pipeline: Pipeline, rows: list[Row], voices: dict[str, VoiceProfile]
+    pipeline: Model, rows: list[Row], voices: dict[str, VoiceProfile]
 ) -> tuple[list[Row], Embeddings | None, list[Problem]]:
     """Embeddings of the rows that could be read; a batch that fails is retried row by row, so an unreadable
     file costs only its own row (reported as a Problem)."""
@@ -106,17 +110,17 @@ def _embed_rows(
     return kept, pipeline.embed([_sample(r, pipeline.modalities, voices) for r in kept]), problems
 
 
-def _predicted(pipeline: Pipeline, embeddings: Embeddings) -> list[int]:
+def _predicted(pipeline: Model, embeddings: Embeddings) -> list[int]:
     return _indices(pipeline, pipeline.predict_batch(embeddings))
 
 
-def _indices(pipeline: Pipeline, predictions: list) -> list[int]:
+def _indices(pipeline: Model, predictions: list) -> list[int]:
     index = {label: i for i, label in enumerate(pipeline.labels)}
     return [index[p.label] for p in predictions]
 
 
 def evaluate_bundle(
-    pipeline: Pipeline,
+    pipeline: Model,
     manifest: str | os.PathLike,
     split: str | None = None,
     progress: bool = True,
@@ -133,7 +137,7 @@ def evaluate_bundle(
 
 
 def _evaluate(
-    pipeline: Pipeline, manifest: str | os.PathLike, split: str | None, progress: bool, writer: Any
+    pipeline: Model, manifest: str | os.PathLike, split: str | None, progress: bool, writer: Any
 ) -> dict:
     rows, skipped, usable = _rows_to_evaluate(pipeline, manifest, split)
     voices = _speaker_voices(pipeline, usable)

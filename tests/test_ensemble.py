@@ -24,10 +24,20 @@ def _train(data: Path, out: Path, **options) -> Path:
 
 
 @pytest.fixture(scope="module")
-def other(tiny_builtin, tmp_path_factory):
+def other_bundle(tiny_builtin, tmp_path_factory) -> Path:
     """A second model of the session's built-in data (another seed): a member that errs differently."""
-    bundle = _train(tiny_builtin, tmp_path_factory.mktemp("other"), seed=1, lr=5e-3)
-    return polysense.Pipeline.load(bundle, device="cpu", precision="fp32")
+    return _train(tiny_builtin, tmp_path_factory.mktemp("other"), seed=1, lr=5e-3)
+
+
+@pytest.fixture(scope="module")
+def other(other_bundle):
+    return polysense.Pipeline.load(other_bundle, device="cpu", precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def image_only(tiny_builtin, tmp_path_factory) -> Path:
+    """A model of the same data and labels that takes images alone."""
+    return _train(tiny_builtin, tmp_path_factory.mktemp("image"), modalities=("image",), epochs=1)
 
 
 def _probabilities(prediction, labels) -> np.ndarray:
@@ -57,9 +67,7 @@ def test_an_ensemble_predicts_the_mean_of_its_members(pipe, other, test_rows):
         )
 
 
-def test_an_ensemble_loads_bundles_and_refuses_what_cannot_be_averaged(
-    bundle, pipe, other, tiny_builtin, tmp_path
-):
+def test_an_ensemble_loads_bundles_and_refuses_what_cannot_be_averaged(bundle, pipe, other, image_only):
     loaded = polysense.Ensemble.load([bundle, bundle], device="cpu", precision="fp32")
     assert len(loaded.members) == 2 and loaded.labels == pipe.labels
     for paths in ([], str(bundle), Path(bundle)):
@@ -71,11 +79,8 @@ def test_an_ensemble_loads_bundles_and_refuses_what_cannot_be_averaged(
         polysense.Ensemble([])
     with pytest.raises(ConfigError, match="non-empty list of polysense.Pipeline"):
         polysense.Ensemble([pipe, "bundle/"])
-    image_only = polysense.Pipeline.load(
-        _train(tiny_builtin, tmp_path, modalities=("image",), epochs=1), device="cpu", precision="fp32"
-    )
     with pytest.raises(ConfigError, match="bundle 1 takes image but bundle 0 takes image\\+text\\+audio"):
-        polysense.Ensemble([pipe, image_only])
+        polysense.Ensemble([pipe, polysense.Pipeline.load(image_only, device="cpu")])
     ensemble = polysense.Ensemble([pipe, other])
     with pytest.raises(InputError, match="non-empty list of sample dicts"):
         ensemble.predict_batch([])
@@ -168,3 +173,66 @@ def test_an_ensemble_refuses_members_heard_with_and_without_voices(voice_members
     plain = polysense.Pipeline.load(_train(manifest, tmp_path, modalities=("audio",), epochs=1), device="cpu")
     with pytest.raises(ConfigError, match="some bundles were trained with --voice-norm and some without"):
         polysense.Ensemble([members[0], plain])
+
+
+def test_an_ensemble_prepares_and_embeds_once_for_many_subsets(pipe, other, test_rows):
+    ensemble = polysense.Ensemble([pipe, other])
+    samples = [{"image": r.image, "text": r.text, "audio": r.audio} for r in test_rows[:4]]
+    direct = ensemble.predict_batch(samples)
+    prepared = ensemble.predict_batch([ensemble.prepare(s) for s in samples])
+    embeddings = ensemble.embed(samples)
+    assert len(embeddings) == 4 and embeddings.modalities == pipe.modalities
+    assert embeddings.mask.shape == (4, 3) and "encode_text" in embeddings.timings
+    for got in (prepared, ensemble.predict_batch(embeddings)):
+        for a, b in zip(direct, got):
+            np.testing.assert_allclose(
+                _probabilities(a, pipe.labels), _probabilities(b, pipe.labels), atol=1e-5
+            )
+    text_only = ensemble.predict_batch(embeddings.select([0, 1], ["text"]))
+    for sample, prediction in zip(samples, text_only):
+        expected = ensemble.predict(text=sample["text"])
+        np.testing.assert_allclose(
+            _probabilities(prediction, pipe.labels), _probabilities(expected, pipe.labels), atol=1e-5
+        )
+        assert list(prediction.embeddings) == ["text"]
+    with pytest.raises(InputError, match="sample 1: unknown input 'video'"):
+        ensemble.embed([samples[0], {"video": "x.mp4"}])
+
+
+def test_the_cli_predicts_and_evaluates_with_an_ensemble(
+    bundle, other_bundle, image_only, trained_run, test_rows, tmp_path, capsys
+):
+    import json
+
+    from polysense.cli import main
+    from polysense.evaluate import evaluate_bundle
+
+    members = [str(bundle), str(other_bundle)]
+    ensemble = polysense.Ensemble.load(members, device="cpu", precision="fp32")
+    row = next(r for r in test_rows if r.text is not None)
+    assert main(["predict", *members, "--text", row.text, "--precision", "fp32", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    expected = ensemble.predict(text=row.text)
+    assert printed["label"] == expected.label and printed["modalities"] == ["text"]
+    np.testing.assert_allclose(
+        [printed["probabilities"][k] for k in ensemble.labels],
+        _probabilities(expected, ensemble.labels),
+        atol=1e-5,
+    )
+    manifest = str(trained_run / "manifest.csv")
+    args = ["eval", *members, "--data", manifest, "--split", "test", "--precision", "fp32", "--json"]
+    assert main([*args, "--no-progress"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    expected = evaluate_bundle(ensemble, manifest, "test", progress=False)
+    assert metrics["accuracy"] == pytest.approx(expected["accuracy"]) and metrics["count"] == expected["count"]
+    assert set(metrics["subsets"]) >= {"image", "text", "audio", "image+text+audio"}
+    for subset, scores in expected["subsets"].items():  # each subset scored by the ensemble on that subset
+        assert metrics["subsets"][subset]["accuracy"] == pytest.approx(scores["accuracy"])
+    assert main(["eval", *members, "--data", manifest, "--split", "test", "--no-progress"]) == 0
+    assert f"{members[0]} + {members[1]} on {manifest}" in capsys.readouterr().out
+    preds = tmp_path / "preds.jsonl"
+    assert main(["predict", *members, "--data", manifest, "--out", str(preds), "--no-progress"]) == 0
+    with open(manifest) as handle:
+        assert len(preds.read_text().splitlines()) == len(list(csv.DictReader(handle)))
+    assert main(["predict", str(bundle), str(image_only), "--text", "hi"]) == 2
+    assert "bundle 1 takes image but bundle 0 takes image+text+audio" in capsys.readouterr().err
