@@ -224,7 +224,9 @@ def test_the_cli_predicts_and_evaluates_with_an_ensemble(
     assert main([*args, "--no-progress"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     expected = evaluate_bundle(ensemble, manifest, "test", progress=False)
-    assert metrics["accuracy"] == pytest.approx(expected["accuracy"]) and metrics["count"] == expected["count"]
+    assert (
+        metrics["accuracy"] == pytest.approx(expected["accuracy"]) and metrics["count"] == expected["count"]
+    )
     assert set(metrics["subsets"]) >= {"image", "text", "audio", "image+text+audio"}
     for subset, scores in expected["subsets"].items():  # each subset scored by the ensemble on that subset
         assert metrics["subsets"][subset]["accuracy"] == pytest.approx(scores["accuracy"])
