@@ -452,7 +452,7 @@ def test_loso_ensemble_reuses_finished_runs_of_the_same_training_only(tmp_path, 
 
     def export(run, variants):
         (run / "bundle").mkdir(exist_ok=True)
-        (run / "bundle" / "manifest.json").write_text("{}")
+        (run / "bundle" / "bundle.json").write_text("{}")
 
     def score(bundles, data, speaker, seeds):
         assert [b.parent.name for b in bundles] == [

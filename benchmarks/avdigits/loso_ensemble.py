@@ -36,6 +36,7 @@ from run import SPEAKERS, build, export, fit  # noqa: E402
 import polysense  # noqa: E402
 from polysense.data import read_manifest  # noqa: E402
 from polysense.machine import describe, machine  # noqa: E402
+from polysense.schema import DESCRIPTION_FILE  # noqa: E402
 
 log = logging.getLogger("polysense")
 DEFAULT_CONFIG = "causal-shape-voice-25-noise"
@@ -89,7 +90,7 @@ def _finished(folder: Path, manifest: Path, config, seed: int) -> bool:
         return False
     wanted = {**config.options, "epochs": config.epochs, "seed": seed, "data": str(manifest)}
     same = all(options.get(key) == value for key, value in wanted.items())
-    return same and (folder / "metrics.json").exists() and (folder / "bundle" / "manifest.json").exists()
+    return same and (folder / "metrics.json").exists() and (folder / "bundle" / DESCRIPTION_FILE).exists()
 
 
 def score(bundles: list[Path], manifest: Path, speaker: str, seeds: tuple[int, ...]) -> dict:
