@@ -439,6 +439,7 @@ def test_loso_ensemble_reuses_finished_runs_of_the_same_training_only(tmp_path, 
     folder = Path(__file__).resolve().parents[1] / "benchmarks" / "avdigits"
     monkeypatch.syspath_prepend(str(folder))
     loso_ensemble = pytest.importorskip("loso_ensemble")  # imports the training code: needs torch
+    from polysense.schema import DESCRIPTION_FILE
     manifest = tmp_path / "data_without_theo" / "manifest.csv"
     monkeypatch.setattr(loso_ensemble, "build", lambda work, speaker: manifest)
     trained = []
@@ -452,7 +453,7 @@ def test_loso_ensemble_reuses_finished_runs_of_the_same_training_only(tmp_path, 
 
     def export(run, variants):
         (run / "bundle").mkdir(exist_ok=True)
-        (run / "bundle" / "bundle.json").write_text("{}")
+        (run / "bundle" / DESCRIPTION_FILE).write_text("{}")  # what the bundle writer names it
 
     def score(bundles, data, speaker, seeds):
         assert [b.parent.name for b in bundles] == [
