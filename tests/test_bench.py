@@ -440,6 +440,7 @@ def test_loso_ensemble_reuses_finished_runs_of_the_same_training_only(tmp_path, 
     monkeypatch.syspath_prepend(str(folder))
     loso_ensemble = pytest.importorskip("loso_ensemble")  # imports the training code: needs torch
     from polysense.schema import DESCRIPTION_FILE
+
     manifest = tmp_path / "data_without_theo" / "manifest.csv"
     monkeypatch.setattr(loso_ensemble, "build", lambda work, speaker: manifest)
     trained = []
@@ -473,10 +474,12 @@ def test_loso_ensemble_reuses_finished_runs_of_the_same_training_only(tmp_path, 
         monkeypatch.setattr(loso_ensemble, name, function)
     config = loso_ensemble.DEFAULT_CONFIG
     first = loso_ensemble.run(tmp_path, ("theo",), config, (0, 1), True, tmp_path / "out", "python first")
-    assert len(trained) == 2 and "train_seconds_per_model" in first["speakers"]["theo"]
+    assert len(trained) == 2 and set(first["speakers"]["theo"]["train_seconds"]) == {"0", "1"}
     trained.clear()
     again = loso_ensemble.run(tmp_path, ("theo",), config, (0, 1), True, tmp_path / "out", "python again")
-    assert trained == [] and "train_seconds_per_model" not in again["speakers"]["theo"]
+    assert trained == [] and again["speakers"]["theo"]["train_seconds"] == {}
+    table = (tmp_path / "out" / "loso_ensemble.md").read_text()
+    assert "2 models were finished runs of the same training" in table and "Training time" not in table
     changed = tmp_path / "loso_audio_causal-shape-voice-25-noise_theo_seed1" / "config.json"
     changed.write_text(changed.read_text().replace('"epochs": 25', '"epochs": 15'))
     loso_ensemble.run(tmp_path, ("theo",), config, (0, 1), True, tmp_path / "out", "python changed")
@@ -488,3 +491,4 @@ def test_loso_ensemble_reuses_finished_runs_of_the_same_training_only(tmp_path, 
     assert "Command: `python anew`" in table
     assert "| theo | 0.8000 | 0.8400 | 0.8200 | 0.8600 | 0.8500 | 0.8000 |" in table
     assert "| mean |" not in table  # one speaker of five: no mean over the speakers
+    assert "mean over the 2 models this run trained" in table and "reused" not in table

@@ -62,7 +62,7 @@ def run(
     }
     for speaker in speakers:
         manifest = build(work, speaker)
-        bundles, train_seconds = [], []
+        bundles, train_seconds = [], {}
         for seed in seeds:
             folder = work / (f"loso_audio_{config.name}_{speaker}" + ("" if seed == 0 else f"_seed{seed}"))
             started = time.perf_counter()
@@ -70,12 +70,11 @@ def run(
                 log.warning("%s, %s held out, seed %d: training", config.name, speaker, seed)
                 fit(manifest, folder, config.epochs, ("audio",), seed=seed, **config.options)
                 export(folder, variants=False)
-                train_seconds.append(round(time.perf_counter() - started, 1))
+                train_seconds[str(seed)] = round(time.perf_counter() - started, 1)
             bundles.append(folder / "bundle")
         log.warning("%s held out: the runtime on his recordings", speaker)
         entry = score(bundles, manifest, speaker, seeds)
-        if train_seconds:
-            entry["train_seconds_per_model"] = round(sum(train_seconds) / len(train_seconds), 1)
+        entry["train_seconds"] = train_seconds  # seed -> seconds, for the models this run trained
         results["speakers"][speaker] = entry
         log.warning("  single %s, ensemble %.4f", entry["single"], entry["ensemble"])
         write(results, out)  # after every speaker, so an interrupted run keeps what it measured
@@ -170,9 +169,19 @@ def markdown(results: dict) -> str:
     if len(speakers) == len(SPEAKERS):
         means = [sum(cell(e) for e in speakers.values()) / len(speakers) for _, cell in columns]
         lines.append("| mean | " + " | ".join(f"{m:.4f}" for m in means) + " |")
-    seconds = [e["train_seconds_per_model"] for e in speakers.values() if "train_seconds_per_model" in e]
+    seconds = [s for e in speakers.values() for s in e.get("train_seconds", {}).values()]
+    reused = len(speakers) * len(seeds) - len(seconds)
+    lines.append("")
     if seconds:
-        lines += ["", f"Training time per model: {sum(seconds) / len(seconds):.0f} s (mean over speakers)."]
+        lines.append(
+            f"Training time per model: {sum(seconds) / len(seconds):.0f} s (mean over the {len(seconds)} "
+            "models this run trained)."
+        )
+    if reused:
+        lines.append(
+            f"{reused} models were finished runs of the same training in the work folder, reused (`--reuse`; "
+            "loso_audio.py trains them in the same folders)."
+        )
     return "\n".join(lines) + "\n"
 
 
