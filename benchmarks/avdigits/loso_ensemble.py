@@ -1,6 +1,6 @@
 """Audio alone on voices never heard in training: one model against an ensemble of several seeds' models.
 
-    python benchmarks/avdigits/loso_ensemble.py        (about 30 minutes on 2 cores; --reuse: 10)
+    python benchmarks/avdigits/loso_ensemble.py        (about 25 minutes on 2 cores; with --reuse of finished runs: 5)
 
 Each of the five FSDD speakers is held out in turn (all 500 of his recordings are tested), and the
 configuration `--config` of loso_audio.py (default `causal-shape-voice-25-noise`: the causal spectral-shape
