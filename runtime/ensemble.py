@@ -89,6 +89,19 @@ class Ensemble:
                     f"bundle {index} takes {'+'.join(member.modalities)} but bundle 0 takes "
                     f"{'+'.join(first.modalities)}; an ensemble's bundles take the same modalities"
                 )
+            if member.embed_dim != first.embed_dim:
+                # A prediction stacks the members' embeddings of each modality ([members, embed_dim]).
+                raise ConfigError(
+                    f"bundle {index} embeds into {member.embed_dim} numbers but bundle 0 into "
+                    f"{first.embed_dim}; an ensemble's bundles are trained with the same --embed-dim"
+                )
+            if member.limits != first.limits:
+                # One input is checked once against these limits; a member with other limits would refuse it
+                # after the others took it (a stream's chunk, half fed).
+                raise ConfigError(
+                    f"bundle {index} was loaded with other limits than bundle 0; load an ensemble's pipelines "
+                    "with the same polysense.Limits (Ensemble.load does)"
+                )
         self._members = members
         self._voice = _shared_voice(members)
         self._audio_frames = None
@@ -108,7 +121,10 @@ class Ensemble:
         limits: Limits = DEFAULT_LIMITS,
     ) -> Ensemble:
         """One Pipeline per bundle path (see Pipeline.load for the options, which every member shares)."""
-        if isinstance(paths, (str, bytes, os.PathLike)) or not len(paths):
+        if isinstance(paths, (str, bytes, os.PathLike)):
+            raise ConfigError("pass a list of bundle paths, one per member of the ensemble, not one path")
+        paths = list(paths)
+        if not paths:
             raise ConfigError("pass a non-empty list of bundle paths, one per member of the ensemble")
         if len(paths) > MAX_MEMBERS:
             raise ConfigError(f"an ensemble takes at most {MAX_MEMBERS} bundles, got {len(paths)}")
@@ -156,7 +172,17 @@ class Ensemble:
         up the members' stages, and `total` is the ensemble's own. An adaptive voice hears each recording once,
         as with one Pipeline."""
         start = time.perf_counter()
+        if isinstance(samples, Embeddings):
+            raise InputError(
+                "these embeddings come from one Pipeline; an ensemble takes what its own embed returned "
+                "(every member's embeddings)"
+            )
         if isinstance(samples, EnsembleEmbeddings):
+            if len(samples.members) != len(self._members):
+                raise InputError(
+                    f"these embeddings come from an ensemble of {len(samples.members)} bundles, this one has "
+                    f"{len(self._members)}; pass what this ensemble's embed returned"
+                )
             per_member = [m.predict_batch(e) for m, e in zip(self._members, samples.members)]
         else:
             if (
@@ -213,7 +239,12 @@ class Ensemble:
         """Each sample prepared by every member, in order (so an adaptive voice hears them one after another)."""
         prepared = []
         for index, sample in enumerate(samples):
-            if isinstance(sample, EnsemblePrepared) and len(sample.members) == len(self._members):
+            if isinstance(sample, EnsemblePrepared):
+                if len(sample.members) != len(self._members):
+                    raise InputError(
+                        f"sample {index} was prepared by an ensemble of {len(sample.members)} bundles, this "
+                        f"one has {len(self._members)}; pass what this ensemble's prepare made"
+                    )
                 prepared.append(sample)
                 continue
             if not isinstance(sample, dict):
@@ -221,25 +252,24 @@ class Ensemble:
                     "an ensemble takes sample dicts, or what its own prepare made of them (each member "
                     f"prepares its own), got {type(sample).__name__}"
                 )
-            # The members' own checks and preprocessing (which name the sample in their errors); checked before
-            # an adaptive voice hears it, so a refused sample teaches it nothing.
+            # The members' own checks and preprocessing (which name the sample in their errors), all before an
+            # adaptive voice hears it, so a refused sample teaches it nothing.
             where = f"sample {index}: " if len(samples) > 1 else ""
             self._members[0]._check_sample(sample, where)
-            lent = self._lend_voice(sample)
+            lent = self._lent_voice(sample)
             prepared.append(EnsemblePrepared(tuple(m._prepare(lent, where) for m in self._members)))
+            if lent is not sample:
+                sample["voice"].hear(self._audio_frames(sample["audio"], sample.get("sample_rate")))
         return prepared
 
-    def _lend_voice(self, sample: dict) -> dict:
-        """The sample with an adaptive voice replaced by the profile it has learnt so far, after which it hears
-        the recording: once for the ensemble, not once per member."""
+    def _lent_voice(self, sample: dict) -> dict:
+        """The sample with an adaptive voice replaced by the profile it has learnt so far, which every member
+        hears it with; the voice itself hears the recording once, for the whole ensemble (in _prepared)."""
         if not isinstance(sample.get("voice"), AdaptiveVoice):
             return sample
-        voice: AdaptiveVoice = sample["voice"]
         if self._audio_frames is None or sample.get("audio") is None:
             return sample  # the members refuse it with the message a Pipeline gives
-        profile = voice.profile
-        voice.hear(self._audio_frames(sample["audio"], sample.get("sample_rate")))
-        return {**sample, "voice": profile}
+        return {**sample, "voice": sample["voice"].profile}
 
     def _combine(self, predictions: list[Prediction], total_ms: float) -> Prediction:
         labels = self.labels
@@ -320,9 +350,10 @@ def _shared_voice(members: list[Pipeline]) -> VoiceProfile | None:
         return None
     with_voice = [a.voice is not None for a in audio]
     if any(with_voice) and not all(with_voice):
+        index = with_voice.index(not with_voice[0])
         raise ConfigError(
-            "some bundles were trained with --voice-norm and some without; an ensemble's bundles take "
-            "recordings the same way"
+            f"bundle {index} was trained {'with' if with_voice[index] else 'without'} --voice-norm and bundle 0 "
+            f"{'with' if with_voice[0] else 'without'}; an ensemble's bundles take recordings the same way"
         )
     if not with_voice[0]:
         return None

@@ -222,10 +222,12 @@ class AudioStream:
 
 def encode_streams(streams: Sequence[AudioStream]) -> None:
     """Encode the pending frames of deferred streams (`pipeline.audio_stream(encode=False)`), batched per
-    engine: a convenience over `AudioEngine.encode_streams` for streams of one or several pipelines."""
+    engine: a convenience over `AudioEngine.encode_streams` for streams of one or several pipelines, and for
+    an ensemble's streams (`ensemble.audio_stream(encode=False)`: each member's stream is encoded)."""
     by_engine: dict[int, list[AudioStream]] = {}
     for stream in streams:
-        by_engine.setdefault(id(stream.engine), []).append(stream)
+        for member_stream in getattr(stream, "streams", None) or [stream]:  # an EnsembleAudioStream's members
+            by_engine.setdefault(id(member_stream.engine), []).append(member_stream)
     for group in by_engine.values():
         group[0].engine.encode_streams(group)
 

@@ -70,9 +70,12 @@ def test_an_ensemble_predicts_the_mean_of_its_members(pipe, other, test_rows):
 def test_an_ensemble_loads_bundles_and_refuses_what_cannot_be_averaged(bundle, pipe, other, image_only):
     loaded = polysense.Ensemble.load([bundle, bundle], device="cpu", precision="fp32")
     assert len(loaded.members) == 2 and loaded.labels == pipe.labels
-    for paths in ([], str(bundle), Path(bundle)):
-        with pytest.raises(ConfigError, match="non-empty list of bundle paths"):
-            polysense.Ensemble.load(paths)
+    assert len(polysense.Ensemble.load(p for p in (bundle, bundle)).members) == 2  # any iterable of paths
+    with pytest.raises(ConfigError, match="non-empty list of bundle paths"):
+        polysense.Ensemble.load([])
+    for path in (str(bundle), Path(bundle)):
+        with pytest.raises(ConfigError, match="not one path"):
+            polysense.Ensemble.load(path)
     with pytest.raises(ConfigError, match="at most 16 bundles"):
         polysense.Ensemble.load([bundle] * 17)
     with pytest.raises(ConfigError, match="non-empty list of polysense.Pipeline"):
@@ -81,6 +84,10 @@ def test_an_ensemble_loads_bundles_and_refuses_what_cannot_be_averaged(bundle, p
         polysense.Ensemble([pipe, "bundle/"])
     with pytest.raises(ConfigError, match="bundle 1 takes image but bundle 0 takes image\\+text\\+audio"):
         polysense.Ensemble([pipe, polysense.Pipeline.load(image_only, device="cpu")])
+    with pytest.raises(ConfigError, match="bundle 1 was loaded with other limits than bundle 0"):
+        polysense.Ensemble(
+            [pipe, polysense.Pipeline.load(bundle, limits=polysense.Limits(max_audio_seconds=99))]
+        )
     ensemble = polysense.Ensemble([pipe, other])
     with pytest.raises(InputError, match="non-empty list of sample dicts"):
         ensemble.predict_batch([])
@@ -171,8 +178,35 @@ def test_an_ensemble_hears_a_voice_once_and_streams_as_it_predicts(voice_members
 def test_an_ensemble_refuses_members_heard_with_and_without_voices(voice_members, tmp_path):
     members, manifest = voice_members
     plain = polysense.Pipeline.load(_train(manifest, tmp_path, modalities=("audio",), epochs=1), device="cpu")
-    with pytest.raises(ConfigError, match="some bundles were trained with --voice-norm and some without"):
+    with pytest.raises(ConfigError, match="bundle 1 was trained without --voice-norm and bundle 0 with"):
         polysense.Ensemble([members[0], plain])
+    with pytest.raises(ConfigError, match="bundle 2 was trained with --voice-norm and bundle 0 without"):
+        polysense.Ensemble([plain, plain, members[0]])
+
+
+def test_a_sample_an_ensemble_refuses_teaches_its_adaptive_voice_nothing(tmp_path):
+    """An image+audio model with --voice-norm: a broken photo is refused after the audio was readable, and the
+    adaptive voice must not have heard that recording."""
+    from polysense.datasets.avdigits import AVDigitsSpec, build_rows
+
+    fsdd, images = _require(SHARED_DATA / "fsdd"), _require(SHARED_DATA / "sign_digits")
+    rows = build_rows(AVDigitsSpec(str(fsdd), str(images), seed=0, holdout_speaker="theo"))
+    manifest = tmp_path / "small.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "audio", "label", "split", "speaker"])
+        writer.writeheader()
+        writer.writerows({k: r[k] for k in writer.fieldnames} for i, r in enumerate(rows) if i % 20 == 0)
+    member = polysense.Pipeline.load(_train(manifest, tmp_path, epochs=1, voice_norm=True), device="cpu")
+    ensemble = polysense.Ensemble([member, member])
+    clip = _theo(manifest, 1)[0]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not a photo")
+    voice = ensemble.adaptive_voice()
+    with pytest.raises(InputError):
+        ensemble.predict(image=str(broken), audio=clip, voice=voice)
+    assert voice.frames == 0
+    ensemble.predict(audio=clip, voice=voice)
+    assert voice.frames > 0
 
 
 def test_an_ensemble_prepares_and_embeds_once_for_many_subsets(pipe, other, test_rows):
@@ -197,6 +231,43 @@ def test_an_ensemble_prepares_and_embeds_once_for_many_subsets(pipe, other, test
         assert list(prediction.embeddings) == ["text"]
     with pytest.raises(InputError, match="sample 1: unknown input 'video'"):
         ensemble.embed([samples[0], {"video": "x.mp4"}])
+    # What another ensemble, or one Pipeline, made is refused, not silently cut to fit.
+    larger = polysense.Ensemble([pipe, other, pipe])
+    with pytest.raises(InputError, match="ensemble of 2 bundles, this one has 3"):
+        larger.predict_batch(embeddings)
+    with pytest.raises(InputError, match="sample 0 was prepared by an ensemble of 2 bundles, this one has 3"):
+        larger.predict_batch([ensemble.prepare(samples[0])])
+    with pytest.raises(InputError, match="come from one Pipeline"):
+        ensemble.predict_batch(pipe.embed(samples))
+
+
+def test_ensemble_streams_encode_in_batches_as_a_pipeline_s_do(pipe, other, fsdd_file):
+    import soundfile
+
+    from polysense.streaming import encode_streams
+
+    samples, rate = soundfile.read(fsdd_file, dtype="int16")
+    ensemble = polysense.Ensemble([pipe, other])
+    alone, deferred = ensemble.audio_stream(), ensemble.audio_stream(encode=False)
+    for start in range(0, samples.shape[0], 800):
+        for stream in (alone, deferred):
+            stream.accept_waveform(samples[start : start + 800], rate)
+        encode_streams([deferred])  # each member's stream, grouped by its own engine
+    for stream in (alone, deferred):
+        stream.input_finished()
+    encode_streams([deferred])
+    expected = alone.result()
+    got = deferred.result()
+    np.testing.assert_allclose(got.embeddings["audio"], expected.embeddings["audio"], atol=1e-5)
+    np.testing.assert_allclose(
+        _probabilities(got, pipe.labels), _probabilities(expected, pipe.labels), atol=1e-5
+    )
+
+
+def test_an_ensemble_refuses_members_of_other_embedding_widths(tiny_builtin, pipe, tmp_path):
+    narrow = polysense.Pipeline.load(_train(tiny_builtin, tmp_path, epochs=1, embed_dim=16), device="cpu")
+    with pytest.raises(ConfigError, match="bundle 1 embeds into 16 numbers but bundle 0 into 32"):
+        polysense.Ensemble([pipe, narrow])
 
 
 def test_the_cli_predicts_and_evaluates_with_an_ensemble(
