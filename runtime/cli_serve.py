@@ -20,7 +20,9 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
         description="POST /v1/predict, /v1/predict_batch; GET /v1/info, /healthz, /readyz, /metrics; "
         "WS /v1/stream. See the README section 'Serving'.",
     )
-    serve.add_argument("bundle")
+    serve.add_argument(
+        "bundle", nargs="+", help="a bundle; several bundles are served as one ensemble (polysense.Ensemble)"
+    )
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
@@ -123,14 +125,19 @@ def _run_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
     )
     if args.ray or args.write_config:
+        if len(args.bundle) > 1:
+            raise ConfigError("Ray Serve deploys one bundle; serve an ensemble without --ray/--write-config")
         return _run_ray(args, options, threads_given)
+    from polysense.ensemble import Ensemble
     from polysense.pipeline import Pipeline
     from polysense.serving.server import serve
 
-    pipeline = Pipeline.load(
-        args.bundle, device=args.device, precision=args.precision, intra_op_threads=args.threads
-    )
-    serve(pipeline, options, host=args.host, port=args.port, access_log=args.access_log)
+    load = dict(device=args.device, precision=args.precision, intra_op_threads=args.threads)
+    if len(args.bundle) == 1:
+        model = Pipeline.load(args.bundle[0], **load)
+    else:
+        model = Ensemble.load(args.bundle, **load)
+    serve(model, options, host=args.host, port=args.port, access_log=args.access_log)
     return 0
 
 
@@ -138,7 +145,7 @@ def _run_ray(args: argparse.Namespace, options: ServeOptions, threads_given: boo
     from polysense.serving.ray_app import RayOptions, deploy, write_config
 
     ray_options = RayOptions(
-        bundle=os.path.abspath(args.bundle),
+        bundle=os.path.abspath(args.bundle[0]),
         device=args.device,
         precision=args.precision,
         # a replica runs on another machine, maybe: one onnxruntime thread per CPU Ray reserves for it

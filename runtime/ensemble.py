@@ -25,6 +25,7 @@ from polysense.fusion import Embeddings, Prediction, Prepared
 from polysense.limits import DEFAULT_LIMITS, Limits
 from polysense.pipeline import Pipeline
 from polysense.preprocessing import build_preprocessors
+from polysense.schema import BundleDescription
 from polysense.voice import AdaptiveVoice, VoiceProfile
 
 MAX_MEMBERS = 16  # each member holds its own sessions; more is a mistake, not an ensemble
@@ -37,6 +38,16 @@ class EnsemblePrepared:
     """One sample as `Ensemble.prepare` made it: what each member's own preprocessing made of it."""
 
     members: tuple[Prepared, ...]
+
+    @property
+    def subset(self) -> str:
+        """Its modalities as a key like 'image+text' (see Prepared.subset)."""
+        return self.members[0].subset
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """The members' preprocessing, ms per stage added up."""
+        return _summed(p.timings for p in self.members)
 
 
 @dataclass(frozen=True)
@@ -141,6 +152,30 @@ class Ensemble:
     @property
     def modalities(self) -> tuple[str, ...]:
         return self._members[0].modalities
+
+    @property
+    def embed_dim(self) -> int:
+        return self._members[0].embed_dim  # every member's (checked when the ensemble is made)
+
+    @property
+    def limits(self) -> Limits:
+        return self._members[0].limits  # every member's
+
+    @property
+    def description(self) -> BundleDescription:
+        """The first member's bundle description. Members may preprocess differently (image sizes, sample
+        rates); each has its own in `members[i].description`."""
+        return self._members[0].description
+
+    @property
+    def precisions(self) -> list[dict[str, str]]:
+        """Each member's component -> the precision it runs at."""
+        return [m.precisions for m in self._members]
+
+    @property
+    def providers(self) -> list[dict[str, str]]:
+        """Each member's component -> the execution provider it actually runs on."""
+        return [m.providers for m in self._members]
 
     # -- inference -----------------------------------------------------------------------------------------
 
@@ -306,6 +341,18 @@ class EnsembleAudioStream:
     def frames_processed(self) -> int:
         return self.streams[0].frames_processed
 
+    @property
+    def model_rate(self) -> int:
+        """The first member's model sample rate (each member's stream resamples to its own)."""
+        return self.streams[0].model_rate
+
+    @property
+    def embedding(self) -> np.ndarray | None:
+        """The members' audio embeddings so far, stacked ([members, embed_dim]); None before every member
+        has encoded a frame."""
+        embeddings = [stream.embedding for stream in self.streams]
+        return None if any(e is None for e in embeddings) else np.stack(embeddings)
+
     def reset(self) -> None:
         """Forget the audio in every member's stream (see AudioStream.reset)."""
         if isinstance(self.voice, AdaptiveVoice):
@@ -317,15 +364,14 @@ class EnsembleAudioStream:
             stream.reset()
 
     def accept_waveform(self, samples: np.ndarray, sample_rate: int) -> int:
-        """Add a chunk to every member's stream (see AudioStream.accept_waveform)."""
-        count = self.streams[0].accept_waveform(samples, sample_rate)  # a rejected chunk stops here
-        for stream in self.streams[1:]:
-            stream.accept_waveform(samples, sample_rate)
-        return count
+        """Add a chunk to every member's stream (see AudioStream.accept_waveform); the most new frames of any
+        member (members with other front ends may make different counts: any pending frame needs encoding)."""
+        counts = [self.streams[0].accept_waveform(samples, sample_rate)]  # a rejected chunk stops here
+        counts += [stream.accept_waveform(samples, sample_rate) for stream in self.streams[1:]]
+        return max(counts)
 
     def input_finished(self) -> int:
-        counts = [stream.input_finished() for stream in self.streams]
-        return counts[0]
+        return max(stream.input_finished() for stream in self.streams)
 
     def set_text(self, text: str | None) -> None:
         for stream in self.streams:

@@ -65,6 +65,21 @@ def trained_run(tiny_builtin, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def other_bundle(tiny_builtin, tmp_path_factory) -> Path:
+    """A second model of the tiny built-in set (another seed, fewer epochs, exported without variants): a member
+    of an ensemble that errs differently from the session's bundle."""
+    pytest.importorskip("torch")
+    from polysense.export import export_run
+    from polysense.models.options import TrainOptions
+    from polysense.models.train import train
+
+    out = tmp_path_factory.mktemp("other")
+    settings = dict(epochs=2, image_width=8, embed_dim=32, batch_size=32, progress=False, patience=0)
+    train(TrainOptions(data=str(tiny_builtin), out=str(out / "run"), seed=1, lr=5e-3, **settings))
+    return export_run(out / "run", out / "bundle", progress=False, policy=None).bundle
+
+
+@pytest.fixture(scope="session")
 def pipe(bundle):
     """The session's bundle at fp32 on CPU, one Pipeline for every test that wants it (a Pipeline may be shared).
     fp32: these tests compare paths exactly, and dynamic int8 quantizes activations per batch, so an int8

@@ -24,12 +24,6 @@ def _train(data: Path, out: Path, **options) -> Path:
 
 
 @pytest.fixture(scope="module")
-def other_bundle(tiny_builtin, tmp_path_factory) -> Path:
-    """A second model of the session's built-in data (another seed): a member that errs differently."""
-    return _train(tiny_builtin, tmp_path_factory.mktemp("other"), seed=1, lr=5e-3)
-
-
-@pytest.fixture(scope="module")
 def other(other_bundle):
     return polysense.Pipeline.load(other_bundle, device="cpu", precision="fp32")
 

@@ -405,3 +405,43 @@ def test_the_load_benchmark_runs_in_quick_mode(bundle, tmp_path):
     assert isinstance(report["machine"]["isa"], list)  # the CPU's instruction sets travel with the numbers
     assert (tmp_path / "serving.md").read_text().startswith("# polysense serve under load")
     assert (tmp_path / "serving.png").stat().st_size > 1000
+
+
+def test_an_ensemble_is_served_as_one_bundle_is(pipe, other_bundle, row):
+    other = polysense.Pipeline.load(other_bundle, device="cpu", precision="fp32")
+    ensemble = polysense.Ensemble([pipe, other])
+    client = _client(ensemble)
+    try:
+        info = client.get("/v1/info").json()
+        assert info["members"] == 2 and info["labels"] == list(pipe.labels)
+        assert [set(p) for p in info["precisions"]] == [set(pipe.description.components)] * 2
+        answer = client.post("/v1/predict", json={"text": row.text, "image": _b64(row.image)})
+        assert answer.status_code == 200
+        _assert_same(answer.json(), ensemble.predict(text=row.text, image=row.image))
+        batch = client.post(
+            "/v1/predict_batch", json={"samples": [{"text": row.text}, {"text": "a calm morning"}]}
+        )
+        assert batch.status_code == 200
+        _assert_same(batch.json()["predictions"][0], ensemble.predict(text=row.text))
+        samples, rate = soundfile.read(row.audio, dtype="int16")
+        with client.websocket_connect("/v1/stream") as ws:
+            ws.send_json({"sample_rate": rate, "format": "s16le", "text": row.text})
+            assert ws.receive_json()["type"] == "ready"
+            for start in range(0, samples.size, 700):
+                ws.send_bytes(samples[start : start + 700].tobytes())
+                assert ws.receive_json()["type"] == "partial"
+            ws.send_json({"type": "end"})
+            final = ws.receive_json()
+        assert final["type"] == "final"
+        _assert_same(final, ensemble.predict(audio=row.audio, text=row.text))
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_serve_takes_several_bundles_as_an_ensemble_but_not_on_ray(bundle, other_bundle, capsys):
+    assert main(["serve", str(bundle), str(other_bundle), "--ray"]) == 2
+    assert main(["serve", str(bundle), str(other_bundle), "--write-config", "x.yaml"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert (
+        lines == ["error: Ray Serve deploys one bundle; serve an ensemble without --ray/--write-config"] * 2
+    )

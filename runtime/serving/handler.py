@@ -201,7 +201,8 @@ def info_json(pipeline: Any, options: ServeOptions) -> dict:
         "polysense": __version__,
         "labels": list(pipeline.labels),
         "modalities": list(pipeline.modalities),
-        "precisions": pipeline.precisions,
+        "members": len(getattr(pipeline, "members", ())) or 1,  # an Ensemble's bundles; one Pipeline: 1
+        "precisions": pipeline.precisions,  # an Ensemble: one entry per member, as providers
         "providers": pipeline.providers,
         "embed_dim": pipeline.embed_dim,
         "max_batch": options.max_batch,

@@ -53,8 +53,8 @@ Handler = Callable[[Any], Awaitable[Response]]
 
 
 def create_app(pipeline: Any, options: ServeOptions | None = None) -> Starlette:
-    """The ASGI application serving `pipeline` (a polysense.Pipeline); `polysense.serving.server.serve` runs
-    it on uvicorn. Readiness comes after a warm-up run in the background."""
+    """The ASGI application serving `pipeline` (a polysense.Pipeline or Ensemble);
+    `polysense.serving.server.serve` runs it on uvicorn. Readiness comes after a warm-up run in the background."""
     service = Service(pipeline, options or ServeOptions())
 
     @contextlib.asynccontextmanager
