@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 from polysense import voice as voices
+from polysense.ensemble_results import (
+    EnsembleEmbeddings,
+    EnsemblePrepared,
+    combine_predictions,
+)
+from polysense.ensemble_stream import EnsembleAudioStream
 from polysense.errors import BundleError, ConfigError, InputError
-from polysense.fusion import Embeddings, Prediction, Prepared
+from polysense.fusion import Embeddings, Prediction
 from polysense.limits import DEFAULT_LIMITS, Limits
 from polysense.pipeline import Pipeline
 from polysense.preprocessing import build_preprocessors
@@ -31,51 +34,6 @@ from polysense.voice import AdaptiveVoice, VoiceProfile
 MAX_MEMBERS = 16  # each member holds its own sessions; more is a mistake, not an ensemble
 
 __all__ = ["Ensemble", "EnsembleAudioStream", "EnsembleEmbeddings", "EnsemblePrepared"]
-
-
-@dataclass(frozen=True)
-class EnsemblePrepared:
-    """One sample as `Ensemble.prepare` made it: what each member's own preprocessing made of it."""
-
-    members: tuple[Prepared, ...]
-
-    @property
-    def subset(self) -> str:
-        """Its modalities as a key like 'image+text' (see Prepared.subset)."""
-        return self.members[0].subset
-
-    @property
-    def timings(self) -> dict[str, float]:
-        """The members' preprocessing, ms per stage added up."""
-        return _summed(p.timings for p in self.members)
-
-
-@dataclass(frozen=True)
-class EnsembleEmbeddings:
-    """What `Ensemble.embed` returns (each member's Embeddings of the same samples); `Ensemble.predict_batch`
-    takes it, narrowed with `select` as Embeddings are."""
-
-    members: tuple[Embeddings, ...]
-
-    def __len__(self) -> int:
-        return len(self.members[0])
-
-    @property
-    def modalities(self) -> tuple[str, ...]:
-        return self.members[0].modalities
-
-    @property
-    def mask(self) -> np.ndarray:
-        """[B, M] presence, the same for every member."""
-        return self.members[0].mask
-
-    @property
-    def timings(self) -> dict[str, float]:
-        return _summed(e.timings for e in self.members)
-
-    def select(self, rows: Any = None, modalities: Iterable[str] | None = None) -> EnsembleEmbeddings:
-        """The given rows, with only `modalities` marked present (see Embeddings.select)."""
-        return EnsembleEmbeddings(tuple(e.select(rows, modalities) for e in self.members))
 
 
 class Ensemble:
@@ -231,7 +189,11 @@ class Ensemble:
                 m.predict_batch([p.members[i] for p in prepared]) for i, m in enumerate(self._members)
             ]
         total = (time.perf_counter() - start) * 1000
-        return [self._combine([m[row] for m in per_member], total) for row in range(len(per_member[0]))]
+        labels = self.labels
+        return [
+            combine_predictions([m[row] for m in per_member], labels, total)
+            for row in range(len(per_member[0]))
+        ]
 
     def prepare(self, sample: dict) -> EnsemblePrepared:
         """Check one sample and preprocess it for every member (see Pipeline.prepare); an adaptive voice hears
@@ -251,7 +213,7 @@ class Ensemble:
         self, encode: bool = True, voice: VoiceProfile | AdaptiveVoice | None = None
     ) -> EnsembleAudioStream:
         """A live audio stream through every member (see Pipeline.audio_stream); `result()` averages them."""
-        return EnsembleAudioStream(self, encode, voice)
+        return EnsembleAudioStream(self._members, self.labels, encode, voice)
 
     def voice_profile(self, recordings: Sequence[Any], sample_rate: int | None = None) -> VoiceProfile:
         """A speaker's voice profile (see Pipeline.voice_profile), good for every member."""
@@ -306,87 +268,6 @@ class Ensemble:
             return sample  # the members refuse it with the message a Pipeline gives
         return {**sample, "voice": sample["voice"].profile}
 
-    def _combine(self, predictions: list[Prediction], total_ms: float) -> Prediction:
-        labels = self.labels
-        probabilities = np.mean([[p.probabilities[label] for label in labels] for p in predictions], axis=0)
-        embeddings = {m: np.stack([p.embeddings[m] for p in predictions]) for m in predictions[0].embeddings}
-        timings = {**_summed(p.timings for p in predictions), "total": total_ms}
-        return Prediction(
-            label=labels[int(probabilities.argmax())],
-            probabilities={label: float(p) for label, p in zip(labels, probabilities)},
-            embeddings=embeddings,
-            timings=timings,
-        )
-
-
-class EnsembleAudioStream:
-    """One live recording through every member's audio stream (see polysense.streaming.AudioStream)."""
-
-    def __init__(
-        self, ensemble: Ensemble, encode: bool = True, voice: VoiceProfile | AdaptiveVoice | None = None
-    ) -> None:
-        self._ensemble = ensemble
-        # The first member's stream holds an adaptive voice (it hears the recording once, when it finishes);
-        # the others take the profile it lends that stream, renewed at every reset.
-        self.voice = voice
-        self.streams = [member.audio_stream(encode, voice) for member in ensemble.members[:1]]
-        lent = voice.profile if isinstance(voice, AdaptiveVoice) else voice
-        self.streams += [member.audio_stream(encode, lent) for member in ensemble.members[1:]]
-
-    @property
-    def finished(self) -> bool:
-        return self.streams[0].finished
-
-    @property
-    def frames_processed(self) -> int:
-        return self.streams[0].frames_processed
-
-    @property
-    def model_rate(self) -> int:
-        """The first member's model sample rate (each member's stream resamples to its own)."""
-        return self.streams[0].model_rate
-
-    @property
-    def embedding(self) -> np.ndarray | None:
-        """The members' audio embeddings so far, stacked ([members, embed_dim]); None before every member
-        has encoded a frame."""
-        embeddings = [stream.embedding for stream in self.streams]
-        return None if any(e is None for e in embeddings) else np.stack(embeddings)
-
-    def reset(self) -> None:
-        """Forget the audio in every member's stream (see AudioStream.reset)."""
-        if isinstance(self.voice, AdaptiveVoice):
-            # What the first stream takes as it resets: learnt up to the recording that just finished.
-            lent = self.voice.profile
-            for stream in self.streams[1:]:
-                stream.voice = lent
-        for stream in self.streams:
-            stream.reset()
-
-    def accept_waveform(self, samples: np.ndarray, sample_rate: int) -> int:
-        """Add a chunk to every member's stream (see AudioStream.accept_waveform); the most new frames of any
-        member (members with other front ends may make different counts: any pending frame needs encoding)."""
-        counts = [self.streams[0].accept_waveform(samples, sample_rate)]  # a rejected chunk stops here
-        counts += [stream.accept_waveform(samples, sample_rate) for stream in self.streams[1:]]
-        return max(counts)
-
-    def input_finished(self) -> int:
-        return max(stream.input_finished() for stream in self.streams)
-
-    def set_text(self, text: str | None) -> None:
-        for stream in self.streams:
-            stream.set_text(text)
-
-    def set_image(self, image: Any) -> None:
-        for stream in self.streams:
-            stream.set_image(image)
-
-    def result(self) -> Prediction:
-        """The members' mean prediction from everything so far."""
-        start = time.perf_counter()
-        predictions = [stream.result() for stream in self.streams]
-        return self._ensemble._combine(predictions, (time.perf_counter() - start) * 1000)
-
 
 def _shared_voice(members: list[Pipeline]) -> VoiceProfile | None:
     """The mean of the members' average voices, when every member was trained with --voice-norm on the same
@@ -410,16 +291,6 @@ def _shared_voice(members: list[Pipeline]) -> VoiceProfile | None:
                 f"{audio[0].front_end()}); one voice profile cannot serve both"
             )
     return VoiceProfile.average(a.voice for a in audio)
-
-
-def _summed(timings: Iterable[dict[str, float]]) -> dict[str, float]:
-    """Milliseconds per stage added up over the members (their own totals left out)."""
-    summed: dict[str, float] = {}
-    for stages in timings:
-        for stage, ms in stages.items():
-            if stage != "total":
-                summed[stage] = summed.get(stage, 0.0) + ms
-    return summed
 
 
 def _no_files(name: str) -> bytes:
