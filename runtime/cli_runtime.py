@@ -63,7 +63,7 @@ def non_negative(text: str) -> int:
     return value
 
 
-def _load(args: argparse.Namespace):
+def load_model(args: argparse.Namespace):
     """The Pipeline (or, for several bundles, the Ensemble) the runtime commands' common flags describe."""
     from polysense.ensemble import Ensemble
     from polysense.pipeline import Pipeline
@@ -113,7 +113,7 @@ def _run_predict(args: argparse.Namespace) -> int:
             )
         return _run_predict_many(args)
     voice = _voice(args)
-    pipeline = _load(args)
+    pipeline = load_model(args)
     prediction = pipeline.predict(image=args.image, text=args.text, audio=args.audio, voice=voice)
     if args.json:
         print(json.dumps(prediction.to_dict(), indent=2))
@@ -130,7 +130,9 @@ def _run_predict_many(args: argparse.Namespace) -> int:
 
     PredictionWriter(args.out, ())  # checks --out before the bundle loads
     voice = _voice(args)
-    result = predict_to_file(_load(args), args.data, args.out, progress=not args.no_progress, voice=voice)
+    result = predict_to_file(
+        load_model(args), args.data, args.out, progress=not args.no_progress, voice=voice
+    )
     where = "stdout" if args.out == "-" else args.out
     print(
         f"wrote {result.written} predictions to {where}; {len(result.failed)} samples skipped",
@@ -163,7 +165,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
         PredictionWriter(args.predictions, ())  # checks the path before the bundle loads
     metrics = evaluate_bundle(
-        _load(args), args.data, args.split, progress=not args.no_progress, predictions=args.predictions
+        load_model(args), args.data, args.split, progress=not args.no_progress, predictions=args.predictions
     )
     if args.json:
         print(json.dumps(metrics, indent=2))
@@ -195,7 +197,7 @@ def _run_stream(args: argparse.Namespace) -> int:
     from polysense.timeline import stream_timeline
 
     voice = _voice(args)
-    pipeline = _load(args)
+    pipeline = load_model(args)
     video = int(args.video) if args.video is not None and args.video.isdigit() else args.video
     events = stream_timeline(
         pipeline, args.audio, video, args.text, args.chunk_ms, args.sample_rate, args.fps, voice=voice
@@ -244,7 +246,7 @@ def add_voice(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_voice(args: argparse.Namespace) -> int:
-    profile = _load(args).voice_profile(args.recordings)
+    profile = load_model(args).voice_profile(args.recordings)
     profile.save(args.out)
     summary = {"out": args.out, "recordings": len(args.recordings), "voiced_frames": profile.frames}
     if args.json:

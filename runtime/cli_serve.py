@@ -128,16 +128,10 @@ def _run_serve(args: argparse.Namespace) -> int:
         if len(args.bundle) > 1:
             raise ConfigError("Ray Serve deploys one bundle; serve an ensemble without --ray/--write-config")
         return _run_ray(args, options, threads_given)
-    from polysense.ensemble import Ensemble
-    from polysense.pipeline import Pipeline
+    from polysense.cli_runtime import load_model
     from polysense.serving.server import serve
 
-    load = dict(device=args.device, precision=args.precision, intra_op_threads=args.threads)
-    if len(args.bundle) == 1:
-        model = Pipeline.load(args.bundle[0], **load)
-    else:
-        model = Ensemble.load(args.bundle, **load)
-    serve(model, options, host=args.host, port=args.port, access_log=args.access_log)
+    serve(load_model(args), options, host=args.host, port=args.port, access_log=args.access_log)
     return 0
 
 
