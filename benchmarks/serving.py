@@ -47,7 +47,7 @@ class Server:
         self.command = [
             sys.executable,
             "-m",
-            "polysense.cli",
+            "polysense.cli.main",
             "--quiet",
             "serve",
             bundle,
@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="seconds, not minutes: a smoke run")
     parser.add_argument("--out", default=str(RESULTS), help="folder for serving.{json,md,png}")
     args = parser.parse_args()
-    from polysense.bench import machine
+    from polysense.tools.bench import machine
 
     levels, run_s, soak_s = ((1, 32), 1.0, 3.0) if args.quick else ((1, 4, 16, 32, 64), 10.0, 300.0)
     batched, unbatched = Server(args.bundle), Server(args.bundle, "--max-batch", "1")

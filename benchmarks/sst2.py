@@ -25,8 +25,8 @@ from pathlib import Path
 
 import polysense
 from polysense.datasets.sst2 import SST2Spec, write_sst2
-from polysense.evaluate import evaluate_bundle
 from polysense.machine import machine, results_from_this_machine
+from polysense.tools.evaluate import evaluate_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "sst2"
@@ -41,8 +41,8 @@ RUNS = {
 
 
 def train_run(manifest: Path, out: Path, options: dict) -> dict:
-    from polysense.models.options import TrainOptions
-    from polysense.models.train import train
+    from polysense.models.training.options import TrainOptions
+    from polysense.models.training.train import train
 
     if out.exists():
         shutil.rmtree(out)

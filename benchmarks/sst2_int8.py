@@ -4,7 +4,7 @@
 
 The 872 dev sentences are tokenized by the bundle's own preprocessing, so each runs at its real length. Each
 measurement is a fresh process that opens one graph (fp32 or int8) with the runtime's own session settings
-(`polysense.sessions.Session`: no spinning threads, no memory arena), warms up on 20 sentences, then times every
+(`polysense.inference.sessions.Session`: no spinning threads, no memory arena), warms up on 20 sentences, then times every
 sentence once; it reports the median. A text-only application runs exactly one such session, so nothing else
 competes for the cores or caches. fp32 and int8 processes alternate, ROUNDS rounds each (the order flips every
 round), at 1 intra-op thread and at onnxruntime's default (one per core); the speed-up is the median over rounds
@@ -50,7 +50,7 @@ WARMUP = 20
 
 def measure(graph: Path, ids_file: Path, threads: int) -> float:
     """In this process: median ms per sentence of one graph at batch 1."""
-    from polysense.sessions import Session, SessionSettings
+    from polysense.inference.sessions import Session, SessionSettings
 
     session = Session(graph, SessionSettings(device="cpu", intra_op_threads=threads))
     rows = list(np.load(ids_file, allow_pickle=True))
@@ -105,7 +105,7 @@ def accuracy(encoder, head, ids: np.ndarray, truth: np.ndarray, batch: int) -> f
 def accuracies(graphs: dict[str, Path], fusion: Path, splits: dict) -> dict:
     """{split: {"batch_N": {precision: accuracy, "int8_points_lost": ...}}}, each text encoder graph under the
     bundle's fp32 fusion; every session is opened once."""
-    from polysense.sessions import Session, SessionSettings
+    from polysense.inference.sessions import Session, SessionSettings
 
     settings = SessionSettings(device="cpu")
     head = Session(fusion, settings)
@@ -122,7 +122,7 @@ def accuracies(graphs: dict[str, Path], fusion: Path, splits: dict) -> dict:
 def text_component() -> Component:
     """The trained run's text encoder as export sees it (MiniLM's int8 is made from its own export form)."""
     from polysense.export.components import encoder_component
-    from polysense.models.run_folder import load_trained
+    from polysense.models.training.run_folder import load_trained
 
     model, _ = load_trained(BUNDLE.parent)
     component = encoder_component("text", model.encoders["text"], image_size=0)

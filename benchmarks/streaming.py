@@ -25,9 +25,9 @@ import numpy as np
 import soundfile
 
 import polysense
-from polysense.bench import machine
+from polysense.inference.preprocessors import build_preprocessors
 from polysense.machine import describe
-from polysense.preprocessing import build_preprocessors
+from polysense.tools.bench import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 FSDD = ROOT.parent / "shared" / "data" / "fsdd" / "recordings"

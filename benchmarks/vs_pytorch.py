@@ -10,7 +10,7 @@ runtime is measured through its public API only: encoders + fusion is the sum of
 that Pipeline.predict times inside the same end-to-end runs.
 Eager, fp32 and auto are measured in three rounds, in turn; the round with the median encoders + fusion
 auto-vs-eager ratio is reported (its end-to-end figures with it), with every round's ratios beside it. Writes
-results/vs_pytorch.json, .md and .png. Latency statistics come from polysense.bench.measure (windows repeated until
+results/vs_pytorch.json, .md and .png. Latency statistics come from polysense.tools.bench.measure (windows repeated until
 two consecutive medians agree within 5 %).
 """
 
@@ -24,7 +24,12 @@ from pathlib import Path
 import torch
 
 import polysense
-from polysense.bench import (
+from polysense.bundle.reader import open_bundle
+from polysense.export.reference import torch_logits
+from polysense.inference.preprocessors import build_preprocessors
+from polysense.machine import describe
+from polysense.models.training.run_folder import load_trained
+from polysense.tools.bench import (
     MODELS_STAGE,
     BenchOptions,
     bundle_sizes,
@@ -33,12 +38,7 @@ from polysense.bench import (
     run_bench,
     stage_latencies,
 )
-from polysense.bundle import open_bundle
-from polysense.data import read_manifest
-from polysense.export.reference import torch_logits
-from polysense.machine import describe
-from polysense.models.run_folder import load_trained
-from polysense.preprocessing import build_preprocessors
+from polysense.tools.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 3  # of eager, fp32 and auto in turn (--quick: 1)

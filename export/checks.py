@@ -9,14 +9,14 @@ import numpy as np
 import torch
 
 import polysense
-from polysense.data import Row
+from polysense.bundle.schema import FUSION
 from polysense.export.components import Component
 from polysense.export.parity import Difference, ExportError, allowed_difference
 from polysense.export.reference import torch_inputs, torch_logits
+from polysense.inference.preprocessors import Preprocess
 from polysense.modalities import nonempty_subsets
 from polysense.models.model import MultimodalClassifier
-from polysense.preprocessing import Preprocess
-from polysense.schema import FUSION
+from polysense.tools.manifest import Row
 
 REAL_SAMPLES = 4  # test-split samples used for parity on real inputs
 

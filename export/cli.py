@@ -1,5 +1,5 @@
 """`polysense export`: the runtime's CLI hands the arguments after "export" to run_export, which parses them
-with flags generated from VariantPolicy (polysense.models.flags) and exports."""
+with flags generated from VariantPolicy (polysense.models.training.flags) and exports."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from polysense.export.variants import VariantPolicy
 from polysense.export.writer import export_run
-from polysense.models.flags import add_arguments, options_from_args
+from polysense.models.training.flags import add_arguments, options_from_args
 
 
 def build_export_parser() -> argparse.ArgumentParser:

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from polysense.bundle.schema import FUSION, StateTensor
 from polysense.modalities import SPECS, component_name
 from polysense.models.model import MultimodalClassifier
-from polysense.schema import FUSION, StateTensor
 
 OPSET = 17
 

@@ -7,13 +7,13 @@ import argparse
 from pathlib import Path
 
 import polysense
-from polysense.bench import BenchOptions, format_report, run_bench
-from polysense.data import read_manifest
-from polysense.evaluate import evaluate_bundle
 from polysense.export import export_run
-from polysense.metrics import format_metrics_table
-from polysense.models.options import TrainOptions
-from polysense.models.train import TrainResult, train
+from polysense.models.training.options import TrainOptions
+from polysense.models.training.train import TrainResult, train
+from polysense.tools.bench import BenchOptions, format_report, run_bench
+from polysense.tools.evaluate import evaluate_bundle
+from polysense.tools.manifest import read_manifest
+from polysense.tools.metrics import format_metrics_table
 
 
 def run_demo(args: argparse.Namespace) -> int:

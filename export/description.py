@@ -10,10 +10,8 @@ import onnx
 import torch
 
 import polysense
-from polysense.bundle import sha256_file
-from polysense.export.components import OPSET, Component
-from polysense.models.model import MultimodalClassifier
-from polysense.schema import (
+from polysense.bundle.reader import sha256_file
+from polysense.bundle.schema import (
     DESCRIPTION_FILE,
     AudioStreaming,
     BundleDescription,
@@ -21,7 +19,9 @@ from polysense.schema import (
     TensorSpec,
     Variant,
 )
-from polysense.settings import Preprocessing
+from polysense.bundle.settings import Preprocessing
+from polysense.export.components import OPSET, Component
+from polysense.models.model import MultimodalClassifier
 
 
 def describe_io(model: onnx.ModelProto) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:

@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from polysense.bundle import sha256_file
+from polysense.bundle.reader import sha256_file
+from polysense.bundle.schema import PRECISIONS, BundleDescription, Variant
 from polysense.errors import ConfigError
 from polysense.export.components import Component
 from polysense.export.parity import check_component, export_component
 from polysense.export.quantize import convert_fp16, quantize_int8_dynamic, quantize_int8_static
-from polysense.schema import PRECISIONS, BundleDescription, Variant
 
 log = logging.getLogger("polysense")
 
@@ -106,7 +106,7 @@ def compare_latency(
     validation, the AV-digits audio encoder's fp32 came out 0.25 ms in one run of the benchmark and 0.16 ms in
     the next, which turned its int8 from kept (1.61x) to rejected (0.97x).
     None when CUDA was asked for but a session fell back to the CPU."""
-    from polysense.sessions import Session, SessionSettings, to_numpy
+    from polysense.inference.sessions import Session, SessionSettings, to_numpy
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback warning: the None below says it
@@ -128,7 +128,7 @@ def compare_latency(
 
 def cuda_available() -> bool:
     """Whether this onnxruntime can run on CUDA here (a CUDA variant's speed is measured only then)."""
-    from polysense.sessions import CUDA, import_onnxruntime
+    from polysense.inference.sessions import CUDA, import_onnxruntime
 
     return CUDA in import_onnxruntime().get_available_providers()
 

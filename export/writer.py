@@ -19,20 +19,20 @@ import torch
 from tqdm import tqdm
 
 import polysense
-from polysense.bundle import read_description, sha256_file
-from polysense.data import read_manifest
+from polysense.bundle.reader import read_description, sha256_file
+from polysense.bundle.settings import Preprocessing
 from polysense.errors import ConfigError
 from polysense.export.checks import check_end_to_end, real_samples
 from polysense.export.components import Component, components
 from polysense.export.description import build_description, component_spec, headline, write_description
 from polysense.export.parity import check_component, export_component
 from polysense.export.variants import CALIBRATION_SAMPLES, VariantPolicy, VariantTrial, add_variants
+from polysense.inference.preprocessors import build_preprocessors
 from polysense.modalities import SPECS, Preprocess
 from polysense.models.model import MultimodalClassifier
-from polysense.models.run_folder import load_trained
-from polysense.preprocessing import build_preprocessors
-from polysense.settings import Preprocessing
-from polysense.tune import write_probe
+from polysense.models.training.run_folder import load_trained
+from polysense.tools.manifest import read_manifest
+from polysense.tools.tune import write_probe
 
 log = logging.getLogger("polysense")
 
@@ -193,7 +193,7 @@ def _trial(work: Path, run_dir: Path, rows: list, preprocessors: dict) -> Varian
     """Variants are judged on the validation split, through the real runtime."""
 
     def validate(precisions: dict[str, str]) -> dict:
-        from polysense.evaluate import evaluate_bundle
+        from polysense.tools.evaluate import evaluate_bundle
 
         # Every other component at fp32, so each variant is judged alone against the fp32 baseline.
         fp32 = {name: "fp32" for name in read_description(work).components}

@@ -10,11 +10,11 @@ from torch import nn
 from polysense.modalities import MODALITIES, SPECS, check_modalities
 
 # Importing the families registers them.
-from polysense.models import (  # noqa: F401
+from polysense.models import fusion  # noqa: F401
+from polysense.models.encoders import (  # noqa: F401
     audio_causal,
     audio_window,
     efficientnet_lite,
-    fusion,
     image_cnn,
     minilm,
     text_encoders,

@@ -10,8 +10,7 @@ imported when used: OpenCV for images, soundfile and soxr for audio, tokenizers 
 
 # First: onnxruntime must not be imported before telemetry is switched off (see polysense.privacy).
 from polysense import privacy  # noqa: F401, I001
-from polysense.audio import AudioPreprocessor, LogMel, load_audio
-from polysense.ensemble import Ensemble
+from polysense.bundle.schema import BundleDescription
 from polysense.errors import (
     BundleError,
     ConfigError,
@@ -23,18 +22,20 @@ from polysense.errors import (
     PolysenseError,
     RequestTimeoutError,
 )
-from polysense.fusion import Embeddings, Prediction, Prepared
-from polysense.image import ImagePreprocessor, decode_image
+from polysense.inference.ensemble.ensemble import Ensemble
+from polysense.inference.fusion import Embeddings, Prediction, Prepared
+from polysense.inference.pipeline import Pipeline
 from polysense.limits import Limits
 from polysense.modalities import MODALITIES, subset_key
-from polysense.pipeline import Pipeline
-from polysense.schema import BundleDescription
-from polysense.text import TextPreprocessor, train_tokenizer
-from polysense.voice import AdaptiveVoice, VoiceProfile
+from polysense.preprocess.audio import AudioPreprocessor, LogMel, load_audio
+from polysense.preprocess.image import ImagePreprocessor, decode_image
+from polysense.preprocess.text import TextPreprocessor, train_tokenizer
+from polysense.preprocess.voice import AdaptiveVoice, VoiceProfile
+from polysense.version import __version__
 
-__version__ = "0.1.0"
 
 __all__ = [
+    "__version__",
     "MODALITIES",
     "AdaptiveVoice",
     "AudioPreprocessor",

@@ -2,7 +2,7 @@
 
 import sys
 
-from polysense.cli import main
+from polysense.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

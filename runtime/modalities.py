@@ -98,7 +98,7 @@ class ModalitySpec:
 
 class ImageCodec:
     def preprocessor(self, settings: Any, files: ReadFile, limits: Limits) -> Preprocess:
-        from polysense.image import ImagePreprocessor
+        from polysense.preprocess.image import ImagePreprocessor
 
         preprocessor = ImagePreprocessor(settings.size, tuple(settings.mean), tuple(settings.std), limits)
         return lambda image, sample_rate=None: preprocessor(image)
@@ -120,14 +120,14 @@ class ImageCodec:
 
 class TextCodec:
     def preprocessor(self, settings: Any, files: ReadFile, limits: Limits) -> Preprocess:
-        from polysense.text import TextPreprocessor, tokenizer_from_bytes
+        from polysense.preprocess.text import TextPreprocessor, tokenizer_from_bytes
 
         tokenizer = tokenizer_from_bytes(files(settings.tokenizer), settings.tokenizer)
         preprocessor = TextPreprocessor(tokenizer, settings.max_length)
         return lambda text, sample_rate=None: preprocessor(text)
 
     def feeds(self, features: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
-        from polysense.text import pad_token_ids
+        from polysense.preprocess.text import pad_token_ids
 
         return pad_token_ids(features)
 
@@ -143,7 +143,7 @@ class TextCodec:
 
 class AudioCodec:
     def preprocessor(self, settings: Any, files: ReadFile, limits: Limits) -> Preprocess:
-        from polysense.audio import AudioPreprocessor
+        from polysense.preprocess.audio import AudioPreprocessor
 
         preprocessor = AudioPreprocessor(**settings.front_end(), limits=limits)
         return lambda audio, sample_rate=None: preprocessor(audio, sample_rate=sample_rate)

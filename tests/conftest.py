@@ -45,8 +45,8 @@ def tiny_builtin(tmp_path_factory) -> Path:
 def trained_run(tiny_builtin, tmp_path_factory) -> Path:
     """A small finished training run on the tiny built-in set (all three modalities)."""
     pytest.importorskip("torch")
-    from polysense.models.options import TrainOptions
-    from polysense.models.train import train
+    from polysense.models.training.options import TrainOptions
+    from polysense.models.training.train import train
 
     out = tmp_path_factory.mktemp("run") / "run"
     options = TrainOptions(
@@ -70,8 +70,8 @@ def other_bundle(tiny_builtin, tmp_path_factory) -> Path:
     of an ensemble that errs differently from the session's bundle."""
     pytest.importorskip("torch")
     from polysense.export import export_run
-    from polysense.models.options import TrainOptions
-    from polysense.models.train import train
+    from polysense.models.training.options import TrainOptions
+    from polysense.models.training.train import train
 
     out = tmp_path_factory.mktemp("other")
     settings = dict(epochs=2, image_width=8, embed_dim=32, batch_size=32, progress=False, patience=0)
@@ -91,7 +91,7 @@ def pipe(bundle):
 @pytest.fixture(scope="session")
 def test_rows(trained_run) -> list:
     """The test-split rows of the trained run's manifest."""
-    from polysense.data import read_manifest
+    from polysense.tools.manifest import read_manifest
 
     return [r for r in read_manifest(trained_run / "manifest.csv").rows if r.split == "test"]
 

@@ -25,10 +25,10 @@ import numpy as np
 import soundfile
 
 import polysense
-from polysense.bundle import open_bundle
-from polysense.data import read_manifest
+from polysense.bundle.reader import open_bundle
+from polysense.bundle.schema import DESCRIPTION_FILE
 from polysense.errors import PolysenseError
-from polysense.schema import DESCRIPTION_FILE
+from polysense.tools.manifest import read_manifest
 
 KINDS = ("image", "audio", "text", "image_array", "audio_array", "manifest", "description")
 _INTERESTING = (0, 1, 0x7F, 0x80, 0xFF)

@@ -5,7 +5,7 @@ import pytest
 import soundfile
 
 from polysense import AudioPreprocessor, InputError, LogMel, load_audio
-from polysense.audio import HOP_LENGTH, N_FFT, SAMPLE_RATE, resample
+from polysense.preprocess.audio import HOP_LENGTH, N_FFT, SAMPLE_RATE, resample
 
 
 def _sine(frequency: float, rate: int, seconds: float = 1.0, amplitude: float = 0.5) -> np.ndarray:

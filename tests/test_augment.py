@@ -1,13 +1,13 @@
-"""Training-time perturbations (polysense.models.augment) and the audio encoder's running normalisation."""
+"""Training-time perturbations (polysense.models.training.augment) and the audio encoder's running normalisation."""
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from polysense.models import augment  # noqa: E402
-from polysense.models.audio_causal import CausalAudioEncoder  # noqa: E402
-from polysense.settings import AudioSettings, Preprocessing  # noqa: E402
+from polysense.bundle.settings import AudioSettings, Preprocessing  # noqa: E402
+from polysense.models.encoders.audio_causal import CausalAudioEncoder  # noqa: E402
+from polysense.models.training import augment  # noqa: E402
 
 SETTINGS = AudioSettings(sample_rate=16000, n_fft=400, hop_length=160, n_mels=40)
 
@@ -92,7 +92,7 @@ def test_rows_without_an_image_stay_zeros_and_silence_stays_at_the_floor():
 
 
 def test_noise_levels_draw_alike_and_strong_noise_buries_more_of_the_quiet_bands():
-    from polysense.models.options import AUDIO_NOISE
+    from polysense.models.training.options import AUDIO_NOISE
 
     assert set(augment.NOISE_LEVELS) == set(AUDIO_NOISE)  # the flag's choices are the levels
     batch = _audio_batch([60, 60, 60, 60, 60, 60, 60, 60])

@@ -52,10 +52,10 @@ def test_small_end_to_end_run_on_real_data(sources, tmp_path):
     """A CI-sized AV-digits run: 8 kHz audio resampled on the way in, real photos, train -> export -> eval."""
     pytest.importorskip("torch")
     import polysense
-    from polysense.evaluate import evaluate_bundle
     from polysense.export import export_run
-    from polysense.models.options import TrainOptions
-    from polysense.models.train import train
+    from polysense.models.training.options import TrainOptions
+    from polysense.models.training.train import train
+    from polysense.tools.evaluate import evaluate_bundle
 
     fsdd, images = sources
     rows = build_rows(AVDigitsSpec(fsdd, images, seed=0))
@@ -88,7 +88,7 @@ def test_exif_rotated_photo_is_upright(sources, tmp_path):
     import numpy as np
     from test_image import _jpeg_with_orientation
 
-    from polysense.image import decode_image
+    from polysense.preprocess.image import decode_image
 
     photo = sorted(Path(sources[1]).glob("3/*.JPG"))[0]
     upright = decode_image(photo)

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 
 import polysense  # noqa: E402
-from polysense.cli import main  # noqa: E402
+from polysense.cli.main import main  # noqa: E402
 
 
 def _run(capsys, *argv):

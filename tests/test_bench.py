@@ -6,7 +6,7 @@ pytest.importorskip("onnxruntime")
 
 
 def test_bench_reports_every_field(bundle, tmp_path, capsys):
-    from polysense.cli import main
+    from polysense.cli.main import main
 
     out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
     pytest.importorskip("matplotlib")
@@ -31,7 +31,7 @@ def test_bench_reports_every_field(bundle, tmp_path, capsys):
 def test_windows_that_never_agree_are_reported():
     import itertools
 
-    from polysense.bench import BenchOptions, measure
+    from polysense.tools.bench import BenchOptions, measure
 
     durations = itertools.cycle([0.0, 0.002])  # alternate windows of fast and slow runs
     state = {"delay": 0.0, "count": 0}
@@ -94,7 +94,7 @@ def test_bench_runs_where_torch_and_onnx_cannot_be_imported(bundle):
         ("torch", "onnx", "onnxscript"),
         f"""
         import sys
-        from polysense.cli import main
+        from polysense.cli.main import main
         sys.exit(main(["bench", {str(bundle)!r}, "--quick", "--no-progress"]))
         """,
     )
@@ -423,7 +423,7 @@ def test_every_loso_audio_configuration_is_a_valid_training_run(monkeypatch):
     folder = Path(__file__).resolve().parents[1] / "benchmarks" / "avdigits"
     monkeypatch.syspath_prepend(str(folder))
     loso_audio = pytest.importorskip("loso_audio")  # imports the training code: needs torch
-    from polysense.models.options import TrainOptions
+    from polysense.models.training.options import TrainOptions
 
     for config in loso_audio.CONFIGS:
         epochs = {"epochs": config.epochs} if config.epochs else {}
@@ -439,7 +439,7 @@ def test_loso_ensemble_reuses_finished_runs_of_the_same_training_only(tmp_path, 
     folder = Path(__file__).resolve().parents[1] / "benchmarks" / "avdigits"
     monkeypatch.syspath_prepend(str(folder))
     loso_ensemble = pytest.importorskip("loso_ensemble")  # imports the training code: needs torch
-    from polysense.schema import DESCRIPTION_FILE
+    from polysense.bundle.schema import DESCRIPTION_FILE
 
     manifest = tmp_path / "data_without_theo" / "manifest.csv"
     monkeypatch.setattr(loso_ensemble, "build", lambda work, speaker: manifest)

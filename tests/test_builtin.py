@@ -51,7 +51,7 @@ def test_refuses_to_overwrite_and_too_small(tmp_path):
 
 
 def test_cli_writes_the_builtin_set(tmp_path, capsys):
-    from polysense.cli import main
+    from polysense.cli.main import main
 
     assert main(["data", "builtin", "--out", str(tmp_path / "d"), "--n", "12", "--seed", "1"]) == 0
     assert "wrote 12 samples" in capsys.readouterr().out

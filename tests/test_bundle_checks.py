@@ -12,10 +12,10 @@ import pytest
 pytest.importorskip("onnxruntime")
 
 import polysense  # noqa: E402
-from polysense.bundle import sha256_file  # noqa: E402
-from polysense.cli import main  # noqa: E402
+from polysense.bundle.reader import sha256_file  # noqa: E402
+from polysense.bundle.schema import DESCRIPTION_FILE  # noqa: E402
+from polysense.cli.main import main  # noqa: E402
 from polysense.errors import BundleError  # noqa: E402
-from polysense.schema import DESCRIPTION_FILE  # noqa: E402
 
 
 def _description(folder):
@@ -123,7 +123,7 @@ def test_a_file_linking_outside_the_bundle_is_refused(copied_bundle, tmp_path):
 
 def test_the_bytes_handed_to_onnxruntime_are_the_bytes_hashed(copied_bundle, monkeypatch):
     """Each used file is read once: altering it after the check cannot reach onnxruntime."""
-    from polysense import bundle as bundle_module
+    from polysense.bundle import reader as bundle_module
 
     reads = []
     original = bundle_module.Bundle.read

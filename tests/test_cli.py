@@ -6,9 +6,9 @@ import sys
 import numpy as np
 import pytest
 
-from polysense.cli import main
+from polysense.cli.main import main
 from polysense.errors import InputError
-from polysense.timeline import audio_chunks
+from polysense.tools.timeline import audio_chunks
 
 
 def test_an_input_flag_given_twice_is_refused(capsys):
@@ -43,7 +43,7 @@ def test_global_flags_after_the_command_and_no_progress_off_a_terminal(bundle, t
 
 
 def test_a_closed_pipe_ends_quietly(bundle):
-    code = f"import sys; from polysense.cli import main; sys.exit(main(['info', {str(bundle)!r}, '--json']))"
+    code = f"import sys; from polysense.cli.main import main; sys.exit(main(['info', {str(bundle)!r}, '--json']))"
     pipeline = f"{sys.executable} -c {code!r} | head -c 20"
     result = subprocess.run(["bash", "-c", pipeline], capture_output=True, text=True)
     assert result.stdout.startswith("{") and "Traceback" not in result.stderr and "Error" not in result.stderr
@@ -52,7 +52,7 @@ def test_a_closed_pipe_ends_quietly(bundle):
 def test_an_audio_file_with_a_sample_rate_is_refused(tmp_path):
     import soundfile
 
-    from polysense.audio import load_audio
+    from polysense.preprocess.audio import load_audio
 
     path = tmp_path / "a.wav"
     soundfile.write(str(path), np.zeros(800, np.float32), 8000)
@@ -62,7 +62,7 @@ def test_an_audio_file_with_a_sample_rate_is_refused(tmp_path):
 
 
 def test_audio_too_short_for_one_frame_is_an_input_error():
-    from polysense.audio import AudioPreprocessor
+    from polysense.preprocess.audio import AudioPreprocessor
 
     with pytest.raises(InputError, match="audio too short"):
         AudioPreprocessor()(np.zeros(1, np.float32), sample_rate=48_000)
@@ -72,7 +72,7 @@ def test_audio_too_short_for_one_frame_is_an_input_error():
 def test_opencv_errors_become_input_errors(monkeypatch):
     import cv2
 
-    from polysense.image import decode_image
+    from polysense.preprocess.image import decode_image
 
     def refuse(*args):
         raise cv2.error("OpenCV(4) imgcodecs: image too large")
@@ -84,7 +84,7 @@ def test_opencv_errors_become_input_errors(monkeypatch):
 
 
 def test_a_nul_character_in_a_manifest_path_is_a_row_problem(tmp_path):
-    from polysense.data import read_manifest
+    from polysense.tools.manifest import read_manifest
 
     path = tmp_path / "m.jsonl"
     path.write_text('{"image": "a\\u0000.jpg", "label": "x"}\n{"text": "fine", "label": "y"}\n')

@@ -33,10 +33,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from polysense.cli import main  # noqa: E402
+from polysense.cli.main import main  # noqa: E402
 from polysense.machine import machine  # noqa: E402
-from polysense.models.options import TrainOptions  # noqa: E402
-from polysense.models.sharding import pieces  # noqa: E402
+from polysense.models.training.distributed.sharding import pieces  # noqa: E402
+from polysense.models.training.options import TrainOptions  # noqa: E402
 
 SMALL = ["--image-width", "8", "--embed-dim", "32", "--batch-size", "32", "--patience", "0", "--lr", "5e-3"]
 ADAM_STEP = float(SMALL[SMALL.index("--lr") + 1])  # how far one Adam step moves a weight at most
@@ -153,7 +153,7 @@ def test_alternating_with_accumulation_repeats_one_process(tiny_builtin, tmp_pat
 
 
 def test_an_interrupted_run_of_one_process_resumes_with_two(one_process, tiny_builtin, tmp_path, monkeypatch):
-    from polysense.models import run_folder
+    from polysense.models.training import run_folder
 
     save_checkpoint = run_folder.save_checkpoint
 
@@ -286,7 +286,7 @@ def test_synced_batchnorm_in_one_process_equals_torch_s(tmp_path):
     """The statistics, the output, the gradient and the running averages (momentum and cumulative)."""
     import torch.distributed as dist
 
-    from polysense.models.sharded_layers import StepContext, SyncedBatchNorm
+    from polysense.models.training.distributed.sharded_layers import StepContext, SyncedBatchNorm
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
@@ -312,7 +312,7 @@ def test_synced_batchnorm_in_one_process_equals_torch_s(tmp_path):
 
 
 def test_options_record_accumulation_and_a_resumed_run_may_change_it():
-    from polysense.models.run_folder import RESUME_MAY_CHANGE
+    from polysense.models.training.run_folder import RESUME_MAY_CHANGE
 
     assert TrainOptions(data="x", out="y").accumulate == 1
     assert "accumulate" in RESUME_MAY_CHANGE

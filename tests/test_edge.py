@@ -11,9 +11,9 @@ import pytest
 pytest.importorskip("onnxruntime")
 
 import polysense  # noqa: E402
-from polysense.cli import main  # noqa: E402
-from polysense.edge import OPERATORS_FILE, make_edge_bundle  # noqa: E402
+from polysense.cli.main import main  # noqa: E402
 from polysense.errors import BundleError, ConfigError  # noqa: E402
+from polysense.tools.edge import OPERATORS_FILE, make_edge_bundle  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ torch = pytest.importorskip("torch")
 from polysense.modalities import SPECS  # noqa: E402
 from polysense.models import ENCODERS, create_encoder  # noqa: E402
 from polysense.models.flops import count_macs  # noqa: E402
-from polysense.text import PAD_ID  # noqa: E402
+from polysense.preprocess.text import PAD_ID  # noqa: E402
 
 EMBED = 32
 VOCAB = 50
@@ -165,7 +165,7 @@ def test_causal_shape_ignores_how_loud_each_frame_is():
 
 
 def test_default_image_cnn_flops_within_budget():
-    from polysense.models.image_cnn import ImageCNN
+    from polysense.models.encoders.image_cnn import ImageCNN
 
     macs = count_macs(ImageCNN().eval(), torch.zeros(1, 3, 64, 64))
     assert 2 * macs <= 400e6  # the issue's budget; the README states the measured number
@@ -181,7 +181,7 @@ def test_unknown_encoder_names_the_choices():
 
 def test_windowed_audio_training_moves_whole_words_within_the_window():
     """In training the windowed family places each recording at a random point of its window, whole."""
-    from polysense.models.audio_window import SILENCE, WINDOW
+    from polysense.models.encoders.audio_window import SILENCE, WINDOW
 
     encoder = _make("audio", "efficientnet-lite0", pretrained=False).train()
     windows = []

@@ -15,8 +15,8 @@ def _train(data: Path, out: Path, **options) -> Path:
     """A small run on `data`, exported without variants; its bundle."""
     pytest.importorskip("torch")
     from polysense.export import export_run
-    from polysense.models.options import TrainOptions
-    from polysense.models.train import train
+    from polysense.models.training.options import TrainOptions
+    from polysense.models.training.train import train
 
     settings = dict(epochs=2, image_width=8, embed_dim=32, batch_size=32, progress=False, patience=0)
     train(TrainOptions(data=str(data), out=str(out / "run"), **{**settings, **options}))
@@ -238,7 +238,7 @@ def test_an_ensemble_prepares_and_embeds_once_for_many_subsets(pipe, other, test
 def test_ensemble_streams_encode_in_batches_as_a_pipeline_s_do(pipe, other, fsdd_file):
     import soundfile
 
-    from polysense.streaming import encode_streams
+    from polysense.inference.streaming import encode_streams
 
     samples, rate = soundfile.read(fsdd_file, dtype="int16")
     ensemble = polysense.Ensemble([pipe, other])
@@ -269,8 +269,8 @@ def test_the_cli_predicts_and_evaluates_with_an_ensemble(
 ):
     import json
 
-    from polysense.cli import main
-    from polysense.evaluate import evaluate_bundle
+    from polysense.cli.main import main
+    from polysense.tools.evaluate import evaluate_bundle
 
     members = [str(bundle), str(other_bundle)]
     ensemble = polysense.Ensemble.load(members, device="cpu", precision="fp32")

@@ -8,15 +8,15 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 import polysense  # noqa: E402
-from polysense.bundle import open_bundle  # noqa: E402
-from polysense.data import read_manifest  # noqa: E402
+from polysense.bundle.reader import open_bundle  # noqa: E402
+from polysense.bundle.schema import DESCRIPTION_FILE, SCHEMA_VERSION  # noqa: E402
 from polysense.errors import BundleError, ConfigError  # noqa: E402
 from polysense.export import ExportError, export_run  # noqa: E402
 from polysense.export.parity import TOLERANCE  # noqa: E402
 from polysense.export.reference import torch_logits  # noqa: E402
-from polysense.models.run_folder import load_trained  # noqa: E402
-from polysense.preprocessing import build_preprocessors  # noqa: E402
-from polysense.schema import DESCRIPTION_FILE, SCHEMA_VERSION  # noqa: E402
+from polysense.inference.preprocessors import build_preprocessors  # noqa: E402
+from polysense.models.training.run_folder import load_trained  # noqa: E402
+from polysense.tools.manifest import read_manifest  # noqa: E402
 
 
 def _test_rows(run):
@@ -68,7 +68,7 @@ def test_runtime_predictions_equal_torch_on_the_test_split(trained_run, bundle):
 
 
 def test_runtime_eval_equals_training_metrics(trained_run, bundle):
-    from polysense.evaluate import evaluate_bundle
+    from polysense.tools.evaluate import evaluate_bundle
 
     torch_metrics = json.loads((trained_run / "metrics.json").read_text())
     runtime = evaluate_bundle(
@@ -131,7 +131,7 @@ def test_altered_truncated_or_missing_files_are_refused(bundle, tmp_path):
 
 
 def test_corrupted_onnx_with_a_matching_hash_is_refused_cleanly(bundle, tmp_path):
-    from polysense.bundle import sha256_file
+    from polysense.bundle.reader import sha256_file
 
     copy = _copy(bundle, tmp_path)
     (copy / "fusion.fp32.onnx").write_bytes(b"not an onnx model at all")
@@ -169,9 +169,9 @@ def test_missing_modalities_train_export_and_evaluate(tiny_builtin, tmp_path):
     """Rows with empty cells (a modality missing) flow through training, export and runtime evaluation."""
     import csv
 
-    from polysense.evaluate import evaluate_bundle
-    from polysense.models.options import TrainOptions
-    from polysense.models.train import train
+    from polysense.models.training.options import TrainOptions
+    from polysense.models.training.train import train
+    from polysense.tools.evaluate import evaluate_bundle
 
     rows = list(csv.DictReader(tiny_builtin.open()))
     for index, row in enumerate(rows):
@@ -208,7 +208,7 @@ def test_runtime_eval_skips_and_reports_an_unreadable_file(trained_run, bundle, 
     """A damaged image costs only its own row: reported with its line, the rest evaluated."""
     import csv
 
-    from polysense.evaluate import evaluate_bundle
+    from polysense.tools.evaluate import evaluate_bundle
 
     rows = [r for r in _test_rows(trained_run)][:10]
     broken = tmp_path / "broken.jpg"
@@ -227,7 +227,7 @@ def test_runtime_eval_skips_and_reports_an_unreadable_file(trained_run, bundle, 
 
 
 def test_cli_export_with_generated_flags_and_its_errors(trained_run, tmp_path, capsys):
-    from polysense.cli import main
+    from polysense.cli.main import main
 
     out = tmp_path / "b"
     assert main(["export", str(trained_run), "--out", str(out), "--precisions", "fp32", "--no-progress"]) == 0

@@ -96,7 +96,7 @@ def test_static_int8_keeps_a_streaming_state_exact(tmp_path):
 
     from polysense.export.components import encoder_component
     from polysense.export.quantize import quantize_int8_static
-    from polysense.models.audio_window import efficientnet_lite0_audio
+    from polysense.models.encoders.audio_window import efficientnet_lite0_audio
 
     torch.manual_seed(0)
     component = encoder_component("audio", efficientnet_lite0_audio(16, 40, pretrained=False).eval(), 32)
@@ -128,7 +128,7 @@ def test_tensorflow_same_padding_exports_as_the_convolutions_own_padding(image_s
     import onnx
 
     from polysense.export.components import encoder_component
-    from polysense.models.efficientnet_lite import efficientnet_lite0
+    from polysense.models.encoders.efficientnet_lite import efficientnet_lite0
 
     torch.manual_seed(0)
     component = encoder_component("image", efficientnet_lite0(16, pretrained=False), image_size)
@@ -149,7 +149,7 @@ def test_minilm_int8_is_made_from_onnxruntimes_fused_attention_and_its_fp32_grap
 
     from polysense.export.components import encoder_component
     from polysense.export.variants import quantize_dynamic_int8_of
-    from polysense.models.minilm import minilm_l6
+    from polysense.models.encoders.minilm import minilm_l6
 
     torch.manual_seed(0)
     component = encoder_component("text", minilm_l6(16, pretrained=False), 0)
@@ -184,7 +184,7 @@ def test_a_failing_int8_export_form_falls_back_to_the_fp32_graph(tmp_path, monke
     from polysense.errors import PolysenseError
     from polysense.export import variants
     from polysense.export.components import encoder_component
-    from polysense.models.minilm import minilm_l6
+    from polysense.models.encoders.minilm import minilm_l6
 
     def refuse(*args, **kwargs):
         raise PolysenseError("text_encoder: onnxruntime differs from torch")
@@ -205,7 +205,7 @@ def test_a_failing_int8_export_form_falls_back_to_the_fp32_graph(tmp_path, monke
 
 def test_the_fused_attention_switch_nests_and_leaves_torch_alone():
     """onnxruntime_attention() only changes what an ONNX export writes, and restores what was set before it."""
-    from polysense.models.minilm import BertSelfAttention, minilm_l6, onnxruntime_attention
+    from polysense.models.encoders.minilm import BertSelfAttention, minilm_l6, onnxruntime_attention
 
     torch.manual_seed(0)
     model = minilm_l6(16, pretrained=False).eval()

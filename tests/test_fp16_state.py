@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from polysense.bundle import open_bundle  # noqa: E402
+from polysense.bundle.reader import open_bundle  # noqa: E402
 
 
 def _stream(session, chunks, state):

@@ -10,7 +10,7 @@ import soundfile
 
 import polysense
 from polysense import ConfigError, ImagePreprocessor, InputError, Limits, decode_image
-from polysense.image_header import read_header
+from polysense.preprocess.image_header import read_header
 
 
 def _encoded(extension: str, height: int = 30, width: int = 50, params=()) -> bytes:
@@ -164,7 +164,7 @@ def test_long_audio_is_framed_in_blocks_with_the_same_result():
 
 
 def test_manifest_lines_too_long_or_nested_too_deeply_are_row_problems(tmp_path):
-    from polysense.data import MAX_LINE_CHARS, read_manifest
+    from polysense.tools.manifest import MAX_LINE_CHARS, read_manifest
 
     manifest = tmp_path / "m.jsonl"
     rows = [

@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 
 from polysense import ImagePreprocessor, InputError, ManifestError
-from polysense.data import check_labels, preprocess_rows, read_manifest, stratified_split, write_manifest
+from polysense.tools.manifest import (
+    check_labels,
+    preprocess_rows,
+    read_manifest,
+    stratified_split,
+    write_manifest,
+)
 
 
 @pytest.fixture

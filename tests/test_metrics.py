@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from polysense.metrics import classification_metrics
 from polysense.modalities import nonempty_subsets, subset_key
+from polysense.tools.metrics import classification_metrics
 
 
 def test_metrics_by_hand():

@@ -38,8 +38,8 @@ def image_bundle(tiny_builtin, tmp_path_factory):
     """A tiny image-only bundle (trained one epoch: what it predicts does not matter here)."""
     pytest.importorskip("torch")
     from polysense.export import export_run
-    from polysense.models.options import TrainOptions
-    from polysense.models.train import train
+    from polysense.models.training.options import TrainOptions
+    from polysense.models.training.train import train
 
     run = tmp_path_factory.mktemp("image_run") / "run"
     options = TrainOptions(

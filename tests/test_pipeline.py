@@ -9,8 +9,8 @@ pytest.importorskip("onnxruntime")
 from blocking import run_blocked  # noqa: E402
 
 import polysense  # noqa: E402
-from polysense.data import read_manifest  # noqa: E402
 from polysense.errors import DependencyError, InputError  # noqa: E402
+from polysense.tools.manifest import read_manifest  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_predict_batch_equals_repeated_predict(pipe, trained_run):
 
 
 def test_long_text_is_truncated_to_max_length(pipe, bundle, row):
-    from polysense.text import TextPreprocessor
+    from polysense.preprocess.text import TextPreprocessor
 
     settings = pipe.description.preprocessing.text
     words = (row.text + " ") * 100
@@ -111,7 +111,7 @@ def test_bad_batches(pipe):
 
 
 def test_onnxruntime_twice_installed_is_explained(monkeypatch):
-    import polysense.sessions as sessions
+    import polysense.inference.sessions as sessions
 
     monkeypatch.setattr(sessions, "_installed", lambda name: True)
     with pytest.raises(DependencyError, match="pip uninstall -y onnxruntime onnxruntime-gpu"):
@@ -123,7 +123,7 @@ def test_runtime_works_where_torch_and_onnx_cannot_be_imported(bundle, trained_r
         ("torch", "onnx", "onnxscript"),
         f"""
         import json, polysense
-        from polysense.evaluate import evaluate_bundle
+        from polysense.tools.evaluate import evaluate_bundle
         pipe = polysense.Pipeline.load({str(bundle)!r}, device="cpu", precision="fp32")
         p = pipe.predict(image={row.image!r}, text={row.text!r}, audio={row.audio!r})
         m = evaluate_bundle(pipe, {str(trained_run / "manifest.csv")!r}, "test", progress=False)
@@ -139,7 +139,7 @@ def test_runtime_works_where_torch_and_onnx_cannot_be_imported(bundle, trained_r
         ("torch", "onnx"),
         f"""
         import sys
-        from polysense.cli import main
+        from polysense.cli.main import main
         sys.exit(main(["predict", {str(bundle)!r}, "--text", {row.text!r}, "--json"]))
         """,
     )
@@ -162,7 +162,7 @@ def test_missing_onnxruntime_gives_an_install_hint(bundle):
 
 
 def test_cli_predict_eval_info(bundle, trained_run, row, capsys):
-    from polysense.cli import main
+    from polysense.cli.main import main
 
     assert main(["predict", str(bundle), "--image", row.image, "--audio", row.audio, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["modalities"] == ["image", "audio"]

@@ -8,18 +8,18 @@ pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 import polysense  # noqa: E402
-from polysense.bundle import open_bundle  # noqa: E402
-from polysense.data import read_manifest  # noqa: E402
-from polysense.errors import ConfigError  # noqa: E402
-from polysense.export.variants import cuda_available  # noqa: E402
-from polysense.precision import choose_precisions  # noqa: E402
-from polysense.schema import (  # noqa: E402
+from polysense.bundle.reader import open_bundle  # noqa: E402
+from polysense.bundle.schema import (  # noqa: E402
     DESCRIPTION_FILE,
     BundleDescription,
     ComponentSpec,
     Variant,
 )
-from polysense.settings import Preprocessing  # noqa: E402
+from polysense.bundle.settings import Preprocessing  # noqa: E402
+from polysense.errors import ConfigError  # noqa: E402
+from polysense.export.variants import cuda_available  # noqa: E402
+from polysense.inference.precision import choose_precisions  # noqa: E402
+from polysense.tools.manifest import read_manifest  # noqa: E402
 
 NAMES = ["image_encoder", "text_encoder", "audio_encoder", "fusion"]
 

@@ -12,8 +12,8 @@ torch = pytest.importorskip("torch")
 
 from polysense.errors import ConfigError, DependencyError  # noqa: E402
 from polysense.models import ModelConfig, MultimodalClassifier  # noqa: E402
-from polysense.models.options import DEFAULT_EPOCHS, TrainOptions  # noqa: E402
-from polysense.models.pretrained import EFFICIENTNET_LITE0, INSTALL, MINILM  # noqa: E402
+from polysense.models.encoders.pretrained import EFFICIENTNET_LITE0, INSTALL, MINILM  # noqa: E402
+from polysense.models.training.options import DEFAULT_EPOCHS, TrainOptions  # noqa: E402
 
 
 def _require_package(name: str) -> None:
@@ -26,7 +26,7 @@ def _require_package(name: str) -> None:
 @pytest.fixture(scope="module")
 def minilm():
     _require_package(MINILM.package)
-    from polysense.models.minilm import minilm_l6
+    from polysense.models.encoders.minilm import minilm_l6
 
     return minilm_l6().eval()
 
@@ -34,8 +34,8 @@ def minilm():
 def _encode(texts):
     from tokenizers import Tokenizer
 
-    from polysense.models.minilm import MiniLM
-    from polysense.text import pad_token_ids
+    from polysense.models.encoders.minilm import MiniLM
+    from polysense.preprocess.text import pad_token_ids
 
     tokenizer = Tokenizer.from_file(str(MiniLM.tokenizer_file()))
     tokenizer.no_padding()
@@ -144,7 +144,7 @@ def test_label_smoothing_is_the_family_s_only_when_every_trained_family_asks():
 
 
 def test_encoders_without_pretrained_weights_first_train_alone_up_to_the_default():
-    from polysense.models.train import phases
+    from polysense.models.training.train import phases
 
     image = {"image_encoder": "efficientnet-lite0"}
     lite = TrainOptions(data="x", out="y", **image)
@@ -185,7 +185,7 @@ def test_image_only_data_trains_efficientnet_with_its_label_smoothing(tiny_built
     _require_package(EFFICIENTNET_LITE0.package)
     import csv
 
-    from polysense.models.train import train
+    from polysense.models.training.train import train
 
     with tiny_builtin.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -203,7 +203,7 @@ def test_the_solo_phase_trains_only_the_encoders_without_pretrained_weights(
     tiny_builtin, tmp_path, monkeypatch
 ):
     _require_package(EFFICIENTNET_LITE0.package)
-    import polysense.models.train as training
+    import polysense.models.training.train as training
 
     snapshots, real_open, real_end = [], training.open_run, training._end_epoch
 
@@ -240,8 +240,8 @@ def test_the_solo_phase_trains_only_the_encoders_without_pretrained_weights(
 
 def test_a_run_interrupted_in_its_solo_phase_resumes_as_if_uninterrupted(tiny_builtin, tmp_path, monkeypatch):
     _require_package(EFFICIENTNET_LITE0.package)
-    from polysense.models import run_folder
-    from polysense.models.train import train
+    from polysense.models.training import run_folder
+    from polysense.models.training.train import train
 
     straight = train(_solo_options(tiny_builtin, tmp_path / "straight", solo_epochs=2))
     save_checkpoint = run_folder.save_checkpoint
@@ -265,7 +265,7 @@ def test_a_solo_step_whose_samples_lack_every_solo_modality_is_skipped(tiny_buil
     _require_package(EFFICIENTNET_LITE0.package)
     import csv
 
-    from polysense.models.train import train
+    from polysense.models.training.train import train
 
     folder = tiny_builtin.parent
     rows = list(csv.DictReader(tiny_builtin.open()))[:48]
@@ -289,7 +289,7 @@ def test_a_solo_step_whose_samples_lack_every_solo_modality_is_skipped(tiny_buil
 
 
 def test_pretrained_layers_get_their_own_learning_rate():
-    from polysense.models.optimization import parameter_groups as _parameter_groups
+    from polysense.models.training.optimization import parameter_groups as _parameter_groups
 
     config = ModelConfig(modalities=("text",), num_classes=2, text_family="minilm-l6")
     model = MultimodalClassifier(config, load_pretrained=False)  # the grouping, without reading the weights
@@ -315,7 +315,7 @@ def test_training_with_minilm_copies_its_tokenizer_and_serves_unchanged(tmp_path
     import polysense
     from polysense.export import export_run
     from polysense.export.variants import VariantPolicy
-    from polysense.models.train import train
+    from polysense.models.training.train import train
 
     manifest = tmp_path / "data.csv"
     rows = [("a wonderful , moving film", "positive"), ("a dull , lifeless mess", "negative")] * 12
@@ -344,8 +344,8 @@ def test_efficientnet_lite0_matches_the_reference_implementation():
     _require_package("efficientnet_lite_pytorch")
     from efficientnet_lite_pytorch import EfficientNet
 
-    from polysense.models.efficientnet_lite import efficientnet_lite0
-    from polysense.models.pretrained import EFFICIENTNET_LITE0
+    from polysense.models.encoders.efficientnet_lite import efficientnet_lite0
+    from polysense.models.encoders.pretrained import EFFICIENTNET_LITE0
 
     ours = efficientnet_lite0().eval()
     weights = torch.load(EFFICIENTNET_LITE0.path(), map_location="cpu", weights_only=True)
@@ -366,7 +366,7 @@ def test_image_family_defaults_set_resolution_and_input_scale(tmp_path):
     assert (options.image_size, options.epochs, options.pretrained_lr, options.keep) == (192, 4, 3e-4, "last")
     assert TrainOptions(data="x", out="y").image_size == 64
     assert TrainOptions(data="x", out="y", image_encoder="efficientnet-lite0", image_size=96).image_size == 96
-    from polysense.models.data_prep import _image_settings
+    from polysense.models.training.data_prep import _image_settings
 
     settings = _image_settings(options, [], tmp_path)
     assert (settings.size, settings.mean, settings.std) == (192, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -376,9 +376,9 @@ def test_the_frozen_strategy_trains_around_fixed_pretrained_weights(tmp_path):
     _require_package(MINILM.package)
     import csv
 
-    from polysense.models.minilm import minilm_l6
-    from polysense.models.run_folder import load_trained
-    from polysense.models.train import train
+    from polysense.models.encoders.minilm import minilm_l6
+    from polysense.models.training.run_folder import load_trained
+    from polysense.models.training.train import train
 
     manifest = tmp_path / "data.csv"
     with manifest.open("w", newline="") as handle:
@@ -416,7 +416,7 @@ def test_the_audio_family_trains_exports_and_streams_as_it_predicts_offline(tmp_
     import polysense
     from polysense.export import export_run
     from polysense.export.variants import VariantPolicy
-    from polysense.models.train import train
+    from polysense.models.training.train import train
 
     rng = np.random.default_rng(0)
     times = np.arange(int(16_000 * 1.7)) / 16_000  # longer than the 1.28 s window, so it slides

@@ -88,7 +88,7 @@ def test_library_load_predict_and_stream_write_nothing_and_open_no_socket(bundle
 def test_cli_predict_and_info_write_nothing_and_open_no_socket(bundle, tmp_path, trace_file):
     home = tmp_path / "home"
     home.mkdir()
-    polysense = [sys.executable, "-m", "polysense.cli"]
+    polysense = [sys.executable, "-m", "polysense.cli.main"]
     out = _run([*polysense, "predict", str(bundle), "--text", "hello", "--json"], home, trace_file)
     assert "label" in json.loads(out)
     assert _written(home) == []

@@ -8,9 +8,9 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from polysense.bundle import open_bundle  # noqa: E402
+from polysense.bundle.reader import open_bundle  # noqa: E402
+from polysense.bundle.schema import DESCRIPTION_FILE, BundleDescription  # noqa: E402
 from polysense.errors import BundleError  # noqa: E402
-from polysense.schema import DESCRIPTION_FILE, BundleDescription  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import soundfile
 pytest.importorskip("onnxruntime")
 
 from polysense.errors import ConfigError, InputError, OverloadedError, RequestTimeoutError  # noqa: E402
-from polysense.fusion import Prediction, Prepared  # noqa: E402
+from polysense.inference.fusion import Prediction, Prepared  # noqa: E402
 from polysense.serving import BatcherOptions, DynamicBatcher, StreamEncoder  # noqa: E402
 
 SUBSETS = [

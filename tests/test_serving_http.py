@@ -23,7 +23,7 @@ from starlette.testclient import TestClient  # noqa: E402
 from starlette.websockets import WebSocketDisconnect  # noqa: E402
 
 import polysense  # noqa: E402
-from polysense.cli import main  # noqa: E402
+from polysense.cli.main import main  # noqa: E402
 from polysense.errors import DependencyError  # noqa: E402
 from polysense.serving.handler import ServeOptions  # noqa: E402
 from polysense.serving.http import create_app  # noqa: E402
@@ -308,7 +308,7 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(bundle):
     command = [
         sys.executable,
         "-m",
-        "polysense.cli",
+        "polysense.cli.main",
         "serve",
         str(bundle),
         "--port",

@@ -21,7 +21,7 @@ yaml = pytest.importorskip("yaml")
 psutil = pytest.importorskip("psutil")
 
 import polysense  # noqa: E402
-from polysense.cli import main  # noqa: E402
+from polysense.cli.main import main  # noqa: E402
 from polysense.errors import BundleError, ConfigError, DependencyError  # noqa: E402
 from polysense.serving.handler import ServeOptions  # noqa: E402
 from polysense.serving.ray_app import (  # noqa: E402

@@ -8,8 +8,8 @@ import pytest
 pytest.importorskip("onnxruntime")
 
 import polysense  # noqa: E402
-from polysense.cli import main  # noqa: E402
-from polysense.schema import DESCRIPTION_FILE  # noqa: E402
+from polysense.bundle.schema import DESCRIPTION_FILE  # noqa: E402
+from polysense.cli.main import main  # noqa: E402
 
 
 def _devices(folder):

@@ -5,9 +5,9 @@ from collections import Counter
 import pytest
 from conftest import SHARED_DATA, _require
 
-from polysense.cli import main
-from polysense.data import read_manifest
+from polysense.cli.main import main
 from polysense.errors import InputError
+from polysense.tools.manifest import read_manifest
 
 
 def test_sst2_manifest_keeps_dev_as_test_and_holds_out_validation(tmp_path, capsys):

@@ -13,7 +13,7 @@ pytest.importorskip("onnxruntime")
 
 import polysense  # noqa: E402
 from polysense.errors import InputError  # noqa: E402
-from polysense.streaming import encode_streams  # noqa: E402
+from polysense.inference.streaming import encode_streams  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_batched_streams_equal_streams_run_alone(pipe, speech):
 
 
 def test_text_and_image_are_fused_with_the_stream(pipe, speech, trained_run):
-    from polysense.data import read_manifest
+    from polysense.tools.manifest import read_manifest
 
     row = [r for r in read_manifest(trained_run / "manifest.csv").rows if r.split == "test"][0]
     samples, rate = speech
@@ -206,7 +206,7 @@ def test_video_stream_samples_at_the_target_rate_and_averages_a_window(pipe, sig
 
 
 def test_video_stream_result_fuses_the_window_and_text(pipe, sign_video, trained_run):
-    from polysense.data import read_manifest
+    from polysense.tools.manifest import read_manifest
 
     text = [r for r in read_manifest(trained_run / "manifest.csv").rows if r.split == "test"][0].text
     video = pipe.video_stream(sign_video, fps=2.0, window=3)
@@ -238,7 +238,7 @@ def test_streams_of_two_pipelines_are_encoded_by_their_own_engines(pipe, bundle,
 
 
 def test_cli_stream_prints_a_timeline(bundle, fsdd_file, sign_video, speech):
-    from polysense.cli import main
+    from polysense.cli.main import main
 
     out = io.StringIO()
     sys_stdout = sys.stdout
@@ -278,7 +278,7 @@ def test_cli_stream_reads_pcm_from_stdin(bundle, speech):
         [
             sys.executable,
             "-m",
-            "polysense.cli",
+            "polysense.cli.main",
             "stream",
             str(bundle),
             "--audio",

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from polysense import InputError, TextPreprocessor, train_tokenizer
-from polysense.text import PAD_ID
+from polysense.preprocess.text import PAD_ID
 
 TEXTS = ["a calm morning at the harbour", "the market was loud and busy", "quiet evening in the park"]
 
@@ -48,7 +48,7 @@ def test_bad_tokenizer_file(tmp_path):
 
 
 def test_invalid_code_points_and_huge_texts_are_handled():
-    from polysense.text import CHARS_PER_TOKEN
+    from polysense.preprocess.text import CHARS_PER_TOKEN
 
     pre = TextPreprocessor(train_tokenizer(["a calm day", "a busy street"]), max_length=8)
     assert pre("a calm \ud800 day").size > 0  # a lone surrogate: replaced, not a TypeError from tokenizers

@@ -13,14 +13,14 @@ INSTALL = "pip install torch==2.13.0 && pip install 'polysense[train]'"
 @pytest.fixture(scope="module")
 def train_cli():
     pytest.importorskip("torch")
-    from polysense.models import cli
+    from polysense.models.training import cli
 
     return cli
 
 
 def _option_names() -> list[str]:
     try:
-        from polysense.models.options import TrainOptions
+        from polysense.models.training.options import TrainOptions
     except ImportError:
         return []  # no torch: the train_cli fixture skips the tests that use these
     return [f.name for f in dataclasses.fields(TrainOptions)]
@@ -31,8 +31,8 @@ def _actions(parser: argparse.ArgumentParser) -> dict:
 
 
 def test_every_option_has_a_flag_with_its_comment_as_help(train_cli):
-    from polysense.models.flags import field_comments
-    from polysense.models.options import TrainOptions
+    from polysense.models.training.flags import field_comments
+    from polysense.models.training.options import TrainOptions
 
     comments = field_comments(TrainOptions)
     actions = _actions(train_cli.build_train_parser())
@@ -44,7 +44,7 @@ def test_every_option_has_a_flag_with_its_comment_as_help(train_cli):
 
 
 def test_no_optional_flags_give_the_dataclass_defaults(train_cli):
-    from polysense.models.options import TrainOptions
+    from polysense.models.training.options import TrainOptions
 
     args = train_cli.build_train_parser().parse_args(["--data", "x", "--out", "y"])
     assert train_cli.options_from_args(args) == TrainOptions(data="x", out="y")
@@ -65,8 +65,8 @@ def test_todays_flag_names_are_kept(train_cli):
 
 def _non_default(name: str) -> tuple[list[str], object]:
     """Arguments that set field `name` to a value other than its default, and that value."""
-    from polysense.models.flags import flag_name
-    from polysense.models.options import TrainOptions, option_choices
+    from polysense.models.training.flags import flag_name
+    from polysense.models.training.options import TrainOptions, option_choices
 
     field = next(f for f in dataclasses.fields(TrainOptions) if f.name == name)
     flag, default = flag_name(field), field.default
@@ -109,7 +109,7 @@ def test_bad_values_are_refused_by_argparse(train_cli, capsys):
 
 def test_a_field_without_a_comment_is_caught():
     pytest.importorskip("torch")
-    from polysense.models.flags import add_arguments
+    from polysense.models.training.flags import add_arguments
 
     @dataclasses.dataclass(frozen=True)
     class Undocumented:
@@ -121,9 +121,9 @@ def test_a_field_without_a_comment_is_caught():
 
 
 def test_polysense_train_help_lists_the_generated_flags(train_cli, capsys):
-    from polysense.cli import main
-    from polysense.models.flags import flag_name
-    from polysense.models.options import TrainOptions
+    from polysense.cli.main import main
+    from polysense.models.training.flags import flag_name
+    from polysense.models.training.options import TrainOptions
 
     with pytest.raises(SystemExit) as stop:
         main(["train", "--help"])
@@ -136,7 +136,7 @@ def test_polysense_train_help_lists_the_generated_flags(train_cli, capsys):
 
 
 def test_polysense_help_lists_train(capsys):
-    from polysense.cli import main
+    from polysense.cli.main import main
 
     with pytest.raises(SystemExit) as stop:
         main(["--help"])
@@ -145,7 +145,7 @@ def test_polysense_help_lists_train(capsys):
 
 
 def test_other_commands_still_refuse_unknown_arguments(capsys):
-    from polysense.cli import main
+    from polysense.cli.main import main
 
     with pytest.raises(SystemExit) as stop:
         main(["info", "bundle", "--epochs", "3"])
@@ -159,7 +159,7 @@ def test_training_commands_without_torch_name_the_install_command(argv):
         ("torch",),
         f"""
         import sys
-        from polysense.cli import main
+        from polysense.cli.main import main
         sys.exit(main({argv!r}))
         """,
     )

@@ -5,15 +5,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from polysense.cli import main  # noqa: E402
+from polysense.cli.main import main  # noqa: E402
 from polysense.errors import ConfigError, ManifestError  # noqa: E402
-from polysense.models.data_prep import prepare_data  # noqa: E402
-from polysense.models.dataset import row_generators  # noqa: E402
-from polysense.models.losses import BatchShare, alternating_loss, fused_loss, unimodal_loss  # noqa: E402
-from polysense.models.options import DEFAULT_EPOCHS, TrainOptions  # noqa: E402
-from polysense.models.run_folder import load_trained  # noqa: E402
-from polysense.models.train import train  # noqa: E402
-from polysense.models.train_state import TrainState  # noqa: E402
+from polysense.models.training.data_prep import prepare_data  # noqa: E402
+from polysense.models.training.dataset import row_generators  # noqa: E402
+from polysense.models.training.losses import BatchShare, alternating_loss, fused_loss, unimodal_loss  # noqa: E402
+from polysense.models.training.options import DEFAULT_EPOCHS, TrainOptions  # noqa: E402
+from polysense.models.training.run_folder import load_trained  # noqa: E402
+from polysense.models.training.train import train  # noqa: E402
+from polysense.models.training.train_state import TrainState  # noqa: E402
 
 SMALL = {"image_width": 8, "embed_dim": 32, "batch_size": 32, "progress": False, "patience": 0}
 
@@ -56,7 +56,7 @@ def test_same_seed_gives_identical_metrics(tiny_builtin, tmp_path):
 def test_resume_after_an_interruption_matches_an_uninterrupted_run(tiny_builtin, tmp_path, monkeypatch):
     straight = _train(tiny_builtin, tmp_path / "straight", epochs=3)
 
-    import polysense.models.train as training
+    import polysense.models.training.train as training
 
     real_evaluate, calls = training.evaluate, []
 
@@ -125,7 +125,7 @@ def test_staged_pretrains_each_encoder_as_long_as_a_unimodal_model_by_default():
 
 
 def test_audio_norm_frames_is_refused_where_the_audio_family_ignores_it():
-    from polysense.models.run_open import _model_config
+    from polysense.models.training.run_open import _model_config
 
     with pytest.raises(ConfigError, match="--audio-norm-frames only applies .* efficientnet-lite0"):
         TrainOptions(data="x", out="y", audio_encoder="efficientnet-lite0", audio_norm_frames=5)
@@ -190,11 +190,11 @@ def test_cli_trains_and_reports(tiny_builtin, tmp_path, capsys):
 
 
 def test_batchnorm_recalibration_matches_batch_statistics(tiny_builtin, tmp_path):
-    from polysense.models.batchnorm import recalibrate_batchnorm
+    from polysense.models.training.batchnorm import recalibrate_batchnorm
 
     result = _train(tiny_builtin, tmp_path / "run", epochs=1, modalities=("image",))
     model, _ = load_trained(result.run_dir)
-    from polysense.models.data_prep import prepare_data
+    from polysense.models.training.data_prep import prepare_data
 
     data = prepare_data(
         TrainOptions(data=str(tiny_builtin), out=str(tmp_path / "run"), **SMALL, modalities=("image",)),
@@ -251,7 +251,7 @@ def test_train_state_tracks_the_best_epoch_and_round_trips():
 
 
 def test_cli_resume_keeps_the_stored_epochs_and_extends_only_on_request(tiny_builtin, tmp_path):
-    from polysense.models.cli import run_train
+    from polysense.models.training.cli import run_train
 
     run = tmp_path / "run"
     small = [
@@ -347,7 +347,7 @@ def test_label_smoothing_reaches_every_training_loss(tiny_builtin, tmp_path):
 
 
 def test_best_model_is_chosen_on_validation_accuracy_over_every_modality_subset():
-    from polysense.models.train_state import validation_score
+    from polysense.models.training.train_state import validation_score
 
     subsets = {"image": {"accuracy": 0.9}, "audio": {"accuracy": 0.6}, "image+audio": {"accuracy": 1.0}}
     assert validation_score({"accuracy": 1.0, "subsets": subsets}) == pytest.approx(2.5 / 3)
@@ -363,7 +363,7 @@ def test_best_model_is_chosen_on_validation_accuracy_over_every_modality_subset(
 def test_a_run_stored_before_augmentation_audio_normalisation_keep_and_solo_resumes_as_it_was_trained(
     tmp_path,
 ):
-    from polysense.models.run_folder import resumed_options
+    from polysense.models.training.run_folder import resumed_options
 
     # The pretrained image family now asks for its last epoch, and for solo epochs of the encoders beside it; a
     # run stored before --keep and --solo-epochs kept its best and had no solo phase.
@@ -398,7 +398,7 @@ def test_keep_chooses_between_the_best_validation_epoch_and_the_last(
     tiny_builtin, tmp_path, capsys, monkeypatch
 ):
     """--keep best (the default) ends with checkpoints/best.pt's weights, --keep last with the final epoch's."""
-    import polysense.models.train as training
+    import polysense.models.training.train as training
 
     scores = iter([0.9, 0.5, 0.1] * 2)  # the first epoch validates best, so best and last differ
     monkeypatch.setattr(training, "validation_score", lambda val: next(scores))

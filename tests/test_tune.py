@@ -9,9 +9,9 @@ import pytest
 pytest.importorskip("onnxruntime")
 
 import polysense  # noqa: E402
-from polysense.cli import main  # noqa: E402
+from polysense.cli.main import main  # noqa: E402
 from polysense.errors import BundleError, ConfigError  # noqa: E402
-from polysense.tune import MIN_AGREEMENT, PROBE_FILE, TUNING_FILE, read_probe, tune_bundle  # noqa: E402
+from polysense.tools.tune import MIN_AGREEMENT, PROBE_FILE, TUNING_FILE, read_probe, tune_bundle  # noqa: E402
 
 
 def test_export_writes_a_probe_of_validation_samples_with_fp32_labels(bundle, pipe):
@@ -42,10 +42,10 @@ def with_int8(copied_bundle):
     pytest.importorskip("onnx")
     from dataclasses import replace
 
-    from polysense.bundle import open_bundle, sha256_file
+    from polysense.bundle.reader import open_bundle, sha256_file
+    from polysense.bundle.schema import Variant
     from polysense.export.description import write_description
     from polysense.export.quantize import quantize_int8_dynamic
-    from polysense.schema import Variant
 
     description = open_bundle(copied_bundle).description
     fusion = description.component("fusion")
@@ -131,7 +131,7 @@ def test_tune_cli_makes_a_probe_from_a_manifest_and_prints_the_choice(copied_bun
 
 
 def test_an_edge_bundle_carries_the_probe_and_can_be_tuned_on_its_device(bundle, tmp_path):
-    from polysense.edge import make_edge_bundle
+    from polysense.tools.edge import make_edge_bundle
 
     edge = make_edge_bundle(bundle, tmp_path / "edge")
     result = tune_bundle(edge.path)

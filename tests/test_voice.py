@@ -1,4 +1,4 @@
-"""Voice profiles (polysense.voice) and models trained with --voice-norm, from training to the runtime."""
+"""Voice profiles (polysense.preprocess.voice) and models trained with --voice-norm, from training to the runtime."""
 
 import csv
 import json
@@ -9,9 +9,9 @@ import pytest
 from conftest import SHARED_DATA, _require
 
 import polysense
-from polysense.cli import main
+from polysense.cli.main import main
 from polysense.errors import InputError
-from polysense.voice import AdaptiveVoice, VoiceProfile, speaker_profiles, voice_for
+from polysense.preprocess.voice import AdaptiveVoice, VoiceProfile, speaker_profiles, voice_for
 
 N_MELS = 40
 
@@ -155,8 +155,8 @@ def voice_run(tmp_path_factory):
     pytest.importorskip("torch")
     from polysense.datasets.avdigits import AVDigitsSpec, build_rows
     from polysense.export import export_run
-    from polysense.models.options import TrainOptions
-    from polysense.models.train import train
+    from polysense.models.training.options import TrainOptions
+    from polysense.models.training.train import train
 
     fsdd, images = _require(SHARED_DATA / "fsdd"), _require(SHARED_DATA / "sign_digits")
     rows = build_rows(AVDigitsSpec(str(fsdd), str(images), seed=0, holdout_speaker="theo"))
@@ -175,7 +175,7 @@ def voice_run(tmp_path_factory):
 
 
 def test_evaluation_hears_each_speaker_as_training_did(voice_run):
-    from polysense.evaluate import evaluate_bundle
+    from polysense.tools.evaluate import evaluate_bundle
 
     _, run, result, bundle = voice_run
     pipeline = polysense.Pipeline.load(bundle, device="cpu")
@@ -185,7 +185,7 @@ def test_evaluation_hears_each_speaker_as_training_did(voice_run):
 
 
 def test_evaluation_without_speakers_says_what_stands_in(voice_run, tmp_path, caplog):
-    from polysense.evaluate import evaluate_bundle
+    from polysense.tools.evaluate import evaluate_bundle
 
     manifest, _, _, bundle = voice_run
     rows = list(csv.DictReader(manifest.open()))[:20]
@@ -259,7 +259,7 @@ def test_an_adaptive_voice_hears_each_recording_with_what_came_before_and_stream
         assert np.allclose(stream.embedding, offline, atol=1e-5) and streamed.frames == frames
     np.testing.assert_allclose(streamed.profile.mean, voice.profile.mean, atol=1e-5)
     # A long stream teaches at most its first MAX_HEARD_FRAMES frames; one reset before its end, nothing.
-    from polysense.streaming import MAX_HEARD_FRAMES
+    from polysense.inference.streaming import MAX_HEARD_FRAMES
 
     long_voice = pipeline.adaptive_voice()
     stream = pipeline.audio_stream(voice=long_voice)
@@ -301,8 +301,8 @@ def test_voice_cli_writes_a_profile_that_predict_takes(voice_run, tmp_path, caps
 def test_voice_norm_needs_audio_and_a_speaker_for_every_recording(tiny_builtin, tmp_path):
     pytest.importorskip("torch")
     from polysense.errors import ConfigError, ManifestError
-    from polysense.models.options import TrainOptions
-    from polysense.models.train import train
+    from polysense.models.training.options import TrainOptions
+    from polysense.models.training.train import train
 
     base = dict(out=str(tmp_path / "run"), epochs=1, progress=False, voice_norm=True)
     with pytest.raises(ManifestError, match="speaker is empty; --voice-norm needs who speaks"):

@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from run import build, export, fit, recorded_commands, summary  # noqa: E402
 
 import polysense  # noqa: E402
-from polysense.data import read_manifest  # noqa: E402
 from polysense.machine import describe, machine, results_from_this_machine  # noqa: E402
+from polysense.tools.manifest import read_manifest  # noqa: E402
 
 COMMAND = "make bench-avdigits-image"
 

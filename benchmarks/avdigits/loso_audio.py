@@ -12,7 +12,7 @@ configuration, side by side in one run:
   - `causal-smoothed`: the same with `--label-smoothing 0.1`;
   - `causal-shape-smoothed`: `--audio-encoder causal-shape` (each frame's spectral shape, twice as wide) with
     `--label-smoothing 0.1`, at the same 15 epochs;
-  - `causal-shape-voice`: the same with `--voice-norm` (each speaker's voice profile removed; polysense.voice).
+  - `causal-shape-voice`: the same with `--voice-norm` (each speaker's voice profile removed; polysense.preprocess.voice).
     Its main score hears the held-out speaker with the profile of all his recordings (no label used, as
     `polysense eval` does); the model is also exported and scored through the runtime with a profile from only
     10 of his recordings (the other 490 tested), with none (the bundle's average voice), and with an adaptive
@@ -132,7 +132,7 @@ def runtime_voices(run_folder: Path, speaker: str, enrolled: int = ENROLLED) -> 
     import numpy as np
 
     import polysense
-    from polysense.data import read_manifest
+    from polysense.tools.manifest import read_manifest
 
     pipeline = polysense.Pipeline.load(export(run_folder, variants=False), device="cpu", precision="fp32")
     rows = [r for r in read_manifest(run_folder / "manifest.csv").rows if r.speaker == speaker]

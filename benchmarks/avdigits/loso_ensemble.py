@@ -34,9 +34,9 @@ from loso_audio import CONFIGS, ENROLLED, adaptive_sessions  # noqa: E402
 from run import SPEAKERS, build, export, fit  # noqa: E402
 
 import polysense  # noqa: E402
-from polysense.data import read_manifest  # noqa: E402
+from polysense.bundle.schema import DESCRIPTION_FILE  # noqa: E402
 from polysense.machine import describe, machine  # noqa: E402
-from polysense.schema import DESCRIPTION_FILE  # noqa: E402
+from polysense.tools.manifest import read_manifest  # noqa: E402
 
 log = logging.getLogger("polysense")
 DEFAULT_CONFIG = "causal-shape-voice-25-noise"

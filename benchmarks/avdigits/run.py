@@ -28,14 +28,14 @@ import numpy as np
 import soundfile
 
 import polysense
-from polysense.bench import machine
-from polysense.data import read_manifest
 from polysense.datasets.avdigits import AVDigitsSpec, write_avdigits
-from polysense.evaluate import evaluate_bundle
 from polysense.machine import describe
-from polysense.metrics import classification_metrics
-from polysense.models.options import TrainOptions
-from polysense.models.train import train
+from polysense.models.training.options import TrainOptions
+from polysense.models.training.train import train
+from polysense.tools.bench import machine
+from polysense.tools.evaluate import evaluate_bundle
+from polysense.tools.manifest import read_manifest
+from polysense.tools.metrics import classification_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from polysense.data import Row, write_manifest
 from polysense.errors import InputError
+from polysense.tools.manifest import Row, write_manifest
 
 LABELS = {"0": "negative", "1": "positive"}
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from polysense.errors import ConfigError, OverloadedError, RequestTimeoutError
-from polysense.fusion import Prediction, Prepared
+from polysense.inference.fusion import Prediction, Prepared
 
 
 @dataclass(frozen=True)

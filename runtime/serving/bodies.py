@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from polysense.errors import InputError, OverloadedError
+from polysense.preprocess.voice import MAX_PROFILE_BYTES, VoiceProfile
 from polysense.serving.handler import PayloadTooLarge, UnsupportedMediaType, parse_json, sample_from_json
-from polysense.voice import MAX_PROFILE_BYTES, VoiceProfile
 
 # Bodies held in memory at once, all requests together: a flood of large bodies is refused, not buffered.
 BODY_BUDGET_BYTES = 512 << 20

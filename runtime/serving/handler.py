@@ -21,10 +21,10 @@ from polysense.errors import (
     PolysenseError,
     RequestTimeoutError,
 )
-from polysense.fusion import Prediction
+from polysense.inference.fusion import Prediction
 from polysense.modalities import MODALITIES
+from polysense.preprocess.voice import VoiceProfile
 from polysense.serving.batcher import BatcherOptions
-from polysense.voice import VoiceProfile
 
 FILE_FIELDS = ("image", "audio")  # sent as base64 in JSON, as files in multipart
 PCM_FORMATS = {"s16le": np.int16, "f32le": np.float32}
@@ -194,7 +194,7 @@ def status_of(error: BaseException) -> int:
 
 
 def info_json(pipeline: Any, options: ServeOptions) -> dict:
-    from polysense import __version__
+    from polysense.version import __version__
 
     audio = pipeline.description.preprocessing.audio
     return {

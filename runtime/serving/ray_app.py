@@ -26,7 +26,7 @@ import threading
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from polysense.bundle import open_bundle
+from polysense.bundle.reader import open_bundle
 from polysense.errors import ConfigError, DependencyError, PolysenseError
 from polysense.serving.handler import ServeOptions
 from polysense.serving.ray_replica import PolysenseDeployment

@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 from polysense.errors import ConfigError, PolysenseError, RequestTimeoutError
-from polysense.fusion import Prediction, Prepared
+from polysense.inference.fusion import Prediction, Prepared
 from polysense.serving.batcher import predict_each, with_own_preprocessing
 from polysense.serving.bodies import BodyBudget, content_type
 from polysense.serving.handler import (
@@ -69,7 +69,7 @@ class PolysenseDeployment:
     ) -> None:
         from ray import serve
 
-        from polysense.pipeline import Pipeline
+        from polysense.inference.pipeline import Pipeline
 
         self.options = ServeOptions(**(options or {}))
         if api_key_env:

@@ -3,7 +3,7 @@
 Each stream is made with `Pipeline.audio_stream(encode=False)`: its owner feeds chunks on its own thread
 (resampling and log-mel happen there), then asks the StreamEncoder to encode the new frames. One worker thread
 takes every stream waiting at that moment and runs them through the audio encoder together
-(`polysense.streaming.encode_streams`: one call per group of equal frame count, states stacked), so a hundred
+(`polysense.inference.streaming.encode_streams`: one call per group of equal frame count, states stacked), so a hundred
 live connections cost a few encoder calls per chunk period, not a hundred.
 """
 
@@ -13,7 +13,7 @@ import threading
 from concurrent.futures import Future
 
 from polysense.errors import OverloadedError
-from polysense.streaming import AudioStream, encode_streams
+from polysense.inference.streaming import AudioStream, encode_streams
 
 
 class StreamEncoder:

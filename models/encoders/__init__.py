@@ -1,0 +1,1 @@
+"""Encoder families: from scratch and pretrained, one module per family."""

@@ -1,0 +1,1 @@
+"""Training: options and flags, data, the loop, losses, evaluation, the run folder."""

@@ -1,0 +1,1 @@
+"""Training in several processes (torchrun / DistributedDataParallel): launch, sharding, batch-independent layers."""

@@ -1,0 +1,1 @@
+"""The bundle: its description (schema, settings), reading it, archives, graph checks, slimming."""

@@ -1,0 +1,120 @@
+"""Preprocessing settings per modality, as a bundle description (and a training run's config) records them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from polysense.bundle.fields import get, plain_file_name, typed, within
+from polysense.errors import BundleError, InputError
+from polysense.preprocess.voice import VoiceProfile
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    size: int  # side of the square the encoder sees, in pixels
+    mean: tuple[float, float, float]  # per-channel RGB mean on a 0-1 scale
+    std: tuple[float, float, float]  # per-channel RGB std on a 0-1 scale
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> ImageSettings:
+        mean = tuple(typed(v, (int, float), f"{where}.mean") for v in get(data, "mean", list, where))
+        std = tuple(typed(v, (int, float), f"{where}.std") for v in get(data, "std", list, where))
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise BundleError(f"{where}: mean and std need three values each, std all positive")
+        return cls(within(get(data, "size", int, where), 8, 4096, f"{where}.size"), mean, std)
+
+    def to_dict(self) -> dict:
+        return {"size": self.size, "mean": list(self.mean), "std": list(self.std)}
+
+
+@dataclass(frozen=True)
+class TextSettings:
+    tokenizer: str  # tokenizer.json, a plain file name inside the bundle (or run) folder
+    max_length: int  # tokens kept per text
+    sha256: str = ""  # of the tokenizer file; set in a bundle, empty in a training run's config
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> TextSettings:
+        return cls(
+            plain_file_name(get(data, "tokenizer", str, where), where),
+            within(get(data, "max_length", int, where), 1, 65536, f"{where}.max_length"),
+            get(data, "sha256", str, where, ""),
+        )
+
+    def to_dict(self) -> dict:
+        values = {"tokenizer": self.tokenizer, "max_length": self.max_length}
+        return {**values, "sha256": self.sha256} if self.sha256 else values
+
+
+@dataclass(frozen=True)
+class AudioSettings:
+    """The log-mel front end; polysense.preprocess.audio.AudioPreprocessor documents each field."""
+
+    sample_rate: int
+    n_fft: int
+    hop_length: int
+    n_mels: int
+    fmin: float = 0.0
+    fmax: float | None = None
+    # Trained with --voice-norm: the training speakers' average voice, removed from a recording whose speaker
+    # has no profile of their own (polysense.preprocess.voice); None: the model takes raw log-mel frames.
+    voice: VoiceProfile | None = None
+
+    def front_end(self) -> dict:
+        """The log-mel settings alone (polysense.preprocess.audio.LogMel's arguments)."""
+        return {k: v for k, v in vars(self).items() if k != "voice"}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> AudioSettings:
+        number = (int, float)
+        rate = within(get(data, "sample_rate", int, where), 1000, 768_000, f"{where}.sample_rate")
+        n_fft = within(get(data, "n_fft", int, where), 16, 65536, f"{where}.n_fft")
+        hop = within(get(data, "hop_length", int, where), 1, n_fft, f"{where}.hop_length")
+        n_mels = within(get(data, "n_mels", int, where), 1, 512, f"{where}.n_mels")
+        fmin = float(get(data, "fmin", number, where, 0.0))
+        fmax = get(data, "fmax", (*number, type(None)), where, None)
+        if not 0 <= fmin < (rate / 2 if fmax is None else fmax) <= rate / 2:
+            raise BundleError(f"{where}: need 0 <= fmin < fmax <= sample_rate / 2, got {fmin} and {fmax}")
+        voice = get(data, "voice", (dict, type(None)), where, None)
+        if voice is not None:
+            try:
+                voice = VoiceProfile.from_dict(voice, f"{where}.voice")
+            except InputError as error:
+                raise BundleError(str(error)) from error
+            if voice.n_mels != n_mels:
+                raise BundleError(f"{where}.voice: {voice.n_mels} bands for {n_mels} mel bands")
+        return cls(rate, n_fft, hop, n_mels, fmin, fmax, voice)
+
+    def to_dict(self) -> dict:
+        values = self.front_end()
+        return values if self.voice is None else {**values, "voice": self.voice.to_dict()}
+
+
+_SETTINGS = {"image": ImageSettings, "text": TextSettings, "audio": AudioSettings}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Settings of each modality's preprocessor (None where the model lacks the modality)."""
+
+    image: ImageSettings | None = None
+    text: TextSettings | None = None
+    audio: AudioSettings | None = None
+
+    def of(self, modality: str) -> Any:
+        settings = getattr(self, modality, None)
+        if settings is None:
+            raise BundleError(f"the preprocessing settings lack {modality}")
+        return settings
+
+    def to_dict(self) -> dict:
+        return {m: getattr(self, m).to_dict() for m in _SETTINGS if getattr(self, m) is not None}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "preprocessing") -> Preprocessing:
+        typed(data, dict, where)
+        unknown = [m for m in data if m not in _SETTINGS]
+        if unknown:
+            raise BundleError(f"{where}: unknown modality {unknown[0]!r}")
+        return cls(**{m: _SETTINGS[m].from_dict(v, f"{where}.{m}") for m, v in data.items()})

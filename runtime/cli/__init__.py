@@ -1,0 +1,1 @@
+"""The `polysense` command: one module per command group."""

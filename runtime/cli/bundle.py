@@ -1,0 +1,156 @@
+"""The commands about a bundle folder itself: `polysense info` and `polysense bundle slim`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from polysense.bundle.slim import KEEP
+
+
+def add_info(commands: argparse._SubParsersAction) -> None:
+    info = commands.add_parser("info", help="describe a bundle")
+    info.add_argument("bundle")
+    info.add_argument("--json", action="store_true", help="print the whole bundle description (bundle.json)")
+    info.set_defaults(run=_run_info)
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from polysense.bundle.reader import open_bundle
+
+    bundle = open_bundle(args.bundle)
+    description = bundle.description
+    if args.json:
+        print(json.dumps(description.to_dict(), indent=2))
+        return 0
+    made_by = description.producer.get("polysense", "?")
+    print(f"{bundle.path}: schema {description.schema_version}, made by polysense {made_by}")
+    print(f"  labels ({len(description.labels)}): {', '.join(description.labels)}")
+    print(f"  modalities: {', '.join(description.modalities)}; embedding size {description.embed_dim}")
+    for name, component in description.components.items():
+        files = ", ".join(f"{p} {v.bytes / 1e3:.0f} kB" for p, v in component.variants.items())
+        inputs = ", ".join(f"{t.name}{list(t.shape)}" for t in component.inputs)
+        print(f"  {name:<14} {files}; inputs {inputs}")
+    fp32 = description.metrics.get("fp32", {})
+    if isinstance(fp32, dict) and isinstance(fp32.get("accuracy"), (int, float)):
+        print(f"  test accuracy at export: {fp32['accuracy']:.4f}")
+    return 0
+
+
+def add_bundle(commands: argparse._SubParsersAction) -> None:
+    bundle = commands.add_parser("bundle", help="manage a bundle folder")
+    actions = bundle.add_subparsers(dest="action", required=True, metavar="ACTION")
+    slim = actions.add_parser(
+        "slim",
+        help="remove the variants a device never uses (fp32 always stays)",
+        description="Remove the variants a device never uses and rewrite bundle.json atomically. "
+        "cpu keeps fp32 and int8, cuda keeps fp32 and fp16, fp32 keeps fp32 only.",
+    )
+    slim.add_argument("bundle", help="bundle folder (changed in place)")
+    slim.add_argument("--keep", choices=tuple(KEEP), required=True, help="the device the bundle is for")
+    slim.set_defaults(run=_run_slim)
+
+
+def _run_slim(args: argparse.Namespace) -> int:
+    from polysense.bundle.slim import slim_bundle
+
+    result = slim_bundle(args.bundle, args.keep)
+    kept = "; ".join(f"{name} {', '.join(precisions)}" for name, precisions in result.kept.items())
+    print(
+        f"removed {len(result.removed)} file(s), {result.freed_bytes / 1e6:.1f} MB: {', '.join(result.removed) or '-'}"
+    )
+    print(f"kept: {kept}")
+    return 0
+
+
+def add_edge(commands: argparse._SubParsersAction) -> None:
+    edge = commands.add_parser(
+        "edge",
+        help="an edge bundle: one variant per component in ORT format, with the operator list for a minimal "
+        "onnxruntime build",
+    )
+    edge.add_argument("bundle", help="the full bundle folder (what `polysense export` writes)")
+    edge.add_argument("--out", required=True, help="the edge bundle folder to write (new or empty)")
+    edge.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="keep the variants auto picks there (default cpu)",
+    )
+    edge.add_argument("--tar", action="store_true", help="write one OUT.tar file instead of a folder")
+    edge.add_argument(
+        "--no-probe",
+        action="store_true",
+        help="leave out probe.npz (smaller; the edge bundle then cannot be checked with polysense tune)",
+    )
+    edge.set_defaults(run=_run_edge)
+
+
+def _run_edge(args: argparse.Namespace) -> int:
+    from polysense.tools.edge import make_edge_bundle
+
+    result = make_edge_bundle(
+        args.bundle, args.out, device=args.device, archive=args.tar, probe=not args.no_probe
+    )
+    kept = ", ".join(f"{name} {precision}" for name, precision in result.precisions.items())
+    share = result.bytes / result.source_bytes if result.source_bytes else float("nan")
+    print(
+        f"wrote {result.path}: {kept}; {result.bytes / 1e6:.2f} MB ({share:.0%} of the full bundle's files)"
+    )
+    print(f"minimal onnxruntime build (from an onnxruntime source checkout):\n  {result.build_command}")
+    return 0
+
+
+def add_tune(commands: argparse._SubParsersAction) -> None:
+    tune = commands.add_parser(
+        "tune",
+        help="measure every kept variant on this device; precision auto then uses the choice (tuning.json)",
+    )
+    tune.add_argument("bundle")
+    tune.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(default cpu)")
+    tune.add_argument(
+        "--threads", type=int, default=0, help="onnxruntime threads, as the application will run"
+    )
+    tune.add_argument(
+        "--data",
+        help="make the probe from this manifest first (its val split if it has one; for bundles without probe.npz)",
+    )
+    tune.add_argument("--json", action="store_true", help="print the measurements as JSON")
+    tune.set_defaults(run=_run_tune)
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from polysense.errors import ConfigError
+    from polysense.tools.tune import tune_bundle
+
+    if args.threads < 0:
+        raise ConfigError("--threads cannot be negative (0 = one per core)")
+    if args.data is not None:
+        _probe_from_manifest(args.bundle, args.data)
+    result = tune_bundle(Path(args.bundle), device=args.device, threads=args.threads)
+    if args.json:
+        print(json.dumps({"choices": result.choices, "measurements": result.measurements}, indent=2))
+        return 0
+    for name, variants in result.measurements.items():
+        shown = ", ".join(
+            f"{p} {m['latency_ms']:.3f} ms agree {m['agreement']:.1%}" for p, m in variants.items()
+        )
+        print(f"{name:<14} -> {result.choices[name]:<5} ({shown})")
+    print(f"wrote {result.path}; precision auto now uses it on {args.device}")
+    return 0
+
+
+def _probe_from_manifest(bundle: str, manifest: str) -> None:
+    from polysense.inference.pipeline import Pipeline
+    from polysense.tools.manifest import read_manifest
+    from polysense.tools.tune import PROBE_SAMPLES, write_probe
+
+    data = read_manifest(manifest, labelled=False)
+    rows, _ = data.usable_rows()
+    rows = [r for r in rows if r.split == "val"] or rows
+    pipeline = Pipeline.load(bundle, device="cpu", precision="fp32")
+    samples = [{m: getattr(r, m) for m in pipeline.modalities if getattr(r, m) is not None} for r in rows]
+    count = write_probe(pipeline, [s for s in samples if s][:PROBE_SAMPLES], bundle)
+    print(f"probe: {count} samples from {manifest}")

@@ -1,0 +1,243 @@
+"""The `polysense` command. Subcommands import their heavy parts lazily, so `polysense --help` is instant
+and the runtime-only commands work without torch."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from polysense.bundle.schema import PRECISIONS
+from polysense.cli.bundle import add_bundle, add_edge, add_info, add_tune
+from polysense.cli.predict import add_eval, add_predict, add_stream, add_voice, non_negative
+from polysense.cli.serve import add_serve
+from polysense.errors import ConfigError, DependencyError, PolysenseError
+from polysense.inference.sessions import DEVICES
+from polysense.tools.manifest import SPLITS
+
+log = logging.getLogger("polysense")
+
+
+def _add_data(commands: argparse._SubParsersAction) -> None:
+    data = commands.add_parser("data", help="write datasets")
+    kinds = data.add_subparsers(dest="kind", required=True, metavar="KIND")
+    builtin = kinds.add_parser(
+        "builtin", help="write the built-in tri-modal dataset (JPEG, WAV, text, manifest.csv)"
+    )
+    builtin.add_argument("--out", required=True, help="folder to write (must not hold a dataset yet)")
+    builtin.add_argument("--n", type=int, default=3000, help="number of samples (default 3000)")
+    builtin.add_argument(
+        "--seed", type=int, default=0, help="the same seed writes the same files (default 0)"
+    )
+    builtin.set_defaults(run=_run_data_builtin)
+    avdigits = kinds.add_parser(
+        "avdigits", help="pair FSDD spoken digits with sign-digit photos (a manifest)"
+    )
+    avdigits.add_argument("--fsdd", required=True, help="FSDD folder (e.g. ../shared/data/fsdd)")
+    avdigits.add_argument("--images", required=True, help="photo folder with sub-folders 0-9")
+    avdigits.add_argument("--out", required=True, help="folder for manifest.csv (files are not copied)")
+    avdigits.add_argument("--seed", type=int, default=0)
+    avdigits.add_argument(
+        "--holdout-speaker", help="put every recording of this speaker in test, none in train/val"
+    )
+    avdigits.set_defaults(run=_run_data_avdigits)
+    sst2 = kinds.add_parser("sst2", help="SST-2 sentences (text, label): dev as test, part of train as val")
+    sst2.add_argument("--dir", required=True, help="folder with train.tsv and dev.tsv (../shared/data/sst2)")
+    sst2.add_argument("--out", required=True, help="folder for manifest.csv")
+    sst2.add_argument("--val-share", type=float, default=0.1, help="share of train held out (default 0.1)")
+    sst2.add_argument("--seed", type=int, default=0)
+    sst2.set_defaults(run=_run_data_sst2)
+
+
+def _run_data_builtin(args: argparse.Namespace) -> int:
+    from polysense.datasets.builtin import BuiltinSpec, write_builtin
+
+    manifest = write_builtin(args.out, BuiltinSpec(n=args.n, seed=args.seed))
+    print(f"wrote {args.n} samples; manifest: {manifest}")
+    return 0
+
+
+def _run_data_sst2(args: argparse.Namespace) -> int:
+    from polysense.datasets.sst2 import SST2Spec, write_sst2
+
+    return _wrote(write_sst2(SST2Spec(args.dir, args.val_share, args.seed), args.out))
+
+
+def _run_data_avdigits(args: argparse.Namespace) -> int:
+    from polysense.datasets.avdigits import AVDigitsSpec, write_avdigits
+
+    spec = AVDigitsSpec(args.fsdd, args.images, args.seed, args.holdout_speaker)
+    return _wrote(write_avdigits(spec, args.out))
+
+
+def _wrote(manifest: Path) -> int:
+    """Say where a data manifest was written and how many rows each split got."""
+    from collections import Counter
+
+    from polysense.tools.manifest import read_manifest
+
+    counts = Counter(row.split for row in read_manifest(manifest).rows)
+    print(f"wrote {manifest}: " + ", ".join(f"{split} {counts[split]}" for split in SPLITS))
+    return 0
+
+
+def _forwarding_command(commands: argparse._SubParsersAction, name: str, help: str, runner: str) -> None:
+    """A command whose flags are generated in polysense.models / polysense.export (torch) from an options
+    dataclass: this parser takes none, and main() forwards everything after the command name, --help
+    included, to `runner` ("module:function"), loaded on demand."""
+    module, function = runner.split(":")
+    command = commands.add_parser(name, help=help, add_help=False)
+    command.set_defaults(
+        run=lambda args: getattr(_training_module(module), function)(args.forwarded), forwards_arguments=True
+    )
+
+
+def _training_module(name: str):
+    """Training commands live in polysense.models (torch). The runtime never imports it statically, so an
+    edge install without torch still has a working `polysense` command; here it is loaded on demand."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        raise DependencyError(
+            f"this command needs the training extra ({error}); install it with: "
+            "pip install torch==2.13.0 && pip install 'polysense[train]'"
+        ) from error
+
+
+def _add_demo(commands: argparse._SubParsersAction) -> None:
+    demo = commands.add_parser(
+        "demo", help="the main job: built-in data, train, export, runtime eval, predict"
+    )
+    demo.add_argument("--out", default="runs/demo", help="run folder (must not exist; default runs/demo)")
+    demo.add_argument("--n", type=int, default=3000, help="built-in samples (default 3000)")
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(run=lambda args: _training_module("polysense.export.demo").run_demo(args))
+
+
+def _add_bench(commands: argparse._SubParsersAction) -> None:
+    bench = commands.add_parser("bench", help="latency, throughput, cold start, memory and size of a bundle")
+    bench.add_argument("bundle")
+    bench.add_argument("--device", choices=DEVICES, default="cpu")
+    bench.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto", help="(default auto)")
+    bench.add_argument(
+        "--threads",
+        type=non_negative,
+        default=0,
+        help="onnxruntime threads per model run (default 0: one per core)",
+    )
+    bench.add_argument("--json", metavar="OUT", help="write the full report as JSON")
+    bench.add_argument("--plot", metavar="OUT.png", help="write a PNG of stage latencies and throughput")
+    bench.add_argument("--quick", action="store_true", help="few runs (a smoke test, not a measurement)")
+    bench.add_argument("--no-progress", action="store_true")
+    bench.set_defaults(run=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from polysense.tools.bench import BenchOptions, format_report, plot_report, run_bench
+
+    _check_outputs(args.json, args.plot)
+    make = BenchOptions.quick if args.quick else BenchOptions
+    options = make(device=args.device, precision=args.precision, threads=args.threads)
+    report = run_bench(args.bundle, options, progress=not args.no_progress)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        plot_report(report, args.plot)
+    return 0
+
+
+def _check_outputs(json_path: str | None, plot_path: str | None) -> None:
+    """Before the benchmark runs: where its results go must exist, and --plot needs matplotlib."""
+    for path in (p for p in (json_path, plot_path) if p):
+        if not Path(path).parent.is_dir():
+            raise ConfigError(
+                f"{path}: the folder {Path(path).parent} does not exist; create it or choose another"
+            )
+    if plot_path and importlib.util.find_spec("matplotlib") is None:
+        raise DependencyError("--plot needs matplotlib: pip install matplotlib (or leave out --plot)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="polysense", description="Multimodal classifiers, trained and served."
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="only warnings and errors on stderr, no progress bars (anywhere)"
+    )
+    from polysense.version import __version__
+
+    parser.add_argument("--version", action="version", version=f"polysense {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_data(commands)
+    _forwarding_command(
+        commands,
+        "train",
+        "train a multimodal classifier (needs the train extra: torch)",
+        "polysense.models.training.cli:run_train",
+    )
+    _forwarding_command(
+        commands,
+        "export",
+        "export a trained run to a verified ONNX bundle (needs torch)",
+        "polysense.export.cli:run_export",
+    )
+    _add_demo(commands)
+    add_predict(commands)
+    add_eval(commands)
+    add_info(commands)
+    add_bundle(commands)
+    add_edge(commands)
+    add_tune(commands)
+    add_stream(commands)
+    add_voice(commands)
+    _add_bench(commands)
+    add_serve(commands)
+    return parser
+
+
+def _progress_wanted(quiet: bool) -> bool:
+    """Progress bars on a terminal only (a log file would fill with carriage returns), unless forced with
+    POLYSENSE_PROGRESS=1; never with --quiet."""
+    return not quiet and (sys.stderr.isatty() or os.environ.get("POLYSENSE_PROGRESS") == "1")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quiet = "--quiet" in argv  # a global flag, accepted before or after the command
+    parser = build_parser()
+    args, rest = parser.parse_known_args([a for a in argv if a != "--quiet"])
+    if rest and not getattr(args, "forwards_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if not _progress_wanted(quiet):
+        if hasattr(args, "no_progress"):
+            args.no_progress = True
+        elif getattr(args, "forwards_arguments", False) and "--no-progress" not in rest:
+            rest.append("--no-progress")
+    args.forwarded = rest
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    try:
+        with logging_redirect_tqdm():
+            return args.run(args)
+    except PolysenseError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # The reader went away (`polysense info --json | head`): stop quietly, as shell tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except KeyboardInterrupt:
+        print("interrupted; a training run continues with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

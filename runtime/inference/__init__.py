@@ -1,0 +1,1 @@
+"""Inference: sessions, precision choice, preprocessors, pipeline, fusion, audio engine, streaming, ensembles."""

@@ -1,0 +1,1 @@
+"""Ensembles: several bundles of the same labels, one prediction."""

@@ -1,0 +1,1 @@
+"""Offline tools over a bundle: evaluation, metrics, benchmarks, tuning, batch prediction, edge bundles, manifests."""

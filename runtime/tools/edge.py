@@ -1,0 +1,158 @@
+"""Edge bundles: one variant per component, in onnxruntime's ORT format, with the operator list for a minimal
+onnxruntime build (`polysense edge BUNDLE --out DIR`).
+
+Each component keeps the variant `precision="auto"` picks on the target device (from the latencies export
+measured), converted to ORT format after onnxruntime's "extended" graph optimizations: fusions that hold on
+any CPU, none of the layout changes "all" makes for the exporting machine's vector units. The description
+(schema version 3) lists the .ort files with their hashes; `Pipeline.load` serves it exactly like a full bundle.
+`required_operators.config` names every operator and type the graphs use, for onnxruntime's reduced build;
+its first lines give the build command. `--tar` packs the whole bundle into one file that `Pipeline.load`
+opens directly (polysense.bundle.archive).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from polysense.bundle.reader import open_bundle
+from polysense.bundle.schema import DESCRIPTION_FILE, EDGE_SCHEMA_VERSION
+from polysense.errors import ConfigError, DependencyError
+from polysense.inference.precision import choose_precisions
+from polysense.inference.sessions import import_onnxruntime
+from polysense.tools.tune import PROBE_FILE
+
+OPERATORS_FILE = "required_operators.config"
+OPTIMIZATION = {
+    "cpu": "extended",
+    "cuda": "basic",
+}  # what an edge bundle's graphs are optimized with, per device
+BUILD_COMMAND = (
+    "python tools/ci_build/build.py --build_dir build/minimal --config MinSizeRel --minimal_build "
+    "--disable_ml_ops --disable_exceptions --include_ops_by_config {config} "
+    "--enable_reduced_operator_type_support --build_wheel --skip_tests"
+)
+
+
+@dataclass(frozen=True)
+class EdgeResult:
+    path: Path  # the edge bundle folder (or the .tar with --tar)
+    precisions: dict[str, str]  # component -> the variant kept
+    bytes: int  # the edge bundle's files, all together
+    source_bytes: int  # the source bundle's files, all together
+    build_command: str
+
+
+def make_edge_bundle(
+    bundle: str | os.PathLike,
+    out: str | os.PathLike,
+    device: str = "cpu",
+    archive: bool = False,
+    probe: bool = True,
+) -> EdgeResult:
+    """Write the edge bundle of `bundle` for `device` (cpu or cuda) to the folder `out` (or `out`.tar); with
+    `probe`, the source's probe.npz too, so `polysense tune` can check the bundle on its device."""
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device!r}: an edge bundle is made for cpu or cuda")
+    source = open_bundle(bundle)  # verified: never convert a damaged bundle
+    description = source.description
+    if description.is_edge:
+        raise ConfigError(f"{bundle} is an edge bundle already; make edge bundles from the full bundle")
+    out = Path(out)
+    target = out.with_name(out.name + ".tar") if archive else out
+    if not target.parent.is_dir():
+        raise ConfigError(f"--out {out}: the folder {target.parent} does not exist; create it first")
+    if target.exists() and (archive or not target.is_dir() or any(target.iterdir())):
+        raise ConfigError(f"{target} exists; choose a new name (an edge bundle is never written over files)")
+    chosen = choose_precisions(description, list(description.components), device, "auto")
+    with tempfile.TemporaryDirectory(dir=target.parent if target.parent.is_dir() else None) as work:
+        folder = Path(work) / "edge"
+        folder.mkdir()
+        components = {}
+        for name, precision in chosen.items():
+            variant = description.component(name).variant(precision)
+            file = f"{name}.{precision}.ort"
+            data = _to_ort_format(source.read(variant.file), folder / file, device)
+            kept = replace(variant, file=file, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+            components[name] = replace(description.component(name), variants={precision: kept})
+        if description.preprocessing.text is not None:
+            tokenizer = description.preprocessing.text.tokenizer
+            (folder / tokenizer).write_bytes(source.read(tokenizer))
+        if probe and (source.path / PROBE_FILE).is_file():  # so the edge bundle can be tuned on its device
+            shutil.copyfile(source.path / PROBE_FILE, folder / PROBE_FILE)
+        producer = {
+            **description.producer,
+            "edge": {"device": device, "format": "ort", "optimization": OPTIMIZATION[device]},
+        }
+        edge = replace(
+            description, components=components, producer=producer, schema_version=EDGE_SCHEMA_VERSION
+        )
+        (folder / DESCRIPTION_FILE).write_text(json.dumps(edge.to_dict(), indent=2) + "\n", encoding="utf-8")
+        models = [folder / components[name].variants[precision].file for name, precision in chosen.items()]
+        command = _write_operator_config(folder, models)
+        size = sum(f.stat().st_size for f in folder.iterdir())
+        if archive:
+            from polysense.bundle.archive import write_archive
+
+            write_archive(folder, target)
+        else:
+            target.mkdir(exist_ok=True)
+            for file in folder.iterdir():
+                shutil.move(str(file), target / file.name)
+    source_size = sum(f.stat().st_size for f in source.path.iterdir() if f.is_file())
+    return EdgeResult(target, dict(chosen), size, source_size, command)
+
+
+def _to_ort_format(model: bytes, path: Path, device: str) -> bytes:
+    """Save `model` (ONNX bytes) in ORT format at `path`: for a CPU, after the optimizations that hold on any CPU;
+    for CUDA, after the basic ones only (the conversion runs on the CPU provider here, and "extended" would bake
+    its CPU-only kernels and fp32 fallbacks into an fp16 graph meant for the GPU)."""
+    ort = import_onnxruntime()
+    options = ort.SessionOptions()
+    level = {"extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC"}[OPTIMIZATION[device]]
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    options.optimized_model_filepath = str(path)
+    options.add_session_config_entry("session.save_model_format", "ORT")
+    options.log_severity_level = 3
+    ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    return path.read_bytes()
+
+
+def _write_operator_config(folder: Path, models: list[Path]) -> str:
+    """required_operators.config for the ORT-format `models`; returns the build command, also written at its top."""
+    create_config = _import_config_tool()
+    config = folder / OPERATORS_FILE
+    create_config(models, config, enable_type_reduction=True)
+    command = BUILD_COMMAND.format(config=f"/path/to/{OPERATORS_FILE}")
+    lines = [line for line in config.read_text().splitlines() if not line.startswith("# -")]
+    header = [
+        "# The operators and types of this edge bundle's graphs. Build a minimal onnxruntime for them from an",
+        "# onnxruntime source checkout (https://onnxruntime.ai/docs/build/custom.html) with:",
+        f"#   {command}",
+    ]
+    config.write_text("\n".join(header + lines) + "\n")
+    return command
+
+
+def _import_config_tool():
+    """onnxruntime's reduced-build config writer. Its package imports torch when torch is installed (for
+    helpers polysense does not use); the runtime never loads torch, so torch is hidden while it imports."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # find_spec("torch") is then None: the package skips its torch helpers
+    try:
+        from onnxruntime.tools.ort_format_model import create_config_from_models
+    except ImportError as error:
+        raise DependencyError(
+            f"onnxruntime's ORT-format tools cannot be imported ({error}); reinstall onnxruntime"
+        ) from error
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return create_config_from_models
