@@ -161,7 +161,7 @@ def _check_outputs(json_path: str | None, plot_path: str | None) -> None:
                 f"{path}: the folder {Path(path).parent} does not exist; create it or choose another"
             )
     if plot_path and importlib.util.find_spec("matplotlib") is None:
-        raise DependencyError("--plot needs matplotlib: pip install matplotlib (or leave out --plot)")
+        raise DependencyError("--plot needs matplotlib: pip install 'polysense[plot]' (or leave out --plot)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -267,7 +267,7 @@ def plot_report(report: dict, path: str | os.PathLike) -> None:
     except ImportError as error:
         from polysense.errors import DependencyError
 
-        raise DependencyError(f"--plot needs matplotlib ({error}); pip install matplotlib") from error
+        raise DependencyError(f"--plot needs matplotlib ({error}); pip install 'polysense[plot]'") from error
     stages = {**report["stages"], "end to end": report["end_to_end"]}
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     names = list(stages)
