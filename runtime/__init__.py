@@ -25,6 +25,7 @@ from polysense.errors import (
 from polysense.inference.ensemble.ensemble import Ensemble
 from polysense.inference.fusion import Embeddings, Prediction, Prepared
 from polysense.inference.pipeline import Pipeline
+from polysense.inference.predictor import Predictor
 from polysense.limits import Limits
 from polysense.modalities import MODALITIES, subset_key
 from polysense.preprocess.audio import AudioPreprocessor, LogMel, load_audio
@@ -54,6 +55,7 @@ __all__ = [
     "OverloadedError",
     "Pipeline",
     "PolysenseError",
+    "Predictor",
     "RequestTimeoutError",
     "Prediction",
     "Prepared",

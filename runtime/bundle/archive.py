@@ -50,6 +50,7 @@ def unpacked(path: str | os.PathLike) -> Iterator[Path]:
         try:
             for member in _checked_members(path, archive):
                 source = archive.extractfile(member)
+                assert source is not None  # _checked_members keeps regular files only, which always extract
                 with source, open(Path(work) / member.name, "xb") as target:
                     while block := source.read(1 << 20):
                         target.write(block)
@@ -59,7 +60,8 @@ def unpacked(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _checked_members(path: Path, archive: tarfile.TarFile) -> list[tarfile.TarInfo]:
-    members, total = [], 0
+    members: list[tarfile.TarInfo] = []
+    total = 0
     for member in archive:
         if len(members) >= MAX_MEMBERS:
             raise BundleError(f"{path}: more than {MAX_MEMBERS} members; a bundle holds a handful of files")

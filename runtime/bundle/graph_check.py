@@ -12,7 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from polysense.bundle.schema import DESCRIPTION_FILE, FUSION, BundleDescription, ComponentSpec, TensorSpec
+from polysense.bundle.schema import (
+    DESCRIPTION_FILE,
+    FUSION,
+    AudioStreaming,
+    BundleDescription,
+    ComponentSpec,
+    TensorSpec,
+)
 from polysense.errors import BundleError
 from polysense.modalities import STREAMING
 
@@ -37,7 +44,7 @@ def check_graph(
                 f"needs {size} ({_why(component, tensor.name)}); {_FIX}"
             )
     if component.modality in STREAMING and description.streaming is not None:
-        _check_state(description, inputs, file)
+        _check_state(description.streaming, inputs, file)
 
 
 def _same_tensors(expected: Sequence[TensorSpec], found: Sequence[TensorSpec], kind: str, file: str) -> None:
@@ -73,9 +80,9 @@ def _why(component: ComponentSpec, tensor: str) -> str:
     return "embed_dim"
 
 
-def _check_state(description: BundleDescription, inputs: Sequence[TensorSpec], file: str) -> None:
+def _check_state(streaming: AudioStreaming, inputs: Sequence[TensorSpec], file: str) -> None:
     by_name = {t.name: t for t in inputs}
-    for state in description.streaming.state:
+    for state in streaming.state:
         graph = by_name.get(state.name)
         if graph is None or len(graph.shape) != len(state.shape):
             raise BundleError(

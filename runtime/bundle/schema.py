@@ -249,7 +249,11 @@ class BundleDescription:
             "embed_dim": self.embed_dim,
             "components": {name: c.to_dict() for name, c in self.components.items()},
             "preprocessing": self.preprocessing.to_dict(),
-            "streaming": {m: self.streaming.to_dict() for m in self.modalities if m in STREAMING},
+            "streaming": {
+                m: self.streaming.to_dict()
+                for m in self.modalities
+                if m in STREAMING and self.streaming is not None  # present exactly then (check)
+            },
             "metrics": self.metrics,
             "producer": self.producer,
         }
@@ -302,9 +306,10 @@ class BundleDescription:
                 f"{DESCRIPTION_FILE}: the streaming state must be there exactly when a streaming encoder is "
                 f"({', '.join(streaming) or 'none here'})"
             )
+        state = self.streaming.state if self.streaming is not None else ()
         for modality in streaming:
             component = self.components[component_name(modality)]
             names = {t.name for t in component.inputs} | {t.name for t in component.outputs}
-            missing = [n for t in self.streaming.state for n in (t.name, t.output_name) if n not in names]
+            missing = [n for t in state for n in (t.name, t.output_name) if n not in names]
             if missing:
                 raise BundleError(f"{DESCRIPTION_FILE}: {component.name} has no state tensor {missing[0]!r}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 from polysense.bundle.fields import get, plain_file_name, typed, within
 from polysense.errors import BundleError, InputError
@@ -91,7 +91,8 @@ class AudioSettings:
         return values if self.voice is None else {**values, "voice": self.voice.to_dict()}
 
 
-_SETTINGS = {"image": ImageSettings, "text": TextSettings, "audio": AudioSettings}
+ModalitySettings = ImageSettings | TextSettings | AudioSettings
+_SETTINGS = ("image", "text", "audio")  # Preprocessing's fields, in canonical order
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,17 @@ class Preprocessing:
     text: TextSettings | None = None
     audio: AudioSettings | None = None
 
-    def of(self, modality: str) -> Any:
+    @overload
+    def of(self, modality: Literal["image"]) -> ImageSettings: ...
+    @overload
+    def of(self, modality: Literal["text"]) -> TextSettings: ...
+    @overload
+    def of(self, modality: Literal["audio"]) -> AudioSettings: ...
+    @overload
+    def of(self, modality: str) -> ModalitySettings: ...
+
+    def of(self, modality: str) -> ModalitySettings:
+        """The settings of `modality`, or a BundleError when the model lacks it."""
         settings = getattr(self, modality, None)
         if settings is None:
             raise BundleError(f"the preprocessing settings lack {modality}")
@@ -117,4 +128,8 @@ class Preprocessing:
         unknown = [m for m in data if m not in _SETTINGS]
         if unknown:
             raise BundleError(f"{where}: unknown modality {unknown[0]!r}")
-        return cls(**{m: _SETTINGS[m].from_dict(v, f"{where}.{m}") for m, v in data.items()})
+        return cls(
+            image=ImageSettings.from_dict(data["image"], f"{where}.image") if "image" in data else None,
+            text=TextSettings.from_dict(data["text"], f"{where}.text") if "text" in data else None,
+            audio=AudioSettings.from_dict(data["audio"], f"{where}.audio") if "audio" in data else None,
+        )

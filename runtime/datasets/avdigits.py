@@ -103,7 +103,8 @@ def build_rows(spec: AVDigitsSpec) -> list[dict]:
                 split = "val" if rest.index(path) in val else "train"
             audio_split.append((path, digit, split, speaker))
 
-    rows, cursors = [], defaultdict(int)
+    rows = []
+    cursors: defaultdict[tuple[str, str], int] = defaultdict(int)
     for path, digit, split, speaker in audio_split:
         pool = image_split[(digit, split)]
         if not pool:

@@ -23,7 +23,8 @@ State = dict[str, np.ndarray]
 class DeferredStream(Protocol):
     """What `AudioEngine.encode_streams` needs of a stream (polysense.inference.streaming.AudioStream has it)."""
 
-    engine: AudioEngine
+    @property
+    def engine(self) -> AudioEngine: ...
 
     @property
     def pending_frames(self) -> np.ndarray: ...

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import numpy as np
 
 from polysense.bundle.schema import ComponentSpec
 from polysense.errors import BundleError, InputError
-from polysense.inference.sessions import Session, to_numpy
+from polysense.inference.sessions import DeviceArray, Session, to_numpy
 from polysense.modalities import subset_key
+
+# Rows of a batch to keep: an index array or a boolean mask (None: all).
+Rows = np.ndarray | Sequence[int] | None
 
 
 @dataclass
@@ -61,7 +63,7 @@ class Embeddings:
     def __len__(self) -> int:
         return int(self.mask.shape[0])
 
-    def select(self, rows: Any = None, modalities: Iterable[str] | None = None) -> Embeddings:
+    def select(self, rows: Rows = None, modalities: Iterable[str] | None = None) -> Embeddings:
         """The given rows (index array or boolean mask; all when None), with only `modalities` marked present."""
         chosen = slice(None) if rows is None else rows
         mask = self.mask[chosen].copy()
@@ -107,14 +109,18 @@ class FusionHead:
         self.labels = labels
         self.embed_dim = embed_dim
 
-    def probabilities(self, vectors: Mapping[str, Any], mask: np.ndarray) -> np.ndarray:
+    def probabilities(self, vectors: Mapping[str, DeviceArray], mask: np.ndarray) -> np.ndarray:
         """[B, C] from per-modality embeddings [B, D] (arrays or device values) and the mask [B, M]."""
         feeds = {self._inputs[m]: vectors[m] for m in self.modalities}
         feeds[self._mask_input] = mask
         return softmax(to_numpy(self._session.run(feeds)[0]))
 
     def predictions(
-        self, probabilities: np.ndarray, vectors: Mapping[str, np.ndarray], mask: np.ndarray, timings: dict
+        self,
+        probabilities: np.ndarray,
+        vectors: Mapping[str, np.ndarray],
+        mask: np.ndarray,
+        timings: dict[str, float],
     ) -> list[Prediction]:
         """One Prediction per row, with the embeddings of the modalities present in that row."""
         predictions = []

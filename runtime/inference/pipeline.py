@@ -11,7 +11,6 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
@@ -24,12 +23,14 @@ from polysense.inference.audio_engine import AudioEngine
 from polysense.inference.fusion import Embeddings, FusionHead, Prediction, Prepared
 from polysense.inference.precision import TUNING_FILE, choose_precisions, tuned_choices
 from polysense.inference.preprocessors import build_preprocessors
-from polysense.inference.sessions import Session, SessionSettings, runnable, to_numpy
-from polysense.inference.streaming import AudioStream, VideoStream
+from polysense.inference.sessions import DeviceArray, Session, SessionSettings, runnable, to_numpy
+from polysense.inference.streaming import AudioStream, VideoSource, VideoStream
 from polysense.limits import DEFAULT_LIMITS, Limits
 from polysense.modalities import MODALITIES, SPECS
 from polysense.optional import require_modality
 from polysense.preprocess import voice as voices
+from polysense.preprocess.audio import AudioInput
+from polysense.preprocess.image import ImageInput
 from polysense.preprocess.voice import AdaptiveVoice, VoiceProfile
 
 SAMPLE_KEYS = (*MODALITIES, "sample_rate", "voice")
@@ -81,6 +82,7 @@ class Pipeline:
         )
         self._audio: AudioEngine | None = None
         for spec in (SPECS[m] for m in description.modalities if SPECS[m].streaming):
+            assert description.streaming is not None  # check(): there with a streaming encoder
             frames_input = spec.graph_inputs[0]
             self._audio = AudioEngine(
                 self._sessions[spec.component], description.streaming, frames_input, description.embed_dim
@@ -157,13 +159,13 @@ class Pipeline:
 
     def predict(
         self,
-        image: Any = None,
+        image: ImageInput | None = None,
         text: str | None = None,
-        audio: Any = None,
+        audio: AudioInput | None = None,
         *,
         sample_rate: int | None = None,
         voice: VoiceProfile | AdaptiveVoice | None = None,
-        **unknown: Any,
+        **unknown: object,
     ) -> Prediction:
         """Predict from any non-empty subset of the bundle's modalities; only their encoders run.
 
@@ -188,6 +190,7 @@ class Pipeline:
         embeddings computed once can be classified under several subsets of modalities.
         """
         start = time.perf_counter()
+        timings: dict[str, float]
         if isinstance(samples, Embeddings):
             vectors, mask, timings = samples.vectors, samples.mask, {}
         else:
@@ -208,8 +211,9 @@ class Pipeline:
         """
         return self._prepare(sample)
 
-    def embed(self, samples: Sequence[dict]) -> Embeddings:
-        """Embeddings of each sample's modalities (no fusion): [B, D] per modality, zeros where absent."""
+    def embed(self, samples: Sequence[dict] | Sequence[Prepared]) -> Embeddings:
+        """Embeddings of each sample's modalities (no fusion): [B, D] per modality, zeros where absent. Takes
+        sample dicts or what `prepare` made of them."""
         vectors, mask, timings = self._embed(samples)
         return Embeddings(self.modalities, {m: to_numpy(v) for m, v in vectors.items()}, mask, timings)
 
@@ -233,7 +237,7 @@ class Pipeline:
             voice=voices.voice_for(settings.voice, voice),
         )
 
-    def voice_profile(self, recordings: Sequence[Any], sample_rate: int | None = None) -> VoiceProfile:
+    def voice_profile(self, recordings: Sequence[AudioInput], sample_rate: int | None = None) -> VoiceProfile:
         """A speaker's voice profile from a few recordings of them talking (paths, encoded bytes, or sample
         arrays at `sample_rate`); what they say does not matter. For bundles trained with --voice-norm."""
         voices.bundle_voice(self._description.preprocessing, self.modalities, "a voice profile")
@@ -248,7 +252,9 @@ class Pipeline:
         average = voices.bundle_voice(self._description.preprocessing, self.modalities, "an adaptive voice")
         return AdaptiveVoice(average, prior_frames)
 
-    def video_stream(self, source: Any = None, fps: float = 5.0, window: int = 8) -> VideoStream:
+    def video_stream(
+        self, source: VideoSource | None = None, fps: float = 5.0, window: int = 8
+    ) -> VideoStream:
         """Video frames from `source` (file path, camera index, URL) or pushed with `push(frame, t)`,
         sampled at `fps`, averaged over the last `window` sampled frames."""
         if "image" not in self.modalities:
@@ -266,7 +272,8 @@ class Pipeline:
         check_graph(self._description, component, file, session.signature())
         return session
 
-    def _check_sample(self, sample: Any, where: str) -> None:
+    def _check_sample(self, sample: object, where: str) -> dict:
+        """The sample, once it is known to be a dict of this bundle's inputs; else an InputError."""
         if not isinstance(sample, dict):
             raise InputError(
                 f"{where}each sample is a dict like {{'image': ..., 'text': ...}}, got {type(sample).__name__}"
@@ -287,9 +294,10 @@ class Pipeline:
         for key in ("sample_rate", "voice"):
             if sample.get(key) is not None and sample.get("audio") is None:
                 raise InputError(f"{where}{key} was given without audio")
+        return sample
 
-    def _prepare(self, sample: Any, where: str = "") -> Prepared:
-        self._check_sample(sample, where)
+    def _prepare(self, sample: object, where: str = "") -> Prepared:
+        sample = self._check_sample(sample, where)
         features: dict[str, np.ndarray] = {}
         timings: dict[str, float] = {}
         for modality in self.modalities:
@@ -298,14 +306,16 @@ class Pipeline:
             tick = time.perf_counter()
             features[modality] = self._preprocessors[modality](sample[modality], sample.get("sample_rate"))
             if modality == "audio":
-                voice = voices.voice_for(self._description.preprocessing.audio.voice, sample.get("voice"))
+                voice = voices.voice_for(
+                    self._description.preprocessing.of("audio").voice, sample.get("voice")
+                )
                 features[modality] = voices.remove_voice(voice, features[modality])
             timings[f"preprocess_{modality}"] = (time.perf_counter() - tick) * 1000
         return Prepared(features, timings)
 
     def _embed(
         self, samples: Sequence[dict] | Sequence[Prepared]
-    ) -> tuple[dict[str, Any], np.ndarray, dict[str, float]]:
+    ) -> tuple[dict[str, DeviceArray], np.ndarray, dict[str, float]]:
         """Embeddings per modality [B, D] (device-resident under CUDA where every row has the modality),
         the presence mask [B, M] and timings. Encoders run only for modalities some sample has."""
         if isinstance(samples, (dict, str, bytes)) or not isinstance(samples, Sequence) or not len(samples):
@@ -319,7 +329,7 @@ class Pipeline:
             for stage, ms in item.timings.items():
                 timings[stage] = timings.get(stage, 0.0) + ms
         mask = np.zeros((len(prepared), len(self.modalities)), np.float32)
-        vectors: dict[str, Any] = {}
+        vectors: dict[str, DeviceArray] = {}
         for index, modality in enumerate(self.modalities):
             present = [row for row, item in enumerate(prepared) if modality in item.features]
             mask[present, index] = 1.0
@@ -336,15 +346,16 @@ class Pipeline:
                 vectors[modality][present] = to_numpy(encoded)
         return vectors, mask, timings
 
-    def _encode(self, modality: str, features: list[np.ndarray]) -> Any:
+    def _encode(self, modality: str, features: list[np.ndarray]) -> DeviceArray:
         """Embeddings of preprocessed inputs of one modality, batched (device-resident under CUDA)."""
         spec = SPECS[modality]
         if spec.streaming:
+            assert self._audio is not None  # made in __init__ for the bundle's streaming modality
             return self._audio.encode_clips(features)
         feeds = dict(zip(spec.graph_inputs, spec.codec.feeds(features)))
         return self._sessions[spec.component].run(feeds)[0]
 
-    def _embed_one(self, modality: str, value: Any) -> np.ndarray:
+    def _embed_one(self, modality: str, value: ImageInput | str) -> np.ndarray:
         """Embedding [D] of one input of one modality (what streams use for a set image, text or frame)."""
         vectors, _, _ = self._embed([{modality: value}])
         return to_numpy(vectors[modality])[0]

@@ -7,6 +7,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,10 @@ from polysense.bundle.schema import TensorSpec
 from polysense.errors import BundleError, ConfigError, DependencyError
 
 log = logging.getLogger("polysense")
+
+# A session's input or output: a numpy array, or under CUDA an onnxruntime OrtValue kept on the device
+# (onnxruntime ships no type hints, so the OrtValue side cannot be named more precisely).
+DeviceArray = Any
 
 DEVICES = ("auto", "cpu", "cuda")
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -28,7 +33,7 @@ def _installed(distribution: str) -> bool:
     return True
 
 
-def import_onnxruntime() -> Any:
+def import_onnxruntime() -> ModuleType:
     """The onnxruntime module, or a DependencyError that says how to install it properly."""
     if _installed("onnxruntime") and _installed("onnxruntime-gpu"):
         raise DependencyError(
@@ -86,7 +91,8 @@ class Session:
     def __init__(self, model: bytes | Path, settings: SessionSettings, name: str = "") -> None:
         """`model`: the ONNX graph's bytes (as read and verified from a bundle) or a file path; `name` names
         it in errors and warnings."""
-        name = name or Path(model).name
+        if not name:
+            name = "the ONNX graph's bytes" if isinstance(model, bytes) else Path(model).name
         ort = import_onnxruntime()
         options = ort.SessionOptions()
         options.intra_op_num_threads = settings.intra_op_threads
@@ -144,7 +150,7 @@ class Session:
     def provider(self) -> str:
         return self.session.get_providers()[0]
 
-    def run(self, feeds: dict[str, Any]) -> list[Any]:
+    def run(self, feeds: dict[str, DeviceArray]) -> list[DeviceArray]:
         """Outputs in graph order: numpy arrays on CPU, OrtValues on the device under CUDA.
 
         Feeds may be numpy arrays or (under CUDA) OrtValues produced by another session.
@@ -177,5 +183,5 @@ def _axis(dim: Any) -> int | str:
     return dim if isinstance(dim, int) else str(dim or "?")
 
 
-def to_numpy(value: Any) -> np.ndarray:
+def to_numpy(value: DeviceArray) -> np.ndarray:
     return value if isinstance(value, np.ndarray) else value.numpy()

@@ -12,6 +12,7 @@ rate, each sampled frame through the image encoder, embeddings averaged over a s
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -22,9 +23,11 @@ from polysense.bundle.settings import AudioSettings
 from polysense.errors import InputError
 from polysense.inference.audio_engine import AudioEngine, State
 from polysense.inference.fusion import Prediction
+from polysense.inference.predictor import LiveAudioStream
 from polysense.limits import DEFAULT_LIMITS, Limits
 from polysense.optional import require
 from polysense.preprocess.audio import LogMel, array_to_mono, check_sample_rate
+from polysense.preprocess.image import ImageInput
 from polysense.preprocess.voice import AdaptiveVoice, VoiceProfile
 
 # An adaptive voice hears at most this many frames of one streamed recording (30 s at the 10 ms hop): a live
@@ -32,7 +35,8 @@ from polysense.preprocess.voice import AdaptiveVoice, VoiceProfile
 MAX_HEARD_FRAMES = 3000
 
 # The narrow calls a stream makes besides the engine's: encode one image or text, fuse embeddings.
-Embed = Callable[[str, Any], np.ndarray]
+Embed = Callable[[str, ImageInput | str], np.ndarray]  # (modality, an image or a text) -> [D]
+VideoSource = str | int | os.PathLike  # a file path or URL, or a camera index
 Fuse = Callable[[Mapping[str, "np.ndarray | None"]], Prediction]
 
 
@@ -122,7 +126,7 @@ class AudioStream:
     def reset(self) -> None:
         """Forget the audio (state, buffers, rate); image, text and an attached video stay."""
         self.sample_rate: int | None = None
-        self._resampler: Any = None
+        self._resampler: Any = None  # a soxr.ResampleStream (soxr ships no type hints)
         self._frames.reset()
         self._state = self._engine.initial_state(1)
         self.embedding: np.ndarray | None = None  # of all audio encoded so far
@@ -130,7 +134,9 @@ class AudioStream:
         self._pending = np.zeros((0, self._frames.logmel.n_mels), np.float32)
         self.finished = False
         adaptive = isinstance(self.voice, AdaptiveVoice)
-        self._profile = self.voice.profile if adaptive else self.voice
+        self._profile: VoiceProfile | None = (
+            self.voice.profile if isinstance(self.voice, AdaptiveVoice) else self.voice
+        )
         self._heard: list[np.ndarray] | None = [] if adaptive else None  # raw frames the voice will hear
         self._heard_count = 0
 
@@ -174,7 +180,7 @@ class AudioStream:
         frames = np.concatenate([frames, self._frames.flush()])
         self.finished = True
         count = self._take(frames)
-        if self._heard:
+        if self._heard and isinstance(self.voice, AdaptiveVoice):  # only an adaptive voice collects frames
             self.voice.hear(np.concatenate(self._heard))
             self._heard = []
         return count
@@ -206,7 +212,7 @@ class AudioStream:
         """Text fused with the audio from now on (None removes it); encoded once here."""
         self.text_embedding = None if text is None else self._embed("text", text)
 
-    def set_image(self, image: Any) -> None:
+    def set_image(self, image: ImageInput | None) -> None:
         """An image fused with the audio from now on (None removes it); encoded once here."""
         self.image_embedding = None if image is None else self._embed("image", image)
 
@@ -220,16 +226,28 @@ class AudioStream:
         return self._fuse({"audio": self.embedding, "image": image, "text": self.text_embedding})
 
 
-def encode_streams(streams: Sequence[AudioStream]) -> None:
+def encode_streams(streams: Sequence[LiveAudioStream]) -> None:
     """Encode the pending frames of deferred streams (`pipeline.audio_stream(encode=False)`), batched per
     engine: a convenience over `AudioEngine.encode_streams` for streams of one or several pipelines, and for
     an ensemble's streams (`ensemble.audio_stream(encode=False)`: each member's stream is encoded)."""
     by_engine: dict[int, list[AudioStream]] = {}
     for stream in streams:
-        for member_stream in getattr(stream, "streams", None) or [stream]:  # an EnsembleAudioStream's members
+        for member_stream in _deferred(stream):
             by_engine.setdefault(id(member_stream.engine), []).append(member_stream)
     for group in by_engine.values():
         group[0].engine.encode_streams(group)
+
+
+def _deferred(stream: LiveAudioStream) -> list[AudioStream]:
+    """The AudioStreams a live stream encodes through: itself, or an EnsembleAudioStream's members."""
+    if isinstance(stream, AudioStream):
+        return [stream]
+    members = getattr(stream, "streams", None)  # an EnsembleAudioStream (which this module cannot import)
+    if not members or not all(isinstance(s, AudioStream) for s in members):
+        raise InputError(
+            f"encode_streams takes what audio_stream(encode=False) made, got {type(stream).__name__}"
+        )
+    return list(members)
 
 
 class VideoStream:
@@ -239,7 +257,7 @@ class VideoStream:
         self,
         embed: Embed,
         fuse: Fuse,
-        source: Any = None,
+        source: VideoSource | None = None,
         fps: float = 5.0,
         window: int = 8,
         limits: Limits = DEFAULT_LIMITS,

@@ -182,7 +182,7 @@ def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     return require("soxr").resample(samples, from_rate, to_rate, quality="HQ").astype(np.float32, copy=False)
 
 
-def hz_to_mel(hz: np.ndarray) -> np.ndarray:
+def hz_to_mel(hz: float | np.ndarray) -> np.ndarray:
     """Slaney's mel scale: linear below 1 kHz, logarithmic above (librosa's default, htk=False)."""
     hz = np.asarray(hz, dtype=np.float64)
     linear = hz * 3.0 / 200.0
@@ -190,7 +190,7 @@ def hz_to_mel(hz: np.ndarray) -> np.ndarray:
     return np.where(hz >= 1000.0, log_part, linear)
 
 
-def mel_to_hz(mel: np.ndarray) -> np.ndarray:
+def mel_to_hz(mel: float | np.ndarray) -> np.ndarray:
     mel = np.asarray(mel, dtype=np.float64)
     linear = mel * 200.0 / 3.0
     log_part = 1000.0 * np.exp((np.log(6.4) / 27.0) * (mel - 15.0))

@@ -74,10 +74,11 @@ def tokenizer_from_bytes(data: bytes, source: str) -> Tokenizer:
 class TextPreprocessor:
     """Text -> token ids (truncated to `max_length`); batches -> padded ids and attention mask."""
 
-    def __init__(self, tokenizer: Tokenizer | str | os.PathLike, max_length: int = MAX_LENGTH) -> None:
+    def __init__(self, tokenizer: Tokenizer | str | os.PathLike[str], max_length: int = MAX_LENGTH) -> None:
         if max_length < 1:
             raise InputError(f"max_length must be at least 1, got {max_length}")
-        if not isinstance(tokenizer, require("tokenizers").Tokenizer):
+        tokenizer_class: type[Tokenizer] = require("tokenizers").Tokenizer
+        if not isinstance(tokenizer, tokenizer_class):
             path = Path(tokenizer)
             if not path.is_file():
                 raise InputError(f"tokenizer file not found: {path}")

@@ -251,9 +251,9 @@ def speaker_profiles(recordings: Iterable[tuple[str, np.ndarray]]) -> dict[str, 
     for speaker, frames in recordings:
         by_speaker.setdefault(speaker, []).append(frames)
     profiles = {}
-    for speaker, frames in by_speaker.items():
+    for speaker, recorded in by_speaker.items():
         try:
-            profiles[speaker] = VoiceProfile.from_frames(frames)
+            profiles[speaker] = VoiceProfile.from_frames(recorded)
         except InputError as error:
             raise InputError(f"speaker {speaker!r}: {error}") from error
     return profiles

@@ -17,14 +17,19 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, TextIO
 
 from tqdm import tqdm
 
 from polysense.errors import ConfigError, InputError, PolysenseError
 from polysense.inference.fusion import Prediction
+from polysense.inference.predictor import EmbeddingsT, Predictor, PreparedT
 from polysense.preprocess.voice import VoiceProfile
 from polysense.tools.manifest import Problem, read_manifest
+
+if TYPE_CHECKING:
+    from _csv import Writer  # what csv.writer returns (named in typeshed only)
 
 log = logging.getLogger("polysense")
 
@@ -65,8 +70,8 @@ class PredictionWriter:
         if not self.stdout and not self.path.parent.is_dir():
             raise ConfigError(f"--out {out}: the folder {self.path.parent} does not exist")
         self._partial = self.path.with_name(f".{self.path.name}.partial")
-        self._handle: Any = None
-        self._csv: Any = None
+        self._handle: TextIO | None = None  # open between __enter__ and __exit__
+        self._csv: Writer | None = None
 
     def __enter__(self) -> PredictionWriter:
         import sys
@@ -77,7 +82,7 @@ class PredictionWriter:
             self._csv.writerow(["source", *self.extra, "label", *(f"p_{label}" for label in self.labels)])
         return self
 
-    def write(self, source: str, prediction: Prediction, **extra: Any) -> None:
+    def write(self, source: str, prediction: Prediction, **extra: object) -> None:
         if self._csv is not None:
             probabilities = [f"{prediction.probabilities[label]:.6g}" for label in self.labels]
             self._csv.writerow(
@@ -90,9 +95,13 @@ class PredictionWriter:
             "label": prediction.label,
             "probabilities": prediction.probabilities,
         }
+        assert self._handle is not None, "write inside `with PredictionWriter(...)`"
         self._handle.write(json.dumps(row) + "\n")
 
-    def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        assert self._handle is not None  # opened by __enter__
         if self.stdout:
             self._handle.flush()
             return
@@ -155,7 +164,7 @@ def _batches(items: list[Item], size: int) -> Iterator[list[Item]]:
 
 
 def predict_to_file(
-    pipeline: Any,
+    pipeline: Predictor[PreparedT, EmbeddingsT],
     data: str | os.PathLike,
     out: str | os.PathLike,
     progress: bool = True,
@@ -168,7 +177,8 @@ def predict_to_file(
     written = 0
     with writer, tqdm(total=len(items), desc="predicting", unit="sample", disable=not progress) as bar:
         for batch in _batches(items, BATCH):
-            prepared, kept = [], []
+            prepared: list[PreparedT] = []
+            kept: list[Item] = []
             for item in batch:
                 try:
                     sample = _loaded(item.sample)

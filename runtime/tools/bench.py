@@ -17,8 +17,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from polysense.bundle.reader import open_bundle
 from polysense.bundle.schema import PRECISIONS
 from polysense.inference.pipeline import Pipeline
+from polysense.inference.predictor import EmbeddingsT, Predictor, PreparedT
 from polysense.machine import machine
 from polysense.modalities import SPECS
 
@@ -46,17 +48,18 @@ class BenchOptions:
     cold_start_runs: int = 3
 
     @classmethod
-    def quick(cls, **overrides: object) -> BenchOptions:
-        """Few runs: a smoke test of the whole report, not a measurement."""
-        values = {
-            "warmup_runs": 2,
-            "window_runs": 5,
-            "max_windows": 3,
-            "batch_sizes": (1, 4),
-            "throughput_seconds": 0.05,
-            "cold_start_runs": 1,
-        }
-        return cls(**{**values, **overrides})
+    def quick(cls, **overrides: Any) -> BenchOptions:
+        """Few runs: a smoke test of the whole report, not a measurement. `overrides`: any fields, by name
+        (checked by `dataclasses.replace`)."""
+        few = cls(
+            warmup_runs=2,
+            window_runs=5,
+            max_windows=3,
+            batch_sizes=(1, 4),
+            throughput_seconds=0.05,
+            cold_start_runs=1,
+        )
+        return replace(few, **overrides)
 
 
 def _stats(times_ms: list[float]) -> dict:
@@ -93,7 +96,7 @@ def measure(run: Callable[[], object], options: BenchOptions) -> dict:
     return result
 
 
-def _sample_files(pipeline: Pipeline, folder: Path) -> dict:
+def _sample_files(pipeline: Predictor[PreparedT, EmbeddingsT], folder: Path) -> dict:
     """One input per modality of the bundle, as files where the modality has files (what users pass)."""
     rng = np.random.default_rng(0)
     return {m: SPECS[m].codec.sample_input(folder, rng) for m in pipeline.modalities}
@@ -136,7 +139,9 @@ def bundle_sizes(bundle: Path, chosen: dict[str, str]) -> dict:
     return sizes
 
 
-def stage_latencies(pipeline: Pipeline, sample: dict, options: BenchOptions) -> tuple[dict, dict, float]:
+def stage_latencies(
+    pipeline: Predictor[PreparedT, EmbeddingsT], sample: dict, options: BenchOptions
+) -> tuple[dict, dict, float]:
     """End-to-end latency of predict(**sample), each stage's latency as the pipeline timed it inside those
     same runs, and the median orchestration overhead (end to end minus the stages) in ms."""
     timings: list[dict] = []
@@ -153,7 +158,9 @@ def stage_latencies(pipeline: Pipeline, sample: dict, options: BenchOptions) -> 
     return end_to_end, stages, overhead
 
 
-def _throughput(pipeline: Pipeline, sample: dict, options: BenchOptions) -> dict[str, float]:
+def _throughput(
+    pipeline: Predictor[PreparedT, EmbeddingsT], sample: dict, options: BenchOptions
+) -> dict[str, float]:
     throughput = {}
     for batch in options.batch_sizes:
         samples = [sample] * batch

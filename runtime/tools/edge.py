@@ -103,8 +103,8 @@ def make_edge_bundle(
             write_archive(folder, target)
         else:
             target.mkdir(exist_ok=True)
-            for file in folder.iterdir():
-                shutil.move(str(file), target / file.name)
+            for written in folder.iterdir():
+                shutil.move(str(written), target / written.name)
     source_size = sum(f.stat().st_size for f in source.path.iterdir() if f.is_file())
     return EdgeResult(target, dict(chosen), size, source_size, command)
 
@@ -145,7 +145,7 @@ def _import_config_tool():
     helpers polysense does not use); the runtime never loads torch, so torch is hidden while it imports."""
     hide = "torch" not in sys.modules
     if hide:
-        sys.modules["torch"] = None  # find_spec("torch") is then None: the package skips its torch helpers
+        sys.modules["torch"] = None  # type: ignore[assignment]  # typeshed omits None, the documented block; find_spec("torch") is then None: the package skips its torch helpers
     try:
         from onnxruntime.tools.ort_format_model import create_config_from_models
     except ImportError as error:

@@ -1,8 +1,8 @@
 """Evaluate a bundle on a data manifest with the runtime alone: the same keys as training's metrics.json.
 
-Uses only the Pipeline's public API: each batch is embedded once (`Pipeline.embed`), then classified with all
-its modalities and under every subset of them (`Pipeline.predict_batch` on narrowed Embeddings). An Ensemble
-offers the same calls, so it is evaluated the same way. A bundle
+Uses only the public API that a Pipeline and an Ensemble share (polysense.Predictor): each batch is embedded
+once (`embed`), then classified with all its modalities and under every subset of them (`predict_batch` on
+narrowed embeddings), so either is evaluated the same way. A bundle
 trained with --voice-norm, on a manifest with a speaker column, hears each speaker with their own voice
 profile, built from all their recordings in the manifest (every split; no label used), as training did.
 """
@@ -12,16 +12,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from polysense.errors import ConfigError, InputError, ManifestError
-from polysense.inference.ensemble.ensemble import Ensemble
-from polysense.inference.fusion import Embeddings
-from polysense.inference.pipeline import Pipeline
+from polysense.inference.fusion import Prediction
+from polysense.inference.predictor import EmbeddingsT, Predictor, PreparedT
 from polysense.modalities import nonempty_subsets, subset_key
 from polysense.preprocess.voice import VoiceProfile
 from polysense.tools.batch_predict import PredictionWriter
@@ -29,11 +28,13 @@ from polysense.tools.manifest import SPLITS, Problem, Row, check_labels, read_ma
 from polysense.tools.metrics import classification_metrics
 
 BATCH = 32
-Model = Pipeline | Ensemble
 log = logging.getLogger("polysense")
 
 
-def _rows_to_evaluate(pipeline: Model, manifest: str | os.PathLike, split: str | None):
+def _rows_to_evaluate(
+    pipeline: Predictor[PreparedT, EmbeddingsT], manifest: str | os.PathLike, split: str | None
+) -> tuple[list[Row], list[Problem], list[Row]]:
+    """The rows to evaluate, the problems of the rows skipped, and every usable row (for voice profiles)."""
     data = read_manifest(manifest)
     usable, skipped = data.usable_rows()
     rows = usable
@@ -52,11 +53,10 @@ def _rows_to_evaluate(pipeline: Model, manifest: str | os.PathLike, split: str |
     return rows, skipped, usable
 
 
-def _speaker_voices(pipeline: Model, rows: list[Row]) -> dict[str, VoiceProfile]:
+def _speaker_voices(pipeline: Predictor[PreparedT, EmbeddingsT], rows: list[Row]) -> dict[str, VoiceProfile]:
     """speaker -> voice profile from their recordings in `rows`, every split's (empty unless the bundle takes
     profiles)."""
-    first = pipeline.members[0] if isinstance(pipeline, Ensemble) else pipeline  # members share the front end
-    audio = first.description.preprocessing.audio
+    audio = pipeline.description.preprocessing.audio  # an ensemble's: its members share the front end
     if audio is None or audio.voice is None:
         return {}
     by_speaker: dict[str, list[str]] = {}
@@ -70,7 +70,7 @@ def _speaker_voices(pipeline: Model, rows: list[Row]) -> dict[str, VoiceProfile]
             "the training speakers' average voice, which suits a new voice less; add a speaker column",
             unnamed,
         )
-    voices = {}
+    voices: dict[str, VoiceProfile] = {}
     for speaker, recordings in sorted(by_speaker.items()):
         try:
             voices[speaker] = pipeline.voice_profile(recordings)
@@ -89,8 +89,8 @@ def _sample(row: Row, modalities: tuple[str, ...], voices: dict[str, VoiceProfil
 
 
 def _embed_rows(
-    pipeline: Model, rows: list[Row], voices: dict[str, VoiceProfile]
-) -> tuple[list[Row], Embeddings | None, list[Problem]]:
+    pipeline: Predictor[PreparedT, EmbeddingsT], rows: list[Row], voices: dict[str, VoiceProfile]
+) -> tuple[list[Row], EmbeddingsT | None, list[Problem]]:
     """Embeddings of the rows that could be read; a batch that fails is retried row by row, so an unreadable
     file costs only its own row (reported as a Problem)."""
     samples = [_sample(r, pipeline.modalities, voices) for r in rows]
@@ -98,7 +98,8 @@ def _embed_rows(
         return rows, pipeline.embed(samples), []
     except InputError:
         pass
-    kept, problems = [], []
+    kept: list[Row] = []
+    problems: list[Problem] = []
     for row, sample in zip(rows, samples):
         try:
             pipeline.embed([sample])
@@ -110,17 +111,17 @@ def _embed_rows(
     return kept, pipeline.embed([_sample(r, pipeline.modalities, voices) for r in kept]), problems
 
 
-def _predicted(pipeline: Model, embeddings: Embeddings) -> list[int]:
+def _predicted(pipeline: Predictor[PreparedT, EmbeddingsT], embeddings: EmbeddingsT) -> list[int]:
     return _indices(pipeline, pipeline.predict_batch(embeddings))
 
 
-def _indices(pipeline: Model, predictions: list) -> list[int]:
+def _indices(pipeline: Predictor[PreparedT, EmbeddingsT], predictions: Sequence[Prediction]) -> list[int]:
     index = {label: i for i, label in enumerate(pipeline.labels)}
     return [index[p.label] for p in predictions]
 
 
 def evaluate_bundle(
-    pipeline: Model,
+    pipeline: Predictor[PreparedT, EmbeddingsT],
     manifest: str | os.PathLike,
     split: str | None = None,
     progress: bool = True,
@@ -129,7 +130,7 @@ def evaluate_bundle(
     """accuracy, macro precision/recall/F1, confusion matrix, and `subsets`: each sample is evaluated on every
     non-empty subset of the bundle's modalities that it has (encoders run once per sample). `predictions`: also
     write each sample's prediction (all its modalities) and true label there (.jsonl or .csv)."""
-    writer = contextlib.nullcontext(None)
+    writer: contextlib.AbstractContextManager[PredictionWriter | None] = contextlib.nullcontext(None)
     if predictions is not None:
         writer = PredictionWriter(predictions, pipeline.labels, extra=("true_label",))
     with writer as written:
@@ -137,12 +138,17 @@ def evaluate_bundle(
 
 
 def _evaluate(
-    pipeline: Model, manifest: str | os.PathLike, split: str | None, progress: bool, writer: Any
+    pipeline: Predictor[PreparedT, EmbeddingsT],
+    manifest: str | os.PathLike,
+    split: str | None,
+    progress: bool,
+    writer: PredictionWriter | None,
 ) -> dict:
     rows, skipped, usable = _rows_to_evaluate(pipeline, manifest, split)
     voices = _speaker_voices(pipeline, usable)
     total = len(rows) + len({p.line for p in skipped})
-    label_index = {label: i for i, label in enumerate(pipeline.labels)}
+    # Keyed like Row.label (None in unlabelled manifests, which _rows_to_evaluate refuses here).
+    label_index: dict[str | None, int] = {label: i for i, label in enumerate(pipeline.labels)}
     subsets = nonempty_subsets(pipeline.modalities)
     truth: dict[str | None, list[int]] = {key: [] for key in [None, *map(subset_key, subsets)]}
     guess: dict[str | None, list[int]] = {key: [] for key in truth}

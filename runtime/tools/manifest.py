@@ -185,7 +185,9 @@ def _lines(path: Path) -> Iterator[str | None]:
 
 
 def _read_jsonl(path: Path, labelled: bool) -> tuple[list[tuple[int, dict]], list[Problem]]:
-    records, problems, columns = [], [], set()
+    records: list[tuple[int, dict]] = []
+    problems: list[Problem] = []
+    columns: set[str] = set()
     for number, text in enumerate(_lines(path), start=1):
         if text is None:
             problems.append(Problem(number, f"line longer than {MAX_LINE_CHARS:,} characters"))
@@ -233,20 +235,21 @@ def _parse_record(line: int, record: dict, root: Path, labelled: bool) -> tuple[
     if cells["split"] is not None and cells["split"] not in SPLITS:
         problems.append(Problem(line, f"split {cells['split']!r} is unknown; use one of {', '.join(SPLITS)}"))
     for modality in FILE_MODALITIES:
-        if cells[modality] is None:
+        name = cells[modality]
+        if name is None:
             continue
-        if "\0" in cells[modality]:
+        if "\0" in name:
             problems.append(
                 Problem(line, f"{modality}: the file name contains a NUL character; fix the cell")
             )
             cells[modality] = None
             continue
-        file = (root / cells[modality]).resolve()
+        file = (root / name).resolve()
         if not file.is_file():
             problems.append(
                 Problem(
                     line,
-                    f"{modality}: file not found: {cells[modality]} (looked in {file.parent})",
+                    f"{modality}: file not found: {name} (looked in {file.parent})",
                     skippable=True,
                 )
             )

@@ -10,6 +10,7 @@ import numpy as np
 
 from polysense.errors import InputError
 from polysense.inference.pipeline import Pipeline, Prediction
+from polysense.inference.streaming import VideoSource
 from polysense.optional import require
 from polysense.preprocess.audio import check_sample_rate
 from polysense.preprocess.voice import VoiceProfile
@@ -17,7 +18,7 @@ from polysense.preprocess.voice import VoiceProfile
 
 def audio_chunks(
     source: str, chunk_ms: float, stdin_rate: int, stdin: BinaryIO | None = None
-) -> Iterator[tuple]:
+) -> Iterator[tuple[np.ndarray, int]]:
     """(samples, sample_rate) chunks of `chunk_ms` from a file, or raw 16-bit PCM from stdin when source is '-'."""
     if not 0 < chunk_ms < float("inf"):  # also refuses NaN
         raise InputError(f"--chunk-ms must be a positive number of milliseconds, got {chunk_ms}")
@@ -57,7 +58,7 @@ def _event(time_s: float, prediction: Prediction, **extra: object) -> dict:
 def stream_timeline(
     pipeline: Pipeline,
     audio: str | None = None,
-    video: str | None = None,
+    video: VideoSource | None = None,
     text: str | None = None,
     chunk_ms: float = 100.0,
     stdin_rate: int = 16_000,
@@ -72,6 +73,7 @@ def stream_timeline(
         raise InputError("a voice profile is for the audio stream; give --audio too (or drop --voice)")
     video_stream = pipeline.video_stream(video, fps=fps) if video is not None else None
     if audio is None:
+        assert video_stream is not None  # refused above when neither was given
         video_stream.set_text(text or None)
         for time_s in video_stream.run():
             yield _event(time_s, video_stream.result(), video_frames=video_stream.frames_encoded)
@@ -92,7 +94,7 @@ def stream_timeline(
     for samples, rate in audio_chunks(audio, chunk_ms, stdin_rate, stdin):
         time_s += samples.shape[0] / rate
         new_frames = stream.accept_waveform(samples, rate)
-        while next_frame is not None and next_frame[0] <= time_s:
+        while video_stream is not None and next_frame is not None and next_frame[0] <= time_s:
             video_stream.push(next_frame[1], next_frame[0])
             next_frame = next(frames, None)
         if stream.embedding is not None or video_stream is not None or stream.text_embedding is not None:

@@ -20,7 +20,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +29,9 @@ from polysense.errors import BundleError, ConfigError
 from polysense.inference.fusion import Prepared
 from polysense.inference.precision import TUNING_FILE, description_hash
 
+if TYPE_CHECKING:
+    from polysense.inference.pipeline import Pipeline
+
 log = logging.getLogger("polysense")
 
 PROBE_FILE = "probe.npz"
@@ -36,7 +39,7 @@ PROBE_SAMPLES = 32
 MIN_AGREEMENT = 0.99
 MAX_PROBE_BYTES = 256 << 20
 
-Measure = Callable[[Any, str, Sequence[Prepared]], float]
+Measure = Callable[["Pipeline", str, Sequence[Prepared]], float]  # (pipeline, component, samples) -> ms
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ class TuneResult:
     path: Path  # tuning.json
 
 
-def write_probe(pipeline_fp32: Any, samples: Sequence[dict], folder: str | os.PathLike) -> int:
+def write_probe(pipeline_fp32: Pipeline, samples: Sequence[dict], folder: str | os.PathLike) -> int:
     """probe.npz in `folder`: `samples` preprocessed by `pipeline_fp32` (an fp32 Pipeline of that bundle) and
     the label it gives each, one sample at a time (no batch mates)."""
     arrays: dict[str, np.ndarray] = {}
@@ -63,7 +66,10 @@ def write_probe(pipeline_fp32: Any, samples: Sequence[dict], folder: str | os.Pa
         features = {m: _compact(f) for m, f in pipeline_fp32.prepare(sample).features.items()}
         arrays.update({f"{index}.{m}": f for m, f in features.items()})
         labels.append(pipeline_fp32.labels.index(pipeline_fp32.predict_batch([_restored(features)])[0].label))
-    np.savez_compressed(Path(folder) / PROBE_FILE, labels=np.array(labels, np.int64), **arrays)
+    # Numeric arrays only, so allow_pickle=False writes the same file (and names the keyword for type checkers).
+    np.savez_compressed(
+        Path(folder) / PROBE_FILE, allow_pickle=False, labels=np.array(labels, np.int64), **arrays
+    )
     return len(labels)
 
 
@@ -103,7 +109,7 @@ def read_probe(folder: str | os.PathLike) -> Probe:
     return Probe([_restored(features[i]) for i in range(len(labels))], labels)
 
 
-def component_latency(pipeline: Any, component: str, samples: Sequence[Prepared]) -> float:
+def component_latency(pipeline: Pipeline, component: str, samples: Sequence[Prepared]) -> float:
     """Median milliseconds of `component` at batch 1 over `samples` (each run twice: the first warms up)."""
     stage = "fusion" if component == FUSION else f"encode_{component.removesuffix('_encoder')}"
     times = []
@@ -115,7 +121,7 @@ def component_latency(pipeline: Any, component: str, samples: Sequence[Prepared]
     return statistics.median(times) if times else float("inf")
 
 
-def _labels(pipeline: Any, samples: Sequence[Prepared]) -> np.ndarray:
+def _labels(pipeline: Pipeline, samples: Sequence[Prepared]) -> np.ndarray:
     """Label indices, one sample at a time (no batch mates)."""
     return np.array([pipeline.labels.index(pipeline.predict_batch([s])[0].label) for s in samples])
 
@@ -138,7 +144,7 @@ def tune_bundle(
     if not len(probe.labels):
         raise ConfigError(f"{folder / PROBE_FILE} holds no samples; make it again with polysense tune --data")
 
-    def load(precision: str | dict) -> Any:
+    def load(precision: str | dict[str, str]) -> Pipeline:
         return Pipeline.load(folder, device=device, precision=precision, intra_op_threads=threads)
 
     base = load("auto")
@@ -149,12 +155,15 @@ def tune_bundle(
     fp32 = {name: "fp32" for name in base.description.components}
     base = base if base.description.is_edge else load(fp32)
     reference = _labels(base, probe.samples)
-    measurements = {}
+
+    def load_only(component: str) -> Callable[[str], Pipeline]:
+        """Loads `component` at a precision and every other component at fp32, so the labels change only by
+        the variant tried."""
+        return lambda precision: load({**fp32, component: precision})
+
+    measurements: dict[str, dict[str, dict]] = {}
     for name in base.description.components:
-        # every other component at fp32, so the labels change only by the variant tried
-        measurements[name] = _trials(
-            base, name, probe, reference, lambda p, n=name: load({**fp32, n: p}), measure
-        )
+        measurements[name] = _trials(base, name, probe, reference, load_only(name), measure)
     choices = {name: _choice(trials) for name, trials in measurements.items()}
     path = folder / TUNING_FILE
     record = {
@@ -173,7 +182,12 @@ def tune_bundle(
 
 
 def _trials(
-    base: Any, name: str, probe: Probe, reference: np.ndarray, load: Callable, measure: Measure
+    base: Pipeline,
+    name: str,
+    probe: Probe,
+    reference: np.ndarray,
+    load: Callable[[str], Pipeline],
+    measure: Measure,
 ) -> dict[str, dict]:
     """precision -> latency_ms and agreement with the reference labels, for each variant of component `name`
     usable on this device; the base pipeline's own variant first."""

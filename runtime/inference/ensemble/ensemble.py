@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 from polysense.bundle.schema import BundleDescription
 from polysense.errors import BundleError, ConfigError, InputError
@@ -24,11 +24,15 @@ from polysense.inference.ensemble.results import (
     combine_predictions,
 )
 from polysense.inference.ensemble.stream import EnsembleAudioStream
-from polysense.inference.fusion import Embeddings, Prediction
+from polysense.inference.fusion import Embeddings, Prediction, Prepared
 from polysense.inference.pipeline import Pipeline
+from polysense.inference.predictor import Predictor
 from polysense.inference.preprocessors import build_preprocessors
 from polysense.limits import DEFAULT_LIMITS, Limits
+from polysense.modalities import Preprocess
 from polysense.preprocess import voice as voices
+from polysense.preprocess.audio import AudioInput
+from polysense.preprocess.image import ImageInput
 from polysense.preprocess.voice import AdaptiveVoice, VoiceProfile
 
 MAX_MEMBERS = 16  # each member holds its own sessions; more is a mistake, not an ensemble
@@ -73,7 +77,7 @@ class Ensemble:
                 )
         self._members = members
         self._voice = _shared_voice(members)
-        self._audio_frames = None
+        self._audio_frames: Preprocess | None = None
         if self._voice is not None:  # log-mel frames an adaptive voice hears, computed as every member does
             description = first.description
             self._audio_frames = build_preprocessors(
@@ -139,13 +143,13 @@ class Ensemble:
 
     def predict(
         self,
-        image: Any = None,
+        image: ImageInput | None = None,
         text: str | None = None,
-        audio: Any = None,
+        audio: AudioInput | None = None,
         *,
         sample_rate: int | None = None,
         voice: VoiceProfile | AdaptiveVoice | None = None,
-        **unknown: Any,
+        **unknown: object,
     ) -> Prediction:
         """As Pipeline.predict; the probabilities are the members' mean (see predict_batch)."""
         if unknown:
@@ -185,9 +189,7 @@ class Ensemble:
             ):
                 raise InputError("pass a non-empty list of sample dicts")
             prepared = self._prepared(samples)
-            per_member = [
-                m.predict_batch([p.members[i] for p in prepared]) for i, m in enumerate(self._members)
-            ]
+            per_member = [m.predict_batch(_member(prepared, i)) for i, m in enumerate(self._members)]
         total = (time.perf_counter() - start) * 1000
         labels = self.labels
         return [
@@ -200,14 +202,13 @@ class Ensemble:
         it here."""
         return self._prepared([sample])[0]
 
-    def embed(self, samples: Sequence[dict]) -> EnsembleEmbeddings:
-        """Every member's embeddings of the samples (see Pipeline.embed); `predict_batch` takes them."""
+    def embed(self, samples: Sequence[dict] | Sequence[EnsemblePrepared]) -> EnsembleEmbeddings:
+        """Every member's embeddings of the samples (see Pipeline.embed), sample dicts or what `prepare` made of
+        them; `predict_batch` takes them."""
         if isinstance(samples, (dict, str, bytes)) or not isinstance(samples, Sequence) or not len(samples):
             raise InputError("pass a non-empty list of sample dicts")
         prepared = self._prepared(samples)
-        return EnsembleEmbeddings(
-            tuple(m.embed([p.members[i] for p in prepared]) for i, m in enumerate(self._members))
-        )
+        return EnsembleEmbeddings(tuple(m.embed(_member(prepared, i)) for i, m in enumerate(self._members)))
 
     def audio_stream(
         self, encode: bool = True, voice: VoiceProfile | AdaptiveVoice | None = None
@@ -215,7 +216,7 @@ class Ensemble:
         """A live audio stream through every member (see Pipeline.audio_stream); `result()` averages them."""
         return EnsembleAudioStream(self._members, self.labels, encode, voice)
 
-    def voice_profile(self, recordings: Sequence[Any], sample_rate: int | None = None) -> VoiceProfile:
+    def voice_profile(self, recordings: Sequence[AudioInput], sample_rate: int | None = None) -> VoiceProfile:
         """A speaker's voice profile (see Pipeline.voice_profile), good for every member."""
         self._needs_voice("a voice profile")
         return self._members[0].voice_profile(recordings, sample_rate)
@@ -232,9 +233,9 @@ class Ensemble:
         assert self._voice is not None  # _shared_voice made every member agree with the first
         return self._voice
 
-    def _prepared(self, samples: Sequence[Any]) -> list[EnsemblePrepared]:
+    def _prepared(self, samples: Sequence[dict] | Sequence[EnsemblePrepared]) -> list[EnsemblePrepared]:
         """Each sample prepared by every member, in order (so an adaptive voice hears them one after another)."""
-        prepared = []
+        prepared: list[EnsemblePrepared] = []
         for index, sample in enumerate(samples):
             if isinstance(sample, EnsemblePrepared):
                 if len(sample.members) != len(self._members):
@@ -255,7 +256,7 @@ class Ensemble:
             self._members[0]._check_sample(sample, where)
             lent = self._lent_voice(sample)
             prepared.append(EnsemblePrepared(tuple(m._prepare(lent, where) for m in self._members)))
-            if lent is not sample:
+            if lent is not sample and self._audio_frames is not None:  # lent: an adaptive voice with frames
                 sample["voice"].hear(self._audio_frames(sample["audio"], sample.get("sample_rate")))
         return prepared
 
@@ -272,9 +273,9 @@ class Ensemble:
 def _shared_voice(members: list[Pipeline]) -> VoiceProfile | None:
     """The mean of the members' average voices, when every member was trained with --voice-norm on the same
     log-mel front end (so one speaker's profile serves them all); None when none was."""
-    audio = [m.description.preprocessing.audio if "audio" in m.modalities else None for m in members]
-    if audio[0] is None:
+    if "audio" not in members[0].modalities:  # every member's modalities (checked before)
         return None
+    audio = [m.description.preprocessing.of("audio") for m in members]
     with_voice = [a.voice is not None for a in audio]
     if any(with_voice) and not all(with_voice):
         index = with_voice.index(not with_voice[0])
@@ -290,8 +291,22 @@ def _shared_voice(members: list[Pipeline]) -> VoiceProfile | None:
                 f"bundle {index} computes log-mel frames unlike bundle 0 ({settings.front_end()} against "
                 f"{audio[0].front_end()}); one voice profile cannot serve both"
             )
-    return VoiceProfile.average(a.voice for a in audio)
+    return VoiceProfile.average(a.voice for a in audio if a.voice is not None)  # every member's (checked)
+
+
+def _member(prepared: Sequence[EnsemblePrepared], index: int) -> list[Prepared]:
+    """What member `index` made of each sample."""
+    return [p.members[index] for p in prepared]
 
 
 def _no_files(name: str) -> bytes:
     raise BundleError(f"an ensemble's audio front end reads no file, but {name!r} was asked for")
+
+
+# `make typecheck` proves that both satisfy polysense.Predictor (tests/test_predictor.py compares them too).
+if TYPE_CHECKING:
+
+    def _predictors(
+        pipeline: Pipeline, ensemble: Ensemble
+    ) -> tuple[Predictor[Prepared, Embeddings], Predictor[EnsemblePrepared, EnsembleEmbeddings]]:
+        return pipeline, ensemble

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from polysense.inference.fusion import Embeddings, Prediction, Prepared
+from polysense.inference.fusion import Embeddings, Prediction, Prepared, Rows
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ class EnsembleEmbeddings:
     def timings(self) -> dict[str, float]:
         return summed_timings(e.timings for e in self.members)
 
-    def select(self, rows: Any = None, modalities: Iterable[str] | None = None) -> EnsembleEmbeddings:
+    def select(self, rows: Rows = None, modalities: Iterable[str] | None = None) -> EnsembleEmbeddings:
         """The given rows, with only `modalities` marked present (see Embeddings.select)."""
         return EnsembleEmbeddings(tuple(e.select(rows, modalities) for e in self.members))
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
 from polysense.inference.ensemble.results import combine_predictions
 from polysense.inference.fusion import Prediction
 from polysense.inference.pipeline import Pipeline
+from polysense.preprocess.image import ImageInput
 from polysense.preprocess.voice import AdaptiveVoice, VoiceProfile
 
 
@@ -50,7 +50,8 @@ class EnsembleAudioStream:
         """The members' audio embeddings so far, stacked ([members, embed_dim]); None before every member
         has encoded a frame."""
         embeddings = [stream.embedding for stream in self.streams]
-        return None if any(e is None for e in embeddings) else np.stack(embeddings)
+        present = [e for e in embeddings if e is not None]
+        return np.stack(present) if len(present) == len(embeddings) else None
 
     def reset(self) -> None:
         """Forget the audio in every member's stream (see AudioStream.reset)."""
@@ -76,7 +77,7 @@ class EnsembleAudioStream:
         for stream in self.streams:
             stream.set_text(text)
 
-    def set_image(self, image: Any) -> None:
+    def set_image(self, image: ImageInput | None) -> None:
         for stream in self.streams:
             stream.set_image(image)
 
