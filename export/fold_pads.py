@@ -5,7 +5,7 @@ bottom/right than at the top/left; torch cannot say that in a Conv, so the expor
 Conv can (its `pads` attribute holds begin and end per axis), and a separate Pad is costly where it stands:
 onnxruntime does not fuse the exporter's Pad (its constant value is an empty input, which its PadFusion rejects),
 and in a static int8 graph every Pad is a float island between a DequantizeLinear and a QuantizeLinear.
-Measured on EfficientNet-Lite0 at 192 px, batch 1, 2 threads (README: Export).
+Measured on EfficientNet-Lite0 at 192 px, batch 1, 2 threads (docs/export.md, "Padding inside the convolutions").
 """
 
 from __future__ import annotations

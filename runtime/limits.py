@@ -1,8 +1,8 @@
 """What one input may cost before polysense refuses it, checked before the expensive work.
 
 The defaults fit any sane input and keep the worst case bounded: measured on a 2-core machine, any single input
-of up to 10 MB costs at most 256 MB of extra peak memory and 2 s, or is refused within that (see the README's
-"Security, privacy and limits" and benchmarks/results/fuzz.md). Raise a limit per pipeline:
+of up to 10 MB costs at most 256 MB of extra peak memory and 2 s, or is refused within that (see
+docs/security.md, "Limits", benchmarks/results/limits.md and fuzz.md). Raise a limit per pipeline:
 
     polysense.Pipeline.load("bundle/", limits=polysense.Limits(max_image_pixels=60_000_000))
 """

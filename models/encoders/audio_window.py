@@ -3,7 +3,7 @@
 No pretrained audio encoder ships on the registries, so this family transfers the nearest pretrained network,
 the image one: a log-mel spectrogram is an image whose rows are bands and whose columns are frames, and
 ImageNet CNNs fine-tuned on spectrograms are a common start for audio classifiers. How it does on voices never
-heard in training is measured by `make bench-avdigits-audio` (see the README's Real data section).
+heard in training is measured by `make bench-avdigits-audio` (see docs/results/unheard-voices.md).
 
 To stay streamable it reads a sliding window, the last WINDOW frames (1.28 s; 99 % of FSDD's spoken digits are
 shorter than 0.97 s), and its state is that window:
@@ -127,5 +127,5 @@ def efficientnet_lite0_audio(
 
 
 # Few epochs and a small learning rate for the pretrained layers, as the image family asks (on AV-digits the
-# validation accuracy was still rising at 8 epochs: see the README).
+# validation accuracy was still rising at 8 epochs: see docs/results/unheard-voices.md).
 efficientnet_lite0_audio.defaults = {"epochs": 8, "pretrained_lr": 3e-4}

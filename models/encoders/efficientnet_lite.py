@@ -8,7 +8,7 @@ every tensor used but the ImageNet classifier. A test compares the features with
 sizes a stride-2 convolution pads one more pixel at the bottom/right than at the top/left. Inputs are scaled to
 [-1, 1] (mean 0.5, std 0.5 on a 0-1 scale), as the Lite models were trained; the family asks for that and for
 192-pixel images (resolution matters: frozen features scored 0.92 at 100 px and 0.978 at 224 px on sign
-digits), 4 epochs, and its final epoch's weights (README: Real data: AV-digits).
+digits), 4 epochs, and its final epoch's weights (docs/results/image-only.md).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class SameConv(nn.Conv2d):
             # Python ints, so the exported graph holds the padding as constants (export fixes the height and
             # width anyway). Traced as tensors, the graph recomputed it from the input's shape at every call,
             # and each Pad split the int8 graph into float islands: 7.6 ms fp32 and 5.1 ms int8 at 192 px,
-            # batch 1, 2 threads, against 4.3 and 2.4 ms now (README: Export).
+            # batch 1, 2 threads, against 4.3 and 2.4 ms now (docs/export.md).
             height, width = int(height), int(width)
         top, bottom = self._padding(height)
         left, right = self._padding(width)
@@ -165,7 +165,7 @@ efficientnet_lite0.defaults = {
     "epochs": 4,
     "keep": "last",
     "pretrained_lr": 3e-4,
-    # Image alone (the only run it applies to): held-out photos 0.994 over 3 seeds, 0.988 without (README).
+    # Image alone (the only run it applies to): held-out photos 0.994 over 3 seeds, 0.988 without (docs/results/image-only.md).
     "label_smoothing": 0.1,
     "image_size": 192,
     "image_mean": (0.5, 0.5, 0.5),

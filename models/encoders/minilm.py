@@ -82,7 +82,7 @@ def onnxruntime_attention() -> Iterator[None]:
     """While active, exporting MiniLM writes each layer's attention as one com.microsoft.Attention node, which
     onnxruntime's dynamic int8 turns into QAttention. Only the int8 variant is written so (its graph is
     onnxruntime-specific anyway); the fp32 and fp16 graphs stay standard ONNX. Measured on the pretrained
-    tri-modal bundle's text encoder at batch 1, 2 threads (README: Precision variants)."""
+    tri-modal bundle's text encoder at batch 1, 2 threads (docs/export.md, "Precision variants")."""
     before, BertSelfAttention.fused_for_onnxruntime = BertSelfAttention.fused_for_onnxruntime, True
     try:
         yield

@@ -53,7 +53,7 @@ class NoiseLevel:
 
 # --audio-noise (TrainOptions.audio_noise names these). Light draws the random numbers runs drew before the
 # option existed, so their results repeat; tempo, warp and gain are drawn before the noise, alike at every
-# level. Strong noise was measured with --voice-norm, on voices never heard in training (README: Training).
+# level. Strong noise was measured with --voice-norm, on voices never heard in training (docs/results/unheard-voices.md).
 NOISE_LEVELS = {
     "none": NoiseLevel((10.0, 40.0), 0.0),
     "light": NoiseLevel((10.0, 40.0), 0.5),

@@ -18,7 +18,7 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
         "serve",
         help="serve a bundle over HTTP and WebSocket with dynamic batching (needs the serve extra)",
         description="POST /v1/predict, /v1/predict_batch; GET /v1/info, /healthz, /readyz, /metrics; "
-        "WS /v1/stream. See the README section 'Serving'.",
+        "WS /v1/stream. See docs/serving.md and docs/reference/http-api.md.",
     )
     serve.add_argument(
         "bundle", nargs="+", help="a bundle; several bundles are served as one ensemble (polysense.Ensemble)"
@@ -110,7 +110,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     threads_given = args.threads is not None
     if args.threads is None:
         # A server overlaps request handling with model runs: on 2 cores, 1 onnxruntime thread served 2,175
-        # text requests/s at 32 clients against 1,382 with one per core (README "Serving", the command there).
+        # text requests/s at 32 clients against 1,382 with one per core (docs/results/speed.md, "Serving under load", the command there).
         args.threads = max(1, (os.cpu_count() or 2) // 2)
     if args.threads < 0:
         raise ConfigError("--threads cannot be negative (0 = one per core)")

@@ -1,7 +1,7 @@
 """`polysense train --nproc N`: start N training processes on this machine through torchrun's own launcher
 (torch.distributed.launcher), the same as `torchrun --standalone --nproc-per-node N -m polysense train ...`.
 
-For several machines, run torchrun itself on each (README "Distributed training"): polysense reads only the
+For several machines, run torchrun itself on each (docs/training.md, "Distributed training"): polysense reads only the
 RANK, WORLD_SIZE and LOCAL_RANK it sets.
 """
 
