@@ -1,8 +1,11 @@
-"""`polysense serve --ray`: a local Ray with 2 replicas answers as Pipeline.predict does (label, probabilities
-within 1e-5 at fp32), over the Starlette server's JSON; a bad sample fails alone; both replicas answer; the
-config file for `serve deploy` is what Ray's own schema reads; bad Ray options are one `error:` line."""
+"""`polysense serve --ray`: a local Ray with 2 replicas runs the uvicorn server's own app, so every endpoint
+answers as that app does in process (the same statuses, headers and JSON bodies; probabilities within 1e-5 at
+fp32): predictions of every modality subset, multipart, batches with a bad sample, info, health, metrics, the
+errors, and the /v1/stream WebSocket through Ray's proxy; both replicas answer; the config file for `serve
+deploy` is what Ray's own schema reads; bad Ray options are one `error:` line."""
 
 import base64
+import json
 import socket
 import sys
 import time
@@ -14,16 +17,22 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("starlette")
+pytest.importorskip("prometheus_client")
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 yaml = pytest.importorskip("yaml")
 psutil = pytest.importorskip("psutil")
+soundfile = pytest.importorskip("soundfile")
+ws_client = pytest.importorskip("websockets.sync.client")
+from starlette.testclient import TestClient  # noqa: E402
+from starlette.websockets import WebSocketDisconnect  # noqa: E402
+from websockets.exceptions import ConnectionClosed  # noqa: E402
 
-import polysense  # noqa: E402
 from polysense.cli.main import main  # noqa: E402
 from polysense.errors import BundleError, ConfigError, DependencyError  # noqa: E402
 from polysense.serving.handler import ServeOptions  # noqa: E402
+from polysense.serving.http import create_app  # noqa: E402
 from polysense.serving.ray_app import (  # noqa: E402
     IMPORT_PATH,
     RayOptions,
@@ -34,8 +43,12 @@ from polysense.serving.ray_app import (  # noqa: E402
 )
 from polysense.serving.ray_replica import REPLICA_HEADER  # noqa: E402
 
+pytestmark = pytest.mark.slow  # starts Ray
+
 KEY = "k" * 32
 AUTH = {"Authorization": f"Bearer {KEY}"}
+OPTIONS = ServeOptions(max_batch=8, max_wait_ms=5, max_batch_samples=4, api_key=KEY)
+TIMEOUT_S = 30  # any one request or WebSocket message; the replicas answer in well under a second
 
 
 def _free_port() -> int:
@@ -75,7 +88,7 @@ def url(bundle):
             cpus_per_replica=0.5,
             port=_free_port(),
         )
-        yield deploy(options, ServeOptions(max_batch=8, max_wait_ms=5, api_key=KEY), block=False)
+        yield deploy(options, OPTIONS, block=False)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -83,6 +96,14 @@ def url(bundle):
         while _ray_processes() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not _ray_processes(), f"Ray left processes behind: {_ray_processes()}"
+
+
+@pytest.fixture(scope="module")
+def local(pipe):
+    """The app `polysense serve` runs on uvicorn, with the same options, in process: what Ray must answer."""
+    with TestClient(create_app(pipe, OPTIONS)) as client:
+        assert client.app.state.service.ready.wait(10)
+        yield client
 
 
 def _b64(path) -> str:
@@ -95,11 +116,40 @@ def _assert_same(answer: dict, expected) -> None:
     np.testing.assert_allclose(got, list(expected.probabilities.values()), atol=1e-5)
 
 
+def _assert_same_json(got, expected, where: str = "answer") -> None:
+    """Equal JSON, numbers within 1e-5 (model runs batched differently), timings aside (they vary)."""
+    if isinstance(expected, dict):
+        assert isinstance(got, dict), where
+        got, expected = ({k: v for k, v in d.items() if k != "timings_ms"} for d in (got, expected))
+        assert got.keys() == expected.keys(), where
+        for key in expected:
+            _assert_same_json(got[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(got, list) and len(got) == len(expected), where
+        for index, (a, b) in enumerate(zip(got, expected)):
+            _assert_same_json(a, b, f"{where}[{index}]")
+    elif isinstance(expected, float):
+        assert got == pytest.approx(expected, abs=1e-5), where
+    else:
+        assert got == expected, where
+
+
+def _assert_same_answer(got, expected, what: str) -> None:
+    """Ray's answer `got` (httpx) is the in-process app's `expected`: status, headers that matter, body."""
+    assert got.status_code == expected.status_code, f"{what}: {got.text}"
+    for header in ("content-type", "www-authenticate", "retry-after", "allow"):
+        assert got.headers.get(header) == expected.headers.get(header), f"{what}: {header}"
+    if expected.headers.get("content-type") == "application/json":
+        _assert_same_json(got.json(), expected.json(), what)
+    else:
+        assert got.text == expected.text, what
+
+
 def _post(url: str, path: str, body: dict, headers: dict = AUTH) -> httpx.Response:
-    return httpx.post(url + path, json=body, headers=headers, timeout=30)
+    return httpx.post(url + path, json=body, headers=headers, timeout=TIMEOUT_S)
 
 
-def test_answers_equal_pipeline_predict_for_every_subset_sent_concurrently(url, pipe, rows):
+def test_predictions_equal_the_uvicorn_apps_for_every_subset_sent_concurrently(url, local, pipe, rows):
     cases = []
     for row in rows:
         cases += [
@@ -113,8 +163,8 @@ def test_answers_equal_pipeline_predict_for_every_subset_sent_concurrently(url, 
         ]
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda case: _post(url, "/v1/predict", case[0]), cases))
-    for answer, (_, sample) in zip(answers, cases):
-        assert answer.status_code == 200, answer.text
+    for answer, (body, sample) in zip(answers, cases):
+        _assert_same_answer(answer, local.post("/v1/predict", json=body, headers=AUTH), str(sorted(sample)))
         _assert_same(answer.json(), pipe.predict(**sample))
         assert answer.json()["modalities"] == [m for m in ("image", "text", "audio") if m in sample]
 
@@ -131,41 +181,146 @@ def test_both_replicas_answer(url, rows):
     assert len(seen) == 2
 
 
-def test_a_bad_sample_fails_alone_with_the_polysense_message(url, pipe, rows):
-    row = rows[0]
-    with pytest.raises(polysense.InputError) as expected:
-        pipe.prepare({"image": b"not an image"})
+def _requests(row) -> dict:
+    """(method, path, httpx keyword arguments) of requests that must be answered as on uvicorn."""
     bad = {"image": base64.b64encode(b"not an image").decode()}
-    answer = _post(url, "/v1/predict", bad)
-    assert answer.status_code == 400
-    assert answer.json() == {"error": str(expected.value), "type": type(expected.value).__name__}
+    batch = [{"text": row.text}, bad, {"image": _b64(row.image)}, {"text": 3}]
+    broken = {"headers": {**AUTH, "Content-Type": "application/json"}, "content": b"{"}
+    return {
+        "info": ("GET", "/v1/info", {"headers": AUTH}),
+        "healthz without a key": ("GET", "/healthz", {}),
+        "readyz without a key": ("GET", "/readyz", {}),
+        "a bad image": ("POST", "/v1/predict", {"headers": AUTH, "json": bad}),
+        "a batch with bad samples": (
+            "POST",
+            "/v1/predict_batch",
+            {"headers": AUTH, "json": {"samples": batch}},
+        ),
+        "too many samples": ("POST", "/v1/predict_batch", {"headers": AUTH, "json": {"samples": batch * 2}}),
+        "multipart": (
+            "POST",
+            "/v1/predict",
+            {
+                "headers": AUTH,
+                "files": {"image": ("x.jpg", Path(row.image).read_bytes())},
+                "data": {"text": row.text},
+            },
+        ),
+        "a multipart batch": (
+            "POST",
+            "/v1/predict_batch",
+            {"headers": AUTH, "files": {"image": ("x.jpg", b"..")}},
+        ),
+        "broken JSON": ("POST", "/v1/predict", broken),
+        "plain text": (
+            "POST",
+            "/v1/predict",
+            {"headers": {**AUTH, "Content-Type": "text/plain"}, "content": b"hi"},
+        ),
+        "no sample": ("POST", "/v1/predict", {"headers": AUTH, "json": {}}),
+        "a wrong key": (
+            "POST",
+            "/v1/predict",
+            {"headers": {"Authorization": "Bearer wrong"}, "json": {"text": "x"}},
+        ),
+        "info without a key": ("GET", "/v1/info", {}),
+        "metrics without a key": ("GET", "/metrics", {}),
+        "a wrong method": ("GET", "/v1/predict", {"headers": AUTH}),
+        "no such path": ("GET", "/v2/predict", {"headers": AUTH}),
+    }
 
-    samples = [{"text": row.text}, bad, {"image": _b64(row.image)}, {"text": 3}]
-    answer = _post(url, "/v1/predict_batch", {"samples": samples})
-    assert answer.status_code == 200
-    got = answer.json()["predictions"]
-    _assert_same(got[0], pipe.predict(text=row.text))
-    assert got[1]["error"] == str(expected.value)
-    _assert_same(got[2], pipe.predict(image=row.image))
-    assert got[3] == {"error": "sample 3: text must be a string", "type": "InputError"}
+
+def test_every_endpoint_and_error_answers_as_on_uvicorn(url, local, rows):
+    for what, (method, path, kwargs) in _requests(rows[0]).items():
+        got = httpx.request(method, url + path, timeout=TIMEOUT_S, **kwargs)
+        _assert_same_answer(got, local.request(method, path, **kwargs), what)
+    metrics = httpx.get(url + "/metrics", headers=AUTH, timeout=TIMEOUT_S)
+    assert metrics.status_code == 200
+    assert metrics.headers["content-type"] == local.get("/metrics", headers=AUTH).headers["content-type"]
+    assert 'polysense_requests_total{code="200",endpoint="predict"}' in metrics.text  # this replica's counts
 
 
-def test_other_endpoints_auth_and_refusals(url, pipe):
-    info = httpx.get(url + "/v1/info", headers=AUTH).json()
-    assert info["labels"] == list(pipe.labels) and info["max_batch"] == 8
-    assert httpx.get(url + "/healthz").json() == {"status": "alive"}  # no key needed
-    assert httpx.get(url + "/readyz").status_code == 200
-    refused = _post(url, "/v1/predict", {"text": "x"}, headers={"Authorization": "Bearer wrong"})
-    assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
-    assert httpx.get(url + "/v1/info").status_code == 401
-    assert httpx.get(url + "/v1/predict", headers=AUTH).status_code == 405
-    assert httpx.get(url + "/metrics", headers=AUTH).status_code == 404
-    multipart = httpx.post(url + "/v1/predict", headers=AUTH, files={"image": ("x.jpg", b"..")})
-    assert multipart.status_code == 415 and "multipart" in multipart.json()["error"]
-    broken = httpx.post(
-        url + "/v1/predict", headers={**AUTH, "Content-Type": "application/json"}, content=b"{"
-    )
-    assert broken.status_code == 400 and broken.json()["type"] == "InputError"
+def _ws_url(url: str) -> str:
+    return url.replace("http://", "ws://", 1) + "/v1/stream"
+
+
+def _stream_over_ray(url: str, start: dict, chunks: list[bytes]) -> list[dict]:
+    """Every message Ray's proxy relays for one stream, the close code last ({"close": code})."""
+    messages = []
+    with ws_client.connect(_ws_url(url), additional_headers=AUTH, open_timeout=TIMEOUT_S) as ws:
+        try:
+            ws.send(json.dumps(start))
+            messages.append(json.loads(ws.recv(TIMEOUT_S)))
+            for chunk in chunks:
+                ws.send(chunk)
+                messages.append(json.loads(ws.recv(TIMEOUT_S)))
+            ws.send(json.dumps({"type": "end"}))
+            while True:
+                messages.append(json.loads(ws.recv(TIMEOUT_S)))
+        except ConnectionClosed:
+            pass
+        messages.append({"close": ws.close_code})
+    return messages
+
+
+def _stream_in_process(local: TestClient, start: dict, chunks: list[bytes]) -> list[dict]:
+    messages = []
+    with local.websocket_connect("/v1/stream", headers=dict(AUTH)) as ws:  # a copy: it adds its headers
+        try:
+            ws.send_json(start)
+            messages.append(ws.receive_json())
+            for chunk in chunks:
+                ws.send_bytes(chunk)
+                messages.append(ws.receive_json())
+            ws.send_json({"type": "end"})
+            while True:
+                messages.append(ws.receive_json())
+        except WebSocketDisconnect as closed:
+            messages.append({"close": closed.code})
+    return messages
+
+
+def test_the_websocket_stream_answers_as_on_uvicorn(url, local, pipe, rows):
+    row = rows[0]
+    samples, rate = soundfile.read(row.audio, dtype="int16")
+    chunks = [samples[i : i + 700].tobytes() for i in range(0, samples.size, 700)]
+    start = {"sample_rate": rate, "format": "s16le", "text": row.text}
+    got = _stream_over_ray(url, start, chunks)
+    _assert_same_json(got, _stream_in_process(local, start, chunks), "stream")
+    assert [m.get("type") for m in got] == ["ready", *["partial"] * len(chunks), "final", None]
+    assert got[-1] == {"close": 1000}
+    _assert_same(got[-2], pipe.predict(audio=row.audio, text=row.text))
+    bad_start = {"sample_rate": "fast"}
+    _assert_same_json(_stream_over_ray(url, bad_start, []), _stream_in_process(local, bad_start, []), "bad")
+    with ws_client.connect(_ws_url(url), open_timeout=TIMEOUT_S) as ws:  # no key: closed after the handshake
+        with pytest.raises(ConnectionClosed):
+            ws.recv(TIMEOUT_S)
+        assert ws.close_code == 1008
+
+
+def test_a_replica_builds_the_uvicorn_app_at_startup_and_ships_only_its_arguments(
+    monkeypatch, bundle, local, rows
+):
+    """Without Ray: what Ray pickles into the deployment holds no Pipeline, and the app it builds at lifespan
+    startup answers as the uvicorn app does, naming its replica; a replica without its API key fails to start."""
+    import pickle
+
+    from polysense.serving import ray_replica
+
+    monkeypatch.setattr(ray_replica, "_replica_id", lambda: "replica-1")
+    options = {"max_batch": 8, "max_wait_ms": 5, "max_batch_samples": 4, "api_key": KEY}
+    app = ray_replica.ReplicaApp(str(bundle), "cpu", "fp32", 1, options)
+    shipped = pickle.dumps(app)
+    assert len(shipped) < 2000  # the arguments, not a model
+    with TestClient(pickle.loads(shipped)) as replica:
+        for what, (method, path, kwargs) in _requests(rows[0]).items():
+            got = replica.request(method, path, **kwargs)
+            _assert_same_answer(got, local.request(method, path, **kwargs), what)
+            assert got.headers[REPLICA_HEADER] == "replica-1"
+    monkeypatch.delenv("NO_SUCH_KEY_VARIABLE", raising=False)
+    keyless = ray_replica.ReplicaApp(str(bundle), options={}, api_key_env="NO_SUCH_KEY_VARIABLE")
+    with pytest.raises(ConfigError, match=r"\$NO_SUCH_KEY_VARIABLE is not set"), TestClient(keyless):
+        pass
 
 
 def test_the_config_file_is_what_serve_deploy_reads(tmp_path, bundle):

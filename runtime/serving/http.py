@@ -17,6 +17,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Future
 from typing import Any
 
 from polysense.errors import DependencyError, PolysenseError
@@ -52,14 +53,19 @@ log = logging.getLogger("polysense.serve")
 Handler = Callable[[Any], Awaitable[Response]]
 
 
-def create_app(pipeline: Any, options: ServeOptions | None = None) -> Starlette:
-    """The ASGI application serving `pipeline` (a polysense.Pipeline or Ensemble);
-    `polysense.serving.server.serve` runs it on uvicorn. Readiness comes after a warm-up run in the background."""
+def create_app(pipeline: Any, options: ServeOptions | None = None, warmed_up: bool = False) -> Starlette:
+    """The ASGI application serving `pipeline` (a polysense.Pipeline or Ensemble): uvicorn runs it
+    (polysense.serving.server), and so does every Ray Serve replica (polysense.serving.ray_replica).
+    Readiness comes after a warm-up run in the background, or at startup when the caller has `warmed_up`
+    the pipeline already (a Ray replica does, before Ray routes requests to it)."""
     service = Service(pipeline, options or ServeOptions())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        service.warm_up_in_background()
+        if warmed_up:
+            service.ready.set()
+        else:
+            service.warm_up_in_background()
         try:
             yield
         finally:
@@ -130,8 +136,8 @@ async def _predict_batch(request: Any) -> Response:
     )
     async with service.admit(len(raw) - 1):  # the request itself holds one place already (admission)
 
-        def submit_all() -> list:
-            submitted = []
+        def submit_all() -> list[Future | PolysenseError]:
+            submitted: list[Future | PolysenseError] = []
             for index, item in enumerate(raw):
                 try:
                     submitted.append(service.batcher.submit(sample_from_json(item, f"sample {index}: ")))

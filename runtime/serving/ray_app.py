@@ -1,13 +1,15 @@
-"""`polysense serve BUNDLE --ray`: the same JSON endpoints as the Starlette server, as a Ray Serve deployment.
+"""`polysense serve BUNDLE --ray`: the uvicorn server's whole API, HTTP and WebSocket, on Ray Serve.
 
-    POST /v1/predict        JSON {"text", "image" (base64), "audio" (base64), "sample_rate"}
-    POST /v1/predict_batch  JSON {"samples": [...]}: one answer per sample, a bad sample fails only itself
-    GET  /v1/info   /healthz   /readyz
+Ray Serve's ingress deployment runs the same Starlette app as `polysense serve` (polysense.serving.http): each
+replica (polysense.serving.ray_replica) loads the bundle once, warms it up and builds the app before Ray routes
+requests to it, so every endpoint answers as on uvicorn, with the same statuses, JSON bodies and limits:
 
-Each replica (polysense.serving.ray_replica) loads the bundle once and warms it up before Ray routes requests
-to it; model runs are batched by Ray's own `@serve.batch` (max_batch, max_wait_ms). Not served on Ray:
-multipart bodies, the /v1/stream WebSocket and /metrics (Ray exports its own Serve metrics). Every answer
-names its replica in the X-Polysense-Replica header.
+    POST /v1/predict  /v1/predict_batch     GET /v1/info  /healthz  /readyz  /metrics     WS /v1/stream
+
+Model runs are batched in each replica by its own dynamic batcher (max_batch, max_wait_ms); /metrics are the
+answering replica's (Ray exports its own Serve metrics too). Every answer names its replica in the
+X-Polysense-Replica header. Ray's proxy sets no timeout of its own: each prediction gets timeout_s (504) from
+the app, as on uvicorn, and a stream lasts as long as its client sends.
 
 Locally: `polysense serve BUNDLE --ray --replicas 2` (RAY_ADDRESS set: joins that cluster instead).
 On a multi-node cluster: `ray start --head` on one node, `ray start --address HEAD:6379` on the others, the
@@ -29,15 +31,23 @@ from typing import Any
 from polysense.bundle.reader import open_bundle
 from polysense.errors import ConfigError, DependencyError, PolysenseError
 from polysense.serving.handler import ServeOptions
-from polysense.serving.ray_replica import PolysenseDeployment
+from polysense.serving.ray_replica import ReplicaApp
 
 APP_NAME = "polysense"
 DEPLOYMENT_NAME = "Polysense"
 API_KEY_ENV = "POLYSENSE_API_KEY"
 IMPORT_PATH = "polysense.serving.ray_app:app_builder"
-SERVE_FIELDS = ("max_batch", "max_wait_ms", "max_queue", "timeout_s", "max_body_bytes", "max_batch_samples")
+SERVE_FIELDS = (
+    "max_batch",
+    "max_wait_ms",
+    "max_queue",
+    "timeout_s",
+    "max_body_bytes",
+    "max_batch_samples",
+    "max_streams",
+)
 INTS = {"threads", "replicas", "min_replicas", "max_replicas", "max_batch", "max_queue", "max_body_bytes"}
-INTS |= {"max_batch_samples"}
+INTS |= {"max_batch_samples", "max_streams"}
 FLOATS = {"target_ongoing_requests", "cpus_per_replica", "gpus_per_replica", "max_wait_ms", "timeout_s"}
 
 
@@ -69,11 +79,11 @@ class RayOptions:
             raise ConfigError(f"--replicas must be at least 1, got {self.replicas}")
         if (self.min_replicas is None) != (self.max_replicas is None):
             raise ConfigError("autoscaling needs both --min-replicas and --max-replicas")
-        if self.autoscaling:
+        low, high = self.min_replicas, self.max_replicas
+        if low is not None and high is not None:  # autoscaled
             if self.replicas != 1:
                 raise ConfigError("give --replicas (fixed) or --min/--max-replicas (autoscaled), not both")
-            low, high = self.min_replicas, self.max_replicas
-            if not 0 <= low <= high or high < 1:  # type: ignore[operator]
+            if not 0 <= low <= high or high < 1:
                 raise ConfigError(
                     f"need 0 <= --min-replicas <= --max-replicas and --max-replicas >= 1, got "
                     f"{self.min_replicas} and {self.max_replicas}"
@@ -107,11 +117,12 @@ class RayOptions:
         actor = {"num_cpus": self.cpus_per_replica}
         if self.gpus_per_replica:
             actor["num_gpus"] = self.gpus_per_replica
-        # A replica takes up to max_queue requests at once (waiting for a batch included); beyond that Ray
-        # queues them at the proxy, up to max_queue more, then answers 503.
+        # Ray hands a replica as many requests at once as its app admits (max_queue predictions, waiting for a
+        # batch included, and max_streams open streams); the app answers what is beyond them as on uvicorn.
+        # With every replica busy, Ray queues requests at the proxy, up to max_queue more, then answers 503.
         return {
             **scaling,
-            "max_ongoing_requests": options.max_queue,
+            "max_ongoing_requests": options.max_queue + options.max_streams,
             "max_queued_requests": options.max_queue,
             "ray_actor_options": actor,
         }
@@ -129,17 +140,18 @@ def _import_ray() -> tuple[Any, Any]:
 
 
 def build_app(ray_options: RayOptions, options: ServeOptions, api_key_env: str | None = None) -> Any:
-    """The Ray Serve application (`serve.run(build_app(...))`)."""
+    """The Ray Serve application (`serve.run(build_app(...))`): one ingress deployment whose replicas each
+    build and run polysense's ASGI app (Ray's `serve.ingress` with a standalone app)."""
     _, serve = _import_ray()
-    deployment = serve.deployment(
-        PolysenseDeployment, name=DEPLOYMENT_NAME, **ray_options.deployment_options(options)
-    )
-    kept = {name: getattr(options, name) for name in SERVE_FIELDS}
+    kept: dict[str, Any] = {name: getattr(options, name) for name in SERVE_FIELDS}
     if api_key_env is None and options.api_key is not None:
         kept["api_key"] = options.api_key
-    return deployment.bind(
+    app = ReplicaApp(
         ray_options.bundle, ray_options.device, ray_options.precision, ray_options.threads, kept, api_key_env
     )
+    ingress = serve.ingress(app)()  # a deployment class with no methods of its own: the app answers all
+    deployment = serve.deployment(ingress, name=DEPLOYMENT_NAME, **ray_options.deployment_options(options))
+    return deployment.bind()
 
 
 def app_builder(args: dict[str, Any]) -> Any:
@@ -198,7 +210,7 @@ def deploy(ray_options: RayOptions, options: ServeOptions, block: bool = True) -
 
 
 def _start(serve: Any, ray_options: RayOptions, options: ServeOptions) -> str:
-    http = {"host": ray_options.host, "port": ray_options.port, "request_timeout_s": options.timeout_s + 1}
+    http = {"host": ray_options.host, "port": ray_options.port}
     serve.start(http_options=http)  # where Serve runs already, its HTTP options stay as they are
     try:
         serve.run(build_app(ray_options, options), name=APP_NAME, route_prefix="/")
@@ -242,11 +254,7 @@ def config_dict(ray_options: RayOptions, options: ServeOptions) -> dict[str, Any
         args["api_key_env"] = API_KEY_ENV
     return {
         "proxy_location": "EveryNode",
-        "http_options": {
-            "host": ray_options.host,
-            "port": ray_options.port,
-            "request_timeout_s": options.timeout_s + 1,
-        },
+        "http_options": {"host": ray_options.host, "port": ray_options.port},
         "applications": [
             {
                 "name": APP_NAME,
@@ -263,7 +271,7 @@ def write_config(ray_options: RayOptions, options: ServeOptions, path: str) -> N
     """Write the config for `serve deploy PATH` (YAML; JSON, which YAML reads too, without PyYAML)."""
     config = config_dict(ray_options, options)
     try:
-        import yaml
+        import yaml  # type: ignore[import-untyped]  # PyYAML ships no annotations (types-PyYAML would)
 
         body = yaml.safe_dump(config, sort_keys=False)
     except ImportError:

@@ -1,10 +1,12 @@
-"""One Ray Serve replica of `polysense serve --ray` (polysense.serving.ray_app deploys it): the Pipeline
-loaded and warmed up once, requests answered by path with the Starlette server's JSON and HTTP statuses
-(polysense.serving.handler), model runs batched by Ray's own `@serve.batch`.
+"""One Ray Serve replica of `polysense serve --ray`: the same Starlette app that `polysense serve` runs on
+uvicorn (polysense.serving.http.create_app), built inside the replica.
 
-A request is checked and prepared (decoded, tokenized) on its own, so a bad input fails only itself; the
-prepared samples of concurrent requests then share model runs, one per modality subset. Multipart bodies,
-the /v1/stream WebSocket and /metrics are not served here (Ray exports its own Serve metrics).
+Ray Serve's ingress (`serve.ingress(app)`) takes any ASGI app and ships it to the replicas inside the
+deployment. What polysense ships is a ReplicaApp: the bundle's path and the options, nothing more. Ray runs
+the ASGI lifespan startup in each replica before it routes requests there; on that startup the ReplicaApp
+loads the Pipeline, warms it up and builds the app, then hands it every request, HTTP and WebSocket alike.
+So every endpoint, status code, JSON body and limit is the uvicorn server's, dynamic batching included;
+each answer also names its replica in the X-Polysense-Replica header.
 """
 
 from __future__ import annotations
@@ -12,51 +14,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import replace
 from typing import Any
 
-from polysense.errors import ConfigError, PolysenseError, RequestTimeoutError
-from polysense.inference.fusion import Prediction, Prepared
-from polysense.serving.batcher import predict_each, with_own_preprocessing
-from polysense.serving.bodies import BodyBudget, content_type
-from polysense.serving.handler import (
-    INTERNAL_ERROR,
-    ServeOptions,
-    UnsupportedMediaType,
-    authorize,
-    error_json,
-    failure_answer,
-    info_json,
-    parse_json,
-    prediction_json,
-    sample_from_json,
-    samples_from_batch_json,
-    warm_up,
-)
+from polysense.errors import ConfigError
+from polysense.serving.handler import ServeOptions, warm_up
 
 log = logging.getLogger("polysense.serve")
 REPLICA_HEADER = "X-Polysense-Replica"
 
-
-class NotFound(PolysenseError):
-    """A path this deployment does not serve."""
-
-
-class MethodNotAllowed(NotFound):
-    """A path served, asked with another method."""
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-ROUTES = {  # path -> (method, handler, needs the API key)
-    "/v1/predict": ("POST", "_predict", True),
-    "/v1/predict_batch": ("POST", "_predict_batch", True),
-    "/v1/info": ("GET", "_info", True),
-    "/healthz": ("GET", "_alive", False),
-    "/readyz": ("GET", "_ready", False),
-}
+class ReplicaApp:
+    """An ASGI app that builds polysense's app in the replica at lifespan startup, then forwards to it.
 
-
-class PolysenseDeployment:
-    """One Ray Serve replica: the Pipeline loaded and warmed up once, requests answered by path."""
+    Only the arguments travel from the driver (or `serve deploy`) to the replicas: the Pipeline is loaded by
+    each replica, never pickled. An API key comes either with `options` (a local `--ray` run) or from the
+    replica's environment variable `api_key_env` (a config file for `serve deploy`, which must not hold it).
+    """
 
     def __init__(
         self,
@@ -64,114 +45,84 @@ class PolysenseDeployment:
         device: str = "auto",
         precision: str = "auto",
         threads: int = 1,
-        options: dict | None = None,
+        options: dict[str, Any] | None = None,
         api_key_env: str | None = None,
     ) -> None:
-        from ray import serve
+        self.bundle = bundle
+        self.device = device
+        self.precision = precision
+        self.threads = threads
+        self.options = dict(options or {})
+        self.api_key_env = api_key_env
+        ServeOptions(**self.options)  # a bad option fails where the deployment is built, not in every replica
+        self._app: ASGIApp | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_app": None}  # what a replica built stays in that replica
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._app is not None:
+            await self._app(scope, receive, send)
+            return
+        if scope["type"] != "lifespan":
+            raise RuntimeError("a request came before the lifespan startup that builds the app")
+        startup = await receive()
+        # A failure here (no bundle on this node, no API key) fails the lifespan startup: Ray logs it with its
+        # traceback and marks the replica failed.
+        replica = _replica_id()
+        app = await asyncio.to_thread(self._build)
+        self._app = _ReplicaHeader(app, replica)
+        replayed = False
+
+        async def receive_from_startup() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return startup
+            return await receive()
+
+        await self._app(scope, receive_from_startup, send)  # the app's own startup, then its shutdown
+
+    def _build(self) -> ASGIApp:
         from polysense.inference.pipeline import Pipeline
+        from polysense.serving.http import create_app
 
-        self.options = ServeOptions(**(options or {}))
-        if api_key_env:
-            key = os.environ.get(api_key_env)
+        options = ServeOptions(**self.options)
+        if self.api_key_env:
+            key = os.environ.get(self.api_key_env)
             if not key:
-                raise ConfigError(f"${api_key_env} is not set on this node; the deployment needs the API key")
-            self.options = replace(self.options, api_key=key)
-        self.pipeline = Pipeline.load(bundle, device=device, precision=precision, intra_op_threads=threads)
-        log.info("warmed up in %.2f s", warm_up(self.pipeline))
-        self.bodies = BodyBudget(self.options.max_body_bytes)
-        self.replica = serve.get_replica_context().replica_id.unique_id
-        batch = serve.batch(
-            max_batch_size=self.options.max_batch, batch_wait_timeout_s=self.options.max_wait_ms / 1000
+                raise ConfigError(
+                    f"${self.api_key_env} is not set on this node; the deployment needs the API key"
+                )
+            options = replace(options, api_key=key)
+        pipeline = Pipeline.load(
+            self.bundle, device=self.device, precision=self.precision, intra_op_threads=self.threads
         )
-        self._batched = batch(self._run_batch)
-
-    async def __call__(self, request: Any) -> Any:
-        try:
-            response = await self._route(request)
-        except Exception as error:
-            if not isinstance(error, PolysenseError):
-                log.exception("%s failed", request.url.path)
-            response = _failure(error)
-        response.headers[REPLICA_HEADER] = self.replica
-        return response
-
-    async def _route(self, request: Any) -> Any:
-        path = request.url.path
-        root = request.scope.get("root_path", "").rstrip("/")
-        if root and path.startswith(root):
-            path = path[len(root) :] or "/"
-        if path not in ROUTES:
-            raise NotFound(f"no endpoint {path}; see /v1/predict, /v1/predict_batch, /v1/info, /healthz")
-        method, handler, protected = ROUTES[path]
-        if request.method != method:
-            raise MethodNotAllowed(f"{path} takes {method}, not {request.method}")
-        if protected:
-            authorize(self.options.api_key, request.headers)
-        return await getattr(self, handler)(request)
-
-    async def _json_body(self, request: Any) -> Any:
-        if content_type(request) != "application/json":
-            raise UnsupportedMediaType(
-                "send application/json (image and audio as base64); multipart is not served on Ray"
-            )
-        return parse_json(await self.bodies.read(request))
-
-    async def _answer(self, sample: dict) -> Prediction:
-        """Prepare one sample (a bad one fails here, alone), then wait for its batched model run."""
-        if "image" in sample or "audio" in sample:
-            prepared = await asyncio.to_thread(self.pipeline.prepare, sample)
-        else:  # tokenizing a text costs less than the hop to a thread
-            prepared = self.pipeline.prepare(sample)
-        try:
-            result = await asyncio.wait_for(self._batched(prepared), self.options.timeout_s)
-        except asyncio.TimeoutError:
-            raise RequestTimeoutError(
-                f"no answer within timeout_s={self.options.timeout_s:g} s; the deployment is overloaded"
-            ) from None
-        if isinstance(result, BaseException):
-            raise result
-        return with_own_preprocessing(result, prepared)
-
-    async def _run_batch(self, batch: list[Prepared]) -> list[Prediction | Exception]:
-        return await asyncio.to_thread(predict_each, self.pipeline, batch)
-
-    async def _predict(self, request: Any) -> Any:
-        prediction = await self._answer(sample_from_json(await self._json_body(request)))
-        return _json(prediction_json(prediction))
-
-    async def _predict_batch(self, request: Any) -> Any:
-        raw = samples_from_batch_json(await self._json_body(request), self.options.max_batch_samples)
-
-        async def one(index: int, item: Any) -> dict:
-            try:
-                return prediction_json(await self._answer(sample_from_json(item, f"sample {index}: ")))
-            except PolysenseError as error:
-                return error_json(error)
-            except Exception:
-                log.exception("predict_batch: sample %d failed", index)
-                return INTERNAL_ERROR
-
-        return _json({"predictions": await asyncio.gather(*(one(i, item) for i, item in enumerate(raw)))})
-
-    async def _info(self, request: Any) -> Any:
-        return _json({**info_json(self.pipeline, self.options), "replica": self.replica})
-
-    async def _alive(self, request: Any) -> Any:
-        return _json({"status": "alive"})
-
-    async def _ready(self, request: Any) -> Any:  # Ray routes to a replica only once it has warmed up
-        return _json({"status": "ready"})
+        log.info("warmed up in %.2f s", warm_up(pipeline))
+        return create_app(pipeline, options, warmed_up=True)
 
 
-def _json(content: Any, status: int = 200, headers: dict | None = None) -> Any:
-    from starlette.responses import JSONResponse
+class _ReplicaHeader:
+    """Adds X-Polysense-Replica to every HTTP answer, refusals included."""
 
-    return JSONResponse(content, status, headers=headers)
+    def __init__(self, app: ASGIApp, replica: str) -> None:
+        self.app = app
+        self.header = (REPLICA_HEADER.lower().encode(), replica.encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), self.header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
 
 
-def _failure(error: BaseException) -> Any:
-    if isinstance(error, NotFound):
-        return _json(error_json(error), 405 if isinstance(error, MethodNotAllowed) else 404)
-    status, body, headers = failure_answer(error)
-    return _json(body, status, headers)
+def _replica_id() -> str:
+    from ray import serve
+
+    return str(serve.get_replica_context().replica_id.unique_id)

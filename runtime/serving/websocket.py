@@ -32,6 +32,7 @@ from polysense.serving.handler import (
     stream_start_from_json,
 )
 from polysense.serving.service import Service
+from polysense.serving.streams import StreamEncoder
 
 WS_POLICY_VIOLATION, WS_UNSUPPORTED, WS_TOO_BIG, WS_TRY_AGAIN = 1008, 1003, 1009, 1013
 MAX_START_MESSAGE = 1 << 20
@@ -47,7 +48,8 @@ async def stream(websocket: WebSocket) -> None:
     except Unauthorized:
         await websocket.close(WS_POLICY_VIOLATION, "missing or wrong API key")
         return
-    if service.streams is None:
+    encoder = service.streams
+    if encoder is None:
         await websocket.close(WS_UNSUPPORTED, "this bundle has no audio encoder")
         return
     if not service.ready.is_set() or service.open_streams >= service.options.max_streams:
@@ -56,7 +58,7 @@ async def stream(websocket: WebSocket) -> None:
     service.open_streams += 1
     service.metrics.streams.inc()
     try:
-        await _run(websocket, service)
+        await _run(websocket, service, encoder)
     except WebSocketDisconnect:
         pass
     except PolysenseError as error:
@@ -68,7 +70,7 @@ async def stream(websocket: WebSocket) -> None:
         service.metrics.streams.dec()
 
 
-async def _run(websocket: WebSocket, service: Service) -> None:
+async def _run(websocket: WebSocket, service: Service, encoder: StreamEncoder) -> None:
     message = await websocket.receive()
     if message["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(message.get("code", 1000))
@@ -101,7 +103,7 @@ async def _run(websocket: WebSocket, service: Service) -> None:
         if samples_seen > limits.max_audio_seconds * start.sample_rate:
             raise limits.refuse(f"the stream is over {limits.max_audio_seconds:g} s", "max_audio_seconds")
         if await service.in_thread(audio.accept_waveform, samples, start.sample_rate):
-            await asyncio.wrap_future(service.streams.encode(audio))
+            await asyncio.wrap_future(encoder.encode(audio))
         if audio.embedding is not None:
             await websocket.send_json(
                 await _result(service, audio, "partial", samples_seen / start.sample_rate)
@@ -109,7 +111,7 @@ async def _run(websocket: WebSocket, service: Service) -> None:
     if parse_json((message.get("text") or "").encode()) != {"type": "end"}:
         raise InputError('send PCM chunks as binary messages and {"type": "end"} as text when done')
     if await service.in_thread(audio.input_finished):
-        await asyncio.wrap_future(service.streams.encode(audio))
+        await asyncio.wrap_future(encoder.encode(audio))
     await websocket.send_json(await _result(service, audio, "final", samples_seen / start.sample_rate))
     await websocket.close(1000)
 
