@@ -72,7 +72,7 @@ class Codec(Protocol):
     def collate(self, rows: Sequence[np.ndarray | None]) -> tuple[np.ndarray, ...]:
         """A training batch (None = the sample lacks the modality) -> the encoder's batch keys, zeros where absent."""
 
-    def sample_input(self, folder: Path, rng: np.random.Generator) -> Any:
+    def sample_input(self, folder: Path, rng: np.random.Generator) -> str:
         """An input as a user passes it (a file where the modality comes in files), for benchmarks."""
 
 
@@ -110,7 +110,7 @@ class ImageCodec:
         shape = next((x.shape for x in rows if x is not None), (3, 1, 1))
         return (np.stack([np.zeros(shape, np.float32) if x is None else x for x in rows]),)
 
-    def sample_input(self, folder: Path, rng: np.random.Generator) -> Any:
+    def sample_input(self, folder: Path, rng: np.random.Generator) -> str:
         cv2 = require("cv2")
 
         path = folder / "sample.jpg"
@@ -137,7 +137,7 @@ class TextCodec:
             ids, mask = np.zeros((len(rows), 1), np.int64), np.zeros((len(rows), 1), np.int64)
         return ids, mask
 
-    def sample_input(self, folder: Path, rng: np.random.Generator) -> Any:
+    def sample_input(self, folder: Path, rng: np.random.Generator) -> str:
         return "a calm quiet morning at the market after the rain"
 
 
@@ -163,7 +163,7 @@ class AudioCodec:
                 mask[i, : x.shape[0]] = 1.0
         return frames, mask
 
-    def sample_input(self, folder: Path, rng: np.random.Generator) -> Any:
+    def sample_input(self, folder: Path, rng: np.random.Generator) -> str:
         soundfile = require("soundfile")
 
         path = folder / "sample.wav"

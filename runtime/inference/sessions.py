@@ -179,7 +179,7 @@ _ONNX_TYPES = {
 }
 
 
-def _axis(dim: Any) -> int | str:
+def _axis(dim: int | str | None) -> int | str:
     return dim if isinstance(dim, int) else str(dim or "?")
 
 

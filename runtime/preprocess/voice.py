@@ -21,7 +21,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -259,14 +259,30 @@ def speaker_profiles(recordings: Iterable[tuple[str, np.ndarray]]) -> dict[str, 
     return profiles
 
 
-def bundle_voice(preprocessing: Any, modalities: tuple[str, ...], what: str) -> VoiceProfile:
+class _VoiceSettings(Protocol):
+    """What bundle_voice reads of a bundle's audio settings (polysense.bundle.settings.AudioSettings)."""
+
+    @property
+    def voice(self) -> VoiceProfile | None: ...
+
+
+class _Preprocessing(Protocol):
+    """What bundle_voice reads of a bundle's preprocessing (polysense.bundle.settings.Preprocessing, a layer
+    above this module)."""
+
+    @property
+    def audio(self) -> _VoiceSettings | None: ...
+
+
+def bundle_voice(preprocessing: _Preprocessing, modalities: tuple[str, ...], what: str) -> VoiceProfile:
     """The training speakers' average voice that a bundle trained with --voice-norm carries (`preprocessing`:
     its description's); `what` names what would need it, in the error for any other bundle."""
     if "audio" not in modalities:
         raise InputError(f"this bundle has no audio encoder; it takes {', '.join(modalities)}")
-    if preprocessing.audio.voice is None:
+    audio = preprocessing.audio  # there with the audio modality (BundleDescription.check)
+    if audio is None or audio.voice is None:
         raise InputError(f"this bundle was trained without --voice-norm, so {what} cannot help it")
-    return preprocessing.audio.voice
+    return audio.voice
 
 
 def remove_voice(voice: VoiceProfile | AdaptiveVoice | None, frames: np.ndarray) -> np.ndarray:
@@ -279,7 +295,7 @@ def remove_voice(voice: VoiceProfile | AdaptiveVoice | None, frames: np.ndarray)
     return frames if voice is None else voice.normalise(frames)
 
 
-def voice_for(default: VoiceProfile | None, given: Any) -> VoiceProfile | AdaptiveVoice | None:
+def voice_for(default: VoiceProfile | None, given: object) -> VoiceProfile | AdaptiveVoice | None:
     """The voice to remove from a recording: the given profile or adaptive voice, else the bundle's `default`
     (None: the bundle was trained without --voice-norm and takes raw frames, so giving a voice is a mistake
     worth naming)."""
