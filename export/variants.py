@@ -31,6 +31,7 @@ from polysense.errors import ConfigError
 from polysense.export.components import Component
 from polysense.export.parity import check_component, export_component
 from polysense.export.quantize import convert_fp16, quantize_int8_dynamic, quantize_int8_static
+from polysense.models.training.flags import option
 
 log = logging.getLogger("polysense")
 
@@ -41,11 +42,19 @@ _WARM_UP_PER_ROUND = 4  # untimed runs of a graph before its timed runs in each 
 
 @dataclass(frozen=True)
 class VariantPolicy:
-    max_accuracy_drop: float = 1.0  # validation accuracy points a variant may lose (all modalities present)
-    min_speedup: float = 1.1  # how much faster than fp32 a variant must be on its device (batch 1)
-    precisions: tuple[str, ...] = ("int8", "fp16")  # variants to try besides fp32 ('fp32' alone: none)
-    latency_runs: int = (
-        200  # timed batch-1 runs per variant, in rounds alternating with fp32; the median counts
+    """Which lower-precision variants export tries and keeps; its fields are `polysense export` flags."""
+
+    max_accuracy_drop: float = option(
+        1.0, help="validation accuracy points a variant may lose (all modalities present)"
+    )
+    min_speedup: float = option(
+        1.1, help="how much faster than fp32 a variant must be on its device (batch 1)"
+    )
+    precisions: tuple[str, ...] = option(
+        ("int8", "fp16"), help="variants to try besides fp32 ('fp32' alone: none)"
+    )
+    latency_runs: int = option(
+        200, help="timed batch-1 runs per variant, in rounds alternating with fp32; the median counts"
     )
 
     def __post_init__(self) -> None:

@@ -136,7 +136,7 @@ def test_label_smoothing_is_the_family_s_only_when_every_trained_family_asks():
     assert chosen.label_smoothing == 0
     # When the data decides the modalities, it is settled once they are known.
     undecided = TrainOptions(data="x", out="y", **image)
-    assert undecided.label_smoothing == -1
+    assert undecided.label_smoothing is None  # decided once the data gives the modalities
     assert undecided.for_data_modalities(("image",)).label_smoothing == 0.1
     assert undecided.for_data_modalities(("image", "audio")).label_smoothing == 0
     with pytest.raises(ConfigError, match=r"--label-smoothing must be in \[0, 1\), got -0.5"):

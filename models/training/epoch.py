@@ -44,6 +44,8 @@ class TrainingObjective(nn.Module):
         super().__init__()
         self.model, self.heads, self.phase, self.solo = model, heads, phase, solo
         self.dropout, self.aux_loss_weight = options.modality_dropout, options.aux_loss_weight
+        if options.label_smoothing is None:
+            raise ValueError("label smoothing unsettled: train with options.for_data_modalities(...)")
         self.smoothing = options.label_smoothing
 
     def forward(

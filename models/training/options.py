@@ -1,18 +1,19 @@
 """Training options: one frozen dataclass, every conflict checked in one place.
 
-Each field's trailing comment documents it and is the help text of its `polysense train` flag, which
-polysense.models.training.flags generates from this class: every field needs one.
+Each field's help (declared with flags.option, kept in the field's metadata) documents it and is the help text
+of its `polysense train` flag, which polysense.models.training.flags generates from this class: every field
+needs one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 
 from polysense.errors import ConfigError
 from polysense.inference.sessions import DEVICES
 from polysense.modalities import MODALITIES, check_modalities
 from polysense.models.registry import ENCODERS, FUSIONS, family_defaults, family_takes
-from polysense.models.training.flags import flag_name
+from polysense.models.training.flags import flag_name, option
 
 STRATEGIES = ("joint", "staged", "frozen", "alternating")
 KEEP = ("best", "last")
@@ -20,58 +21,113 @@ AUDIO_NOISE = ("none", "light", "strong")  # polysense.models.training.augment.N
 DEFAULT_EPOCHS = 12
 DEFAULT_IMAGE_SIZE = 64
 DEFAULT_AUDIO_NORM_FRAMES = 20
-FAMILY_DECIDES = -1.0  # label_smoothing: what the trained modalities' families ask for
+# What config.json recorded for "the families decide" before None said it (older versions): read as None.
+OLD_SENTINELS = {
+    "epochs": 0,
+    "pretrain_epochs": 0,
+    "solo_epochs": -1,
+    "pretrained_lr": 0.0,
+    "label_smoothing": -1.0,
+    "keep": "",
+    "image_size": 0,
+}
 # Fields that must be at least 1.
 _POSITIVE_INTS = ("batch_size", "accumulate", "image_size", "image_width", "embed_dim", "max_text_length")
 
 
 @dataclass(frozen=True)
 class TrainOptions:
-    data: str  # manifest (.csv / .jsonl), or "builtin" to generate the built-in set in the run folder
-    out: str  # run folder for checkpoints, tokenizer, config and metrics
-    modalities: tuple[str, ...] | None = None  # subset to train, e.g. image,audio (default: all in the data)
-    strategy: str = "joint"  # joint, staged, frozen (pretrained layers fixed), alternating (encoders|fusion)
-    epochs: int = 0  # joint (or staged fusion) epochs; 0: 12, or a pretrained family's own (minilm-l6: 3)
-    pretrain_epochs: int = (
-        0  # staged only: epochs of each encoder with its own head; 0: as many as --epochs (late fusion)
+    """What a training run does. An option left at None is decided by the chosen encoder families (or by the
+    data's modalities), in _resolve_family_defaults, so a run's config.json records the numbers used."""
+
+    data: str = option(
+        help='manifest (.csv / .jsonl), or "builtin" to generate the built-in set in the run folder'
     )
-    solo_epochs: int = (
-        -1  # epochs encoders from random weights train alone first; -1: 12 minus a family's --epochs, else 0
+    out: str = option(help="run folder for checkpoints, tokenizer, config and metrics")
+    modalities: tuple[str, ...] | None = option(
+        None, help="subset to train, e.g. image,audio (default: all in the data)"
     )
-    finetune_encoders: bool = False  # staged only: keep training the encoders with the fusion (else frozen)
-    batch_size: int = 64  # training samples per optimizer step, over all processes and micro-batches
-    accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation: less memory, same batch)
-    lr: float = 3e-3  # peak learning rate of AdamW (linear warm-up, then cosine decay)
-    pretrained_lr: float = (
-        0.0  # peak learning rate of pretrained layers; 0: the family's own (minilm-l6: 5e-5)
+    strategy: str = option(
+        "joint", help="joint, staged, frozen (pretrained layers fixed), alternating (encoders|fusion)"
     )
-    from_scratch: bool = False  # start families with pretrained weights (minilm-l6) from random weights
-    weight_decay: float = 1e-4  # AdamW's decoupled weight decay
-    augment: bool = True  # perturb training audio (tempo, vocal tract, gain, noise, masks) and images
-    audio_noise: str = "light"  # noise added to training audio: light, strong (for --voice-norm) or none
-    modality_dropout: float = 0.5  # share of training samples shown a random subset of their modalities
-    aux_loss_weight: float = 0.5  # weight of each encoder's own loss (0: the fusion's loss only)
-    label_smoothing: float = (
-        -1.0  # share of each target spread over all classes (0: off; -1: efficientnet-lite0 alone 0.1, else 0)
+    epochs: int | None = option(
+        None,
+        help="joint (or staged fusion) epochs (default: 12, or a pretrained family's own: minilm-l6 3)",
     )
-    patience: int = 4  # stop after this many epochs without a better validation accuracy (0: never)
-    keep: str = ""  # end with the best validation epoch (best) or the last; default: the family's, else best
-    seed: int = 0  # seeds the split, the weights and each epoch's draws: the same seed gives the same run
-    device: str = "auto"  # where to train (auto: CUDA when torch sees a device, else CPU)
-    image_size: int = 0  # pixels, square; 0: 64, or the image family's own (efficientnet-lite0: 192)
-    image_width: int = 24  # CNN width (channels of its first stage)
-    embed_dim: int = 128  # size of each encoder's embedding
-    image_encoder: str = "cnn"  # image encoder family
-    text_encoder: str = "gru"  # text encoder family
-    audio_encoder: str = "causal"  # audio encoder family
-    fusion: str = "concat"  # fusion head over the encoders' embeddings
-    audio_norm_frames: int = (
-        DEFAULT_AUDIO_NORM_FRAMES  # causal audio encoder: running mean's prior, frames (0: off)
+    pretrain_epochs: int | None = option(
+        None,
+        help="staged only: epochs of each encoder with its own head (default: as many as --epochs, late fusion)",
     )
-    voice_norm: bool = False  # remove each speaker's voice from their audio (needs a speaker column; polysense.preprocess.voice)
-    max_text_length: int = 64  # tokens kept per text
-    builtin_n: int = field(default=3000, metadata={"flag": "--n"})  # samples when data is "builtin"
-    progress: bool = True  # progress bars
+    solo_epochs: int | None = option(
+        None,
+        help="epochs encoders from random weights train alone first "
+        "(default: 12 minus a pretrained family's --epochs, else 0)",
+    )
+    finetune_encoders: bool = option(
+        False, help="staged only: keep training the encoders with the fusion (else frozen)"
+    )
+    batch_size: int = option(
+        64, help="training samples per optimizer step, over all processes and micro-batches"
+    )
+    accumulate: int = option(
+        1, help="micro-batches per optimizer step (gradient accumulation: less memory, same batch)"
+    )
+    lr: float = option(3e-3, help="peak learning rate of AdamW (linear warm-up, then cosine decay)")
+    pretrained_lr: float | None = option(
+        None, help="peak learning rate of pretrained layers (default: the family's own, minilm-l6 5e-5)"
+    )
+    from_scratch: bool = option(
+        False, help="start families with pretrained weights (minilm-l6) from random weights"
+    )
+    weight_decay: float = option(1e-4, help="AdamW's decoupled weight decay")
+    augment: bool = option(
+        True,
+        help="perturb training audio (tempo, vocal tract, gain, noise, masks) and images",
+        flag="--no-augment",
+    )
+    audio_noise: str = option(
+        "light", help="noise added to training audio: light, strong (for --voice-norm) or none"
+    )
+    modality_dropout: float = option(
+        0.5, help="share of training samples shown a random subset of their modalities"
+    )
+    aux_loss_weight: float = option(0.5, help="weight of each encoder's own loss (0: the fusion's loss only)")
+    label_smoothing: float | None = option(
+        None,
+        help="share of each target spread over all classes, 0: off "
+        "(default: 0.1 for efficientnet-lite0 trained alone, else 0)",
+    )
+    patience: int = option(
+        4, help="stop after this many epochs without a better validation accuracy (0: never)"
+    )
+    keep: str | None = option(
+        None,
+        help="end with the best validation epoch (best) or the last (default: the family's choice, else best)",
+    )
+    seed: int = option(
+        0, help="seeds the split, the weights and each epoch's draws: the same seed gives the same run"
+    )
+    device: str = option("auto", help="where to train (auto: CUDA when torch sees a device, else CPU)")
+    image_size: int | None = option(
+        None, help="pixels, square (default: 64, or the image family's own: efficientnet-lite0 192)"
+    )
+    image_width: int = option(24, help="CNN width (channels of its first stage)")
+    embed_dim: int = option(128, help="size of each encoder's embedding")
+    image_encoder: str = option("cnn", help="image encoder family")
+    text_encoder: str = option("gru", help="text encoder family")
+    audio_encoder: str = option("causal", help="audio encoder family")
+    fusion: str = option("concat", help="fusion head over the encoders' embeddings")
+    audio_norm_frames: int = option(
+        DEFAULT_AUDIO_NORM_FRAMES, help="causal audio encoder: running mean's prior, frames (0: off)"
+    )
+    voice_norm: bool = option(
+        False,
+        help="remove each speaker's voice from their audio "
+        "(needs a speaker column; polysense.preprocess.voice)",
+    )
+    max_text_length: int = option(64, help="tokens kept per text")
+    builtin_n: int = option(3000, help='samples when data is "builtin"', flag="--n")
+    progress: bool = option(True, help="progress bars", flag="--no-progress")
 
     def __post_init__(self) -> None:
         if self.modalities is not None:
@@ -94,9 +150,15 @@ class TrainOptions:
         if not self.lr > 0 or not self.pretrained_lr > 0:
             problems.append(f"{flag('lr')} and {flag('pretrained_lr')} must be positive")
         if self.epochs < 1:
-            problems.append(f"{flag('epochs')} must be at least 1, got {self.epochs}")
+            problems.append(
+                f"{flag('epochs')} must be at least 1, got {self.epochs} (leave it out for the families' own)"
+            )
+        if self.pretrain_epochs < 0:
+            problems.append(f"{flag('pretrain_epochs')} cannot be negative, got {self.pretrain_epochs}")
         if self.solo_epochs < 0:
-            problems.append(f"{flag('solo_epochs')} must be 0 or more (or -1: decided by the families)")
+            problems.append(
+                f"{flag('solo_epochs')} must be 0 or more (leave it out to have the families decide)"
+            )
         if min(self.weight_decay, self.patience, self.aux_loss_weight, self.audio_norm_frames) < 0:
             problems.append(
                 "--weight-decay, --patience, --aux-loss-weight and --audio-norm-frames cannot be negative"
@@ -112,7 +174,7 @@ class TrainOptions:
             problems.append(
                 f"{flag('audio_noise')} is part of the augmentation, which --no-augment turns off"
             )
-        if self.label_smoothing != FAMILY_DECIDES and not 0 <= self.label_smoothing < 1:
+        if self.label_smoothing is not None and not 0 <= self.label_smoothing < 1:
             problems.append(f"{flag('label_smoothing')} must be in [0, 1), got {self.label_smoothing}")
         if not 0 <= self.modality_dropout <= 1:
             problems.append(f"{flag('modality_dropout')} must be in [0, 1], got {self.modality_dropout}")
@@ -124,46 +186,47 @@ class TrainOptions:
             raise ConfigError("; ".join(problems))
 
     def _resolve_family_defaults(self) -> None:
-        """0 for epochs, pretrained_lr or image_size, or no keep, means: what the chosen families ask for (a
+        """None for epochs, pretrained_lr, image_size or keep means: what the chosen families ask for (a
         pretrained one: few epochs, a small learning rate, maybe its last epoch; an image family: its
-        resolution), else the general default; 0 for
-        pretrain_epochs (staged) means as many as epochs; -1 for solo_epochs: what encoders without pretrained
-        weights need on top of a pretrained family's epochs. Resolved here, so a run's config records the
-        numbers."""
+        resolution), else the general default; for pretrain_epochs, as many as epochs (staged; other
+        strategies have no such phase: 0); for solo_epochs, what encoders without pretrained weights need on
+        top of a pretrained family's epochs; for label_smoothing, what the trained modalities' families ask
+        for (settled by for_data_modalities when the data decides them). Resolved here, so a run's config
+        records the numbers."""
         # Only the families of the modalities trained (all when the data decides) ask for anything.
         scratch = self.scratch_modalities()
         used = self.modalities or MODALITIES
         pretrained = [family_defaults(m, self.encoder(m)) for m in used if m not in scratch]
-        if self.image_size == 0:
+        if self.image_size is None:
             size = family_defaults("image", self.image_encoder).get("image_size", DEFAULT_IMAGE_SIZE)
             object.__setattr__(self, "image_size", size)
-        family_sets_epochs = self.epochs == 0 and bool(pretrained)
-        if self.epochs == 0:
+        family_sets_epochs = self.epochs is None and bool(pretrained)
+        if self.epochs is None:
             epochs = min((d["epochs"] for d in pretrained), default=DEFAULT_EPOCHS)
             object.__setattr__(self, "epochs", epochs)
-        if self.solo_epochs == -1:
+        if self.solo_epochs is None:
             # The few epochs a pretrained family asks for are too few for an encoder learning from random
             # weights beside it (AV-digits: the causal audio encoder alone 0.61 after 4). Such encoders first
             # train alone, with their own heads, up to the general default; each costs little next to the
             # pretrained one, which waits.
             solo = DEFAULT_EPOCHS - self.epochs if family_sets_epochs and scratch else 0
             object.__setattr__(self, "solo_epochs", max(solo, 0))
-        if self.keep == "":
+        if self.keep is None:
             # A family whose validation split saturates early asks for its last epoch (efficientnet-lite0
             # on AV-digits: 1.0 from epoch 3 of 4, and "best" keeps the first such, not yet annealed).
             wanted = {d.get("keep", "best") for d in pretrained}
             object.__setattr__(self, "keep", "last" if "last" in wanted else "best")
-        if self.pretrained_lr == 0:
+        if self.pretrained_lr is None:
             lr = min((d["pretrained_lr"] for d in pretrained), default=self.lr)
             object.__setattr__(self, "pretrained_lr", lr)
         asked = self._label_smoothing_asked(used)
-        if self.label_smoothing == FAMILY_DECIDES and (self.modalities is not None or not any(asked)):
+        if self.label_smoothing is None and (self.modalities is not None or not any(asked)):
             # Otherwise the data decides the modalities, and for_data_modalities settles it.
             object.__setattr__(self, "label_smoothing", min(asked))
-        if self.strategy == "staged" and self.pretrain_epochs == 0:
+        if self.pretrain_epochs is None:
             # Each encoder learns alone as long as a unimodal model would, so once frozen under the fusion it
             # is that model: with one modality missing, the fused model is as good as the unimodal one.
-            object.__setattr__(self, "pretrain_epochs", self.epochs)
+            object.__setattr__(self, "pretrain_epochs", self.epochs if self.strategy == "staged" else 0)
 
     def _label_smoothing_asked(self, modalities: tuple[str, ...]) -> list[float]:
         """The label smoothing each family of `modalities` asks for (0: none). A run takes the smallest, so it
@@ -185,11 +248,11 @@ class TrainOptions:
 
     def for_data_modalities(self, modalities: tuple[str, ...]) -> TrainOptions:
         """These options once the data has decided the modalities (no --modalities): no solo epochs when none
-        of them trains from random weights (-1 was resolved over every modality before the data was read, so a
+        of them trains from random weights (None was resolved over every modality before the data was read, so a
         text-only MiniLM run recorded 9 solo epochs it never ran and warned about them), and the label smoothing
         their families ask for."""
         options = self
-        if options.label_smoothing == FAMILY_DECIDES:
+        if options.label_smoothing is None:
             options = replace(options, label_smoothing=min(options._label_smoothing_asked(modalities)))
         scratch = options.scratch_modalities()
         if (
@@ -215,8 +278,11 @@ class TrainOptions:
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainOptions:
+        """Options as to_dict wrote them, or as older versions did: their 0, -1 or "" for "the families
+        decide" (OLD_SENTINELS) is read as None, which resolves to what those versions resolved it to."""
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in values.items() if k in known}
+        values.update({k: None for k, old in OLD_SENTINELS.items() if k in values and _same(values[k], old)})
         if values.get("modalities") is not None:
             values["modalities"] = tuple(values["modalities"])
         return cls(**values)
@@ -238,6 +304,11 @@ def option_choices() -> dict[str, tuple[str, ...]]:
 def flag(name: str) -> str:
     """The `polysense train` flag of a TrainOptions field, for messages: --batch-size, --n, ..."""
     return flag_name(next(f for f in fields(TrainOptions) if f.name == name))
+
+
+def _same(value: object, old: object) -> bool:
+    """Whether a stored value is the old sentinel (of the same kind: False is not 0)."""
+    return type(value) in (int, float, str) and value == old
 
 
 def _one_of(values: tuple[str, ...]) -> str:

@@ -4,7 +4,6 @@ and the runtime-only commands work without torch."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.util
 import json
 import logging
@@ -17,6 +16,7 @@ from polysense.bundle.schema import PRECISIONS
 from polysense.cli.bundle import add_bundle, add_edge, add_info, add_tune
 from polysense.cli.predict import add_eval, add_predict, add_stream, add_voice, non_negative
 from polysense.cli.serve import add_serve
+from polysense.cli.training import CommandParser, add_demo, add_export, add_train
 from polysense.errors import ConfigError, DependencyError, PolysenseError
 from polysense.inference.sessions import DEVICES
 from polysense.tools.manifest import SPLITS
@@ -87,39 +87,6 @@ def _wrote(manifest: Path) -> int:
     return 0
 
 
-def _forwarding_command(commands: argparse._SubParsersAction, name: str, help: str, runner: str) -> None:
-    """A command whose flags are generated in polysense.models / polysense.export (torch) from an options
-    dataclass: this parser takes none, and main() forwards everything after the command name, --help
-    included, to `runner` ("module:function"), loaded on demand."""
-    module, function = runner.split(":")
-    command = commands.add_parser(name, help=help, add_help=False)
-    command.set_defaults(
-        run=lambda args: getattr(_training_module(module), function)(args.forwarded), forwards_arguments=True
-    )
-
-
-def _training_module(name: str):
-    """Training commands live in polysense.models (torch). The runtime never imports it statically, so an
-    edge install without torch still has a working `polysense` command; here it is loaded on demand."""
-    try:
-        return importlib.import_module(name)
-    except ImportError as error:
-        raise DependencyError(
-            f"this command needs the training extra ({error}); install it with: "
-            "pip install torch==2.13.0 && pip install 'polysense[train]'"
-        ) from error
-
-
-def _add_demo(commands: argparse._SubParsersAction) -> None:
-    demo = commands.add_parser(
-        "demo", help="the main job: built-in data, train, export, runtime eval, predict"
-    )
-    demo.add_argument("--out", default="runs/demo", help="run folder (must not exist; default runs/demo)")
-    demo.add_argument("--n", type=int, default=3000, help="built-in samples (default 3000)")
-    demo.add_argument("--no-progress", action="store_true")
-    demo.set_defaults(run=lambda args: _training_module("polysense.export.demo").run_demo(args))
-
-
 def _add_bench(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser("bench", help="latency, throughput, cold start, memory and size of a bundle")
     bench.add_argument("bundle")
@@ -164,31 +131,22 @@ def _check_outputs(json_path: str | None, plot_path: str | None) -> None:
         raise DependencyError("--plot needs matplotlib: pip install 'polysense[plot]' (or leave out --plot)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="polysense", description="Multimodal classifiers, trained and served."
-    )
-    parser.add_argument(
-        "--quiet", action="store_true", help="only warnings and errors on stderr, no progress bars (anywhere)"
-    )
+QUIET_HELP = "only warnings and errors on stderr, no progress bars (anywhere; before or after the command)"
+
+
+def build_parser() -> CommandParser:
+    """The whole `polysense` command line, one tree. The train and export commands' flags are defined when
+    those commands are parsed (polysense.cli.training), so building it imports no training code."""
+    parser = CommandParser(prog="polysense", description="Multimodal classifiers, trained and served.")
+    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     from polysense.version import __version__
 
     parser.add_argument("--version", action="version", version=f"polysense {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_data(commands)
-    _forwarding_command(
-        commands,
-        "train",
-        "train a multimodal classifier (needs the train extra: torch)",
-        "polysense.models.training.cli:run_train",
-    )
-    _forwarding_command(
-        commands,
-        "export",
-        "export a trained run to a verified ONNX bundle (needs torch)",
-        "polysense.export.cli:run_export",
-    )
-    _add_demo(commands)
+    add_train(commands)
+    add_export(commands)
+    add_demo(commands)
     add_predict(commands)
     add_eval(commands)
     add_info(commands)
@@ -199,7 +157,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_voice(commands)
     _add_bench(commands)
     add_serve(commands)
+    # A global flag is accepted after the command too; it is documented once, in `polysense --help`.
+    for command in _command_parsers(parser):
+        command.add_argument(
+            "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
     return parser
+
+
+def _command_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every sub-parser under `parser`, at any depth (`data`, `data builtin`, ...)."""
+    found: list[argparse.ArgumentParser] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in dict.fromkeys(action.choices.values()):  # once each, aliases or not
+                found += [command, *_command_parsers(command)]
+    return found
 
 
 def _progress_wanted(quiet: bool) -> bool:
@@ -209,24 +182,15 @@ def _progress_wanted(quiet: bool) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    quiet = "--quiet" in argv  # a global flag, accepted before or after the command
-    parser = build_parser()
-    args, rest = parser.parse_known_args([a for a in argv if a != "--quiet"])
-    if rest and not getattr(args, "forwards_arguments", False):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if not _progress_wanted(quiet):
-        if hasattr(args, "no_progress"):
-            args.no_progress = True
-        elif getattr(args, "forwards_arguments", False) and "--no-progress" not in rest:
-            rest.append("--no-progress")
-    args.forwarded = rest
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     try:
+        # Parsing a training command loads its flags, which needs torch: a DependencyError if missing.
+        args = build_parser().parse_args(argv)
+        _settle_output(args)
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
         with logging_redirect_tqdm():
-            return args.run(args)
+            code: int = args.run(args)
+            return code
     except PolysenseError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -237,6 +201,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; a training run continues with --resume", file=sys.stderr)
         return 130
+
+
+def _settle_output(args: argparse.Namespace) -> None:
+    """--quiet: warnings and errors only. Progress bars off with --quiet or off a terminal: --no-progress for
+    the commands that have it (`progress` False for train, whose flag is TrainOptions.progress)."""
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    if not _progress_wanted(args.quiet):
+        if hasattr(args, "no_progress"):
+            args.no_progress = True
+        if hasattr(args, "progress"):
+            args.progress = False
 
 
 if __name__ == "__main__":
