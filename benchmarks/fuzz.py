@@ -2,7 +2,7 @@
 
     python benchmarks/fuzz.py --bundle runs/demo/bundle --inputs 100000      (or: make fuzz)
 
-The inputs are those of tests/fuzzing.py (mutated images and audio, random text, arrays, data manifests, bundle
+The inputs are those of benchmarks/fuzzing.py (mutated images and audio, random text, arrays, data manifests, bundle
 descriptions). A worker runs a slice of them and reports each outcome on a line; a worker that dies is a crash
 (the input it was on is recorded, and a new worker goes on after it), one silent for --hang-seconds is a hang.
 Memory: for each input, the worker's peak RSS during it above its RSS before it (the peak is reset before each
@@ -27,10 +27,12 @@ COMMAND = "python benchmarks/fuzz.py --bundle runs/demo/bundle --inputs 100000"
 
 
 def worker(bundle: Path, seed: int, start: int, stop: int) -> None:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from fuzzing import KINDS, Fuzzer
-
     from polysense.tools.bench import peak_rss_mb, reset_peak_rss, rss_mb
+
+    if __package__:  # imported as benchmarks.fuzz
+        from .fuzzing import KINDS, Fuzzer
+    else:  # run as a file (the workers are): its own folder is on the import path
+        from fuzzing import KINDS, Fuzzer
 
     with tempfile.TemporaryDirectory() as folder:
         fuzzer = Fuzzer(bundle, Path(folder), seed=seed)

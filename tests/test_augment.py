@@ -9,6 +9,8 @@ from polysense.bundle.settings import AudioSettings, Preprocessing  # noqa: E402
 from polysense.models.encoders.audio_causal import CausalAudioEncoder  # noqa: E402
 from polysense.models.training import augment  # noqa: E402
 
+pytestmark = pytest.mark.slow  # torch
+
 SETTINGS = AudioSettings(sample_rate=16000, n_fft=400, hop_length=160, n_mels=40)
 
 

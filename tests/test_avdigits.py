@@ -8,6 +8,8 @@ from conftest import SHARED_DATA, _require
 from polysense.datasets.avdigits import AVDigitsSpec, build_rows, write_avdigits
 from polysense.errors import InputError
 
+pytestmark = pytest.mark.slow  # reads the AV-digits data in ../shared/data
+
 
 @pytest.fixture(scope="module")
 def sources():

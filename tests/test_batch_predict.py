@@ -75,14 +75,14 @@ def test_an_unlabelled_manifest_gives_a_csv_with_every_probability(capsys, bundl
     assert not list(tmp_path.glob(".*partial"))  # written beside, renamed at the end
 
 
-def test_eval_writes_each_samples_prediction_and_true_label(capsys, bundle, trained_run, tmp_path):
+def test_eval_writes_each_samples_prediction_and_true_label(capsys, bundle, split_manifest, tmp_path):
     out = tmp_path / "eval.jsonl"
     code, printed, _ = _run(
         capsys,
         "eval",
         bundle,
         "--data",
-        trained_run / "manifest.csv",
+        split_manifest,
         "--split",
         "test",
         "--json",

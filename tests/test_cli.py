@@ -34,8 +34,8 @@ def test_stream_refuses_a_bad_chunk_length_or_rate(chunk_ms, rate, message):
         next(audio_chunks("-", chunk_ms, rate))
 
 
-def test_global_flags_after_the_command_and_no_progress_off_a_terminal(bundle, trained_run, capsys):
-    args = ["eval", str(bundle), "--data", str(trained_run / "manifest.csv"), "--split", "test", "--quiet"]
+def test_global_flags_after_the_command_and_no_progress_off_a_terminal(bundle, split_manifest, capsys):
+    args = ["eval", str(bundle), "--data", str(split_manifest), "--split", "test", "--quiet"]
     assert main(args) == 0
     captured = capsys.readouterr()
     assert "accuracy" in captured.out

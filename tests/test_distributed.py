@@ -38,6 +38,8 @@ from polysense.machine import machine  # noqa: E402
 from polysense.models.training.distributed.sharding import pieces  # noqa: E402
 from polysense.models.training.options import TrainOptions  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trains, in several processes
+
 SMALL = ["--image-width", "8", "--embed-dim", "32", "--batch-size", "32", "--patience", "0", "--lr", "5e-3"]
 ADAM_STEP = float(SMALL[SMALL.index("--lr") + 1])  # how far one Adam step moves a weight at most
 WEIGHT_TOLERANCE = 3e-3  # of each tensor's largest magnitude (module docstring)

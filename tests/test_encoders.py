@@ -8,6 +8,8 @@ from polysense.models import ENCODERS, create_encoder  # noqa: E402
 from polysense.models.flops import count_macs  # noqa: E402
 from polysense.preprocess.text import PAD_ID  # noqa: E402
 
+pytestmark = pytest.mark.slow  # torch
+
 EMBED = 32
 VOCAB = 50
 N_MELS = 40

@@ -61,6 +61,7 @@ def test_an_ensemble_predicts_the_mean_of_its_members(pipe, other, test_rows):
         )
 
 
+@pytest.mark.slow
 def test_an_ensemble_loads_bundles_and_refuses_what_cannot_be_averaged(bundle, pipe, other, image_only):
     loaded = polysense.Ensemble.load([bundle, bundle], device="cpu", precision="fp32")
     assert len(loaded.members) == 2 and loaded.labels == pipe.labels
@@ -118,6 +119,7 @@ def _theo(manifest: Path, count: int) -> list[str]:
     return [str((manifest.parent / c).resolve()) for c in clips][:count]
 
 
+@pytest.mark.slow
 def test_an_ensemble_hears_a_voice_once_and_streams_as_it_predicts(voice_members):
     import soundfile
 
@@ -169,6 +171,7 @@ def test_an_ensemble_hears_a_voice_once_and_streams_as_it_predicts(voice_members
         stream.accept_waveform(samples[:800], rate * 2)
 
 
+@pytest.mark.slow
 def test_an_ensemble_refuses_members_heard_with_and_without_voices(voice_members, tmp_path):
     members, manifest = voice_members
     plain = polysense.Pipeline.load(_train(manifest, tmp_path, modalities=("audio",), epochs=1), device="cpu")
@@ -178,6 +181,7 @@ def test_an_ensemble_refuses_members_heard_with_and_without_voices(voice_members
         polysense.Ensemble([plain, plain, members[0]])
 
 
+@pytest.mark.slow
 def test_a_sample_an_ensemble_refuses_teaches_its_adaptive_voice_nothing(tmp_path):
     """An image+audio model with --voice-norm: a broken photo is refused after the audio was readable, and the
     adaptive voice must not have heard that recording."""
@@ -258,14 +262,16 @@ def test_ensemble_streams_encode_in_batches_as_a_pipeline_s_do(pipe, other, fsdd
     )
 
 
+@pytest.mark.slow
 def test_an_ensemble_refuses_members_of_other_embedding_widths(tiny_builtin, pipe, tmp_path):
     narrow = polysense.Pipeline.load(_train(tiny_builtin, tmp_path, epochs=1, embed_dim=16), device="cpu")
     with pytest.raises(ConfigError, match="bundle 1 embeds into 16 numbers but bundle 0 into 32"):
         polysense.Ensemble([pipe, narrow])
 
 
+@pytest.mark.slow
 def test_the_cli_predicts_and_evaluates_with_an_ensemble(
-    bundle, other_bundle, image_only, trained_run, test_rows, tmp_path, capsys
+    bundle, other_bundle, image_only, split_manifest, test_rows, tmp_path, capsys
 ):
     import json
 
@@ -284,7 +290,7 @@ def test_the_cli_predicts_and_evaluates_with_an_ensemble(
         _probabilities(expected, ensemble.labels),
         atol=1e-5,
     )
-    manifest = str(trained_run / "manifest.csv")
+    manifest = str(split_manifest)
     args = ["eval", *members, "--data", manifest, "--split", "test", "--precision", "fp32", "--json"]
     assert main([*args, "--no-progress"]) == 0
     metrics = json.loads(capsys.readouterr().out)

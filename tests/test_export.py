@@ -18,6 +18,15 @@ from polysense.inference.preprocessors import build_preprocessors  # noqa: E402
 from polysense.models.training.run_folder import load_trained  # noqa: E402
 from polysense.tools.manifest import read_manifest  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trains and exports
+
+
+@pytest.fixture(scope="module")
+def bundle(exported_bundle):
+    """The run trained and exported in this session (conftest.py), not the committed tiny bundle: these tests
+    check what export writes now."""
+    return exported_bundle
+
 
 def _test_rows(run):
     return [r for r in read_manifest(run / "manifest.csv").rows if r.split == "test"]

@@ -15,6 +15,8 @@ from polysense.export.parity import TOLERANCE, check_component, export_component
 from polysense.modalities import MODALITIES  # noqa: E402
 from polysense.models import ENCODERS, FUSIONS, ModelConfig, MultimodalClassifier  # noqa: E402
 
+pytestmark = pytest.mark.slow  # torch and onnx
+
 # Each case varies one family or the fusion over the default (from-scratch, small) families, so that a case
 # costs what its own family costs.
 DEFAULTS = {m: ModelConfig.__dataclass_fields__[f"{m}_family"].default for m in MODALITIES}

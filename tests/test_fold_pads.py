@@ -10,6 +10,8 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from polysense.export.fold_pads import fold_pads_into_convs  # noqa: E402
 
+pytestmark = pytest.mark.slow  # onnx
+
 
 def _model(
     pad_inputs: list[str], extra_nodes=(), extra_initializers=(), mode="constant", second_reader=False

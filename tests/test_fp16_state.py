@@ -10,6 +10,15 @@ pytest.importorskip("onnx")
 
 from polysense.bundle.reader import open_bundle  # noqa: E402
 
+pytestmark = pytest.mark.slow  # onnx
+
+
+@pytest.fixture(scope="module")
+def bundle(exported_bundle):
+    """The run trained and exported in this session (conftest.py), not the committed tiny bundle: these tests
+    check what export writes now."""
+    return exported_bundle
+
 
 def _stream(session, chunks, state):
     names = [o.name for o in session.get_outputs()]

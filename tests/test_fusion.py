@@ -6,6 +6,8 @@ torch = pytest.importorskip("torch")
 
 from polysense.models import FUSIONS, create_fusion  # noqa: E402
 
+pytestmark = pytest.mark.slow  # torch
+
 M, D, C = 3, 16, 5
 MASKS = [m for m in itertools.product([0.0, 1.0], repeat=M) if any(m)]
 

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from fuzzing import KINDS, Fuzzer  # noqa: E402  (tests/ is on sys.path under pytest)
+from benchmarks.fuzzing import KINDS, Fuzzer  # noqa: E402  (pytest's pythonpath: the repository root)
 
 INPUTS = 2800  # 400 of each kind, about 15 s
 

@@ -62,6 +62,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", BLOCKED + code], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_an_image_only_bundle_is_served_without_audio_or_text_packages(image_bundle, sign_photo):
     result = _run(
         f"pipe = polysense.Pipeline.load({str(image_bundle)!r}, device='cpu')\n"

@@ -52,8 +52,8 @@ def test_file_bytes_and_array_give_the_same_prediction(pipe, row):
     np.testing.assert_allclose(_probs(from_arrays), _probs(from_files), atol=1e-5)
 
 
-def test_predict_batch_equals_repeated_predict(pipe, trained_run):
-    rows = [r for r in read_manifest(trained_run / "manifest.csv").rows if r.split == "test"][:6]
+def test_predict_batch_equals_repeated_predict(pipe, split_manifest):
+    rows = [r for r in read_manifest(split_manifest).rows if r.split == "test"][:6]
     # Mixed subsets in one batch, including different audio lengths.
     samples = [
         {"image": rows[0].image, "text": rows[0].text, "audio": rows[0].audio},
@@ -118,7 +118,9 @@ def test_onnxruntime_twice_installed_is_explained(monkeypatch):
         sessions.import_onnxruntime()
 
 
-def test_runtime_works_where_torch_and_onnx_cannot_be_imported(bundle, trained_run, row):
+@pytest.mark.slow
+def test_runtime_works_where_torch_and_onnx_cannot_be_imported(exported_bundle, trained_run, row):
+    bundle = exported_bundle  # trained_run's, whose torch metrics the runtime's are compared with
     result = run_blocked(
         ("torch", "onnx", "onnxscript"),
         f"""
@@ -161,7 +163,7 @@ def test_missing_onnxruntime_gives_an_install_hint(bundle):
     assert "pip install 'polysense[cpu]'" in result.stdout, result.stderr
 
 
-def test_cli_predict_eval_info(bundle, trained_run, row, capsys):
+def test_cli_predict_eval_info(bundle, split_manifest, row, capsys):
     from polysense.cli.main import main
 
     assert main(["predict", str(bundle), "--image", row.image, "--audio", row.audio, "--json"]) == 0
@@ -172,7 +174,7 @@ def test_cli_predict_eval_info(bundle, trained_run, row, capsys):
                 "eval",
                 str(bundle),
                 "--data",
-                str(trained_run / "manifest.csv"),
+                str(split_manifest),
                 "--split",
                 "test",
                 "--json",
@@ -190,9 +192,9 @@ def test_cli_predict_eval_info(bundle, trained_run, row, capsys):
     assert "no input given" in capsys.readouterr().err
 
 
-def test_embed_then_classify_subsets_equals_predicting_the_subset(pipe, trained_run):
+def test_embed_then_classify_subsets_equals_predicting_the_subset(pipe, split_manifest):
     """embed() once, then predict_batch on narrowed Embeddings == predicting with only those inputs."""
-    rows = [r for r in read_manifest(trained_run / "manifest.csv").rows if r.split == "test"][:4]
+    rows = [r for r in read_manifest(split_manifest).rows if r.split == "test"][:4]
     samples = [{"image": r.image, "text": r.text, "audio": r.audio} for r in rows]
     embeddings = pipe.embed(samples)
     assert len(embeddings) == 4 and embeddings.mask.tolist() == [[1.0, 1.0, 1.0]] * 4

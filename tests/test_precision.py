@@ -21,6 +21,8 @@ from polysense.export.variants import cuda_available  # noqa: E402
 from polysense.inference.precision import choose_precisions  # noqa: E402
 from polysense.tools.manifest import read_manifest  # noqa: E402
 
+pytestmark = pytest.mark.slow  # exports
+
 NAMES = ["image_encoder", "text_encoder", "audio_encoder", "fusion"]
 
 
@@ -35,7 +37,8 @@ def permissive_bundle(trained_run, tmp_path_factory):
     ).bundle
 
 
-def test_every_variant_is_measured_and_only_kept_ones_ship(bundle):
+def test_every_variant_is_measured_and_only_kept_ones_ship(exported_bundle):
+    bundle = exported_bundle
     description = json.loads((bundle / DESCRIPTION_FILE).read_text())
     for name, component in description["components"].items():
         assert {v["precision"] for v in component["measurements"]} == {"int8", "fp16"}, name
@@ -51,7 +54,8 @@ def test_every_variant_is_measured_and_only_kept_ones_ship(bundle):
             assert (bundle / f"{name}.{variant['precision']}.onnx").exists() == variant["kept"]
 
 
-def test_auto_never_picks_a_rejected_variant(bundle):
+def test_auto_never_picks_a_rejected_variant(exported_bundle):
+    bundle = exported_bundle
     pipe = polysense.Pipeline.load(bundle, device="cpu")
     description = open_bundle(bundle).description
     for name, precision in pipe.precisions.items():

@@ -15,6 +15,8 @@ from polysense.models import ModelConfig, MultimodalClassifier  # noqa: E402
 from polysense.models.encoders.pretrained import EFFICIENTNET_LITE0, INSTALL, MINILM  # noqa: E402
 from polysense.models.training.options import DEFAULT_EPOCHS, TrainOptions  # noqa: E402
 
+pytestmark = pytest.mark.slow  # torch, trains
+
 
 def _require_package(name: str) -> None:
     if importlib.util.find_spec(name) is None:

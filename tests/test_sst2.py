@@ -10,6 +10,7 @@ from polysense.errors import InputError
 from polysense.tools.manifest import read_manifest
 
 
+@pytest.mark.slow
 def test_sst2_manifest_keeps_dev_as_test_and_holds_out_validation(tmp_path, capsys):
     folder = _require(SHARED_DATA / "sst2")
     assert main(["data", "sst2", "--dir", str(folder), "--out", str(tmp_path)]) == 0

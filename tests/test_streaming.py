@@ -160,10 +160,10 @@ def test_batched_streams_equal_streams_run_alone(pipe, speech):
         np.testing.assert_allclose(stream.result().embeddings["audio"], expected, atol=1e-5)
 
 
-def test_text_and_image_are_fused_with_the_stream(pipe, speech, trained_run):
+def test_text_and_image_are_fused_with_the_stream(pipe, speech, split_manifest):
     from polysense.tools.manifest import read_manifest
 
-    row = [r for r in read_manifest(trained_run / "manifest.csv").rows if r.split == "test"][0]
+    row = [r for r in read_manifest(split_manifest).rows if r.split == "test"][0]
     samples, rate = speech
     stream = pipe.audio_stream()
     stream.set_text(row.text)
@@ -205,10 +205,10 @@ def test_video_stream_samples_at_the_target_rate_and_averages_a_window(pipe, sig
         list(pipe.video_stream("missing.avi").run())
 
 
-def test_video_stream_result_fuses_the_window_and_text(pipe, sign_video, trained_run):
+def test_video_stream_result_fuses_the_window_and_text(pipe, sign_video, split_manifest):
     from polysense.tools.manifest import read_manifest
 
-    text = [r for r in read_manifest(trained_run / "manifest.csv").rows if r.split == "test"][0].text
+    text = [r for r in read_manifest(split_manifest).rows if r.split == "test"][0].text
     video = pipe.video_stream(sign_video, fps=2.0, window=3)
     with pytest.raises(InputError, match="nothing to fuse"):
         video.result()

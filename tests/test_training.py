@@ -15,6 +15,8 @@ from polysense.models.training.run_folder import load_trained  # noqa: E402
 from polysense.models.training.train import train  # noqa: E402
 from polysense.models.training.train_state import TrainState  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trains
+
 SMALL = {"image_width": 8, "embed_dim": 32, "batch_size": 32, "progress": False, "patience": 0}
 
 

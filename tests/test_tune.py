@@ -60,6 +60,7 @@ def with_int8(copied_bundle):
     return copied_bundle
 
 
+@pytest.mark.slow
 def test_on_a_device_where_int8_is_slow_fp32_is_chosen(with_int8):
     copied_bundle = with_int8
     assert (
@@ -115,9 +116,9 @@ def test_probe_problems_say_how_to_fix_them(copied_bundle):
         tune_bundle(copied_bundle)
 
 
-def test_tune_cli_makes_a_probe_from_a_manifest_and_prints_the_choice(copied_bundle, trained_run, capsys):
+def test_tune_cli_makes_a_probe_from_a_manifest_and_prints_the_choice(copied_bundle, split_manifest, capsys):
     (copied_bundle / PROBE_FILE).unlink()
-    assert main(["tune", str(copied_bundle), "--data", str(trained_run / "manifest.csv")]) == 0
+    assert main(["tune", str(copied_bundle), "--data", str(split_manifest)]) == 0
     out = capsys.readouterr().out
     assert "probe: 32 samples" in out and "precision auto now uses it" in out
     assert main(["tune", str(copied_bundle), "--json"]) == 0

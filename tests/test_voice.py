@@ -174,6 +174,7 @@ def voice_run(tmp_path_factory):
     return manifest, folder / "run", result, bundle
 
 
+@pytest.mark.slow
 def test_evaluation_hears_each_speaker_as_training_did(voice_run):
     from polysense.tools.evaluate import evaluate_bundle
 
@@ -184,6 +185,7 @@ def test_evaluation_hears_each_speaker_as_training_did(voice_run):
     assert metrics["accuracy"] == pytest.approx(result.metrics["accuracy"])
 
 
+@pytest.mark.slow
 def test_evaluation_without_speakers_says_what_stands_in(voice_run, tmp_path, caplog):
     from polysense.tools.evaluate import evaluate_bundle
 
@@ -202,6 +204,7 @@ def test_evaluation_without_speakers_says_what_stands_in(voice_run, tmp_path, ca
     assert "20 recordings have no speaker" in caplog.text and "add a speaker column" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_profile_changes_what_the_model_hears_and_streams_hear_it_too(voice_run):
     manifest, _, _, bundle = voice_run
     pipeline = polysense.Pipeline.load(bundle, device="cpu", precision="fp32")
@@ -224,6 +227,7 @@ def test_a_profile_changes_what_the_model_hears_and_streams_hear_it_too(voice_ru
     assert np.allclose(stream.embedding, own, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_an_adaptive_voice_hears_each_recording_with_what_came_before_and_streams_alike(voice_run):
     import soundfile
 
@@ -272,6 +276,7 @@ def test_an_adaptive_voice_hears_each_recording_with_what_came_before_and_stream
     assert 0 < long_voice.frames <= MAX_HEARD_FRAMES < stream.frames_processed
 
 
+@pytest.mark.slow
 def test_voice_cli_writes_a_profile_that_predict_takes(voice_run, tmp_path, capsys):
     manifest, _, _, bundle = voice_run
     clips = [
@@ -298,6 +303,7 @@ def test_voice_cli_writes_a_profile_that_predict_takes(voice_run, tmp_path, caps
     assert len(preds.read_text().splitlines()) == len(list(csv.DictReader(manifest.open())))
 
 
+@pytest.mark.slow
 def test_voice_norm_needs_audio_and_a_speaker_for_every_recording(tiny_builtin, tmp_path):
     pytest.importorskip("torch")
     from polysense.errors import ConfigError, ManifestError
@@ -331,6 +337,7 @@ def test_a_bundle_without_voice_norm_refuses_profiles(bundle, pipe, test_rows, t
         pipe.adaptive_voice()
 
 
+@pytest.mark.slow
 def test_served_requests_and_streams_take_a_profile(voice_run):
     pytest.importorskip("starlette")
     pytest.importorskip("httpx")

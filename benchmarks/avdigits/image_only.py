@@ -29,13 +29,14 @@ from pathlib import Path
 
 import cv2
 
-sys.path.insert(0, str(Path(__file__).parent))
+import polysense
+from polysense.machine import describe, machine, results_from_this_machine
+from polysense.tools.manifest import read_manifest
 
-from run import build, export, fit, recorded_commands, summary  # noqa: E402
-
-import polysense  # noqa: E402
-from polysense.machine import describe, machine, results_from_this_machine  # noqa: E402
-from polysense.tools.manifest import read_manifest  # noqa: E402
+if __package__:  # imported as benchmarks.avdigits.image_only (python -m, the tests)
+    from .run import build, export, fit, recorded_commands, summary
+else:  # run as a file: its own folder is on the import path
+    from run import build, export, fit, recorded_commands, summary
 
 COMMAND = "make bench-avdigits-image"
 

@@ -36,11 +36,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+from polysense.machine import describe, machine, results_from_this_machine
 
-from run import SPEAKERS, build, export, fit, recorded_commands, summary  # noqa: E402
-
-from polysense.machine import describe, machine, results_from_this_machine  # noqa: E402
+if __package__:  # imported as benchmarks.avdigits.loso_audio (python -m, the tests)
+    from .run import SPEAKERS, build, export, fit, recorded_commands, summary
+else:  # run as a file: its own folder is on the import path
+    from run import SPEAKERS, build, export, fit, recorded_commands, summary
 
 
 @dataclass(frozen=True)

@@ -28,15 +28,17 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
+import polysense
+from polysense.bundle.schema import DESCRIPTION_FILE
+from polysense.machine import describe, machine
+from polysense.tools.manifest import read_manifest
 
-from loso_audio import CONFIGS, ENROLLED, adaptive_sessions  # noqa: E402
-from run import SPEAKERS, build, export, fit  # noqa: E402
-
-import polysense  # noqa: E402
-from polysense.bundle.schema import DESCRIPTION_FILE  # noqa: E402
-from polysense.machine import describe, machine  # noqa: E402
-from polysense.tools.manifest import read_manifest  # noqa: E402
+if __package__:  # imported as benchmarks.avdigits.loso_ensemble (python -m, the tests)
+    from .loso_audio import CONFIGS, ENROLLED, adaptive_sessions
+    from .run import SPEAKERS, build, export, fit
+else:  # run as a file: its own folder is on the import path
+    from loso_audio import CONFIGS, ENROLLED, adaptive_sessions
+    from run import SPEAKERS, build, export, fit
 
 log = logging.getLogger("polysense")
 DEFAULT_CONFIG = "causal-shape-voice-25-noise"

@@ -6,8 +6,9 @@ points, image and audio arrays of random dtypes, shapes and rates, CSV and JSONL
 descriptions (bundle.json), opened and, when they still open, loaded into a Pipeline. An outcome is "ok",
 "refused" (a PolysenseError) or, for anything else, "failure: <type>: <message>".
 
-tests/test_fuzz.py runs a few thousand inputs in the suite; benchmarks/fuzz.py runs 100,000 or more in worker
-processes that also catch crashes, hangs and memory (`make fuzz`).
+tests/test_fuzz.py runs a few thousand inputs in the suite (importing this as benchmarks.fuzzing; pytest puts the
+repository root on the import path); benchmarks/fuzz.py runs 100,000 or more in worker processes that also catch
+crashes, hangs and memory (`make fuzz`).
 """
 
 from __future__ import annotations
