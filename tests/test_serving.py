@@ -10,6 +10,7 @@ import soundfile
 
 pytest.importorskip("onnxruntime")
 
+from polysense import Ensemble, Pipeline  # noqa: E402
 from polysense.errors import ConfigError, InputError, OverloadedError, RequestTimeoutError  # noqa: E402
 from polysense.inference.fusion import Prediction, Prepared  # noqa: E402
 from polysense.serving import BatcherOptions, DynamicBatcher, StreamEncoder  # noqa: E402
@@ -89,6 +90,36 @@ def test_a_bad_input_fails_at_submit_on_the_callers_thread(pipe):
         with pytest.raises(InputError, match="has no|unknown input"):
             batcher.submit({"video": "x"})
         assert batcher.predict({"text": "still serving"}).label in pipe.labels
+
+
+def test_a_batcher_on_an_ensemble_takes_what_its_prepare_made_without_preparing_it_again(
+    pipe, other_bundle, rows
+):
+    ensemble = Ensemble([pipe, Pipeline.load(other_bundle, device="cpu", precision="fp32")])
+    samples = _samples(rows[:2])
+    prepared = [ensemble.prepare(s) for s in samples]
+    expected = ensemble.predict_batch(prepared)
+    prepare, calls = ensemble.prepare, []
+
+    def counted(sample):  # prepare is declared for sample dicts (Ensemble's passes its own output through)
+        calls.append(type(sample).__name__)
+        return prepare(sample)
+
+    ensemble.prepare = counted
+    with DynamicBatcher(ensemble) as batcher:
+        got = [future.result(10) for future in [batcher.submit(p) for p in prepared]]
+        assert calls == []  # once prepared is enough: the batcher queues an EnsemblePrepared as it is
+        assert batcher.predict(samples[0]).label == expected[0].label and calls == ["dict"]
+        with pytest.raises(InputError, match="sample dict .* got str"):
+            batcher.submit("a dog barking")
+    for prediction, reference in zip(got, expected):
+        np.testing.assert_allclose(_probs(prediction), _probs(reference), atol=1e-5)
+        assert prediction.timings["queue"] >= 0
+    # What another pipeline prepared reaches the model run, which refuses it (for that request alone).
+    with DynamicBatcher(pipe) as batcher:
+        with pytest.raises(InputError, match="got EnsemblePrepared"):
+            batcher.submit(prepared[0]).result(10)
+        assert batcher.predict(pipe.prepare(samples[0])).label in pipe.labels
 
 
 class FakePipeline:

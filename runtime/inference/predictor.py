@@ -15,7 +15,7 @@ Neither class inherits from it; each satisfies it structurally (tests/test_predi
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -27,6 +27,7 @@ from polysense.preprocess.image import ImageInput
 from polysense.preprocess.voice import PRIOR_FRAMES, AdaptiveVoice, VoiceProfile
 
 __all__ = [
+    "AnyPredictor",
     "EmbeddingsT",
     "LiveAudioStream",
     "PreparedSample",
@@ -168,3 +169,8 @@ class Predictor(Protocol[PreparedT, EmbeddingsT]):
     ) -> VoiceProfile: ...
 
     def adaptive_voice(self, prior_frames: int = PRIOR_FRAMES) -> AdaptiveVoice: ...
+
+
+# A Predictor of either kind, for code that hands a predictor's prepared samples and embeddings only back to that
+# same predictor and so need not know which kind it holds (the server: polysense.serving).
+AnyPredictor = Predictor[Any, Any]

@@ -9,9 +9,17 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
+from polysense.errors import OverloadedError
 from polysense.serving.handler import error_json
+
+if (
+    TYPE_CHECKING
+):  # the app that uses this middleware imports Starlette (polysense.serving.http), not this module
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
+    from polysense.serving.service import Service
 
 ADMITTED_PATHS = ("/v1/predict", "/v1/predict_batch")
 
@@ -19,11 +27,11 @@ ADMITTED_PATHS = ("/v1/predict", "/v1/predict_batch")
 class Admission:
     """Counts the prediction requests in flight on `service` and refuses those beyond its max_queue."""
 
-    def __init__(self, app: Any, service: Any) -> None:
+    def __init__(self, app: ASGIApp, service: Service) -> None:
         self.app = app
         self.service = service
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in ADMITTED_PATHS:
             await self.app(scope, receive, send)
             return
@@ -44,7 +52,7 @@ class Admission:
             service.inflight -= 1
 
 
-async def _refuse(send: Any, error: Any) -> None:
+async def _refuse(send: Send, error: OverloadedError) -> None:
     body = json.dumps(error_json(error)).encode()
     headers = [
         (b"content-type", b"application/json"),

@@ -18,14 +18,15 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Generic
 
-from polysense.errors import ConfigError, OverloadedError, RequestTimeoutError
-from polysense.inference.fusion import Prediction, Prepared
+from polysense.errors import ConfigError, InputError, OverloadedError, RequestTimeoutError
+from polysense.inference.fusion import Prediction
+from polysense.inference.predictor import EmbeddingsT, Predictor, PreparedSample, PreparedT
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,9 @@ class BatcherOptions:
 
 
 @dataclass
-class _Request:
-    prepared: Prepared
-    future: Future
+class _Request(Generic[PreparedT]):
+    prepared: PreparedT
+    future: Future[Prediction]
     enqueued: float
     deadline: float
 
@@ -74,8 +75,9 @@ class BatcherStats:
         return self.requests / self.batches if self.batches else 0.0
 
 
-class DynamicBatcher:
-    """Groups concurrent `predict` calls on one Pipeline into batches. Thread-safe; close() when done.
+class DynamicBatcher(Generic[PreparedT, EmbeddingsT]):
+    """Groups concurrent `predict` calls on one Pipeline (or Ensemble) into batches. Thread-safe; close() when
+    done.
 
     with DynamicBatcher(pipe, BatcherOptions(max_batch=16)) as batcher:
         prediction = batcher.predict({"text": "a dog barking"})      # from any number of threads
@@ -84,17 +86,17 @@ class DynamicBatcher:
 
     def __init__(
         self,
-        pipeline: Any,
+        pipeline: Predictor[PreparedT, EmbeddingsT],
         options: BatcherOptions | None = None,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
-        """`pipeline`: a polysense.Pipeline (anything with prepare and predict_batch); `on_batch(size)` is
-        called on the worker thread after each model run (for metrics)."""
+        """`pipeline`: a polysense.Pipeline or Ensemble (a polysense.Predictor); `on_batch(size)` is called on
+        the worker thread after each model run (for metrics)."""
         self.pipeline = pipeline
         self.options = options or BatcherOptions()
         self.stats = BatcherStats()
         self._on_batch = on_batch
-        self._queues: dict[str, deque[_Request]] = {}
+        self._queues: dict[str, deque[_Request[PreparedT]]] = {}
         self._depth = 0
         self._last_batch_size = 0
         self._closed = False
@@ -109,13 +111,24 @@ class DynamicBatcher:
 
     # -- callers' side -------------------------------------------------------------------------------------
 
-    def submit(self, sample: dict | Prepared) -> Future:
-        """Queue one sample; the Future's result is its Prediction. Preparation happens here, on the caller's
-        thread: a bad input raises InputError now. A full queue raises OverloadedError now. Cancel the Future
-        to withdraw the request; a cancelled request is dropped before it reaches the model."""
-        prepared = sample if isinstance(sample, Prepared) else self.pipeline.prepare(sample)
+    def submit(self, sample: dict | PreparedT) -> Future[Prediction]:
+        """Queue one sample (a dict, or what the pipeline's `prepare` made of one); the Future's result is its
+        Prediction. Preparation happens here, on the caller's thread: a bad input raises InputError now. A full
+        queue raises OverloadedError now. Cancel the Future to withdraw the request; a cancelled request is
+        dropped before it reaches the model."""
+        if isinstance(sample, dict):
+            prepared = self.pipeline.prepare(sample)
+        elif isinstance(getattr(sample, "subset", None), str):
+            # What a prepare made: a Pipeline's Prepared, an Ensemble's EnsemblePrepared. The model run refuses
+            # one that another pipeline made (as predict_batch does).
+            prepared = sample
+        else:
+            raise InputError(
+                "submit takes a sample dict like {'image': ..., 'text': ...} or what the pipeline's prepare made "
+                f"of one, got {type(sample).__name__}"
+            )
         now = time.perf_counter()
-        request = _Request(prepared, Future(), now, now + self.options.timeout_s)
+        request: _Request[PreparedT] = _Request(prepared, Future(), now, now + self.options.timeout_s)
         with self._condition:
             if self._closed:
                 raise OverloadedError("the batcher is shutting down; send the request elsewhere")
@@ -130,7 +143,7 @@ class DynamicBatcher:
             self._condition.notify()
         return request.future
 
-    def predict(self, sample: dict | Prepared, timeout: float | None = None) -> Prediction:
+    def predict(self, sample: dict | PreparedT, timeout: float | None = None) -> Prediction:
         """Submit and wait for the Prediction (at most `timeout` s, default the options' timeout_s)."""
         future = self.submit(sample)
         try:
@@ -148,7 +161,7 @@ class DynamicBatcher:
             self._condition.notify_all()
         self._worker.join()
 
-    def __enter__(self) -> DynamicBatcher:
+    def __enter__(self) -> DynamicBatcher[PreparedT, EmbeddingsT]:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -163,7 +176,7 @@ class DynamicBatcher:
                 return
             self._run(batch)
 
-    def _next_batch(self) -> list[_Request] | None:
+    def _next_batch(self) -> list[_Request[PreparedT]] | None:
         options = self.options
         with self._condition:
             while not self._depth and not self._closed:
@@ -186,7 +199,7 @@ class DynamicBatcher:
             self._last_batch_size = len(batch)
             return batch
 
-    def _run(self, batch: list[_Request]) -> None:
+    def _run(self, batch: list[_Request[PreparedT]]) -> None:
         now = time.perf_counter()
         live = []
         for request in batch:
@@ -218,7 +231,9 @@ class DynamicBatcher:
             self._on_batch(len(live))
 
 
-def predict_each(pipeline: Any, batch: list[Prepared]) -> list[Prediction | Exception]:
+def predict_each(
+    pipeline: Predictor[PreparedT, EmbeddingsT], batch: Sequence[PreparedT]
+) -> list[Prediction | Exception]:
     """Model runs of `batch`, one per modality subset; a run that fails is retried sample by sample, so only
     the sample at fault gets the error (in its place in the result) and its batch mates their predictions."""
     results: list[Prediction | Exception] = [ValueError("not run")] * len(batch)
@@ -238,7 +253,7 @@ def predict_each(pipeline: Any, batch: list[Prepared]) -> list[Prediction | Exce
     return results
 
 
-def with_own_preprocessing(prediction: Prediction, prepared: Prepared) -> Prediction:
+def with_own_preprocessing(prediction: Prediction, prepared: PreparedSample) -> Prediction:
     """The batch's model timings with this sample's own preprocessing (the batch's is a sum over samples)."""
     timings = {k: v for k, v in prediction.timings.items() if not k.startswith("preprocess_")}
     return replace(prediction, timings={**timings, **prepared.timings})

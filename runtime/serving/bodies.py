@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from polysense.errors import InputError, OverloadedError
 from polysense.preprocess.voice import MAX_PROFILE_BYTES, VoiceProfile
 from polysense.serving.handler import PayloadTooLarge, UnsupportedMediaType, parse_json, sample_from_json
+
+if TYPE_CHECKING:  # Starlette is imported by the app that uses these (polysense.serving.http), not here
+    from starlette.datastructures import UploadFile
+    from starlette.requests import Request
 
 # Bodies held in memory at once, all requests together: a flood of large bodies is refused, not buffered.
 BODY_BUDGET_BYTES = 512 << 20
@@ -23,14 +28,14 @@ class BodyBudget:
         self.budget_bytes = budget_bytes
         self.held = 0
 
-    def check_declared(self, request: Any) -> None:
+    def check_declared(self, request: Request) -> None:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise PayloadTooLarge(
                 f"the body is {int(declared):,} bytes, over max_body_bytes={self.max_body_bytes:,}"
             )
 
-    async def read(self, request: Any) -> bytes:
+    async def read(self, request: Request) -> bytes:
         """The body, refused at once when over max_body_bytes or when the bodies in flight would pass the budget
         (bytes are counted as they arrive; a lying Content-Length gains nothing)."""
         self.check_declared(request)
@@ -44,7 +49,7 @@ class BodyBudget:
             raise
         return b"".join(chunks)
 
-    def reserve_declared(self, request: Any) -> None:
+    def reserve_declared(self, request: Request) -> None:
         """Count a body by its Content-Length before a parser reads it (multipart)."""
         self.check_declared(request)
         try:
@@ -53,7 +58,7 @@ class BodyBudget:
             self.release(request)
             raise
 
-    def _take(self, request: Any, size: int) -> None:
+    def _take(self, request: Request, size: int) -> None:
         taken = getattr(request.state, "body_bytes", 0) + size
         request.state.body_bytes = taken
         self.held += size
@@ -62,16 +67,18 @@ class BodyBudget:
         if self.held > self.budget_bytes:
             raise OverloadedError("too many large requests at once; retry shortly")
 
-    def release(self, request: Any) -> None:
+    def release(self, request: Request) -> None:
         self.held -= getattr(request.state, "body_bytes", 0)
         request.state.body_bytes = 0
 
 
-def content_type(request: Any) -> str:
+def content_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def read_sample(request: Any, bodies: BodyBudget, in_thread: Any) -> dict:
+async def read_sample(
+    request: Request, bodies: BodyBudget, in_thread: Callable[[Callable[[], dict]], Awaitable[dict]]
+) -> dict:
     """One predict sample from a JSON or multipart body. A large JSON body (base64 files) is parsed and decoded
     `in_thread`, off the event loop that every other request needs."""
     kind = content_type(request)
@@ -87,7 +94,7 @@ async def read_sample(request: Any, bodies: BodyBudget, in_thread: Any) -> dict:
     )
 
 
-async def read_multipart(request: Any, bodies: BodyBudget) -> dict:
+async def read_multipart(request: Request, bodies: BodyBudget) -> dict:
     """Fields text and sample_rate, files image and audio (curl -F image=@photo.jpg -F text=...), and voice (a
     profile as `polysense voice` writes it: a file part, -F voice=@profile.json, or the JSON as a field)."""
     if not request.headers.get("content-length", "").isdigit():
@@ -98,7 +105,7 @@ async def read_multipart(request: Any, bodies: BodyBudget) -> dict:
     except Exception as error:  # python-multipart's and Starlette's own parse errors
         raise InputError(f"the multipart body cannot be read ({error})") from None
     try:
-        sample: dict[str, Any] = {}
+        sample: dict[str, object] = {}
         for key, value in form.multi_items():
             if key in sample:
                 raise InputError(f"field {key!r} is given twice")
@@ -108,7 +115,7 @@ async def read_multipart(request: Any, bodies: BodyBudget) -> dict:
         await form.close()
 
 
-async def _form_value(key: str, value: Any) -> Any:
+async def _form_value(key: str, value: str | UploadFile) -> str | bytes | int | VoiceProfile:
     if key in ("image", "audio"):
         if isinstance(value, str):
             raise InputError(f"{key} must be a file part (curl -F {key}=@file)")

@@ -8,8 +8,8 @@ import binascii
 import hmac
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -22,6 +22,7 @@ from polysense.errors import (
     RequestTimeoutError,
 )
 from polysense.inference.fusion import Prediction
+from polysense.inference.predictor import AnyPredictor
 from polysense.modalities import MODALITIES
 from polysense.preprocess.voice import VoiceProfile
 from polysense.serving.batcher import BatcherOptions
@@ -84,14 +85,15 @@ class UnsupportedMediaType(InputError):
     """A request body of a content type the server does not read."""
 
 
-def parse_json(body: bytes) -> Any:
+def parse_json(body: bytes) -> object:
+    """The JSON value of a body (callers check its shape), or an InputError."""
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as error:  # JSONDecodeError, bad UTF-8, an integer of 5,000 digits
         raise InputError(f"the body is not valid JSON ({str(error)[:200]}); send a JSON object") from None
 
 
-def sample_from_json(payload: Any, where: str = "") -> dict:
+def sample_from_json(payload: object, where: str = "") -> dict:
     """A predict sample from a JSON object: {"text": str, "image": base64, "audio": base64, "sample_rate": int,
     "voice": profile}. Image and audio are the bytes of an encoded file (JPEG/PNG/WebP/BMP; WAV/FLAC/OGG),
     base64-encoded; voice is a speaker's profile as `polysense voice` writes it (bundles trained with
@@ -103,7 +105,7 @@ def sample_from_json(payload: Any, where: str = "") -> dict:
         raise InputError(
             f"{where}unknown field {unknown[0]!r}; the fields are text, image, audio (base64), sample_rate, voice"
         )
-    sample: dict[str, Any] = {}
+    sample: dict[str, object] = {}
     text = payload.get("text")
     if text is not None:
         if not isinstance(text, str):
@@ -131,7 +133,7 @@ def sample_from_json(payload: Any, where: str = "") -> dict:
     return sample
 
 
-def samples_from_batch_json(payload: Any, max_samples: int) -> list[Any]:
+def samples_from_batch_json(payload: object, max_samples: int) -> list[object]:
     """The raw sample objects of a /v1/predict_batch body {"samples": [...]} (each parsed on its own later)."""
     if not isinstance(payload, dict) or not isinstance(payload.get("samples"), list):
         raise InputError('send a JSON object {"samples": [{...}, ...]}')
@@ -156,7 +158,7 @@ def error_json(error: BaseException) -> dict:
 INTERNAL_ERROR = {"error": "internal error; see the server log", "type": "InternalError"}
 
 
-def authorize(api_key: str | None, headers: Any) -> None:
+def authorize(api_key: str | None, headers: Mapping[str, str]) -> None:
     """Raise Unauthorized unless `headers` carry `Authorization: Bearer <api_key>` (or no key is set)."""
     if api_key is None:
         return
@@ -193,7 +195,7 @@ def status_of(error: BaseException) -> int:
     return 500
 
 
-def info_json(pipeline: Any, options: ServeOptions) -> dict:
+def info_json(pipeline: AnyPredictor, options: ServeOptions) -> dict:
     from polysense.version import __version__
 
     audio = pipeline.description.preprocessing.audio
@@ -212,16 +214,16 @@ def info_json(pipeline: Any, options: ServeOptions) -> dict:
     }
 
 
-def warm_up(pipeline: Any) -> float:
+def warm_up(pipeline: AnyPredictor) -> float:
     """Run every encoder and the fusion once on synthetic inputs (first runs allocate and tune); seconds."""
     start = time.perf_counter()
-    sample: dict[str, Any] = {}
+    sample: dict[str, object] = {}
     if "text" in pipeline.modalities:
         sample["text"] = "warm up"
     if "image" in pipeline.modalities:
         sample["image"] = np.full((64, 64, 3), 128, np.uint8)
     if "audio" in pipeline.modalities:
-        rate = pipeline.description.preprocessing.audio.sample_rate
+        rate = pipeline.description.preprocessing.of("audio").sample_rate
         sample["audio"], sample["sample_rate"] = np.zeros(rate, np.float32), rate
     pipeline.predict_batch([sample])
     return time.perf_counter() - start
@@ -237,7 +239,7 @@ class StreamStart:
     voice: VoiceProfile | None = None  # the speaker's profile (bundles trained with --voice-norm)
 
 
-def stream_start_from_json(payload: Any) -> StreamStart:
+def stream_start_from_json(payload: object) -> StreamStart:
     """{"sample_rate": 16000, "format": "s16le" | "f32le", "text": optional str, "voice": optional profile}."""
     if not isinstance(payload, dict):
         raise InputError('start a stream with a JSON object {"sample_rate": 16000, "format": "s16le"}')

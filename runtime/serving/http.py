@@ -18,13 +18,15 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future
-from typing import Any
 
 from polysense.errors import DependencyError, PolysenseError
+from polysense.inference.fusion import Prediction
+from polysense.inference.predictor import AnyPredictor
 
 try:
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
+    from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route, WebSocketRoute
 except ImportError as error:
@@ -50,10 +52,12 @@ from polysense.serving.service import ClientGone, Service
 from polysense.serving.websocket import stream
 
 log = logging.getLogger("polysense.serve")
-Handler = Callable[[Any], Awaitable[Response]]
+Handler = Callable[[Request], Awaitable[Response]]
 
 
-def create_app(pipeline: Any, options: ServeOptions | None = None, warmed_up: bool = False) -> Starlette:
+def create_app(
+    pipeline: AnyPredictor, options: ServeOptions | None = None, warmed_up: bool = False
+) -> Starlette:
     """The ASGI application serving `pipeline` (a polysense.Pipeline or Ensemble): uvicorn runs it
     (polysense.serving.server), and so does every Ray Serve replica (polysense.serving.ray_replica).
     Readiness comes after a warm-up run in the background, or at startup when the caller has `warmed_up`
@@ -93,7 +97,7 @@ def _failure(error: BaseException) -> Response:
 def _endpoint(name: str, handler: Handler, protected: bool = True) -> Handler:
     """The handler with authorization, errors as JSON answers (never a traceback), and metrics."""
 
-    async def run(request: Any) -> Response:
+    async def run(request: Request) -> Response:
         service: Service = request.app.state.service
         start = time.perf_counter()
         error_type = None
@@ -115,7 +119,7 @@ def _endpoint(name: str, handler: Handler, protected: bool = True) -> Handler:
     return run
 
 
-async def _predict(request: Any) -> Response:
+async def _predict(request: Request) -> Response:
     service: Service = request.app.state.service
     sample = await read_sample(request, service.bodies, service.in_thread)  # admitted already (admission.py)
     if "image" in sample or "audio" in sample:
@@ -126,7 +130,7 @@ async def _predict(request: Any) -> Response:
     return JSONResponse(prediction_json(prediction))
 
 
-async def _predict_batch(request: Any) -> Response:
+async def _predict_batch(request: Request) -> Response:
     service: Service = request.app.state.service
     if content_type(request) != "application/json":
         raise UnsupportedMediaType('predict_batch reads application/json {"samples": [...]}')
@@ -136,8 +140,8 @@ async def _predict_batch(request: Any) -> Response:
     )
     async with service.admit(len(raw) - 1):  # the request itself holds one place already (admission)
 
-        def submit_all() -> list[Future | PolysenseError]:
-            submitted: list[Future | PolysenseError] = []
+        def submit_all() -> list[Future[Prediction] | PolysenseError]:
+            submitted: list[Future[Prediction] | PolysenseError] = []
             for index, item in enumerate(raw):
                 try:
                     submitted.append(service.batcher.submit(sample_from_json(item, f"sample {index}: ")))
@@ -158,7 +162,9 @@ async def _predict_batch(request: Any) -> Response:
     return JSONResponse({"predictions": answers})
 
 
-async def _answer_one(service: Service, item: Any, request: Any, deadline: float) -> dict:
+async def _answer_one(
+    service: Service, item: Future[Prediction] | PolysenseError, request: Request, deadline: float
+) -> dict:
     """One sample's answer in a predict_batch: its prediction, or its error (never its batch mates')."""
     try:
         if isinstance(item, PolysenseError):
@@ -173,21 +179,21 @@ async def _answer_one(service: Service, item: Any, request: Any, deadline: float
         return INTERNAL_ERROR
 
 
-async def _info(request: Any) -> Response:
+async def _info(request: Request) -> Response:
     service: Service = request.app.state.service
     return JSONResponse(info_json(service.pipeline, service.options))
 
 
-async def _healthz(request: Any) -> Response:
+async def _healthz(request: Request) -> Response:
     return JSONResponse({"status": "alive"})
 
 
-async def _readyz(request: Any) -> Response:
+async def _readyz(request: Request) -> Response:
     if request.app.state.service.ready.is_set():
         return JSONResponse({"status": "ready"})
     return JSONResponse({"status": "warming up"}, 503, headers={"Retry-After": "1"})
 
 
-async def _metrics(request: Any) -> Response:
+async def _metrics(request: Request) -> Response:
     body, kind = request.app.state.service.metrics.exposition()
     return Response(body, headers={"Content-Type": kind})

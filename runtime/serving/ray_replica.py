@@ -14,21 +14,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from polysense.errors import ConfigError
 from polysense.serving.handler import ServeOptions, warm_up
 
+if TYPE_CHECKING:  # the app this builds imports Starlette, in the replica (polysense.serving.http)
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 log = logging.getLogger("polysense.serve")
 REPLICA_HEADER = "X-Polysense-Replica"
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class ReplicaApp:
@@ -57,7 +53,7 @@ class ReplicaApp:
         ServeOptions(**self.options)  # a bad option fails where the deployment is built, not in every replica
         self._app: ASGIApp | None = None
 
-    def __getstate__(self) -> dict[str, Any]:
+    def __getstate__(self) -> dict[str, object]:
         return {**self.__dict__, "_app": None}  # what a replica built stays in that replica
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

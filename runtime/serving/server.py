@@ -6,9 +6,9 @@ import ipaddress
 import logging
 import signal
 import threading
-from typing import Any
 
 from polysense.errors import DependencyError
+from polysense.inference.predictor import AnyPredictor
 from polysense.serving.handler import ServeOptions
 
 log = logging.getLogger("polysense.serve")
@@ -19,7 +19,7 @@ GRACEFUL_SHUTDOWN_S = 8
 
 
 def serve(
-    pipeline: Any,
+    pipeline: AnyPredictor,
     options: ServeOptions | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,

@@ -7,17 +7,25 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from polysense.errors import OverloadedError, RequestTimeoutError
+from polysense.inference.fusion import Prediction
+from polysense.inference.predictor import AnyPredictor
 from polysense.serving.batcher import DynamicBatcher
 from polysense.serving.bodies import BodyBudget
 from polysense.serving.handler import ServeOptions, authorize, warm_up
 from polysense.serving.metrics import ServerMetrics
 from polysense.serving.streams import StreamEncoder
 
+if TYPE_CHECKING:  # Starlette and anyio are imported by the app that uses a Service, not here
+    from anyio import CapacityLimiter
+    from starlette.requests import Request
+
 log = logging.getLogger("polysense.serve")
+T = TypeVar("T")
 
 
 class ClientGone(Exception):
@@ -27,7 +35,7 @@ class ClientGone(Exception):
 class Service:
     """The state one server shares between requests: the pipeline, its batchers, metrics and readiness."""
 
-    def __init__(self, pipeline: Any, options: ServeOptions) -> None:
+    def __init__(self, pipeline: AnyPredictor, options: ServeOptions) -> None:
         self.pipeline = pipeline
         self.options = options
         self.metrics = ServerMetrics(queue_depth=lambda: self.batcher.queue_depth)
@@ -43,7 +51,7 @@ class Service:
         # Preparation (decoding photos, resampling audio) runs on at most this many threads, so the memory of
         # decoding is bounded by it, not by the number of requests waiting.
         self.prepare_threads = max(2, os.cpu_count() or 2)
-        self._limiter: Any = None
+        self._limiter: CapacityLimiter | None = None
 
     def warm_up_in_background(self) -> None:
         def run() -> None:
@@ -71,14 +79,14 @@ class Service:
             "" if not unanswered else f", {unanswered} NOT answered",
         )
 
-    async def in_thread(self, function: Callable, *args: Any) -> Any:
+    async def in_thread(self, function: Callable[..., T], *args: object) -> T:
         import anyio
 
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(self.prepare_threads)
         return await anyio.to_thread.run_sync(function, *args, limiter=self._limiter)
 
-    def authorize(self, headers: Any) -> None:
+    def authorize(self, headers: Mapping[str, str]) -> None:
         authorize(self.options.api_key, headers)
 
     def refusal(self, count: int = 1) -> OverloadedError | None:
@@ -103,14 +111,17 @@ class Service:
         finally:
             self.inflight -= count
 
-    async def answer(self, future: Any, request: Any, timeout: float | None = None) -> Any:
+    async def answer(
+        self, future: Future[Prediction], request: Request, timeout: float | None = None
+    ) -> Prediction:
         """The batcher's result for `future`, or ClientGone / RequestTimeoutError; a request given up on is
         cancelled, so the batcher drops it before it reaches the model."""
         answer = asyncio.wrap_future(future)
         gone = asyncio.ensure_future(_disconnected(request))
+        racing: set[asyncio.Future[Any]] = {answer, gone}  # a Prediction and None
         try:
             done, _ = await asyncio.wait(
-                {answer, gone},
+                racing,
                 timeout=self.options.timeout_s if timeout is None else timeout,
                 return_when=asyncio.FIRST_COMPLETED,
             )
@@ -126,6 +137,6 @@ class Service:
         )
 
 
-async def _disconnected(request: Any) -> None:
+async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass

@@ -1,10 +1,10 @@
 """Live audio streams encoded together: many streams' new frames in one encoder run.
 
-Each stream is made with `Pipeline.audio_stream(encode=False)`: its owner feeds chunks on its own thread
-(resampling and log-mel happen there), then asks the StreamEncoder to encode the new frames. One worker thread
-takes every stream waiting at that moment and runs them through the audio encoder together
-(`polysense.inference.streaming.encode_streams`: one call per group of equal frame count, states stacked), so a hundred
-live connections cost a few encoder calls per chunk period, not a hundred.
+Each stream is made with `Pipeline.audio_stream(encode=False)` (or an Ensemble's): its owner feeds chunks on its
+own thread (resampling and log-mel happen there), then asks the StreamEncoder to encode the new frames. One worker
+thread takes every stream waiting at that moment and runs them through the audio encoder together
+(`polysense.inference.streaming.encode_streams`: one call per group of equal frame count, states stacked), so a
+hundred live connections cost a few encoder calls per chunk period, not a hundred.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import threading
 from concurrent.futures import Future
 
 from polysense.errors import OverloadedError
-from polysense.inference.streaming import AudioStream, encode_streams
+from polysense.inference.predictor import LiveAudioStream
+from polysense.inference.streaming import encode_streams
 
 
 class StreamEncoder:
@@ -23,16 +24,16 @@ class StreamEncoder:
         self.max_queue = max_queue
         self.batches = 0
         self.streams_encoded = 0
-        self._waiting: list[tuple[AudioStream, Future]] = []
+        self._waiting: list[tuple[LiveAudioStream, Future[None]]] = []
         self._closed = False
         self._condition = threading.Condition()
         self._worker = threading.Thread(target=self._serve, name="polysense-streams", daemon=True)
         self._worker.start()
 
-    def encode(self, stream: AudioStream) -> Future:
-        """Queue the stream's pending frames; the Future completes (result None) once they are encoded.
-        Do not touch the stream until then."""
-        future: Future = Future()
+    def encode(self, stream: LiveAudioStream) -> Future[None]:
+        """Queue the pending frames of a stream that `audio_stream(encode=False)` made (a Pipeline's or an
+        Ensemble's); the Future completes once they are encoded. Do not touch the stream until then."""
+        future: Future[None] = Future()
         with self._condition:
             if self._closed:
                 raise OverloadedError("the server is shutting down; no new audio is encoded")

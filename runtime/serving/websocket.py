@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from polysense.errors import InputError, PolysenseError
+from polysense.inference.predictor import LiveAudioStream
 from polysense.serving.handler import (
     PayloadTooLarge,
     Unauthorized,
@@ -116,6 +116,6 @@ async def _run(websocket: WebSocket, service: Service, encoder: StreamEncoder) -
     await websocket.close(1000)
 
 
-async def _result(service: Service, audio: Any, kind: str, seconds: float) -> dict:
+async def _result(service: Service, audio: LiveAudioStream, kind: str, seconds: float) -> dict:
     prediction = await service.in_thread(audio.result)
     return {"type": kind, "audio_seconds": seconds, **prediction_json(prediction)}
