@@ -26,6 +26,16 @@ def test_bench_checks_its_output_paths_before_running(flag, value, capsys):
     assert err.startswith("error: ") and "does not exist" in err and err.count("\n") == 1
 
 
+def test_stream_with_several_bundles_is_one_error_line_naming_the_fix(capsys):
+    assert main(["stream", "one", "two", "--audio", "x.wav"]) == 2  # refused before a bundle is opened
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: stream takes one bundle, got 2; stream with one of them")
+        and err.count("\n") == 1
+    )
+    assert "polysense predict one two --audio FILE" in err and "polysense serve one two" in err
+
+
 @pytest.mark.parametrize(
     "chunk_ms, rate, message", [(float("nan"), 16000, "--chunk-ms"), (100.0, 0, "sample rate")]
 )

@@ -6,12 +6,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from polysense.bundle.schema import PRECISIONS
 from polysense.errors import ConfigError
 from polysense.inference.sessions import DEVICES
 from polysense.modalities import MODALITIES, SPECS
 from polysense.tools.manifest import SPLITS
+
+if TYPE_CHECKING:  # each command loads the inference code when it runs, not when the parser is built
+    from polysense.inference.pipeline import Pipeline
+    from polysense.inference.predictor import AnyPredictor
 
 
 class _Once(argparse.Action):
@@ -63,17 +68,24 @@ def non_negative(text: str) -> int:
     return value
 
 
-def load_model(args: argparse.Namespace):
+def load_model(args: argparse.Namespace) -> AnyPredictor:
     """The Pipeline (or, for several bundles, the Ensemble) the runtime commands' common flags describe."""
     from polysense.inference.ensemble.ensemble import Ensemble
+
+    if isinstance(args.bundle, str):
+        return load_pipeline(args, args.bundle)
+    if len(args.bundle) == 1:
+        return load_pipeline(args, args.bundle[0])
+    return Ensemble.load(
+        args.bundle, device=args.device, precision=args.precision, intra_op_threads=args.threads
+    )
+
+
+def load_pipeline(args: argparse.Namespace, bundle: str) -> Pipeline:
+    """One bundle's Pipeline, loaded as the runtime commands' common flags say."""
     from polysense.inference.pipeline import Pipeline
 
-    options = dict(device=args.device, precision=args.precision, intra_op_threads=args.threads)
-    if isinstance(args.bundle, str):
-        return Pipeline.load(args.bundle, **options)
-    if len(args.bundle) == 1:
-        return Pipeline.load(args.bundle[0], **options)
-    return Ensemble.load(args.bundle, **options)
+    return Pipeline.load(bundle, device=args.device, precision=args.precision, intra_op_threads=args.threads)
 
 
 def _named(args: argparse.Namespace) -> str:
@@ -183,6 +195,8 @@ def add_stream(commands: argparse._SubParsersAction) -> None:
         "one JSON object per line",
         ensemble=False,
     )
+    # Only to refuse them with a message that says what to do (argparse would say "unrecognized arguments").
+    stream.add_argument("more_bundles", nargs="*", help=argparse.SUPPRESS)
     stream.add_argument("--audio", help="audio file, or - for raw 16-bit little-endian mono PCM on stdin")
     stream.add_argument("--video", help="video file (or camera index / URL) sampled at --fps")
     stream.add_argument("--text", help="text fused with the stream")
@@ -196,8 +210,15 @@ def add_stream(commands: argparse._SubParsersAction) -> None:
 def _run_stream(args: argparse.Namespace) -> int:
     from polysense.tools.timeline import stream_timeline
 
+    if args.more_bundles:  # the timeline fuses one bundle's video stream, text and audio (tools/timeline.py)
+        bundles = " ".join([args.bundle, *args.more_bundles])
+        raise ConfigError(
+            f"stream takes one bundle, got {1 + len(args.more_bundles)}; stream with one of them. An ensemble "
+            f"predicts a whole recording (polysense predict {bundles} --audio FILE) or live audio over WebSocket "
+            f"(polysense serve {bundles}, then /v1/stream)"
+        )
     voice = _voice(args)
-    pipeline = load_model(args)
+    pipeline = load_pipeline(args, args.bundle)
     video = int(args.video) if args.video is not None and args.video.isdigit() else args.video
     events = stream_timeline(
         pipeline, args.audio, video, args.text, args.chunk_ms, args.sample_rate, args.fps, voice=voice
