@@ -3,6 +3,8 @@ metadata), one parser tree, and the commands without torch."""
 
 import argparse
 import dataclasses
+import subprocess
+import sys
 import types
 import typing
 
@@ -59,7 +61,6 @@ OPTION_COMMANDS = {
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 @pytest.mark.parametrize("command", sorted(OPTION_COMMANDS))
 def test_every_option_has_help_in_its_field_metadata_and_a_flag_named_after_it(train_cli, command):
     """The contract a documentation generator relies on: every field of an options dataclass that becomes
@@ -81,7 +82,6 @@ def test_every_option_has_help_in_its_field_metadata_and_a_flag_named_after_it(t
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_no_optional_flags_give_the_dataclass_defaults(train_cli):
     from polysense.models.training.options import TrainOptions
 
@@ -90,7 +90,6 @@ def test_no_optional_flags_give_the_dataclass_defaults(train_cli):
     assert args.resume is False
 
 
-@pytest.mark.slow
 @pytest.mark.slow
 def test_todays_flag_names_are_kept(train_cli):
     flags = {s for a in train_cli.build_train_parser()._actions for s in a.option_strings}
@@ -137,7 +136,6 @@ def _non_default(name: str) -> tuple[list[str], object]:
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 @pytest.mark.parametrize("name", _option_names())
 def test_a_value_on_the_command_line_reaches_the_options(train_cli, name):
     extra, expected = _non_default(name)
@@ -146,7 +144,6 @@ def test_a_value_on_the_command_line_reaches_the_options(train_cli, name):
     assert getattr(options, name) == expected
 
 
-@pytest.mark.slow
 @pytest.mark.slow
 def test_bad_values_are_refused_by_argparse(train_cli, capsys):
     parser = train_cli.build_train_parser()
@@ -157,7 +154,6 @@ def test_bad_values_are_refused_by_argparse(train_cli, capsys):
         assert bad[0] in capsys.readouterr().err
 
 
-@pytest.mark.slow
 @pytest.mark.slow
 def test_a_field_without_help_is_caught(flags):
     add_arguments, option, undocumented_fields = flags.add_arguments, flags.option, flags.undocumented_fields
@@ -174,7 +170,6 @@ def test_a_field_without_help_is_caught(flags):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_a_bool_that_defaults_to_true_needs_a_no_flag(flags):
     add_arguments, option = flags.add_arguments, flags.option
 
@@ -186,7 +181,6 @@ def test_a_bool_that_defaults_to_true_needs_a_no_flag(flags):
         add_arguments(argparse.ArgumentParser(), Switch)
 
 
-@pytest.mark.slow
 @pytest.mark.slow
 def test_flags_need_no_source_code(flags):
     """Help comes from field metadata, not from the source: a class made at run time (no source) works."""
@@ -207,7 +201,6 @@ def test_flags_need_no_source_code(flags):
     assert "--ratio RATIO  a share; default: decided later\n" in parser.format_help().replace("\n   ", "")
 
 
-@pytest.mark.slow
 @pytest.mark.slow
 def test_given_flags_are_noted_and_give_back_the_same_arguments(flags):
     option, given = flags.option, flags.given_options
@@ -232,7 +225,6 @@ def test_given_flags_are_noted_and_give_back_the_same_arguments(flags):
     assert given(parser.parse_args(["--name", "y"])) == {"name"}
 
 
-@pytest.mark.slow
 @pytest.mark.slow
 def test_polysense_train_help_lists_the_generated_flags(train_cli, capsys):
     from polysense.cli.main import main
@@ -295,7 +287,6 @@ def test_training_commands_without_torch_name_the_install_command(argv):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_the_train_and_export_commands_are_one_tree_with_the_rest(train_cli, capsys):
     """Their sub-parsers are those of `polysense`: defined on first use, formatted like any other, and their
     errors name the command."""
@@ -316,7 +307,6 @@ def test_the_train_and_export_commands_are_one_tree_with_the_rest(train_cli, cap
     assert stop.value.code == 0 and capsys.readouterr().out.startswith("usage: polysense train")
 
 
-@pytest.mark.slow
 @pytest.mark.slow
 def test_nproc_starts_the_processes_with_the_flags_given(train_cli, monkeypatch, tmp_path):
     """`polysense train --nproc N` starts `polysense train` again under torchrun: with the options given on
@@ -361,9 +351,27 @@ def test_nproc_starts_the_processes_with_the_flags_given(train_cli, monkeypatch,
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_nproc_must_be_positive(train_cli, capsys):
     from polysense.cli.main import main
 
     assert main(["train", "--data", "x", "--out", "y", "--nproc", "0"]) == 2
     assert capsys.readouterr().err == "error: --nproc must be at least 1, got 0\n"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["predict", "--help"], ["info", "--help"]])
+def test_help_and_runtime_commands_load_no_training_code(argv):
+    """The train and export sub-parsers are in the tree, but their flags (and torch) load only when used."""
+    code = f"""
+import sys
+from polysense.cli.main import main
+try:
+    main({argv!r})
+except SystemExit as stop:
+    assert stop.code == 0, stop.code
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "onnx") or m.startswith("polysense.models"))
+print("loaded:", heavy, file=sys.stderr)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().endswith("loaded: []")
+    assert result.stdout.startswith("usage: polysense")
