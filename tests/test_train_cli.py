@@ -332,12 +332,8 @@ def test_nproc_starts_the_processes_with_the_flags_given(train_cli, monkeypatch,
     ]
     assert main([*argv, "--from-scratch"]) == 0
     expected = [
-        "--data=builtin",
-        f"--out={out}",
-        "--modalities=text",
-        "--lr=0.01",
-        "--from-scratch",
-        "--no-progress",
+        *("--data", "builtin", "--out", str(out), "--modalities", "text", "--lr", "0.01"),
+        *("--from-scratch", "--no-progress"),
     ]
     assert launched == [(expected, 2)]
     # The processes parse those arguments into the same options, and the same flags count as given.
@@ -347,7 +343,9 @@ def test_nproc_starts_the_processes_with_the_flags_given(train_cli, monkeypatch,
     assert train_cli.options_from_args(there) == train_cli.options_from_args(here)
     assert train_cli.relaunch_arguments(there, {"epochs", "progress"}) == ["--no-progress"]
     there.resume = True
-    assert train_cli.relaunch_arguments(there, {"out"}) == [f"--out={out}", "--resume"]
+    assert train_cli.relaunch_arguments(there, {"out"}) == ["--out", str(out), "--resume"]
+    there.out = "-odd"  # a value that reads as a flag is given with =
+    assert train_cli.relaunch_arguments(there, {"out"}) == ["--out=-odd", "--resume"]
 
 
 @pytest.mark.slow

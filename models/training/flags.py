@@ -91,7 +91,11 @@ def arguments_for(cls: type, values: Mapping[str, typing.Any]) -> list[str]:
             if value != _default(field_):
                 arguments.append(flag_name(field_))
         elif value is not None:
-            arguments.append(f"{flag_name(field_)}={_shown(value)}")
+            shown = _shown(value)
+            # --flag value, as people write it; --flag=value where the value would read as a flag.
+            arguments += (
+                [f"{flag_name(field_)}={shown}"] if shown.startswith("-") else [flag_name(field_), shown]
+            )
     return arguments
 
 
