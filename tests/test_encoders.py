@@ -170,7 +170,7 @@ def test_default_image_cnn_flops_within_budget():
     from polysense.models.encoders.image_cnn import ImageCNN
 
     macs = count_macs(ImageCNN().eval(), torch.zeros(1, 3, 64, 64))
-    assert 2 * macs <= 400e6  # the budget; the README states the measured number
+    assert 2 * macs <= 400e6  # the budget; docs/training.md states the measured number
     assert 2 * macs == pytest.approx(43.8e6, rel=0.01)
 
 

@@ -126,7 +126,7 @@ def test_static_int8_keeps_a_streaming_state_exact(tmp_path):
 def test_tensorflow_same_padding_exports_as_the_convolutions_own_padding(image_size, tmp_path):
     """EfficientNet-Lite's "SAME" padding reaches the graph as constants inside each Conv: no Pad, and no
     shape arithmetic at every call. Traced from the input's shape, it once cost the int8 image encoder half its
-    time (README: Export). Even sizes pad stride-2 convolutions asymmetrically, odd ones do not."""
+    time (docs/export.md). Even sizes pad stride-2 convolutions asymmetrically, odd ones do not."""
     import onnx
 
     from polysense.export.components import encoder_component
@@ -145,7 +145,7 @@ def test_tensorflow_same_padding_exports_as_the_convolutions_own_padding(image_s
 def test_minilm_int8_is_made_from_onnxruntimes_fused_attention_and_its_fp32_graph_stays_standard(tmp_path):
     """MiniLM's fp32 graph is plain ONNX; its int8 variant is quantized from an export where each layer's
     attention is one com.microsoft.Attention node (checked against torch, padding included), as QAttention:
-    12-17 % faster than int8 of the plain graph at 8-32 tokens, same outputs (README: Precision variants)."""
+    12-17 % faster than int8 of the plain graph at 8-32 tokens, same outputs (docs/export.md)."""
     import onnx
     import onnxruntime as ort
 

