@@ -72,7 +72,8 @@ typecheck: $(LINKED)
 
 # The documentation site (docs/, mkdocs.yml) into site/; warnings are errors.
 docs: $(LINKED)
-	$(BIN)/mkdocs build --strict --quiet --site-dir site
+	# NO_MKDOCS_2_WARNING: mkdocs-material prints an end-of-life banner on every build otherwise.
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
 
 # Streaming benchmark on the demo bundle (trains it first if runs/demo/bundle is missing).
 bench-streaming: $(LINKED)
