@@ -3,6 +3,7 @@ cannot unpack anything outside its temporary folder."""
 
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 
 import polysense  # noqa: E402
+from polysense.bundle.archive import _unpack, write_archive  # noqa: E402
 from polysense.cli.main import main  # noqa: E402
 from polysense.errors import BundleError, ConfigError  # noqa: E402
 from polysense.tools.edge import OPERATORS_FILE, make_edge_bundle  # noqa: E402
@@ -144,3 +146,57 @@ def test_edge_cli_writes_the_bundle_and_prints_the_build_command(bundle, tmp_pat
     assert main(["edge", str(bundle), "--out", str(tmp_path / "small"), "--no-probe"]) == 0
     assert not (tmp_path / "small" / "probe.npz").exists()
     assert polysense.Pipeline.load(tmp_path / "small", device="cpu").description.is_edge
+
+
+def _sparse_member(name, unpacked_bytes, data=b"z" * 512):
+    """A GNU sparse member (type 'S', as `tar --sparse` writes it): `data` stored at the end of a file of
+    `unpacked_bytes`, the rest a hole; tarfile cannot write one, so its header is patched by hand."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size = tarfile.GNUTYPE_SPARSE, len(data)
+    header = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    number = lambda n: tarfile.itn(n, 12, tarfile.GNU_FORMAT)  # noqa: E731
+    header[386:410] = number(unpacked_bytes - len(data)) + number(len(data))  # the first (offset, size) entry
+    header[483:495] = number(unpacked_bytes)  # the size it unpacks to
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header[:512])  # the checksum over the patched header
+    return bytes(header) + data.ljust(-(-len(data) // 512) * 512, b"\0")
+
+
+def _bytes_written() -> int:
+    """Bytes this process has passed to write() so far (Linux)."""
+    with open("/proc/self/io") as io_stats:
+        return next(int(line.split()[1]) for line in io_stats if line.startswith("wchar:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="counts bytes written through /proc/self/io")
+def test_a_sparse_member_is_refused_before_its_holes_are_written(bundle, tmp_path):
+    path = tmp_path / "sparse.tar"
+    write_archive(bundle, tmp_path / "plain.tar")
+    unpacked = 256 << 20
+    path.write_bytes(_sparse_member("padding.bin", unpacked) + (tmp_path / "plain.tar").read_bytes())
+    with tarfile.open(path) as archive:  # what tarfile makes of it: a regular, sparse member of 256 MB
+        member = archive.getmember("padding.bin")
+        assert member.isreg() and member.issparse() and member.size == unpacked
+    assert path.stat().st_size < 2 * (tmp_path / "plain.tar").stat().st_size
+    before = _bytes_written()
+    with pytest.raises(BundleError, match="'padding.bin' is a sparse file .*make the archive again"):
+        polysense.Pipeline.load(path, device="cpu")
+    assert _bytes_written() - before < 1 << 20  # 256 MB before: every hole written out as zeros
+
+
+def test_members_declaring_more_than_the_archive_holds_are_refused(tmp_path):
+    path = tmp_path / "lying.tar"
+    info, _ = _file("bundle.json")
+    info.size = 64 << 20  # the header claims 64 MB; the archive holds 1 KB of it
+    path.write_bytes(info.tobuf() + b"{" * 1024)
+    with pytest.raises(BundleError, match="declare 67,108,864 bytes, more than the archive's 1,536"):
+        polysense.Pipeline.load(path, device="cpu")
+
+
+def test_unpacking_stops_at_its_budget_whatever_the_headers_say(tmp_path):
+    path = tmp_path / "one.tar"
+    _tar(path, [_file("bundle.json", b"x" * 5000)])
+    refused = pytest.raises(BundleError, match="unpacks to more bytes than the archive holds")
+    with tarfile.open(path) as archive, refused:
+        _unpack(path, archive, archive.getmember("bundle.json"), tmp_path / "out", budget=4096)
+    assert (tmp_path / "out").stat().st_size == 0  # the 5000-byte block was counted before it was written

@@ -2,8 +2,11 @@
 
 Opening trusts nothing in the archive: every member must be a regular file with a plain name (no folders,
 links, devices, absolute paths or `..`), within a count and a size limit, so no member can land outside the
-temporary folder it is unpacked to or fill the disk. The bundle's own checks (hashes, graphs) follow as for a
-folder. The temporary folder is removed as soon as the Pipeline has read its files.
+temporary folder it is unpacked to. Nor can the archive fill the disk: a sparse member (a few KB in the archive
+that unpack to gigabytes of holes) is refused, and the bytes written while unpacking are counted and bounded by
+the archive's own size on disk (an uncompressed tar stores every byte it unpacks), whatever the headers
+declare. The bundle's own checks (hashes, graphs) follow as for a folder. The temporary folder is removed as
+soon as the Pipeline has read its files.
 """
 
 from __future__ import annotations
@@ -48,18 +51,33 @@ def unpacked(path: str | os.PathLike) -> Iterator[Path]:
         ) from error
     with archive, tempfile.TemporaryDirectory(prefix="polysense-bundle-") as work:
         try:
-            for member in _checked_members(path, archive):
-                source = archive.extractfile(member)
-                assert source is not None  # _checked_members keeps regular files only, which always extract
-                with source, open(Path(work) / member.name, "xb") as target:
-                    while block := source.read(1 << 20):
-                        target.write(block)
+            budget = min(path.stat().st_size, MAX_ARCHIVE_BYTES)  # what unpacking may write, in all
+            for member in _checked_members(path, archive, budget):
+                budget -= _unpack(path, archive, member, Path(work) / member.name, budget)
         except (tarfile.TarError, OSError, EOFError) as error:  # truncated or corrupt
             raise BundleError(f"{path} is damaged ({error}); copy it again or make it again") from error
         yield Path(work)
 
 
-def _checked_members(path: Path, archive: tarfile.TarFile) -> list[tarfile.TarInfo]:
+def _unpack(path: Path, archive: tarfile.TarFile, member: tarfile.TarInfo, target: Path, budget: int) -> int:
+    """Copy `member` to `target`, refused before writing past `budget` bytes; the bytes written."""
+    source = archive.extractfile(member)
+    assert source is not None  # _checked_members keeps regular files only, which always extract
+    written = 0
+    with source, open(target, "xb") as handle:
+        while block := source.read(1 << 20):
+            written += len(block)
+            if written > budget:
+                raise BundleError(
+                    f"{path}: member {member.name!r} unpacks to more bytes than the archive holds; refused "
+                    "(make the archive again with polysense edge --tar)"
+                )
+            handle.write(block)
+    return written
+
+
+def _checked_members(path: Path, archive: tarfile.TarFile, budget: int) -> list[tarfile.TarInfo]:
+    """The members, each checked, before anything is written; `budget`: the bytes they may unpack to in all."""
     members: list[tarfile.TarInfo] = []
     total = 0
     for member in archive:
@@ -71,9 +89,19 @@ def _checked_members(path: Path, archive: tarfile.TarFile) -> list[tarfile.TarIn
             )
         if not PLAIN_NAME.fullmatch(member.name):
             raise BundleError(f"{path}: member name {member.name!r} is not a plain file name; refused")
+        if member.issparse():
+            raise BundleError(
+                f"{path}: member {member.name!r} is a sparse file ({member.size:,} bytes unpacked from far "
+                "fewer); refused: make the archive again with polysense edge --tar (or tar without --sparse)"
+            )
         total += member.size
         if total > MAX_ARCHIVE_BYTES:
             raise BundleError(f"{path}: members over {MAX_ARCHIVE_BYTES >> 30} GB in all; refused")
+        if total > budget:
+            raise BundleError(
+                f"{path}: its members declare {total:,} bytes, more than the archive's {budget:,}; refused "
+                "(a damaged or hostile archive: copy it again or make it again with polysense edge --tar)"
+            )
         if any(m.name == member.name for m in members):
             raise BundleError(f"{path}: member {member.name!r} appears twice; refused")
         members.append(member)
