@@ -88,7 +88,8 @@ def test_stereo_is_averaged_to_mono():
         (np.zeros(10, np.float32), 0, "positive"),
         (np.zeros(10, np.float32), -8000, "positive"),
         (np.zeros(10, np.float32), 8000.5, "whole number"),
-        (b"RIFF....", None, "cannot decode"),
+        (b"RIFF....", None, "not WAV, FLAC or OGG"),
+        (b"RIFF\x04\x00\x00\x00WAVE", None, "cannot decode"),
         (b"", None, "empty"),
     ],
 )

@@ -34,6 +34,12 @@ _READ_BLOCK = (
     1 << 18
 )  # frames decoded at once from a file  # frames whose spectrum is computed at once (~12 MB)
 _MAX_CHANNELS = 32  # more "channels" than this means the array is probably (channels, frames)
+# Encoded audio is decoded only in the formats the docs list, recognised by their first bytes before libsndfile
+# sees them: libsndfile could also open AU, AIFF, MP3, CAF, W64, NIST, VOC and a dozen more, but every extra
+# decoder is attack surface, and a recording to classify comes as one of these three.
+AUDIO_FORMATS = ("WAV", "FLAC", "OGG")
+_DECODED = {"WAV", "WAVEX", "RF64", "FLAC", "OGG"}  # libsndfile's names for them, checked again once open
+_CONVERT = "convert it, e.g. ffmpeg -i INPUT output.flac"
 
 
 def load_audio(
@@ -118,10 +124,38 @@ def check_sample_rate(rate: object) -> int:
     return int(rate)
 
 
+def sniff_audio_format(head: bytes) -> str | None:
+    """WAV, FLAC or OGG from the first bytes of encoded audio (after an ID3 tag, if any), or None."""
+    if head[:3] == b"ID3" and len(head) >= 10:  # ID3v2: 10 bytes, then a size in 7-bit bytes, then the audio
+        tag_size = 10 + sum((byte & 0x7F) << (7 * (3 - i)) for i, byte in enumerate(head[6:10]))
+        return "FLAC" if head[tag_size : tag_size + 4] == b"fLaC" else None
+    if head[:4] in (b"RIFF", b"RIFX", b"RF64") and head[8:12] == b"WAVE":
+        return "WAV"
+    return {b"fLaC": "FLAC", b"OggS": "OGG"}.get(head[:4])
+
+
+def _check_format(file: Path | io.BytesIO, source: str) -> None:
+    if isinstance(file, Path):
+        with file.open("rb") as handle:
+            head = handle.read(12)
+            if head[:3] == b"ID3":
+                head += handle.read(1 << 21)  # tags of up to 2 MB before the FLAC stream
+    else:
+        head = file.getbuffer()[: 1 << 21].tobytes()
+    if sniff_audio_format(head) is None:
+        raise InputError(
+            f"{source}: not {', '.join(AUDIO_FORMATS[:-1])} or {AUDIO_FORMATS[-1]} audio (from its first "
+            f"bytes); only those are decoded: {_CONVERT}"
+        )
+
+
 def _read_encoded(file: Path | io.BytesIO, source: str, limits: Limits) -> tuple[np.ndarray, int]:
     soundfile = require("soundfile")
+    _check_format(file, source)
     try:
         with soundfile.SoundFile(file) as handle:
+            if handle.format not in _DECODED:  # what libsndfile recognised must be what the first bytes said
+                raise InputError(f"{source}: {handle.format} audio is not decoded; {_CONVERT}")
             rate = check_sample_rate(handle.samplerate)
             _check_size(handle.frames, handle.channels, rate, limits, source)
             # At most the frames the header declares (checked above), however long the data really is; mixed

@@ -6,6 +6,8 @@ Training (the torch Dataset) and serving call this same code, so they cannot dri
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +22,11 @@ ImageInput = str | os.PathLike | bytes | bytearray | memoryview | np.ndarray
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The longest side an image keeps before it is resized, as a multiple of its shorter side: a longer image is
+# centre-cropped to this aspect ratio first. The resized intermediate is then at most size x (MAX_ASPECT * size)
+# pixels whatever the input's shape (a 65535 x 1 image would otherwise be scaled to 64 x 4,194,240 pixels, +1 GB,
+# to keep its central 64 x 64). Photos, screenshots and panoramas (up to 16:1) are resized exactly as before.
+MAX_ASPECT = 16
 
 
 def decode_image(image: ImageInput, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
@@ -30,7 +37,20 @@ def decode_image(image: ImageInput, limits: Limits = DEFAULT_LIMITS) -> np.ndarr
     """
     cv2 = require("cv2")
     pixels, is_bgr = _decode(image, limits)
-    return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB) if is_bgr else pixels
+    if not is_bgr:
+        return pixels
+    with _opencv("image"):
+        return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+
+
+@contextmanager
+def _opencv(source: str) -> Iterator[None]:
+    """OpenCV's failures (an allocation it cannot make, a size it does not support) as an InputError."""
+    cv2 = require("cv2")
+    try:
+        yield
+    except cv2.error as error:
+        raise InputError(f"{source}: OpenCV cannot process it ({str(error).strip()[:200]})") from error
 
 
 def _decode(image: ImageInput, limits: Limits) -> tuple[np.ndarray, bool]:
@@ -46,7 +66,7 @@ def _decode(image: ImageInput, limits: Limits) -> tuple[np.ndarray, bool]:
         limits.check_bytes(len(data), "image bytes")
         return _decode_bytes(data, "image bytes", limits), True
     if isinstance(image, np.ndarray):
-        return _check_array(image), False
+        return _check_array(image, limits), False
     raise InputError(
         f"unsupported image input of type {type(image).__name__}; pass a path, encoded bytes "
         "or an HxWxC uint8 RGB array"
@@ -63,10 +83,8 @@ def _decode_bytes(data: bytes, source: str, limits: Limits) -> np.ndarray:
         raise limits.refuse(what, "max_image_pixels")
     buffer = np.frombuffer(data, dtype=np.uint8)
     # IMREAD_COLOR applies the EXIF orientation tag (unlike IMREAD_UNCHANGED), so phone photos come out upright.
-    try:
+    with _opencv(source):
         bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
-    except cv2.error as error:
-        raise InputError(f"{source}: OpenCV refused to decode it ({str(error).strip()[:200]})") from error
     if bgr is None:
         raise InputError(f"{source}: cannot decode the {header.format} data (corrupted or truncated)")
     if bgr.shape[0] * bgr.shape[1] > limits.max_image_pixels:  # the header parsed above lied to us
@@ -74,7 +92,7 @@ def _decode_bytes(data: bytes, source: str, limits: Limits) -> np.ndarray:
     return bgr
 
 
-def _check_array(array: np.ndarray) -> np.ndarray:
+def _check_array(array: np.ndarray, limits: Limits) -> np.ndarray:
     if array.dtype != np.uint8:
         raise InputError(
             f"image array has dtype {array.dtype}; pass uint8 RGB values 0-255 "
@@ -88,6 +106,10 @@ def _check_array(array: np.ndarray) -> np.ndarray:
         )
     if array.shape[0] < 1 or array.shape[1] < 1:
         raise InputError(f"image array has shape {array.shape}; height and width must be at least 1")
+    pixels = array.shape[0] * array.shape[1]
+    if pixels > limits.max_image_pixels:  # before the copies below, as for a file before decoding
+        what = f"image array of shape {array.shape} ({pixels:,} pixels)"
+        raise limits.refuse(what, "max_image_pixels")
     if array.shape[2] == 1:
         array = np.repeat(array, 3, axis=2)
     elif array.shape[2] == 4:
@@ -115,9 +137,10 @@ class ImagePreprocessor:
         pixels, is_bgr = _decode(image, self.limits)
         # Resize first, then reorder the channels of the small square: a full-size BGR->RGB copy would double
         # the peak memory of a large photo.
-        square = self.resize_and_crop(pixels)
-        if is_bgr:
-            square = cv2.cvtColor(square, cv2.COLOR_BGR2RGB)
+        with _opencv("image"):
+            square = self.resize_and_crop(pixels)
+            if is_bgr:
+                square = cv2.cvtColor(square, cv2.COLOR_BGR2RGB)
         scale = np.float32(1.0 / 255.0)
         mean = np.asarray(self.mean, dtype=np.float32)
         std = np.asarray(self.std, dtype=np.float32)
@@ -126,6 +149,7 @@ class ImagePreprocessor:
 
     def resize_and_crop(self, rgb: np.ndarray) -> np.ndarray:
         cv2 = require("cv2")
+        rgb = crop_aspect(rgb, MAX_ASPECT)
         height, width = rgb.shape[:2]
         ratio = self.size / min(height, width)
         new_h, new_w = max(self.size, round(height * ratio)), max(self.size, round(width * ratio))
@@ -135,3 +159,16 @@ class ImagePreprocessor:
             rgb = cv2.resize(rgb, (new_w, new_h), interpolation=interpolation)
         top, left = (new_h - self.size) // 2, (new_w - self.size) // 2
         return rgb[top : top + self.size, left : left + self.size]
+
+
+def crop_aspect(pixels: np.ndarray, max_aspect: int) -> np.ndarray:
+    """The centre of `pixels` whose longer side is at most `max_aspect` times its shorter one (a view, no copy)."""
+    height, width = pixels.shape[:2]
+    longest = min(height, width) * max_aspect
+    if height > longest:
+        top = (height - longest) // 2
+        pixels = pixels[top : top + longest]
+    if width > longest:
+        left = (width - longest) // 2
+        pixels = pixels[:, left : left + longest]
+    return pixels
