@@ -221,6 +221,68 @@ def test_a_full_server_answers_503_with_retry_after_at_once(client):
     assert "max_queue" in answer.json()["error"]
 
 
+def test_a_caller_without_the_key_gets_401_before_any_queue_state(pipe):
+    client = _client(pipe, api_key=KEY)
+    service = client.app.state.service
+    service.inflight = service.options.max_queue  # as if max_queue requests were in flight
+    try:
+        for path in ("/v1/predict", "/v1/predict_batch"):
+            answer = client.post(path, json={"text": "no key"})
+            assert answer.status_code == 401 and answer.headers["www-authenticate"] == "Bearer"
+            assert "retry-after" not in answer.headers and "max_queue" not in answer.text
+            assert answer.json()["type"] == "Unauthorized"
+        answer = client.post("/v1/predict", json={"text": "a"}, headers={"Authorization": f"Bearer {KEY}"})
+        assert answer.status_code == 503  # with the key: the queue's state
+    finally:
+        service.inflight = 0
+        client.__exit__(None, None, None)
+
+
+def test_unknown_paths_and_wrong_methods_are_answered_in_json(client):
+    answer = client.get("/v1/nothing-here")
+    assert answer.status_code == 404 and answer.headers["content-type"] == "application/json"
+    assert answer.json()["type"] == "NotFound" and "/v1/nothing-here" in answer.json()["error"]
+    answer = client.get("/v1/predict")
+    assert answer.status_code == 405 and answer.json()["type"] == "MethodNotAllowed"
+    assert "POST" in answer.json()["error"] and "POST" in answer.headers["allow"]
+
+
+def _wide_png(width: int) -> bytes:
+    """A real PNG of width x 1 pixels (a few KB): hostile, within max_image_pixels by its count alone."""
+    import cv2
+
+    ok, encoded = cv2.imencode(".png", np.zeros((1, width, 3), np.uint8))
+    assert ok
+    return encoded.tobytes()
+
+
+def test_predict_batch_fails_only_the_sample_whose_decoding_raises(client, pipe, row):
+    good = {"text": row.text, "image": _b64(row.image)}
+    hostile = {"text": row.text, "image": base64.b64encode(_wide_png(1_000_000)).decode()}
+    answer = client.post("/v1/predict_batch", json={"samples": [good, hostile, good]})
+    assert answer.status_code == 200
+    first, bad, last = answer.json()["predictions"]
+    expected = pipe.predict(image=row.image, text=row.text)
+    _assert_same(first, expected)
+    _assert_same(last, expected)
+    # whatever the library makes of it (an InputError, or a prediction once it crops before upscaling), the
+    # hostile sample answers for itself only
+    assert "error" in bad or "label" in bad
+
+
+def test_multipart_files_are_held_in_memory_never_spooled_to_disk(client, pipe, monkeypatch):
+    import tempfile
+
+    def no_disk(*args, **kwargs):
+        raise AssertionError("a multipart part was spooled to a temporary file")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", no_disk)  # what a SpooledTemporaryFile rolls over into
+    text = "a calm square " * 150_000  # 2.1 MB: over the 1 MB python-multipart spools by default
+    answer = client.post("/v1/predict", files={"text": ("text.txt", text.encode())})
+    assert answer.status_code == 200, answer.text
+    _assert_same(answer.json(), pipe.predict(text=text))
+
+
 def test_websocket_stream_final_equals_offline_prediction(client, pipe, row):
     samples, rate = soundfile.read(row.audio, dtype="int16")
     with client.websocket_connect("/v1/stream") as ws:

@@ -1,6 +1,7 @@
 """Admission before anything else: under overload, refusing must cost less than serving.
 
-A plain ASGI middleware (no Request object, no routing, no body read) answers prediction requests beyond
+A plain ASGI middleware (no Request object, no routing, no body read) answers prediction requests without the
+API key with 401 first (a caller without the key learns nothing, not even the queue's state), then those beyond
 max_queue in flight with 503 and Retry-After. Everything a refused request costs the server is uvicorn's parse
 of its head and two small messages back.
 """
@@ -11,8 +12,8 @@ import json
 import time
 from typing import TYPE_CHECKING
 
-from polysense.errors import OverloadedError
-from polysense.serving.handler import error_json
+from polysense.errors import PolysenseError
+from polysense.serving.handler import Unauthorized, failure_answer
 
 if (
     TYPE_CHECKING
@@ -36,12 +37,17 @@ class Admission:
             await self.app(scope, receive, send)
             return
         service = self.service
-        refusal = service.refusal()
+        start = time.perf_counter()
+        refusal: PolysenseError | None = None
+        try:
+            service.authorize(_headers(scope))
+        except Unauthorized as error:
+            refusal = error
+        refusal = refusal or service.refusal()
         if refusal is not None:
-            start = time.perf_counter()
-            await _refuse(send, refusal)
+            status = await _refuse(send, refusal)
             name = scope["path"].rsplit("/", 1)[-1]
-            service.metrics.observe(name, 503, time.perf_counter() - start, type(refusal).__name__)
+            service.metrics.observe(name, status, time.perf_counter() - start, type(refusal).__name__)
             return
         service.inflight += 1
         service.accepted += 1
@@ -52,12 +58,20 @@ class Admission:
             service.inflight -= 1
 
 
-async def _refuse(send: Send, error: OverloadedError) -> None:
-    body = json.dumps(error_json(error)).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"retry-after", str(max(1, round(error.retry_after_s))).encode()),
-    ]
-    await send({"type": "http.response.start", "status": 503, "headers": headers})
+def _headers(scope: Scope) -> dict[str, str]:
+    """The request's headers by lower-case name (the one Authorization header is all that is read)."""
+    return {
+        name.decode("latin-1"): value.decode("latin-1")
+        for name, value in scope["headers"]
+        if name == b"authorization"
+    }
+
+
+async def _refuse(send: Send, error: PolysenseError) -> int:
+    status, answer, extra = failure_answer(error)
+    body = json.dumps(answer).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(name.lower().encode(), value.encode()) for name, value in extra.items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+    return status

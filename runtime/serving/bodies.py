@@ -1,13 +1,23 @@
-"""Reading request bodies within bounds: per request (max_body_bytes) and all requests together (a budget)."""
+"""Reading request bodies within bounds: per request (max_body_bytes), all requests together (a budget), and in
+time (body_timeout_s: a client that sends slowly or not at all releases what it holds). Bodies are held in
+memory, multipart files included: nothing a client sends is written to disk."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from polysense.errors import InputError, OverloadedError
 from polysense.preprocess.voice import MAX_PROFILE_BYTES, VoiceProfile
-from polysense.serving.handler import PayloadTooLarge, UnsupportedMediaType, parse_json, sample_from_json
+from polysense.serving.handler import (
+    BodyTimeout,
+    ClientGone,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    parse_json,
+    sample_from_json,
+)
 
 if TYPE_CHECKING:  # Starlette is imported by the app that uses these (polysense.serving.http), not here
     from starlette.datastructures import UploadFile
@@ -23,9 +33,12 @@ class BodyBudget:
     bytes stay counted until `release(request)`, when its answer has gone: the body, its parse and its decoded
     files live that long."""
 
-    def __init__(self, max_body_bytes: int, budget_bytes: int = BODY_BUDGET_BYTES) -> None:
+    def __init__(
+        self, max_body_bytes: int, budget_bytes: int = BODY_BUDGET_BYTES, timeout_s: float = 30.0
+    ) -> None:
         self.max_body_bytes = max_body_bytes
         self.budget_bytes = budget_bytes
+        self.timeout_s = timeout_s  # from the request's start to its body's last byte
         self.held = 0
 
     def check_declared(self, request: Request) -> None:
@@ -38,25 +51,34 @@ class BodyBudget:
     async def read(self, request: Request) -> bytes:
         """The body, refused at once when over max_body_bytes or when the bodies in flight would pass the budget
         (bytes are counted as they arrive; a lying Content-Length gains nothing)."""
-        self.check_declared(request)
-        chunks = []
-        try:
-            async for chunk in request.stream():
-                self._take(request, len(chunk))
-                chunks.append(chunk)
-        except BaseException:
-            self.release(request)
-            raise
-        return b"".join(chunks)
+        return b"".join([chunk async for chunk in self.stream(request)])
 
-    def reserve_declared(self, request: Request) -> None:
-        """Count a body by its Content-Length before a parser reads it (multipart)."""
+    async def stream(self, request: Request) -> AsyncGenerator[bytes, None]:
+        """The body's chunks, each counted as it arrives; BodyTimeout when the whole body has not arrived within
+        timeout_s, ClientGone when the client hangs up first. What was counted stays counted until `release`."""
+        import anyio
+        from starlette.requests import ClientDisconnect
+
         self.check_declared(request)
+        chunks = request.stream()
+        deadline = time.monotonic() + self.timeout_s
         try:
-            self._take(request, int(request.headers["content-length"]))
-        except BaseException:
-            self.release(request)
-            raise
+            while True:
+                try:
+                    with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+                        chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    return
+                self._take(request, len(chunk))
+                yield chunk
+        except TimeoutError:
+            raise BodyTimeout(
+                f"the body did not arrive within body_timeout_s={self.timeout_s:g} s; send it at once"
+            ) from None
+        except ClientDisconnect:
+            raise ClientGone from None
+        finally:
+            await chunks.aclose()
 
     def _take(self, request: Request, size: int) -> None:
         taken = getattr(request.state, "body_bytes", 0) + size
@@ -97,11 +119,24 @@ async def read_sample(
 async def read_multipart(request: Request, bodies: BodyBudget) -> dict:
     """Fields text and sample_rate, files image and audio (curl -F image=@photo.jpg -F text=...), and voice (a
     profile as `polysense voice` writes it: a file part, -F voice=@profile.json, or the JSON as a field)."""
+    from starlette.formparsers import MultiPartParser
+
+    class InMemoryParser(MultiPartParser):
+        spool_max_size = 0  # file parts are never rolled over to disk: the body budget bounds their memory
+
     if not request.headers.get("content-length", "").isdigit():
         raise InputError("a multipart request needs a Content-Length header")
-    bodies.reserve_declared(request)
+    parser = InMemoryParser(
+        request.headers,
+        bodies.stream(request),
+        max_files=3,
+        max_fields=5,
+        max_part_size=bodies.max_body_bytes,
+    )
     try:
-        form = await request.form(max_files=3, max_fields=5, max_part_size=bodies.max_body_bytes)
+        form = await parser.parse()
+    except (ClientGone, BodyTimeout, PayloadTooLarge, OverloadedError):
+        raise
     except Exception as error:  # python-multipart's and Starlette's own parse errors
         raise InputError(f"the multipart body cannot be read ({error})") from None
     try:

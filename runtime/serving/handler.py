@@ -7,6 +7,7 @@ import base64
 import binascii
 import hmac
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,6 +50,19 @@ class ServeOptions:
     max_batch_samples: int = 64
     max_streams: int = 256
     api_key: str | None = None
+    # Per connection, against slow or silent clients (polysense.serving.connections):
+    header_timeout_s: float = (
+        10.0  # from the connection's first byte (or its last answer) to a request's end of headers
+    )
+    max_header_bytes: int = (
+        64 << 10
+    )  # request line and headers together; beyond: 431 and the connection closed
+    body_timeout_s: float = 30.0  # from a request's start to its body's last byte; beyond: 408
+    idle_timeout_s: float = 5.0  # a kept-alive connection with no request in flight is closed after this
+    max_connections: int = (
+        1024  # open connections at most (WebSocket streams included); beyond: closed at once
+    )
+    ws_start_timeout_s: float = 10.0  # a /v1/stream connection must send its start message within this
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_body_bytes <= 1 << 31:
@@ -57,6 +71,14 @@ class ServeOptions:
             raise ConfigError(f"max_batch_samples must be 1-100000, got {self.max_batch_samples}")
         if not 1 <= self.max_streams <= 100_000:
             raise ConfigError(f"max_streams must be 1-100000, got {self.max_streams}")
+        for name in ("header_timeout_s", "body_timeout_s", "idle_timeout_s", "ws_start_timeout_s"):
+            seconds = getattr(self, name)
+            if not 0 < seconds <= 3600:
+                raise ConfigError(f"{name} must be over 0 and at most 3600 s, got {seconds}")
+        if not 1 << 10 <= self.max_header_bytes <= 16 << 20:
+            raise ConfigError(f"max_header_bytes must be 1 KB-16 MB, got {self.max_header_bytes}")
+        if not 1 <= self.max_connections <= 1_000_000:
+            raise ConfigError(f"max_connections must be 1-1000000, got {self.max_connections}")
         if self.api_key is not None and len(self.api_key) < 16:
             raise ConfigError(
                 "the API key must be at least 16 characters; generate one with `openssl rand -hex 32`"
@@ -83,6 +105,14 @@ class PayloadTooLarge(InputError):
 
 class UnsupportedMediaType(InputError):
     """A request body of a content type the server does not read."""
+
+
+class BodyTimeout(InputError):
+    """A request body that did not arrive within ServeOptions.body_timeout_s."""
+
+
+class ClientGone(Exception):
+    """The caller hung up before its answer was ready (or before its body arrived)."""
 
 
 def parse_json(body: bytes) -> object:
@@ -186,6 +216,8 @@ def status_of(error: BaseException) -> int:
         return 413
     if isinstance(error, UnsupportedMediaType):
         return 415
+    if isinstance(error, BodyTimeout):
+        return 408
     if isinstance(error, InputError):
         return 400
     if isinstance(error, OverloadedError):
@@ -221,7 +253,8 @@ def warm_up(pipeline: AnyPredictor) -> float:
     if "text" in pipeline.modalities:
         sample["text"] = "warm up"
     if "image" in pipeline.modalities:
-        sample["image"] = np.full((64, 64, 3), 128, np.uint8)
+        side = max(1, min(64, math.isqrt(pipeline.limits.max_image_pixels)))  # within the pixel limit
+        sample["image"] = np.full((side, side, 3), 128, np.uint8)
     if "audio" in pipeline.modalities:
         rate = pipeline.description.preprocessing.of("audio").sample_rate
         sample["audio"], sample["sample_rate"] = np.zeros(rate, np.float32), rate

@@ -25,6 +25,7 @@ from polysense.inference.predictor import AnyPredictor
 
 try:
     from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
@@ -38,6 +39,7 @@ from polysense.serving.admission import Admission
 from polysense.serving.bodies import content_type, read_sample
 from polysense.serving.handler import (
     INTERNAL_ERROR,
+    ClientGone,
     ServeOptions,
     UnsupportedMediaType,
     error_json,
@@ -48,7 +50,7 @@ from polysense.serving.handler import (
     sample_from_json,
     samples_from_batch_json,
 )
-from polysense.serving.service import ClientGone, Service
+from polysense.serving.service import Service
 from polysense.serving.websocket import stream
 
 log = logging.getLogger("polysense.serve")
@@ -84,9 +86,25 @@ def create_app(
         Route("/metrics", _endpoint("metrics", _metrics), methods=["GET"]),
         WebSocketRoute("/v1/stream", stream),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(Admission, service=service)])
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=[Middleware(Admission, service=service)],
+        exception_handlers={HTTPException: _http_error},
+    )
     app.state.service = service
     return app
+
+
+async def _http_error(request: Request, error: Exception) -> Response:
+    """Starlette's own refusals (404 no such path, 405 wrong method) as JSON, like every other answer."""
+    assert isinstance(error, HTTPException)
+    kind = {404: "NotFound", 405: "MethodNotAllowed"}.get(error.status_code, "HTTPError")
+    message = {
+        404: f"no such path {request.url.path!r}; the paths are listed in docs/reference/http-api.md",
+        405: f"{request.method} is not allowed on {request.url.path}; use {(error.headers or {}).get('Allow', '')}",
+    }.get(error.status_code, error.detail)
+    return JSONResponse({"error": message, "type": kind}, error.status_code, headers=error.headers)
 
 
 def _failure(error: BaseException) -> Response:
@@ -105,8 +123,9 @@ def _endpoint(name: str, handler: Handler, protected: bool = True) -> Handler:
             if protected:
                 service.authorize(request.headers)
             response = await handler(request)
-        except ClientGone:
+        except ClientGone:  # nothing goes back: no one is listening (499 is for the metrics)
             response, error_type = Response(status_code=499), "ClientGone"
+            log.info("%s: the client hung up before its answer", name)
         except Exception as error:
             response, error_type = _failure(error), type(error).__name__
             if response.status_code == 500:  # the answer says "see the server log": so it must be there
@@ -147,6 +166,9 @@ async def _predict_batch(request: Request) -> Response:
                     submitted.append(service.batcher.submit(sample_from_json(item, f"sample {index}: ")))
                 except PolysenseError as error:
                     submitted.append(error)
+                except Exception as error:  # a decoder's own failure: this sample's answer, not the batch's
+                    log.error("predict_batch: sample %d failed in preparation", index, exc_info=error)
+                    submitted.append(_Internal())
             return submitted
 
         submitted = await service.in_thread(submit_all)
@@ -162,11 +184,17 @@ async def _predict_batch(request: Request) -> Response:
     return JSONResponse({"predictions": answers})
 
 
+class _Internal(PolysenseError):
+    """A sample of a predict_batch that failed for a reason polysense did not raise on purpose (logged)."""
+
+
 async def _answer_one(
     service: Service, item: Future[Prediction] | PolysenseError, request: Request, deadline: float
 ) -> dict:
     """One sample's answer in a predict_batch: its prediction, or its error (never its batch mates')."""
     try:
+        if isinstance(item, _Internal):
+            return INTERNAL_ERROR
         if isinstance(item, PolysenseError):
             raise item
         return prediction_json(await service.answer(item, request, max(0.0, deadline - time.monotonic())))

@@ -16,7 +16,7 @@ from polysense.inference.fusion import Prediction
 from polysense.inference.predictor import AnyPredictor
 from polysense.serving.batcher import DynamicBatcher
 from polysense.serving.bodies import BodyBudget
-from polysense.serving.handler import ServeOptions, authorize, warm_up
+from polysense.serving.handler import ClientGone, ServeOptions, authorize, warm_up
 from polysense.serving.metrics import ServerMetrics
 from polysense.serving.streams import StreamEncoder
 
@@ -26,10 +26,6 @@ if TYPE_CHECKING:  # Starlette and anyio are imported by the app that uses a Ser
 
 log = logging.getLogger("polysense.serve")
 T = TypeVar("T")
-
-
-class ClientGone(Exception):
-    """The caller hung up before its answer was ready."""
 
 
 class Service:
@@ -46,7 +42,7 @@ class Service:
         self.ready = threading.Event()
         self.inflight = 0  # requests admitted and not yet answered (touched on the event loop only)
         self.accepted = self.answered = 0  # prediction requests admitted / answered since the start
-        self.bodies = BodyBudget(options.max_body_bytes)
+        self.bodies = BodyBudget(options.max_body_bytes, timeout_s=options.body_timeout_s)
         self.open_streams = 0
         # Preparation (decoding photos, resampling audio) runs on at most this many threads, so the memory of
         # decoding is bounded by it, not by the number of requests waiting.
