@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from polysense.bundle.schema import DESCRIPTION_FILE, LEGACY_DESCRIPTION_FILE, BundleDescription
+from polysense.bundle.signing import TrustedKeys, verify_description
 from polysense.errors import BundleError, InputError
 
 MAX_DESCRIPTION_BYTES = 4 << 20
@@ -84,8 +85,9 @@ def _inside(folder: Path, name: str) -> Path:
     return resolved
 
 
-def read_description(path: Path) -> BundleDescription:
-    """The typed description in bundle folder `path` (no file checks)."""
+def read_description(path: Path, trusted_keys: TrustedKeys | None = None) -> BundleDescription:
+    """The typed description in bundle folder `path` (no file checks). With `trusted_keys`, its bytes must carry
+    a valid signature (bundle.sig) by one of them; the same bytes are then parsed."""
     description_path = path / DESCRIPTION_FILE
     if not description_path.is_file():
         if (path / LEGACY_DESCRIPTION_FILE).is_file():
@@ -103,8 +105,11 @@ def read_description(path: Path) -> BundleDescription:
             f"{description_path} is {size:,} bytes; a bundle description is a few KB (at most "
             f"{MAX_DESCRIPTION_BYTES:,}): it is not one polysense wrote; {_EXPORT_AGAIN}"
         )
+    raw = description_path.read_bytes()
+    if trusted_keys is not None:
+        verify_description(path, raw, trusted_keys)
     try:
-        data = json.loads(description_path.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise BundleError(f"{description_path} is not valid JSON ({error}); {_EXPORT_AGAIN}") from error
     try:
@@ -125,9 +130,12 @@ def _without_removed_variants(path: Path, description: BundleDescription) -> Bun
     return replace(description, components=components)
 
 
-def open_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
-    """Open a bundle folder: its description, every listed file present inside the folder at its listed size
-    and, with `verify`, its sha256. (Pipeline.load verifies as it reads, each file once: `Bundle.read`.)"""
+def open_bundle(
+    path: str | os.PathLike, verify: bool = True, trusted_keys: TrustedKeys | None = None
+) -> Bundle:
+    """Open a bundle folder: its description (with `trusted_keys`, signed by one of them), every listed file
+    present inside the folder at its listed size and, with `verify`, its sha256. (Pipeline.load verifies as it
+    reads, each file once: `Bundle.read`.)"""
     path = Path(path)
     if not path.exists():
         raise InputError(f"bundle not found: {path}")
@@ -136,7 +144,7 @@ def open_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
     path = path.resolve()
     if (path / DESCRIPTION_FILE).exists():
         _inside(path, DESCRIPTION_FILE)
-    description = _without_removed_variants(path, read_description(path))
+    description = _without_removed_variants(path, read_description(path, trusted_keys))
     sizes = {v.file: v.bytes for c in description.components.values() for v in c.variants.values()}
     for name, _ in description.files():
         size = _inside(path, name).stat().st_size

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from polysense.bundle.slim import KEEP
 
@@ -12,13 +13,21 @@ def add_info(commands: argparse._SubParsersAction) -> None:
     info = commands.add_parser("info", help="describe a bundle")
     info.add_argument("bundle")
     info.add_argument("--json", action="store_true", help="print the whole bundle description (bundle.json)")
+    info.add_argument(
+        "--trusted-key",
+        action="append",
+        metavar="KEY.pub",
+        help="check that the bundle is signed by this public key (repeatable)",
+    )
     info.set_defaults(run=_run_info)
 
 
 def _run_info(args: argparse.Namespace) -> int:
     from polysense.bundle.reader import open_bundle
+    from polysense.bundle.signing import TrustedKeys
 
-    bundle = open_bundle(args.bundle)
+    trusted = TrustedKeys.parse(args.trusted_key) if args.trusted_key else None
+    bundle = open_bundle(args.bundle, trusted_keys=trusted)
     description = bundle.description
     if args.json:
         print(json.dumps(description.to_dict(), indent=2))
@@ -34,6 +43,8 @@ def _run_info(args: argparse.Namespace) -> int:
     fp32 = description.metrics.get("fp32", {})
     if isinstance(fp32, dict) and isinstance(fp32.get("accuracy"), (int, float)):
         print(f"  test accuracy at export: {fp32['accuracy']:.4f}")
+    if trusted is not None:
+        print("  signature: valid, by a trusted key (bundle.sig over bundle.json)")
     return 0
 
 
@@ -49,6 +60,51 @@ def add_bundle(commands: argparse._SubParsersAction) -> None:
     slim.add_argument("bundle", help="bundle folder (changed in place)")
     slim.add_argument("--keep", choices=tuple(KEEP), required=True, help="the device the bundle is for")
     slim.set_defaults(run=_run_slim)
+    sign = actions.add_parser(
+        "sign",
+        help="sign the bundle's description (bundle.json, which holds every file's sha256) with an Ed25519 key",
+        description="Check every file against bundle.json, then write bundle.sig: an Ed25519 signature over "
+        "bundle.json by KEY (from `polysense keygen`). Load it with --trusted-key KEY.pub / trusted_keys=.",
+    )
+    sign.add_argument("bundle", help="bundle folder (bundle.sig is written into it)")
+    sign.add_argument("--key", required=True, help="the private key `polysense keygen --out KEY` wrote")
+    sign.set_defaults(run=_run_sign)
+
+
+def add_keygen(commands: argparse._SubParsersAction) -> None:
+    keygen = commands.add_parser(
+        "keygen",
+        help="make an Ed25519 key pair for signing bundles: KEY (private, mode 0600) and KEY.pub",
+    )
+    keygen.add_argument("--out", required=True, help="the private key file to write (never written over)")
+    keygen.set_defaults(run=_run_keygen)
+
+
+def _run_keygen(args: argparse.Namespace) -> int:
+    from polysense.bundle.signing import TrustedKeys, generate_key
+
+    private, public = generate_key(args.out)
+    (fingerprint,) = TrustedKeys.parse(public).keys
+    print(f"wrote {private} (private: keep it secret; mode 0600) and {public} (public: for --trusted-key)")
+    print(f"key id {fingerprint}")
+    return 0
+
+
+def _run_sign(args: argparse.Namespace) -> int:
+    from polysense.bundle.reader import open_bundle
+    from polysense.bundle.signing import sign_description
+    from polysense.errors import ConfigError
+
+    if Path(args.bundle).is_file():
+        raise ConfigError(
+            f"{args.bundle}: sign a bundle folder (an edge .tar is signed as it is made: polysense edge --key)"
+        )
+    bundle = open_bundle(args.bundle)  # every file checked against bundle.json: never sign a damaged bundle
+    written = sign_description(bundle.path, args.key)
+    print(
+        f"wrote {written}: {bundle.path / 'bundle.json'} and the {len(bundle.description.files())} files it hashes"
+    )
+    return 0
 
 
 def _run_slim(args: argparse.Namespace) -> int:
@@ -83,14 +139,31 @@ def add_edge(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="leave out probe.npz (smaller; the edge bundle then cannot be checked with polysense tune)",
     )
+    edge.add_argument(
+        "--key",
+        help="sign the edge bundle with this private key (`polysense keygen`); required for a signed bundle",
+    )
+    edge.add_argument(
+        "--trusted-key",
+        action="append",
+        metavar="KEY.pub",
+        help="refuse the source bundle unless it is signed by this public key (repeatable)",
+    )
     edge.set_defaults(run=_run_edge)
 
 
 def _run_edge(args: argparse.Namespace) -> int:
+    from polysense.bundle.signing import TrustedKeys
     from polysense.tools.edge import make_edge_bundle
 
     result = make_edge_bundle(
-        args.bundle, args.out, device=args.device, archive=args.tar, probe=not args.no_probe
+        args.bundle,
+        args.out,
+        device=args.device,
+        archive=args.tar,
+        probe=not args.no_probe,
+        key=args.key,
+        trusted_keys=TrustedKeys.parse(args.trusted_key) if args.trusted_key else None,
     )
     kept = ", ".join(f"{name} {precision}" for name, precision in result.precisions.items())
     share = result.bytes / result.source_bytes if result.source_bytes else float("nan")

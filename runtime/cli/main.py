@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from polysense.bundle.schema import PRECISIONS
-from polysense.cli.bundle import add_bundle, add_edge, add_info, add_tune
+from polysense.cli.bundle import add_bundle, add_edge, add_info, add_keygen, add_tune
 from polysense.cli.predict import add_eval, add_predict, add_stream, add_voice, non_negative
 from polysense.cli.serve import add_serve
 from polysense.cli.training import CommandParser, add_demo, add_export, add_train
@@ -151,6 +151,7 @@ def build_parser() -> CommandParser:
     add_eval(commands)
     add_info(commands)
     add_bundle(commands)
+    add_keygen(commands)
     add_edge(commands)
     add_tune(commands)
     add_stream(commands)

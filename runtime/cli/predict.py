@@ -58,7 +58,17 @@ def _bundle_command(
         help="onnxruntime threads per model run (default 0: one per core)",
     )
     command.add_argument("--json", action="store_true", help=json_help)
+    add_trusted_key(command)
     return command
+
+
+def add_trusted_key(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--trusted-key",
+        action="append",
+        metavar="KEY.pub",
+        help="refuse a bundle unless it is signed by this public key (`polysense bundle sign`; repeatable)",
+    )
 
 
 def non_negative(text: str) -> int:
@@ -77,7 +87,11 @@ def load_model(args: argparse.Namespace) -> AnyPredictor:
     if len(args.bundle) == 1:
         return load_pipeline(args, args.bundle[0])
     return Ensemble.load(
-        args.bundle, device=args.device, precision=args.precision, intra_op_threads=args.threads
+        args.bundle,
+        device=args.device,
+        precision=args.precision,
+        intra_op_threads=args.threads,
+        trusted_keys=getattr(args, "trusted_key", None),
     )
 
 
@@ -85,7 +99,13 @@ def load_pipeline(args: argparse.Namespace, bundle: str) -> Pipeline:
     """One bundle's Pipeline, loaded as the runtime commands' common flags say."""
     from polysense.inference.pipeline import Pipeline
 
-    return Pipeline.load(bundle, device=args.device, precision=args.precision, intra_op_threads=args.threads)
+    return Pipeline.load(
+        bundle,
+        device=args.device,
+        precision=args.precision,
+        intra_op_threads=args.threads,
+        trusted_keys=getattr(args, "trusted_key", None),
+    )
 
 
 def _named(args: argparse.Namespace) -> str:

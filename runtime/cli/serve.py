@@ -7,6 +7,7 @@ import math
 import os
 
 from polysense.bundle.schema import PRECISIONS
+from polysense.cli.predict import add_trusted_key
 from polysense.inference.sessions import DEVICES
 from polysense.serving.handler import ServeOptions
 
@@ -67,6 +68,7 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
         help=f"bearer token every /v1 and /metrics request must send (or set {API_KEY_ENV}); at least 16 characters",
     )
     serve.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
+    add_trusted_key(serve)
     _add_ray_options(serve)
     serve.set_defaults(run=_run_serve)
 
@@ -127,6 +129,11 @@ def _run_serve(args: argparse.Namespace) -> int:
     if args.ray or args.write_config:
         if len(args.bundle) > 1:
             raise ConfigError("Ray Serve deploys one bundle; serve an ensemble without --ray/--write-config")
+        if args.trusted_key:
+            raise ConfigError(
+                "--trusted-key is not checked by Ray Serve replicas yet; serve without --ray/--write-config, "
+                "or check the signature before deploying (polysense info BUNDLE --trusted-key KEY.pub)"
+            )
         return _run_ray(args, options, threads_given)
     from polysense.cli.predict import load_model
     from polysense.serving.server import serve

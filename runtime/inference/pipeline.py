@@ -18,6 +18,7 @@ from polysense.bundle.archive import is_archive, unpacked
 from polysense.bundle.graph_check import check_graph
 from polysense.bundle.reader import Bundle, open_bundle
 from polysense.bundle.schema import FUSION, BundleDescription
+from polysense.bundle.signing import KeySource, TrustedKeys
 from polysense.errors import ConfigError, InputError
 from polysense.inference.audio_engine import AudioEngine
 from polysense.inference.fusion import Embeddings, FusionHead, Prediction, Prepared
@@ -96,6 +97,7 @@ class Pipeline:
         precision: str | dict[str, str] = "auto",
         intra_op_threads: int = 0,
         limits: Limits = DEFAULT_LIMITS,
+        trusted_keys: TrustedKeys | KeySource | Sequence[KeySource] | None = None,
     ) -> Pipeline:
         """Open and verify the bundle at `path` (a folder, or the .tar of an edge bundle), create one session per
         component on `device`.
@@ -106,14 +108,17 @@ class Pipeline:
         {component: precision} sets components one by one (the others auto).
         limits: what one input may cost before it is refused (polysense.Limits: image pixels, audio duration,
         sample rates, bytes); raise one when genuine inputs exceed it.
+        trusted_keys: public keys (paths to the KEY.pub `polysense keygen` wrote, or their bytes); given, the
+        bundle must be signed by one of them (`polysense bundle sign`) or it is refused (docs/security.md).
         """
         if not isinstance(limits, Limits):
             raise ConfigError(f"limits must be a polysense.Limits, got {type(limits).__name__}")
+        trusted = None if trusted_keys is None else TrustedKeys.parse(trusted_keys)
         settings = SessionSettings(device=device, intra_op_threads=intra_op_threads)
         if is_archive(path):  # one .tar (polysense edge --tar): unpacked while the sessions read their files
             with unpacked(path) as folder:
-                return cls(open_bundle(folder, verify=False), settings, precision, limits)
-        return cls(open_bundle(path, verify=False), settings, precision, limits)
+                return cls(open_bundle(folder, False, trusted), settings, precision, limits)
+        return cls(open_bundle(path, False, trusted), settings, precision, limits)
 
     # -- read-only properties ------------------------------------------------------------------------------
 

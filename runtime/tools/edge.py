@@ -8,6 +8,10 @@ any CPU, none of the layout changes "all" makes for the exporting machine's vect
 `required_operators.config` names every operator and type the graphs use, for onnxruntime's reduced build;
 its first lines give the build command. `--tar` packs the whole bundle into one file that `Pipeline.load`
 opens directly (polysense.bundle.archive).
+
+Signatures: an edge bundle's bundle.json is new (other files, other hashes), so the source's signature cannot
+cover it; `--key KEY` signs the edge bundle as it is made (and a signed source requires it), `--trusted-key`
+first checks the source's signature.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from polysense.bundle.reader import open_bundle
+from polysense.bundle.reader import Bundle, open_bundle
 from polysense.bundle.schema import DESCRIPTION_FILE, EDGE_SCHEMA_VERSION
+from polysense.bundle.signing import SIGNATURE_FILE, TrustedKeys, load_private_key, sign_description
 from polysense.errors import ConfigError, DependencyError
 from polysense.inference.precision import choose_precisions
 from polysense.inference.sessions import import_onnxruntime
@@ -55,12 +60,16 @@ def make_edge_bundle(
     device: str = "cpu",
     archive: bool = False,
     probe: bool = True,
+    key: str | os.PathLike | None = None,
+    trusted_keys: TrustedKeys | None = None,
 ) -> EdgeResult:
     """Write the edge bundle of `bundle` for `device` (cpu or cuda) to the folder `out` (or `out`.tar); with
-    `probe`, the source's probe.npz too, so `polysense tune` can check the bundle on its device."""
+    `probe`, the source's probe.npz too, so `polysense tune` can check the bundle on its device. `key` signs
+    the edge bundle (see above); `trusted_keys`: the source must be signed by one of them."""
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"--device {device!r}: an edge bundle is made for cpu or cuda")
-    source = open_bundle(bundle)  # verified: never convert a damaged bundle
+    source = open_bundle(bundle, trusted_keys=trusted_keys)  # verified: never convert a damaged bundle
+    _check_signing(source.path, key)
     description = source.description
     if description.is_edge:
         raise ConfigError(f"{bundle} is an edge bundle already; make edge bundles from the full bundle")
@@ -81,11 +90,7 @@ def make_edge_bundle(
             data = _to_ort_format(source.read(variant.file), folder / file, device)
             kept = replace(variant, file=file, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
             components[name] = replace(description.component(name), variants={precision: kept})
-        if description.preprocessing.text is not None:
-            tokenizer = description.preprocessing.text.tokenizer
-            (folder / tokenizer).write_bytes(source.read(tokenizer))
-        if probe and (source.path / PROBE_FILE).is_file():  # so the edge bundle can be tuned on its device
-            shutil.copyfile(source.path / PROBE_FILE, folder / PROBE_FILE)
+        _copy_extras(source, folder, probe)
         producer = {
             **description.producer,
             "edge": {"device": device, "format": "ort", "optimization": OPTIMIZATION[device]},
@@ -96,6 +101,8 @@ def make_edge_bundle(
         (folder / DESCRIPTION_FILE).write_text(json.dumps(edge.to_dict(), indent=2) + "\n", encoding="utf-8")
         models = [folder / components[name].variants[precision].file for name, precision in chosen.items()]
         command = _write_operator_config(folder, models)
+        if key is not None:
+            sign_description(folder, key)
         size = sum(f.stat().st_size for f in folder.iterdir())
         if archive:
             from polysense.bundle.archive import write_archive
@@ -107,6 +114,26 @@ def make_edge_bundle(
                 shutil.move(str(written), target / written.name)
     source_size = sum(f.stat().st_size for f in source.path.iterdir() if f.is_file())
     return EdgeResult(target, dict(chosen), size, source_size, command)
+
+
+def _copy_extras(source: Bundle, folder: Path, probe: bool) -> None:
+    """The tokenizer (checked against its hash) and, with `probe`, probe.npz: so the edge bundle can be tuned."""
+    if source.description.preprocessing.text is not None:
+        tokenizer = source.description.preprocessing.text.tokenizer
+        (folder / tokenizer).write_bytes(source.read(tokenizer))
+    if probe and (source.path / PROBE_FILE).is_file():
+        shutil.copyfile(source.path / PROBE_FILE, folder / PROBE_FILE)
+
+
+def _check_signing(source: Path, key: str | os.PathLike | None) -> None:
+    """A signed source needs `key` to sign its edge bundle; a wrong key fails now, not after the conversion."""
+    if key is not None:
+        load_private_key(Path(key))
+    elif (source / SIGNATURE_FILE).is_file():
+        raise ConfigError(
+            f"{source} is signed ({SIGNATURE_FILE}); its edge bundle has a new bundle.json, which the source's "
+            "signature cannot cover: sign the edge bundle as it is made with --key KEY"
+        )
 
 
 def _to_ort_format(model: bytes, path: Path, device: str) -> bytes:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from polysense.bundle.schema import BundleDescription
+from polysense.bundle.signing import KeySource, TrustedKeys
 from polysense.errors import BundleError, ConfigError, InputError
 from polysense.inference.ensemble.results import (
     EnsembleEmbeddings,
@@ -92,8 +93,10 @@ class Ensemble:
         precision: str | dict[str, str] = "auto",
         intra_op_threads: int = 0,
         limits: Limits = DEFAULT_LIMITS,
+        trusted_keys: TrustedKeys | KeySource | Sequence[KeySource] | None = None,
     ) -> Ensemble:
-        """One Pipeline per bundle path (see Pipeline.load for the options, which every member shares)."""
+        """One Pipeline per bundle path (see Pipeline.load for the options, which every member shares: with
+        `trusted_keys`, every member must be signed by one of them)."""
         if isinstance(paths, (str, bytes, os.PathLike)):
             raise ConfigError("pass a list of bundle paths, one per member of the ensemble, not one path")
         paths = list(paths)
@@ -101,7 +104,8 @@ class Ensemble:
             raise ConfigError("pass a non-empty list of bundle paths, one per member of the ensemble")
         if len(paths) > MAX_MEMBERS:
             raise ConfigError(f"an ensemble takes at most {MAX_MEMBERS} bundles, got {len(paths)}")
-        return cls([Pipeline.load(p, device, precision, intra_op_threads, limits) for p in paths])
+        trusted = None if trusted_keys is None else TrustedKeys.parse(trusted_keys)
+        return cls([Pipeline.load(p, device, precision, intra_op_threads, limits, trusted) for p in paths])
 
     @property
     def members(self) -> tuple[Pipeline, ...]:
