@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 
 import polysense  # noqa: E402
-from polysense.bundle.reader import sha256_file  # noqa: E402
+from polysense.bundle.reader import open_bundle, sha256_file  # noqa: E402
 from polysense.bundle.schema import DESCRIPTION_FILE  # noqa: E402
 from polysense.cli.main import main  # noqa: E402
 from polysense.errors import BundleError  # noqa: E402
@@ -67,7 +67,7 @@ def _edit(path, value):
 EDITS = {
     "a label fewer than the fusion outputs": (
         _edit(("labels",), lambda labels: labels[:-1]),
-        "values per sample but bundle.json needs .*one logit per label",
+        r"output has shape \['batch', 12\], but its 11 labels need \[batch, 11\]: one logit per label",
     ),
     "fusion output size edited to match": (
         lambda d: (
@@ -104,6 +104,72 @@ def test_a_description_that_does_not_match_its_graphs_is_refused(copied_bundle, 
     _rewrite(copied_bundle, description)
     with pytest.raises(BundleError, match=message):
         polysense.Pipeline.load(copied_bundle, precision="fp32")
+
+
+def test_duplicate_labels_are_refused(copied_bundle, capsys):
+    """Eleven names for twelve logits: the probabilities under the repeated name would overwrite each other."""
+    description = _description(copied_bundle)
+    description["labels"][-1] = description["labels"][0]
+    _rewrite(copied_bundle, description)
+    message = f"label '{description['labels'][0]}' is listed 2 times; .*every label must be different"
+    with pytest.raises(BundleError, match=message):
+        polysense.Pipeline.load(copied_bundle, precision="fp32")
+    assert main(["info", str(copied_bundle)]) == 2
+    assert capsys.readouterr().err.count("error:") == 1
+
+
+@pytest.mark.parametrize("shape", [["batch", 11], ["batch", "classes"], ["batch", 1, 12], []])
+def test_a_fusion_output_that_cannot_map_onto_the_labels_is_refused_before_any_graph_is_read(
+    copied_bundle, shape
+):
+    """Checked in the description itself, so `open_bundle` (what `polysense info` and the tools read) refuses
+    it too, not only a Pipeline once it has its sessions."""
+    description = _description(copied_bundle)
+    description["components"]["fusion"]["outputs"][0]["shape"] = shape
+    _rewrite(copied_bundle, description)
+    with pytest.raises(BundleError, match=r"fusion head's output has shape .* need \[batch, 12\]"):
+        open_bundle(copied_bundle)
+
+
+def _logits_cut_to_eleven(onnx, path):
+    """Rewrite the fusion graph at `path` so that it returns 11 logits where its description promises 12, with
+    an output axis of symbolic size: a Slice whose end comes from the data (max(mask) + 10), which no shape
+    inference can fix, so the graph declares [batch, "classes"]."""
+    model = onnx.load(path)
+    graph, helper = model.graph, onnx.helper
+    for node in graph.node:
+        node.output[:] = ["logits_all" if name == "logits" else name for name in node.output]
+    constant = lambda name, values: helper.make_node(  # noqa: E731
+        "Constant", [], [name], value=helper.make_tensor(name, onnx.TensorProto.INT64, [1], values)
+    )
+    graph.node.extend(
+        [
+            constant("one_axis", [1]),
+            constant("start", [0]),
+            constant("ten", [10]),
+            helper.make_node("ReduceMax", ["mask"], ["mask_max"], keepdims=1),
+            helper.make_node("Reshape", ["mask_max", "one_axis"], ["mask_max_1d"]),
+            helper.make_node("Cast", ["mask_max_1d"], ["present"], to=onnx.TensorProto.INT64),
+            helper.make_node("Add", ["present", "ten"], ["end"]),
+            helper.make_node("Slice", ["logits_all", "start", "end", "one_axis"], ["logits"]),
+        ]
+    )
+    graph.output[0].type.tensor_type.shape.dim[1].dim_param = "classes"
+    onnx.save(model, path)
+
+
+@pytest.mark.slow  # rewrites the graph with onnx
+def test_a_fusion_graph_without_a_fixed_number_of_logits_is_refused(copied_bundle, capsys):
+    """The description says [batch, 12] and the graph [batch, "classes"]: only the description's size was
+    compared with the labels, so the graph loaded and answered 11 probabilities under the first 11 of its 12
+    labels, the last one never scored."""
+    onnx = pytest.importorskip("onnx")
+    _logits_cut_to_eleven(onnx, copied_bundle / "fusion.fp32.onnx")
+    _rewrite(
+        copied_bundle, _description(copied_bundle)
+    )  # the hashes vouch for it: only the graph check is left
+    with pytest.raises(BundleError, match="output logits has 'classes' values per sample, not a fixed 12"):
+        polysense.Pipeline.load(copied_bundle, device="cpu", precision="fp32")
 
 
 def test_a_file_linking_outside_the_bundle_is_refused(copied_bundle, tmp_path):

@@ -43,8 +43,20 @@ def check_graph(
                 f"{file}: {tensor.name} has {declared.shape[-1]} values per sample but {DESCRIPTION_FILE} "
                 f"needs {size} ({_why(component, tensor.name)}); {_FIX}"
             )
+    if component.name == FUSION:
+        _check_logits(outputs[0], len(description.labels), file)
     if component.modality in STREAMING and description.streaming is not None:
         _check_state(description.streaming, inputs, file)
+
+
+def _check_logits(logits: TensorSpec, labels: int, file: str) -> None:
+    """The fusion graph itself must fix its last axis at one logit per label: with a symbolic size it could
+    return any number of logits, and probabilities would be read under the wrong labels or dropped."""
+    if logits.shape[-1] != labels:
+        raise BundleError(
+            f"{file}: output {logits.name} has {logits.shape[-1]!r} values per sample, not a fixed {labels} "
+            f"(one logit per label of {DESCRIPTION_FILE}); {_FIX}"
+        )
 
 
 def _same_tensors(expected: Sequence[TensorSpec], found: Sequence[TensorSpec], kind: str, file: str) -> None:

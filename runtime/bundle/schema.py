@@ -12,6 +12,7 @@ manifest* is the user's CSV/JSONL of samples (polysense.tools.manifest), never t
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -292,12 +293,19 @@ class BundleDescription:
         """Cross-field consistency: a component per modality and a fusion head, settings and state present."""
         if not self.labels:
             raise BundleError(f"{DESCRIPTION_FILE} lists no labels")
+        label, count = Counter(self.labels).most_common(1)[0]
+        if count > 1:
+            raise BundleError(
+                f"{DESCRIPTION_FILE}: label {label!r} is listed {count} times; each label names one output of "
+                "the fusion head, so every label must be different"
+            )
         expected = [component_name(m) for m in self.modalities] + [FUSION]
         if sorted(self.components) != sorted(expected):
             raise BundleError(
                 f"{DESCRIPTION_FILE} has components {', '.join(self.components)} but its modalities "
                 f"({', '.join(self.modalities)}) need {', '.join(expected)}"
             )
+        self._check_logits()
         for modality in self.modalities:
             self.preprocessing.of(modality)
         streaming = [m for m in self.modalities if m in STREAMING]
@@ -313,3 +321,14 @@ class BundleDescription:
             missing = [n for t in state for n in (t.name, t.output_name) if n not in names]
             if missing:
                 raise BundleError(f"{DESCRIPTION_FILE}: {component.name} has no state tensor {missing[0]!r}")
+
+    def _check_logits(self) -> None:
+        """The fusion head's first output must be [batch, one logit per label]: the probabilities are read
+        under the labels one to one, in order."""
+        outputs = self.components[FUSION].outputs
+        shape = outputs[0].shape if outputs else ()
+        if len(shape) != 2 or shape[1] != len(self.labels):
+            raise BundleError(
+                f"{DESCRIPTION_FILE}: the fusion head's output has shape {list(shape)}, but its "
+                f"{len(self.labels)} labels need [batch, {len(self.labels)}]: one logit per label"
+            )
