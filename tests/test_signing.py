@@ -17,7 +17,7 @@ pytest.importorskip("cryptography")
 import polysense  # noqa: E402
 from polysense.bundle.signing import SIGNATURE_FILE, generate_key, sign_description  # noqa: E402
 from polysense.cli.main import main  # noqa: E402
-from polysense.errors import BundleError, ConfigError  # noqa: E402
+from polysense.errors import BundleError, ConfigError, DependencyError  # noqa: E402
 from polysense.tools.tune import TUNING_FILE, tune_bundle  # noqa: E402
 
 
@@ -226,3 +226,13 @@ def test_serve_refuses_an_untrusted_bundle_at_startup(signed, keys):
     assert result.returncode == 2
     assert result.stderr.startswith("error:") and "not one of the trusted keys" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_without_cryptography_the_error_names_the_extra(copied_bundle, keys, monkeypatch, capsys):
+    # None in sys.modules is Python's documented way to make an import fail, as on a runtime without the extra.
+    monkeypatch.setitem(sys.modules, "cryptography.hazmat.primitives.asymmetric.ed25519", None)
+    with pytest.raises(DependencyError, match=r"pip install 'polysense\[sign\]'"):
+        _load(copied_bundle, [keys[0][1]])
+    assert main(["keygen", "--out", str(copied_bundle / "k")]) == 2
+    assert "polysense[sign]" in capsys.readouterr().err
+    _load(copied_bundle, None)  # loading without trusted keys never needs it
