@@ -131,10 +131,10 @@ def test_a_fusion_output_that_cannot_map_onto_the_labels_is_refused_before_any_g
         open_bundle(copied_bundle)
 
 
-def _logits_cut_to_eleven(onnx, path):
-    """Rewrite the fusion graph at `path` so that it returns 11 logits where its description promises 12, with
-    an output axis of symbolic size: a Slice whose end comes from the data (max(mask) + 10), which no shape
-    inference can fix, so the graph declares [batch, "classes"]."""
+def _logits_cut_to_eleven(onnx, path, declared="classes"):
+    """Rewrite the fusion graph at `path` so that it returns 11 logits where its description promises 12: a
+    Slice whose end comes from the data (max(mask) + 10), which no shape inference can fix, so the graph
+    declares whatever it likes for that axis: [batch, `declared`]."""
     model = onnx.load(path)
     graph, helper = model.graph, onnx.helper
     for node in graph.node:
@@ -154,7 +154,11 @@ def _logits_cut_to_eleven(onnx, path):
             helper.make_node("Slice", ["logits_all", "start", "end", "one_axis"], ["logits"]),
         ]
     )
-    graph.output[0].type.tensor_type.shape.dim[1].dim_param = "classes"
+    axis = graph.output[0].type.tensor_type.shape.dim[1]
+    if isinstance(declared, int):
+        axis.dim_value = declared
+    else:
+        axis.dim_param = declared
     onnx.save(model, path)
 
 
@@ -170,6 +174,18 @@ def test_a_fusion_graph_without_a_fixed_number_of_logits_is_refused(copied_bundl
     )  # the hashes vouch for it: only the graph check is left
     with pytest.raises(BundleError, match="output logits has 'classes' values per sample, not a fixed 12"):
         polysense.Pipeline.load(copied_bundle, device="cpu", precision="fp32")
+
+
+@pytest.mark.slow  # rewrites the graph with onnx
+def test_a_fusion_graph_returning_other_than_it_declares_is_refused_when_it_does(copied_bundle):
+    """The graph declares [batch, 12] and returns 11 logits (onnxruntime only logs a warning): every load check
+    passes, so the logits' shape is checked at each run, before any probability is named."""
+    onnx = pytest.importorskip("onnx")
+    _logits_cut_to_eleven(onnx, copied_bundle / "fusion.fp32.onnx", declared=12)
+    _rewrite(copied_bundle, _description(copied_bundle))
+    pipe = polysense.Pipeline.load(copied_bundle, device="cpu", precision="fp32")
+    with pytest.raises(BundleError, match=r"logits of shape \(1, 11\), not one per label \(1, 12\)"):
+        pipe.predict(text="a red circle")
 
 
 def test_a_file_linking_outside_the_bundle_is_refused(copied_bundle, tmp_path):

@@ -113,7 +113,14 @@ class FusionHead:
         """[B, C] from per-modality embeddings [B, D] (arrays or device values) and the mask [B, M]."""
         feeds = {self._inputs[m]: vectors[m] for m in self.modalities}
         feeds[self._mask_input] = mask
-        return softmax(to_numpy(self._session.run(feeds)[0]))
+        logits = to_numpy(self._session.run(feeds)[0])
+        if logits.shape != (len(mask), len(self.labels)):  # a graph may declare one size and return another
+            raise BundleError(
+                f"the fusion graph returned logits of shape {logits.shape}, not one per label "
+                f"({len(mask)}, {len(self.labels)}): it is not the graph its description vouches for; export "
+                "the bundle again"
+            )
+        return softmax(logits)
 
     def predictions(
         self,
