@@ -148,7 +148,7 @@ def test_edge_cli_writes_the_bundle_and_prints_the_build_command(bundle, tmp_pat
     assert polysense.Pipeline.load(tmp_path / "small", device="cpu").description.is_edge
 
 
-def _sparse_member(name, unpacked_bytes, data=b"z" * 512):
+def _gnu_sparse_member(name, unpacked_bytes, data=b"z" * 512):
     """A GNU sparse member (type 'S', as `tar --sparse` writes it): `data` stored at the end of a file of
     `unpacked_bytes`, the rest a hole; tarfile cannot write one, so its header is patched by hand."""
     info = tarfile.TarInfo(name)
@@ -162,6 +162,21 @@ def _sparse_member(name, unpacked_bytes, data=b"z" * 512):
     return bytes(header) + data.ljust(-(-len(data) // 512) * 512, b"\0")
 
 
+def _pax_sparse_member(name, unpacked_bytes, data=b"z" * 512):
+    """The same as a PAX member with GNU sparse map 0.1 headers (`tar --sparse --format=posix`)."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.pax_headers = {
+        "GNU.sparse.map": f"{unpacked_bytes - len(data)},{len(data)}",
+        "GNU.sparse.size": str(unpacked_bytes),
+    }
+    member = io.BytesIO()
+    with tarfile.open(fileobj=member, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        archive.addfile(info, io.BytesIO(data))
+        end = archive.offset  # where the member ends and the end-of-archive blocks begin
+    return member.getvalue()[:end]
+
+
 def _bytes_written() -> int:
     """Bytes this process has passed to write() so far (Linux)."""
     with open("/proc/self/io") as io_stats:
@@ -169,11 +184,12 @@ def _bytes_written() -> int:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="counts bytes written through /proc/self/io")
-def test_a_sparse_member_is_refused_before_its_holes_are_written(bundle, tmp_path):
+@pytest.mark.parametrize("sparse_member", [_gnu_sparse_member, _pax_sparse_member])
+def test_a_sparse_member_is_refused_before_its_holes_are_written(bundle, tmp_path, sparse_member):
     path = tmp_path / "sparse.tar"
     write_archive(bundle, tmp_path / "plain.tar")
     unpacked = 256 << 20
-    path.write_bytes(_sparse_member("padding.bin", unpacked) + (tmp_path / "plain.tar").read_bytes())
+    path.write_bytes(sparse_member("padding.bin", unpacked) + (tmp_path / "plain.tar").read_bytes())
     with tarfile.open(path) as archive:  # what tarfile makes of it: a regular, sparse member of 256 MB
         member = archive.getmember("padding.bin")
         assert member.isreg() and member.issparse() and member.size == unpacked
