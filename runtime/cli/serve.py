@@ -69,8 +69,51 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
     add_trusted_key(serve)
+    _add_connection_options(serve, defaults)
     _add_ray_options(serve)
     serve.set_defaults(run=_run_serve)
+
+
+def _add_connection_options(serve: argparse.ArgumentParser, defaults: ServeOptions) -> None:
+    group = serve.add_argument_group(
+        "per-connection limits, against slow or silent clients (docs/serving.md)"
+    )
+    group.add_argument(
+        "--header-timeout-s",
+        type=float,
+        default=defaults.header_timeout_s,
+        help="a request's headers must arrive within this; beyond: 408, closed",
+    )
+    group.add_argument(
+        "--max-header-kb",
+        type=int,
+        default=defaults.max_header_bytes >> 10,
+        help="request line and headers at most; beyond: 431, closed",
+    )
+    group.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=defaults.body_timeout_s,
+        help="a request's body must arrive within this; beyond: 408",
+    )
+    group.add_argument(
+        "--idle-timeout-s",
+        type=float,
+        default=defaults.idle_timeout_s,
+        help="a kept-alive connection without a request is closed after this",
+    )
+    group.add_argument(
+        "--max-connections",
+        type=int,
+        default=defaults.max_connections,
+        help="open connections at most (streams included); beyond: closed at once. Keep under `ulimit -n`",
+    )
+    group.add_argument(
+        "--ws-start-timeout-s",
+        type=float,
+        default=defaults.ws_start_timeout_s,
+        help="a /v1/stream must send its start message within this; beyond: closed (1008)",
+    )
 
 
 def _add_ray_options(serve: argparse.ArgumentParser) -> None:
@@ -125,6 +168,12 @@ def _run_serve(args: argparse.Namespace) -> int:
         max_batch_samples=args.max_batch_samples,
         max_streams=args.max_streams,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        header_timeout_s=args.header_timeout_s,
+        max_header_bytes=args.max_header_kb << 10,
+        body_timeout_s=args.body_timeout_s,
+        idle_timeout_s=args.idle_timeout_s,
+        max_connections=args.max_connections,
+        ws_start_timeout_s=args.ws_start_timeout_s,
     )
     if args.ray or args.write_config:
         if len(args.bundle) > 1:

@@ -33,6 +33,7 @@ def serve(
         raise DependencyError(
             f"uvicorn is not installed ({error}); pip install 'polysense[serve]'"
         ) from error
+    from polysense.serving.connections import uvicorn_limits
     from polysense.serving.http import create_app
 
     options = options or ServeOptions()
@@ -44,8 +45,8 @@ def serve(
         port=port,
         access_log=access_log,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-        ws_max_size=options.max_body_bytes,
         log_level="info",
+        **uvicorn_limits(options),
     )
     server = uvicorn.Server(config)
     if threading.current_thread() is not threading.main_thread():

@@ -7,7 +7,8 @@
     client: {"type": "end"}
     server: {"type": "final", ...}, then closes (1000). The final prediction equals Pipeline.predict on the
             whole recording.
-    on a bad message: {"type": "error", "error", "type"} and a close (1003, or 1009 when over a limit).
+    on a bad message: {"type": "error", "error", "type"} and a close (1003, or 1009 when over a limit);
+            no start message within ws_start_timeout_s: the same, with 1008.
 
 Streams' new frames are encoded together across connections (polysense.serving.streams.StreamEncoder).
 """
@@ -64,14 +65,26 @@ async def stream(websocket: WebSocket) -> None:
     except PolysenseError as error:
         with contextlib.suppress(Exception):
             await websocket.send_json({"type": "error", **error_json(error)})
-            await websocket.close(WS_TOO_BIG if status_of(error) == 413 else WS_UNSUPPORTED)
+            code = WS_TOO_BIG if status_of(error) == 413 else WS_UNSUPPORTED
+            await websocket.close(WS_POLICY_VIOLATION if isinstance(error, StartTimeout) else code)
     finally:
         service.open_streams -= 1
         service.metrics.streams.dec()
 
 
+class StartTimeout(InputError):
+    """A stream whose start message did not come within ServeOptions.ws_start_timeout_s."""
+
+
 async def _run(websocket: WebSocket, service: Service, encoder: StreamEncoder) -> None:
-    message = await websocket.receive()
+    import anyio
+
+    seconds = service.options.ws_start_timeout_s
+    try:
+        with anyio.fail_after(seconds):  # a connection that never starts gives its place back
+            message = await websocket.receive()
+    except TimeoutError:
+        raise StartTimeout(f"no start message within ws_start_timeout_s={seconds:g} s") from None
     if message["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(message.get("code", 1000))
     first = message.get("text")
