@@ -50,7 +50,10 @@ def _opencv(source: str) -> Iterator[None]:
     try:
         yield
     except cv2.error as error:
-        raise InputError(f"{source}: OpenCV cannot process it ({str(error).strip()[:200]})") from error
+        detail = str(error).strip()[:200]
+        raise InputError(
+            f"{source}: OpenCV cannot process it ({detail}); re-save it as a plain PNG or JPEG"
+        ) from error
 
 
 def _decode(image: ImageInput, limits: Limits) -> tuple[np.ndarray, bool]:
