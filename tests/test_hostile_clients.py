@@ -189,8 +189,9 @@ def test_slow_headers_are_cut_off_at_the_header_timeout(server, expected):
 
 
 def test_bodies_that_never_arrive_release_their_slots(server, expected):
-    """MAX_QUEUE JSON requests declaring 100 bytes and sending none fill the queue; at body_timeout_s each gets
-    408 and its place is free again. Multipart requests declaring 32 MB and sending 5 bytes hold no budget."""
+    """MAX_QUEUE JSON requests declaring 100 bytes and sending none hold no place in the queue (a good request is
+    answered, at the latest once they are cut off); at body_timeout_s each gets 408. Multipart requests declaring
+    32 MB and sending 5 bytes hold no budget."""
     port, url, _ = server
     liars = [_connect(port) for _ in range(MAX_QUEUE)]
     for sock in liars:
@@ -199,7 +200,7 @@ def test_bodies_that_never_arrive_release_their_slots(server, expected):
         )
     started = time.monotonic()
     with httpx.Client(timeout=5) as http:
-        for _ in range(100):  # until the liars' slots are released (bounded: 100 x 0.1 s)
+        for _ in range(100):  # at once since slots are taken after the body; bounded: 100 x 0.1 s
             answer = http.post(f"{url}/v1/predict", json={"text": TEXT})
             if answer.status_code == 200:
                 break
@@ -224,6 +225,54 @@ def test_bodies_that_never_arrive_release_their_slots(server, expected):
     for sock in uploads:
         sock.close()
     assert good.right > 10 and good.wrong == [] and good.failed == []
+
+
+def test_slow_bodies_hold_no_queue_place(server, expected):
+    """MAX_QUEUE clients sending their bodies slowly are all in flight, yet a good client gets its answer at once:
+    a request takes its place in the queue only once its body has arrived in full. The slow ones, once their
+    bodies are complete (within body_timeout_s), get the right answer too."""
+    port, url, _ = server
+    body = json.dumps({"text": TEXT}).encode()
+    head = (
+        b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    slow = [_connect(port) for _ in range(MAX_QUEUE)]
+    started = time.monotonic()
+    for sock in slow:
+        sock.sendall(head + body[:5])
+    time.sleep(0.3)  # the server has every head and a few body bytes: the requests are in flight
+    with httpx.Client(timeout=5) as http:
+        answers = [http.post(f"{url}/v1/predict", json={"text": TEXT}) for _ in range(3)]
+    assert [answer.status_code for answer in answers] == [200, 200, 200], answers[0].text
+    assert all(_same(answer.json(), expected) for answer in answers)
+    assert time.monotonic() - started < LIMIT_S  # all of it while the slow bodies were still arriving
+    for sock in slow:
+        sock.sendall(body[5:])
+    replies = [_read_response(sock) for sock in slow]
+    for sock in slow:
+        sock.close()
+    assert all(reply.startswith(b"HTTP/1.1 200") for reply in replies), replies[0]
+    assert all(_same(json.loads(reply.split(b"\r\n\r\n", 1)[1]), expected) for reply in replies)
+
+
+def _read_response(sock: socket.socket, within_s: float = 5.0) -> bytes:
+    """One HTTP/1.1 answer with a Content-Length (the connection is kept alive, so read to the length)."""
+    sock.settimeout(within_s)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, rest = data.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return head + b"\r\n\r\n" + rest
 
 
 def test_a_hang_up_mid_body_is_a_499_not_a_500(server):

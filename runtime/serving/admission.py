@@ -1,9 +1,13 @@
 """Admission before anything else: under overload, refusing must cost less than serving.
 
 A plain ASGI middleware (no Request object, no routing, no body read) answers prediction requests without the
-API key with 401 first (a caller without the key learns nothing, not even the queue's state), then those beyond
-max_queue in flight with 503 and Retry-After. Everything a refused request costs the server is uvicorn's parse
-of its head and two small messages back.
+API key with 401 first (a caller without the key learns nothing, not even the queue's state), then, while
+max_queue requests are in flight already, with 503 and Retry-After. Everything a refused request costs the server
+is uvicorn's parse of its head and two small messages back.
+
+A request this lets through holds no place yet: it takes one (Service.admit, in polysense.serving.http) only once
+its body has arrived in full, so clients that send their bodies slowly hold bytes of the body budget, never
+places others could use. Whoever finds the queue full by then is answered 503 with Retry-After as well.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ ADMITTED_PATHS = ("/v1/predict", "/v1/predict_batch")
 
 
 class Admission:
-    """Counts the prediction requests in flight on `service` and refuses those beyond its max_queue."""
+    """Refuses prediction requests without the API key, and those that find `service`'s queue full."""
 
     def __init__(self, app: ASGIApp, service: Service) -> None:
         self.app = app
@@ -49,13 +53,7 @@ class Admission:
             name = scope["path"].rsplit("/", 1)[-1]
             service.metrics.observe(name, status, time.perf_counter() - start, type(refusal).__name__)
             return
-        service.inflight += 1
-        service.accepted += 1
-        try:
-            await self.app(scope, receive, send)
-            service.answered += 1
-        finally:
-            service.inflight -= 1
+        await self.app(scope, receive, send)
 
 
 def _headers(scope: Scope) -> dict[str, str]:

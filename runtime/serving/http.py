@@ -7,8 +7,9 @@
     GET  /healthz  /readyz  /metrics
 
 Requests are admitted while fewer than max_queue are in flight and their bodies fit a byte budget; beyond
-that they are answered 503 with Retry-After at once. Each admitted request is prepared (decoded, tokenized)
-and then waits for the dynamic batcher; a caller that hangs up is dropped from the queue.
+that they are answered 503 with Retry-After at once. A request takes its place among the max_queue only once
+its body has arrived in full (a slow body holds body bytes, never a place). Each admitted request is prepared
+(decoded, tokenized) and then waits for the dynamic batcher; a caller that hangs up is dropped from the queue.
 """
 
 from __future__ import annotations
@@ -140,12 +141,15 @@ def _endpoint(name: str, handler: Handler, protected: bool = True) -> Handler:
 
 async def _predict(request: Request) -> Response:
     service: Service = request.app.state.service
-    sample = await read_sample(request, service.bodies, service.in_thread)  # admitted already (admission.py)
-    if "image" in sample or "audio" in sample:
-        future = await service.in_thread(service.batcher.submit, sample)
-    else:  # tokenizing a text (cut to max_length first) costs less than the hop to a thread
-        future = service.batcher.submit(sample)
-    prediction = await service.answer(future, request)
+    sample = await read_sample(
+        request, service.bodies, service.in_thread
+    )  # authorized already (admission.py)
+    async with service.admit():  # a place in the queue once the body is here, not while it arrives
+        if "image" in sample or "audio" in sample:
+            future = await service.in_thread(service.batcher.submit, sample)
+        else:  # tokenizing a text (cut to max_length first) costs less than the hop to a thread
+            future = service.batcher.submit(sample)
+        prediction = await service.answer(future, request)
     return JSONResponse(prediction_json(prediction))
 
 
@@ -157,7 +161,7 @@ async def _predict_batch(request: Request) -> Response:
     raw = await service.in_thread(
         lambda: samples_from_batch_json(parse_json(body), service.options.max_batch_samples)
     )
-    async with service.admit(len(raw) - 1):  # the request itself holds one place already (admission)
+    async with service.admit(len(raw)):  # one place per sample, once the body is here
 
         def submit_all() -> list[Future[Prediction] | PolysenseError]:
             submitted: list[Future[Prediction] | PolysenseError] = []

@@ -40,7 +40,7 @@ class Service:
         )
         self.streams = StreamEncoder() if "audio" in pipeline.modalities else None
         self.ready = threading.Event()
-        self.inflight = 0  # requests admitted and not yet answered (touched on the event loop only)
+        self.inflight = 0  # places held: predictions admitted and not yet answered (on the event loop only)
         self.accepted = self.answered = 0  # prediction requests admitted / answered since the start
         self.bodies = BodyBudget(options.max_body_bytes, timeout_s=options.body_timeout_s)
         self.open_streams = 0
@@ -97,13 +97,21 @@ class Service:
 
     @contextlib.asynccontextmanager
     async def admit(self, count: int = 1) -> AsyncIterator[None]:
-        """Hold `count` places among the max_queue in flight, or raise OverloadedError at once."""
+        """Hold `count` places among the max_queue in flight for one request whose body has arrived in full
+        (`count` samples of a predict_batch), or raise OverloadedError at once. The request counts as answered
+        when it leaves with its prediction or its error, not when it is cancelled (a shutdown cut it off)."""
         refusal = self.refusal(count)
         if refusal is not None:
             raise refusal
         self.inflight += count
+        self.accepted += 1
         try:
             yield
+        except Exception:
+            self.answered += 1  # polysense.serving.http answers it with its error
+            raise
+        else:
+            self.answered += 1
         finally:
             self.inflight -= count
 
