@@ -236,3 +236,27 @@ def test_without_cryptography_the_error_names_the_extra(copied_bundle, keys, mon
     assert main(["keygen", "--out", str(copied_bundle / "k")]) == 2
     assert "polysense[sign]" in capsys.readouterr().err
     _load(copied_bundle, None)  # loading without trusted keys never needs it
+
+
+def test_slimming_a_signed_bundle_signs_it_anew_or_is_refused(signed, keys, capsys):
+    description = (signed / "bundle.json").read_bytes()
+    assert main(["bundle", "slim", str(signed), "--keep", "cpu"]) == 2  # a stale signature is never left
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1 and "--key KEY" in err
+    assert (signed / "bundle.json").read_bytes() == description  # refused before anything changed
+    slim = ["bundle", "slim", str(signed), "--keep", "cpu", "--key", str(keys[1][0])]
+    assert main([*slim, "--trusted-key", str(keys[1][1])]) == 2  # the source is checked first
+    assert "not one of the trusted keys" in capsys.readouterr().err
+    assert (signed / "bundle.json").read_bytes() == description
+    assert main([*slim, "--trusted-key", str(keys[0][1])]) == 0
+    assert (signed / "bundle.json").read_bytes() != description
+    _load(signed, [keys[1][1]])  # the slimmed bundle, signed by whoever slimmed it
+    with pytest.raises(BundleError, match="not one of the trusted keys"):
+        _load(signed, [keys[0][1]])
+
+
+def test_slimming_an_unsigned_bundle_can_sign_it(copied_bundle, keys):
+    from polysense.bundle.slim import slim_bundle
+
+    slim_bundle(copied_bundle, "fp32", key=keys[0][0])
+    _load(copied_bundle, [keys[0][1]])

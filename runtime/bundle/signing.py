@@ -170,6 +170,16 @@ def load_private_key(path: Path) -> Any:
     return key
 
 
+def require_signing_key(source: Path, key: str | os.PathLike | None, why: str) -> None:
+    """Before a change that writes a new bundle.json for the bundle at `source` (edge, slim): a signed source
+    needs `key` to sign the result (ConfigError ending in `why`, which names the fix), and a wrong key fails now,
+    not after the change."""
+    if key is not None:
+        load_private_key(Path(key))
+    elif (source / SIGNATURE_FILE).is_file():
+        raise ConfigError(f"{source} is signed ({SIGNATURE_FILE}); {why}")
+
+
 def sign_description(folder: str | os.PathLike, key: str | os.PathLike) -> Path:
     """Write folder/bundle.sig: the signature by the private key at `key` over folder/bundle.json as it is now.
     Returns the signature file's path. The caller checks the bundle first (`open_bundle`): never sign a damaged

@@ -55,10 +55,21 @@ def add_bundle(commands: argparse._SubParsersAction) -> None:
         "slim",
         help="remove the variants a device never uses (fp32 always stays)",
         description="Remove the variants a device never uses and rewrite bundle.json atomically. "
-        "cpu keeps fp32 and int8, cuda keeps fp32 and fp16, fp32 keeps fp32 only.",
+        "cpu keeps fp32 and int8, cuda keeps fp32 and fp16, fp32 keeps fp32 only. A signed bundle (bundle.sig) "
+        "needs --key KEY: the slimmed bundle is signed anew.",
     )
     slim.add_argument("bundle", help="bundle folder (changed in place)")
     slim.add_argument("--keep", choices=tuple(KEEP), required=True, help="the device the bundle is for")
+    slim.add_argument(
+        "--key",
+        help="sign the slimmed bundle with this private key (`polysense keygen`); required for a signed bundle",
+    )
+    slim.add_argument(
+        "--trusted-key",
+        action="append",
+        metavar="KEY.pub",
+        help="refuse the bundle unless it is signed by this public key (repeatable)",
+    )
     slim.set_defaults(run=_run_slim)
     sign = actions.add_parser(
         "sign",
@@ -108,14 +119,18 @@ def _run_sign(args: argparse.Namespace) -> int:
 
 
 def _run_slim(args: argparse.Namespace) -> int:
+    from polysense.bundle.signing import TrustedKeys
     from polysense.bundle.slim import slim_bundle
 
-    result = slim_bundle(args.bundle, args.keep)
+    trusted = TrustedKeys.parse(args.trusted_key) if args.trusted_key else None
+    result = slim_bundle(args.bundle, args.keep, key=args.key, trusted_keys=trusted)
     kept = "; ".join(f"{name} {', '.join(precisions)}" for name, precisions in result.kept.items())
     print(
         f"removed {len(result.removed)} file(s), {result.freed_bytes / 1e6:.1f} MB: {', '.join(result.removed) or '-'}"
     )
     print(f"kept: {kept}")
+    if args.key is not None:
+        print(f"signed anew: {Path(args.bundle) / 'bundle.sig'}")
     return 0
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from polysense.bundle.reader import Bundle, open_bundle
 from polysense.bundle.schema import DESCRIPTION_FILE, EDGE_SCHEMA_VERSION
-from polysense.bundle.signing import SIGNATURE_FILE, TrustedKeys, load_private_key, sign_description
+from polysense.bundle.signing import TrustedKeys, require_signing_key, sign_description
 from polysense.errors import ConfigError, DependencyError
 from polysense.inference.precision import choose_precisions
 from polysense.inference.sessions import import_onnxruntime
@@ -69,7 +69,12 @@ def make_edge_bundle(
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"--device {device!r}: an edge bundle is made for cpu or cuda")
     source = open_bundle(bundle, trusted_keys=trusted_keys)  # verified: never convert a damaged bundle
-    _check_signing(source.path, key)
+    require_signing_key(  # a wrong key fails now, not after the conversion
+        source.path,
+        key,
+        "its edge bundle has a new bundle.json, which the source's signature cannot cover: sign the edge bundle "
+        "as it is made with --key KEY",
+    )
     description = source.description
     if description.is_edge:
         raise ConfigError(f"{bundle} is an edge bundle already; make edge bundles from the full bundle")
@@ -123,17 +128,6 @@ def _copy_extras(source: Bundle, folder: Path, probe: bool) -> None:
         (folder / tokenizer).write_bytes(source.read(tokenizer))
     if probe and (source.path / PROBE_FILE).is_file():
         shutil.copyfile(source.path / PROBE_FILE, folder / PROBE_FILE)
-
-
-def _check_signing(source: Path, key: str | os.PathLike | None) -> None:
-    """A signed source needs `key` to sign its edge bundle; a wrong key fails now, not after the conversion."""
-    if key is not None:
-        load_private_key(Path(key))
-    elif (source / SIGNATURE_FILE).is_file():
-        raise ConfigError(
-            f"{source} is signed ({SIGNATURE_FILE}); its edge bundle has a new bundle.json, which the source's "
-            "signature cannot cover: sign the edge bundle as it is made with --key KEY"
-        )
 
 
 def _to_ort_format(model: bytes, path: Path, device: str) -> bytes:
