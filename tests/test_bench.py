@@ -504,3 +504,35 @@ def test_loso_ensemble_reuses_finished_runs_of_the_same_training_only(tmp_path, 
     assert _numbers(rows["theo"]) == pytest.approx([0.8, 0.84, 0.82, 0.86, 0.85, 0.8])
     assert "mean" not in rows  # one speaker of five: no mean over the speakers
     assert "mean over the 2 models this run trained" in table and "reused" not in table
+
+
+def test_hostile_client_benchmark_runs_in_quick_mode(bundle, tmp_path):
+    """benchmarks/hostile.py --quick against a real server: every condition measured, answers checked, each
+    attacker met the limit it probes (431, 408, the stream's close), and the targets named per attack."""
+    pytest.importorskip("starlette")
+    pytest.importorskip("uvicorn")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "hostile.py"
+    command = [sys.executable, str(script), "--bundle", str(bundle), "--quick", "--window-s", "1", "--out"]
+    subprocess.run([*command, str(tmp_path)], check=True, capture_output=True, timeout=300)
+    report = json.loads((tmp_path / "serving_hostile.json").read_text())
+    names = [row["condition"] for row in report["conditions"]]
+    attacks = ["endless header", "slow headers", "lying Content-Length", "slow body", "idle connections"]
+    assert names == ["no attack", *attacks, "idle WebSocket starts", "hang-ups mid-body", "no attack"]
+    for row in report["conditions"]:
+        assert row["answered_200"] > 0 and row["wrong"] == 0 and row["checked"] and row["server_alive"]
+        assert row["throughput_ratio"] > 0 and row["p99_ratio"] > 0
+        assert 0 < row["VmRSS_mb"] <= row["VmHWM_mb"] and row["rss_peak_mb"] > 0
+    saw = {row["condition"]: row["attacker"] for row in report["conditions"]}
+    assert saw["endless header"]["431"] > 0 and saw["slow headers"]["408"] > 0
+    assert saw["idle connections"]["open_max"] == 125 and saw["hang-ups mid-body"]["hung up"] > 0
+    assert saw["idle WebSocket starts"]["upgraded"] > 0
+    assert len(report["targets"]) == 4 * 7 + 1 and report["server_log_tracebacks"] == 0
+    assert (
+        isinstance(report["machine"]["isa"], list)
+        and report["fd_limit"]["soft"] >= report["fd_limit"]["soft_before"]
+    )
+    assert (tmp_path / "serving_hostile.md").read_text().startswith("# polysense serve under hostile clients")

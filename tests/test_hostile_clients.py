@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.hostile import JSON_HEAD, MULTIPART_HEAD, closed_within, connect, free_port, read_all
+
 pytest.importorskip("onnxruntime")
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -32,15 +34,9 @@ IDLE = 200
 TEXT = "a calm square"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(bundle, tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("hostile") / "server.log"
     limit = str(LIMIT_S)
     command = [
@@ -117,41 +113,10 @@ class GoodClients:
             thread.join(10)
 
 
-def _connect(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    return sock
-
-
-def _read_all(sock: socket.socket, within_s: float) -> bytes:
-    """What the server sends until it closes the connection (bounded in time)."""
-    sock.settimeout(within_s)
-    data = b""
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        try:
-            chunk = sock.recv(65536)
-        except (TimeoutError, ConnectionResetError):
-            break
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def _closed_within(sock: socket.socket, seconds: float) -> bool:
-    sock.settimeout(seconds)
-    try:
-        return sock.recv(65536) == b"" or True  # bytes (an answer) then a close count as closed too
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
-
-
 def test_an_endless_header_gets_431_and_stalls_no_one(server, expected):
     port, url, _ = server
     with GoodClients(url, expected) as good:
-        attacker = _connect(port)
+        attacker = connect(port)
         attacker.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nX-Endless: ")
         answer = b""
         for _ in range(200):  # up to 200 KB, 10 ms apart: the server must stop it long before
@@ -159,7 +124,7 @@ def test_an_endless_header_gets_431_and_stalls_no_one(server, expected):
                 break
             attacker.sendall(b"a" * 1024)
             time.sleep(0.01)
-        answer = _read_all(attacker, 3)
+        answer = read_all(attacker, 3)
         attacker.close()
         time.sleep(0.5)
     assert answer.startswith(b"HTTP/1.1 431") and b"max_header_bytes" in answer
@@ -169,7 +134,7 @@ def test_an_endless_header_gets_431_and_stalls_no_one(server, expected):
 def test_slow_headers_are_cut_off_at_the_header_timeout(server, expected):
     port, url, _ = server
     with GoodClients(url, expected) as good:
-        attackers = [_connect(port) for _ in range(8)]
+        attackers = [connect(port) for _ in range(8)]
         start = time.monotonic()
         head = b"GET /v1/info HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"s" * 100
         for byte in range(len(head)):  # one byte per 0.1 s each: the head would take 14 s
@@ -179,7 +144,7 @@ def test_slow_headers_are_cut_off_at_the_header_timeout(server, expected):
                 with contextlib.suppress(OSError):  # closed by the server already
                     sock.sendall(head[byte : byte + 1])
             time.sleep(0.1)
-        answers = [_read_all(sock, 3) for sock in attackers]
+        answers = [read_all(sock, 3) for sock in attackers]
         took = time.monotonic() - start
         for sock in attackers:
             sock.close()
@@ -193,11 +158,9 @@ def test_bodies_that_never_arrive_release_their_slots(server, expected):
     answered, at the latest once they are cut off); at body_timeout_s each gets 408. Multipart requests declaring
     32 MB and sending 5 bytes hold no budget."""
     port, url, _ = server
-    liars = [_connect(port) for _ in range(MAX_QUEUE)]
+    liars = [connect(port) for _ in range(MAX_QUEUE)]
     for sock in liars:
-        sock.sendall(
-            b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
-        )
+        sock.sendall(JSON_HEAD % 100)
     started = time.monotonic()
     with httpx.Client(timeout=5) as http:
         for _ in range(100):  # at once since slots are taken after the body; bounded: 100 x 0.1 s
@@ -208,18 +171,15 @@ def test_bodies_that_never_arrive_release_their_slots(server, expected):
             time.sleep(0.1)
         released_after = time.monotonic() - started
         assert answer.status_code == 200 and _same(answer.json(), expected)
-    answers = [_read_all(sock, 3) for sock in liars]
+    answers = [read_all(sock, 3) for sock in liars]
     for sock in liars:
         sock.close()
     assert all(a.startswith(b"HTTP/1.1 408") and b"body_timeout_s" in a for a in answers), answers[0]
     assert released_after < LIMIT_S + 4
 
-    uploads = [_connect(port) for _ in range(MAX_QUEUE // 2)]
+    uploads = [connect(port) for _ in range(MAX_QUEUE // 2)]
     for sock in uploads:
-        sock.sendall(
-            b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 33554432\r\n"
-            b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"
-        )
+        sock.sendall(MULTIPART_HEAD)
     with GoodClients(url, expected) as good:
         time.sleep(1.0)
     for sock in uploads:
@@ -237,7 +197,7 @@ def test_slow_bodies_hold_no_queue_place(server, expected):
         b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n" % len(body)
     )
-    slow = [_connect(port) for _ in range(MAX_QUEUE)]
+    slow = [connect(port) for _ in range(MAX_QUEUE)]
     started = time.monotonic()
     for sock in slow:
         sock.sendall(head + body[:5])
@@ -278,11 +238,8 @@ def _read_response(sock: socket.socket, within_s: float = 5.0) -> bytes:
 def test_a_hang_up_mid_body_is_a_499_not_a_500(server):
     port, url, log = server
     for _ in range(5):
-        sock = _connect(port)
-        sock.sendall(
-            b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n"
-            b'\r\n{"text": "'
-        )
+        sock = connect(port)
+        sock.sendall(JSON_HEAD % 1000 + b'{"text": "')
         time.sleep(0.1)
         sock.close()
     time.sleep(0.5)
@@ -296,15 +253,15 @@ def test_a_hang_up_mid_body_is_a_499_not_a_500(server):
 
 def test_idle_connections_are_closed_and_capped(server, expected):
     port, url, _ = server
-    idle = [_connect(port) for _ in range(IDLE)]
+    idle = [connect(port) for _ in range(IDLE)]
     with GoodClients(url, expected) as good:
         time.sleep(1.0)
     assert good.right > 10 and good.wrong == [] and good.failed == []
-    over = [_connect(port) for _ in range(MAX_CONNECTIONS)]  # past the cap: closed at once
-    refused = sum(_closed_within(sock, 1.0) for sock in over[-20:])
+    over = [connect(port) for _ in range(MAX_CONNECTIONS)]  # past the cap: closed at once
+    refused = sum(closed_within(sock, 1.0) for sock in over[-20:])
     assert refused == 20
     deadline = time.monotonic() + LIMIT_S + 4
-    open_after = [sock for sock in idle if not _closed_within(sock, max(0.01, deadline - time.monotonic()))]
+    open_after = [sock for sock in idle if not closed_within(sock, max(0.01, deadline - time.monotonic()))]
     for sock in idle + over:
         sock.close()
     assert open_after == []  # every silent connection closed at header_timeout_s
