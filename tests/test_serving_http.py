@@ -2,6 +2,7 @@
 the polysense message; auth, metrics, readiness; a real server process shuts down gracefully on SIGTERM."""
 
 import base64
+import json
 import signal
 import socket
 import subprocess
@@ -219,6 +220,29 @@ def test_a_full_server_answers_503_with_retry_after_at_once(client):
         service.inflight = 0
     assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
     assert "max_queue" in answer.json()["error"]
+
+
+def test_a_request_takes_its_place_once_its_body_is_in(client):
+    """The place in the queue is taken after the body has arrived: a queue that filled up while the body was
+    arriving answers 503 with Retry-After then, and the place count is as before afterwards."""
+    service = client.app.state.service
+
+    def body_while_the_queue_fills():
+        assert service.inflight == 0  # the body is being read: no place is held for it yet
+        service.inflight = service.options.max_queue  # as if the queue filled meanwhile
+        yield json.dumps({"text": "ready too late"}).encode()
+
+    try:
+        answer = client.post(
+            "/v1/predict", content=body_while_the_queue_fills(), headers={"content-type": "application/json"}
+        )
+        assert service.inflight == service.options.max_queue  # this request took no place and gave none back
+    finally:
+        service.inflight = 0
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+    assert "max_queue" in answer.json()["error"]
+    assert client.post("/v1/predict", json={"text": "ready"}).status_code == 200
+    assert service.inflight == 0
 
 
 def test_a_caller_without_the_key_gets_401_before_any_queue_state(pipe):
