@@ -8,8 +8,8 @@ One server with its default limits (fp32, so that answers can be compared exactl
 16 good clients (benchmarks/loadgen.py, closed loop, a process of its own) post one text for a fixed window and
 check every answer against Pipeline.predict on the same text (same label, probabilities within 1e-5): first
 with no attack (the baseline), then while each attack runs alone, then with no attack again (the drift of a
-shared machine). Each attack starts a second before the window, so that it is established when measuring
-begins, and its sockets are replaced as the server closes them, so it lasts the whole window:
+shared machine); a warm-up window before them is not reported. Each attack opens all its sockets, then a second
+later the window starts, and its sockets are replaced as the server closes them, so it lasts the whole window:
 
 - endless header: 4 connections each streaming a header value, 1 KB every 10 ms;
 - slow headers: 64 connections each sending one byte of a request head every 0.1 s;
@@ -163,6 +163,7 @@ class Attacker:
         self.counts: Counter[str] = Counter()
         self.open_max = 0
         self.stopping = threading.Event()
+        self.established = threading.Event()  # every socket opened once
         self.thread = threading.Thread(target=self.run, daemon=True)
 
     def __enter__(self) -> Attacker:
@@ -200,6 +201,8 @@ class Attacker:
                         break
                     socks.append(sock)
                 self.open_max = max(self.open_max, len(socks))
+                if len(socks) == attack.connections or attack.hang_up:
+                    self.established.set()
                 if attack.hang_up:
                     for sock in socks:
                         sock.close()
@@ -336,6 +339,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="seconds, not minutes: a smoke run")
     parser.add_argument("--window-s", type=float, help="seconds per condition (default 15, --quick 1.5)")
     parser.add_argument("--out", default=str(RESULTS), help="folder for serving_hostile.{json,md}")
+    parser.add_argument("--note", default="", help="a sentence for the report (what else ran on the machine)")
     args = parser.parse_args()
     import polysense
     from benchmarks.serving import Server
@@ -364,19 +368,26 @@ def main() -> None:
         "good_clients": GOOD_CLIENTS,
         "text": text,
         "fd_limit": fd_limit,
+        "note": args.note,
         "conditions": [],
     }
     try:
+        # a warm-up, not reported: the first window measured after a cold server ran 25 % slower than the last
+        good_clients(server.port, min(5.0, window), expected, server.process.pid)
         for attack in [None, *plan, None]:
             name = attack.name if attack else "no attack"
             if attack is None:
                 row = good_clients(server.port, window, expected, server.process.pid)
                 row["attacker"] = {}
             else:
-                with Attacker(attack, server.port, window + 40) as attacker:
-                    time.sleep(1.0)  # established before measuring
+                with Attacker(attack, server.port, window + 60) as attacker:
+                    began = time.monotonic()
+                    attacker.established.wait(20)  # every socket open before measuring (bounded)
+                    time.sleep(1.0)
+                    ramp = time.monotonic() - began
                     row = good_clients(server.port, window, expected, server.process.pid)
                 row["attacker"] = dict(attacker.counts, open_max=attacker.open_max)
+                row["attack_ramp_s"] = ramp
                 row["attack"] = {"connections": attack.connections, "tick_s": attack.tick_s}
             row["condition"] = name
             row["server_alive"] = server.process.poll() is None and ready(server.port, 30)
@@ -470,8 +481,9 @@ def markdown(report: dict) -> str:
         f"Machine: {describe(report['machine'])}; server, good clients and attacker share its CPUs; {fd}.",
         f"{report['good_clients']} good clients (closed loop, HTTP/1.1 keep-alive on loopback) post "
         f"`{report['text']}` for {report['window_s']:g} s per condition, every answer checked against "
-        "Pipeline.predict (fp32); each attack runs alone, from a second before the window to its end. "
-        f"Server: `polysense {' '.join(report['server'][1:])}` (default limits otherwise).",
+        "Pipeline.predict (fp32), after an unreported warm-up; each attack runs alone, all its sockets open from a second "
+        "before the window to its end. "
+        f"Server: `polysense {' '.join(report['server'][1:])}` (default limits otherwise). {report['note']}",
         "",
         "| condition | req/s | / baseline | p50 ms | p99 ms | p99 / baseline | not 200 | wrong | RSS peak MB "
         "| VmHWM MB | attacker saw |",
@@ -479,6 +491,8 @@ def markdown(report: dict) -> str:
     ]
     for row in report["conditions"]:
         saw = ", ".join(f"{k} {v}" for k, v in row["attacker"].items()) or "-"
+        if "attack_ramp_s" in row:
+            saw += f"; window began {row['attack_ramp_s']:.1f} s after the attack"
         lines.append(
             f"| {row['condition']} | {row['throughput_rps']:.0f} | {_ratio(row['throughput_ratio'])} "
             f"| {_ms(row['p50_ms'])} | {_ms(row['p99_ms'])} | {_ratio(row['p99_ratio'])} | {_not_200(row)} "
