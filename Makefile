@@ -146,7 +146,7 @@ bench-serving: $(LINKED)
 	$(BIN)/python benchmarks/serving.py --bundle runs/demo/bundle
 
 # 16 good clients checked against Pipeline.predict, with no attack and while each hostile client of issue 40 runs
-# alone (headers, bodies, idle connections and streams, hang-ups): throughput, p99, RSS; about 3 minutes;
+# alone (headers, bodies, idle connections and streams, hang-ups): throughput, p99, RSS; about 3.5 minutes;
 # benchmarks/results/serving_hostile.{json,md}.
 bench-serving-hostile: $(LINKED)
 	test -d runs/demo/bundle || $(MAKE) demo

@@ -1,7 +1,7 @@
 """Good clients against `polysense serve` while one hostile client attacks it (issue 40), and the socket helpers
 tests/test_hostile_clients.py shares.
 
-    python benchmarks/hostile.py --bundle runs/demo/bundle          (or: make bench-serving-hostile; ~3 minutes)
+    python benchmarks/hostile.py --bundle runs/demo/bundle          (or: make bench-serving-hostile; ~3.5 min)
     python benchmarks/hostile.py --bundle runs/demo/bundle --quick  (a smoke run of seconds; the suite runs it)
 
 One server with its default limits (fp32, so that answers can be compared exactly) on a free port of 127.0.0.1.
