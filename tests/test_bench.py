@@ -506,6 +506,7 @@ def test_loso_ensemble_reuses_finished_runs_of_the_same_training_only(tmp_path, 
     assert "mean over the 2 models this run trained" in table and "reused" not in table
 
 
+@pytest.mark.slow  # ~30 s of live attacks: tests/test_hostile_clients.py covers the same attacks in the fast tier
 def test_hostile_client_benchmark_runs_in_quick_mode(bundle, tmp_path):
     """benchmarks/hostile.py --quick against a real server: every condition measured, answers checked, each
     attacker met the limit it probes (431, 408, the stream's close), and the targets named per attack."""
