@@ -274,3 +274,18 @@ def test_streams_encoded_together_equal_offline_prediction(pipe, rows):
     for row, probs in zip(rows, streamed):
         np.testing.assert_allclose(probs, _probs(pipe.predict(audio=row.audio)), atol=1e-5)
     assert encoder.streams_encoded >= encoder.batches > 0
+
+
+def test_service_time_is_an_ewma_of_busy_seconds_per_sample():
+    from polysense.serving.batcher import ServiceTime
+
+    estimate = ServiceTime(alpha=0.5)
+    assert estimate.per_sample_s == 0 and estimate.wait_s(100) == 0  # nothing measured: no wait expected
+    estimate.observe(0.004, 4)  # the first observation is the estimate
+    assert estimate.per_sample_s == pytest.approx(0.001)
+    estimate.observe(0.003, 1)
+    assert estimate.per_sample_s == pytest.approx(0.002)
+    estimate.observe(1.0, 0)  # nothing done: no observation
+    assert estimate.wait_s(10) == pytest.approx(0.02)
+    with pytest.raises(ConfigError, match="alpha"):
+        ServiceTime(alpha=0)

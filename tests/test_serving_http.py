@@ -245,6 +245,88 @@ def test_a_request_takes_its_place_once_its_body_is_in(client):
     assert service.inflight == 0
 
 
+def test_admission_refuses_a_request_whose_expected_wait_is_over_max_queue_delay_ms(pipe):
+    """With the service time known (1 ms a sample), 8 in flight is 8 ms of work ahead: over a 5 ms limit, 503
+    at once; under 8 in flight nothing is refused for its wait (normal concurrency is served as before); at
+    0.5 ms a sample, in the first BUSY_GRACE_S of a busy period (a burst), or with the limit off, 8 in flight
+    are admitted."""
+    from polysense.serving.service import ADMIT_ALWAYS_BELOW, BUSY_GRACE_S
+
+    assert ADMIT_ALWAYS_BELOW == 8
+    client = _client(pipe, max_queue_delay_ms=5)
+    service = client.app.state.service
+    service.clock = lambda: 1000.0  # busy since 0: well past the burst grace
+
+    def status(inflight: int, per_sample_s: float) -> httpx.Response:
+        service.inflight, service.service_time.per_sample_s = inflight, per_sample_s
+        try:
+            return client.post("/v1/predict", json={"text": "how long would I wait"})
+        finally:
+            service.inflight = 0
+
+    try:
+        assert status(7, 0.001).status_code == 200  # 7 ms ahead, but fewer than 8 in flight
+        refused = status(8, 0.001)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert "max_queue_delay_ms=5" in refused.json()["error"] and "8.0 ms" in refused.json()["error"]
+        assert status(8, 0.0005).status_code == 200  # 4 ms ahead
+        assert status(100, 0.0).status_code == 200  # nothing measured yet: only max_queue bounds the queue
+        service._busy_since = 1000.0 - BUSY_GRACE_S / 2  # busy only since just now: a burst, not overload
+        assert status(8, 0.001).status_code == 200
+    finally:
+        client.__exit__(None, None, None)
+    off = _client(pipe, max_queue_delay_ms=0)
+    try:
+        off.app.state.service.inflight, off.app.state.service.service_time.per_sample_s = 100, 0.1
+        assert off.post("/v1/predict", json={"text": "no time limit"}).status_code == 200
+    finally:
+        off.app.state.service.inflight = 0
+        off.__exit__(None, None, None)
+
+
+def test_the_service_time_is_measured_from_departures_while_busy(pipe):
+    """Busy time per sample: from admission, or from the previous departure if that came later."""
+    import asyncio
+    import contextlib
+
+    from polysense.serving.service import Service
+
+    service = Service(pipe, ServeOptions())
+    service.ready.set()
+    now = [10.0]
+    service.clock = lambda: now[0]
+    alpha = service.service_time.alpha
+
+    async def scenario() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            first = contextlib.AsyncExitStack()
+            await first.enter_async_context(service.admit())  # at 10
+            await stack.enter_async_context(service.admit(4))  # at 10 too: 4 samples of a predict_batch
+            now[0] = 12.0
+            await first.aclose()  # busy 10-12 on 1 sample
+            assert service.service_time.per_sample_s == pytest.approx(2.0)
+            now[0] = 14.0  # the batch leaves: busy 12-14 on 4 samples, 0.5 s each
+        expected = 2.0 + alpha * (0.5 - 2.0)
+        assert service.service_time.per_sample_s == pytest.approx(expected)
+        now[0] = 100.0  # idle since 14
+        async with service.admit():
+            assert service._busy_since == 100.0  # it found the server idle: a busy period starts
+            now[0] = 100.3  # busy 100-100.3 (not 14-100.3)
+        assert service.service_time.per_sample_s == pytest.approx(expected + alpha * (0.3 - expected))
+
+    try:
+        asyncio.run(scenario())
+        assert service.inflight == 0 and service.accepted == service.answered == 3
+    finally:
+        service.close()
+
+
+@pytest.mark.parametrize("value", [-1, 600_001])
+def test_max_queue_delay_ms_is_checked(value):
+    with pytest.raises(polysense.errors.ConfigError, match="max_queue_delay_ms"):
+        ServeOptions(max_queue_delay_ms=value)
+
+
 def test_a_caller_without_the_key_gets_401_before_any_queue_state(pipe):
     client = _client(pipe, api_key=KEY)
     service = client.app.state.service

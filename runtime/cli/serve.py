@@ -48,6 +48,13 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
         "--max-queue", type=int, default=defaults.max_queue, help="requests in flight at most; beyond: 503"
     )
     serve.add_argument(
+        "--max-queue-delay-ms",
+        type=float,
+        default=defaults.max_queue_delay_ms,
+        help="with 8 or more requests in flight, refuse (503) one whose expected wait (in-flight samples x the "
+        "measured seconds per sample) is over this; 0: off (default %(default)g)",
+    )
+    serve.add_argument(
         "--max-batch-samples",
         type=int,
         default=defaults.max_batch_samples,
@@ -163,6 +170,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
+        max_queue_delay_ms=args.max_queue_delay_ms,
         timeout_s=args.timeout_s,
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
         max_batch_samples=args.max_batch_samples,

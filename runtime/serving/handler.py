@@ -37,7 +37,8 @@ class ServeOptions:
     """How `polysense serve` behaves; every field is a CLI option of the same name.
 
     max_queue bounds the predictions in flight (queued or being prepared), so it bounds the wait of an admitted
-    request to about max_queue / throughput; max_body_bytes bounds one request body (and one WebSocket message);
+    request to about max_queue / throughput; max_queue_delay_ms bounds that wait in time (polysense.serving.
+    service.Service.refusal); max_body_bytes bounds one request body (and one WebSocket message);
     max_batch_samples the samples of one /v1/predict_batch (at most max_queue); max_streams the open /v1/stream
     connections; api_key, when set, is the bearer token every /v1 and /metrics request must carry.
     """
@@ -45,6 +46,10 @@ class ServeOptions:
     max_batch: int = 32
     max_wait_ms: float = 0.0
     max_queue: int = 128  # four full batches: an admitted request waits about four model runs at most
+    # Admission by expected wait: with at least ADMIT_ALWAYS_BELOW predictions in flight, a request is refused
+    # (503, at once) when in-flight samples x the measured seconds per sample exceed this; 0: off. 50 ms stays
+    # clear of the 13-16 ms of work 32 closed-loop clients hold on 2 cores (benchmarks/serving_overload.py).
+    max_queue_delay_ms: float = 50.0
     timeout_s: float = 30.0
     max_body_bytes: int = 32 << 20
     max_batch_samples: int = 64
@@ -65,6 +70,8 @@ class ServeOptions:
     ws_start_timeout_s: float = 10.0  # a /v1/stream connection must send its start message within this
 
     def __post_init__(self) -> None:
+        if not 0 <= self.max_queue_delay_ms <= 600_000:
+            raise ConfigError(f"max_queue_delay_ms must be 0-600000 (0: off), got {self.max_queue_delay_ms}")
         if not 1 <= self.max_body_bytes <= 1 << 31:
             raise ConfigError(f"max_body_bytes must be 1 B-2 GB, got {self.max_body_bytes}")
         if not 1 <= self.max_batch_samples <= 100_000:

@@ -41,6 +41,7 @@ SERVE_FIELDS = (
     "max_batch",
     "max_wait_ms",
     "max_queue",
+    "max_queue_delay_ms",
     "timeout_s",
     "max_body_bytes",
     "max_batch_samples",
@@ -49,6 +50,7 @@ SERVE_FIELDS = (
 INTS = {"threads", "replicas", "min_replicas", "max_replicas", "max_batch", "max_queue", "max_body_bytes"}
 INTS |= {"max_batch_samples", "max_streams"}
 FLOATS = {"target_ongoing_requests", "cpus_per_replica", "gpus_per_replica", "max_wait_ms", "timeout_s"}
+FLOATS |= {"max_queue_delay_ms"}
 
 
 class DeploymentError(PolysenseError):

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from polysense.errors import OverloadedError, RequestTimeoutError
 from polysense.inference.fusion import Prediction
 from polysense.inference.predictor import AnyPredictor
-from polysense.serving.batcher import DynamicBatcher
+from polysense.serving.batcher import DynamicBatcher, ServiceTime
 from polysense.serving.bodies import BodyBudget
 from polysense.serving.handler import ClientGone, ServeOptions, authorize, warm_up
 from polysense.serving.metrics import ServerMetrics
@@ -26,6 +27,13 @@ if TYPE_CHECKING:  # Starlette and anyio are imported by the app that uses a Ser
 
 log = logging.getLogger("polysense.serve")
 T = TypeVar("T")
+# Below this many predictions in flight a request is never refused for its expected wait, whatever the model
+# costs: normal concurrency (1-8 clients) is served as it always was, on a slow model too.
+ADMIT_ALWAYS_BELOW = 8
+# Nor in the first BUSY_GRACE_S of a busy period (from the moment a request finds the server idle): a burst
+# into an idle server is served, however long the estimate says it takes; only a queue that stands longer is
+# overload (CoDel's interval, 100 ms).
+BUSY_GRACE_S = 0.1
 
 
 class Service:
@@ -42,6 +50,12 @@ class Service:
         self.ready = threading.Event()
         self.inflight = 0  # places held: predictions admitted and not yet answered (on the event loop only)
         self.accepted = self.answered = 0  # prediction requests admitted / answered since the start
+        # Seconds per sample while busy, from completions (the whole server's drain rate: event loop, preparation
+        # and model runs together); admission refuses a request whose expected wait is over max_queue_delay_ms.
+        self.service_time = ServiceTime()
+        self.clock = time.perf_counter
+        self._last_done = 0.0  # when the last admitted request left
+        self._busy_since = 0.0  # when the last request that found nothing in flight was admitted
         self.bodies = BodyBudget(options.max_body_bytes, timeout_s=options.body_timeout_s)
         self.open_streams = 0
         # Preparation (decoding photos, resampling audio) runs on at most this many threads, so the memory of
@@ -86,13 +100,30 @@ class Service:
         authorize(self.options.api_key, headers)
 
     def refusal(self, count: int = 1) -> OverloadedError | None:
-        """Why `count` more predictions cannot be admitted now (None: they can)."""
+        """Why `count` more predictions cannot be admitted now (None: they can): the server is warming up,
+        max_queue are in flight, or (with at least ADMIT_ALWAYS_BELOW in flight, and busy for BUSY_GRACE_S
+        without a pause) the work ahead, in-flight samples x the measured seconds per sample, is over
+        max_queue_delay_ms. Admission by expected wait keeps an admitted request's wait short under overload (one
+        refused at once can retry or go to another replica); a queue bounded only in requests let admitted ones
+        wait max_queue / throughput."""
         if not self.ready.is_set():
             return OverloadedError("the server is warming up; retry in a moment", retry_after_s=1.0)
         if self.inflight + count > self.options.max_queue:
             return OverloadedError(
                 f"{self.inflight} requests in flight, the limit is max_queue={self.options.max_queue}; retry shortly"
             )
+        limit_ms = self.options.max_queue_delay_ms
+        if (
+            limit_ms
+            and self.inflight >= ADMIT_ALWAYS_BELOW
+            and self.clock() - self._busy_since >= BUSY_GRACE_S
+        ):
+            wait_ms = self.service_time.wait_s(self.inflight) * 1000
+            if wait_ms > limit_ms:
+                return OverloadedError(
+                    f"{self.inflight} requests in flight, about {wait_ms:.1f} ms of work ahead, over "
+                    f"max_queue_delay_ms={limit_ms:g}; retry shortly"
+                )
         return None
 
     @contextlib.asynccontextmanager
@@ -103,6 +134,9 @@ class Service:
         refusal = self.refusal(count)
         if refusal is not None:
             raise refusal
+        admitted = self.clock()
+        if not self.inflight:
+            self._busy_since = admitted
         self.inflight += count
         self.accepted += 1
         try:
@@ -114,6 +148,15 @@ class Service:
             self.answered += 1
         finally:
             self.inflight -= count
+            self._done(admitted, count)
+
+    def _done(self, admitted: float, count: int) -> None:
+        """A request of `count` samples admitted at `admitted` left: the server was busy on it from then, or
+        from the last departure if that came later (a queue drains one departure after another), so that
+        busy time over `count` is one observation of the seconds per sample."""
+        now = self.clock()
+        self.service_time.observe(now - max(admitted, self._last_done), count)
+        self._last_done = now
 
     async def answer(
         self, future: Future[Prediction], request: Request, timeout: float | None = None
