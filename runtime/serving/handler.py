@@ -49,7 +49,8 @@ class ServeOptions:
     # Admission by expected wait: with at least ADMIT_ALWAYS_BELOW predictions in flight, a request is refused
     # (503, at once) when in-flight samples x the measured seconds per sample exceed this; 0: off. 50 ms stays
     # clear of the 13-16 ms of work 32 closed-loop clients hold on 2 cores (benchmarks/serving_overload.py).
-    max_queue_delay_ms: float = 50.0
+    # Off by default: measured, it did not shorten accepted requests' waits under 4x overload (docs/serving.md).
+    max_queue_delay_ms: float = 0.0
     timeout_s: float = 30.0
     max_body_bytes: int = 32 << 20
     max_batch_samples: int = 64
