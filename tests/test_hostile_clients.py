@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.hostile import JSON_HEAD, MULTIPART_HEAD, closed_within, connect, free_port, read_all
+from benchmarks.hostile import JSON_HEAD, MULTIPART_HEAD, closed_within, connect, free_port, read_all, ready
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("starlette")
@@ -50,13 +50,7 @@ def server(bundle, tmp_path_factory):
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        else:
+        if not ready(port, within_s=60):
             pytest.fail(f"the server did not become ready:\n{log.read_text()}")
         yield port, url, log
     finally:

@@ -24,6 +24,7 @@ from starlette.testclient import TestClient  # noqa: E402
 from starlette.websockets import WebSocketDisconnect  # noqa: E402
 
 import polysense  # noqa: E402
+from benchmarks.hostile import ready  # noqa: E402
 from polysense.cli.main import main  # noqa: E402
 from polysense.errors import DependencyError  # noqa: E402
 from polysense.serving.handler import ServeOptions  # noqa: E402
@@ -487,13 +488,7 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(bundle):
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        else:
+        if not ready(port, within_s=60):
             pytest.fail("the server did not become ready")
         answered, failed, stop = [], [], threading.Event()
 

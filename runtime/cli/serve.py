@@ -36,7 +36,16 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
         help="onnxruntime threads per model run (default: half the cores, so HTTP work and model runs overlap; "
         "0: one per core)",
     )
+    add_trusted_key(serve)
     defaults = ServeOptions()
+    _add_queue_options(serve, defaults)
+    _add_connection_options(serve, defaults)
+    _add_ray_options(serve)
+    serve.set_defaults(run=_run_serve)
+
+
+def _add_queue_options(serve: argparse.ArgumentParser, defaults: ServeOptions) -> None:
+    """Batching, the queue, request limits and access."""
     serve.add_argument("--max-batch", type=int, default=defaults.max_batch, help="requests per model run")
     serve.add_argument(
         "--max-wait-ms",
@@ -75,10 +84,6 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
         help=f"bearer token every /v1 and /metrics request must send (or set {API_KEY_ENV}); at least 16 characters",
     )
     serve.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
-    add_trusted_key(serve)
-    _add_connection_options(serve, defaults)
-    _add_ray_options(serve)
-    serve.set_defaults(run=_run_serve)
 
 
 def _add_connection_options(serve: argparse.ArgumentParser, defaults: ServeOptions) -> None:

@@ -78,12 +78,7 @@ def make_edge_bundle(
     description = source.description
     if description.is_edge:
         raise ConfigError(f"{bundle} is an edge bundle already; make edge bundles from the full bundle")
-    out = Path(out)
-    target = out.with_name(out.name + ".tar") if archive else out
-    if not target.parent.is_dir():
-        raise ConfigError(f"--out {out}: the folder {target.parent} does not exist; create it first")
-    if target.exists() and (archive or not target.is_dir() or any(target.iterdir())):
-        raise ConfigError(f"{target} exists; choose a new name (an edge bundle is never written over files)")
+    target = _target(Path(out), archive)
     chosen = choose_precisions(description, list(description.components), device, "auto")
     with tempfile.TemporaryDirectory(dir=target.parent if target.parent.is_dir() else None) as work:
         folder = Path(work) / "edge"
@@ -109,16 +104,31 @@ def make_edge_bundle(
         if key is not None:
             sign_description(folder, key)
         size = sum(f.stat().st_size for f in folder.iterdir())
-        if archive:
-            from polysense.bundle.archive import write_archive
-
-            write_archive(folder, target)
-        else:
-            target.mkdir(exist_ok=True)
-            for written in folder.iterdir():
-                shutil.move(str(written), target / written.name)
+        _place(folder, target, archive)
     source_size = sum(f.stat().st_size for f in source.path.iterdir() if f.is_file())
     return EdgeResult(target, dict(chosen), size, source_size, command)
+
+
+def _target(out: Path, archive: bool) -> Path:
+    """Where the edge bundle goes (`out`, or `out`.tar), refused if that would write over anything."""
+    target = out.with_name(out.name + ".tar") if archive else out
+    if not target.parent.is_dir():
+        raise ConfigError(f"--out {out}: the folder {target.parent} does not exist; create it first")
+    if target.exists() and (archive or not target.is_dir() or any(target.iterdir())):
+        raise ConfigError(f"{target} exists; choose a new name (an edge bundle is never written over files)")
+    return target
+
+
+def _place(folder: Path, target: Path, archive: bool) -> None:
+    """The finished edge bundle from its working folder to `target`: a .tar, or the files moved."""
+    if archive:
+        from polysense.bundle.archive import write_archive
+
+        write_archive(folder, target)
+    else:
+        target.mkdir(exist_ok=True)
+        for written in folder.iterdir():
+            shutil.move(str(written), target / written.name)
 
 
 def _copy_extras(source: Bundle, folder: Path, probe: bool) -> None:
