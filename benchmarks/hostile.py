@@ -470,6 +470,7 @@ def _not_200(row: dict) -> int | str:
 
 
 def markdown(report: dict) -> str:
+    from benchmarks.serving import targets_table
     from polysense.machine import describe
 
     limit = report["fd_limit"]
@@ -507,13 +508,8 @@ def markdown(report: dict) -> str:
         "The last row is the baseline again, after every attack: the drift of the machine over the run.",
         f"Server log: {report['server_log_tracebacks']} tracebacks.",
         "",
-        "| target | value | met |",
-        "|---|---|---|",
     ]
-    lines += [
-        f"| {t['target']} | {t['value']:.3g} | {'yes' if t['met'] else '**no**'} |" for t in report["targets"]
-    ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + targets_table(report["targets"])) + "\n"
 
 
 if __name__ == "__main__":

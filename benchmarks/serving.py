@@ -239,6 +239,12 @@ def _target(name: str, value: float, sense: str, bound: float) -> dict:
     return {"target": f"{name} {sense} {bound:g}", "value": value, "met": bool(met)}
 
 
+def targets_table(targets: list[dict]) -> list[str]:
+    """A report's targets as markdown rows: each target, its measured value and whether it is met."""
+    rows = [f"| {t['target']} | {t['value']:.3g} | {'yes' if t['met'] else '**no**'} |" for t in targets]
+    return ["| target | value | met |", "|---|---|---|", *rows]
+
+
 def markdown(report: dict) -> str:
     info = report["machine"]
     lines = [
@@ -274,13 +280,8 @@ def markdown(report: dict) -> str:
         f"a keep-alive connection as the server closed it, never read by it), {t['refused_connections']} clients "
         "found the server no longer accepting connections.",
         "",
-        "| target | value | met |",
-        "|---|---|---|",
     ]
-    lines += [
-        f"| {t['target']} | {t['value']:.3g} | {'yes' if t['met'] else '**no**'} |" for t in report["targets"]
-    ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + targets_table(report["targets"])) + "\n"
 
 
 def plot(report: dict, path: Path) -> None:
