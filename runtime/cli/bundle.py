@@ -7,18 +7,14 @@ import json
 from pathlib import Path
 
 from polysense.bundle.slim import KEEP
+from polysense.cli.predict import add_trusted_key
 
 
 def add_info(commands: argparse._SubParsersAction) -> None:
     info = commands.add_parser("info", help="describe a bundle")
     info.add_argument("bundle")
     info.add_argument("--json", action="store_true", help="print the whole bundle description (bundle.json)")
-    info.add_argument(
-        "--trusted-key",
-        action="append",
-        metavar="KEY.pub",
-        help="check that the bundle is signed by this public key (repeatable)",
-    )
+    add_trusted_key(info, "check that the bundle is signed by this public key (repeatable)")
     info.set_defaults(run=_run_info)
 
 
@@ -64,12 +60,7 @@ def add_bundle(commands: argparse._SubParsersAction) -> None:
         "--key",
         help="sign the slimmed bundle with this private key (`polysense keygen`); required for a signed bundle",
     )
-    slim.add_argument(
-        "--trusted-key",
-        action="append",
-        metavar="KEY.pub",
-        help="refuse the bundle unless it is signed by this public key (repeatable)",
-    )
+    add_trusted_key(slim, "refuse the bundle unless it is signed by this public key (repeatable)")
     slim.set_defaults(run=_run_slim)
     sign = actions.add_parser(
         "sign",
@@ -158,12 +149,7 @@ def add_edge(commands: argparse._SubParsersAction) -> None:
         "--key",
         help="sign the edge bundle with this private key (`polysense keygen`); required for a signed bundle",
     )
-    edge.add_argument(
-        "--trusted-key",
-        action="append",
-        metavar="KEY.pub",
-        help="refuse the source bundle unless it is signed by this public key (repeatable)",
-    )
+    add_trusted_key(edge, "refuse the source bundle unless it is signed by this public key (repeatable)")
     edge.set_defaults(run=_run_edge)
 
 

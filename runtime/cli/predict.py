@@ -62,13 +62,11 @@ def _bundle_command(
     return command
 
 
-def add_trusted_key(command: argparse.ArgumentParser) -> None:
-    command.add_argument(
-        "--trusted-key",
-        action="append",
-        metavar="KEY.pub",
-        help="refuse a bundle unless it is signed by this public key (`polysense bundle sign`; repeatable)",
-    )
+def add_trusted_key(
+    command: argparse.ArgumentParser,
+    help: str = "refuse a bundle unless it is signed by this public key (`polysense bundle sign`; repeatable)",
+) -> None:
+    command.add_argument("--trusted-key", action="append", metavar="KEY.pub", help=help)
 
 
 def non_negative(text: str) -> int:
