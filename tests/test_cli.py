@@ -100,3 +100,45 @@ def test_a_nul_character_in_a_manifest_path_is_a_row_problem(tmp_path):
     path.write_text('{"image": "a\\u0000.jpg", "label": "x"}\n{"text": "fine", "label": "y"}\n')
     manifest = read_manifest(path)
     assert [(p.line, "NUL" in p.reason) for p in manifest.problems] == [(1, True)]
+
+
+def test_bench_refuses_a_plot_format_it_cannot_write_before_running(capsys):
+    # Issue 43: --plot x.txt was a matplotlib traceback after the whole benchmark.
+    assert main(["bench", "no-such-bundle", "--plot", "x.txt"]) == 2  # refused before the bundle is opened
+    err = capsys.readouterr().err
+    assert err.startswith("error: --plot x.txt: name a .png, .svg, .pdf file") and "--plot x.png" in err
+
+
+def test_demo_on_an_existing_folder_says_to_remove_it_not_to_resume(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    assert main(["demo", "--out", str(tmp_path / "run")]) == 2  # before any training code loads
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {tmp_path / 'run'} exists") and "--resume" not in err
+    assert f"rm -rf {tmp_path / 'run'}" in err
+
+
+@pytest.mark.parametrize("flags", [["--quiet"], [], ["--no-progress"]])
+def test_data_builtin_draws_no_progress_bar_quiet_or_off_a_terminal(flags, tmp_path, capsys):
+    assert main(["data", "builtin", "--out", str(tmp_path / "d"), "--n", "12", *flags]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "writing built-in data" not in err
+
+
+def test_warnings_print_as_one_warning_line(monkeypatch, capsys):
+    import logging
+    import warnings
+
+    from polysense.cli.main import _CliFormatter
+
+    def warns(args):
+        warnings.warn("no int8 variant of fusion in this bundle; they run fp32", UserWarning, stacklevel=2)
+        return 0
+
+    monkeypatch.setattr("polysense.cli.bundle._run_info", warns)
+    assert main(["info", "bundle"]) == 0
+    assert capsys.readouterr().err == "warning: no int8 variant of fusion in this bundle; they run fp32\n"
+    record = logging.LogRecord("polysense", logging.WARNING, "x.py", 1, "%d rows left out", (3,), None)
+    assert _CliFormatter().format(record) == "warning: 3 rows left out"
+    record.levelno = logging.INFO
+    assert _CliFormatter().format(record) == "3 rows left out"

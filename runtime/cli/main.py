@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def _add_data(commands: argparse._SubParsersAction) -> None:
     builtin.add_argument(
         "--seed", type=int, default=0, help="the same seed writes the same files (default 0)"
     )
+    builtin.add_argument("--no-progress", action="store_true")
     builtin.set_defaults(run=_run_data_builtin)
     avdigits = kinds.add_parser(
         "avdigits", help="pair FSDD spoken digits with sign-digit photos (a manifest)"
@@ -58,7 +60,7 @@ def _add_data(commands: argparse._SubParsersAction) -> None:
 def _run_data_builtin(args: argparse.Namespace) -> int:
     from polysense.datasets.builtin import BuiltinSpec, write_builtin
 
-    manifest = write_builtin(args.out, BuiltinSpec(n=args.n, seed=args.seed))
+    manifest = write_builtin(args.out, BuiltinSpec(n=args.n, seed=args.seed), progress=not args.no_progress)
     print(f"wrote {args.n} samples; manifest: {manifest}")
     return 0
 
@@ -99,7 +101,11 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         help="onnxruntime threads per model run (default 0: one per core)",
     )
     bench.add_argument("--json", metavar="OUT", help="write the full report as JSON")
-    bench.add_argument("--plot", metavar="OUT.png", help="write a PNG of stage latencies and throughput")
+    bench.add_argument(
+        "--plot",
+        metavar="OUT.png",
+        help="write a figure of stage latencies and throughput (.png, .svg or .pdf)",
+    )
     bench.add_argument("--quick", action="store_true", help="few runs (a smoke test, not a measurement)")
     bench.add_argument("--no-progress", action="store_true")
     bench.set_defaults(run=_run_bench)
@@ -120,6 +126,9 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+PLOT_FORMATS = (".png", ".svg", ".pdf")  # what --plot writes; matplotlib picks the format by the suffix
+
+
 def _check_outputs(json_path: str | None, plot_path: str | None) -> None:
     """Before the benchmark runs: where its results go must exist, and --plot needs matplotlib."""
     for path in (p for p in (json_path, plot_path) if p):
@@ -127,6 +136,11 @@ def _check_outputs(json_path: str | None, plot_path: str | None) -> None:
             raise ConfigError(
                 f"{path}: the folder {Path(path).parent} does not exist; create it or choose another"
             )
+    if plot_path and Path(plot_path).suffix.lower() not in PLOT_FORMATS:
+        raise ConfigError(
+            f"--plot {plot_path}: name a {', '.join(PLOT_FORMATS)} file (the suffix picks the format), "
+            f"e.g. --plot {Path(plot_path).with_suffix('.png')}"
+        )
     if plot_path and importlib.util.find_spec("matplotlib") is None:
         raise DependencyError("--plot needs matplotlib: pip install 'polysense[plot]' (or leave out --plot)")
 
@@ -182,7 +196,18 @@ def _progress_wanted(quiet: bool) -> bool:
     return not quiet and (sys.stderr.isatty() or os.environ.get("POLYSENSE_PROGRESS") == "1")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one `warning:` line on stderr: the user needs its message, not the source line it came from."""
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    with warnings.catch_warnings():  # restores the default display when main returns (tests call main)
+        warnings.showwarning = _show_warning
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         # Parsing a training command loads its flags, which needs torch: a DependencyError if missing.
         args = build_parser().parse_args(argv)
@@ -204,10 +229,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+class _CliFormatter(logging.Formatter):
+    """Log records as the CLI shows them: the message alone, a warning as one `warning:` line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)  # "%(message)s", with a traceback where one was logged
+        return f"warning: {text}" if record.levelno == logging.WARNING else text
+
+
 def _settle_output(args: argparse.Namespace) -> None:
     """--quiet: warnings and errors only. Progress bars off with --quiet or off a terminal: --no-progress for
     the commands that have it (`progress` False for train, whose flag is TrainOptions.progress)."""
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_CliFormatter())
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, handlers=[handler])
     if not _progress_wanted(args.quiet):
         if hasattr(args, "no_progress"):
             args.no_progress = True

@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import importlib
 from collections.abc import Iterable
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from polysense.errors import DependencyError
+from polysense.errors import ConfigError, DependencyError
 
 INSTALL = "pip install torch==2.13.0 && pip install 'polysense[train]'"
 
@@ -87,5 +88,12 @@ def add_demo(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    # The demo always starts a new run (it has no --resume): say so before training code loads.
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(
+            f"--out {out} exists; the demo writes a new run: remove it first (rm -rf {out}, as make demo does) "
+            "or choose another --out"
+        )
     result: int = training_module("polysense.export.demo").run_demo(args)
     return result
