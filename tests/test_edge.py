@@ -216,3 +216,34 @@ def test_unpacking_stops_at_its_budget_whatever_the_headers_say(tmp_path):
     with tarfile.open(path) as archive, refused:
         _unpack(path, archive, archive.getmember("bundle.json"), tmp_path / "out", budget=4096)
     assert (tmp_path / "out").stat().st_size == 0  # the 5000-byte block was counted before it was written
+
+
+def test_an_edge_bundle_without_fp32_names_the_edge_bundle_to_make_instead(bundle, tmp_path, capsys):
+    # Issue 43: --precision fp32 warned "they run fp32", then failed "has no fp32 variant"; fp16 suggested fp32.
+    half = make_edge_bundle(bundle, tmp_path / "half", precision="fp16")
+    assert set(half.precisions.values()) == {"fp16"}
+    for precision in ("fp32", "int8"):
+        with pytest.raises(ConfigError, match=f"no {precision} and no fp32 to fall back on") as refused:
+            polysense.Pipeline.load(half.path, device="cpu", precision=precision)
+        assert f"polysense edge FULL_BUNDLE --out DIR --precision {precision}" in str(refused.value)
+    assert main(["predict", str(half.path), "--text", "hi", "--precision", "fp32"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: this edge bundle keeps one variant") and err.count("\n") == 1
+    # What the message says to do works: an fp32 edge bundle serves --precision fp32.
+    assert main(["edge", str(bundle), "--out", str(tmp_path / "full"), "--precision", "fp32", "--quiet"]) == 0
+    assert main(["predict", str(tmp_path / "full"), "--text", "hi", "--precision", "fp32"]) == 0
+
+
+def test_edge_names_the_real_operator_list_and_prints_no_temporary_path(bundle, tmp_path, capfd):
+    assert main(["edge", str(bundle), "--out", str(tmp_path / "e"), "--tar", "--quiet"]) == 0
+    out, err = capfd.readouterr()
+    assert "Created config" not in out + err and "/path/to/" not in out
+    assert f"--include_ops_by_config {tmp_path.resolve() / OPERATORS_FILE}" in out
+    assert f"tar -xf {tmp_path / 'e.tar'} -C {tmp_path} {OPERATORS_FILE}" in out
+
+
+def test_info_reads_an_edge_tar_as_predict_does(bundle, tmp_path, capsys):
+    make_edge_bundle(bundle, tmp_path / "e", archive=True)
+    assert main(["info", str(tmp_path / "e.tar")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{tmp_path / 'e.tar'}: schema 3") and "image_encoder" in out

@@ -6,30 +6,37 @@ import argparse
 import json
 from pathlib import Path
 
+from polysense.bundle.schema import PRECISIONS
 from polysense.bundle.slim import KEEP
 from polysense.cli.predict import add_trusted_key
 
 
 def add_info(commands: argparse._SubParsersAction) -> None:
     info = commands.add_parser("info", help="describe a bundle")
-    info.add_argument("bundle")
+    info.add_argument("bundle", help="bundle folder, or the .tar `polysense edge --tar` writes")
     info.add_argument("--json", action="store_true", help="print the whole bundle description (bundle.json)")
     add_trusted_key(info, "check that the bundle is signed by this public key (repeatable)")
     info.set_defaults(run=_run_info)
 
 
 def _run_info(args: argparse.Namespace) -> int:
+    from polysense.bundle.archive import is_archive, unpacked
     from polysense.bundle.reader import open_bundle
     from polysense.bundle.signing import TrustedKeys
 
     trusted = TrustedKeys.parse(args.trusted_key) if args.trusted_key else None
-    bundle = open_bundle(args.bundle, trusted_keys=trusted)
-    description = bundle.description
+    if is_archive(args.bundle):  # an edge bundle's .tar, checked as Pipeline.load checks it
+        with unpacked(args.bundle) as folder:
+            description = open_bundle(folder, trusted_keys=trusted).description
+        path = Path(args.bundle)
+    else:
+        bundle = open_bundle(args.bundle, trusted_keys=trusted)
+        description, path = bundle.description, bundle.path
     if args.json:
         print(json.dumps(description.to_dict(), indent=2))
         return 0
     made_by = description.producer.get("polysense", "?")
-    print(f"{bundle.path}: schema {description.schema_version}, made by polysense {made_by}")
+    print(f"{path}: schema {description.schema_version}, made by polysense {made_by}")
     print(f"  labels ({len(description.labels)}): {', '.join(description.labels)}")
     print(f"  modalities: {', '.join(description.modalities)}; embedding size {description.embed_dim}")
     for name, component in description.components.items():
@@ -139,6 +146,13 @@ def add_edge(commands: argparse._SubParsersAction) -> None:
         default="cpu",
         help="keep the variants auto picks there (default cpu)",
     )
+    edge.add_argument(
+        "--precision",
+        choices=("auto", *PRECISIONS),
+        default="auto",
+        help="the variant kept per component (default auto: the fastest kept for --device; fp32 for a device "
+        "where int8 does not pay, as polysense tune finds)",
+    )
     edge.add_argument("--tar", action="store_true", help="write one OUT.tar file instead of a folder")
     edge.add_argument(
         "--no-probe",
@@ -165,13 +179,17 @@ def _run_edge(args: argparse.Namespace) -> int:
         probe=not args.no_probe,
         key=args.key,
         trusted_keys=TrustedKeys.parse(args.trusted_key) if args.trusted_key else None,
+        precision=args.precision,
     )
     kept = ", ".join(f"{name} {precision}" for name, precision in result.precisions.items())
     share = result.bytes / result.source_bytes if result.source_bytes else float("nan")
     print(
         f"wrote {result.path}: {kept}; {result.bytes / 1e6:.2f} MB ({share:.0%} of the full bundle's files)"
     )
-    print(f"minimal onnxruntime build (from an onnxruntime source checkout):\n  {result.build_command}")
+    print("minimal onnxruntime build (from an onnxruntime source checkout):")
+    if args.tar:  # the command names the operator list beside the .tar, where this puts it
+        print(f"  tar -xf {result.path} -C {result.path.parent} required_operators.config")
+    print(f"  {result.build_command}")
     return 0
 
 

@@ -56,17 +56,32 @@ def choose_precisions(
     if requested not in PRECISIONS:
         raise ConfigError(f"precision {requested!r} is unknown; choose auto, {', '.join(PRECISIONS)}")
     having = [n for n, c in components.items() if requested in c.variants]
+    lacking = [n for n in names if n not in having]
+    unfit = [n for n in lacking if "fp32" not in components[n].variants]  # an edge bundle's int8 or fp16 only
+    if unfit:
+        raise ConfigError(_edge_lacks(requested, components, unfit))
     if not having:
         raise ConfigError(
             f"this bundle has no {requested} variant of any component (export keeps a variant only where it was "
-            "accurate and fast enough); use precision='auto' or 'fp32'"
+            "accurate and fast enough); use --precision auto or fp32"
         )
-    lacking = [n for n in names if n not in having]
     if lacking:
         warnings.warn(
             f"no {requested} variant of {', '.join(lacking)} in this bundle; they run fp32", stacklevel=3
         )
     return {n: requested if n in having else "fp32" for n in names}
+
+
+def _edge_lacks(requested: str, components: dict[str, ComponentSpec], unfit: list[str]) -> str:
+    """Why an edge bundle cannot run `requested` everywhere, and what to do: it holds one variant per component,
+    so a component without `requested` may have no fp32 to fall back on."""
+    kept = ", ".join(f"{name} {component.precisions[0]}" for name, component in components.items())
+    return (
+        f"this edge bundle keeps one variant per component ({kept}): {', '.join(unfit)} has no {requested} and "
+        "no fp32 to fall back on; "
+        f"--precision auto runs them, or make an edge bundle of {requested} variants from the full bundle: "
+        f"polysense edge FULL_BUNDLE --out DIR --precision {requested}"
+    )
 
 
 def tuned_choices(folder: Path, device: str) -> dict[str, str] | None:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -62,10 +64,13 @@ def make_edge_bundle(
     probe: bool = True,
     key: str | os.PathLike | None = None,
     trusted_keys: TrustedKeys | None = None,
+    precision: str = "auto",
 ) -> EdgeResult:
     """Write the edge bundle of `bundle` for `device` (cpu or cuda) to the folder `out` (or `out`.tar); with
     `probe`, the source's probe.npz too, so `polysense tune` can check the bundle on its device. `key` signs
-    the edge bundle (see above); `trusted_keys`: the source must be signed by one of them."""
+    the edge bundle (see above); `trusted_keys`: the source must be signed by one of them. `precision`: the
+    variant kept per component, chosen as `Pipeline.load(precision=...)` chooses (auto: the fastest kept for
+    `device`; fp32: fp32 throughout, for a device where int8 does not pay)."""
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"--device {device!r}: an edge bundle is made for cpu or cuda")
     source = open_bundle(bundle, trusted_keys=trusted_keys)  # verified: never convert a damaged bundle
@@ -79,7 +84,7 @@ def make_edge_bundle(
     if description.is_edge:
         raise ConfigError(f"{bundle} is an edge bundle already; make edge bundles from the full bundle")
     target = _target(Path(out), archive)
-    chosen = choose_precisions(description, list(description.components), device, "auto")
+    chosen = choose_precisions(description, list(description.components), device, precision)
     with tempfile.TemporaryDirectory(dir=target.parent if target.parent.is_dir() else None) as work:
         folder = Path(work) / "edge"
         folder.mkdir()
@@ -100,7 +105,7 @@ def make_edge_bundle(
         )
         (folder / DESCRIPTION_FILE).write_text(json.dumps(edge.to_dict(), indent=2) + "\n", encoding="utf-8")
         models = [folder / components[name].variants[precision].file for name, precision in chosen.items()]
-        command = _write_operator_config(folder, models)
+        command = _write_operator_config(folder, models, _config_path(target, archive))
         if key is not None:
             sign_description(folder, key)
         size = sum(f.stat().st_size for f in folder.iterdir())
@@ -155,12 +160,20 @@ def _to_ort_format(model: bytes, path: Path, device: str) -> bytes:
     return path.read_bytes()
 
 
-def _write_operator_config(folder: Path, models: list[Path]) -> str:
-    """required_operators.config for the ORT-format `models`; returns the build command, also written at its top."""
+def _config_path(target: Path, archive: bool) -> Path:
+    """Where required_operators.config will be for the build: in the edge bundle folder, or (from a .tar) beside
+    it once extracted (`tar -xf OUT.tar required_operators.config`)."""
+    folder = target.parent if archive else target
+    return folder.resolve() / OPERATORS_FILE
+
+
+def _write_operator_config(folder: Path, models: list[Path], final: Path) -> str:
+    """required_operators.config for the ORT-format `models`; returns the build command naming it at `final`
+    (where it will be), also written at the file's top."""
     create_config = _import_config_tool()
     config = folder / OPERATORS_FILE
     create_config(models, config, enable_type_reduction=True)
-    command = BUILD_COMMAND.format(config=f"/path/to/{OPERATORS_FILE}")
+    command = BUILD_COMMAND.format(config=shlex.quote(str(final)))
     lines = [line for line in config.read_text().splitlines() if not line.startswith("# -")]
     header = [
         "# The operators and types of this edge bundle's graphs. Build a minimal onnxruntime for them from an",
@@ -186,4 +199,7 @@ def _import_config_tool():
     finally:
         if hide:
             del sys.modules["torch"]
+    # Its logger (set to DEBUG as it loads) says "Created config in <path>": a temporary path, gone once the
+    # bundle is placed; polysense says where the file is.
+    logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)
     return create_config_from_models
