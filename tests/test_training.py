@@ -423,3 +423,37 @@ def test_keep_chooses_between_the_best_validation_epoch_and_the_last(
     assert "last epoch kept, best epoch" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="--keep 'first' is unknown; choose best or last"):
         TrainOptions(data="x", out="y", keep="first")
+
+
+def test_patience_running_out_with_the_last_epoch_is_not_an_early_stop(tiny_builtin, tmp_path):
+    # Issue 43: "stopped early, best epoch 4 of 8" when every epoch ran.
+    result = _train(tiny_builtin, tmp_path / "run", epochs=2, patience=1, lr=1e-6)
+    assert result.epochs_run == 2 and not result.stopped_early
+
+
+def _text_manifest(path, labels):
+    path.write_text("text,label\n" + "".join(f"sample {i} words,{label}\n" for i, label in enumerate(labels)))
+    return path
+
+
+def test_too_few_rows_for_the_automatic_split_names_the_cause(tmp_path, capsys):
+    # Issue 43: 10 rows, no split column: "give it rows in the split column", a column that is not there.
+    manifest = _text_manifest(tmp_path / "m.csv", ["a", "b"] * 5)
+    assert main(["train", "--data", str(manifest), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "10 usable rows are too few for the automatic split" in err and "split column" in err
+    assert "the largest label has 5 rows; give each label at least 6 rows" in err
+
+
+def test_a_failed_train_leaves_no_run_folder(tmp_path, capsys):
+    # Issue 43: a missing manifest left an empty OUT/checkpoints behind.
+    args = ["train", "--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "out" / "run")]
+    assert main(args) == 2 and "missing.csv" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "run").exists()
+
+
+def test_a_manifest_with_one_label_is_refused(tmp_path):
+    # Issue 43: it trained to loss 0 and accuracy 1.0 without a word.
+    manifest = _text_manifest(tmp_path / "m.csv", ["only"] * 30)
+    with pytest.raises(ConfigError, match="every usable row has the label 'only'; .* at least two labels"):
+        _train(manifest, tmp_path / "run", epochs=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -162,16 +163,42 @@ def _split_rows(
         log.warning("%d rows have none of %s and are left out", len(usable) - len(rows), "+".join(modalities))
     # Drop cells of modalities the model does not use, so they are neither read nor required.
     rows = [replace(r, **{m: None for m in MODALITIES if m not in modalities}) for r in rows]
+    _check_label_count(manifest, rows)
     if not manifest.has_split:
         rows = stratified_split(rows, seed)
     by_split = {s: [r for r in rows if r.split == s] for s in SPLITS}
     empty = [s for s in SPLITS if not by_split[s]]
+    if empty and not manifest.has_split:
+        raise ConfigError(_too_few_to_split(manifest, rows, empty))
     if empty:
         raise ConfigError(
             f"{manifest.path}: the {' and '.join(empty)} split is empty; "
             "give it rows in the split column, or drop the column for an automatic 80/10/10 split"
         )
     return by_split
+
+
+def _check_label_count(manifest: Manifest, rows: list[Row]) -> None:
+    """A classifier needs two labels: with one, training reaches loss 0 and accuracy 1.0 and learns nothing."""
+    labels = sorted({str(r.label) for r in rows})
+    if len(labels) == 1:
+        raise ConfigError(
+            f"{manifest.path}: every usable row has the label {labels[0]!r}; a classifier needs rows of at "
+            "least two labels"
+        )
+
+
+def _too_few_to_split(manifest: Manifest, rows: list[Row], empty: list[str]) -> str:
+    """Why the automatic split (per label, 10% to val and 10% to test) left a split empty: too few rows a label."""
+    per_label = Counter(r.label for r in rows)
+    # The smallest label size that gives val and test one row each (round(0.1 * n) >= 1).
+    needed = next(n for n in range(1, 1000) if round(0.1 * n) >= 1)
+    return (
+        f"{manifest.path}: {len(rows)} usable rows are too few for the automatic split (10% of each label's "
+        f"rows to val, 10% to test): the {' and '.join(empty)} split is empty, as the largest label has "
+        f"{max(per_label.values())} rows; give each label at least {needed} rows (dozens to learn from), or add "
+        "a split column (train, val, test) to choose the rows yourself"
+    )
 
 
 def _image_settings(

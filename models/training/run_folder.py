@@ -13,9 +13,10 @@ torch.load(weights_only=True): nothing is unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,8 +136,19 @@ def resumed_options(
     return resumed
 
 
-def create_run_dir(run_dir: Path) -> None:
+@contextlib.contextmanager
+def run_dir_for(run_dir: Path) -> Iterator[None]:
+    """The run folder, made for what runs inside (preparing the data); should that fail, a folder made here
+    that is still empty goes again, so a mistake leaves nothing that looks like a run. checkpoints/ is made
+    only once it succeeded."""
+    made = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if made and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+        raise
     (run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
 
 

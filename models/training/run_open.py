@@ -129,8 +129,8 @@ def _prepare_run(
     else:
         run_folder.check_fresh_run_dir(run_dir)
         check_split(options.batch_size, world.size, options.accumulate)
-    run_folder.create_run_dir(run_dir)
-    data = prepare_data(options, run_dir, written=lambda: from_main(world, options))
+    with run_folder.run_dir_for(run_dir):
+        data = prepare_data(options, run_dir, written=lambda: from_main(world, options))
     options = options.for_data_modalities(data.modalities)
     config = _run_config(options, data)
     run_folder.write_config(run_dir, config, resume)

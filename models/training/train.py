@@ -110,7 +110,8 @@ def _train(options: TrainOptions, resume: bool, changed: Collection[str], world:
             stopped_early = _run_phase(run, phase, first, last, total_epochs)
         first = last + 1
     state = run.state
-    stopped_early = stopped_early or state.early_stop_due(run.options.patience)
+    # Early only if epochs were left out: patience that runs out with the last epoch stopped nothing.
+    stopped_early = state.epoch < total_epochs
     metrics = {}
     meet(world)  # rank 0's last checkpoint is written
     if world.is_main:
