@@ -205,6 +205,20 @@ def candidates(
         yield Candidate("fp16", "fp16 weights and activations, fp32 inputs/outputs", "cuda", path)
 
 
+def resolution_caveat(samples: int, policy: VariantPolicy) -> str:
+    """What the accuracy check is worth when one validation sample weighs more than the accuracy budget ("" when
+    it can see a loss within budget): on 2 samples, "0.00 points lost" says almost nothing."""
+    points = 100 / samples if samples else float("inf")
+    # A budget of 0 refuses any flipped sample, which any count sees.
+    if points <= policy.max_accuracy_drop or (samples and policy.max_accuracy_drop == 0):
+        return ""
+    return (
+        f"{samples} validation samples, each {points:.2f} accuracy points, over the "
+        f"{policy.max_accuracy_drop:g}-point budget: a variant's accuracy is barely checked; "
+        f"{math.ceil(100 / policy.max_accuracy_drop)} or more check it"
+    )
+
+
 def decide(device: str, drop: float, speedup: float | None, policy: VariantPolicy) -> tuple[bool, str]:
     """Keep a variant that loses at most the accuracy budget and is measured faster where it runs; a CUDA variant
     without a CUDA measurement is kept (for those who ask for it) but never counted as paying."""
@@ -254,7 +268,11 @@ def add_variants(
     progress: bool,
 ) -> BundleDescription:
     """Try each variant of each component, keep those that pay, record every measurement."""
-    base_accuracy = trial.validate({})["accuracy"]
+    base = trial.validate({})
+    base_accuracy = base["accuracy"]
+    caveat = resolution_caveat(base["count"], policy)
+    if caveat:
+        log.warning("lower-precision variants are judged on too few validation samples: %s", caveat)
     for component in tqdm(parts, desc="precision variants", unit="graph", disable=not progress, leave=False):
         spec = description.component(component.name)
         fp32_path = trial.folder / spec.variant("fp32").file
@@ -270,6 +288,8 @@ def add_variants(
             report = _measure(
                 candidate, trial, feeds, policy, base_accuracy, fp32_ms, component.name, fp32_path
             )
+            if caveat and report.kept:  # kept, but the accuracy check could not see a loss within budget
+                report = replace(report, reason=f"{report.reason} ({caveat})")
             reports.append(report)
             if candidate.device == "cpu" and report.fp32_latency_ms is not None:
                 # `auto` picks the fastest kept variant by latency_ms: fp32's figure must come from the same

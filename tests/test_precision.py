@@ -192,3 +192,15 @@ def test_the_export_report_prints_a_variant_whose_speed_was_not_measured(tmp_pat
         tmp_path, {}, 0.0, variants={"text_encoder": [measured, unmeasured]}
     ).variants_table()
     assert "1.70x fp32 speed" in table and "fp16  speed not measured" in table
+
+
+def test_variants_judged_on_too_few_validation_samples_say_so():
+    # Issue 43: on 2 validation samples export reported "0.00 points lost" with no caveat.
+    from polysense.export.variants import VariantPolicy, resolution_caveat
+
+    caveat = resolution_caveat(2, VariantPolicy())
+    assert caveat.startswith("2 validation samples, each 50.00 accuracy points, over the 1-point budget")
+    assert "100 or more check it" in caveat
+    assert resolution_caveat(100, VariantPolicy()) == ""  # one sample is the budget: a loss beyond it shows
+    assert resolution_caveat(2, VariantPolicy(max_accuracy_drop=0.0)) == ""  # any flipped sample refuses
+    assert resolution_caveat(0, VariantPolicy()).startswith("0 validation samples")
