@@ -142,3 +142,26 @@ def test_warnings_print_as_one_warning_line(monkeypatch, capsys):
     assert _CliFormatter().format(record) == "warning: 3 rows left out"
     record.levelno = logging.INFO
     assert _CliFormatter().format(record) == "3 rows left out"
+
+
+def test_a_wav_piped_to_stream_is_read_by_its_header(tmp_path):
+    # Issue 43: `stream --audio -` read a piped WAV's 44-byte header as 22 samples at --sample-rate.
+    import io
+
+    import soundfile
+
+    samples = (np.sin(np.arange(800) / 5) * 0.5).astype(np.float32)
+    wav = io.BytesIO()
+    soundfile.write(wav, samples, 8000, format="WAV", subtype="PCM_16")
+    chunks = list(audio_chunks("-", 50.0, 16000, io.BytesIO(wav.getvalue())))
+    assert {rate for _, rate in chunks} == {8000} and [len(c) for c, _ in chunks] == [400, 400]
+    piped = np.concatenate([c[:, 0] for c, _ in chunks]) / 32768
+    np.testing.assert_allclose(piped, samples, atol=1 / 32768)
+    raw = np.arange(100, dtype="<i2").tobytes()  # not a WAV: raw PCM, its first bytes included
+    assert sum(len(c) for c, _ in audio_chunks("-", 50.0, 16000, io.BytesIO(raw))) == 100
+
+
+def test_stream_of_a_missing_file_says_not_found_as_predict_does(bundle, capsys):
+    # Issue 43: "cannot read audio (... System error.)".
+    assert main(["stream", str(bundle), "--audio", "nope.wav"]) == 2
+    assert capsys.readouterr().err == "error: audio file not found: nope.wav\n"

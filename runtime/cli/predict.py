@@ -215,11 +215,19 @@ def add_stream(commands: argparse._SubParsersAction) -> None:
     )
     # Only to refuse them with a message that says what to do (argparse would say "unrecognized arguments").
     stream.add_argument("more_bundles", nargs="*", help=argparse.SUPPRESS)
-    stream.add_argument("--audio", help="audio file, or - for raw 16-bit little-endian mono PCM on stdin")
+    stream.add_argument(
+        "--audio",
+        help="audio file, or - for stdin: a 16-bit WAV stream, or raw 16-bit little-endian mono PCM at --sample-rate",
+    )
     stream.add_argument("--video", help="video file (or camera index / URL) sampled at --fps")
     stream.add_argument("--text", help="text fused with the stream")
     stream.add_argument("--chunk-ms", type=float, default=100.0, help="audio chunk length (default 100 ms)")
-    stream.add_argument("--sample-rate", type=int, default=16000, help="rate of PCM on stdin (default 16000)")
+    stream.add_argument(
+        "--sample-rate",
+        type=int,
+        default=16000,
+        help="rate of raw PCM on stdin (default 16000; a WAV says its own)",
+    )
     stream.add_argument("--fps", type=float, default=5.0, help="video frames encoded per second (default 5)")
     _voice_argument(stream, "the streamed speaker's voice profile")
     stream.set_defaults(run=_run_stream)

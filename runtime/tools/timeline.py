@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import sys
+import wave
 from collections.abc import Iterator
-from typing import BinaryIO
+from pathlib import Path
+from typing import BinaryIO, cast
 
 import numpy as np
 
@@ -19,26 +21,74 @@ from polysense.preprocess.voice import VoiceProfile
 def audio_chunks(
     source: str, chunk_ms: float, stdin_rate: int, stdin: BinaryIO | None = None
 ) -> Iterator[tuple[np.ndarray, int]]:
-    """(samples, sample_rate) chunks of `chunk_ms` from a file, or raw 16-bit PCM from stdin when source is '-'."""
+    """(samples, sample_rate) chunks of `chunk_ms` from a file, or from stdin when source is '-': a WAV stream
+    (its header gives the rate) or raw 16-bit little-endian mono PCM at `stdin_rate`."""
     if not 0 < chunk_ms < float("inf"):  # also refuses NaN
         raise InputError(f"--chunk-ms must be a positive number of milliseconds, got {chunk_ms}")
     stdin_rate = check_sample_rate(stdin_rate)
-    if source == "-":
-        stream = stdin or sys.stdin.buffer
-        size = max(1, round(stdin_rate * chunk_ms / 1000)) * 2  # bytes of int16 mono
-        leftover = b""
-        while True:
-            data = stream.read(size)
-            if not data:
-                return
-            data = leftover + data
-            usable = len(data) - len(data) % 2  # an odd byte waits for its partner
-            leftover = data[usable:]
-            if usable:
-                yield np.frombuffer(data[:usable], dtype="<i2").copy(), stdin_rate
+    if source != "-":
+        yield from _file_chunks(source, chunk_ms)
+        return
+    stream = stdin or sys.stdin.buffer
+    head = stream.read(len(WAV_MAGIC))
+    if head == WAV_MAGIC:  # `cat clip.wav |`, `arecord |`: its header is not 22 samples of sound
+        yield from _wav_chunks(_Prefixed(head, stream), chunk_ms)
+    else:
+        yield from _pcm_chunks(_Prefixed(head, stream), chunk_ms, stdin_rate)
+
+
+WAV_MAGIC = b"RIFF"  # how a WAV stream starts
+
+
+class _Prefixed:
+    """A byte stream with the bytes already read from it put back in front (stdin cannot seek back)."""
+
+    def __init__(self, head: bytes, stream: BinaryIO) -> None:
+        self.head, self.stream = head, stream
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(size)
+        taken, self.head = (self.head, b"") if size < 0 else (self.head[:size], self.head[size:])
+        wanted = -1 if size < 0 else size - len(taken)
+        return taken + (self.stream.read(wanted) if wanted else b"")
+
+
+def _pcm_chunks(stream: _Prefixed, chunk_ms: float, rate: int) -> Iterator[tuple[np.ndarray, int]]:
+    size = max(1, round(rate * chunk_ms / 1000)) * 2  # bytes of int16 mono
+    leftover = b""
+    while data := stream.read(size):
+        data = leftover + data
+        usable = len(data) - len(data) % 2  # an odd byte waits for its partner
+        leftover = data[usable:]
+        if usable:
+            yield np.frombuffer(data[:usable], dtype="<i2").copy(), rate
+
+
+def _wav_chunks(stream: _Prefixed, chunk_ms: float) -> Iterator[tuple[np.ndarray, int]]:
+    """A 16-bit PCM WAV read as it arrives (the standard library's reader does not need to seek)."""
+    fix = "pipe 16-bit PCM WAV or raw PCM (with --sample-rate), or stream a file with --audio FILE"
+    try:
+        reader = wave.open(cast(BinaryIO, stream), "rb")  # noqa: SIM115 (closed by the with below)
+    except (wave.Error, EOFError) as error:
+        raise InputError(f"stdin holds a WAV stream that cannot be read ({error}); {fix}") from error
+    with reader:
+        width, channels = reader.getsampwidth(), reader.getnchannels()
+        if width != 2:
+            raise InputError(f"stdin holds a WAV stream of {8 * width}-bit samples; {fix}")
+        rate = check_sample_rate(reader.getframerate())
+        step = max(1, round(rate * chunk_ms / 1000))
+        while data := reader.readframes(step):
+            usable = len(data) - len(data) % (2 * channels)  # a stream cut mid-frame drops the part frame
+            yield np.frombuffer(data[:usable], dtype="<i2").reshape(-1, channels).copy(), rate
+
+
+def _file_chunks(source: str, chunk_ms: float) -> Iterator[tuple[np.ndarray, int]]:
+    if not Path(source).is_file():  # as `predict --audio` says it (soundfile would say "System error")
+        raise InputError(f"audio file not found: {source}")
     try:
         samples, rate = require("soundfile").read(source, dtype="float32", always_2d=True)
-    except Exception as error:  # soundfile raises several types for missing or undecodable files
+    except Exception as error:  # soundfile raises several types for undecodable files
         raise InputError(f"{source}: cannot read audio ({error})") from error
     step = max(1, round(rate * chunk_ms / 1000))
     for start in range(0, samples.shape[0], step):
