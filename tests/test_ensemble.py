@@ -1,6 +1,7 @@
 """Ensembles (polysense.Ensemble): several bundles' probabilities averaged, offline, in batches and in streams."""
 
 import csv
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -62,10 +63,13 @@ def test_an_ensemble_predicts_the_mean_of_its_members(pipe, other, test_rows):
 
 
 @pytest.mark.slow
-def test_an_ensemble_loads_bundles_and_refuses_what_cannot_be_averaged(bundle, pipe, other, image_only):
-    loaded = polysense.Ensemble.load([bundle, bundle], device="cpu", precision="fp32")
+def test_an_ensemble_loads_bundles_and_refuses_what_cannot_be_averaged(
+    bundle, other_bundle, pipe, other, image_only
+):
+    loaded = polysense.Ensemble.load([bundle, other_bundle], device="cpu", precision="fp32")
     assert len(loaded.members) == 2 and loaded.labels == pipe.labels
-    assert len(polysense.Ensemble.load(p for p in (bundle, bundle)).members) == 2  # any iterable of paths
+    paths = (p for p in (bundle, other_bundle))  # any iterable of paths
+    assert len(polysense.Ensemble.load(paths).members) == 2
     with pytest.raises(ConfigError, match="non-empty list of bundle paths"):
         polysense.Ensemble.load([])
     for path in (str(bundle), Path(bundle)):
@@ -177,8 +181,8 @@ def test_an_ensemble_refuses_members_heard_with_and_without_voices(voice_members
     plain = polysense.Pipeline.load(_train(manifest, tmp_path, modalities=("audio",), epochs=1), device="cpu")
     with pytest.raises(ConfigError, match="bundle 1 was trained without --voice-norm and bundle 0 with"):
         polysense.Ensemble([members[0], plain])
-    with pytest.raises(ConfigError, match="bundle 2 was trained with --voice-norm and bundle 0 without"):
-        polysense.Ensemble([plain, plain, members[0]])
+    with pytest.raises(ConfigError, match="b.wav was trained with --voice-norm and a.wav without"):
+        polysense.Ensemble([plain, members[0]], names=["a.wav", "b.wav"])
 
 
 @pytest.mark.slow
@@ -194,8 +198,11 @@ def test_a_sample_an_ensemble_refuses_teaches_its_adaptive_voice_nothing(tmp_pat
         writer = csv.DictWriter(handle, fieldnames=["image", "audio", "label", "split", "speaker"])
         writer.writeheader()
         writer.writerows({k: r[k] for k in writer.fieldnames} for i, r in enumerate(rows) if i % 20 == 0)
-    member = polysense.Pipeline.load(_train(manifest, tmp_path, epochs=1, voice_norm=True), device="cpu")
-    ensemble = polysense.Ensemble([member, member])
+    from polysense.tools.edge import make_edge_bundle
+
+    trained = _train(manifest, tmp_path, epochs=1, voice_norm=True)
+    edge = make_edge_bundle(trained, tmp_path / "edge").path  # a second member (one model twice is refused)
+    ensemble = polysense.Ensemble.load([trained, edge], device="cpu")
     clip = _theo(manifest, 1)[0]
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 not a photo")
@@ -207,7 +214,7 @@ def test_a_sample_an_ensemble_refuses_teaches_its_adaptive_voice_nothing(tmp_pat
     assert voice.frames > 0
 
 
-def test_an_ensemble_prepares_and_embeds_once_for_many_subsets(pipe, other, test_rows):
+def test_an_ensemble_prepares_and_embeds_once_for_many_subsets(pipe, other, bundle, test_rows, tmp_path):
     ensemble = polysense.Ensemble([pipe, other])
     samples = [{"image": r.image, "text": r.text, "audio": r.audio} for r in test_rows[:4]]
     direct = ensemble.predict_batch(samples)
@@ -230,7 +237,11 @@ def test_an_ensemble_prepares_and_embeds_once_for_many_subsets(pipe, other, test
     with pytest.raises(InputError, match="sample 1: unknown input 'video'"):
         ensemble.embed([samples[0], {"video": "x.mp4"}])
     # What another ensemble, or one Pipeline, made is refused, not silently cut to fit.
-    larger = polysense.Ensemble([pipe, other, pipe])
+    from polysense.tools.edge import make_edge_bundle
+
+    # A third model: the same weights in another bundle (one model twice is refused).
+    third = make_edge_bundle(bundle, tmp_path / "edge").path
+    larger = polysense.Ensemble([pipe, other, polysense.Pipeline.load(third, device="cpu")])
     with pytest.raises(InputError, match="ensemble of 2 bundles, this one has 3"):
         larger.predict_batch(embeddings)
     with pytest.raises(InputError, match="sample 0 was prepared by an ensemble of 2 bundles, this one has 3"):
@@ -308,4 +319,23 @@ def test_the_cli_predicts_and_evaluates_with_an_ensemble(
     with open(manifest) as handle:
         assert len(preds.read_text().splitlines()) == len(list(csv.DictReader(handle)))
     assert main(["predict", str(bundle), str(image_only), "--text", "hi"]) == 2
-    assert "bundle 1 takes image but bundle 0 takes image+text+audio" in capsys.readouterr().err
+    assert f"{image_only} takes image but {bundle} takes image+text+audio" in capsys.readouterr().err
+
+
+def test_one_model_twice_is_refused_and_errors_name_the_bundles_as_given(bundle, tmp_path, capsys):
+    # Issue 43: the same bundle given twice was a two-member ensemble; errors said "bundle 0/1", not the paths.
+    from polysense.cli.main import main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    for twice in ([bundle, bundle], [bundle, copy]):
+        with pytest.raises(
+            ConfigError, match=f"{twice[1]} is the same model as {bundle} .*give each bundle once"
+        ):
+            polysense.Ensemble.load(twice, device="cpu")
+    assert main(["predict", str(bundle), str(bundle), "--text", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bundle} is the same model as {bundle}") and err.count("\n") == 1
+    pipe = polysense.Pipeline.load(bundle, device="cpu")
+    with pytest.raises(ConfigError, match="bundle 1 is the same model as bundle 0"):
+        polysense.Ensemble([pipe, pipe])

@@ -45,44 +45,26 @@ class Ensemble:
     """Pipelines of the same labels and modalities whose probabilities are averaged. Safe to share between
     threads as a Pipeline is."""
 
-    def __init__(self, members: Sequence[Pipeline]) -> None:
+    def __init__(self, members: Sequence[Pipeline], names: Sequence[str] | None = None) -> None:
+        """`names`: what errors call each member (Ensemble.load passes the bundle paths; default "bundle 0", ...)."""
         members = list(members)
         if not members or not all(isinstance(m, Pipeline) for m in members):
             raise ConfigError("an ensemble is built from a non-empty list of polysense.Pipeline")
         if len(members) > MAX_MEMBERS:
             raise ConfigError(f"an ensemble takes at most {MAX_MEMBERS} bundles, got {len(members)}")
-        first = members[0]
+        names = [f"bundle {i}" for i in range(len(members))] if names is None else [str(n) for n in names]
+        if len(names) != len(members):
+            raise ConfigError(f"{len(names)} names for {len(members)} members; give one name per member")
         for index, member in enumerate(members[1:], 1):
-            if sorted(member.labels) != sorted(first.labels):
-                raise ConfigError(
-                    f"bundle {index} has the labels {', '.join(member.labels)} but bundle 0 has "
-                    f"{', '.join(first.labels)}; an ensemble's bundles classify into the same labels"
-                )
-            if member.modalities != first.modalities:
-                raise ConfigError(
-                    f"bundle {index} takes {'+'.join(member.modalities)} but bundle 0 takes "
-                    f"{'+'.join(first.modalities)}; an ensemble's bundles take the same modalities"
-                )
-            if member.embed_dim != first.embed_dim:
-                # A prediction stacks the members' embeddings of each modality ([members, embed_dim]).
-                raise ConfigError(
-                    f"bundle {index} embeds into {member.embed_dim} numbers but bundle 0 into "
-                    f"{first.embed_dim}; an ensemble's bundles are trained with the same --embed-dim"
-                )
-            if member.limits != first.limits:
-                # One input is checked once against these limits; a member with other limits would refuse it
-                # after the others took it (a stream's chunk, half fed).
-                raise ConfigError(
-                    f"bundle {index} was loaded with other limits than bundle 0; load an ensemble's pipelines "
-                    "with the same polysense.Limits (Ensemble.load does)"
-                )
+            _check_member(members[0], member, names[0], names[index])
+            _check_distinct(members[:index], member, names[:index], names[index])
         self._members = members
-        self._voice = _shared_voice(members)
+        self._voice = _shared_voice(members, names)
         self._audio_frames: Preprocess | None = None
         if self._voice is not None:  # log-mel frames an adaptive voice hears, computed as every member does
-            description = first.description
+            first = members[0]
             self._audio_frames = build_preprocessors(
-                description.preprocessing, ("audio",), _no_files, first.limits
+                first.description.preprocessing, ("audio",), _no_files, first.limits
             )["audio"]
 
     @classmethod
@@ -105,7 +87,8 @@ class Ensemble:
         if len(paths) > MAX_MEMBERS:
             raise ConfigError(f"an ensemble takes at most {MAX_MEMBERS} bundles, got {len(paths)}")
         trusted = None if trusted_keys is None else TrustedKeys.parse(trusted_keys)
-        return cls([Pipeline.load(p, device, precision, intra_op_threads, limits, trusted) for p in paths])
+        members = [Pipeline.load(p, device, precision, intra_op_threads, limits, trusted) for p in paths]
+        return cls(members, names=[str(p) for p in paths])
 
     @property
     def members(self) -> tuple[Pipeline, ...]:
@@ -274,7 +257,45 @@ class Ensemble:
         return {**sample, "voice": sample["voice"].profile}
 
 
-def _shared_voice(members: list[Pipeline]) -> VoiceProfile | None:
+def _check_member(first: Pipeline, member: Pipeline, first_name: str, name: str) -> None:
+    """`member` can be averaged with `first`: the same labels, modalities, embedding size and limits."""
+    if sorted(member.labels) != sorted(first.labels):
+        raise ConfigError(
+            f"{name} has the labels {', '.join(member.labels)} but {first_name} has "
+            f"{', '.join(first.labels)}; an ensemble's bundles classify into the same labels"
+        )
+    if member.modalities != first.modalities:
+        raise ConfigError(
+            f"{name} takes {'+'.join(member.modalities)} but {first_name} takes "
+            f"{'+'.join(first.modalities)}; an ensemble's bundles take the same modalities"
+        )
+    if member.embed_dim != first.embed_dim:
+        # A prediction stacks the members' embeddings of each modality ([members, embed_dim]).
+        raise ConfigError(
+            f"{name} embeds into {member.embed_dim} numbers but {first_name} into "
+            f"{first.embed_dim}; an ensemble's bundles are trained with the same --embed-dim"
+        )
+    if member.limits != first.limits:
+        # One input is checked once against these limits; a member with other limits would refuse it
+        # after the others took it (a stream's chunk, half fed).
+        raise ConfigError(
+            f"{name} was loaded with other limits than {first_name}; load an ensemble's pipelines "
+            "with the same polysense.Limits (Ensemble.load does)"
+        )
+
+
+def _check_distinct(earlier: Sequence[Pipeline], member: Pipeline, names: Sequence[str], name: str) -> None:
+    """One model given twice (the same path, or a copy: the same bundle.json, which hashes every file) would
+    only count double in the average: an ensemble of one model is that model, so it is refused."""
+    for other, other_name in zip(earlier, names):
+        if other is member or other.description == member.description:
+            raise ConfigError(
+                f"{name} is the same model as {other_name} (the same bundle.json); an ensemble averages "
+                "different models: give each bundle once"
+            )
+
+
+def _shared_voice(members: list[Pipeline], names: list[str]) -> VoiceProfile | None:
     """The mean of the members' average voices, when every member was trained with --voice-norm on the same
     log-mel front end (so one speaker's profile serves them all); None when none was."""
     if "audio" not in members[0].modalities:  # every member's modalities (checked before)
@@ -284,7 +305,7 @@ def _shared_voice(members: list[Pipeline]) -> VoiceProfile | None:
     if any(with_voice) and not all(with_voice):
         index = with_voice.index(not with_voice[0])
         raise ConfigError(
-            f"bundle {index} was trained {'with' if with_voice[index] else 'without'} --voice-norm and bundle 0 "
+            f"{names[index]} was trained {'with' if with_voice[index] else 'without'} --voice-norm and {names[0]} "
             f"{'with' if with_voice[0] else 'without'}; an ensemble's bundles take recordings the same way"
         )
     if not with_voice[0]:
@@ -292,7 +313,7 @@ def _shared_voice(members: list[Pipeline]) -> VoiceProfile | None:
     for index, settings in enumerate(audio[1:], 1):
         if settings.front_end() != audio[0].front_end():
             raise ConfigError(
-                f"bundle {index} computes log-mel frames unlike bundle 0 ({settings.front_end()} against "
+                f"{names[index]} computes log-mel frames unlike {names[0]} ({settings.front_end()} against "
                 f"{audio[0].front_end()}); one voice profile cannot serve both"
             )
     return VoiceProfile.average(a.voice for a in audio if a.voice is not None)  # every member's (checked)
