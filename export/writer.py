@@ -21,7 +21,7 @@ from tqdm import tqdm
 import polysense
 from polysense.bundle.reader import read_description, sha256_file
 from polysense.bundle.settings import Preprocessing
-from polysense.errors import ConfigError
+from polysense.errors import BundleError, ConfigError
 from polysense.export.checks import check_end_to_end, real_samples
 from polysense.export.components import Component, components
 from polysense.export.description import build_description, component_spec, headline, write_description
@@ -111,7 +111,17 @@ def _export_graphs(
 
 
 def _bundle_preprocessing(run_dir: Path, work: Path, settings: Preprocessing) -> Preprocessing:
-    """The run's preprocessing settings, with the tokenizer copied into the bundle and hashed."""
+    """The run's preprocessing settings, with the files they name copied into the bundle: the tokenizer
+    (hashed here) and a frozen audio front end's graphs (byte for byte, refused unless they still have the
+    sha256 the run recorded when it copied them from their package)."""
+    if settings.audio is not None:
+        for graph in settings.audio.graphs:
+            shutil.copyfile(run_dir / graph.file, work / graph.file)
+            if sha256_file(work / graph.file) != graph.sha256:
+                raise BundleError(
+                    f"{run_dir / graph.file} is not the {graph.package} {graph.version} graph the run was "
+                    "trained with (its sha256 differs); train the run again"
+                )
     if settings.text is None:
         return settings
     shutil.copyfile(run_dir / settings.text.tokenizer, work / "tokenizer.json")

@@ -17,6 +17,7 @@ from polysense.models.encoders import (  # noqa: F401
     efficientnet_lite,
     image_cnn,
     minilm,
+    speech_embedding,
     text_encoders,
 )
 from polysense.models.registry import create_encoder, create_fusion

@@ -22,6 +22,8 @@ The contract of an encoder family:
   the module lists `pretrained_prefixes` (its parameters that came pretrained, fine-tuned at --pretrained-lr),
   and a text family's factory carries `tokenizer_file()` (its vocabulary, copied into the run instead of
   learning one);
+- an audio family may carry `front_end`, a function (run folder, copy) -> AudioSettings of the front end it
+  reads instead of log-mel frames (speech-embedding: frozen pretrained graphs copied into the run);
 - what export needs per modality: text encoders expose `vocab_size`; a streaming (audio) encoder exposes
   `n_mels`, `input_mean`/`input_std`, `step(frames, state)` and `state_layout()`.
 """
@@ -84,6 +86,12 @@ def family_tokenizer(name: str):
     """The pretrained tokenizer.json of text family `name`, or None when the family learns its vocabulary."""
     tokenizer_file = getattr(ENCODERS["text"].get(name), "tokenizer_file", None)
     return tokenizer_file() if tokenizer_file is not None else None
+
+
+def family_front_end(name: str):
+    """The audio front end family `name` brings (a function (run folder, copy) -> AudioSettings), or None for
+    the log-mel frames."""
+    return getattr(ENCODERS["audio"].get(name), "front_end", None)
 
 
 def create_fusion(name: str, **options) -> nn.Module:

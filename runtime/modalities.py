@@ -143,10 +143,16 @@ class TextCodec:
 
 class AudioCodec:
     def preprocessor(self, settings: Any, files: ReadFile, limits: Limits) -> Preprocess:
+        """An AudioPreprocessor (log-mel frames) or a SpeechPreprocessor (window embeddings of frozen graphs):
+        either is called (audio, sample_rate) and makes a stream's buffer with `frames()`."""
+        if settings.front == "speech-embedding":
+            from polysense.preprocess.speech import SpeechGraphs, SpeechPreprocessor
+
+            mel, embedding = (files(settings.graph(role).file) for role in ("mel", "embedding"))
+            return SpeechPreprocessor(SpeechGraphs(mel, embedding, settings.window_hop), limits)
         from polysense.preprocess.audio import AudioPreprocessor
 
-        preprocessor = AudioPreprocessor(**settings.front_end(), limits=limits)
-        return lambda audio, sample_rate=None: preprocessor(audio, sample_rate=sample_rate)
+        return AudioPreprocessor(**settings.front_end(), limits=limits)
 
     def feeds(self, features: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
         return (np.stack(features),)  # clips of equal frame count; padding would enter the causal state

@@ -71,7 +71,8 @@ def augment_batch(
         moved = augment_images(batch["image"], generators)
         absent = batch["image"].flatten(1).eq(0).all(dim=1)  # rows of samples without an image stay zeros
         batch["image"] = torch.where(absent.view(-1, 1, 1, 1), batch["image"], moved)
-    if "audio" in batch and preprocessing.audio is not None:
+    # Only log-mel frames are perturbed: a frozen front end's vectors (speech-embedding) are taken as they are.
+    if "audio" in batch and preprocessing.audio is not None and preprocessing.audio.front == "log-mel":
         batch["audio"], batch["audio_mask"] = augment_log_mel(
             batch["audio"], batch["audio_mask"], preprocessing.audio, generators, NOISE_LEVELS[noise]
         )

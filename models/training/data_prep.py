@@ -17,7 +17,7 @@ from polysense.datasets.builtin import BuiltinSpec, ensure_builtin
 from polysense.errors import ConfigError, ManifestError
 from polysense.inference.preprocessors import build_preprocessors
 from polysense.modalities import MODALITIES
-from polysense.models.registry import family_defaults, family_tokenizer
+from polysense.models.registry import family_defaults, family_front_end, family_tokenizer
 from polysense.models.training.dataset import FeatureSet
 from polysense.models.training.options import TrainOptions
 from polysense.preprocess.audio import HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE
@@ -230,7 +230,17 @@ def _text_settings(
 def _audio_settings(
     options: TrainOptions, train_rows: list[Row], run_dir: Path, writes: bool = True
 ) -> AudioSettings:
-    return AudioSettings(SAMPLE_RATE, N_FFT, HOP_LENGTH, N_MELS)
+    """The log-mel front end, or the one the audio family brings (speech-embedding: its frozen graphs, copied
+    into the run folder)."""
+    front_end = family_front_end(options.audio_encoder)
+    if front_end is None:
+        return AudioSettings(SAMPLE_RATE, N_FFT, HOP_LENGTH, N_MELS)
+    if options.voice_norm:
+        raise ConfigError(
+            f"--voice-norm removes voices from log-mel frames; --audio-encoder {options.audio_encoder} reads "
+            "its own front end: drop --voice-norm"
+        )
+    return front_end(run_dir, copy=writes)
 
 
 # How a training run chooses each modality's preprocessing settings (recorded in config.json, then the bundle).

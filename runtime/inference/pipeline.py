@@ -71,8 +71,7 @@ class Pipeline:
         self._precisions = choose_precisions(description, names, settings.device, precision)
         self._sessions = {name: self._session(bundle, name, settings) for name in names}
         used = [description.component(n).variant(p).file for n, p in self._precisions.items()]
-        if description.preprocessing.text is not None:
-            used.append(description.preprocessing.text.tokenizer)
+        used += [name for name, _ in description.preprocessing.files()]
         bundle.verify(skip=used)  # the used files were verified as they were read, each once
         self._fusion = FusionHead(
             self._sessions[FUSION],
@@ -235,6 +234,7 @@ class Pipeline:
         return AudioStream(
             self._audio,
             settings,
+            self._preprocessors["audio"].frames(),  # type: ignore[attr-defined]  # an audio preprocessor's
             self._embed_one,
             self._fusion.predict_one,
             encode=encode,

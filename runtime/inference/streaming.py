@@ -26,7 +26,7 @@ from polysense.inference.fusion import Prediction
 from polysense.inference.predictor import LiveAudioStream
 from polysense.limits import DEFAULT_LIMITS, Limits
 from polysense.optional import require
-from polysense.preprocess.audio import LogMel, array_to_mono, check_sample_rate
+from polysense.preprocess.audio import FrameSource, array_to_mono, check_sample_rate
 from polysense.preprocess.image import ImageInput
 from polysense.preprocess.voice import AdaptiveVoice, VoiceProfile
 
@@ -40,46 +40,6 @@ VideoSource = str | int | os.PathLike  # a file path or URL, or a camera index
 Fuse = Callable[[Mapping[str, "np.ndarray | None"]], Prediction]
 
 
-class FrameBuffer:
-    """Turns a growing signal at the model rate into log-mel frames, each exactly once.
-
-    Only the samples still needed by future frames are kept (at most n_fft - hop + the last chunk).
-    """
-
-    def __init__(self, logmel: LogMel) -> None:
-        self.logmel = logmel
-        self.reset()
-
-    def reset(self) -> None:
-        self.pending = np.zeros(0, np.float32)  # samples from the start of frame `next_frame` on
-        self.next_frame = 0  # index of the next frame to emit
-        self.total_samples = 0
-
-    def push(self, samples: np.ndarray) -> np.ndarray:
-        """Append samples; return the newly complete frames [k, n_mels] (k may be 0)."""
-        self.pending = np.concatenate([self.pending, samples]) if self.pending.size else samples
-        self.total_samples += samples.size
-        return self._emit(self.pending)
-
-    def flush(self) -> np.ndarray:
-        """The remaining frames with the tail zero-padded, as offline LogMel(pad_tail=True) makes them."""
-        wanted = self.logmel.num_frames(self.total_samples) - self.next_frame
-        if wanted <= 0:
-            return np.zeros((0, self.logmel.n_mels), np.float32)
-        needed = self.logmel.n_fft + (wanted - 1) * self.logmel.hop_length
-        return self._emit(np.pad(self.pending, (0, max(needed - self.pending.size, 0))))
-
-    def _emit(self, signal: np.ndarray) -> np.ndarray:
-        hop, n_fft = self.logmel.hop_length, self.logmel.n_fft
-        count = 0 if signal.size < n_fft else 1 + (signal.size - n_fft) // hop
-        if count == 0:
-            return np.zeros((0, self.logmel.n_mels), np.float32)
-        frames = self.logmel(signal[: n_fft + (count - 1) * hop], pad_tail=False)
-        self.next_frame += count
-        self.pending = signal[count * hop :].copy()
-        return frames
-
-
 class AudioStream:
     """One live recording: feed chunks, read predictions. Create with `Pipeline.audio_stream()`."""
 
@@ -87,6 +47,7 @@ class AudioStream:
         self,
         engine: AudioEngine,
         settings: AudioSettings,
+        frames: FrameSource,
         embed: Embed,
         fuse: Fuse,
         encode: bool = True,
@@ -101,7 +62,7 @@ class AudioStream:
         self._embed, self._fuse = embed, fuse
         self.encode_immediately = encode  # False: frames wait in `pending_frames` for encode_streams()
         self.model_rate = settings.sample_rate
-        self._frames = FrameBuffer(LogMel(**settings.front_end()))
+        self._frames = frames  # the front end's buffer: samples in, the encoder's frames out
         self.image_embedding: np.ndarray | None = None
         self.text_embedding: np.ndarray | None = None
         self.video: VideoStream | None = None
@@ -131,7 +92,7 @@ class AudioStream:
         self._state = self._engine.initial_state(1)
         self.embedding: np.ndarray | None = None  # of all audio encoded so far
         self.frames_processed = 0
-        self._pending = np.zeros((0, self._frames.logmel.n_mels), np.float32)
+        self._pending = np.zeros((0, self._frames.width), np.float32)
         self.finished = False
         adaptive = isinstance(self.voice, AdaptiveVoice)
         self._profile: VoiceProfile | None = (
@@ -174,9 +135,7 @@ class AudioStream:
         tail = np.zeros(0, np.float32)
         if self._resampler is not None:
             tail = self._resampler.resample_chunk(tail, last=True)
-        frames = (
-            self._frames.push(tail) if tail.size else np.zeros((0, self._frames.logmel.n_mels), np.float32)
-        )
+        frames = self._frames.push(tail) if tail.size else np.zeros((0, self._frames.width), np.float32)
         frames = np.concatenate([frames, self._frames.flush()])
         self.finished = True
         count = self._take(frames)

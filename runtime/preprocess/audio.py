@@ -12,6 +12,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -309,6 +310,60 @@ class LogMel:
         return np.log(mel + LOG_FLOOR).astype(np.float32)
 
 
+class FrameSource(Protocol):
+    """One stream's front end: samples at the model rate in, the encoder's frames out, each exactly once;
+    `flush()` ends the recording as offline preprocessing ends it (FrameBuffer; SpeechFrames)."""
+
+    width: int  # values per frame
+
+    def reset(self) -> None: ...
+
+    def push(self, samples: np.ndarray) -> np.ndarray: ...
+
+    def flush(self) -> np.ndarray: ...
+
+
+class FrameBuffer:
+    """Turns a growing signal at the model rate into log-mel frames, each exactly once.
+
+    Only the samples still needed by future frames are kept (at most n_fft - hop + the last chunk).
+    """
+
+    def __init__(self, logmel: LogMel) -> None:
+        self.logmel = logmel
+        self.width = logmel.n_mels  # values per frame
+        self.reset()
+
+    def reset(self) -> None:
+        self.pending = np.zeros(0, np.float32)  # samples from the start of frame `next_frame` on
+        self.next_frame = 0  # index of the next frame to emit
+        self.total_samples = 0
+
+    def push(self, samples: np.ndarray) -> np.ndarray:
+        """Append samples; return the newly complete frames [k, n_mels] (k may be 0)."""
+        self.pending = np.concatenate([self.pending, samples]) if self.pending.size else samples
+        self.total_samples += samples.size
+        return self._emit(self.pending)
+
+    def flush(self) -> np.ndarray:
+        """The remaining frames with the tail zero-padded, as offline LogMel(pad_tail=True) makes them."""
+        wanted = self.logmel.num_frames(self.total_samples) - self.next_frame
+        if wanted <= 0:
+            return np.zeros((0, self.logmel.n_mels), np.float32)
+        needed = self.logmel.n_fft + (wanted - 1) * self.logmel.hop_length
+        return self._emit(np.pad(self.pending, (0, max(needed - self.pending.size, 0))))
+
+    def _emit(self, signal: np.ndarray) -> np.ndarray:
+        hop, n_fft = self.logmel.hop_length, self.logmel.n_fft
+        count = 0 if signal.size < n_fft else 1 + (signal.size - n_fft) // hop
+        if count == 0:
+            return np.zeros((0, self.logmel.n_mels), np.float32)
+        frames = self.logmel(signal[: n_fft + (count - 1) * hop], pad_tail=False)
+        self.next_frame += count
+        self.pending = signal[count * hop :].copy()
+        return frames
+
+
 @dataclass(frozen=True)
 class AudioPreprocessor:
     """Any audio input -> mono 16 kHz -> log-mel frames [T, n_mels] float32."""
@@ -334,6 +389,10 @@ class AudioPreprocessor:
         """Mono float32 samples at the model's rate."""
         samples, rate = load_audio(audio, sample_rate, self.limits)
         return resample(samples, rate, self.sample_rate)
+
+    def frames(self) -> FrameBuffer:
+        """A new stream's buffer: samples at the model rate in, log-mel frames out."""
+        return FrameBuffer(self._logmel)
 
     def __call__(self, audio: AudioInput, sample_rate: int | None = None) -> np.ndarray:
         frames = self._logmel(self.waveform(audio, sample_rate))

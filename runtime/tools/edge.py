@@ -137,10 +137,10 @@ def _place(folder: Path, target: Path, archive: bool) -> None:
 
 
 def _copy_extras(source: Bundle, folder: Path, probe: bool) -> None:
-    """The tokenizer (checked against its hash) and, with `probe`, probe.npz: so the edge bundle can be tuned."""
-    if source.description.preprocessing.text is not None:
-        tokenizer = source.description.preprocessing.text.tokenizer
-        (folder / tokenizer).write_bytes(source.read(tokenizer))
+    """The files the preprocessors read (a tokenizer, a frozen audio front end's graphs; checked against their
+    hashes) and, with `probe`, probe.npz: so the edge bundle can be tuned."""
+    for name, _ in source.description.preprocessing.files():
+        (folder / name).write_bytes(source.read(name))
     if probe and (source.path / PROBE_FILE).is_file():
         shutil.copyfile(source.path / PROBE_FILE, folder / PROBE_FILE)
 
