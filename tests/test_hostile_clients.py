@@ -168,7 +168,7 @@ def test_bodies_that_never_arrive_release_their_slots(server, expected):
     answers = [read_all(sock, 3) for sock in liars]
     for sock in liars:
         sock.close()
-    assert all(a.startswith(b"HTTP/1.1 408") and b"body_timeout_s" in a for a in answers), answers[0]
+    assert all(a.startswith(b"HTTP/1.1 408") and b"--body-timeout-s" in a for a in answers), answers[0]
     assert released_after < LIMIT_S + 4
 
     uploads = [connect(port) for _ in range(MAX_QUEUE // 2)]

@@ -15,6 +15,7 @@ from polysense.serving.handler import (
     ClientGone,
     PayloadTooLarge,
     UnsupportedMediaType,
+    body_limit,
     parse_json,
     sample_from_json,
 )
@@ -45,7 +46,7 @@ class BodyBudget:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise PayloadTooLarge(
-                f"the body is {int(declared):,} bytes, over max_body_bytes={self.max_body_bytes:,}"
+                f"the body is {int(declared):,} bytes, over {body_limit(self.max_body_bytes)}"
             )
 
     async def read(self, request: Request) -> bytes:
@@ -73,7 +74,7 @@ class BodyBudget:
                 yield chunk
         except TimeoutError:
             raise BodyTimeout(
-                f"the body did not arrive within body_timeout_s={self.timeout_s:g} s; send it at once"
+                f"the body did not arrive within {self.timeout_s:g} s (polysense serve --body-timeout-s); send it at once"
             ) from None
         except ClientDisconnect:
             raise ClientGone from None
@@ -85,7 +86,7 @@ class BodyBudget:
         request.state.body_bytes = taken
         self.held += size
         if taken > self.max_body_bytes:
-            raise PayloadTooLarge(f"the body is over max_body_bytes={self.max_body_bytes:,}")
+            raise PayloadTooLarge(f"the body is over {body_limit(self.max_body_bytes)}")
         if self.held > self.budget_bytes:
             raise OverloadedError("too many large requests at once; retry shortly")
 

@@ -74,7 +74,9 @@ class ServeOptions:
         if not 0 <= self.max_queue_delay_ms <= 600_000:
             raise ConfigError(f"max_queue_delay_ms must be 0-600000 (0: off), got {self.max_queue_delay_ms}")
         if not 1 <= self.max_body_bytes <= 1 << 31:
-            raise ConfigError(f"max_body_bytes must be 1 B-2 GB, got {self.max_body_bytes}")
+            raise ConfigError(
+                f"--max-body-mb must be at most 2048 (max_body_bytes 1 B-2 GB), got {self.max_body_bytes} B"
+            )
         if not 1 <= self.max_batch_samples <= 100_000:
             raise ConfigError(f"max_batch_samples must be 1-100000, got {self.max_batch_samples}")
         if not 1 <= self.max_streams <= 100_000:
@@ -101,6 +103,11 @@ class ServeOptions:
 
     def batcher_options(self) -> BatcherOptions:
         return BatcherOptions(self.max_batch, self.max_wait_ms, self.max_queue, self.timeout_s)
+
+
+def body_limit(max_body_bytes: int) -> str:
+    """The body limit as a client or an operator reads it: its size and the `polysense serve` flag that sets it."""
+    return f"this server's limit of {max_body_bytes:,} bytes (polysense serve --max-body-mb {max_body_bytes / (1 << 20):g})"
 
 
 class Unauthorized(PolysenseError):
