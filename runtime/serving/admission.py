@@ -1,9 +1,12 @@
 """Admission before anything else: under overload, refusing must cost less than serving.
 
-A plain ASGI middleware (no Request object, no routing, no body read) answers prediction requests without the
-API key with 401 first (a caller without the key learns nothing, not even the queue's state), then, while
-max_queue requests are in flight already, with 503 and Retry-After. Everything a refused request costs the server
-is uvicorn's parse of its head and two small messages back.
+Prediction requests without the API key are answered 401 first (a caller without the key learns nothing, not
+even the queue's state), then, while the queue is full (Service.refusal), 503 with Retry-After. `polysense
+serve` refuses them in its connection protocol as soon as their head is parsed (polysense.serving.connections:
+no ASGI task, no routing, no JSON parse), which lets one core refuse tens of thousands a second; the plain ASGI
+middleware here (no Request object, no routing, no body read) refuses what reaches the app anyway: every
+request on a Ray Serve replica, and pipelined requests, which the protocol leaves to the app so that answers
+go back in order.
 
 A request this lets through holds no place yet: it takes one (Service.admit, in polysense.serving.http) only once
 its body has arrived in full, so clients that send their bodies slowly hold bytes of the body budget, never
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from polysense.errors import PolysenseError
@@ -42,12 +46,7 @@ class Admission:
             return
         service = self.service
         start = time.perf_counter()
-        refusal: PolysenseError | None = None
-        try:
-            service.authorize(_headers(scope))
-        except Unauthorized as error:
-            refusal = error
-        refusal = refusal or service.refusal()
+        refusal = refusal_of(service, scope["headers"])
         if refusal is not None:
             status = await _refuse(send, refusal)
             name = scope["path"].rsplit("/", 1)[-1]
@@ -56,12 +55,23 @@ class Admission:
         await self.app(scope, receive, send)
 
 
-def _headers(scope: Scope) -> dict[str, str]:
-    """The request's headers by lower-case name (the one Authorization header is all that is read)."""
+def refusal_of(
+    service: Service, headers: Iterable[tuple[bytes, bytes]], ahead: int | None = None
+) -> PolysenseError | None:
+    """Why a prediction request with these (lower-case) headers is refused before its body is read: Unauthorized
+    first, then the queue's OverloadedError (behind `ahead` in flight, Service.refusal); None: it goes on."""
+    if service.options.api_key is not None:
+        try:
+            service.authorize(_authorization(headers))
+        except Unauthorized as error:
+            return error
+    return service.refusal(ahead=ahead)
+
+
+def _authorization(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The request's Authorization header by lower-case name (the one header that is read)."""
     return {
-        name.decode("latin-1"): value.decode("latin-1")
-        for name, value in scope["headers"]
-        if name == b"authorization"
+        name.decode("latin-1"): value.decode("latin-1") for name, value in headers if name == b"authorization"
     }
 
 

@@ -39,14 +39,15 @@ def serve(
     options = options or ServeOptions()
     if not _is_loopback(host) and options.api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
+    app = create_app(pipeline, options)
     config = uvicorn.Config(
-        create_app(pipeline, options),
+        app,
         host=host,
         port=port,
         access_log=access_log,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         log_level="info",
-        **uvicorn_limits(options),
+        **uvicorn_limits(options, app.state.service),  # admission at the head too
     )
     server = uvicorn.Server(config)
     if threading.current_thread() is not threading.main_thread():

@@ -32,7 +32,9 @@ T = TypeVar("T")
 ADMIT_ALWAYS_BELOW = 8
 # Nor in the first BUSY_GRACE_S of a busy period (from the moment a request finds the server idle): a burst
 # into an idle server is served, however long the estimate says it takes; only a queue that stands longer is
-# overload (CoDel's interval, 100 ms).
+# overload (CoDel's interval, 100 ms). A busy period that had to refuse gives the next one no grace: under
+# overload everything in flight can be answered before the next requests are read, and each such moment
+# restarted the grace (measured: a new grace every ~100 ms under 4x overload, 128 admitted in each).
 BUSY_GRACE_S = 0.1
 
 
@@ -50,12 +52,17 @@ class Service:
         self.ready = threading.Event()
         self.inflight = 0  # places held: predictions admitted and not yet answered (on the event loop only)
         self.accepted = self.answered = 0  # prediction requests admitted / answered since the start
+        # Prediction requests whose body has arrived in full on their connection and that are not answered yet,
+        # admitted or not: counted by polysense.serving.connections (0 without it), so that admission at the
+        # head counts the requests let through but not yet admitted by their ASGI task.
+        self.arrived = 0
         # Seconds per sample while busy, from completions (the whole server's drain rate: event loop, preparation
         # and model runs together); admission refuses a request whose expected wait is over max_queue_delay_ms.
         self.service_time = ServiceTime()
         self.clock = time.perf_counter
         self._last_done = 0.0  # when the last admitted request left
-        self._busy_since = 0.0  # when the last request that found nothing in flight was admitted
+        self._busy_since = 0.0  # when the current busy period's grace started
+        self._refused_while_busy = False  # whether this busy period refused a request for the queue
         self.bodies = BodyBudget(options.max_body_bytes, timeout_s=options.body_timeout_s)
         self.open_streams = 0
         # Preparation (decoding photos, resampling audio) runs on at most this many threads, so the memory of
@@ -99,29 +106,28 @@ class Service:
     def authorize(self, headers: Mapping[str, str]) -> None:
         authorize(self.options.api_key, headers)
 
-    def refusal(self, count: int = 1) -> OverloadedError | None:
-        """Why `count` more predictions cannot be admitted now (None: they can): the server is warming up,
-        max_queue are in flight, or (with at least ADMIT_ALWAYS_BELOW in flight, and busy for BUSY_GRACE_S
-        without a pause) the work ahead, in-flight samples x the measured seconds per sample, is over
-        max_queue_delay_ms. Admission by expected wait keeps an admitted request's wait short under overload (one
-        refused at once can retry or go to another replica); a queue bounded only in requests let admitted ones
-        wait max_queue / throughput."""
+    def refusal(self, count: int = 1, ahead: int | None = None) -> OverloadedError | None:
+        """Why `count` more predictions cannot be admitted now behind `ahead` in flight (default: those
+        admitted), or None: the server is warming up, max_queue are in flight, or (with at least
+        ADMIT_ALWAYS_BELOW in flight, past a busy period's grace) the work ahead, in-flight samples x the
+        measured seconds per sample, is over max_queue_delay_ms. Admission by expected wait keeps an admitted
+        request's wait short under overload (one refused at once can retry or go to another replica); a queue
+        bounded only in requests let admitted ones wait max_queue / throughput."""
         if not self.ready.is_set():
             return OverloadedError("the server is warming up; retry in a moment", retry_after_s=1.0)
-        if self.inflight + count > self.options.max_queue:
+        inflight = self.inflight if ahead is None else ahead
+        if inflight + count > self.options.max_queue:
+            self._refused_while_busy = True
             return OverloadedError(
-                f"{self.inflight} requests in flight, the limit is max_queue={self.options.max_queue}; retry shortly"
+                f"{inflight} requests in flight, the limit is max_queue={self.options.max_queue}; retry shortly"
             )
         limit_ms = self.options.max_queue_delay_ms
-        if (
-            limit_ms
-            and self.inflight >= ADMIT_ALWAYS_BELOW
-            and self.clock() - self._busy_since >= BUSY_GRACE_S
-        ):
-            wait_ms = self.service_time.wait_s(self.inflight) * 1000
+        if limit_ms and inflight >= ADMIT_ALWAYS_BELOW and self.clock() - self._busy_since >= BUSY_GRACE_S:
+            wait_ms = self.service_time.wait_s(inflight) * 1000
             if wait_ms > limit_ms:
+                self._refused_while_busy = True
                 return OverloadedError(
-                    f"{self.inflight} requests in flight, about {wait_ms:.1f} ms of work ahead, over "
+                    f"{inflight} requests in flight, about {wait_ms:.1f} ms of work ahead, over "
                     f"max_queue_delay_ms={limit_ms:g}; retry shortly"
                 )
         return None
@@ -135,8 +141,8 @@ class Service:
         if refusal is not None:
             raise refusal
         admitted = self.clock()
-        if not self.inflight:
-            self._busy_since = admitted
+        if not self.inflight and not self.arrived:  # (a request counted by `arrive` started its busy period)
+            self._busy_period_starts(admitted)
         self.inflight += count
         self.accepted += 1
         try:
@@ -149,6 +155,31 @@ class Service:
         finally:
             self.inflight -= count
             self._done(admitted, count)
+
+    def arrive(self) -> None:
+        """A prediction request let through at its head has its whole body (polysense.serving.connections):
+        it counts in `arrived` until `leave`. One that finds nothing in flight starts a busy period: under
+        overload admitted requests can all be answered before the next are admitted, so `inflight` alone
+        touches 0 again and again."""
+        if not self.inflight and not self.arrived:
+            self._busy_period_starts(self.clock())
+        self.arrived += 1
+
+    def _busy_period_starts(self, now: float) -> None:
+        """A request found nothing in flight: its busy period gets BUSY_GRACE_S of grace, unless the last one
+        had to refuse requests (then the overload goes on)."""
+        if not self._refused_while_busy:
+            self._busy_since = now
+        self._refused_while_busy = False
+
+    def leave(self) -> None:
+        """A request counted by `arrive` was answered (or its connection lost)."""
+        self.arrived -= 1
+
+    def ahead(self) -> int:
+        """Predictions in flight as admission at the head sees them: admitted, or, if more, arrived (a burst
+        read in one turn of the event loop is all let through before any of its ASGI tasks admits it)."""
+        return max(self.inflight, self.arrived)
 
     def _done(self, admitted: float, count: int) -> None:
         """A request of `count` samples admitted at `admitted` left: the server was busy on it from then, or
