@@ -19,7 +19,9 @@ configuration, side by side in one run:
     voice learnt while he talks (`Pipeline.adaptive_voice`: the 490 in a random order, in sessions of 20 that
     each start from the average voice; each recording heard with what the session learnt before it);
   - `causal-shape-voice-25`: the same with `--epochs 25` (a longer schedule; early stopping still ends it);
-  - `causal-shape-voice-25-noise`: the same with `--audio-noise strong` (0-30 dB SNR on 80 % of the clips).
+  - `causal-shape-voice-25-noise`: the same with `--audio-noise strong` (0-30 dB SNR on 80 % of the clips);
+  - `speech-embedding`: Google's speech_embedding network, frozen, under a trained head (its defaults;
+    results/speech/, `--configs speech-embedding --out benchmarks/avdigits/results/speech`).
 Writes results/loso_audio.json and .md: accuracy, macro F1 and training time per held-out speaker.
 `--seed N` trains every model with seed N (default 0). `--merge` keeps the results already in the JSON for the
 speakers and configurations not run again (a long run can be finished in parts on the same kind of machine, at
@@ -77,6 +79,7 @@ CONFIGS = (
         epochs=25,
     ),
     Config("efficientnet-lite0-from-scratch", {"audio_encoder": "efficientnet-lite0", "from_scratch": True}),
+    Config("speech-embedding", {"audio_encoder": "speech-embedding"}),
 )
 
 log = logging.getLogger("polysense")

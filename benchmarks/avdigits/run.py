@@ -60,12 +60,20 @@ def build(work: Path, holdout: str | None = None) -> Path:
     return write_avdigits(AVDigitsSpec(str(SHARED / "fsdd"), str(SHARED / "sign_digits"), 0, holdout), folder)
 
 
-def fit(manifest: Path, out: Path, epochs: int, modalities: tuple[str, ...] | None = None, **options) -> dict:
-    """Train one model with default options except `options` (TrainOptions fields); its test metrics."""
+def fit(
+    manifest: Path, out: Path, epochs: int | None, modalities: tuple[str, ...] | None = None, **options
+) -> dict:
+    """Train one model with default options except `options` (TrainOptions fields); its test metrics. `epochs`
+    0 or None: what the families ask for."""
     if out.exists():
         shutil.rmtree(out)
     options = TrainOptions(
-        data=str(manifest), out=str(out), modalities=modalities, epochs=epochs, progress=False, **options
+        data=str(manifest),
+        out=str(out),
+        modalities=modalities,
+        epochs=epochs or None,
+        progress=False,
+        **options,
     )
     return train(options).metrics
 

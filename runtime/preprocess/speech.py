@@ -73,6 +73,9 @@ class SpeechGraphs:
         options.intra_op_num_threads = 1  # calls are small: threads would cost more than they save
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # As the package does: onnxruntime 1.27's KleidiAI kernels (arm64) return wrong results for these
+        # batch-1 convolutions; versions without them accept the entry and ignore it.
+        options.add_session_config_entry("mlas.disable_kleidiai", "1")
         try:
             self._mel = ort.InferenceSession(mel, options, providers=["CPUExecutionProvider"])
             self._embedding = ort.InferenceSession(embedding, options, providers=["CPUExecutionProvider"])
