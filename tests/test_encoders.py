@@ -29,6 +29,7 @@ AUDIO_VARIANTS = {
     "causal-norm20": {"audio_norm_frames": 20},
     "causal-shape-norm20": {"audio_norm_frames": 20},
     "efficientnet-lite0": {"pretrained": False},
+    "speech-embedding": {},  # its frames are the frozen front end's window vectors (96 values each)
 }
 AUDIO = pytest.mark.parametrize("variant", sorted(AUDIO_VARIANTS))
 
@@ -59,7 +60,7 @@ ALL = [(m, n) for m, names in ENCODERS.items() for n in names]
 _FEATURES = {
     "image": lambda rng, i: rng.standard_normal((3, 64, 64)).astype(np.float32),
     "text": lambda rng, i: rng.integers(2, 50, 3 + 2 * i).astype(np.int64),
-    "audio": lambda rng, i: rng.standard_normal((23 + i, N_MELS)).astype(np.float32),
+    "audio": lambda rng, i, n_mels=N_MELS: rng.standard_normal((23 + i, n_mels)).astype(np.float32),
 }
 
 
@@ -69,7 +70,8 @@ def test_embedding_shapes(modality, name, batch):
     """Every family takes its modality's collated training batch (SPECS[m].batch_keys) and embeds it."""
     encoder = _make(modality, name)
     rng = np.random.default_rng(batch)
-    rows = [_FEATURES[modality](rng, i) for i in range(batch)]
+    width = {"n_mels": encoder.n_mels} if modality == "audio" else {}  # values per audio frame
+    rows = [_FEATURES[modality](rng, i, **width) for i in range(batch)]
     inputs = [torch.from_numpy(a) for a in SPECS[modality].codec.collate(rows)]
     assert len(inputs) == len(SPECS[modality].batch_keys)
     with torch.no_grad():
@@ -83,7 +85,7 @@ def test_embedding_shapes(modality, name, batch):
 def test_audio_step_state_has_the_declared_layout(batch, variant):
     encoder = _audio(variant)
     with torch.no_grad():
-        _, state = encoder.step(torch.randn(batch, 23, N_MELS))
+        _, state = encoder.step(torch.randn(batch, 23, encoder.n_mels))
     layout = encoder.state_layout()
     assert len(state) == len(layout)
     for (name, (shape, axis)), tensor in zip(layout.items(), state):
@@ -109,7 +111,7 @@ def test_text_encoders_ignore_padding(name):
 def test_audio_chunked_with_state_equals_one_pass(seed, variant):
     encoder = _audio(variant)
     generator = torch.Generator().manual_seed(seed)
-    frames = torch.randn(2, 157, N_MELS, generator=generator)  # longer than the windowed family sees
+    frames = torch.randn(2, 157, encoder.n_mels, generator=generator)  # longer than the windowed family sees
     with torch.no_grad():
         whole, whole_state = encoder.step(frames)
         cuts = sorted(
@@ -130,7 +132,7 @@ def test_audio_chunked_with_state_equals_one_pass(seed, variant):
 def test_audio_frame_mask_pools_only_real_frames(variant):
     """A padded training batch embeds each row as the row alone, which is what a stream gives at its end."""
     encoder = _audio(variant)
-    frames = torch.randn(2, 30, N_MELS)
+    frames = torch.randn(2, 30, encoder.n_mels)
     mask = torch.ones(2, 30)
     mask[1, 12:] = 0
     with torch.no_grad():
@@ -145,8 +147,8 @@ def test_audio_frame_mask_pools_only_real_frames(variant):
 def test_audio_empty_chunk_changes_nothing(variant):
     encoder = _audio(variant)
     with torch.no_grad():
-        embedding, state = encoder.step(torch.randn(1, 10, N_MELS))
-        again, same_state = encoder.step(torch.zeros(1, 0, N_MELS), state)
+        embedding, state = encoder.step(torch.randn(1, 10, encoder.n_mels))
+        again, same_state = encoder.step(torch.zeros(1, 0, encoder.n_mels), state)
     torch.testing.assert_close(again, embedding)
     for a, b in zip(state, same_state, strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
