@@ -109,15 +109,6 @@ def test_bench_refuses_a_plot_format_it_cannot_write_before_running(capsys):
     assert err.startswith("error: --plot x.txt: name a .png, .svg, .pdf file") and "--plot x.png" in err
 
 
-def test_demo_on_an_existing_folder_says_to_remove_it_not_to_resume(tmp_path, capsys):
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.json").write_text("{}")
-    assert main(["demo", "--out", str(tmp_path / "run")]) == 2  # before any training code loads
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: --out {tmp_path / 'run'} exists") and "--resume" not in err
-    assert f"rm -rf {tmp_path / 'run'}" in err
-
-
 @pytest.mark.parametrize("flags", [["--quiet"], [], ["--no-progress"]])
 def test_data_builtin_draws_no_progress_bar_quiet_or_off_a_terminal(flags, tmp_path, capsys):
     assert main(["data", "builtin", "--out", str(tmp_path / "d"), "--n", "12", *flags]) == 0
@@ -165,3 +156,30 @@ def test_stream_of_a_missing_file_says_not_found_as_predict_does(bundle, capsys)
     # Issue 43: "cannot read audio (... System error.)".
     assert main(["stream", str(bundle), "--audio", "nope.wav"]) == 2
     assert capsys.readouterr().err == "error: audio file not found: nope.wav\n"
+
+
+def test_a_misspelt_flag_is_refused_by_its_command_with_the_nearest_flag(capsys):
+    # Issue 43: `predict --imagee x` printed the top-level usage, which says nothing of predict's flags.
+    with pytest.raises(SystemExit) as stop:
+        main(["predict", "bundle", "--imagee", "x"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("usage: polysense predict")
+    assert "polysense predict: error: unrecognized arguments: --imagee x (did you mean --image?)" in err
+
+
+def test_help_shows_the_defaults(capsys):
+    # Issue 43: `serve --help` showed no defaults.
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help at the terminal's width
+    assert "requests per model run (default 32)" in out and "--max-queue MAX_QUEUE requests" in out
+    assert "(default 128)" in out and "(default auto)" in out
+
+
+def test_predict_many_counts_in_the_singular_too(bundle, tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("a calm morning")
+    (tmp_path / "data" / "b.jpg").write_bytes(b"not a photo")
+    args = ["predict", str(bundle), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "p.jsonl")]
+    assert main(args) == 0
+    assert f"wrote 1 prediction to {tmp_path / 'p.jsonl'}; 1 sample skipped\n" in capsys.readouterr().err

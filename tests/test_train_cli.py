@@ -373,3 +373,30 @@ print("loaded:", heavy, file=sys.stderr)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip().endswith("loaded: []")
     assert result.stdout.startswith("usage: polysense")
+
+
+def test_the_help_of_pretrained_defaults_names_every_pretrained_family(train_cli):
+    # Issue 43: --epochs, --pretrained-lr and --from-scratch named MiniLM alone.
+    from polysense.models.registry import ENCODERS, family_defaults
+    from polysense.models.training.options import TrainOptions
+
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(TrainOptions)}
+    pretrained = [(m, n) for m in ENCODERS for n in ENCODERS[m] if "epochs" in family_defaults(m, n)]
+    assert len(pretrained) >= 3  # minilm-l6; efficientnet-lite0 for images and for audio
+    for modality, name in pretrained:
+        defaults = family_defaults(modality, name)
+        assert name in helps["from_scratch"] and name in helps["pretrained_lr"], (modality, name)
+        assert f"{defaults['epochs']}" in helps["epochs"] and name in helps["epochs"], (modality, name)
+
+
+@pytest.mark.slow
+def test_demo_on_an_existing_folder_says_to_remove_it_not_to_resume(train_cli, tmp_path, capsys):
+    # Issue 43: it said "pass --resume", which demo does not take.
+    from polysense.cli.main import main
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    assert main(["demo", "--out", str(tmp_path / "run")]) == 2  # before anything is written
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {tmp_path / 'run'} exists") and "--resume" not in err
+    assert f"rm -rf {tmp_path / 'run'}" in err

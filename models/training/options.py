@@ -52,7 +52,8 @@ class TrainOptions:
     )
     epochs: int | None = option(
         None,
-        help="joint (or staged fusion) epochs (default: 12, or a pretrained family's own: minilm-l6 3)",
+        help="joint (or staged fusion) epochs (default: 12, or a pretrained family's own: minilm-l6 3, "
+        "efficientnet-lite0 4 for images and 8 for audio)",
     )
     pretrain_epochs: int | None = option(
         None,
@@ -74,10 +75,13 @@ class TrainOptions:
     )
     lr: float = option(3e-3, help="peak learning rate of AdamW (linear warm-up, then cosine decay)")
     pretrained_lr: float | None = option(
-        None, help="peak learning rate of pretrained layers (default: the family's own, minilm-l6 5e-5)"
+        None,
+        help="peak learning rate of pretrained layers (default: the family's own, minilm-l6 5e-5, "
+        "efficientnet-lite0 3e-4)",
     )
     from_scratch: bool = option(
-        False, help="start families with pretrained weights (minilm-l6) from random weights"
+        False,
+        help="start families with pretrained weights (minilm-l6, efficientnet-lite0) from random weights",
     )
     weight_decay: float = option(1e-4, help="AdamW's decoupled weight decay")
     augment: bool = option(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from polysense.bundle.schema import PRECISIONS
 from polysense.cli.bundle import add_bundle, add_edge, add_info, add_keygen, add_tune
-from polysense.cli.predict import add_eval, add_predict, add_stream, add_voice, non_negative
+from polysense.cli.predict import DEVICE_HELP, add_eval, add_predict, add_stream, add_voice, non_negative
 from polysense.cli.serve import add_serve
 from polysense.cli.training import CommandParser, add_demo, add_export, add_train
 from polysense.errors import ConfigError, DependencyError, PolysenseError
@@ -92,7 +92,7 @@ def _wrote(manifest: Path) -> int:
 def _add_bench(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser("bench", help="latency, throughput, cold start, memory and size of a bundle")
     bench.add_argument("bundle")
-    bench.add_argument("--device", choices=DEVICES, default="cpu")
+    bench.add_argument("--device", choices=DEVICES, default="cpu", help=DEVICE_HELP)
     bench.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto", help="(default auto)")
     bench.add_argument(
         "--threads",
@@ -190,6 +190,26 @@ def _command_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentP
     return found
 
 
+def _parse(parser: CommandParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The arguments, where an unknown one is refused by the command it was given to (its usage, and the
+    nearest flag), not by `polysense` (whose usage says nothing of the command's flags)."""
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        command = _chosen_command(parser, args)
+        command.error(command.unrecognized(extras))
+    return args
+
+
+def _chosen_command(parser: CommandParser, args: argparse.Namespace) -> CommandParser:
+    """The deepest sub-parser the parsed `args` went through (`polysense data builtin`: data's builtin)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = action.choices.get(getattr(args, action.dest, None) or "")
+            if isinstance(chosen, CommandParser):
+                return _chosen_command(chosen, args)
+    return parser
+
+
 def _progress_wanted(quiet: bool) -> bool:
     """Progress bars on a terminal only (a log file would fill with carriage returns), unless forced with
     POLYSENSE_PROGRESS=1; never with --quiet."""
@@ -210,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     try:
         # Parsing a training command loads its flags, which needs torch: a DependencyError if missing.
-        args = build_parser().parse_args(argv)
+        args = _parse(build_parser(), argv)
         _settle_output(args)
         from tqdm.contrib.logging import logging_redirect_tqdm
 

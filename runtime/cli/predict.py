@@ -19,6 +19,9 @@ if TYPE_CHECKING:  # each command loads the inference code when it runs, not whe
     from polysense.inference.predictor import AnyPredictor
 
 
+DEVICE_HELP = "where the models run; auto: CUDA where this onnxruntime has it, else the CPU"
+
+
 class _Once(argparse.Action):
     """An option that may be given once: a second --image would otherwise silently replace the first."""
 
@@ -44,7 +47,7 @@ def _bundle_command(
         )
     else:
         command.add_argument("bundle", help="bundle folder (what `polysense export` writes)")
-    command.add_argument("--device", choices=DEVICES, default="auto")
+    command.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     command.add_argument(
         "--precision",
         choices=("auto", *PRECISIONS),
@@ -165,10 +168,15 @@ def _run_predict_many(args: argparse.Namespace) -> int:
     )
     where = "stdout" if args.out == "-" else args.out
     print(
-        f"wrote {result.written} predictions to {where}; {len(result.failed)} samples skipped",
+        f"wrote {_count(result.written, 'prediction')} to {where}; "
+        f"{_count(len(result.failed), 'sample')} skipped",
         file=sys.stderr,
     )
     return 0
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def add_eval(commands: argparse._SubParsersAction) -> None:

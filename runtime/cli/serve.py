@@ -7,7 +7,7 @@ import math
 import os
 
 from polysense.bundle.schema import PRECISIONS
-from polysense.cli.predict import add_trusted_key
+from polysense.cli.predict import DEVICE_HELP, add_trusted_key
 from polysense.inference.sessions import DEVICES
 from polysense.serving.handler import ServeOptions
 
@@ -28,7 +28,7 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
     serve.add_argument("--port", type=int, default=8000, help="(default 8000)")
-    serve.add_argument("--device", choices=DEVICES, default="auto")
+    serve.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     serve.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto", help="(default auto)")
     serve.add_argument(
         "--threads",

@@ -9,6 +9,7 @@ one, each flag is defined once, and `polysense --help` or `polysense predict ...
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,6 +21,17 @@ from polysense.errors import ConfigError, DependencyError
 INSTALL = "pip install torch==2.13.0 && pip install 'polysense[train]'"
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default where its text does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        silent = action.default in (None, False, argparse.SUPPRESS) or not action.option_strings
+        if silent or "default" in text or text == argparse.SUPPRESS:
+            return action.help
+        return f"{text} (default {action.default})".lstrip()
+
+
 class CommandParser(argparse.ArgumentParser):
     """An ArgumentParser whose arguments may be defined on first use: `define` names a function
     ("module:function") that adds them, called before the parser parses or formats its help.
@@ -28,8 +40,15 @@ class CommandParser(argparse.ArgumentParser):
     `commands.add_parser(name, define=...)` declares a deferred command."""
 
     def __init__(self, *args: Any, define: str | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
         self._define = define
+
+    def unrecognized(self, extras: list[str]) -> str:
+        """What argparse says of arguments no command knows, with the nearest flag of this command (a typo)."""
+        flags = [f for action in self._actions for f in action.option_strings if f.startswith("--")]
+        near = difflib.get_close_matches(extras[0], flags, n=1) if extras[0].startswith("--") else []
+        return f"unrecognized arguments: {' '.join(extras)}" + (f" (did you mean {near[0]}?)" if near else "")
 
     def parse_known_args(  # the overloads of ArgumentParser's, in one signature
         self, args: Iterable[str] | None = None, namespace: Any = None
@@ -88,12 +107,13 @@ def add_demo(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    demo = training_module("polysense.export.demo")  # without torch, that is what to fix first
     out = Path(args.out)
-    # The demo always starts a new run (it has no --resume): say so before training code loads.
+    # The demo always starts a new run (it has no --resume): say so before anything is written.
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(
             f"--out {out} exists; the demo writes a new run: remove it first (rm -rf {out}, as make demo does) "
             "or choose another --out"
         )
-    result: int = training_module("polysense.export.demo").run_demo(args)
+    result: int = demo.run_demo(args)
     return result
