@@ -183,3 +183,20 @@ def test_predict_many_counts_in_the_singular_too(bundle, tmp_path, capsys):
     args = ["predict", str(bundle), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "p.jsonl")]
     assert main(args) == 0
     assert f"wrote 1 prediction to {tmp_path / 'p.jsonl'}; 1 sample skipped\n" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["predict", "no-such-bundle"],
+            "error: no input given; pass one or more of --image, --text, --audio",
+        ),
+        (["tune", "no-such-bundle"], "error: bundle not found: no-such-bundle"),
+    ],
+)
+def test_common_mistakes_are_said_in_flags_and_first(argv, message, capsys):
+    # The new-user pass after issue 43: predict without an input named Python keywords; tune of a missing
+    # bundle said it had no probe.npz.
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(message)

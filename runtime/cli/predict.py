@@ -145,6 +145,11 @@ def _run_predict(args: argparse.Namespace) -> int:
                 "--data and --out go together: polysense predict BUNDLE --data DIR --out preds.jsonl"
             )
         return _run_predict_many(args)
+    if not single:  # said in flags, before the bundle loads (the Pipeline names its keyword arguments)
+        raise ConfigError(
+            f"no input given; pass one or more of {', '.join(f'--{m}' for m in MODALITIES)} "
+            "(or --data DIR --out FILE for many samples)"
+        )
     voice = _voice(args)
     pipeline = load_model(args)
     prediction = pipeline.predict(image=args.image, text=args.text, audio=args.audio, voice=voice)

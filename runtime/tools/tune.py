@@ -140,6 +140,8 @@ def tune_bundle(
         raise ConfigError(
             f"{folder} is an archive; unpack it (tar -xf) and tune the folder, which then serves"
         )
+    if not folder.is_dir():  # before the probe: "no probe.npz" would send the user the wrong way
+        raise BundleError(f"bundle not found: {folder}")
     probe = read_probe(folder)
     if not len(probe.labels):
         raise ConfigError(f"{folder / PROBE_FILE} holds no samples; make it again with polysense tune --data")
