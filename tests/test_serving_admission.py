@@ -22,7 +22,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from polysense.serving.connections import uvicorn_limits  # noqa: E402
 from polysense.serving.handler import ServeOptions  # noqa: E402
 from polysense.serving.http import create_app  # noqa: E402
-from polysense.serving.service import BUSY_GRACE_S, Service  # noqa: E402
+from polysense.serving.service import OVERLOAD_WINDOW_S, Overload, Service  # noqa: E402
 
 KEY = "k" * 32
 BODY = json.dumps({"text": "a calm square"}).encode()
@@ -183,30 +183,46 @@ def test_without_the_api_key_401_comes_before_503(pipe):
         assert _count(service, "401", "Unauthorized")[0] == 2
 
 
-def test_a_busy_period_that_refused_gives_the_next_no_grace(pipe):
-    """Under overload everything in flight can be answered before the next requests are read: such a moment
-    must not restart BUSY_GRACE_S (it did, every ~100 ms, and 128 requests were admitted in each grace)."""
+def test_the_wait_rule_applies_only_while_requests_arrive_faster_than_they_leave():
+    """Overload is judged on the last whole window: clients that wait for their answers (as many arrivals as
+    departures) are never overload, however many; 5 arrivals per departure (4x overload) is; a burst into a
+    quiet server is not, until its window has passed; a quiet gap ends it."""
+    overload = Overload()
+    window = OVERLOAD_WINDOW_S
+
+    def run(arrivals: int, departures: int, start: float) -> bool:
+        for _ in range(arrivals):
+            overload.arrival(start)
+        for _ in range(departures):
+            overload.departure(start + window / 2)
+        return overload.now(start + window * 1.01)
+
+    assert not overload.now(0.0)
+    assert not run(400, 400, 0.0)  # 32 closed-loop clients: one arrival per departure
+    assert not run(400, 390, window * 1.01)
+    assert run(800, 150, window * 2.02)  # 4x overload
+    assert overload.now(window * 3.03 - 1e-6)  # for the whole of the next window
+    assert not run(8, 0, window * 3.03)  # a handful is never overload
+    for _ in range(300):  # a burst into a quiet server
+        overload.arrival(10.0)
+    assert not overload.now(10.0 + window / 2)  # served: the window before it was quiet
+    assert overload.now(10.0 + window * 1.01)  # still unanswered a window later: overload
+    assert not overload.now(100.0)  # a quiet gap ends it
+
+
+def test_a_server_that_was_overloaded_and_idle_serves_a_burst_again(pipe):
+    """The wait rule: refused while overloaded, admitted in a burst after a quiet moment."""
     service = Service(pipe, ServeOptions(max_queue=16, max_batch_samples=16, max_queue_delay_ms=5))
     service.ready.set()
     now = [100.0]
     service.clock = lambda: now[0]
     service.service_time.per_sample_s = 0.001  # 1 ms a sample: 8 in flight is 8 ms of work
     try:
-        service.arrive()  # finds the server idle: a busy period with its grace
-        assert service.refusal(ahead=8) is None  # within the grace: a burst is served
-        assert service.refusal(ahead=16) is not None  # the queue is full: this busy period refused
-        service.leave()
-        now[0] += 2 * BUSY_GRACE_S
-        service.arrive()  # idle for a moment, after a busy period that refused: no new grace
-        assert service.refusal(ahead=8) is not None
-        service.leave()
-        now[0] += 2 * BUSY_GRACE_S
-        service.arrive()  # the last busy period refused too, so no grace either; this one refuses nothing
-        service.leave()
-        now[0] += 2 * BUSY_GRACE_S
-        service.arrive()  # after a busy period without refusals: a burst is served again
+        for _ in range(200):
+            service.arrival()  # 200 arrivals, no departure: overload
+        now[0] += OVERLOAD_WINDOW_S * 1.01
+        assert service.refusal(ahead=8) is not None and service.refusal(ahead=7) is None
+        now[0] += 10.0
         assert service.refusal(ahead=8) is None
-        service.leave()
-        assert service.arrived == 0
     finally:
         service.close()

@@ -252,15 +252,17 @@ def test_a_request_takes_its_place_once_its_body_is_in(client):
 
 def test_admission_refuses_a_request_whose_expected_wait_is_over_max_queue_delay_ms(pipe):
     """With the service time known (1 ms a sample), 8 in flight is 8 ms of work ahead: over a 5 ms limit, 503
-    at once; under 8 in flight nothing is refused for its wait (normal concurrency is served as before); at
-    0.5 ms a sample, in the first BUSY_GRACE_S of a busy period (a burst), or with the limit off, 8 in flight
-    are admitted."""
-    from polysense.serving.service import ADMIT_ALWAYS_BELOW, BUSY_GRACE_S
+    at once while the server is overloaded; under 8 in flight nothing is refused for its wait (normal
+    concurrency is served as before); at 0.5 ms a sample, when requests do not arrive faster than they leave
+    (clients waiting for their answers, a burst into an idle server), or with the limit off, 8 in flight are
+    admitted."""
+    from polysense.serving.service import ADMIT_ALWAYS_BELOW
 
     assert ADMIT_ALWAYS_BELOW == 8
     client = _client(pipe, max_queue_delay_ms=5)
     service = client.app.state.service
-    service.clock = lambda: 1000.0  # busy since 0: well past the burst grace
+    service.clock = lambda: 1000.0
+    service.overload.overloaded, service.overload.window_end = True, 1000.1  # within an overloaded window
 
     def status(inflight: int, per_sample_s: float) -> httpx.Response:
         service.inflight, service.service_time.per_sample_s = inflight, per_sample_s
@@ -276,7 +278,7 @@ def test_admission_refuses_a_request_whose_expected_wait_is_over_max_queue_delay
         assert "max_queue_delay_ms=5" in refused.json()["error"] and "8.0 ms" in refused.json()["error"]
         assert status(8, 0.0005).status_code == 200  # 4 ms ahead
         assert status(100, 0.0).status_code == 200  # nothing measured yet: only max_queue bounds the queue
-        service._busy_since = 1000.0 - BUSY_GRACE_S / 2  # busy only since just now: a burst, not overload
+        service.overload.overloaded = False  # requests arrive no faster than they leave
         assert status(8, 0.001).status_code == 200
     finally:
         client.__exit__(None, None, None)
@@ -315,7 +317,6 @@ def test_the_service_time_is_measured_from_departures_while_busy(pipe):
         assert service.service_time.per_sample_s == pytest.approx(expected)
         now[0] = 100.0  # idle since 14
         async with service.admit():
-            assert service._busy_since == 100.0  # it found the server idle: a busy period starts
             now[0] = 100.3  # busy 100-100.3 (not 14-100.3)
         assert service.service_time.per_sample_s == pytest.approx(expected + alpha * (0.3 - expected))
 

@@ -31,6 +31,8 @@ if (
     from polysense.serving.service import Service
 
 ADMITTED_PATHS = ("/v1/predict", "/v1/predict_batch")
+# Set in the scope of a request that polysense.serving.connections let through at its head: not admitted twice.
+ADMITTED_AT_HEAD = "polysense.admitted_at_head"
 
 
 class Admission:
@@ -41,7 +43,7 @@ class Admission:
         self.service = service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in ADMITTED_PATHS:
+        if scope["type"] != "http" or scope["path"] not in ADMITTED_PATHS or scope.get(ADMITTED_AT_HEAD):
             await self.app(scope, receive, send)
             return
         service = self.service
@@ -65,6 +67,7 @@ def refusal_of(
             service.authorize(_authorization(headers))
         except Unauthorized as error:
             return error
+    service.arrival()
     return service.refusal(ahead=ahead)
 
 

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from polysense.errors import PolysenseError
-from polysense.serving.admission import ADMITTED_PATHS, refusal_of
+from polysense.serving.admission import ADMITTED_AT_HEAD, ADMITTED_PATHS, refusal_of
 from polysense.serving.handler import ServeOptions, failure_answer, status_of
 
 if TYPE_CHECKING:
@@ -131,6 +131,7 @@ class GuardedProtocol(HttpToolsProtocol):
         error = refusal_of(service, self.headers, service.ahead())
         if error is None:
             self.let_through = True
+            self.scope[ADMITTED_AT_HEAD] = True  # type: ignore[literal-required]  # the app admits it no more
             return False
         self.refused = error
         self.refused_keep_alive = self.parser.get_http_version() == "1.1" and self.parser.should_keep_alive()

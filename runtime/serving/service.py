@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from polysense.errors import OverloadedError, RequestTimeoutError
@@ -30,12 +31,48 @@ T = TypeVar("T")
 # Below this many predictions in flight a request is never refused for its expected wait, whatever the model
 # costs: normal concurrency (1-8 clients) is served as it always was, on a slow model too.
 ADMIT_ALWAYS_BELOW = 8
-# Nor in the first BUSY_GRACE_S of a busy period (from the moment a request finds the server idle): a burst
-# into an idle server is served, however long the estimate says it takes; only a queue that stands longer is
-# overload (CoDel's interval, 100 ms). A busy period that had to refuse gives the next one no grace: under
-# overload everything in flight can be answered before the next requests are read, and each such moment
-# restarted the grace (measured: a new grace every ~100 ms under 4x overload, 128 admitted in each).
-BUSY_GRACE_S = 0.1
+# Nor unless the server is overloaded: in the last whole window of OVERLOAD_WINDOW_S (CoDel's interval),
+# prediction requests arrived more than OVERLOAD_RATIO times as fast as admitted ones left (plus
+# ADMIT_ALWAYS_BELOW, so a handful is never overload). Clients that wait for their answers (a closed loop,
+# however many) cannot outpace the server, so they are served as before, a queue of 32 clients' 13-16 ms
+# included; a burst into an idle server is served too (the window before it was quiet). Under 4x overload
+# requests arrive about 5 times as fast as they leave.
+OVERLOAD_WINDOW_S = 0.1
+OVERLOAD_RATIO = 1.5
+
+
+@dataclass
+class Overload:
+    """Whether prediction requests arrive faster than the server answers them, judged on the last whole window
+    (counted on the event loop only)."""
+
+    window_s: float = OVERLOAD_WINDOW_S
+    arrivals: int = 0  # in the current window: requests that reached admission with the API key
+    departures: int = 0  # in the current window: admitted requests answered
+    window_end: float = 0.0
+    overloaded: bool = False  # in the last whole window
+
+    def arrival(self, now: float) -> None:
+        self._roll(now)
+        self.arrivals += 1
+
+    def departure(self, now: float) -> None:
+        self._roll(now)
+        self.departures += 1
+
+    def now(self, now: float) -> bool:
+        """Whether the server is overloaded at `now`."""
+        self._roll(now)
+        return self.overloaded
+
+    def _roll(self, now: float) -> None:
+        if now < self.window_end:
+            return
+        just_ended = now < self.window_end + self.window_s  # not a window followed by a quiet gap
+        growth = self.arrivals - OVERLOAD_RATIO * self.departures
+        self.overloaded = just_ended and growth > ADMIT_ALWAYS_BELOW
+        self.arrivals = self.departures = 0
+        self.window_end = now + self.window_s
 
 
 class Service:
@@ -61,8 +98,7 @@ class Service:
         self.service_time = ServiceTime()
         self.clock = time.perf_counter
         self._last_done = 0.0  # when the last admitted request left
-        self._busy_since = 0.0  # when the current busy period's grace started
-        self._refused_while_busy = False  # whether this busy period refused a request for the queue
+        self.overload = Overload()
         self.bodies = BodyBudget(options.max_body_bytes, timeout_s=options.body_timeout_s)
         self.open_streams = 0
         # Preparation (decoding photos, resampling audio) runs on at most this many threads, so the memory of
@@ -106,26 +142,28 @@ class Service:
     def authorize(self, headers: Mapping[str, str]) -> None:
         authorize(self.options.api_key, headers)
 
+    def arrival(self) -> None:
+        """A prediction request with the API key reached admission (once per request)."""
+        self.overload.arrival(self.clock())
+
     def refusal(self, count: int = 1, ahead: int | None = None) -> OverloadedError | None:
         """Why `count` more predictions cannot be admitted now behind `ahead` in flight (default: those
         admitted), or None: the server is warming up, max_queue are in flight, or (with at least
-        ADMIT_ALWAYS_BELOW in flight, past a busy period's grace) the work ahead, in-flight samples x the
-        measured seconds per sample, is over max_queue_delay_ms. Admission by expected wait keeps an admitted
+        ADMIT_ALWAYS_BELOW in flight, while overloaded) the work ahead, in-flight samples x the measured
+        seconds per sample, is over max_queue_delay_ms. Admission by expected wait keeps an admitted
         request's wait short under overload (one refused at once can retry or go to another replica); a queue
         bounded only in requests let admitted ones wait max_queue / throughput."""
         if not self.ready.is_set():
             return OverloadedError("the server is warming up; retry in a moment", retry_after_s=1.0)
         inflight = self.inflight if ahead is None else ahead
         if inflight + count > self.options.max_queue:
-            self._refused_while_busy = True
             return OverloadedError(
                 f"{inflight} requests in flight, the limit is max_queue={self.options.max_queue}; retry shortly"
             )
         limit_ms = self.options.max_queue_delay_ms
-        if limit_ms and inflight >= ADMIT_ALWAYS_BELOW and self.clock() - self._busy_since >= BUSY_GRACE_S:
+        if limit_ms and inflight >= ADMIT_ALWAYS_BELOW and self.overload.now(self.clock()):
             wait_ms = self.service_time.wait_s(inflight) * 1000
             if wait_ms > limit_ms:
-                self._refused_while_busy = True
                 return OverloadedError(
                     f"{inflight} requests in flight, about {wait_ms:.1f} ms of work ahead, over "
                     f"max_queue_delay_ms={limit_ms:g}; retry shortly"
@@ -141,8 +179,6 @@ class Service:
         if refusal is not None:
             raise refusal
         admitted = self.clock()
-        if not self.inflight and not self.arrived:  # (a request counted by `arrive` started its busy period)
-            self._busy_period_starts(admitted)
         self.inflight += count
         self.accepted += 1
         try:
@@ -158,19 +194,8 @@ class Service:
 
     def arrive(self) -> None:
         """A prediction request let through at its head has its whole body (polysense.serving.connections):
-        it counts in `arrived` until `leave`. One that finds nothing in flight starts a busy period: under
-        overload admitted requests can all be answered before the next are admitted, so `inflight` alone
-        touches 0 again and again."""
-        if not self.inflight and not self.arrived:
-            self._busy_period_starts(self.clock())
+        it counts in `arrived` until `leave`."""
         self.arrived += 1
-
-    def _busy_period_starts(self, now: float) -> None:
-        """A request found nothing in flight: its busy period gets BUSY_GRACE_S of grace, unless the last one
-        had to refuse requests (then the overload goes on)."""
-        if not self._refused_while_busy:
-            self._busy_since = now
-        self._refused_while_busy = False
 
     def leave(self) -> None:
         """A request counted by `arrive` was answered (or its connection lost)."""
@@ -188,6 +213,7 @@ class Service:
         now = self.clock()
         self.service_time.observe(now - max(admitted, self._last_done), count)
         self._last_done = now
+        self.overload.departure(now)
 
     async def answer(
         self, future: Future[Prediction], request: Request, timeout: float | None = None
