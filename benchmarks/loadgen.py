@@ -8,7 +8,10 @@ CPU with the server, and an HTTP client library would cost more per request than
 Closed loop: each client sends its next request when the last is answered (throughput and latency at a given
 concurrency). Open loop: requests start on a fixed schedule, on any idle connection (a new one when none is
 idle, up to --connections); latency is counted from the scheduled start, so a lagging generator or server
-cannot hide queueing (no coordinated omission).
+cannot hide queueing (no coordinated omission). With --preopen the open loop opens its --connections first,
+each answered once (GET /healthz), as wrk and k6 open theirs before they measure: a server under overload
+accepts new connections slowly (uvloop, measured: ~140 a second while refusing 7,500 requests a second), and
+a request sent on a connection still waiting to be accepted waits seconds, whatever the server's queue holds.
 
 --expect '{"label": ..., "probabilities": {...}}' checks every 200 answer against it (same label, every
 probability within 1e-5) and counts the others as "wrong" (benchmarks/hostile.py passes Pipeline.predict's).
@@ -68,6 +71,11 @@ class Connection:
 
     def close(self) -> None:
         self.writer.close()
+
+    @property
+    def closed_by_server(self) -> bool:
+        """An idle connection the server has closed (its idle timeout): not to be sent on again."""
+        return self.reader.at_eof()
 
 
 def same_answer(body: bytes, expected: dict, tolerance: float = 1e-5) -> bool:
@@ -156,15 +164,32 @@ async def closed_loop(
     return tally.summary(time.perf_counter() - start)
 
 
+async def preopened(port: int, count: int) -> list[Connection]:
+    """`count` connections the server has accepted: each has had one answer (GET /healthz)."""
+
+    async def one() -> Connection:
+        connection = await Connection.open(port)
+        await connection.send(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        return connection
+
+    return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
 async def open_loop(
-    port: int, rate: float, seconds: float, max_connections: int, request: bytes, expected: dict | None = None
+    port: int,
+    rate: float,
+    seconds: float,
+    max_connections: int,
+    request: bytes,
+    expected: dict | None = None,
+    preopen: bool = False,
 ) -> dict:
     tally = Tally(expected)
     from_send: list[
         float
     ] = []  # latency of the answered from their actual send (the generator's lag left out)
-    idle: list[Connection] = []
-    opened = 0
+    idle: list[Connection] = await preopened(port, max_connections) if preopen else []
+    opened = len(idle)
     not_sent = 0
     pending: set[asyncio.Task] = set()
 
@@ -200,6 +225,9 @@ async def open_loop(
         scheduled = start + index / rate
         # Always yield, even when behind schedule: otherwise no answer is read while requests are issued.
         await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
+        while idle and idle[-1].closed_by_server:
+            idle.pop().close()
+            opened -= 1
         if idle:
             connection = idle.pop()
         elif opened < max_connections:
@@ -232,6 +260,9 @@ def main() -> None:
     mode.add_argument("--closed", type=int, metavar="CLIENTS")
     mode.add_argument("--open-rate", type=float, metavar="RPS")
     parser.add_argument("--connections", type=int, default=512, help="open loop: connections at most")
+    parser.add_argument(
+        "--preopen", action="store_true", help="open loop: open --connections before the start"
+    )
     parser.add_argument("--token", help="bearer token, if the server wants one")
     parser.add_argument("--expect", type=json.loads, help="JSON {label, probabilities} every 200 must match")
     args = parser.parse_args()
@@ -239,7 +270,9 @@ def main() -> None:
     if args.closed:
         work = closed_loop(args.port, args.closed, args.seconds, request, args.expect)
     else:
-        work = open_loop(args.port, args.open_rate, args.seconds, args.connections, request, args.expect)
+        work = open_loop(
+            args.port, args.open_rate, args.seconds, args.connections, request, args.expect, args.preopen
+        )
     result = uvloop.run(work) if uvloop else asyncio.run(work)
     json.dump(result, sys.stdout)
 

@@ -10,8 +10,9 @@ Requests are text predictions (the built-in bundle), as in the issue's orientati
 
 1. Closed loop at 1, 4, 16, 32 and 64 clients against both servers, interleaved: throughput, p50/p90/p99,
    errors, mean batch size (from the server's /metrics).
-2. Overload: open loop at 4x the best closed-loop throughput; only 503s may fail, and accepted requests' p99
-   is compared with the unloaded (1 client) p50.
+2. Overload: open loop at 4x the best closed-loop throughput, on 512 connections opened before it starts
+   (loadgen --preopen); only 503s may fail, and accepted requests' p99 is compared with the unloaded (1 client)
+   p50.
 3. Soak: 32 clients for 5 minutes, the server's RSS sampled every 5 s.
 4. SIGTERM under load: 16 clients, the signal after 3 s; exit status and time, every answer a 200.
 Results: benchmarks/results/serving.{json,md,png}, with the CPU's instruction sets.
@@ -167,7 +168,7 @@ def main() -> None:
         unbatched.stop()
         capacity = max(r["throughput_rps"] for r in report["closed"]["batched"])
         report["overload"] = load(
-            batched.port, 15.0 if not args.quick else 2.0, "--open-rate", str(4 * capacity)
+            batched.port, 15.0 if not args.quick else 2.0, "--open-rate", str(4 * capacity), "--preopen"
         )
         report["overload"]["alive_after"] = batched.get("/readyz") == 200
         print(f"overload at {4 * capacity:.0f}/s: {_line(report['overload'])}", flush=True)
