@@ -92,6 +92,9 @@ class Component:
 
 def _image_example(encoder: nn.Module, image_size: int) -> Callable:
     def build(batch: int, length: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        width = getattr(encoder, "input_width", None)  # a frozen encoder's vectors (onnx:PATH)
+        if width is not None:
+            return (torch.randn(batch, width, generator=generator),)
         return (torch.randn(batch, 3, image_size, image_size, generator=generator),)
 
     return build

@@ -112,15 +112,15 @@ def _export_graphs(
 
 def _bundle_preprocessing(run_dir: Path, work: Path, settings: Preprocessing) -> Preprocessing:
     """The run's preprocessing settings, with the files they name copied into the bundle: the tokenizer
-    (hashed here) and a frozen audio front end's graphs (byte for byte, refused unless they still have the
-    sha256 the run recorded when it copied them from their package)."""
-    if settings.audio is not None:
-        for graph in settings.audio.graphs:
+    (hashed here) and the graphs of frozen front ends (byte for byte, refused unless they still have the
+    sha256 the run recorded when it copied them from their source)."""
+    for modality in (settings.image, settings.audio):
+        for graph in () if modality is None else modality.graphs:
             shutil.copyfile(run_dir / graph.file, work / graph.file)
             if sha256_file(work / graph.file) != graph.sha256:
                 raise BundleError(
-                    f"{run_dir / graph.file} is not the {graph.package} {graph.version} graph the run was "
-                    "trained with (its sha256 differs); train the run again"
+                    f"{run_dir / graph.file} is not the graph the run was trained with (its sha256 differs "
+                    f"from the one recorded when it was copied from {graph.source}); train the run again"
                 )
     if settings.text is None:
         return settings

@@ -15,6 +15,7 @@ from polysense.models.encoders import (  # noqa: F401
     audio_causal,
     audio_window,
     efficientnet_lite,
+    frozen_onnx,
     image_cnn,
     minilm,
     speech_embedding,

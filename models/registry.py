@@ -22,8 +22,10 @@ The contract of an encoder family:
   the module lists `pretrained_prefixes` (its parameters that came pretrained, fine-tuned at --pretrained-lr),
   and a text family's factory carries `tokenizer_file()` (its vocabulary, copied into the run instead of
   learning one);
-- an audio family may carry `front_end`, a function (run folder, copy) -> AudioSettings of the front end it
-  reads instead of log-mel frames (speech-embedding: frozen pretrained graphs copied into the run);
+- a family may carry `front_end`, a function (run folder, copy, name) -> the settings of the front end it
+  reads instead of log-mel frames (speech-embedding: frozen pretrained graphs copied into the run; an image
+  family the same, run after the image preprocessing: onnx:PATH), and
+  `train_speeds`, the speeds at which data preparation also computes each training recording's features;
 - what export needs per modality: text encoders expose `vocab_size`; a streaming (audio) encoder exposes
   `n_mels`, `input_mean`/`input_std`, `step(frames, state)` and `state_layout()`.
 """
@@ -40,6 +42,45 @@ from polysense.modalities import MODALITIES
 
 ENCODERS: dict[str, dict[str, Callable[..., nn.Module]]] = {m: {} for m in MODALITIES}
 FUSIONS: dict[str, Callable[..., nn.Module]] = {}
+# `--image-encoder onnx:PATH`: a frozen ONNX encoder the user brings, per modality that takes one
+# (polysense.models.encoders.frozen_onnx); its factory stands for every such name.
+FROZEN_PREFIX = "onnx:"
+FROZEN: dict[str, Callable[..., nn.Module]] = {}
+
+
+class FamilyNames(tuple):
+    """A modality's registered family names, which also holds `onnx:PATH` where the modality takes a frozen
+    ONNX encoder (what TrainOptions and the CLI check a family name against)."""
+
+    modality: str = ""
+
+    def __new__(cls, modality: str, names: tuple[str, ...]) -> FamilyNames:
+        made = super().__new__(cls, (*names, *([f"{FROZEN_PREFIX}PATH"] if modality in FROZEN else [])))
+        made.modality = modality
+        return made
+
+    def __contains__(self, name: object) -> bool:
+        if isinstance(name, str) and name.startswith(FROZEN_PREFIX):
+            return self.modality in FROZEN and len(name) > len(FROZEN_PREFIX)
+        return tuple.__contains__(self, name)
+
+
+def is_frozen(name: str) -> bool:
+    return name.startswith(FROZEN_PREFIX)
+
+
+def _factory(modality: str, name: str) -> Callable[..., nn.Module] | None:
+    if is_frozen(name):
+        return FROZEN.get(modality)
+    return ENCODERS.get(modality, {}).get(name)
+
+
+def register_frozen(modality: str) -> Callable:
+    def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        FROZEN[modality] = factory
+        return factory
+
+    return decorator
 
 
 def register_encoder(modality: str, name: str) -> Callable:
@@ -61,16 +102,16 @@ def register_fusion(name: str) -> Callable:
 def create_encoder(modality: str, name: str, **options) -> nn.Module:
     if modality not in ENCODERS:
         raise ConfigError(f"unknown modality {modality!r}; choose from {', '.join(MODALITIES)}")
-    if name not in ENCODERS[modality]:
-        choices = ", ".join(sorted(ENCODERS[modality]))
+    factory = _factory(modality, name)
+    if factory is None:
+        choices = ", ".join(FamilyNames(modality, tuple(sorted(ENCODERS[modality]))))
         raise ConfigError(f"unknown {modality} encoder {name!r}; choose from {choices}")
-    factory = ENCODERS[modality][name]
     return factory(**{key: value for key, value in options.items() if family_takes(modality, name, key)})
 
 
 def family_takes(modality: str, name: str, option: str) -> bool:
     """Whether registered family `name` takes model option `option` (named by its factory, or **options)."""
-    factory = ENCODERS.get(modality, {}).get(name)
+    factory = _factory(modality, name)
     if factory is None:
         return False
     parameters = inspect.signature(factory).parameters
@@ -79,7 +120,7 @@ def family_takes(modality: str, name: str, option: str) -> bool:
 
 def family_defaults(modality: str, name: str) -> dict:
     """{"epochs": ..., "pretrained_lr": ...} that a pretrained family asks for; {} for the others."""
-    return dict(getattr(ENCODERS.get(modality, {}).get(name), "defaults", {}))
+    return dict(getattr(_factory(modality, name), "defaults", {}))
 
 
 def family_tokenizer(name: str):
@@ -88,10 +129,16 @@ def family_tokenizer(name: str):
     return tokenizer_file() if tokenizer_file is not None else None
 
 
-def family_front_end(name: str):
-    """The audio front end family `name` brings (a function (run folder, copy) -> AudioSettings), or None for
-    the log-mel frames."""
-    return getattr(ENCODERS["audio"].get(name), "front_end", None)
+def family_front_end(modality: str, name: str):
+    """The front end family `name` of `modality` brings (a function (run folder, copy, name) -> its settings:
+    frozen graphs copied into the run), or None for the modality's own preprocessing."""
+    return getattr(_factory(modality, name), "front_end", None)
+
+
+def family_train_speeds(name: str) -> tuple[float, ...]:
+    """The speeds at which audio family `name` also hears each training recording (speed perturbation, done
+    once while preparing the data); () for none."""
+    return tuple(getattr(ENCODERS["audio"].get(name), "train_speeds", ()))
 
 
 def create_fusion(name: str, **options) -> nn.Module:

@@ -101,6 +101,12 @@ class ImageCodec:
         from polysense.preprocess.image import ImagePreprocessor
 
         preprocessor = ImagePreprocessor(settings.size, tuple(settings.mean), tuple(settings.std), limits)
+        if settings.graphs:  # a frozen encoder the user brought runs on the preprocessed image
+            from polysense.preprocess.frozen import FrozenEncoder, FrozenImagePreprocessor
+
+            (graph,) = settings.graphs
+            encoder = FrozenEncoder(files(graph.file), settings.size, graph.file)
+            return FrozenImagePreprocessor(preprocessor, encoder)
         return lambda image, sample_rate=None: preprocessor(image)
 
     def feeds(self, features: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:

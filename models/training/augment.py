@@ -67,7 +67,7 @@ def augment_batch(
     """A copy of a training batch with its image and audio perturbed (other keys unchanged); `generators`
     holds one generator per row; `noise` names the audio's NoiseLevel."""
     batch = dict(batch)
-    if "image" in batch:
+    if "image" in batch and batch["image"].dim() == 4:  # pixels, not a frozen encoder's vectors
         moved = augment_images(batch["image"], generators)
         absent = batch["image"].flatten(1).eq(0).all(dim=1)  # rows of samples without an image stay zeros
         batch["image"] = torch.where(absent.view(-1, 1, 1, 1), batch["image"], moved)

@@ -11,13 +11,19 @@ from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
+from tqdm import tqdm
 
 from polysense.bundle.settings import AudioSettings, ImageSettings, Preprocessing, TextSettings
 from polysense.datasets.builtin import BuiltinSpec, ensure_builtin
 from polysense.errors import ConfigError, ManifestError
 from polysense.inference.preprocessors import build_preprocessors
-from polysense.modalities import MODALITIES
-from polysense.models.registry import family_defaults, family_front_end, family_tokenizer
+from polysense.modalities import MODALITIES, Preprocess
+from polysense.models.registry import (
+    family_defaults,
+    family_front_end,
+    family_tokenizer,
+    family_train_speeds,
+)
 from polysense.models.training.dataset import FeatureSet
 from polysense.models.training.options import TrainOptions
 from polysense.preprocess.audio import HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE
@@ -113,6 +119,10 @@ def prepare_data(
         write_manifest(ordered, run_dir / "manifest.csv")
 
     splits = _feature_sets(modalities, labels, ordered, features)
+    speeds = family_train_speeds(options.audio_encoder) if "audio" in modalities else ()
+    if speeds:
+        train_rows = [r for r in ordered if r.split == "train"]
+        splits["train"] = _at_speeds(splits["train"], train_rows, preprocessors["audio"], speeds, options)
     sizes = ", ".join(f"{s} {len(splits[s])}" for s in SPLITS)
     log.info(
         "data: %s; modalities %s; %d labels; %s", manifest.path, "+".join(modalities), len(labels), sizes
@@ -205,6 +215,9 @@ def _image_settings(
     options: TrainOptions, train_rows: list[Row], run_dir: Path, writes: bool = True
 ) -> ImageSettings:
     """The image family's own input scale (EfficientNet-Lite: [-1, 1]), else ImageNet's mean and std."""
+    front_end = family_front_end("image", options.image_encoder)
+    if front_end is not None:  # a frozen encoder the user brought (onnx:PATH)
+        return front_end(run_dir, writes, options.image_encoder, options.image_size)
     family = family_defaults("image", options.image_encoder)
     mean, std = family.get("image_mean", IMAGENET_MEAN), family.get("image_std", IMAGENET_STD)
     return ImageSettings(options.image_size, tuple(mean), tuple(std))
@@ -232,7 +245,7 @@ def _audio_settings(
 ) -> AudioSettings:
     """The log-mel front end, or the one the audio family brings (speech-embedding: its frozen graphs, copied
     into the run folder)."""
-    front_end = family_front_end(options.audio_encoder)
+    front_end = family_front_end("audio", options.audio_encoder)
     if front_end is None:
         return AudioSettings(SAMPLE_RATE, N_FFT, HOP_LENGTH, N_MELS)
     if options.voice_norm:
@@ -240,7 +253,7 @@ def _audio_settings(
             f"--voice-norm removes voices from log-mel frames; --audio-encoder {options.audio_encoder} reads "
             "its own front end: drop --voice-norm"
         )
-    return front_end(run_dir, copy=writes)
+    return front_end(run_dir, writes, options.audio_encoder)
 
 
 # How a training run chooses each modality's preprocessing settings (recorded in config.json, then the bundle).
@@ -256,6 +269,30 @@ def _preprocessing(
     if settings.text is not None:
         vocab_size = Tokenizer.from_file(str(run_dir / settings.text.tokenizer)).get_vocab_size()
     return settings, vocab_size
+
+
+def _at_speeds(
+    train: FeatureSet, rows: list[Row], audio: Preprocess, speeds: tuple[float, ...], options: TrainOptions
+) -> FeatureSet:
+    """The train split with each recording also played at `speeds` (tempo and pitch together, as Kaldi's speed
+    perturbation): rows of the same label and other modalities, computed once here like every feature. For a
+    frozen front end the only augmentation there is, and what carries it to voices never heard in training
+    (AV-digits, speech-embedding, the speaker it reads worst: 0.900 -> see docs/training.md)."""
+    present = [i for i, x in enumerate(train.features["audio"]) if x is not None]
+    extra = [
+        (i, audio.at_speed(rows[i].audio, speed))  # type: ignore[attr-defined]  # a front end's preprocessor
+        for speed in speeds
+        for i in tqdm(
+            present, desc=f"audio at {speed:g}x", unit="clip", disable=not options.progress, leave=False
+        )
+    ]
+    features = {m: values + [values[i] for i, _ in extra] for m, values in train.features.items()}
+    features["audio"] = train.features["audio"] + [x for _, x in extra]
+    labels = np.concatenate([train.labels, train.labels[[i for i, _ in extra]]])
+    log.info(
+        "train split: %d recordings also at %s x speed", len(present), ", ".join(f"{s:g}" for s in speeds)
+    )
+    return FeatureSet(train.modalities, features, labels.astype(np.int64))
 
 
 def _feature_sets(

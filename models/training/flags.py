@@ -147,7 +147,8 @@ def _flag_settings(field_: Field, hint: typing.Any, allowed: Sequence[str] | Non
         if default is not None:  # None: the help text says who decides
             help_text += f" (default: {_shown(default)})"
     if allowed is not None:
-        settings["choices"] = tuple(allowed)
+        # kept as given: a family list also holds onnx:PATH names (polysense.models.registry.FamilyNames)
+        settings["choices"] = allowed if isinstance(allowed, tuple) else tuple(allowed)
     else:
         settings["metavar"] = flag_name(field_).lstrip("-").replace("-", "_").upper()
     settings["help"] = help_text

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields, replace
 from polysense.errors import ConfigError
 from polysense.inference.sessions import DEVICES
 from polysense.modalities import MODALITIES, check_modalities
-from polysense.models.registry import ENCODERS, FUSIONS, family_defaults, family_takes
+from polysense.models.registry import ENCODERS, FUSIONS, FamilyNames, family_defaults, family_takes
 from polysense.models.training.flags import flag_name, option
 
 STRATEGIES = ("joint", "staged", "frozen", "alternating")
@@ -273,7 +273,9 @@ class TrainOptions:
     def family_ignores(self, modality: str, option: str) -> bool:
         """Whether the chosen (known) family of `modality` ignores model option `option`."""
         family = self.encoder(modality)
-        return family in ENCODERS[modality] and not family_takes(modality, family, option)
+        return family in FamilyNames(modality, tuple(ENCODERS[modality])) and not family_takes(
+            modality, family, option
+        )
 
     def to_dict(self) -> dict:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -300,7 +302,7 @@ def option_choices() -> dict[str, tuple[str, ...]]:
         "keep": KEEP,
         "audio_noise": AUDIO_NOISE,
         "device": DEVICES,
-        **{f"{m}_encoder": tuple(ENCODERS[m]) for m in MODALITIES},
+        **{f"{m}_encoder": FamilyNames(m, tuple(ENCODERS[m])) for m in MODALITIES},
         "fusion": tuple(FUSIONS),
     }
 

@@ -11,24 +11,6 @@ from polysense.preprocess.voice import VoiceProfile
 
 
 @dataclass(frozen=True)
-class ImageSettings:
-    size: int  # side of the square the encoder sees, in pixels
-    mean: tuple[float, float, float]  # per-channel RGB mean on a 0-1 scale
-    std: tuple[float, float, float]  # per-channel RGB std on a 0-1 scale
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str) -> ImageSettings:
-        mean = tuple(typed(v, (int, float), f"{where}.mean") for v in get(data, "mean", list, where))
-        std = tuple(typed(v, (int, float), f"{where}.std") for v in get(data, "std", list, where))
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise BundleError(f"{where}: mean and std need three values each, std all positive")
-        return cls(within(get(data, "size", int, where), 8, 4096, f"{where}.size"), mean, std)
-
-    def to_dict(self) -> dict:
-        return {"size": self.size, "mean": list(self.mean), "std": list(self.std)}
-
-
-@dataclass(frozen=True)
 class TextSettings:
     tokenizer: str  # tokenizer.json, a plain file name inside the bundle (or run) folder
     max_length: int  # tokens kept per text
@@ -70,6 +52,33 @@ class FrozenGraph:
 
     def to_dict(self) -> dict:
         return dict(vars(self))
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    size: int  # side of the square the encoder sees, in pixels
+    mean: tuple[float, float, float]  # per-channel RGB mean on a 0-1 scale
+    std: tuple[float, float, float]  # per-channel RGB std on a 0-1 scale
+    # A frozen ONNX encoder run on the preprocessed image (--image-encoder onnx:PATH): role "encoder".
+    graphs: tuple[FrozenGraph, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> ImageSettings:
+        mean = tuple(typed(v, (int, float), f"{where}.mean") for v in get(data, "mean", list, where))
+        std = tuple(typed(v, (int, float), f"{where}.std") for v in get(data, "std", list, where))
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise BundleError(f"{where}: mean and std need three values each, std all positive")
+        graphs = items(data, "graphs", FrozenGraph.from_dict, where) if "graphs" in data else ()
+        if tuple(g.role for g in graphs) not in ((), ("encoder",)):
+            raise BundleError(f"{where}.graphs: an image front end runs one graph, its encoder")
+        return cls(within(get(data, "size", int, where), 8, 4096, f"{where}.size"), mean, std, graphs)
+
+    def to_dict(self) -> dict:
+        values = {"size": self.size, "mean": list(self.mean), "std": list(self.std)}
+        return {**values, "graphs": [g.to_dict() for g in self.graphs]} if self.graphs else values
+
+    def files(self) -> list[tuple[str, str]]:
+        return [(g.file, g.sha256) for g in self.graphs]
 
 
 LOG_MEL, SPEECH_EMBEDDING = "log-mel", "speech-embedding"
@@ -185,7 +194,8 @@ class Preprocessing:
 
     def files(self) -> list[tuple[str, str]]:
         """(file name, sha256) of every file the preprocessors read: the tokenizer, frozen audio graphs."""
-        files = [] if self.text is None else [(self.text.tokenizer, self.text.sha256)]
+        files = [] if self.image is None else self.image.files()
+        files += [] if self.text is None else [(self.text.tokenizer, self.text.sha256)]
         return files + ([] if self.audio is None else self.audio.files())
 
     @classmethod

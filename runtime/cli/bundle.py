@@ -43,10 +43,16 @@ def _run_info(args: argparse.Namespace) -> int:
         files = ", ".join(f"{p} {v.bytes / 1e3:.0f} kB" for p, v in component.variants.items())
         inputs = ", ".join(f"{t.name}{list(t.shape)}" for t in component.inputs)
         print(f"  {name:<14} {files}; inputs {inputs}")
-    audio = description.preprocessing.audio
-    if audio is not None and audio.graphs:  # a frozen front end: where its graphs came from
-        graphs = ", ".join(f"{g.file} ({g.package} {g.version}: {g.source})" for g in audio.graphs)
-        print(f"  audio front end {audio.front}, frozen: {graphs}")
+    for modality in ("image", "audio"):  # a frozen front end: where its graphs came from
+        settings = getattr(description.preprocessing, modality)
+        if settings is not None and settings.graphs:
+            graphs = ", ".join(
+                f"{g.file} ({g.package} {g.version}: {g.source})"
+                if g.package
+                else f"{g.file} (from {g.source})"
+                for g in settings.graphs
+            )
+            print(f"  {modality} front end, frozen: {graphs}")
     fp32 = description.metrics.get("fp32", {})
     if isinstance(fp32, dict) and isinstance(fp32.get("accuracy"), (int, float)):
         print(f"  test accuracy at export: {fp32['accuracy']:.4f}")

@@ -183,6 +183,12 @@ class SpeechPreprocessor:
     def frames(self) -> SpeechFrames:
         return self.graphs.frames()
 
+    def at_speed(self, audio: AudioInput, speed: float, sample_rate: int | None = None) -> np.ndarray:
+        """The window embeddings of `audio` played `speed` times as fast (tempo and pitch together): training's
+        speed perturbation."""
+        waveform = self.waveform(audio, sample_rate)
+        return self.graphs(resample(waveform, round(SAMPLE_RATE * speed), SAMPLE_RATE))
+
     def __call__(self, audio: AudioInput, sample_rate: int | None = None) -> np.ndarray:
         windows = self.graphs(self.waveform(audio, sample_rate))
         if windows.shape[0] == 0:
