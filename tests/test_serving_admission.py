@@ -9,6 +9,7 @@ import json
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -149,6 +150,37 @@ def test_a_refused_request_whose_body_is_not_all_here_is_answered_and_closed(ser
         answer = read_all(sock, 3)
     assert answer.startswith(b"HTTP/1.1 503") and b"connection: close" in answer.lower()
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["type"] == "OverloadedError"
+
+
+def test_an_http_1_0_request_is_refused_and_its_connection_closed(server):
+    port, service = server
+    with connect(port) as sock, full_queue(service):
+        sock.sendall(request().replace(b"HTTP/1.1", b"HTTP/1.0", 1))
+        answer = read_all(sock, 3)
+    assert answer.startswith(b"HTTP/1.1 503") and b"connection: close" in answer.lower()
+
+
+def test_requests_counted_at_the_head_are_uncounted_when_their_client_hangs_up(server):
+    """A request whose body is all here counts in Service.arrived until answered, or until its connection is
+    lost: clients hanging up leave no count behind (the count would refuse others for good)."""
+    port, service = server
+    before = _answered(service)
+    for _ in range(8):
+        with connect(port) as sock:
+            sock.sendall(request())
+    deadline = time.monotonic() + 5
+    while (_answered(service) < before + 8 or service.arrived) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _answered(service) == before + 8  # each ended one way or another (200 or 499)
+    assert service.arrived == 0 and service.inflight == 0
+
+
+def _answered(service: Service) -> float:
+    """Prediction requests the server has finished with, whatever their status."""
+    text = service.metrics.exposition()[0].decode()
+    return sum(
+        float(n) for n in re.findall(r'polysense_requests_total\{code="\d+",endpoint="predict"\} (\S+)', text)
+    )
 
 
 def test_refusals_at_the_head_are_counted_in_the_metrics(server):
