@@ -64,10 +64,22 @@ def _answer(
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + payload
 
 
+# Refusals' answers by (error type, message, Retry-After, keep-alive): under overload most messages repeat (one per number
+# in flight), and building an answer cost as much as the rest of a refusal's Python. Cleared when full.
+_ANSWERS: dict[tuple[type, str, object, bool], bytes] = {}
+MAX_CACHED_ANSWERS = 1024
+
+
 def refusal_answer(error: PolysenseError, keep_alive: bool) -> bytes:
     """The answer the app would give to a request refused with `error` (401 or 503 with Retry-After)."""
-    status, body, headers = failure_answer(error)
-    return _answer(status, body, headers, keep_alive)
+    key = (type(error), str(error), getattr(error, "retry_after_s", None), keep_alive)
+    answer = _ANSWERS.get(key)
+    if answer is None:
+        if len(_ANSWERS) >= MAX_CACHED_ANSWERS:
+            _ANSWERS.clear()
+        status, body, headers = failure_answer(error)
+        answer = _ANSWERS[key] = _answer(status, body, headers, keep_alive)
+    return answer
 
 
 class GuardedProtocol(HttpToolsProtocol):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from polysense.errors import DependencyError
 
@@ -53,12 +54,26 @@ class ServerMetrics:
         self.queue = prometheus.Gauge("polysense_queue_depth", "Requests waiting for a model run.", **kw)
         self.queue.set_function(queue_depth)
         self.streams = prometheus.Gauge("polysense_streams_active", "Open WebSocket audio streams.", **kw)
+        self._cache: dict[tuple[str, int, str | None], tuple[Any, Any, Any]] = {}
 
     def observe(self, endpoint: str, code: int, seconds: float, error: str | None = None) -> None:
-        self.requests.labels(endpoint, str(code)).inc()
-        self.latency.labels(endpoint).observe(seconds)
-        if error is not None:
-            self.errors.labels(error).inc()
+        requests, latency, errors = self._children(endpoint, code, error)
+        requests.inc()
+        latency.observe(seconds)
+        if errors is not None:
+            errors.inc()
+
+    def _children(self, endpoint: str, code: int, error: str | None) -> tuple[Any, Any, Any]:
+        """The labelled series one answer updates, looked up once per (endpoint, code, error): under overload
+        every refusal is observed, and the lookups cost as much as the updates (endpoints, codes and error
+        types are few, so the cache stays small)."""
+        key = (endpoint, code, error)
+        children = self._cache.get(key)
+        if children is None:
+            errors = None if error is None else self.errors.labels(error)
+            children = (self.requests.labels(endpoint, str(code)), self.latency.labels(endpoint), errors)
+            self._cache[key] = children
+        return children
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format Prometheus scrapes, and its content type."""
