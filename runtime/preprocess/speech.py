@@ -160,12 +160,15 @@ class SpeechFrames:
     def _windows(self) -> np.ndarray:
         hop = self.graphs.window_hop
         count = 0 if len(self.mel) < WINDOW_FRAMES else 1 + (len(self.mel) - WINDOW_FRAMES) // hop
-        if count == 0:
-            return np.zeros((0, EMBED_WIDTH), np.float32)
-        windows = np.stack([self.mel[i * hop : i * hop + WINDOW_FRAMES] for i in range(count)])
-        floor = windows.max(axis=(1, 2), keepdims=True) - TOP_DB  # each window floored at its own max
+        out = np.zeros((count, EMBED_WIDTH), np.float32)
+        # In blocks, so a long recording never holds all its windows at once (10 minutes: 7,500 windows, 73 MB).
+        for first in range(0, count, _EMBED_BATCH):
+            block = range(first, min(first + _EMBED_BATCH, count))
+            windows = np.stack([self.mel[i * hop : i * hop + WINDOW_FRAMES] for i in block])
+            floor = windows.max(axis=(1, 2), keepdims=True) - TOP_DB  # each window floored at its own max
+            out[first : first + len(block)] = self.graphs.embed(np.maximum(windows, floor))
         self.mel = self.mel[count * hop :].copy()
-        return self.graphs.embed(np.maximum(windows, floor))
+        return out
 
 
 @dataclass(frozen=True)
