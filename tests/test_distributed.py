@@ -355,6 +355,34 @@ def test_synced_batchnorm_in_one_process_equals_torch_s(tmp_path):
         dist.destroy_process_group()
 
 
+def test_the_audio_window_s_trailing_silence_is_drawn_per_row_as_one_process_draws_it():
+    """The audio efficientnet-lite0 family follows each training recording with random silence, drawn from
+    torch's global generator. Each process drew its own rows' numbers from the same state, so every shard got
+    the first shard's draws; now the shards of a batch draw what one process draws for the whole batch, and one
+    process draws exactly what it drew before."""
+    from polysense.models.encoders.audio_window import WindowedSpectrogramEncoder
+    from polysense.models.training.distributed.sharded_layers import StepContext, shard_layers
+
+    encoder = WindowedSpectrogramEncoder(n_mels=8, embed_dim=4).train()
+    encoder._embed = lambda window: window  # the window itself shows where each recording ends
+    frames = torch.randn(4, 30, 8)
+    mask = (torch.arange(30) < torch.tensor([[5], [10], [20], [30]])).float()
+
+    def windows(rows: slice, first_row: int) -> torch.Tensor:
+        torch.manual_seed(7)  # as every process seeds the epoch alike
+        context.start(first_row, 4, seed=0)
+        try:
+            return encoder(frames[rows], mask[rows])
+        finally:
+            context.stop()
+
+    context = StepContext()
+    before = windows(slice(0, 4), 0)  # one process, before shard_layers: torch.rand(4)
+    shard_layers(encoder, context)
+    assert torch.equal(windows(slice(0, 4), 0), before)
+    assert torch.equal(torch.cat([windows(slice(0, 2), 0), windows(slice(2, 4), 2)]), before)
+
+
 def test_options_record_accumulation_and_a_resumed_run_may_change_it():
     from polysense.models.training.run_folder import RESUME_MAY_CHANGE
 

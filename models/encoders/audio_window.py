@@ -21,6 +21,7 @@ frames relative to the log floor, so the zero state a stream starts from marks f
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -50,6 +51,10 @@ class WindowedSpectrogramEncoder(nn.Module):
         self.register_buffer("input_mean", torch.zeros(n_mels))
         self.register_buffer("input_std", torch.ones(n_mels))
         self.network = EfficientNetLite0(embed_dim)
+        # Uniform draws [rows] for the rows of a training batch (the silence after each, in forward): from
+        # torch's global generator. A run in several processes replaces it with draws for the whole batch cut
+        # to the process's rows, so that N processes repeat one (training.distributed.sharded_layers).
+        self.uniform_rows: Callable[[int, torch.device], torch.Tensor] = _uniform
 
     def fit_input_stats(self, clips: list[np.ndarray]) -> None:
         """Per-band mean and std of the training frames relative to their clip's loudest point (what _embed
@@ -80,7 +85,7 @@ class WindowedSpectrogramEncoder(nn.Module):
         ends = lengths
         if self.training:
             room = (WINDOW - lengths).clamp(min=0)
-            ends = lengths + (torch.rand(batch, device=frames.device) * (room + 1)).long().clamp(max=room)
+            ends = lengths + (self.uniform_rows(batch, frames.device) * (room + 1)).long().clamp(max=room)
         silence = frames.new_zeros(batch, WINDOW, bands)
         padded = torch.cat([silence, relative, silence], dim=1)
         # Row b's window is padded[b, end_b : end_b + WINDOW]: it ends on frame end_b - 1 of the row.
@@ -114,6 +119,10 @@ class WindowedSpectrogramEncoder(nn.Module):
         x = (x / _SPREAD).clamp(-1.0, 1.0).transpose(1, 2).unsqueeze(1)  # [B, 1, n_mels, WINDOW]
         x = nn.functional.interpolate(x, scale_factor=(2.0, 1.0), mode="bilinear", align_corners=False)
         return self.network(x.expand(-1, 3, -1, -1))
+
+
+def _uniform(rows: int, device: torch.device) -> torch.Tensor:
+    return torch.rand(rows, device=device)
 
 
 @register_encoder("audio", "efficientnet-lite0")

@@ -1,5 +1,6 @@
-"""The two layers whose training-mode output depends on the whole batch, made independent of how the batch is
-split among processes: BatchNorm (statistics over the batch) and Dropout (random masks).
+"""The layers whose training-mode output depends on the whole batch, made independent of how the batch is
+split among processes: BatchNorm (statistics over the batch), Dropout (random masks) and encoders that draw
+random numbers per row from torch's global generator (`uniform_rows`: the audio window's trailing silence).
 
 One process with the whole batch and N processes with a shard each must compute the same thing, or a
 distributed run would not repeat a single-process one:
@@ -8,6 +9,8 @@ distributed run would not repeat a single-process one:
                 are the sums its gradient needs; torch's SyncBatchNorm would do it but refuses CPU tensors
     Dropout     the mask is drawn for the whole batch from a generator every process seeds alike for the step,
                 and each process keeps its own rows (with one process, its rows are all of them)
+    uniform_rows  drawn for the whole batch from torch's global generator, which every process seeds alike for
+                the epoch and advances alike, and cut to the process's rows (ShardedUniform)
 
 Both follow a StepContext the training loop updates before each forward pass; outside a training step
 (BatchNorm re-estimation, evaluation) they behave as torch's own layers.
@@ -69,6 +72,24 @@ class ShardedDropout(nn.Dropout):
         whole = torch.rand((context.rows, *x.shape[1:]), generator=generator, device=x.device)
         keep = whole[context.first_row : context.first_row + x.shape[0]] >= self.p
         return x * keep.to(x.dtype) / (1 - self.p)
+
+
+class ShardedUniform:
+    """A module's `uniform_rows`: uniform draws for this process's rows of a training batch, cut from draws for
+    the whole batch. With one process they are the very draws torch.rand(rows) makes, so a single-process run
+    draws what it drew before; with several, every process draws the whole batch's from the global generator
+    (seeded alike for the epoch) and keeps its own rows, instead of each drawing its own rows' numbers from
+    the same state, which gave every shard the first shard's draws."""
+
+    def __init__(self, context: StepContext) -> None:
+        self.context = context
+
+    def __call__(self, rows: int, device: torch.device) -> torch.Tensor:
+        context = self.context
+        if not context.active:
+            return torch.rand(rows, device=device)
+        whole = torch.rand(context.rows, device=device)
+        return whole[context.first_row : context.first_row + rows]
 
 
 class _SyncedNormalisation(torch.autograd.Function):
@@ -165,8 +186,9 @@ class SyncedBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def shard_layers(model: nn.Module, context: StepContext) -> None:
-    """Replace, in place, every nn.Dropout by a ShardedDropout and, when the context synchronises (several
-    processes), every BatchNorm by a SyncedBatchNorm. State dicts are unchanged.
+    """Replace, in place, every nn.Dropout by a ShardedDropout, every module's `uniform_rows` by a
+    ShardedUniform and, when the context synchronises (several processes), every BatchNorm by a
+    SyncedBatchNorm. State dicts are unchanged.
 
     Raises TypeError for other dropout layers (Dropout2d, AlphaDropout, ...): they would draw per process, and
     N processes would no longer repeat one."""
@@ -188,3 +210,6 @@ def shard_layers(model: nn.Module, context: StepContext) -> None:
                 and not isinstance(child, SyncedBatchNorm)
             ):
                 setattr(parent, name, SyncedBatchNorm(child, context))
+    for module in model.modules():
+        if hasattr(module, "uniform_rows"):
+            module.uniform_rows = ShardedUniform(context)
