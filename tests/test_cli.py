@@ -200,3 +200,24 @@ def test_common_mistakes_are_said_in_flags_and_first(argv, message, capsys):
     # bundle said it had no probe.npz.
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith(message)
+
+
+def test_serve_max_audio_seconds_bounds_what_one_recording_may_cost(bundle):
+    """`serve --max-audio-seconds` lowers Limits.max_audio_seconds for the served model (for audio front ends
+    that cost much per second); a bad value names the flag, and Ray replicas refuse it rather than ignore it."""
+    from polysense.cli.main import build_parser
+    from polysense.cli.predict import load_model
+    from polysense.errors import ConfigError, LimitError
+
+    args = build_parser().parse_args(
+        ["serve", str(bundle), "--max-audio-seconds", "0.5", "--device", "cpu", "--threads", "1"]
+    )
+    model = load_model(args)
+    one_second = np.zeros(16000, np.float32)
+    with pytest.raises(LimitError, match="max_audio_seconds"):
+        model.predict(audio=one_second, sample_rate=16000)
+    assert model.predict(audio=one_second[:4000], sample_rate=16000).label
+    bad = build_parser().parse_args(["serve", str(bundle), "--max-audio-seconds", "0", "--threads", "1"])
+    with pytest.raises(ConfigError, match="--max-audio-seconds must be a positive"):
+        load_model(bad)
+    assert main(["serve", str(bundle), "--ray", "--max-audio-seconds", "5"]) == 2

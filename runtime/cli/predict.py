@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from polysense.bundle.schema import PRECISIONS
 from polysense.errors import ConfigError
 from polysense.inference.sessions import DEVICES
+from polysense.limits import DEFAULT_LIMITS, Limits
 from polysense.modalities import MODALITIES, SPECS
 from polysense.tools.manifest import SPLITS
 
@@ -92,8 +94,19 @@ def load_model(args: argparse.Namespace) -> AnyPredictor:
         device=args.device,
         precision=args.precision,
         intra_op_threads=args.threads,
+        limits=_limits(args),
         trusted_keys=getattr(args, "trusted_key", None),
     )
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    """polysense.Limits with what the command's flags change (serve --max-audio-seconds)."""
+    seconds = getattr(args, "max_audio_seconds", None)
+    if seconds is None:
+        return DEFAULT_LIMITS
+    if not seconds > 0:  # NaN too
+        raise ConfigError(f"--max-audio-seconds must be a positive number of seconds, got {seconds:g}")
+    return replace(DEFAULT_LIMITS, max_audio_seconds=seconds)
 
 
 def load_pipeline(args: argparse.Namespace, bundle: str) -> Pipeline:
@@ -105,6 +118,7 @@ def load_pipeline(args: argparse.Namespace, bundle: str) -> Pipeline:
         device=args.device,
         precision=args.precision,
         intra_op_threads=args.threads,
+        limits=_limits(args),
         trusted_keys=getattr(args, "trusted_key", None),
     )
 

@@ -36,6 +36,12 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
         help="onnxruntime threads per model run (default: half the cores, so HTTP work and model runs overlap; "
         "0: one per core)",
     )
+    serve.add_argument(
+        "--max-audio-seconds",
+        type=float,
+        help="refuse (413) audio longer than this, before decoding (default: polysense.Limits' 600 s); lower it "
+        "for a bundle whose audio front end is costly per second (speech-embedding: about 20 ms per second)",
+    )
     add_trusted_key(serve)
     defaults = ServeOptions()
     _add_queue_options(serve, defaults)
@@ -191,6 +197,10 @@ def _run_serve(args: argparse.Namespace) -> int:
     if args.ray or args.write_config:
         if len(args.bundle) > 1:
             raise ConfigError("Ray Serve deploys one bundle; serve an ensemble without --ray/--write-config")
+        if args.max_audio_seconds is not None:
+            raise ConfigError(
+                "--max-audio-seconds is not passed to Ray Serve replicas yet; serve without --ray"
+            )
         if args.trusted_key:
             raise ConfigError(
                 "--trusted-key is not checked by Ray Serve replicas yet; serve without --ray/--write-config, "
