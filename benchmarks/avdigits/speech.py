@@ -122,9 +122,9 @@ def markdown(results: dict) -> str:
         f"| fused, image removed | {removed['fused_without_image']:.4f} |",
         f"| audio-only model | {removed['audio_only']:.4f} |",
         "",
-        "Target: each removal within 1.0 point of the matching unimodal model: audio removed "
-        f"{100 * (removed['image_only'] - removed['fused_without_audio']):+.1f} points below, image removed "
-        f"{100 * (removed['audio_only'] - removed['fused_without_image']):+.1f} points below.",
+        "Target: each removal at most 1.0 point below the matching unimodal model. Fused minus unimodal: audio "
+        f"removed {100 * (removed['fused_without_audio'] - removed['image_only']):+.1f} points, image removed "
+        f"{100 * (removed['fused_without_image'] - removed['audio_only']):+.1f} points.",
         "",
         "## White noise on the audio, audio alone (test split)",
         "",
@@ -136,6 +136,12 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render(out: Path) -> None:
+    """Write the markdown again from the JSON (after a change to the report's wording; nothing is measured)."""
+    results = json.loads((out / "avdigits_speech.json").read_text())
+    (out / "avdigits_speech.md").write_text(markdown(results))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -145,7 +151,11 @@ def main() -> None:
     parser.add_argument(
         "--speakers", default=",".join(SPEAKERS), help="speakers to hold out, comma-separated"
     )
+    parser.add_argument("--render", action="store_true", help="only write the markdown again from the JSON")
     args = parser.parse_args()
+    if args.render:
+        render(Path(args.out))
+        return
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     results = run(Path(args.work), tuple(s for s in args.speakers.split(",") if s))
     results["command"] = " ".join(["python", "benchmarks/avdigits/speech.py", *sys.argv[1:]])
