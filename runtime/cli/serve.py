@@ -66,8 +66,8 @@ def _add_queue_options(serve: argparse.ArgumentParser, defaults: ServeOptions) -
         "--max-queue-delay-ms",
         type=float,
         default=defaults.max_queue_delay_ms,
-        help="with 8 or more requests in flight, refuse (503) one whose expected wait (in-flight samples x the "
-        "measured seconds per sample) is over this; 0: off (default %(default)g)",
+        help="while requests arrive faster than they are answered, refuse (503) one whose expected wait "
+        "(in-flight samples x the measured seconds per sample) is over this; 0: off (default %(default)g)",
     )
     serve.add_argument(
         "--max-batch-samples",
