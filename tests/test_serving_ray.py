@@ -234,10 +234,16 @@ def test_every_endpoint_and_error_answers_as_on_uvicorn(url, local, rows):
     for what, (method, path, kwargs) in _requests(rows[0]).items():
         got = httpx.request(method, url + path, timeout=TIMEOUT_S, **kwargs)
         _assert_same_answer(got, local.request(method, path, **kwargs), what)
-    metrics = httpx.get(url + "/metrics", headers=AUTH, timeout=TIMEOUT_S)
-    assert metrics.status_code == 200
-    assert metrics.headers["content-type"] == local.get("/metrics", headers=AUTH).headers["content-type"]
-    assert 'polysense_requests_total{code="200",endpoint="predict"}' in metrics.text  # this replica's counts
+    # Each replica counts what it answered, and Ray routes a scrape to either: scraped until one shows the
+    # predictions it answered (Ray's router may have sent every 200 to the other replica).
+    for _ in range(20):
+        metrics = httpx.get(url + "/metrics", headers=AUTH, timeout=TIMEOUT_S)
+        assert metrics.status_code == 200
+        assert metrics.headers["content-type"] == local.get("/metrics", headers=AUTH).headers["content-type"]
+        if 'polysense_requests_total{code="200",endpoint="predict"}' in metrics.text:
+            break
+    else:
+        raise AssertionError(f"no replica's /metrics counted the answered predictions:\n{metrics.text}")
 
 
 def _ws_url(url: str) -> str:
