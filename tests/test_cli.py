@@ -221,3 +221,9 @@ def test_serve_max_audio_seconds_bounds_what_one_recording_may_cost(bundle):
     with pytest.raises(ConfigError, match="--max-audio-seconds must be a positive"):
         load_model(bad)
     assert main(["serve", str(bundle), "--ray", "--max-audio-seconds", "5"]) == 2
+
+
+def test_predict_top_must_show_at_least_one_label(bundle, capsys):
+    with pytest.raises(SystemExit):
+        main(["predict", str(bundle), "--text", "hi", "--top", "0"])
+    assert "--top: must be 1 or more" in capsys.readouterr().err

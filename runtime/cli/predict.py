@@ -81,6 +81,13 @@ def non_negative(text: str) -> int:
     return value
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
 def load_model(args: argparse.Namespace) -> AnyPredictor:
     """The Pipeline (or, for several bundles, the Ensemble) the runtime commands' common flags describe."""
     from polysense.inference.ensemble.ensemble import Ensemble
@@ -137,7 +144,7 @@ def add_predict(commands: argparse._SubParsersAction) -> None:
     )
     for modality in MODALITIES:
         predict.add_argument(f"--{modality}", action=_Once, help=SPECS[modality].help)
-    predict.add_argument("--top", type=int, default=3, help="labels to show (default 3)")
+    predict.add_argument("--top", type=positive, default=3, help="labels to show (default 3)")
     _voice_argument(predict, "the speaker's voice profile")
     many = predict.add_argument_group("many samples")
     many.add_argument(
