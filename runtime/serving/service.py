@@ -33,9 +33,12 @@ T = TypeVar("T")
 ADMIT_ALWAYS_BELOW = 8
 # Nor unless the server is overloaded: in the last whole window of OVERLOAD_WINDOW_S (CoDel's interval),
 # prediction requests arrived more than OVERLOAD_RATIO times as fast as admitted ones left (plus
-# ADMIT_ALWAYS_BELOW, so a handful is never overload). Clients that wait for their answers (a closed loop,
-# however many) cannot outpace the server, so they are served as before, a queue of 32 clients' 13-16 ms
-# included; a burst into an idle server is served too (the window before it was quiet). Under 4x overload
+# ADMIT_ALWAYS_BELOW, so a handful is never overload). Clients that wait for their answers (a closed loop)
+# rarely outpace the server: on an idle machine 8-64 of them were served as before, a queue of 32 clients'
+# 13-16 ms included; but in a window where a slowed server answers fewer requests than it has clients, their
+# arrivals can exceed its departures by more than the slack (16 clients during a SIGTERM drain on a busy
+# machine got 503s), which is why the rule is off by default. A burst into an idle server is served (the
+# window before it was quiet). Under 4x overload
 # requests arrive about 5 times as fast as they leave.
 OVERLOAD_WINDOW_S = 0.1
 OVERLOAD_RATIO = 1.5
