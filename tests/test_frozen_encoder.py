@@ -144,5 +144,15 @@ def test_graphs_outside_the_contract_and_missing_files_are_refused(tmp_path) -> 
     options = TrainOptions(data="x.csv", out=str(tmp_path), image_encoder="onnx:/nowhere/x.onnx")
     with pytest.raises(ConfigError, match="is not a file"):
         _image_settings(options, [], tmp_path)
+    from polysense.models.training.train import train
+
+    missing = TrainOptions(
+        data="builtin", out=str(tmp_path / "run"), image_encoder="onnx:/nowhere/x.onnx", progress=False
+    )
+    with pytest.raises(
+        ConfigError, match="--image-encoder onnx:/nowhere/x.onnx: /nowhere/x.onnx is not a file"
+    ):
+        train(missing)  # before the built-in set is generated into the run folder
+    assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match="--text-encoder 'onnx:x.onnx' is unknown"):
         TrainOptions(data="x.csv", out=str(tmp_path), text_encoder="onnx:x.onnx")

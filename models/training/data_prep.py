@@ -19,10 +19,12 @@ from polysense.errors import ConfigError, ManifestError
 from polysense.inference.preprocessors import build_preprocessors
 from polysense.modalities import MODALITIES, Preprocess
 from polysense.models.registry import (
+    FROZEN_PREFIX,
     family_defaults,
     family_front_end,
     family_tokenizer,
     family_train_speeds,
+    is_frozen,
 )
 from polysense.models.training.dataset import FeatureSet
 from polysense.models.training.options import TrainOptions
@@ -89,6 +91,7 @@ def prepare_data(
     before the long preprocessing (rank 0 lets the others start theirs).
     Raises ManifestError listing every bad row (structure, files, labels, undecodable files).
     """
+    _check_frozen_sources(options)  # before the built-in set is generated: a typo fails in a second
     manifest = read_manifest(resolve_manifest(options, run_dir, writes))
     usable, skipped = manifest.usable_rows()
     modalities = choose_modalities(manifest, options.modalities)
@@ -269,6 +272,17 @@ def _preprocessing(
     if settings.text is not None:
         vocab_size = Tokenizer.from_file(str(run_dir / settings.text.tokenizer)).get_vocab_size()
     return settings, vocab_size
+
+
+def _check_frozen_sources(options: TrainOptions) -> None:
+    """Every onnx:PATH encoder names a file."""
+    for modality in MODALITIES:
+        name = options.encoder(modality)
+        if is_frozen(name) and not Path(name[len(FROZEN_PREFIX) :]).expanduser().is_file():
+            raise ConfigError(
+                f"--{modality}-encoder {name}: {name[len(FROZEN_PREFIX) :]} is not a file; give the path of an "
+                "ONNX graph"
+            )
 
 
 def _at_speeds(
