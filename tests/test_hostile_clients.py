@@ -121,7 +121,7 @@ def test_an_endless_header_gets_431_and_stalls_no_one(server, expected):
         answer = read_all(attacker, 3)
         attacker.close()
         time.sleep(0.5)
-    assert answer.startswith(b"HTTP/1.1 431") and b"max_header_bytes" in answer
+    assert answer.startswith(b"HTTP/1.1 431") and b"--max-header-kb" in answer
     assert good.right > 10 and good.wrong == [] and good.failed == []
 
 

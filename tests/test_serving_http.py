@@ -166,7 +166,7 @@ def test_bodies_and_inputs_over_the_limits_get_413(pipe, bundle, row):
             in (answer.json()["error"])
         )
         answer = client.post("/v1/predict_batch", json={"samples": [{"text": "a"}] * 3})
-        assert answer.status_code == 413 and "max_batch_samples" in answer.json()["error"]
+        assert answer.status_code == 413 and "--max-batch-samples" in answer.json()["error"]
     finally:
         client.__exit__(None, None, None)
     small = polysense.Pipeline.load(bundle, device="cpu", limits=polysense.Limits(max_image_pixels=100))

@@ -220,14 +220,16 @@ def guarded_protocol(options: ServeOptions, service: Service | None = None) -> t
     too_large = _answer(
         431,
         {
-            "error": f"the request line and headers are over max_header_bytes={options.max_header_bytes:,}",
+            "error": f"the request line and headers are over this server's limit of {options.max_header_bytes:,} "
+            f"bytes (polysense serve --max-header-kb {options.max_header_bytes >> 10})",
             "type": "HeadersTooLarge",
         },
     )
     too_slow = _answer(
         408,
         {
-            "error": f"the request's headers did not arrive within header_timeout_s={options.header_timeout_s:g} s",
+            "error": f"the request's headers did not arrive within {options.header_timeout_s:g} s "
+            "(polysense serve --header-timeout-s)",
             "type": "HeaderTimeout",
         },
     )

@@ -190,7 +190,8 @@ def samples_from_batch_json(payload: object, max_samples: int) -> list[object]:
         raise InputError('"samples" is empty; send at least one sample')
     if len(samples) > max_samples:
         raise PayloadTooLarge(
-            f"{len(samples)} samples in one request, over max_batch_samples={max_samples}; split the request"
+            f"{len(samples)} samples in one request, over this server's limit of {max_samples} "
+            "(polysense serve --max-batch-samples); split the request"
         )
     return samples
 

@@ -25,6 +25,7 @@ from polysense.inference.predictor import LiveAudioStream
 from polysense.serving.handler import (
     PayloadTooLarge,
     Unauthorized,
+    body_limit,
     error_json,
     parse_json,
     pcm_chunk,
@@ -109,7 +110,7 @@ async def _run(websocket: WebSocket, service: Service, encoder: StreamEncoder) -
             break
         if len(data) > service.options.max_body_bytes:
             raise PayloadTooLarge(
-                f"a chunk of {len(data):,} bytes, over max_body_bytes={service.options.max_body_bytes:,}"
+                f"a chunk of {len(data):,} bytes, over {body_limit(service.options.max_body_bytes)}"
             )
         samples = pcm_chunk(data, start.dtype)
         samples_seen += samples.size
