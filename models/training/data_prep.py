@@ -19,11 +19,11 @@ from polysense.errors import ConfigError, ManifestError
 from polysense.inference.preprocessors import build_preprocessors
 from polysense.modalities import MODALITIES, Preprocess
 from polysense.models.registry import (
-    FROZEN_PREFIX,
     family_defaults,
     family_front_end,
     family_tokenizer,
     family_train_speeds,
+    frozen_source,
     is_frozen,
 )
 from polysense.models.training.dataset import FeatureSet
@@ -278,10 +278,9 @@ def _check_frozen_sources(options: TrainOptions) -> None:
     """Every onnx:PATH encoder names a file."""
     for modality in MODALITIES:
         name = options.encoder(modality)
-        if is_frozen(name) and not Path(name[len(FROZEN_PREFIX) :]).expanduser().is_file():
+        if is_frozen(name) and not frozen_source(name).is_file():
             raise ConfigError(
-                f"--{modality}-encoder {name}: {name[len(FROZEN_PREFIX) :]} is not a file; give the path of an "
-                "ONNX graph"
+                f"--{modality}-encoder {name}: {frozen_source(name)} is not a file; give the path of an ONNX graph"
             )
 
 

@@ -96,14 +96,18 @@ def load_model(args: argparse.Namespace) -> AnyPredictor:
         return load_pipeline(args, args.bundle)
     if len(args.bundle) == 1:
         return load_pipeline(args, args.bundle[0])
-    return Ensemble.load(
-        args.bundle,
-        device=args.device,
-        precision=args.precision,
-        intra_op_threads=args.threads,
-        limits=_limits(args),
-        trusted_keys=getattr(args, "trusted_key", None),
-    )
+    return Ensemble.load(args.bundle, **_load_options(args))
+
+
+def _load_options(args: argparse.Namespace) -> dict:
+    """Pipeline.load's (and Ensemble.load's) options as the runtime commands' common flags set them."""
+    return {
+        "device": args.device,
+        "precision": args.precision,
+        "intra_op_threads": args.threads,
+        "limits": _limits(args),
+        "trusted_keys": getattr(args, "trusted_key", None),
+    }
 
 
 def _limits(args: argparse.Namespace) -> Limits:
@@ -120,14 +124,7 @@ def load_pipeline(args: argparse.Namespace, bundle: str) -> Pipeline:
     """One bundle's Pipeline, loaded as the runtime commands' common flags say."""
     from polysense.inference.pipeline import Pipeline
 
-    return Pipeline.load(
-        bundle,
-        device=args.device,
-        precision=args.precision,
-        intra_op_threads=args.threads,
-        limits=_limits(args),
-        trusted_keys=getattr(args, "trusted_key", None),
-    )
+    return Pipeline.load(bundle, **_load_options(args))
 
 
 def _named(args: argparse.Namespace) -> str:

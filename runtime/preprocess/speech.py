@@ -84,6 +84,7 @@ class SpeechGraphs:
         self._mel_input = self._mel.get_inputs()[0].name
         self._embedding_input = self._embedding.get_inputs()[0].name
         # The silence before every recording makes the same chunks again and again: computed once.
+        self._silent_chunk: np.ndarray | None = None
         self._silent_chunk = self.mel(np.zeros(CHUNK_SAMPLES, np.float32))
         shape = self._embedding.get_inputs()[0].shape
         if list(shape[1:]) != [WINDOW_FRAMES, MEL_BANDS, 1]:
@@ -93,7 +94,7 @@ class SpeechGraphs:
 
     def mel(self, samples: np.ndarray) -> np.ndarray:
         """Samples [n >= MEL_FRAME] -> mel frames [frames, MEL_BANDS] in dB, floored TOP_DB below their max."""
-        if samples.size == CHUNK_SAMPLES and hasattr(self, "_silent_chunk") and not samples.any():
+        if self._silent_chunk is not None and samples.size == CHUNK_SAMPLES and not samples.any():
             return self._silent_chunk
         (out,) = self._mel.run(None, {self._mel_input: samples[None].astype(np.float32, copy=False)})
         return out.reshape(-1, MEL_BANDS)
