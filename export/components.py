@@ -102,6 +102,9 @@ def _image_example(encoder: nn.Module, image_size: int) -> Callable:
 
 def _text_example(encoder: nn.Module, image_size: int) -> Callable:
     def build(batch: int, length: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        width = getattr(encoder, "input_width", None)  # a frozen encoder's vectors (onnx:PATH)
+        if width is not None:
+            return (torch.randn(batch, width, generator=generator),)
         ids = torch.randint(2, encoder.vocab_size, (batch, length), generator=generator)
         lengths = torch.randint(1, length + 1, (batch,), generator=generator)
         lengths[0] = length  # one row uses the whole width
@@ -148,15 +151,17 @@ def _fusion_example(modalities: int, embed_dim: int) -> Callable:
 
 def encoder_component(modality: str, encoder: nn.Module, image_size: int) -> Component:
     spec = SPECS[modality]
-    axes = {**spec.dynamic_axes, "embedding": {0: "batch"}}
+    # The modality's inputs, or the encoder's own (a frozen text encoder's vectors: TextVectorHead).
+    inputs = getattr(encoder, "graph_inputs", spec.dynamic_axes)
+    axes = {**inputs, "embedding": {0: "batch"}}
     example = EXAMPLES[modality](encoder, image_size)
     int8_method = getattr(encoder, "int8_method", "dynamic")
     int8_export = getattr(encoder, "int8_export", None)
     name = component_name(modality)
     if not spec.streaming:
-        graph, inputs = EncoderGraph(encoder), list(spec.graph_inputs)
+        graph = EncoderGraph(encoder)
         return Component(
-            name, modality, graph, inputs, ["embedding"], axes, example, (), int8_method, int8_export
+            name, modality, graph, list(inputs), ["embedding"], axes, example, (), int8_method, int8_export
         )
     state = tuple(StateTensor(name, shape, axis) for name, (shape, axis) in encoder.state_layout().items())
     for tensor in state:
@@ -165,7 +170,7 @@ def encoder_component(modality: str, encoder: nn.Module, image_size: int) -> Com
         component_name(modality),
         modality,
         StreamingEncoderGraph(encoder),
-        [*spec.graph_inputs, *(t.name for t in state)],
+        [*inputs, *(t.name for t in state)],
         ["embedding", *(t.output_name for t in state)],
         axes,
         example,

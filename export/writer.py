@@ -114,7 +114,7 @@ def _bundle_preprocessing(run_dir: Path, work: Path, settings: Preprocessing) ->
     """The run's preprocessing settings, with the files they name copied into the bundle: the tokenizer
     (hashed here) and the graphs of frozen front ends (byte for byte, refused unless they still have the
     sha256 the run recorded when it copied them from their source)."""
-    for modality in (settings.image, settings.audio):
+    for modality in (settings.image, settings.text, settings.audio):
         for graph in () if modality is None else modality.graphs:
             shutil.copyfile(run_dir / graph.file, work / graph.file)
             if sha256_file(work / graph.file) != graph.sha256:

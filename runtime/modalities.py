@@ -95,6 +95,15 @@ class ModalitySpec:
         """The encoder graph's inputs, in order (a streaming encoder's state tensors follow them)."""
         return tuple(self.dynamic_axes)
 
+    def encoder_inputs(self, settings: Any) -> tuple[str, ...]:
+        """The encoder graph's inputs for these preprocessing settings: a frozen text encoder's vectors
+        (--text-encoder onnx:PATH) replace the token ids; else graph_inputs."""
+        return VECTOR_INPUTS if self.name == "text" and settings.graphs else self.graph_inputs
+
+
+# The inputs of a text component trained on a frozen encoder's vectors [N, D] (see ModalitySpec.encoder_inputs).
+VECTOR_INPUTS = ("vectors",)
+
 
 class ImageCodec:
     def preprocessor(self, settings: Any, files: ReadFile, limits: Limits) -> Preprocess:
@@ -130,14 +139,26 @@ class TextCodec:
 
         tokenizer = tokenizer_from_bytes(files(settings.tokenizer), settings.tokenizer)
         preprocessor = TextPreprocessor(tokenizer, settings.max_length)
+        if settings.graphs:  # a frozen encoder the user brought runs on the token ids
+            from polysense.preprocess.frozen import FrozenTextEncoder, FrozenTextPreprocessor
+
+            (graph,) = settings.graphs
+            return FrozenTextPreprocessor(preprocessor, FrozenTextEncoder(files(graph.file), graph.file))
         return lambda text, sample_rate=None: preprocessor(text)
 
     def feeds(self, features: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+        """Token ids -> padded ids and mask; a frozen encoder's vectors (float) -> one batch of them."""
         from polysense.preprocess.text import pad_token_ids
 
+        if features and features[0].dtype.kind == "f":
+            return (np.stack(features),)
         return pad_token_ids(features)
 
     def collate(self, rows: Sequence[np.ndarray | None]) -> tuple[np.ndarray, ...]:
+        vectors = next((r for r in rows if r is not None and r.dtype.kind == "f"), None)
+        if vectors is not None:  # a frozen encoder's vectors; the mask marks the rows that have text
+            stacked = np.stack([np.zeros_like(vectors) if r is None else r for r in rows])
+            return stacked, np.array([[r is not None] for r in rows], np.int64)
         ids, mask = self.feeds([np.zeros(0, np.int64) if r is None else r for r in rows])
         if ids.shape[1] == 0:  # no text in this batch: one pad column keeps the shapes valid
             ids, mask = np.zeros((len(rows), 1), np.int64), np.zeros((len(rows), 1), np.int64)
@@ -149,8 +170,15 @@ class TextCodec:
 
 class AudioCodec:
     def preprocessor(self, settings: Any, files: ReadFile, limits: Limits) -> Preprocess:
-        """An AudioPreprocessor (log-mel frames) or a SpeechPreprocessor (window embeddings of frozen graphs):
-        either is called (audio, sample_rate) and makes a stream's buffer with `frames()`."""
+        """An AudioPreprocessor (log-mel frames), a SpeechPreprocessor (window embeddings of frozen graphs) or
+        a FrozenWindowsPreprocessor (a user's graph per window): each is called (audio, sample_rate) and makes
+        a stream's buffer with `frames()`."""
+        if settings.front == "frozen-windows":
+            from polysense.preprocess.frozen_windows import FrozenWindowsPreprocessor, WindowEncoder
+
+            graph = settings.graph("encoder")
+            encoder = WindowEncoder(files(graph.file), settings.n_fft, graph.file)
+            return FrozenWindowsPreprocessor(encoder, settings.hop_length, limits, settings.sample_rate)
         if settings.front == "speech-embedding":
             from polysense.preprocess.speech import SpeechGraphs, SpeechPreprocessor
 

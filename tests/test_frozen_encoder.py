@@ -154,5 +154,5 @@ def test_graphs_outside_the_contract_and_missing_files_are_refused(tmp_path) -> 
     ):
         train(missing)  # before the built-in set is generated into the run folder
     assert not (tmp_path / "run").exists()
-    with pytest.raises(ConfigError, match="--text-encoder 'onnx:x.onnx' is unknown"):
-        TrainOptions(data="x.csv", out=str(tmp_path), text_encoder="onnx:x.onnx")
+    with pytest.raises(ConfigError, match="--text-encoder 'onnx:' is unknown; choose .* or onnx:PATH"):
+        TrainOptions(data="x.csv", out=str(tmp_path), text_encoder="onnx:")

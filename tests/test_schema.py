@@ -45,6 +45,28 @@ BROKEN = [
     (("streaming", "audio", "state", 0, "batch_axis"), 7, "does not index a size-1 axis"),
     (("streaming", "audio", "state", 0, "name"), "cache_of_nothing", "no state tensor 'cache_of_nothing'"),
     (("streaming",), {}, "streaming state must be there exactly when a streaming encoder is"),
+    # an encoder must take what its preprocessing gives: token ids, or (a frozen text graph's) vectors
+    (
+        ("components", "text_encoder", "inputs", 0, "name"),
+        "vectors",
+        "takes vectors, mask, but its preprocessing gives ids, mask",
+    ),
+    (
+        ("preprocessing", "text", "graphs"),
+        [{"role": "encoder", "file": "t.onnx", "sha256": "0", "package": "", "version": "", "source": ""}],
+        "takes ids, but its preprocessing gives vectors",
+    ),
+    (
+        ("preprocessing", "text", "graphs"),
+        [{"role": "mel", "file": "t.onnx", "sha256": "0", "package": "", "version": "", "source": ""}],
+        "a text front end runs one graph, its encoder",
+    ),
+    (
+        ("preprocessing", "audio", "front"),
+        "frozen-windows",
+        "the frozen-windows front end runs these graphs: encoder",
+    ),
+    (("preprocessing", "audio", "n_mels"), 513, "n_mels"),
 ]
 
 

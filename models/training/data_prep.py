@@ -23,7 +23,6 @@ from polysense.models.registry import (
     family_front_end,
     family_tokenizer,
     family_train_speeds,
-    frozen_source,
     is_frozen,
 )
 from polysense.models.training.dataset import FeatureSet
@@ -220,7 +219,7 @@ def _image_settings(
     """The image family's own input scale (EfficientNet-Lite: [-1, 1]), else ImageNet's mean and std."""
     front_end = family_front_end("image", options.image_encoder)
     if front_end is not None:  # a frozen encoder the user brought (onnx:PATH)
-        return front_end(run_dir, writes, options.image_encoder, options.image_size)
+        return front_end(run_dir, writes, options.image_encoder, *_front_end_options(options)["image"])
     family = family_defaults("image", options.image_encoder)
     mean, std = family.get("image_mean", IMAGENET_MEAN), family.get("image_std", IMAGENET_STD)
     return ImageSettings(options.image_size, tuple(mean), tuple(std))
@@ -229,11 +228,14 @@ def _image_settings(
 def _text_settings(
     options: TrainOptions, train_rows: list[Row], run_dir: Path, writes: bool = True
 ) -> TextSettings:
-    """The text family's own tokenizer (a pretrained one) or one trained on the train split's texts, saved in
-    the run folder."""
+    """The text family's own tokenizer (a pretrained one, or the one beside a frozen graph) or one trained on the
+    train split's texts, saved in the run folder."""
     train_texts = [r.text for r in train_rows if r.text is not None]
     if not train_texts:
         raise ConfigError("the train split has no text; add texts or leave text out with --modalities")
+    front_end = family_front_end("text", options.text_encoder)
+    if front_end is not None:  # a frozen encoder the user brought (onnx:PATH), with its tokenizer
+        return front_end(run_dir, writes, options.text_encoder, *_front_end_options(options)["text"])
     pretrained = family_tokenizer(options.text_encoder)
     if writes and pretrained is not None:
         shutil.copyfile(pretrained, run_dir / TOKENIZER_FILE)
@@ -256,7 +258,7 @@ def _audio_settings(
             f"--voice-norm removes voices from log-mel frames; --audio-encoder {options.audio_encoder} reads "
             "its own front end: drop --voice-norm"
         )
-    return front_end(run_dir, writes, options.audio_encoder)
+    return front_end(run_dir, writes, options.audio_encoder, *_front_end_options(options)["audio"])
 
 
 # How a training run chooses each modality's preprocessing settings (recorded in config.json, then the bundle).
@@ -275,13 +277,18 @@ def _preprocessing(
 
 
 def _check_frozen_sources(options: TrainOptions) -> None:
-    """Every onnx:PATH encoder names a file."""
+    """Every onnx:PATH encoder names a graph that keeps its modality's contract (read here, not copied), so a
+    wrong one is refused before any data is generated."""
     for modality in MODALITIES:
         name = options.encoder(modality)
-        if is_frozen(name) and not frozen_source(name).is_file():
-            raise ConfigError(
-                f"--{modality}-encoder {name}: {frozen_source(name)} is not a file; give the path of an ONNX graph"
-            )
+        if is_frozen(name):
+            front_end = family_front_end(modality, name)
+            front_end(Path(options.out), False, name, *_front_end_options(options)[modality])
+
+
+def _front_end_options(options: TrainOptions) -> dict[str, tuple]:
+    """What each modality's front end takes beyond (folder, copy, family name)."""
+    return {"image": (options.image_size,), "text": (options.max_text_length,), "audio": ()}
 
 
 def _at_speeds(

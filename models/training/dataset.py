@@ -70,8 +70,9 @@ class FeatureSet:
 
     def longest(self, modality: str, indices: Sequence[int]) -> int:
         """The longest of these samples' `modality` features along their first axis (0 for images, whose
-        first axis is channels, and when none has it)."""
-        if modality == "image":
+        first axis is channels, for a frozen text encoder's vectors [D], and when none has it)."""
+        first = next((x for x in self.features[modality] if x is not None), None)
+        if modality == "image" or (first is not None and first.ndim == 1 and first.dtype.kind == "f"):
             return 0
         return max(
             (len(self.features[modality][i]) for i in indices if self.features[modality][i] is not None),

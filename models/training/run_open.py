@@ -24,6 +24,7 @@ from polysense.models.training.distributed.sharding import check_split
 from polysense.models.training.options import TrainOptions
 from polysense.models.training.run_folder import Checkpoint
 from polysense.models.training.train_state import TrainState
+from polysense.preprocess.audio import N_MELS
 
 log = logging.getLogger("polysense")
 
@@ -76,6 +77,8 @@ def _model_config(options: TrainOptions, data: PreparedData) -> ModelConfig:
         if options.family_ignores("audio", "audio_norm_frames")
         else options.audio_norm_frames,
         vocab_size=data.vocab_size,
+        # Values per audio frame: mel bands, or the width of a frozen front end's window vectors.
+        n_mels=data.preprocessing.audio.n_mels if data.preprocessing.audio is not None else N_MELS,
         max_text_length=options.max_text_length,
         fusion=options.fusion,
         pretrained=not options.from_scratch,

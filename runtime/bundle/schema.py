@@ -19,7 +19,7 @@ from typing import Any
 from polysense.bundle.fields import get, items, plain_file_name, strings, typed
 from polysense.bundle.settings import Preprocessing
 from polysense.errors import BundleError
-from polysense.modalities import STREAMING, component_name
+from polysense.modalities import SPECS, STREAMING, component_name
 
 # 2: bundle.json with typed components, variants and streaming state (1 was manifest.json, read by hand).
 SCHEMA_VERSION = 2
@@ -305,7 +305,7 @@ class BundleDescription:
             )
         self._check_logits()
         for modality in self.modalities:
-            self.preprocessing.of(modality)
+            self._check_encoder_inputs(modality)
         streaming = [m for m in self.modalities if m in STREAMING]
         if bool(streaming) != (self.streaming is not None):
             raise BundleError(
@@ -319,6 +319,19 @@ class BundleDescription:
             missing = [n for t in state for n in (t.name, t.output_name) if n not in names]
             if missing:
                 raise BundleError(f"{DESCRIPTION_FILE}: {component.name} has no state tensor {missing[0]!r}")
+
+    def _check_encoder_inputs(self, modality: str) -> None:
+        """An encoder takes what its preprocessing gives (token ids, or a frozen encoder's vectors), in order;
+        a streaming one its state after that."""
+        spec = SPECS[modality]
+        expected = spec.encoder_inputs(self.preprocessing.of(modality))
+        component = self.components[spec.component]
+        declared = tuple(t.name for t in component.inputs)[: len(expected)]
+        if declared != expected:
+            raise BundleError(
+                f"{DESCRIPTION_FILE}: {component.name} takes {', '.join(declared) or 'nothing'}, but its "
+                f"preprocessing gives {', '.join(expected)}"
+            )
 
     def _check_logits(self) -> None:
         """The fusion head's first output must be [batch, one logit per label]: the probabilities are read

@@ -11,25 +11,6 @@ from polysense.preprocess.voice import VoiceProfile
 
 
 @dataclass(frozen=True)
-class TextSettings:
-    tokenizer: str  # tokenizer.json, a plain file name inside the bundle (or run) folder
-    max_length: int  # tokens kept per text
-    sha256: str = ""  # of the tokenizer file; set in a bundle, empty in a training run's config
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str) -> TextSettings:
-        return cls(
-            plain_file_name(get(data, "tokenizer", str, where), where),
-            within(get(data, "max_length", int, where), 1, 65536, f"{where}.max_length"),
-            get(data, "sha256", str, where, ""),
-        )
-
-    def to_dict(self) -> dict:
-        values = {"tokenizer": self.tokenizer, "max_length": self.max_length}
-        return {**values, "sha256": self.sha256} if self.sha256 else values
-
-
-@dataclass(frozen=True)
 class FrozenGraph:
     """A pretrained ONNX graph a front end runs as it is, and where it came from: a file inside the bundle (or
     run) folder, its sha256, and the package, version and path it was copied from, byte for byte."""
@@ -55,6 +36,33 @@ class FrozenGraph:
 
 
 @dataclass(frozen=True)
+class TextSettings:
+    tokenizer: str  # tokenizer.json, a plain file name inside the bundle (or run) folder
+    max_length: int  # tokens kept per text
+    sha256: str = ""  # of the tokenizer file; set in a bundle, empty in a training run's config
+    # A frozen ONNX encoder run on the token ids (--text-encoder onnx:PATH): role "encoder".
+    graphs: tuple[FrozenGraph, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> TextSettings:
+        return cls(
+            plain_file_name(get(data, "tokenizer", str, where), where),
+            within(get(data, "max_length", int, where), 1, 65536, f"{where}.max_length"),
+            get(data, "sha256", str, where, ""),
+            _encoder_graphs(data, where, "a text"),
+        )
+
+    def to_dict(self) -> dict:
+        values: dict[str, Any] = {"tokenizer": self.tokenizer, "max_length": self.max_length}
+        if self.sha256:
+            values["sha256"] = self.sha256
+        return {**values, "graphs": [g.to_dict() for g in self.graphs]} if self.graphs else values
+
+    def files(self) -> list[tuple[str, str]]:
+        return [(self.tokenizer, self.sha256), *((g.file, g.sha256) for g in self.graphs)]
+
+
+@dataclass(frozen=True)
 class ImageSettings:
     size: int  # side of the square the encoder sees, in pixels
     mean: tuple[float, float, float]  # per-channel RGB mean on a 0-1 scale
@@ -68,9 +76,7 @@ class ImageSettings:
         std = tuple(typed(v, (int, float), f"{where}.std") for v in get(data, "std", list, where))
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise BundleError(f"{where}: mean and std need three values each, std all positive")
-        graphs = items(data, "graphs", FrozenGraph.from_dict, where) if "graphs" in data else ()
-        if tuple(g.role for g in graphs) not in ((), ("encoder",)):
-            raise BundleError(f"{where}.graphs: an image front end runs one graph, its encoder")
+        graphs = _encoder_graphs(data, where, "an image")
         return cls(within(get(data, "size", int, where), 8, 4096, f"{where}.size"), mean, std, graphs)
 
     def to_dict(self) -> dict:
@@ -81,9 +87,21 @@ class ImageSettings:
         return [(g.file, g.sha256) for g in self.graphs]
 
 
-LOG_MEL, SPEECH_EMBEDDING = "log-mel", "speech-embedding"
+def _encoder_graphs(data: Any, where: str, front: str) -> tuple[FrozenGraph, ...]:
+    """The frozen encoder graph of an image or text front end (onnx:PATH): none or one, role "encoder"."""
+    graphs = items(data, "graphs", FrozenGraph.from_dict, where) if "graphs" in data else ()
+    if tuple(g.role for g in graphs) not in ((), ("encoder",)):
+        raise BundleError(f"{where}.graphs: {front} front end runs one graph, its encoder")
+    return graphs
+
+
+LOG_MEL, SPEECH_EMBEDDING, FROZEN_WINDOWS = "log-mel", "speech-embedding", "frozen-windows"
 # The front ends and the frozen graphs each runs (polysense.preprocess.audio / polysense.preprocess.speech).
-FRONT_ENDS: dict[str, tuple[str, ...]] = {LOG_MEL: (), SPEECH_EMBEDDING: ("mel", "embedding")}
+FRONT_ENDS: dict[str, tuple[str, ...]] = {
+    LOG_MEL: (),
+    SPEECH_EMBEDDING: ("mel", "embedding"),
+    FROZEN_WINDOWS: ("encoder",),
+}
 
 
 @dataclass(frozen=True)
@@ -91,7 +109,10 @@ class AudioSettings:
     """The audio front end. log-mel: polysense.preprocess.audio.AudioPreprocessor documents each field.
     speech-embedding: frozen pretrained graphs turning samples into one vector per window
     (polysense.preprocess.speech): n_mels is then the width of those vectors, window_hop the mel frames
-    between windows, and `graphs` the graphs it runs."""
+    between windows, and `graphs` the graphs it runs.
+    frozen-windows: a frozen graph the user brought (--audio-encoder onnx:PATH) turning a window of samples
+    into one vector (polysense.preprocess.frozen_windows): n_fft is the window and hop_length the hop, in
+    samples, and n_mels the width of the vectors."""
 
     sample_rate: int
     n_fft: int
@@ -117,9 +138,16 @@ class AudioSettings:
     def from_dict(cls, data: Any, where: str) -> AudioSettings:
         number = (int, float)
         rate = within(get(data, "sample_rate", int, where), 1000, 768_000, f"{where}.sample_rate")
-        n_fft = within(get(data, "n_fft", int, where), 16, 65536, f"{where}.n_fft")
+        front = get(data, "front", str, where, LOG_MEL)
+        if front not in FRONT_ENDS:
+            raise BundleError(f"{where}.front: unknown front end {front!r}; known: {', '.join(FRONT_ENDS)}")
+        # Samples per analysis frame, or per window of a frozen graph (up to about a minute at 16 kHz).
+        longest = 65536 if front == LOG_MEL else 1 << 20
+        n_fft = within(get(data, "n_fft", int, where), 16, longest, f"{where}.n_fft")
         hop = within(get(data, "hop_length", int, where), 1, n_fft, f"{where}.hop_length")
-        n_mels = within(get(data, "n_mels", int, where), 1, 512, f"{where}.n_mels")
+        # The values per frame: mel bands, or the width of a frozen graph's vectors (up to a large model's).
+        widest = 512 if front == LOG_MEL else 8192
+        n_mels = within(get(data, "n_mels", int, where), 1, widest, f"{where}.n_mels")
         fmin = float(get(data, "fmin", number, where, 0.0))
         fmax = get(data, "fmax", (*number, type(None)), where, None)
         if not 0 <= fmin < (rate / 2 if fmax is None else fmax) <= rate / 2:
@@ -132,9 +160,6 @@ class AudioSettings:
                 raise BundleError(str(error)) from error
             if voice.n_mels != n_mels:
                 raise BundleError(f"{where}.voice: {voice.n_mels} bands for {n_mels} mel bands")
-        front = get(data, "front", str, where, LOG_MEL)
-        if front not in FRONT_ENDS:
-            raise BundleError(f"{where}.front: unknown front end {front!r}; known: {', '.join(FRONT_ENDS)}")
         graphs = items(data, "graphs", FrozenGraph.from_dict, where) if "graphs" in data else ()
         if tuple(g.role for g in graphs) != FRONT_ENDS[front]:
             roles = ", ".join(FRONT_ENDS[front]) or "none"
@@ -193,10 +218,13 @@ class Preprocessing:
         return {m: getattr(self, m).to_dict() for m in _SETTINGS if getattr(self, m) is not None}
 
     def files(self) -> list[tuple[str, str]]:
-        """(file name, sha256) of every file the preprocessors read: the tokenizer, frozen audio graphs."""
-        files = [] if self.image is None else self.image.files()
-        files += [] if self.text is None else [(self.text.tokenizer, self.text.sha256)]
-        return files + ([] if self.audio is None else self.audio.files())
+        """(file name, sha256) of every file the preprocessors read: the tokenizer, frozen graphs."""
+        return [
+            file
+            for settings in (self.image, self.text, self.audio)
+            if settings is not None
+            for file in settings.files()
+        ]
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "preprocessing") -> Preprocessing:

@@ -357,7 +357,8 @@ class Pipeline:
         if spec.streaming:
             assert self._audio is not None  # made in __init__ for the bundle's streaming modality
             return self._audio.encode_clips(features)
-        feeds = dict(zip(spec.graph_inputs, spec.codec.feeds(features)))
+        inputs = spec.encoder_inputs(self._description.preprocessing.of(modality))
+        feeds = dict(zip(inputs, spec.codec.feeds(features)))
         return self._sessions[spec.component].run(feeds)[0]
 
     def _embed_one(self, modality: str, value: ImageInput | str) -> np.ndarray:
