@@ -269,3 +269,23 @@ def test_graphs_outside_the_contract_are_refused_with_the_fix(tmp_path) -> None:
     with pytest.raises(ConfigError, match="--text-encoder onnx:.*input_ids"):
         run(modalities=("text",), text_encoder=f"onnx:{audio_graph}")
     assert not (tmp_path / "run" / "builtin_data").exists()  # refused before any data was generated
+
+
+def test_info_names_the_graphs_and_edge_bundles_keep_them(brought, tmp_path, capsys) -> None:
+    from polysense.cli.main import main
+    from polysense.tools.edge import make_edge_bundle
+
+    text_graph, audio_graph, bundle, run = brought
+    assert main(["info", str(bundle)]) == 0
+    printed = capsys.readouterr().out
+    assert f"text front end, frozen: text_frozen.onnx (from {text_graph.resolve()})" in printed
+    assert f"audio front end, frozen: audio_frozen.onnx (from {audio_graph.resolve()})" in printed
+    make_edge_bundle(bundle, tmp_path / "edge")
+    row = _rows(run, 1)[0]
+    expected = polysense.Pipeline.load(bundle, device="cpu", precision="fp32").predict(**row_inputs(row))
+    on_edge = polysense.Pipeline.load(tmp_path / "edge", device="cpu").predict(**row_inputs(row))
+    assert on_edge.label == expected.label
+
+
+def row_inputs(row: dict) -> dict:
+    return {"text": row["text"], "audio": row["audio"]}

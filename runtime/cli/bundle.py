@@ -43,7 +43,7 @@ def _run_info(args: argparse.Namespace) -> int:
         files = ", ".join(f"{p} {v.bytes / 1e3:.0f} kB" for p, v in component.variants.items())
         inputs = ", ".join(f"{t.name}{list(t.shape)}" for t in component.inputs)
         print(f"  {name:<14} {files}; inputs {inputs}")
-    for modality in ("image", "audio"):  # a frozen front end: where its graphs came from
+    for modality in ("image", "text", "audio"):  # a frozen front end: where its graphs came from
         settings = getattr(description.preprocessing, modality)
         if settings is not None and settings.graphs:
             graphs = ", ".join(
