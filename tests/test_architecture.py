@@ -45,6 +45,7 @@ LAYERS = {
         "polysense.inference",
     },
     "polysense.datasets": {"ground", "polysense.preprocess", "modalities", "polysense.tools"},
+    "polysense.deid": {"ground", "polysense.preprocess", "modalities", "polysense.tools"},
 }
 # The package itself re-exports the public API; the command line and training may use it.
 LAYERS["polysense"] = set(LAYERS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from polysense.cli.data_anonymize import add_anonymize
 from polysense.tools.manifest import SPLITS
 
 
@@ -39,6 +40,7 @@ def add_data(commands: argparse._SubParsersAction) -> None:
     sst2.add_argument("--val-share", type=float, default=0.1, help="share of train held out (default 0.1)")
     sst2.add_argument("--seed", type=int, default=0)
     sst2.set_defaults(run=_run_data_sst2)
+    add_anonymize(kinds)
 
 
 def _run_data_builtin(args: argparse.Namespace) -> int:
