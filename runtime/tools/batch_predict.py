@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("polysense")
 
 BATCH = 32
+# Samples read ahead and run in order of text length, so that a batch pads its texts to a similar length rather
+# than to the longest of 32 random ones; their predictions (small) wait to be written in the input's order.
+GROUPED = 32 * BATCH
 EXTENSIONS = {
     **dict.fromkeys((".jpg", ".jpeg", ".png", ".bmp", ".webp"), "image"),
     **dict.fromkeys((".wav", ".flac", ".ogg"), "audio"),
@@ -163,6 +166,43 @@ def _batches(items: list[Item], size: int) -> Iterator[list[Item]]:
         yield items[start : start + size]
 
 
+def _text_length(item: Item) -> int:
+    """How long the sample's text is, without reading a text file (its size stands for it); 0 without text."""
+    text = item.sample.get("text")
+    if isinstance(text, Path):
+        try:
+            return text.stat().st_size
+        except OSError:  # reported when the file is read
+            return 0
+    return len(text) if isinstance(text, str) else 0
+
+
+def _by_text_length(group: list[Item]) -> Iterator[list[Item]]:
+    """The group's items in batches of up to BATCH, by text length (stable: equal lengths keep their order)."""
+    yield from _batches(sorted(group, key=_text_length), BATCH)
+
+
+def _predict(
+    pipeline: Predictor[PreparedT, EmbeddingsT],
+    batch: list[Item],
+    voice: VoiceProfile | None,
+    failed: list[Problem],
+) -> list[tuple[Item, Prediction]]:
+    """Predictions of the batch's usable items; the others are added to `failed` with their reason."""
+    prepared: list[PreparedT] = []
+    kept: list[Item] = []
+    for item in batch:
+        try:
+            sample = _loaded(item.sample)
+            if voice is not None and "audio" in sample:
+                sample = {**sample, "voice": voice}
+            prepared.append(pipeline.prepare(sample))
+            kept.append(item)
+        except PolysenseError as error:
+            failed.append(Problem(0, f"{item.source}: {error}", True))
+    return list(zip(kept, pipeline.predict_batch(prepared))) if prepared else []
+
+
 def predict_to_file(
     pipeline: Predictor[PreparedT, EmbeddingsT],
     data: str | os.PathLike,
@@ -176,23 +216,16 @@ def predict_to_file(
     writer = PredictionWriter(out, pipeline.labels, extra=("modalities",))
     written = 0
     with writer, tqdm(total=len(items), desc="predicting", unit="sample", disable=not progress) as bar:
-        for batch in _batches(items, BATCH):
-            prepared: list[PreparedT] = []
-            kept: list[Item] = []
-            for item in batch:
-                try:
-                    sample = _loaded(item.sample)
-                    if voice is not None and "audio" in sample:
-                        sample = {**sample, "voice": voice}
-                    prepared.append(pipeline.prepare(sample))
-                    kept.append(item)
-                except PolysenseError as error:
-                    failed.append(Problem(0, f"{item.source}: {error}", True))
-            if prepared:
-                for item, prediction in zip(kept, pipeline.predict_batch(prepared)):
+        for group in _batches(items, GROUPED):
+            done: dict[str, Prediction] = {}
+            for batch in _by_text_length(group):
+                done.update((item.source, p) for item, p in _predict(pipeline, batch, voice, failed))
+                bar.update(len(batch))
+            for item in group:  # written in the input's order
+                if item.source in done:
+                    prediction = done[item.source]
                     writer.write(item.source, prediction, modalities="+".join(prediction.embeddings))
                     written += 1
-            bar.update(len(batch))
     for problem in failed:
         log.warning("skipped %s", problem)
     return BatchResult(written, tuple(failed), str(out))

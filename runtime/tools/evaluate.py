@@ -23,7 +23,7 @@ from polysense.inference.fusion import Prediction
 from polysense.inference.predictor import EmbeddingsT, Predictor, PreparedT
 from polysense.modalities import nonempty_subsets, subset_key
 from polysense.preprocess.voice import VoiceProfile
-from polysense.tools.batch_predict import PredictionWriter
+from polysense.tools.batch_predict import GROUPED, PredictionWriter
 from polysense.tools.manifest import SPLITS, Problem, Row, check_labels, read_manifest, report_skipped
 from polysense.tools.metrics import classification_metrics
 
@@ -153,26 +153,34 @@ def _evaluate(
     truth: dict[str | None, list[int]] = {key: [] for key in [None, *map(subset_key, subsets)]}
     guess: dict[str | None, list[int]] = {key: [] for key in truth}
     unreadable: list[Problem] = []
-    for start in tqdm(
-        range(0, len(rows), BATCH), desc="evaluating", unit="batch", disable=not progress, leave=False
-    ):
-        batch, embeddings, problems = _embed_rows(pipeline, rows[start : start + BATCH], voices)
-        unreadable += problems
-        if embeddings is None:
-            continue
-        labels = np.array([label_index[r.label] for r in batch])
-        truth[None].extend(labels)
-        predicted = pipeline.predict_batch(embeddings)
-        guess[None].extend(_indices(pipeline, predicted))
-        if writer is not None:
-            for row, prediction in zip(batch, predicted):
-                writer.write(f"{Path(manifest).name}:{row.line}", prediction, true_label=row.label)
-        for subset in subsets:
-            selector = np.array([m in subset for m in pipeline.modalities], dtype=np.float32)
-            has_all = (embeddings.mask * selector).sum(1) == selector.sum()
-            if has_all.any():
-                truth[subset_key(subset)].extend(labels[has_all])
-                guess[subset_key(subset)].extend(_predicted(pipeline, embeddings.select(has_all, subset)))
+    with tqdm(total=len(rows), desc="evaluating", unit="row", disable=not progress, leave=False) as bar:
+        for group in (rows[start : start + GROUPED] for start in range(0, len(rows), GROUPED)):
+            written: dict[int, tuple[Row, Prediction]] = {}
+            # Run in order of text length: a batch pads its texts to its longest (batch_predict.GROUPED).
+            ordered = sorted(group, key=lambda row: len(row.text or ""))
+            for batch_rows in (ordered[i : i + BATCH] for i in range(0, len(ordered), BATCH)):
+                bar.update(len(batch_rows))
+                batch, embeddings, problems = _embed_rows(pipeline, batch_rows, voices)
+                unreadable += problems
+                if embeddings is None:
+                    continue
+                labels = np.array([label_index[r.label] for r in batch])
+                truth[None].extend(labels)
+                predicted = pipeline.predict_batch(embeddings)
+                guess[None].extend(_indices(pipeline, predicted))
+                written.update((row.line, (row, p)) for row, p in zip(batch, predicted))
+                for subset in subsets:
+                    selector = np.array([m in subset for m in pipeline.modalities], dtype=np.float32)
+                    has_all = (embeddings.mask * selector).sum(1) == selector.sum()
+                    if has_all.any():
+                        truth[subset_key(subset)].extend(labels[has_all])
+                        guess[subset_key(subset)].extend(
+                            _predicted(pipeline, embeddings.select(has_all, subset))
+                        )
+            if writer is not None:
+                for line in sorted(written):  # the manifest's order
+                    row, prediction = written[line]
+                    writer.write(f"{Path(manifest).name}:{line}", prediction, true_label=row.label)
     report_skipped(skipped + unreadable, total, str(manifest))
     if not truth[None]:
         raise ConfigError(
