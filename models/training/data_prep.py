@@ -26,11 +26,12 @@ from polysense.models.registry import (
     is_frozen,
 )
 from polysense.models.training.dataset import FeatureSet
-from polysense.models.training.options import TrainOptions
+from polysense.models.training.options import TrainOptions, flag
 from polysense.preprocess.audio import HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE
 from polysense.preprocess.image import IMAGENET_MEAN, IMAGENET_STD
 from polysense.preprocess.text import train_tokenizer
 from polysense.preprocess.voice import VoiceProfile, speaker_profiles
+from polysense.tools.data_check.quick import quick_check
 from polysense.tools.manifest import (
     SPLITS,
     Manifest,
@@ -95,6 +96,8 @@ def prepare_data(
     usable, skipped = manifest.usable_rows()
     modalities = choose_modalities(manifest, options.modalities)
     by_split = _split_rows(manifest, usable, modalities, options.seed)
+    if writes:
+        _check_leakage(options, [r for s in SPLITS for r in by_split[s]], modalities)
     labels = sorted({r.label for r in by_split["train"]})
     problems = check_labels(by_split["val"] + by_split["test"], labels, "it never occurs in the train split")
     problems += _check_speakers(options, modalities, [r for s in SPLITS for r in by_split[s]])
@@ -130,6 +133,17 @@ def prepare_data(
         "data: %s; modalities %s; %d labels; %s", manifest.path, "+".join(modalities), len(labels), sizes
     )
     return PreparedData(modalities, labels, splits, preprocessing, vocab_size)
+
+
+def _check_leakage(options: TrainOptions, rows: list[Row], modalities: tuple[str, ...]) -> None:
+    """The data check's cheap part: one summary line, and a refusal of obvious leakage unless allowed."""
+    check = quick_check(rows, modalities)
+    log.info("%s", check.summary())
+    refusal = check.refusal()
+    if refusal is not None and not options.allow_leakage:
+        raise ConfigError(f"{refusal}, or train anyway with {flag('allow_leakage')}")
+    if refusal is not None:
+        log.warning("%s (--allow-leakage: training anyway)", refusal)
 
 
 def _check_speakers(options: TrainOptions, modalities: tuple[str, ...], rows: list[Row]) -> list[Problem]:

@@ -131,6 +131,11 @@ class TrainOptions:
     )
     max_text_length: int = option(64, help="tokens kept per text")
     builtin_n: int = option(3000, help='samples when data is "builtin"', flag="--n")
+    allow_leakage: bool = option(
+        False,
+        help="train even though test samples (or over 1% of val samples) repeat training samples exactly; "
+        "without it such a run is refused (polysense data check MANIFEST lists them)",
+    )
     progress: bool = option(True, help="progress bars", flag="--no-progress")
 
     def __post_init__(self) -> None:

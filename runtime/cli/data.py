@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from polysense.cli.data_anonymize import add_anonymize
+from polysense.cli.data_check import add_check
 from polysense.tools.manifest import SPLITS
 
 
@@ -40,6 +41,7 @@ def add_data(commands: argparse._SubParsersAction) -> None:
     sst2.add_argument("--val-share", type=float, default=0.1, help="share of train held out (default 0.1)")
     sst2.add_argument("--seed", type=int, default=0)
     sst2.set_defaults(run=_run_data_sst2)
+    add_check(kinds)
     add_anonymize(kinds)
 
 
