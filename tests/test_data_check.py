@@ -300,3 +300,12 @@ def test_training_refuses_leakage(planted, tmp_path):
     (tmp_path / "run").mkdir()
     with pytest.raises(ConfigError, match="--allow-leakage"):
         prepare_data(options, tmp_path / "run")
+
+
+def test_flags_of_a_weak_quick_model_come_with_a_caution():
+    from polysense.tools.data_check.label_errors import LabelIssues
+    from polysense.tools.data_check.report import _label_lines
+
+    weak = _label_lines(LabelIssues(True, "quick", 100, 5, 0.38, ()))
+    assert any("caution: the quick model itself misreads 62% of the rows" in line for line in weak)
+    assert not any("caution" in line for line in _label_lines(LabelIssues(True, "quick", 100, 5, 0.97, ())))

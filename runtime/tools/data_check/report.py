@@ -146,6 +146,9 @@ def _quality(report: CheckReport) -> list[str]:
     return out
 
 
+WEAK_MODEL = 0.9  # out-of-sample accuracy below which the label-error flags come with a caution
+
+
 def _label_lines(found: LabelIssues) -> list[str]:
     if not found.ran:
         return [f"likely label errors: skipped ({found.note})"]
@@ -153,6 +156,12 @@ def _label_lines(found: LabelIssues) -> list[str]:
         f"likely label errors: {len(found.issues)} of {found.rows_used} rows (quick model's out-of-sample "
         f"accuracy {found.cv_accuracy:.3f}; {found.note})"
     ]
+    if found.cv_accuracy < WEAK_MODEL:
+        out.append(
+            f"  caution: the quick model itself misreads {1 - found.cv_accuracy:.0%} of the rows, so most of "
+            "these flags are its own mistakes; read them as hints, or check a model of yours (polysense eval "
+            "--predictions)"
+        )
     for issue in found.issues[:SHOWN]:
         out.append(
             f"  line {issue.line} ({issue.split or '-'}): labelled {issue.given!r}, looks like "
