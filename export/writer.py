@@ -24,7 +24,13 @@ from polysense.bundle.settings import Preprocessing
 from polysense.errors import BundleError, ConfigError
 from polysense.export.checks import check_end_to_end, real_samples
 from polysense.export.components import Component, components
-from polysense.export.description import build_description, component_spec, headline, write_description
+from polysense.export.description import (
+    build_description,
+    component_spec,
+    headline,
+    training_privacy,
+    write_description,
+)
 from polysense.export.parity import check_component, export_component
 from polysense.export.variants import CALIBRATION_SAMPLES, VariantPolicy, VariantTrial, add_variants
 from polysense.inference.preprocessors import build_preprocessors
@@ -170,6 +176,7 @@ def _write_bundle(
         specs,
         _bundle_preprocessing(run_dir, work, settings),
         {"fp32": headline(metrics), "parity_max_abs_diff": parity},
+        training_privacy(metrics),
     )
     write_description(work, description)
     end_to_end = check_end_to_end(work, model, real.samples, preprocessors)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -39,6 +40,7 @@ class ModelConfig:
     audio_norm_frames: int = 0  # causal running normalisation of the audio encoder (0: off, as older runs)
     fusion: str = "concat"  # concat | attention | transformer | reliability
     pretrained: bool = True  # families with pretrained weights start from them (False: random weights)
+    group_norm: bool = False  # every BatchNorm of the encoders is a GroupNorm (trained under --dp-epsilon)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modalities", check_modalities(self.modalities))
@@ -79,6 +81,8 @@ class MultimodalClassifier(nn.Module):
         self.encoders = nn.ModuleDict(
             {m: create_encoder(m, config.encoder_family(m), **options) for m in config.modalities}
         )
+        if config.group_norm:
+            _batchnorm_to_groupnorm(self.encoders)
         self.fusion = create_fusion(
             config.fusion,
             num_modalities=len(config.modalities),
@@ -118,6 +122,21 @@ class MultimodalClassifier(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.fusion(self.embed(batch), batch["present"])
+
+
+GROUP_NORM_GROUPS = 8  # at most; fewer where the channels do not divide into 8 (gcd)
+
+
+def _batchnorm_to_groupnorm(module: nn.Module) -> None:
+    """Replace, in place, every BatchNorm by a GroupNorm over the same channels (gcd(channels, 8) groups, same
+    eps and affine): BatchNorm mixes the rows of a batch, so a row's gradient is not its own and differential
+    privacy cannot clip it (opacus's ModuleValidator.fix makes the same swap with min(32, channels) groups, into
+    which the small CNN's 48 channels do not divide)."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                groups = math.gcd(child.num_features, GROUP_NORM_GROUPS)
+                setattr(parent, name, nn.GroupNorm(groups, child.num_features, child.eps, child.affine))
 
 
 def _channels_last(tensor: torch.Tensor) -> torch.Tensor:

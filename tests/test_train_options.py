@@ -49,7 +49,12 @@ RECORDED_BEFORE = {
     "audio_norm_frames": 20,
     "voice_norm": False,
     "max_text_length": 64,
+    "dp_epsilon": 0.0,
+    "dp_delta": None,
+    "dp_max_grad_norm": 1.0,
+    "dp_accountant": "prv",
     "builtin_n": 3000,
+    "allow_leakage": False,
     "progress": False,
 }
 TRAINED_RUN = {"epochs": 3, "image_width": 8, "embed_dim": 32, "batch_size": 32, "progress": False}

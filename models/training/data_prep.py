@@ -25,6 +25,7 @@ from polysense.models.registry import (
     family_train_speeds,
     is_frozen,
 )
+from polysense.models.training import privacy
 from polysense.models.training.dataset import FeatureSet
 from polysense.models.training.options import TrainOptions, flag
 from polysense.preprocess.audio import HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE
@@ -95,6 +96,9 @@ def prepare_data(
     manifest = read_manifest(resolve_manifest(options, run_dir, writes))
     usable, skipped = manifest.usable_rows()
     modalities = choose_modalities(manifest, options.modalities)
+    refused = privacy.family_problems(options, modalities)  # before the tokenizer learns the training words
+    if refused:
+        raise ConfigError("; ".join(refused))
     by_split = _split_rows(manifest, usable, modalities, options.seed)
     if writes:
         _check_leakage(options, [r for s in SPLITS for r in by_split[s]], modalities)

@@ -27,6 +27,7 @@ from polysense.models.training.distributed.sharded_layers import StepContext
 from polysense.models.training.distributed.sharding import Piece, pieces
 from polysense.models.training.losses import BatchShare, alternating_loss, fused_loss, unimodal_loss
 from polysense.models.training.options import TrainOptions
+from polysense.models.training.privacy import PerSampleShare, PrivateTraining
 
 
 class TrainingObjective(nn.Module):
@@ -83,6 +84,7 @@ class EpochRunner:
     options: TrainOptions
     device: torch.device
     solo: tuple[str, ...] = ()  # the solo phase's modalities (its encoders train alone)
+    privacy: PrivateTraining | None = None  # --dp-epsilon: Poisson batches, per-row losses, noise
 
     def __post_init__(self) -> None:
         self._present = self.train_set.present() > 0  # [N, M]: which samples have which modality
@@ -97,9 +99,7 @@ class EpochRunner:
     ) -> tuple[float, float]:
         """One pass over the shuffled training set: (mean training loss over all processes, seconds)."""
         started = time.perf_counter()
-        order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(epoch_seed))
-        size = self.options.batch_size
-        batches = [order[start : start + size].tolist() for start in range(0, len(order), size)]
+        batches = self._batches(epoch_seed)
         loss_sum, seen = 0.0, 0
         shown = tqdm(
             batches,
@@ -110,20 +110,31 @@ class EpochRunner:
         )
         for step, batch in enumerate(shown):
             counts = tuple(self._present[batch].sum(axis=0).tolist())
-            share = BatchShare(len(batch), counts, self.world.size)
-            if self._solo_columns and not any(share.has(column) for column in self._solo_columns):
+            kind = BatchShare if self.privacy is None else PerSampleShare
+            share = kind(len(batch), counts, self.world.size)
+            # Under DP every step is taken, whatever its rows: skipping one would depend on the data.
+            solo_rows = not self._solo_columns or any(counts[column] for column in self._solo_columns)
+            if not solo_rows and self.privacy is None:
                 # No sample of the batch has a modality the solo phase trains: nothing to learn from, and
                 # no gradient to take. Every process sees the whole batch's counts, so all skip it alike.
                 scheduler.step()
                 continue
             my_pieces = pieces(batch, self.world.size, self.world.rank, self.options.accumulate)
-            if not my_pieces:
+            if not my_pieces and self.privacy is None:
                 continue
             loss_sum += self._step(my_pieces, share, step, epoch_seed, optimizer, scheduler)
             seen += share.rows
             shown.set_postfix(loss=f"{loss_sum * self.world.size / seen:.3f}")
         total = sum_over_processes(self.world, loss_sum)
         return total / max(seen, 1), time.perf_counter() - started
+
+    def _batches(self, epoch_seed: int) -> list[list[int]]:
+        """The epoch's batches: the shuffled rows cut into --batch-size pieces, or under DP Poisson samples."""
+        if self.privacy is not None:
+            return self.privacy.batches(len(self.train_set))  # from a secret generator, not the seed
+        order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(epoch_seed))
+        size = self.options.batch_size
+        return [order[start : start + size].tolist() for start in range(0, len(order), size)]
 
     def _step(
         self,
@@ -155,6 +166,8 @@ class EpochRunner:
                     self.context.stop()
                 loss.backward()
             loss_sum += loss.item() * share.rows / share.processes
+        if self.privacy is not None:
+            self.privacy.fill_unused(optimizer, share.rows)
         optimizer.step()  # parameters left without a gradient this step (set_to_none) are not touched
         scheduler.step()
         return loss_sum

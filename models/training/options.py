@@ -16,6 +16,7 @@ from polysense.models.registry import ENCODERS, FUSIONS, FamilyNames, family_def
 from polysense.models.training.flags import flag_name, option
 
 STRATEGIES = ("joint", "staged", "frozen", "alternating")
+DP_ACCOUNTANTS = ("prv", "rdp")  # polysense.models.training.privacy.ACCOUNTANTS
 KEEP = ("best", "last")
 AUDIO_NOISE = ("none", "light", "strong")  # polysense.models.training.augment.NOISE_LEVELS
 DEFAULT_EPOCHS = 12
@@ -130,6 +131,20 @@ class TrainOptions:
         "(needs a speaker column; polysense.preprocess.voice)",
     )
     max_text_length: int = option(64, help="tokens kept per text")
+    dp_epsilon: float = option(
+        0.0,
+        help="train with differential privacy (DP-SGD, opacus: the dp extra), spending at most this epsilon "
+        "over the planned epochs (0: off)",
+    )
+    dp_delta: float | None = option(
+        None, help="--dp-epsilon's delta (default: 1e-5, or 1 / (10 x training rows) when smaller)"
+    )
+    dp_max_grad_norm: float = option(
+        1.0, help="--dp-epsilon: each training row's gradient is clipped to this L2 norm"
+    )
+    dp_accountant: str = option(
+        "prv", help="--dp-epsilon: how the privacy spent is counted, prv or rdp (opacus's accountants)"
+    )
     builtin_n: int = option(3000, help='samples when data is "builtin"', flag="--n")
     allow_leakage: bool = option(
         False,
@@ -191,8 +206,38 @@ class TrainOptions:
             problems.append(
                 f"{flag('builtin_n')} {self.builtin_n} is too small for the built-in set; use 12 or more"
             )
+        problems += self._privacy_problems()
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _privacy_problems(self) -> list[str]:
+        """What --dp-epsilon cannot train with (polysense.models.training.privacy)."""
+        dp_flags = ("dp_delta", "dp_max_grad_norm", "dp_accountant")
+        if not self.dp_epsilon:
+            changed = [flag(n) for n in dp_flags if getattr(self, n) != _DEFAULTS[n]]
+            verb = "applies" if len(changed) == 1 else "apply"
+            return [f"{', '.join(changed)} only {verb} with --dp-epsilon"] if changed else []
+        problems = [] if self.dp_epsilon > 0 else [f"{flag('dp_epsilon')} must be positive (0: off)"]
+        if self.dp_delta is not None and not 0 < self.dp_delta < 1:
+            problems.append(f"{flag('dp_delta')} must be in (0, 1), got {self.dp_delta}")
+        if not self.dp_max_grad_norm > 0:
+            problems.append(f"{flag('dp_max_grad_norm')} must be positive, got {self.dp_max_grad_norm}")
+        if self.accumulate != 1:
+            problems.append(
+                "--dp-epsilon computes every row's gradient of a whole batch at once: leave --accumulate at 1"
+            )
+        if self.strategy == "alternating":
+            problems.append(
+                "--dp-epsilon cannot train --strategy alternating (each step would add noise to the half of "
+                "the model it does not train); use joint, staged or frozen"
+            )
+        if self.voice_norm:
+            problems.append(
+                "--dp-epsilon cannot train with --voice-norm: the bundle keeps the training speakers' average "
+                "voice, a statistic of the training rows outside the privacy accounting"
+            )
+        # The families are checked by prepare_data, once the data has decided the modalities (privacy.py).
+        return problems
 
     def _resolve_family_defaults(self) -> None:
         """None for epochs, pretrained_lr, image_size or keep means: what the chosen families ask for (a
@@ -299,6 +344,9 @@ class TrainOptions:
         return cls(**values)
 
 
+_DEFAULTS = {f.name: f.default for f in fields(TrainOptions)}
+
+
 def option_choices() -> dict[str, tuple[str, ...]]:
     """The fields with a fixed set of values, and those values: checked by TrainOptions, offered by the CLI.
     The registries are read when called, so an encoder or fusion registered later is included."""
@@ -306,6 +354,7 @@ def option_choices() -> dict[str, tuple[str, ...]]:
         "strategy": STRATEGIES,
         "keep": KEEP,
         "audio_noise": AUDIO_NOISE,
+        "dp_accountant": DP_ACCOUNTANTS,
         "device": DEVICES,
         **{f"{m}_encoder": FamilyNames(m, tuple(ENCODERS[m])) for m in MODALITIES},
         "fusion": tuple(FUSIONS),

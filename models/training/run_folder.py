@@ -54,9 +54,10 @@ class Checkpoint:
     optimizer: dict  # AdamW's state dict, reused when resuming inside the same phase
     scheduler: dict  # the learning-rate schedule's state dict, likewise
     state: TrainState  # epoch, best model, early stopping, history
+    privacy: dict | None = None  # --dp-epsilon: the accountant's history (privacy.Accountant.to_dict)
 
     def to_dict(self) -> dict:
-        return {
+        values = {
             "format": CHECKPOINT_FORMAT,
             "model": self.model,
             "heads": self.heads,
@@ -64,6 +65,7 @@ class Checkpoint:
             "scheduler": self.scheduler,
             "state": self.state.to_dict(),
         }
+        return values if self.privacy is None else {**values, "privacy": self.privacy}
 
     @classmethod
     def from_dict(cls, values: dict, path: Path) -> Checkpoint:
@@ -73,7 +75,7 @@ class Checkpoint:
                 f"{CHECKPOINT_FORMAT}; resume with the polysense version that wrote it, or start a new --out"
             )
         parts = {k: values[k] for k in ("model", "heads", "optimizer", "scheduler")}
-        return cls(**parts, state=TrainState.from_dict(values["state"]))
+        return cls(**parts, state=TrainState.from_dict(values["state"]), privacy=values.get("privacy"))
 
 
 def atomic_save(obj: object, path: Path) -> None:
@@ -126,6 +128,12 @@ def resumed_options(
     stored = TrainOptions.from_dict({**OPTIONS_BEFORE_THEY_EXISTED, **stored_values})
     changes = {name: getattr(options, name) for name in RESUME_MAY_CHANGE if name in changed}
     resumed = TrainOptions.from_dict({**stored.to_dict(), **changes})
+    if stored.dp_epsilon and resumed.epochs != stored.epochs:
+        raise ConfigError(
+            f"--resume: {run_dir} trains with --dp-epsilon {stored.dp_epsilon}, its noise set to spend that over "
+            f"its {stored.epochs} epochs; other --epochs would spend another epsilon: resume without --epochs, "
+            "or start a new --out with the epochs and --dp-epsilon you want"
+        )
     if (run_dir / METRICS_FILE).is_file() and resumed.epochs <= stored.epochs:
         raise ConfigError(
             f"--resume: {run_dir} already finished its {stored.epochs} epochs"

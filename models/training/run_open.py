@@ -15,13 +15,14 @@ from torch import nn
 
 from polysense.errors import ConfigError
 from polysense.models.model import ModelConfig, MultimodalClassifier
-from polysense.models.training import run_folder
+from polysense.models.training import privacy, run_folder
 from polysense.models.training.data_prep import PreparedData, prepare_data
 from polysense.models.training.dataset import FeatureSet
 from polysense.models.training.distributed.processes import World, from_main, join
 from polysense.models.training.distributed.sharded_layers import StepContext, shard_layers
 from polysense.models.training.distributed.sharding import check_split
 from polysense.models.training.options import TrainOptions
+from polysense.models.training.privacy import PrivateTraining
 from polysense.models.training.run_folder import Checkpoint
 from polysense.models.training.train_state import TrainState
 from polysense.preprocess.audio import N_MELS
@@ -44,6 +45,7 @@ class Run:
     checkpoint: Checkpoint | None  # the checkpoint resumed from (its optimizer and schedule are reused)
     world: World
     context: StepContext  # where this process's rows sit in the current batch (sharded_layers)
+    privacy: PrivateTraining | None = None  # --dp-epsilon: the mechanism and the privacy spent (train.py)
 
 
 def pick_device(name: str) -> torch.device:
@@ -82,6 +84,7 @@ def _model_config(options: TrainOptions, data: PreparedData) -> ModelConfig:
         max_text_length=options.max_text_length,
         fusion=options.fusion,
         pretrained=not options.from_scratch,
+        group_norm=options.dp_epsilon > 0,  # BatchNorm mixes a batch's rows: no per-row gradient
     )
 
 
@@ -101,7 +104,12 @@ def open_run(options: TrainOptions, resume: bool, changed: Collection[str], worl
 
     torch.manual_seed(options.seed)
     model = MultimodalClassifier(ModelConfig.from_dict(config["model"]))
-    fit_input_statistics(model, data.splits["train"])
+    if options.dp_epsilon:
+        # Input statistics of the training rows would ship in the bundle outside the privacy accounting: under
+        # DP the encoders keep their defaults (mean 0, std 1), and torch GRUs train as opacus's DPGRU.
+        privacy.private_layers(model)
+    else:
+        fit_input_statistics(model, data.splits["train"])
     heads = nn.ModuleDict({m: nn.Linear(options.embed_dim, len(data.labels)) for m in data.modalities})
     context = StepContext(synchronise=world.distributed)
     shard_layers(model, context)

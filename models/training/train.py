@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from polysense.errors import ConfigError
 from polysense.models.training import run_folder
 from polysense.models.training.batchnorm import recalibrate_batchnorm
 from polysense.models.training.distributed.processes import (
@@ -32,6 +33,7 @@ from polysense.models.training.epoch import EpochRunner, TrainingObjective
 from polysense.models.training.evaluate import evaluate, evaluate_heads
 from polysense.models.training.optimization import optimizer_and_schedule, pretrained_parameters
 from polysense.models.training.options import TrainOptions
+from polysense.models.training.privacy import Accountant, PrivateTraining, plan_privacy, quiet
 from polysense.models.training.run_folder import Checkpoint
 from polysense.models.training.run_open import Run, open_run
 from polysense.models.training.train_state import validation_score
@@ -95,8 +97,15 @@ def train(
 
 
 def _train(options: TrainOptions, resume: bool, changed: Collection[str], world: World) -> TrainResult:
+    if options.dp_epsilon and world.distributed:
+        raise ConfigError(
+            "--dp-epsilon trains in one process: opacus's per-sample gradients are not summed over processes "
+            "here; leave --nproc out (or run without torchrun)"
+        )
     run = open_run(options, resume, changed, world)
     plan = phases(run.options, run.model.config.modalities)
+    if run.options.dp_epsilon:
+        run.privacy = _private_training(run, sum(p.epochs for p in plan))
     if run.options.solo_epochs > 0 and plan[0].name != "solo" and run.world.is_main:
         log.warning(
             "no solo epochs: every encoder of this data's modalities (%s) starts from pretrained weights",
@@ -125,8 +134,44 @@ def _train(options: TrainOptions, resume: bool, changed: Collection[str], world:
             kept=run.options.keep,
             history=state.history,
         )
+        if run.privacy is not None:
+            metrics["privacy"] = run.privacy.accountant.spent()
+            log.info(
+                "privacy: epsilon %.3f spent of %.3f (delta %.1e, %s accountant, noise multiplier %.3f, "
+                "%d steps)",
+                *(metrics["privacy"][k] for k in ("epsilon", "target_epsilon", "delta")),
+                run.privacy.plan.accountant,
+                run.privacy.plan.noise_multiplier,
+                metrics["privacy"]["steps"],
+            )
         run_folder.write_result(run.run_dir, run.config, run.model, metrics)
     return TrainResult(run.run_dir, metrics, state.best_epoch, state.epoch, stopped_early)
+
+
+def _private_training(run: Run, epochs: int) -> PrivateTraining:
+    """The DP mechanism for the run's `epochs` epochs over its training rows, and the accountant: a resumed
+    run's goes on from its checkpoint."""
+    plan = plan_privacy(run.options, len(run.data.splits["train"]), epochs)
+    history = None
+    if run.checkpoint is not None:
+        if run.checkpoint.privacy is None:
+            raise ConfigError(
+                f"--resume: {run.run_dir}'s checkpoint has no privacy accounting; start a new --out"
+            )
+        history = run.checkpoint.privacy["history"]
+    if run.world.is_main:
+        log.info(
+            "differential privacy: epsilon %.3g, delta %.1e over %d epochs of %d steps (each row in a step with "
+            "probability %.4f): noise multiplier %.3f, rows' gradients clipped to %.3g",
+            plan.target_epsilon,
+            plan.delta,
+            plan.epochs,
+            plan.steps_per_epoch,
+            plan.sample_rate,
+            plan.noise_multiplier,
+            plan.max_grad_norm,
+        )
+    return PrivateTraining(plan, Accountant(plan, history))
 
 
 def _run_phase(run: Run, phase: Phase, first: int, last: int, total_epochs: int) -> bool:
@@ -152,8 +197,12 @@ def _run_phase(run: Run, phase: Phase, first: int, last: int, total_epochs: int)
         scheduler.load_state_dict(run.checkpoint.scheduler)
     # Built per phase: DistributedDataParallel takes the parameters that require a gradient when wrapping.
     objective = TrainingObjective(run.model, run.heads, phase.name, options, phase.modalities)
+    if run.privacy is None:
+        engine = replicate(objective, run.world, run.device, _may_leave_unused(run, phase))
+    else:  # one process: per-sample gradients, clipped and noised by the optimizer, which counts each step
+        engine, optimizer = run.privacy.engine(objective), run.privacy.optimizer(optimizer)
     runner = EpochRunner(
-        replicate(objective, run.world, run.device, _may_leave_unused(run, phase)),
+        engine,
         run.world,
         run.context,
         run.data.splits["train"],
@@ -161,7 +210,29 @@ def _run_phase(run: Run, phase: Phase, first: int, last: int, total_epochs: int)
         options,
         run.device,
         phase.modalities,
+        run.privacy,
     )
+    if run.privacy is None:
+        return _run_epochs(run, runner, phase, (first, last, total_epochs), optimizer, scheduler, frozen)
+    try:
+        with quiet():
+            return _run_epochs(run, runner, phase, (first, last, total_epochs), optimizer, scheduler, frozen)
+    finally:
+        run.privacy.close(engine)
+
+
+def _run_epochs(
+    run: Run,
+    runner: EpochRunner,
+    phase: Phase,
+    epochs: tuple[int, int, int],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    frozen: bool,
+) -> bool:
+    """Epochs first..last (of total_epochs) of a phase; True if it stopped early."""
+    options = run.options
+    first, last, total_epochs = epochs
     for epoch in range(max(first, run.state.epoch + 1), last + 1):
         if phase.monitored and run.state.early_stop_due(options.patience):
             return True
@@ -245,6 +316,8 @@ def _end_epoch(
     Rank 0 validates and sends its record to the others, so every process takes the same decisions (best model,
     early stopping) even where float rounding could tip a near-tie differently."""
     record = _validate(run, phase, epoch, trained[0]) if run.world.is_main else None
+    if record is not None and run.privacy is not None:
+        record["epsilon"] = run.privacy.accountant.epsilon()  # spent so far
     record = from_main(run.world, record)
     improved = run.state.record_epoch(record, phase.monitored)
     if not run.world.is_main:
@@ -271,11 +344,14 @@ def _end_epoch(
         scores,
         " (best)" if improved else "",
     )
+    if "epsilon" in record:
+        log.info("epoch %d/%d: epsilon spent %.3f", epoch, total_epochs, record["epsilon"])
     checkpoint = Checkpoint(
         model=run.model.state_dict(),
         heads=run.heads.state_dict(),
         optimizer=optimizer.state_dict(),
         scheduler=scheduler.state_dict(),
         state=run.state,
+        privacy=run.privacy.accountant.to_dict() if run.privacy is not None else None,
     )
     run_folder.save_checkpoint(run.run_dir, checkpoint)

@@ -212,6 +212,35 @@ def _streaming_from_dict(streaming: dict, where: str) -> AudioStreaming | None:
 
 
 @dataclass(frozen=True)
+class TrainingPrivacy:
+    """How the model was trained under differential privacy (`polysense train --dp-epsilon`): the training rows
+    are protected at (epsilon, delta), epsilon as the accountant counted every step taken."""
+
+    epsilon: float  # spent
+    delta: float
+    max_grad_norm: float  # each training row's gradient clipped to this L2 norm
+    accountant: str  # prv | rdp (opacus's accountants)
+    noise_multiplier: float  # Gaussian noise std / max_grad_norm
+    target_epsilon: float  # asked for (--dp-epsilon); epsilon is at most this when every planned step ran
+    sample_rate: float  # each row's chance to be in a step's batch (Poisson sampling)
+    steps: int
+
+    _FLOATS = ("epsilon", "delta", "max_grad_norm", "noise_multiplier", "target_epsilon", "sample_rate")
+
+    def to_dict(self) -> dict:
+        return {name: getattr(self, name) for name in (*self._FLOATS, "accountant", "steps")}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> TrainingPrivacy:
+        values = {name: float(get(data, name, (int, float), where)) for name in cls._FLOATS}
+        if not 0 < values["delta"] < 1 or min(values.values()) < 0:
+            raise BundleError(f"{where}: delta must be in (0, 1) and every number at least 0, got {values}")
+        return cls(
+            accountant=get(data, "accountant", str, where), steps=get(data, "steps", int, where), **values
+        )
+
+
+@dataclass(frozen=True)
 class BundleDescription:
     """Everything a bundle says about itself (bundle.json)."""
 
@@ -224,6 +253,7 @@ class BundleDescription:
     metrics: dict = field(default_factory=dict)  # measured at export (test accuracy, parity)
     producer: dict = field(default_factory=dict)  # versions of what made the bundle
     schema_version: int = SCHEMA_VERSION  # EDGE_SCHEMA_VERSION for an edge bundle
+    privacy: TrainingPrivacy | None = None  # trained under differential privacy (older runtimes ignore it)
 
     @property
     def is_edge(self) -> bool:
@@ -255,6 +285,7 @@ class BundleDescription:
             },
             "metrics": self.metrics,
             "producer": self.producer,
+            **({"privacy": self.privacy.to_dict()} if self.privacy is not None else {}),
         }
 
     @classmethod
@@ -273,6 +304,7 @@ class BundleDescription:
             for name, entry in get(data, "components", dict, where).items()
         }
         streaming = get(data, "streaming", dict, where, {})
+        privacy = get(data, "privacy", dict, where, None)
         description = cls(
             strings(get(data, "labels", list, where), f"{where}.labels"),
             strings(get(data, "modalities", list, where), f"{where}.modalities"),
@@ -283,6 +315,7 @@ class BundleDescription:
             get(data, "metrics", dict, where, {}),
             get(data, "producer", dict, where, {}),
             version,
+            None if privacy is None else TrainingPrivacy.from_dict(privacy, f"{where}.privacy"),
         )
         description.check()
         return description

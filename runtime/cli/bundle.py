@@ -56,6 +56,14 @@ def _run_info(args: argparse.Namespace) -> int:
     fp32 = description.metrics.get("fp32", {})
     if isinstance(fp32, dict) and isinstance(fp32.get("accuracy"), (int, float)):
         print(f"  test accuracy at export: {fp32['accuracy']:.4f}")
+    privacy = description.privacy
+    if privacy is not None:
+        print(
+            f"  trained with differential privacy: epsilon {privacy.epsilon:.3g} spent (asked "
+            f"{privacy.target_epsilon:.3g}), delta {privacy.delta:.1e}, rows' gradients clipped to "
+            f"{privacy.max_grad_norm:g}, noise multiplier {privacy.noise_multiplier:.3f}, {privacy.accountant} "
+            f"accountant, {privacy.steps} steps"
+        )
     if trusted is not None:
         print("  signature: valid, by a trusted key (bundle.sig over bundle.json)")
     return 0
