@@ -73,7 +73,9 @@ def main() -> None:
         scores = leave_one_speaker_out(features, digits, speakers, c)
         mean = float(np.mean(list(scores.values())))
         results["logistic_regression"][str(c)] = {"mean": mean, "per_speaker": scores}
-        lines.append(f"| {c} | {mean:.3f} | " + " | ".join(f"{scores[s]:.3f}" for s in results["speakers"]) + " |")
+        lines.append(
+            f"| {c} | {mean:.3f} | " + " | ".join(f"{scores[s]:.3f}" for s in results["speakers"]) + " |"
+        )
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "calibration.json").write_text(json.dumps(results, indent=2) + "\n")
     (OUT / "calibration.md").write_text("\n".join(lines) + "\n")
