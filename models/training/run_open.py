@@ -58,6 +58,14 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def size_inputs(model: MultimodalClassifier, train: FeatureSet) -> None:
+    """Encoders whose first layer takes the width of their input (`fit_input_width`: a frozen graph's vectors,
+    a property of the graph, not of the rows) get it here, with or without differential privacy."""
+    for modality, encoder in model.encoders.items():
+        if hasattr(encoder, "fit_input_width"):
+            encoder.fit_input_width(next(x for x in train.features[modality] if x is not None).shape[-1])
+
+
 def fit_input_statistics(model: MultimodalClassifier, train: FeatureSet) -> None:
     """Encoders that normalise their input with training statistics (`fit_input_stats`) get them here."""
     for modality, encoder in model.encoders.items():
@@ -104,6 +112,7 @@ def open_run(options: TrainOptions, resume: bool, changed: Collection[str], worl
 
     torch.manual_seed(options.seed)
     model = MultimodalClassifier(ModelConfig.from_dict(config["model"]))
+    size_inputs(model, data.splits["train"])
     if options.dp_epsilon:
         # Input statistics of the training rows would ship in the bundle outside the privacy accounting: under
         # DP the encoders keep their defaults (mean 0, std 1), and torch GRUs train as opacus's DPGRU.
