@@ -233,3 +233,31 @@ def test_resume_counts_on_and_keeps_the_planned_epochs(private_run, tmp_path):
     assert [h["epsilon"] for h in resumed.metrics["history"]] == [
         h["epsilon"] for h in private_run.metrics["history"]
     ]
+
+
+def test_a_frozen_encoder_trains_its_projection_under_dp(tmp_path):
+    """DP's strongest setting: a frozen graph the user brings (onnx:PATH) and only the projection on top trained
+    privately. The projection is sized by the graph's vector width (not a statistic of the rows)."""
+    from torch import nn
+
+    from polysense.models.training.train import train
+
+    class Encoder(nn.Module):
+        def forward(self, pixels):
+            return nn.functional.avg_pool2d(pixels, 8).flatten(1)  # [N, 3 * 4 * 4]
+
+    graph = tmp_path / "encoder.onnx"
+    torch.onnx.export(
+        Encoder(),
+        (torch.zeros(1, 3, 32, 32),),
+        str(graph),
+        input_names=["pixels"],
+        dynamic_axes={"pixels": {0: "n"}},
+        dynamo=False,
+    )
+    options = _options(
+        tmp_path / "run", modalities=("image",), image_encoder=f"onnx:{graph}", image_size=32, epochs=1
+    )
+    result = train(options)
+    spent = result.metrics["privacy"]["epsilon"]
+    assert 0 < spent <= EPSILON

@@ -51,11 +51,11 @@ class FrozenVectorHead(nn.Module):
         """D, the frozen encoder's vector width (what export's example input needs)."""
         return self.project[1].in_features
 
-    def fit_input_stats(self, vectors: list) -> None:
-        """Called with the training split's vectors before training: sizes the projection (the training loop
+    def fit_input_width(self, width: int) -> None:
+        """Called with the width of the graph's vectors before training: sizes the projection (the training loop
         sets its layers trainable before any batch runs)."""
         with torch.no_grad():
-            self.project(torch.zeros(1, vectors[0].shape[-1]))
+            self.project(torch.zeros(1, width))
 
     def forward(self, vectors: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """`mask` (a text batch's second key) is ignored: a sample's vector is there or zeros."""
