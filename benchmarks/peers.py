@@ -381,12 +381,12 @@ def run(run_dir: Path, bundle_dir: Path, threads: tuple[int, ...], quick: bool) 
         engines = engines_for(bundle, run_dir, count, openvino)
         results["engines"] = {e.name: {"label": e.label, "precisions": e.precisions} for e in engines}
         for batch in BATCHES:
-            print(f"batch {batch}, {count} thread(s), load average {os.getloadavg()[0]:.2f}")
+            load = os.getloadavg()[0]  # this process's own threads count in it, besides any other work
+            print(f"batch {batch}, {count} thread(s), load average {load:.2f}")
             options = BenchOptions.quick() if quick else OPTIONS[batch]
             latency, errors = measure_setting(engines, inputs[batch], description, options)
-            results["settings"].append(
-                {"threads": count, "batch": batch, "latency": latency, "errors": errors}
-            )
+            setting = {"threads": count, "batch": batch, "load_average": load}
+            results["settings"].append({**setting, "latency": latency, "errors": errors})
         if count == max(threads):  # parity on the largest batch, every core
             results["parity"] = parity(engines, inputs[max(BATCHES)], description)
     return results

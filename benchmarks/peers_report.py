@@ -122,6 +122,11 @@ def setting_table(results: dict, setting: dict) -> list[str]:
     lines = [
         f"### Batch {batch}, {setting['threads']} thread{'s' if setting['threads'] != 1 else ''}",
         "",
+        *(
+            [f"Load average (1 minute) at its start: {setting['load_average']:.2f}.", ""]
+            if "load_average" in setting
+            else []
+        ),
         "| engine | " + " | ".join(components) + " |",
         "|---|" + "---:|" * len(components),
     ]

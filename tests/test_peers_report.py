@@ -29,7 +29,13 @@ def _setting(
     latency = {
         engine: {c: _stats(ms) for c, ms in by_component.items()} for engine, by_component in times.items()
     }
-    return {"threads": threads, "batch": batch, "latency": latency, "errors": errors or {}}
+    return {
+        "threads": threads,
+        "batch": batch,
+        "latency": latency,
+        "errors": errors or {},
+        "load_average": 0.25,
+    }
 
 
 def _results() -> dict:
@@ -169,6 +175,7 @@ def test_markdown_tables_carry_the_numbers():
 
     one_thread = _table(text, "### Batch 1, 1 thread")
     assert one_thread["engine"] == ["image_encoder", "fusion", WHOLE]
+    assert "Load average (1 minute) at its start: 0.25." in text
     assert one_thread[POLYSENSE][0] == "2.000 ms, 500/s"
     assert one_thread["openvino_f32"][1] == "failed"
     assert one_thread["fastest peer"] == ["openvino_f32", REFERENCE, "openvino_f32"]
