@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
+from polysense.errors import ConfigError
 from polysense.modalities import MODALITIES, SPECS, check_modalities
 
 # Importing the families registers them.
@@ -22,7 +23,7 @@ from polysense.models.encoders import (  # noqa: F401
     speech_embedding,
     text_encoders,
 )
-from polysense.models.registry import create_encoder, create_fusion
+from polysense.models.registry import create_encoder, create_fusion, family_takes
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,19 @@ class ModelConfig:
     fusion: str = "concat"  # concat | attention | transformer | reliability
     pretrained: bool = True  # families with pretrained weights start from them (False: random weights)
     group_norm: bool = False  # every BatchNorm of the encoders is a GroupNorm (trained under --dp-epsilon)
+    # Per modality, what a pruned encoder keeps (its family's structure(): MiniLM's heads and feed-forward units
+    # per layer, EfficientNet-Lite0's channels per block); {}: nothing pruned. polysense.models.pruning.
+    pruned: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modalities", check_modalities(self.modalities))
+        for modality in self.pruned:
+            family = self.encoder_family(modality) if modality in self.modalities else None
+            if family is None or not family_takes(modality, family, "pruned"):
+                raise ConfigError(
+                    f"the model config records a pruned {modality} encoder, which its {family or 'absent'} "
+                    "encoder cannot be; the run folder is damaged: prune the unpruned run again"
+                )
 
     def encoder_options(self) -> dict:
         """Options offered to every encoder family; each family takes those its factory names."""
@@ -79,7 +90,10 @@ class MultimodalClassifier(nn.Module):
         self.config = config
         options = {**config.encoder_options(), "pretrained": config.pretrained and load_pretrained}
         self.encoders = nn.ModuleDict(
-            {m: create_encoder(m, config.encoder_family(m), **options) for m in config.modalities}
+            {
+                m: create_encoder(m, config.encoder_family(m), **options, pruned=config.pruned.get(m))
+                for m in config.modalities
+            }
         )
         if config.group_norm:
             _batchnorm_to_groupnorm(self.encoders)

@@ -18,6 +18,7 @@ import math
 import torch
 from torch import nn
 
+from polysense.errors import ConfigError, DependencyError
 from polysense.models.encoders.pretrained import EFFICIENTNET_LITE0, load_body
 from polysense.models.registry import register_encoder
 
@@ -70,9 +71,18 @@ def _norm(channels: int) -> nn.BatchNorm2d:
 class MBConv(nn.Module):
     """Inverted residual: 1x1 expansion, depthwise k x k, 1x1 projection; a shortcut when shapes allow."""
 
-    def __init__(self, channels_in: int, channels_out: int, kernel: int, stride: int, expansion: int) -> None:
+    def __init__(
+        self,
+        channels_in: int,
+        channels_out: int,
+        kernel: int,
+        stride: int,
+        expansion: int,
+        hidden: int | None = None,
+    ) -> None:
+        """hidden: the expanded channels a pruned block keeps (default channels_in * expansion)."""
         super().__init__()
-        hidden = channels_in * expansion
+        hidden = channels_in * expansion if hidden is None else hidden
         self.expand = SameConv(channels_in, hidden, 1) if expansion != 1 else None
         self.expand_norm = _norm(hidden) if expansion != 1 else None
         self.depthwise = SameConv(hidden, hidden, kernel, stride, groups=hidden)
@@ -95,10 +105,13 @@ class EfficientNetLite0(nn.Module):
     int8_method = "static"  # convolutions: static QDQ (export measures whether it pays)
     channels_last = True  # trains in channels-last layout: 1.6-2.1x faster steps (make bench-channels-last)
 
-    def __init__(self, embed_dim: int = 128, dropout: float = 0.2) -> None:
+    def __init__(self, embed_dim: int = 128, dropout: float = 0.2, pruned: dict | None = None) -> None:
+        """pruned: {"hidden": [...]}, the expanded channels each block keeps (a pruned run's config,
+        polysense.models.pruning); None: all of them."""
         super().__init__()
         self.embed_dim = embed_dim
         self.stem, self.stem_norm = SameConv(3, STEM, 3, 2), _norm(STEM)
+        hidden = _hidden_channels(pruned)
         blocks = []
         for repeats, kernel, stride, expansion, channels_in, channels_out in STAGES:
             for index in range(repeats):
@@ -110,6 +123,7 @@ class EfficientNetLite0(nn.Module):
                         kernel,
                         stride if first else 1,
                         expansion,
+                        hidden[len(blocks)],
                     )
                 )
         self.blocks = nn.Sequential(*blocks)
@@ -124,6 +138,29 @@ class EfficientNetLite0(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.project(self.dropout(self.features(image).mean(dim=(2, 3))))
+
+    def structure(self) -> dict:
+        """The expanded channels each block keeps, as a pruned run's config records them."""
+        return {"hidden": [block.depthwise.out_channels for block in self.blocks]}
+
+    def prune(self, amount: float) -> dict:
+        """Remove `amount` of the expanded channels of every block that has an expansion (its 1x1 expansion's
+        outputs, their BatchNorm, the depthwise filters and the projection's inputs: torch-pruning finds that
+        group), the least important first by first-order Taylor importance (|sum of weight x gradient| over
+        the group, from the gradients in .grad), counts rounded to a multiple of 8. Returns the new structure."""
+        torch_pruning = _torch_pruning()
+        ignored = [self.stem, self.head, self.project, *(b.project for b in self.blocks)]
+        ignored += [b.depthwise for b in self.blocks if b.expand is None]  # its channels are the stem's
+        pruner = torch_pruning.pruner.MetaPruner(
+            self,
+            torch.zeros(1, 3, 64, 64),  # traced for the dependencies only: any size goes
+            importance=torch_pruning.importance.GroupTaylorImportance(),
+            pruning_ratio=amount,
+            ignored_layers=ignored,
+            round_to=8,
+        )
+        pruner.step()
+        return self.structure()
 
     def load_pretrained(self, path) -> None:
         """The ImageNet weights (all but the classifier) into this module, strictly."""
@@ -151,10 +188,43 @@ def _our_name(name: str) -> str:
     return f"{_TOP[parts[0]]}.{parts[1]}"
 
 
+def _hidden_channels(pruned: dict | None) -> list[int | None]:
+    """Expanded channels per block from a pruned run's record, checked (None: the block's own)."""
+    expansions = [(c_in if i == 0 else c_out) * e for r, _, _, e, c_in, c_out in STAGES for i in range(r)]
+    if pruned is None:
+        return [None] * len(expansions)
+    hidden = pruned.get("hidden")
+    if (
+        set(pruned) != {"hidden"}
+        or not isinstance(hidden, list)
+        or len(hidden) != len(expansions)
+        or not all(isinstance(h, int) and 1 <= h <= full for h, full in zip(hidden, expansions))
+        or hidden[0] != expansions[0]  # the first block has no expansion: its channels are the stem's
+    ):
+        raise ConfigError(
+            f"the run's pruned EfficientNet-Lite0 structure {pruned!r} is not {len(expansions)} blocks' channels "
+            f"(at most {expansions}); the run folder is damaged: prune the unpruned run again"
+        )
+    return hidden
+
+
+def _torch_pruning():  # noqa: ANN202 - the module
+    try:
+        import torch_pruning
+    except ImportError as error:
+        raise DependencyError(
+            f"pruning efficientnet-lite0 needs torch-pruning ({error}): pip install 'polysense[prune]'"
+        ) from error
+    return torch_pruning
+
+
 @register_encoder("image", "efficientnet-lite0")
-def efficientnet_lite0(embed_dim: int = 128, pretrained: bool = True) -> EfficientNetLite0:
-    model = EfficientNetLite0(embed_dim)
-    if pretrained:
+def efficientnet_lite0(
+    embed_dim: int = 128, pretrained: bool = True, pruned: dict | None = None
+) -> EfficientNetLite0:
+    """pruned: the structure a pruned run keeps; its weights then come from the run, not the package."""
+    model = EfficientNetLite0(embed_dim, pruned=pruned)
+    if pretrained and pruned is None:
         model.load_pretrained(EFFICIENTNET_LITE0.path())
     return model
 
@@ -171,3 +241,6 @@ efficientnet_lite0.defaults = {
     "image_mean": (0.5, 0.5, 0.5),
     "image_std": (0.5, 0.5, 0.5),
 }
+efficientnet_lite0.prunable = (
+    True  # each block's expanded channels (EfficientNetLite0.prune, polysense prune)
+)

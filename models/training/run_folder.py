@@ -172,6 +172,13 @@ def run_config(
     }
 
 
+def stored_pruned(run_dir: Path) -> dict:
+    """The pruned structure stored in a run's config.json ({} for an unpruned run or one made before pruning):
+    no option says it, so a resumed pruned run keeps it from here."""
+    stored = json.loads((run_dir / CONFIG_FILE).read_text())
+    return dict(stored["model"].get("pruned", {}))
+
+
 def write_config(run_dir: Path, config: dict, resume: bool) -> None:
     """Write config.json; when resuming, first check the data still gives the stored model and labels."""
     config_path = run_dir / CONFIG_FILE

@@ -73,7 +73,7 @@ def fit_input_statistics(model: MultimodalClassifier, train: FeatureSet) -> None
             encoder.fit_input_stats([x for x in train.features[modality] if x is not None])
 
 
-def _model_config(options: TrainOptions, data: PreparedData) -> ModelConfig:
+def _model_config(options: TrainOptions, data: PreparedData, pruned: dict) -> ModelConfig:
     return ModelConfig(
         modalities=data.modalities,
         num_classes=len(data.labels),
@@ -93,6 +93,7 @@ def _model_config(options: TrainOptions, data: PreparedData) -> ModelConfig:
         fusion=options.fusion,
         pretrained=not options.from_scratch,
         group_norm=options.dp_epsilon > 0,  # BatchNorm mixes a batch's rows: no per-row gradient
+        pruned=pruned,  # a pruned run's structure (polysense prune), which no option says
     )
 
 
@@ -108,7 +109,7 @@ def open_run(options: TrainOptions, resume: bool, changed: Collection[str], worl
         options = from_main(world, options)
         data = prepare_data(options, run_dir, writes=False)
         options = options.for_data_modalities(data.modalities)  # as rank 0 settled them
-        config = _run_config(options, data)
+        config = _run_config(options, data, run_folder.stored_pruned(run_dir) if resume else {})
 
     torch.manual_seed(options.seed)
     model = MultimodalClassifier(ModelConfig.from_dict(config["model"]))
@@ -152,13 +153,14 @@ def _prepare_run(
     with run_folder.run_dir_for(run_dir):
         data = prepare_data(options, run_dir, written=lambda: from_main(world, options))
     options = options.for_data_modalities(data.modalities)
-    config = _run_config(options, data)
+    config = _run_config(options, data, run_folder.stored_pruned(run_dir) if resume else {})
     run_folder.write_config(run_dir, config, resume)
     return options, data, config
 
 
-def _run_config(options: TrainOptions, data: PreparedData) -> dict:
-    """config.json's content, the same in every process for the same options and data."""
+def _run_config(options: TrainOptions, data: PreparedData, pruned: dict) -> dict:
+    """config.json's content, the same in every process for the same options and data (and, resuming a pruned
+    run, its stored structure)."""
     return run_folder.run_config(
-        options, _model_config(options, data), data.labels, data.preprocessing.to_dict()
+        options, _model_config(options, data, pruned), data.labels, data.preprocessing.to_dict()
     )

@@ -18,7 +18,7 @@ from polysense.cli.bundle import add_bundle, add_edge, add_info, add_keygen, add
 from polysense.cli.data import add_data
 from polysense.cli.predict import DEVICE_HELP, add_eval, add_predict, add_stream, add_voice, non_negative
 from polysense.cli.serve import add_serve
-from polysense.cli.training import CommandParser, add_demo, add_export, add_train
+from polysense.cli.training import CommandParser, add_demo, add_export, add_prune, add_train
 from polysense.errors import ConfigError, DependencyError, PolysenseError
 from polysense.inference.sessions import DEVICES
 
@@ -96,6 +96,7 @@ def build_parser() -> CommandParser:
     add_data(commands)
     add_train(commands)
     add_export(commands)
+    add_prune(commands)
     add_demo(commands)
     add_predict(commands)
     add_eval(commands)

@@ -1,4 +1,4 @@
-"""The commands that need the `train` extra (torch): train, export, demo.
+"""The commands that need the `train` extra (torch): train, export, prune, demo.
 
 Their flags are generated in polysense.models / polysense.export from the options dataclasses, which import
 torch, and the runtime imports neither. So their sub-parsers are CommandParsers whose arguments are defined when
@@ -93,6 +93,14 @@ def add_export(commands: argparse._SubParsersAction) -> None:
         "export",
         help="export a trained run to a verified ONNX bundle (needs torch)",
         define="polysense.export.cli:add_export_arguments",
+    )
+
+
+def add_prune(commands: argparse._SubParsersAction) -> None:
+    commands.add_parser(
+        "prune",
+        help="prune a trained run's encoders (heads, units, channels) and fine-tune it briefly (needs torch)",
+        define="polysense.models.training.prune:add_prune_arguments",
     )
 
 
