@@ -320,7 +320,9 @@ def test_training_with_minilm_copies_its_tokenizer_and_serves_unchanged(tmp_path
     from polysense.models.training.train import train
 
     manifest = tmp_path / "data.csv"
-    rows = [("a wonderful , moving film", "positive"), ("a dull , lifeless mess", "negative")] * 12
+    # distinct sentences: a test or val row that repeats a training row is refused as leakage
+    rows = [(f"a wonderful , moving film , take {i}", "positive") for i in range(12)]
+    rows = [row for i, row in enumerate(rows) for row in (row, (f"a dull , lifeless mess , take {i}", "negative"))]
     with manifest.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["text", "label", "split"])
