@@ -28,17 +28,15 @@ HEAD_DIM = HIDDEN // HEADS  # 32: a pruned layer keeps fewer heads of the same w
 _MASKED = -1e9  # added to the attention logits of padding keys
 
 
-def _attention(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: torch.Tensor, heads: int = HEADS
-) -> torch.Tensor:
-    """Multi-head self-attention of x [B, L, HIDDEN] given the packed query/key/value projection of `heads`
-    heads of HEAD_DIM each: [B, L, heads * HEAD_DIM]."""
-    batch = x.shape[0]
+def _attention(qkv: torch.Tensor, padding: torch.Tensor, heads: int = HEADS) -> torch.Tensor:
+    """Multi-head self-attention from the packed query/key/value projection of x, `heads` heads of HEAD_DIM
+    each ([B, L, 3 * heads * HEAD_DIM]) -> [B, L, heads * HEAD_DIM]."""
+    batch = qkv.shape[0]
 
     def split(t: torch.Tensor) -> torch.Tensor:  # [B, L, H * C] -> [B, H, L, C], length kept dynamic
         return t.reshape(batch, -1, heads, HEAD_DIM).transpose(1, 2)
 
-    q, k, v = (split(t) for t in nn.functional.linear(x, weight, bias).chunk(3, dim=-1))
+    q, k, v = (split(t) for t in qkv.chunk(3, dim=-1))
     logits = q @ k.transpose(-1, -2) * HEAD_DIM**-0.5 + padding[:, None, None, :] * _MASKED
     weights = torch.softmax(logits, dim=-1)
     return (weights @ v).transpose(1, 2).reshape(batch, -1, heads * HEAD_DIM)
@@ -49,7 +47,7 @@ class _OnnxruntimeAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, padding, heads):  # noqa: ANN001 - autograd.Function's signature
-        return _attention(x, weight, bias, padding, heads)
+        return _attention(nn.functional.linear(x, weight, bias), padding, heads)
 
     @staticmethod
     def symbolic(g, x, weight, bias, padding, heads):  # noqa: ANN001
@@ -76,14 +74,19 @@ class BertSelfAttention(nn.Module):
         self.query, self.key, self.value = (nn.Linear(HIDDEN, heads * HEAD_DIM) for _ in range(3))
 
     def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
-        # One [384 -> 1152] product instead of three: fewer kernel calls, and int8 quantizes x once, not three times.
-        # Concatenated at every call so the three pretrained layers (and checkpoints) keep their names; the export
-        # folds the concatenation into one weight.
-        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
-        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-        if self.fused_for_onnxruntime and torch.onnx.is_in_onnx_export():
-            return _OnnxruntimeAttention.apply(x, weight, bias, padding, self.heads)
-        return _attention(x, weight, bias, padding, self.heads)
+        if torch.onnx.is_in_onnx_export():
+            # One [384 -> 1152] product instead of three: fewer kernel calls, and int8 quantizes x once, not three
+            # times. Concatenated at every call so the three pretrained layers (and checkpoints) keep their names;
+            # the export folds the concatenation into one weight.
+            weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+            bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+            if self.fused_for_onnxruntime:
+                return _OnnxruntimeAttention.apply(x, weight, bias, padding, self.heads)
+            return _attention(nn.functional.linear(x, weight, bias), padding, self.heads)
+        # In torch (training, the reference), the three layers' own calls: per-row gradient hooks (opacus, under
+        # --dp-epsilon) see each of them. The same values, three products instead of one.
+        qkv = torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)
+        return _attention(qkv, padding, self.heads)
 
     def keep_heads(self, kept: list[int]) -> None:
         """Keep only the heads numbered `kept` (structured pruning: the projections lose their other rows)."""
