@@ -261,3 +261,18 @@ def test_a_frozen_encoder_trains_its_projection_under_dp(tmp_path):
     result = train(options)
     spent = result.metrics["privacy"]["epsilon"]
     assert 0 < spent <= EPSILON
+
+
+def test_minilm_gives_every_parameter_per_row_gradients():
+    """The text family DP recommends (a fixed vocabulary): every parameter, the embedding tables included, gets
+    one gradient per row (the position and segment lookups were broadcast over the batch, and opacus refused
+    the step); the network's own size, random weights, three rows."""
+    from opacus import GradSampleModule
+
+    from polysense.models.registry import create_encoder
+
+    encoder = GradSampleModule(create_encoder("text", "minilm-l6", embed_dim=8, pretrained=False))
+    ids = torch.randint(5, 1000, (3, 7))
+    encoder(ids, torch.ones_like(ids)).sum().backward()
+    shapes = {name: p.grad_sample.shape[0] for name, p in encoder.named_parameters() if p.requires_grad}
+    assert shapes and set(shapes.values()) == {3}, shapes

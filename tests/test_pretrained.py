@@ -322,7 +322,9 @@ def test_training_with_minilm_copies_its_tokenizer_and_serves_unchanged(tmp_path
     manifest = tmp_path / "data.csv"
     # distinct sentences: a test or val row that repeats a training row is refused as leakage
     rows = [(f"a wonderful , moving film , take {i}", "positive") for i in range(12)]
-    rows = [row for i, row in enumerate(rows) for row in (row, (f"a dull , lifeless mess , take {i}", "negative"))]
+    rows = [
+        row for i, row in enumerate(rows) for row in (row, (f"a dull , lifeless mess , take {i}", "negative"))
+    ]
     with manifest.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["text", "label", "split"])
@@ -389,7 +391,12 @@ def test_the_frozen_strategy_trains_around_fixed_pretrained_weights(tmp_path):
         writer = csv.writer(handle)
         writer.writerow(["text", "label", "split"])
         for index in range(24):
-            text, label = ("a wonderful film", "positive") if index % 2 else ("a dull mess", "negative")
+            # distinct sentences: val or test rows repeating training rows are refused as leakage
+            text, label = (
+                (f"a wonderful film {index}", "positive")
+                if index % 2
+                else (f"a dull mess {index}", "negative")
+            )
             writer.writerow([text, label, ("train", "train", "val", "test")[index % 4]])
     options = TrainOptions(
         data=str(manifest),

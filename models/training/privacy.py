@@ -311,4 +311,11 @@ class PrivateTraining:
         for group in optimizer.param_groups:
             for parameter in group["params"]:
                 if parameter.requires_grad and getattr(parameter, "grad_sample", None) is None:
+                    if parameter.grad is not None and parameter.grad.any():
+                        # Used, yet no per-row gradient: a layer whose weight a function reads directly,
+                        # bypassing the module call opacus hooks. Zeros would train it on noise alone.
+                        raise RuntimeError(
+                            f"a parameter of shape {tuple(parameter.shape)} got a gradient but no per-row "
+                            "gradients: its layer is used outside its module call, which DP cannot clip"
+                        )
                     parameter.grad_sample = parameter.new_zeros((rows, *parameter.shape))
