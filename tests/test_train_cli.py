@@ -98,7 +98,8 @@ def test_todays_flag_names_are_kept(train_cli):
         "--weight-decay --modality-dropout --aux-loss-weight --patience --seed --device --image-size "
         "--image-width --embed-dim --image-encoder --text-encoder --audio-encoder --fusion --max-text-length --n "
         "--resume --no-progress --pretrained-lr --from-scratch --no-augment --audio-norm-frames --accumulate --nproc "
-        "--label-smoothing --keep --solo-epochs --voice-norm --audio-noise"
+        "--label-smoothing --keep --solo-epochs --voice-norm --audio-noise --allow-leakage --dp-epsilon --dp-delta "
+        "--dp-max-grad-norm --dp-accountant"
     )
     assert set(expected.split()) | {"-h", "--help"} == flags
 
@@ -139,6 +140,8 @@ def _non_default(name: str) -> tuple[list[str], object]:
 @pytest.mark.parametrize("name", _option_names())
 def test_a_value_on_the_command_line_reaches_the_options(train_cli, name):
     extra, expected = _non_default(name)
+    if name.startswith("dp_") and name != "dp_epsilon":  # the other DP options apply only with --dp-epsilon
+        extra = [*extra, "--dp-epsilon", "1"]
     args = train_cli.build_train_parser().parse_args(["--data", "x", "--out", "y", *extra])
     options = train_cli.options_from_args(args)
     assert getattr(options, name) == expected

@@ -133,10 +133,12 @@ def test_audio_norm_frames_is_refused_where_the_audio_family_ignores_it():
         TrainOptions(data="x", out="y", audio_encoder="efficientnet-lite0", audio_norm_frames=5)
     assert TrainOptions(data="x", out="y", audio_norm_frames=5).audio_norm_frames == 5  # causal takes it
     # Left at its default, it is not recorded as the windowed family's normalisation.
-    data = SimpleNamespace(modalities=("audio",), labels=["a", "b"], vocab_size=0)
+    data = SimpleNamespace(
+        modalities=("audio",), labels=["a", "b"], vocab_size=0, preprocessing=SimpleNamespace(audio=None)
+    )
     windowed = TrainOptions(data="x", out="y", audio_encoder="efficientnet-lite0")
-    assert _model_config(windowed, data).audio_norm_frames == 0
-    assert _model_config(TrainOptions(data="x", out="y"), data).audio_norm_frames == 20
+    assert _model_config(windowed, data, {}).audio_norm_frames == 0
+    assert _model_config(TrainOptions(data="x", out="y"), data, {}).audio_norm_frames == 20
 
 
 def test_early_stopping(tiny_builtin, tmp_path):
