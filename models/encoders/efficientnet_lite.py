@@ -8,7 +8,8 @@ every tensor used but the ImageNet classifier. A test compares the features with
 sizes a stride-2 convolution pads one more pixel at the bottom/right than at the top/left. Inputs are scaled to
 [-1, 1] (mean 0.5, std 0.5 on a 0-1 scale), as the Lite models were trained; the family asks for that and for
 192-pixel images (resolution matters: frozen features scored 0.92 at 100 px and 0.978 at 224 px on sign
-digits), 4 epochs, and its final epoch's weights (docs/results/image-only.md).
+digits), 4 epochs, and its final epoch's weights (docs/results/image-only.md). A pruned Lite0 (`polysense prune`,
+polysense.models.pruning) keeps fewer expanded channels per block, as its run's config records.
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ keeps batch and sequence length dynamic and int8 can quantize its MatMuls; the w
 registry package's model.safetensors, every tensor used and none missing. The sentence embedding is the masked
 mean of the last layer (how all-MiniLM-L6-v2 was trained), projected to the model's embed_dim. Its tokenizer is
 the package's tokenizer.json (uncased WordPiece, [CLS] ... [SEP]), which training copies into the run and the
-bundle instead of learning one, so the runtime's text path is unchanged.
+bundle instead of learning one, so the runtime's text path is unchanged. A pruned MiniLM (`polysense prune`,
+polysense.models.pruning) keeps fewer heads (of HEAD_DIM each) and feed-forward units per layer, as its run's
+config records; the hidden width stays 384.
 """
 
 from __future__ import annotations
