@@ -4,7 +4,7 @@
 
 The bundle is the pretrained tri-modal model of `make bench-pytorch-pretrained` (EfficientNet-Lite0, MiniLM-L6,
 causal audio; runs/pretrained/bundle, trained one epoch on the built-in data): a speed measurement at real model
-scale, where the weights do not matter. It predicts SST-2's 872 dev sentences (text alone) and AV-digits' test
+scale, where the weights do not matter. It predicts SST-2's 871 dev sentences (text alone) and AV-digits' test
 rows (photo + recording), precision `auto`, through polysense.tools.batch_predict.predict_to_file (what
 `predict --data` runs), in three rounds, each configuration in turn:
   - grouped: texts run in order of length, 1,024 rows at a time (the default);
