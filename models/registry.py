@@ -8,7 +8,9 @@ The contract of an encoder family:
   returns an embedding [B, embed_dim]; the module exposes `embed_dim`;
 - its factory names the model options it takes (ModelConfig.encoder_options(): embed_dim, image_width,
   vocab_size, max_positions, n_mels) and gets only those (all of them if it takes **options);
-- optional: `fit_input_stats(features)`, called once with the training split's features before training;
+- optional: `fit_input_stats(features)`, called once with the training split's features before training
+  (not under --dp-epsilon: the statistics would leave the accounting); `fit_input_width(width)`, called in
+  every run with the width of its input vectors (a frozen graph's: sizes the first layer);
   `int8_method = "static"` to have export calibrate static QDQ int8 (dense convolutions) instead of dynamic;
   `int8_export`, a context manager entered while export writes the graph dynamic int8 quantizes, where that
   graph may differ from the fp32 one (MiniLM: onnxruntime's fused attention);
@@ -22,10 +24,14 @@ The contract of an encoder family:
   the module lists `pretrained_prefixes` (its parameters that came pretrained, fine-tuned at --pretrained-lr),
   and a text family's factory carries `tokenizer_file()` (its vocabulary, copied into the run instead of
   learning one);
-- a family may carry `front_end`, a function (run folder, copy, name) -> the settings of the front end it
-  reads instead of log-mel frames (speech-embedding: frozen pretrained graphs copied into the run; an image
-  family the same, run after the image preprocessing: onnx:PATH), and
+- a family may carry `front_end`, a function (run folder, copy, name, *modality options) -> the settings of
+  the front end it reads instead of the modality's own features (speech-embedding: frozen pretrained graphs
+  copied into the run; onnx:PATH, any modality: the user's graph, run after the modality's preprocessing), and
   `train_speeds`, the speeds at which data preparation also computes each training recording's features;
+- a family may carry `prunable = True` (polysense prune): its factory then takes `pruned` (the structure a
+  pruned run keeps, from ModelConfig.pruned) and the module has `structure()` and `prune(amount)`;
+- a module may set `graph_inputs` (names -> dynamic axes) where its exported graph takes other inputs than its
+  modality's (a frozen text encoder's projection takes `vectors`);
 - what export needs per modality: text encoders expose `vocab_size`; a streaming (audio) encoder exposes
   `n_mels`, `input_mean`/`input_std`, `step(frames, state)` and `state_layout()`.
 """
