@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -157,7 +158,12 @@ def main() -> None:
 
     levels, run_s, soak_s = ((1, 32), 1.0, 3.0) if args.quick else ((1, 4, 16, 32, 64), 10.0, 300.0)
     batched, unbatched = Server(args.bundle), Server(args.bundle, "--max-batch", "1")
-    report: dict = {"command": COMMAND, "machine": machine(), "quick": args.quick, "bundle": args.bundle}
+    command = (
+        COMMAND
+        if Path(args.bundle).resolve() == ROOT / "runs" / "demo" / "bundle"
+        else (f"python benchmarks/serving.py --bundle {args.bundle} --out {args.out}")
+    )
+    report: dict = {"command": command, "machine": machine(), "quick": args.quick, "bundle": args.bundle}
     report["servers"] = {"batched": batched.command[2:], "unbatched": unbatched.command[2:]}
     try:
         report["closed"] = {"batched": [], "unbatched": []}
@@ -253,7 +259,8 @@ def markdown(report: dict) -> str:
         "",
         f"Command: `{report['command']}`{' (--quick: a smoke run, not a measurement)' if report['quick'] else ''}.",
         f"Machine: {info['cpus']} CPUs, {'/'.join(info['isa'])}; server and load generator share them.",
-        "Text predictions on the built-in bundle over HTTP/1.1 keep-alive on loopback.",
+        f"Text predictions on `{os.path.relpath(Path(report['bundle']).resolve(), ROOT)}` over HTTP/1.1 "
+        "keep-alive on loopback.",
         "",
         "| server | clients | req/s | p50 ms | p90 ms | p99 ms | mean batch | rejected | errors |",
         "|---|---|---|---|---|---|---|---|---|",
